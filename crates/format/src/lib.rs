@@ -1,0 +1,46 @@
+//! The mcow on-disk format, as plain types with encode and decode functions.
+//!
+//! This crate owns the byte layout of every structure mcow writes: the layer header, the extent
+//! index, the per-block hash table, the sealed-layer trailer, the writable top's journal records
+//! and the JSON disk manifest. It performs no I/O and knows nothing of files, stacks or caching:
+//! callers hand it byte slices. `docs/FORMAT.md` is the specification; this crate is its
+//! reference implementation. All integers are little-endian.
+//!
+//! Every decoder treats its input as hostile: counts are capped, arithmetic is checked, and each
+//! rejection has its own [`FormatError`] variant.
+
+mod digest;
+mod error;
+mod header;
+mod index;
+mod journal;
+mod manifest;
+mod trailer;
+
+pub use digest::{Digest, DigestParseError, Sha256Stream, chain_digest};
+pub use error::FormatError;
+pub use header::{
+    HEADER_SIZE, KNOWN_INCOMPAT_FEATURES, LayerHeader, LayerKind, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE,
+};
+pub use index::{
+    BLOCK_HASH_SIZE, ExtentKind, INDEX_ENTRY_SIZE, IndexEntry, decode_block_hashes, decode_index,
+    encode_index_entry, validate_index,
+};
+pub use journal::{
+    JOURNAL_HEADER_SIZE, JournalBatch, JournalHeader, batch_encoded_len, decode_batch, encode_batch,
+};
+pub use manifest::{DiskManifest, MANIFEST_FORMAT, MANIFEST_VERSION};
+pub use trailer::{TRAILER_SIZE, Trailer};
+
+/// The format version this crate writes and the only one it reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Reads a little-endian u32 at `at` from a slice the caller has already length-checked.
+pub(crate) fn le_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// Reads a little-endian u64 at `at` from a slice the caller has already length-checked.
+pub(crate) fn le_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
