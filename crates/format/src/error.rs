@@ -25,6 +25,14 @@ pub enum FormatError {
 }
 
 impl FormatError {
+    /// A file whose length does not match what its trailer records.
+    pub fn invalid_len(got: u64, expected: u64) -> Self {
+        FormatError::Invalid {
+            field: "file length",
+            reason: format!("{got} bytes, the trailer implies {expected}"),
+        }
+    }
+
     pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
         FormatError::Invalid { field, reason: reason.into() }
     }

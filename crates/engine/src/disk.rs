@@ -1,0 +1,438 @@
+//! A disk: a stack of sealed layers plus its writable top, described by `disk.json` in the
+//! disk's directory. This is what front ends (CLI, NBD) read and write.
+//!
+//! Owns: creating and opening disk directories (manifest, top files, locks), and the byte-level
+//! read, write, zero, discard, flush and block-status paths, which resolve every range with one
+//! lookup in the top and one in the stack's flattened map. Does not own: the on-disk layouts
+//! (`mcow-format`), whole-disk operations such as seal or import (see `ops`).
+
+use std::fs::{self, File, OpenOptions as FsOpen};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use mcow_format::{Digest, DiskManifest, ExtentKind, chain_digest};
+
+use crate::error::{Error, Result};
+use crate::extent_map::{Loc, TOP};
+use crate::layer::SealedLayer;
+use crate::stack::Stack;
+use crate::storage::{FileStorage, Storage};
+use crate::store::{LayerStore, write_atomic};
+use crate::top::{Debris, TopLayer, journal_path};
+
+/// Name of the manifest inside a disk directory.
+pub const MANIFEST_FILE: &str = "disk.json";
+
+/// How to open a disk.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenOptions {
+    /// Refuse writes; take a shared lock instead of an exclusive one.
+    pub read_only: bool,
+    /// Check each sealed block against its hash the first time it is read.
+    pub verify: bool,
+    /// Open read-only even while a writer holds the disk (like `qemu-img -U`).
+    pub force_share: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions { read_only: false, verify: true, force_share: false }
+    }
+}
+
+/// What a run of the disk is, for block status and `map`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunKind {
+    Data,
+    /// Reads as zeros, allocated in some layer.
+    Zero,
+    /// Reads as zeros, not allocated (never written, or discarded).
+    Hole,
+}
+
+/// A run of bytes and where it comes from. `layer` is `Some(i)` for the `i`th sealed layer from
+/// the bottom, `Some(TOP)` for the writable top, `None` where no layer holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    pub offset: u64,
+    pub length: u64,
+    pub kind: RunKind,
+    pub layer: Option<u32>,
+}
+
+/// An open disk.
+pub struct Disk {
+    dir: PathBuf,
+    manifest: DiskManifest,
+    store: LayerStore,
+    stack: Arc<Stack>,
+    top: TopLayer,
+    size: u64,
+    bs: u64,
+    read_only: bool,
+}
+
+/// Parameters of a new disk.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    pub virtual_size: u64,
+    pub block_size: u32,
+    /// The layer store (created if missing).
+    pub store: PathBuf,
+    /// Sealed layers to start from, bottom first.
+    pub layers: Vec<Digest>,
+}
+
+/// The default block size: 64 KiB.
+pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
+
+impl Disk {
+    /// Creates a new disk directory with an empty top on `layers`. Cost is independent of the
+    /// stack's depth: the layers are checked when the disk is opened.
+    pub fn create(dir: &Path, opts: &CreateOptions) -> Result<()> {
+        mcow_format::check_block_size(opts.block_size).map_err(Error::format(dir))?;
+        mcow_format::check_virtual_size(opts.virtual_size).map_err(Error::format(dir))?;
+        if dir.join(MANIFEST_FILE).exists() {
+            return Err(Error::Invalid(format!("{} already holds a disk", dir.display())));
+        }
+        fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
+        fs::create_dir_all(&opts.store).map_err(Error::io("create directory", &opts.store))?;
+        let store = relative_path(&opts.store, dir)?;
+        let top = "top-1.mcow".to_string();
+        create_top(dir, &top, opts.block_size, opts.virtual_size, chain_digest(&opts.layers))?;
+        let manifest =
+            DiskManifest::new(opts.virtual_size, opts.block_size, store, opts.layers.clone(), Some(top));
+        write_atomic(&dir.join(MANIFEST_FILE), manifest.to_json().as_bytes())
+    }
+
+    /// Opens a disk directory.
+    pub fn open(dir: &Path, opts: OpenOptions) -> Result<Disk> {
+        let manifest = read_manifest(dir)?;
+        let store = LayerStore::new(resolve_store(dir, &manifest));
+        let stack =
+            Stack::open(&store, &manifest.layers, manifest.virtual_size, manifest.block_size, opts.verify)?;
+        let top_name = manifest.top.clone().ok_or_else(|| {
+            Error::Invalid(format!("{}: the manifest names no writable top", dir.display()))
+        })?;
+        let top = open_top(&dir.join(&top_name), opts)?;
+        if top.header.parent != stack.chain() {
+            return Err(Error::WrongParent {
+                path: top.path().to_path_buf(),
+                recorded: top.header.parent,
+                actual: stack.chain(),
+            });
+        }
+        if top.header.block_size != manifest.block_size || top.header.virtual_size != manifest.virtual_size {
+            return Err(Error::Mismatch {
+                path: top.path().to_path_buf(),
+                what: "block or virtual size",
+                found: top.header.virtual_size,
+                expected: manifest.virtual_size,
+            });
+        }
+        Ok(Disk {
+            dir: dir.to_path_buf(),
+            size: manifest.virtual_size,
+            bs: u64::from(manifest.block_size),
+            manifest,
+            store,
+            stack: Arc::new(stack),
+            top,
+            read_only: opts.read_only,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn manifest(&self) -> &DiskManifest {
+        &self.manifest
+    }
+    pub fn store(&self) -> &LayerStore {
+        &self.store
+    }
+    pub fn stack(&self) -> &Arc<Stack> {
+        &self.stack
+    }
+    pub fn top(&self) -> &TopLayer {
+        &self.top
+    }
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    pub fn block_size(&self) -> u32 {
+        self.bs as u32
+    }
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// What the top's open found beyond its last flush (see [`Debris`]).
+    pub fn debris(&self) -> Debris {
+        self.top.debris()
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(Error::OutOfRange { offset, len, size: self.size });
+        }
+        Ok(())
+    }
+
+    /// Where block `vblock` lives and how many blocks from it share that place: the top first,
+    /// then the stack's flattened map. Two lookups, whatever the depth.
+    pub fn resolve(&self, vblock: u64) -> (Option<Loc>, u64) {
+        let total = self.size.div_ceil(self.bs);
+        match self.top.lookup(vblock) {
+            Ok(e) => (Some(e.loc), e.end),
+            Err(next_top) => {
+                let next_top = next_top.unwrap_or(total);
+                match self.stack.lookup(vblock) {
+                    Ok(e) => (Some(e.loc), e.end.min(next_top)),
+                    Err(next) => (None, next.unwrap_or(total).min(next_top)),
+                }
+            }
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let (vblock, within) = (pos / self.bs, pos % self.bs);
+            let (loc, end) = self.resolve(vblock);
+            let n = ((end * self.bs - pos) as usize).min(buf.len() - done);
+            let out = &mut buf[done..done + n];
+            match loc {
+                Some(l) if l.kind == ExtentKind::Data && l.layer == TOP => {
+                    if !self.top.read_data(vblock, within, out)? {
+                        continue; // the top changed under us: resolve again
+                    }
+                }
+                Some(l) if l.kind == ExtentKind::Data => {
+                    self.stack.layers()[l.layer as usize].read(l.pblock, within, out)?;
+                }
+                _ => out.fill(0),
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset`. The first write to a block copies it up into the top.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        self.check_range(offset, data.len() as u64)?;
+        let below = |vblock: u64, buf: &mut [u8]| self.stack.read_block(vblock, 0, buf);
+        let mut done = 0usize;
+        while done < data.len() {
+            let pos = offset + done as u64;
+            let (vblock, within) = (pos / self.bs, (pos % self.bs) as usize);
+            let n = (self.bs as usize - within).min(data.len() - done);
+            self.top.write(vblock, within, &data[done..done + n], &below)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Makes `[offset, offset+len)` read as zeros. Whole blocks become markers (no data is
+    /// stored): `Discarded` (a hole) if `may_trim`, else `Zero`; partial blocks at the edges
+    /// are written with zeros.
+    pub fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let end = offset + len;
+        // A block counts as whole if the range covers it up to the end of the disk.
+        let first_whole = offset.div_ceil(self.bs);
+        let last_whole = if end == self.size { self.size.div_ceil(self.bs) } else { end / self.bs };
+        if first_whole >= last_whole {
+            return self.write_zero_bytes(offset, len);
+        }
+        let head_end = first_whole * self.bs;
+        let tail_start = (last_whole * self.bs).min(self.size);
+        self.write_zero_bytes(offset, head_end - offset)?;
+        let kind = if may_trim { ExtentKind::Discarded } else { ExtentKind::Zero };
+        self.top.set_marker(first_whole, last_whole, kind)?;
+        self.write_zero_bytes(tail_start, end.max(tail_start) - tail_start)
+    }
+
+    fn write_zero_bytes(&self, offset: u64, len: u64) -> Result<()> {
+        if len > 0 {
+            self.write(offset, &vec![0u8; len as usize])?;
+        }
+        Ok(())
+    }
+
+    /// Discards a range: it then reads as zeros and is reported as a hole.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes(offset, len, true)
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&self) -> Result<()> {
+        self.top.flush()
+    }
+
+    /// The runs covering `[offset, offset+len)`, neighbours from the same layer and of the same
+    /// kind merged.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Run>> {
+        self.check_range(offset, len)?;
+        let mut runs: Vec<Run> = Vec::new();
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let (loc, run_end) = self.resolve(pos / self.bs);
+            let stop = (run_end * self.bs).min(end);
+            let (kind, layer) = match loc {
+                None => (RunKind::Hole, None),
+                Some(l) => (
+                    match l.kind {
+                        ExtentKind::Data => RunKind::Data,
+                        ExtentKind::Zero => RunKind::Zero,
+                        ExtentKind::Discarded => RunKind::Hole,
+                    },
+                    Some(l.layer),
+                ),
+            };
+            match runs.last_mut() {
+                Some(r) if r.kind == kind && r.layer == layer => r.length += stop - pos,
+                _ => runs.push(Run { offset: pos, length: stop - pos, kind, layer }),
+            }
+            pos = stop;
+        }
+        Ok(runs)
+    }
+
+    /// Reads `buf` from a location (a layer's or the top's block), `offset` bytes in.
+    pub(crate) fn read_loc(&self, vblock: u64, loc: Loc, buf: &mut [u8]) -> Result<()> {
+        match (loc.kind, loc.layer) {
+            (ExtentKind::Data, TOP) => {
+                if !self.top.read_data(vblock, 0, buf)? {
+                    return Err(Error::Invalid("top changed during a merge".into()));
+                }
+                Ok(())
+            }
+            (ExtentKind::Data, l) => self.stack.layers()[l as usize].read(loc.pblock, 0, buf),
+            _ => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    /// The sealed layer `i` (from the bottom).
+    pub fn layer(&self, i: usize) -> &Arc<SealedLayer> {
+        &self.stack.layers()[i]
+    }
+
+    /// Replaces this disk's stack and top (after a merge): writes the new empty top, then the
+    /// manifest (the commit point), then removes the old top's files.
+    pub(crate) fn switch_stack(self, layers: Vec<Digest>) -> Result<()> {
+        let old = self.manifest.top.clone().expect("an open disk has a top");
+        let new_top = next_top_name(&old);
+        create_top(&self.dir, &new_top, self.manifest.block_size, self.size, chain_digest(&layers))?;
+        let mut manifest = self.manifest.clone();
+        manifest.layers = layers;
+        manifest.top = Some(new_top);
+        write_atomic(&self.dir.join(MANIFEST_FILE), manifest.to_json().as_bytes())?;
+        let old_path = self.dir.join(&old);
+        drop(self);
+        let _ = fs::remove_file(journal_path(&old_path));
+        let _ = fs::remove_file(&old_path);
+        Ok(())
+    }
+}
+
+/// Reads and checks a disk directory's manifest.
+pub fn read_manifest(dir: &Path) -> Result<DiskManifest> {
+    let path = dir.join(MANIFEST_FILE);
+    let text = fs::read(&path).map_err(Error::io("read", &path))?;
+    DiskManifest::from_json(&text).map_err(Error::format(&path))
+}
+
+/// The store directory a manifest names, relative to the disk directory.
+pub fn resolve_store(dir: &Path, m: &DiskManifest) -> PathBuf {
+    let p = Path::new(&m.store);
+    if p.is_absolute() { p.to_path_buf() } else { dir.join(p) }
+}
+
+fn next_top_name(old: &str) -> String {
+    let n =
+        old.strip_prefix("top-").and_then(|s| s.strip_suffix(".mcow")).and_then(|s| s.parse::<u64>().ok());
+    format!("top-{}.mcow", n.unwrap_or(0) + 1)
+}
+
+fn create_top(dir: &Path, name: &str, block_size: u32, virtual_size: u64, parent: Digest) -> Result<()> {
+    let path = dir.join(name);
+    let jpath = journal_path(&path);
+    let data = FsOpen::new().read(true).write(true).create(true).truncate(true).open(&path);
+    let data = data.map_err(Error::io("create", &path))?;
+    let journal = FsOpen::new().read(true).write(true).create(true).truncate(true).open(&jpath);
+    let journal = journal.map_err(Error::io("create", &jpath))?;
+    TopLayer::create(
+        Box::new(FileStorage(data)),
+        Box::new(FileStorage(journal)),
+        &path,
+        block_size,
+        virtual_size,
+        parent,
+    )?;
+    crate::store::sync_dir(dir)
+}
+
+fn open_top(path: &Path, opts: OpenOptions) -> Result<TopLayer> {
+    let jpath = journal_path(path);
+    let open =
+        |p: &Path| FsOpen::new().read(true).write(!opts.read_only).open(p).map_err(Error::io("open", p));
+    let data: File = open(path)?;
+    let locked = if opts.read_only { data.try_lock_shared() } else { data.try_lock() };
+    match locked {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) if opts.read_only && opts.force_share => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Err(Error::Locked { path: path.to_path_buf() }),
+        Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("lock", path)(e)),
+    }
+    let journal = open(&jpath)?;
+    let storage = |f: File| -> Box<dyn Storage> { Box::new(FileStorage(f)) };
+    TopLayer::open(storage(data), storage(journal), path, opts.read_only)
+}
+
+/// `target` expressed relative to `from` (both made absolute first), for the manifest's store.
+fn relative_path(target: &Path, from: &Path) -> Result<String> {
+    let abs = |p: &Path| -> Result<PathBuf> {
+        let p = std::path::absolute(p).map_err(Error::io("resolve", p))?;
+        let mut out = PathBuf::new();
+        for c in p.components() {
+            match c {
+                Component::ParentDir => {
+                    out.pop();
+                }
+                Component::CurDir => {}
+                other => out.push(other),
+            }
+        }
+        Ok(out)
+    };
+    let (t, f) = (abs(target)?, abs(from)?);
+    let tc: Vec<_> = t.components().collect();
+    let fc: Vec<_> = f.components().collect();
+    let common = tc.iter().zip(&fc).take_while(|(a, b)| a == b).count();
+    let mut rel = PathBuf::new();
+    for _ in common..fc.len() {
+        rel.push("..");
+    }
+    for c in &tc[common..] {
+        rel.push(c);
+    }
+    let s = rel.to_string_lossy().into_owned();
+    Ok(if s.is_empty() { ".".into() } else { s })
+}

@@ -1,0 +1,88 @@
+//! The engine's one error type: a kind that callers can match, with the file, block or range it
+//! concerns. The CLI adds its own context with `anyhow`; the NBD adapter maps kinds to errno.
+
+use std::io;
+use std::path::PathBuf;
+
+use mcow_format::{Digest, FormatError};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An I/O call failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io { op: &'static str, path: PathBuf, source: io::Error },
+    /// A file's bytes break the format (truncated, bad magic, bad checksum, bad version...).
+    #[error("{}: {source}", path.display())]
+    Format { path: PathBuf, source: FormatError },
+    /// A stored block does not match its hash: the layer is corrupt.
+    #[error("{}: block {pblock} fails its checksum (the layer is corrupt)", path.display())]
+    BlockChecksum { path: PathBuf, pblock: u64 },
+    /// A layer's content does not hash to the digest it is named by.
+    #[error("{}: content hashes to {actual}, but the layer is named {expected}", path.display())]
+    LayerDigest { path: PathBuf, expected: Digest, actual: Digest },
+    /// A layer was made on another stack than the one it is placed on.
+    #[error("{}: layer was made on stack {recorded}, but is placed on stack {actual}", path.display())]
+    WrongParent { path: PathBuf, recorded: Digest, actual: Digest },
+    /// Block size or virtual size of a layer differs from its disk's.
+    #[error("{}: {what} is {found}, the disk's is {expected}", path.display())]
+    Mismatch { path: PathBuf, what: &'static str, found: u64, expected: u64 },
+    /// Another process has the top layer open.
+    #[error("{}: in use by another process (the file is locked)", path.display())]
+    Locked { path: PathBuf },
+    /// A request reaches past the end of the disk.
+    #[error("range {offset}+{len} is past the end of the disk ({size} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    /// A write to a disk opened read-only.
+    #[error("the disk is open read-only")]
+    ReadOnly,
+    /// Anything else the caller asked for that cannot be done, with the reason.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io { op, path, source }
+    }
+
+    pub(crate) fn format(path: impl Into<PathBuf>) -> impl FnOnce(FormatError) -> Error {
+        let path = path.into();
+        move |source| Error::Format { path, source }
+    }
+
+    /// The errno-like class of this error, for front ends that speak errno (NBD).
+    pub fn io_kind(&self) -> io::ErrorKind {
+        match self {
+            Error::Io { source, .. } => source.kind(),
+            Error::OutOfRange { .. } | Error::Invalid(_) => io::ErrorKind::InvalidInput,
+            Error::ReadOnly => io::ErrorKind::PermissionDenied,
+            Error::Locked { .. } => io::ErrorKind::WouldBlock,
+            _ => io::ErrorKind::InvalidData,
+        }
+    }
+
+    /// True where the error means on-disk corruption (as opposed to I/O or usage errors).
+    pub fn is_corruption(&self) -> bool {
+        matches!(
+            self,
+            Error::Format { .. }
+                | Error::BlockChecksum { .. }
+                | Error::LayerDigest { .. }
+                | Error::WrongParent { .. }
+                | Error::Mismatch { .. }
+        )
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> io::Error {
+        match e {
+            Error::Io { source, .. } if source.raw_os_error().is_some() => source,
+            other => io::Error::new(other.io_kind(), other),
+        }
+    }
+}

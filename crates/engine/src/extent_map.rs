@@ -1,0 +1,248 @@
+//! An interval map from virtual block ranges to locations, where a later insert hides what it
+//! covers. This is the heart of depth-independent addressing: the extents of every layer are
+//! inserted bottom to top once, at open, and a read then needs one lookup whatever the depth.
+//!
+//! Owns: the map structure (a `BTreeMap` keyed by first block; each entry holds its end and
+//! value) and the frozen, sorted-vector form used for the read-only stack. Does not own: what a
+//! location means (see `Loc`).
+
+use std::collections::BTreeMap;
+
+use mcow_format::ExtentKind;
+
+/// Marks a location in the writable top rather than in a sealed layer.
+pub const TOP: u32 = u32::MAX;
+
+/// Where a run of virtual blocks lives: a layer (index from the bottom, or [`TOP`]), what the
+/// layer says about it, and for data the first physical block in that layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Loc {
+    pub layer: u32,
+    pub kind: ExtentKind,
+    pub pblock: u64,
+}
+
+impl Loc {
+    /// The location `by` blocks further into the same run.
+    pub fn advance(self, by: u64) -> Loc {
+        match self.kind {
+            ExtentKind::Data => Loc { pblock: self.pblock + by, ..self },
+            _ => self,
+        }
+    }
+}
+
+/// One run of blocks `[start, end)` at `loc`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub start: u64,
+    pub end: u64,
+    pub loc: Loc,
+}
+
+/// A mutable interval map (used while building a stack's map, and for the writable top).
+#[derive(Debug, Default, Clone)]
+pub struct ExtentMap {
+    map: BTreeMap<u64, (u64, Loc)>,
+}
+
+impl ExtentMap {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Maps `[start, end)` to `loc`, hiding whatever was there. Adjacent runs that continue each
+    /// other are merged so sequential writes keep the map small.
+    pub fn insert(&mut self, start: u64, end: u64, loc: Loc) {
+        debug_assert!(start < end);
+        self.remove(start, end);
+        let (mut start, mut loc, mut end) = (start, loc, end);
+        if let Some((&ps, &(pe, pl))) = self.map.range(..start).next_back()
+            && pe == start
+            && pl.advance(start - ps) == loc
+        {
+            self.map.remove(&ps);
+            start = ps;
+            loc = pl;
+        }
+        if let Some(&(ne, nl)) = self.map.get(&end)
+            && loc.advance(end - start) == nl
+        {
+            self.map.remove(&end);
+            end = ne;
+        }
+        self.map.insert(start, (end, loc));
+    }
+
+    /// Unmaps `[start, end)`, trimming runs that stick out on either side.
+    pub fn remove(&mut self, start: u64, end: u64) {
+        // A run that starts before `start` and reaches into the range.
+        if let Some((&ps, &(pe, pl))) = self.map.range(..start).next_back()
+            && pe > start
+        {
+            self.map.insert(ps, (start, pl));
+            if pe > end {
+                self.map.insert(end, (pe, pl.advance(end - ps)));
+                return;
+            }
+        }
+        // Runs that start inside the range.
+        let inside: Vec<u64> = self.map.range(start..end).map(|(&s, _)| s).collect();
+        for s in inside {
+            let (e, l) = self.map.remove(&s).expect("key just listed");
+            if e > end {
+                self.map.insert(end, (e, l.advance(end - s)));
+            }
+        }
+    }
+
+    /// The run holding `block`, starting at `block`, or `None` if unmapped.
+    pub fn get(&self, block: u64) -> Option<Extent> {
+        let (&s, &(e, l)) = self.map.range(..=block).next_back()?;
+        (e > block).then(|| Extent { start: block, end: e, loc: l.advance(block - s) })
+    }
+
+    /// The first block at or after `block` that is mapped.
+    pub fn next_mapped(&self, block: u64) -> Option<u64> {
+        if self.get(block).is_some() {
+            return Some(block);
+        }
+        self.map.range(block..).next().map(|(&s, _)| s)
+    }
+
+    /// The runs overlapping `[start, end)`, clipped to it.
+    pub fn overlapping(&self, start: u64, end: u64) -> Vec<Extent> {
+        let mut out = Vec::new();
+        if let Some((&s, &(e, l))) = self.map.range(..start).next_back()
+            && e > start
+        {
+            out.push(Extent { start, end: e.min(end), loc: l.advance(start - s) });
+        }
+        for (&s, &(e, l)) in self.map.range(start..end) {
+            out.push(Extent { start: s, end: e.min(end), loc: l });
+        }
+        out
+    }
+
+    /// All runs in order.
+    pub fn iter(&self) -> impl Iterator<Item = Extent> + '_ {
+        self.map.iter().map(|(&start, &(end, loc))| Extent { start, end, loc })
+    }
+
+    /// Freezes the map into a sorted vector for lock-free lookups.
+    pub fn freeze(&self) -> FrozenMap {
+        FrozenMap { runs: self.iter().collect() }
+    }
+}
+
+/// The read-only form: a sorted vector of runs, searched by bisection.
+#[derive(Debug, Default, Clone)]
+pub struct FrozenMap {
+    runs: Vec<Extent>,
+}
+
+impl FrozenMap {
+    pub fn len(&self) -> usize {
+        self.runs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    /// The run holding `block` (starting at `block`), or else the first mapped block after it.
+    pub fn lookup(&self, block: u64) -> Result<Extent, Option<u64>> {
+        let i = self.runs.partition_point(|r| r.start <= block);
+        if i > 0 {
+            let r = self.runs[i - 1];
+            if r.end > block {
+                return Ok(Extent { start: block, end: r.end, loc: r.loc.advance(block - r.start) });
+            }
+        }
+        Err(self.runs.get(i).map(|r| r.start))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Extent> {
+        self.runs.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(layer: u32, pblock: u64) -> Loc {
+        Loc { layer, kind: ExtentKind::Data, pblock }
+    }
+
+    /// A per-block reference model.
+    fn model_of(m: &ExtentMap, n: u64) -> Vec<Option<Loc>> {
+        (0..n).map(|b| m.get(b).map(|e| e.loc)).collect()
+    }
+
+    #[test]
+    fn later_inserts_hide_earlier_ones() {
+        let mut m = ExtentMap::new();
+        m.insert(0, 10, data(0, 100));
+        m.insert(3, 5, data(1, 0));
+        assert_eq!(m.get(2).unwrap().loc, data(0, 102));
+        assert_eq!(m.get(3).unwrap(), Extent { start: 3, end: 5, loc: data(1, 0) });
+        assert_eq!(m.get(5).unwrap().loc, data(0, 105));
+        assert_eq!(m.len(), 3);
+        m.remove(0, 10);
+        assert!(m.is_empty());
+    }
+
+    #[test]
+    fn contiguous_runs_merge() {
+        let mut m = ExtentMap::new();
+        for b in 0..100 {
+            m.insert(b, b + 1, data(TOP, b + 7));
+        }
+        assert_eq!(m.len(), 1);
+        m.insert(50, 51, Loc { layer: TOP, kind: ExtentKind::Zero, pblock: 0 });
+        assert_eq!(m.len(), 3);
+    }
+
+    #[test]
+    fn matches_a_per_block_model() {
+        // A deterministic pseudo-random sequence of inserts and removes.
+        let mut m = ExtentMap::new();
+        let mut model = vec![None; 64];
+        let mut x = 12345u64;
+        for i in 0..2000 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let a = (x >> 33) % 64;
+            let b = a + 1 + (x >> 45) % (64 - a);
+            if i % 5 == 4 {
+                m.remove(a, b);
+                model[a as usize..b as usize].iter_mut().for_each(|v| *v = None);
+            } else {
+                let loc = data((x & 3) as u32, (x >> 20) % 1000);
+                m.insert(a, b, loc);
+                for (k, v) in model[a as usize..b as usize].iter_mut().enumerate() {
+                    *v = Some(loc.advance(k as u64));
+                }
+            }
+            assert_eq!(model_of(&m, 64), model, "after op {i}");
+        }
+        let frozen = m.freeze();
+        for b in 0..64 {
+            match frozen.lookup(b) {
+                Ok(e) => assert_eq!(Some(e.loc), model[b as usize]),
+                Err(next) => {
+                    assert_eq!(model[b as usize], None);
+                    assert_eq!(next, m.next_mapped(b));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! Sealed layers: reading one (header, trailer, index, verified blocks) and writing one.
+//!
+//! Owns: opening a sealed layer file and checking its structure, reading its blocks with
+//! per-block hash verification, and the streaming writer that produces a new sealed layer in
+//! canonical form. Does not own: combining layers (see `stack`), naming files (see `store`).
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use mcow_format::{
+    BLOCK_HASH_SIZE, Digest, ExtentKind, HEADER_SIZE, INDEX_ENTRY_SIZE, IndexEntry, LayerHeader, LayerKind,
+    Sha256Stream, TRAILER_SIZE, Trailer, decode_block_hashes, decode_index, encode_index_entry,
+    validate_index,
+};
+
+use crate::error::{Error, Result};
+use crate::store::FileSlot;
+
+/// An open sealed layer. Its blocks are verified against their hashes the first time they are
+/// read (a bit per block remembers it), so later reads of the same block go straight to the file.
+pub struct SealedLayer {
+    pub digest: Digest,
+    pub path: PathBuf,
+    pub header: LayerHeader,
+    pub trailer: Trailer,
+    hashes: Vec<Digest>,
+    verified: Vec<AtomicU64>,
+    verify: bool,
+    file: FileSlot,
+}
+
+/// What `SealedLayer::open` reads besides the layer itself: its extents, used once to build the
+/// stack's map and then dropped.
+pub type LayerIndex = Vec<IndexEntry>;
+
+impl SealedLayer {
+    /// Opens and checks a sealed layer: header, trailer, file length, index digest and index
+    /// rules. Costs a few reads and time proportional to the layer's extents and blocks.
+    pub(crate) fn open(
+        path: &Path,
+        digest: Digest,
+        file: FileSlot,
+        verify: bool,
+    ) -> Result<(SealedLayer, LayerIndex)> {
+        let f = file.get(path)?;
+        let (header, trailer, index, hashes) = read_structure(&f, path)?;
+        let words = (trailer.block_count as usize).div_ceil(64);
+        let layer = SealedLayer {
+            digest,
+            path: path.to_path_buf(),
+            header,
+            trailer,
+            hashes,
+            verified: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            verify,
+            file,
+        };
+        Ok((layer, index))
+    }
+
+    pub fn block_size(&self) -> u64 {
+        u64::from(self.header.block_size)
+    }
+
+    /// Size of the layer file in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.trailer.file_len(self.header.block_size)
+    }
+
+    /// Re-reads this layer's extent index (for operations that merge layers).
+    pub fn read_index(&self) -> Result<LayerIndex> {
+        let f = self.file.get(&self.path)?;
+        Ok(read_structure(&f, &self.path)?.2)
+    }
+
+    fn is_verified(&self, pblock: u64) -> bool {
+        let (w, b) = ((pblock / 64) as usize, pblock % 64);
+        self.verified[w].load(Ordering::Relaxed) & (1 << b) != 0
+    }
+
+    fn mark_verified(&self, pblock: u64) {
+        let (w, b) = ((pblock / 64) as usize, pblock % 64);
+        self.verified[w].fetch_or(1 << b, Ordering::Relaxed);
+    }
+
+    /// Reads `buf.len()` bytes starting `offset` bytes into physical block `pblock`; the range
+    /// may span consecutive physical blocks. Unverified blocks are read whole and checked first.
+    pub fn read(&self, pblock: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let bs = self.block_size();
+        let first = pblock + offset / bs;
+        let last = pblock + (offset + buf.len() as u64 - 1) / bs;
+        if last >= self.trailer.block_count {
+            return Err(Error::Invalid(format!(
+                "{}: read of block {last} past the stored blocks",
+                self.path.display()
+            )));
+        }
+        let f = self.file.get(&self.path)?;
+        let pos = HEADER_SIZE as u64 + pblock * bs + offset;
+        if !self.verify || (first..=last).all(|b| self.is_verified(b)) {
+            return read_exact_at(&f, buf, pos, &self.path);
+        }
+        // Slow path, once per block: read whole blocks, verify, copy out the asked-for part.
+        let mut block = vec![0u8; bs as usize];
+        let mut done = 0usize;
+        let mut at = pos;
+        while done < buf.len() {
+            let pb = (at - HEADER_SIZE as u64) / bs;
+            let within = ((at - HEADER_SIZE as u64) % bs) as usize;
+            let n = (bs as usize - within).min(buf.len() - done);
+            if self.is_verified(pb) {
+                read_exact_at(&f, &mut buf[done..done + n], at, &self.path)?;
+            } else {
+                read_exact_at(&f, &mut block, HEADER_SIZE as u64 + pb * bs, &self.path)?;
+                self.check_block(pb, &block)?;
+                buf[done..done + n].copy_from_slice(&block[within..within + n]);
+            }
+            done += n;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Checks one whole block against its recorded hash and remembers the result.
+    pub fn check_block(&self, pblock: u64, block: &[u8]) -> Result<()> {
+        if Digest::of(block) != self.hashes[pblock as usize] {
+            tracing::error!(layer = %self.path.display(), pblock, "block fails its checksum");
+            return Err(Error::BlockChecksum { path: self.path.clone(), pblock });
+        }
+        self.mark_verified(pblock);
+        Ok(())
+    }
+}
+
+fn read_exact_at(f: &File, buf: &mut [u8], pos: u64, path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    f.read_exact_at(buf, pos).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Error::Format {
+                path: path.to_path_buf(),
+                source: mcow_format::FormatError::Truncated { what: "layer data", got: 0, need: buf.len() },
+            }
+        } else {
+            Error::io("read", path)(e)
+        }
+    })
+}
+
+/// Reads and checks the header, trailer, index and hash table of a sealed layer file.
+fn read_structure(f: &File, path: &Path) -> Result<(LayerHeader, Trailer, LayerIndex, Vec<Digest>)> {
+    let len = f.metadata().map_err(Error::io("stat", path))?.len();
+    let min = (HEADER_SIZE + TRAILER_SIZE) as u64;
+    if len < min {
+        return Err(Error::format(path)(mcow_format::FormatError::Truncated {
+            what: "sealed layer",
+            got: len as usize,
+            need: min as usize,
+        }));
+    }
+    let mut hb = vec![0u8; HEADER_SIZE];
+    read_exact_at(f, &mut hb, 0, path)?;
+    let header = LayerHeader::decode(&hb).map_err(Error::format(path))?;
+    if header.kind != LayerKind::Sealed {
+        return Err(Error::Invalid(format!("{}: not a sealed layer (it is a writable top)", path.display())));
+    }
+    let mut tb = [0u8; TRAILER_SIZE];
+    read_exact_at(f, &mut tb, len - TRAILER_SIZE as u64, path)?;
+    let trailer = Trailer::decode(&tb).map_err(Error::format(path))?;
+    let expect = trailer.file_len(header.block_size);
+    if expect != len {
+        return Err(Error::format(path)(mcow_format::FormatError::invalid_len(len, expect)));
+    }
+    let mut ib = vec![0u8; trailer.index_len() as usize];
+    read_exact_at(f, &mut ib, trailer.index_offset(header.block_size), path)?;
+    let actual = Digest::of(&ib);
+    if actual != trailer.index_digest {
+        return Err(Error::format(path)(mcow_format::FormatError::IndexDigestMismatch {
+            expected: trailer.index_digest,
+            actual,
+        }));
+    }
+    let split = trailer.extent_count as usize * INDEX_ENTRY_SIZE;
+    let index = decode_index(&ib[..split]).map_err(Error::format(path))?;
+    validate_index(&index, header.block_count(), trailer.block_count).map_err(Error::format(path))?;
+    let hashes = decode_block_hashes(&ib[split..]);
+    debug_assert_eq!(hashes.len() * BLOCK_HASH_SIZE, ib.len() - split);
+    Ok((header, trailer, index, hashes))
+}
+
+/// Writes a new sealed layer front to back through any `Write`, hashing as it goes. Extents
+/// must be pushed in ascending virtual order; neighbouring runs are merged.
+pub struct LayerWriter<W: Write> {
+    out: W,
+    hasher: Sha256Stream,
+    header: LayerHeader,
+    entries: Vec<IndexEntry>,
+    hashes: Vec<Digest>,
+    next_vblock: u64,
+    written: u64,
+}
+
+impl<W: Write> LayerWriter<W> {
+    pub fn new(mut out: W, block_size: u32, virtual_size: u64, parent: Digest) -> std::io::Result<Self> {
+        let header = LayerHeader {
+            kind: LayerKind::Sealed,
+            block_size,
+            virtual_size,
+            parent,
+            instance: [0; 16],
+            compat_features: 0,
+        };
+        let hb = header.encode();
+        out.write_all(&hb)?;
+        let mut hasher = Sha256Stream::new();
+        hasher.update(&hb);
+        Ok(LayerWriter {
+            out,
+            hasher,
+            header,
+            entries: Vec::new(),
+            hashes: Vec::new(),
+            next_vblock: 0,
+            written: HEADER_SIZE as u64,
+        })
+    }
+
+    fn check_order(&mut self, vblock: u64, count: u64) -> std::io::Result<()> {
+        if vblock < self.next_vblock || vblock + count > self.header.block_count() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "extent out of order or range",
+            ));
+        }
+        self.next_vblock = vblock + count;
+        Ok(())
+    }
+
+    fn push_entry(&mut self, e: IndexEntry) {
+        if let Some(last) = self.entries.last_mut()
+            && last.kind == e.kind
+            && last.end() == e.vblock
+            && (e.kind != ExtentKind::Data || last.pblock + last.count == e.pblock)
+        {
+            last.count += e.count;
+            return;
+        }
+        self.entries.push(e);
+    }
+
+    /// Stores one whole block (exactly the block size) for virtual block `vblock`.
+    pub fn push_block(&mut self, vblock: u64, block: &[u8]) -> std::io::Result<()> {
+        assert_eq!(block.len(), self.header.block_size as usize, "push_block takes whole blocks");
+        self.check_order(vblock, 1)?;
+        self.out.write_all(block)?;
+        self.hasher.update(block);
+        let pblock = self.hashes.len() as u64;
+        self.hashes.push(Digest::of(block));
+        self.written += block.len() as u64;
+        self.push_entry(IndexEntry { vblock, count: 1, kind: ExtentKind::Data, pblock });
+        Ok(())
+    }
+
+    /// Records a zero or discarded run (no data stored).
+    pub fn push_marker(&mut self, vblock: u64, count: u64, kind: ExtentKind) -> std::io::Result<()> {
+        assert_ne!(kind, ExtentKind::Data);
+        self.check_order(vblock, count)?;
+        self.push_entry(IndexEntry { vblock, count, kind, pblock: 0 });
+        Ok(())
+    }
+
+    /// Number of data blocks stored so far.
+    pub fn stored_blocks(&self) -> u64 {
+        self.hashes.len() as u64
+    }
+
+    /// Writes index, hash table and trailer; returns the writer, the layer digest and its length.
+    pub fn finish(mut self) -> std::io::Result<(W, Digest, u64)> {
+        let mut tail =
+            Vec::with_capacity(self.entries.len() * INDEX_ENTRY_SIZE + self.hashes.len() * 32 + 128);
+        for e in &self.entries {
+            tail.extend_from_slice(&encode_index_entry(e));
+        }
+        for h in &self.hashes {
+            tail.extend_from_slice(&h.0);
+        }
+        let trailer = Trailer {
+            block_count: self.hashes.len() as u64,
+            extent_count: self.entries.len() as u64,
+            index_digest: Digest::of(&tail),
+        };
+        tail.extend_from_slice(&trailer.encode());
+        self.out.write_all(&tail)?;
+        self.hasher.update(&tail);
+        self.written += tail.len() as u64;
+        self.out.flush()?;
+        Ok((self.out, self.hasher.finish(), self.written))
+    }
+}

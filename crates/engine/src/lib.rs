@@ -1,0 +1,30 @@
+//! The mcow engine: layered copy-on-write disks whose reads cost one lookup at any depth.
+//!
+//! Rooms, bottom up:
+//! - `storage` / `sim`: the byte-storage trait every layer goes through, and a simulated device
+//!   for crash and fault tests;
+//! - `extent_map`: the interval map behind depth-independent addressing;
+//! - `layer` / `store`: sealed layers (read with verification, written canonically) and the
+//!   content-addressed directory that holds them;
+//! - `stack`: sealed layers bottom to top, flattened into one map at open;
+//! - `top`: the writable, crash-consistent top layer;
+//! - `disk`: a stack plus its top, the byte-level read/write path front ends use;
+//! - `ops`: whole-disk operations (seal, commit, flatten, import, export, check).
+//!
+//! It does not own the byte layouts (crate `mcow-format`) nor any front end (CLI, NBD).
+
+pub mod disk;
+pub mod error;
+pub mod extent_map;
+pub mod layer;
+pub mod ops;
+pub mod sim;
+pub mod stack;
+pub mod storage;
+pub mod store;
+pub mod top;
+
+pub use disk::{CreateOptions, DEFAULT_BLOCK_SIZE, Disk, OpenOptions, Run, RunKind};
+pub use error::{Error, Result};
+pub use extent_map::TOP;
+pub use mcow_format::Digest;

@@ -1,0 +1,394 @@
+//! Whole-disk operations: seal, commit, flatten (one merge mechanism), import, export, check.
+//!
+//! Owns: turning ranges of a disk into new sealed layers, reading raw images in and writing
+//! them out, and the full consistency check. Does not own: the read/write path (see `disk`) or
+//! any external tool (converting other image formats is the CLI's job, through `qemu-img`).
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use mcow_format::{Digest, ExtentKind, HEADER_SIZE, Sha256Stream, chain_digest};
+
+use crate::disk::{CreateOptions, Disk, OpenOptions, RunKind};
+use crate::error::{Error, Result};
+use crate::extent_map::{ExtentMap, Loc};
+use crate::layer::LayerWriter;
+use crate::stack::Stack;
+use crate::store::LayerStore;
+
+/// Progress callback: (done, total) in bytes.
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+
+/// Merges the writable top and the `n` topmost sealed layers of the disk at `dir` into one new
+/// sealed layer, which replaces them; the disk gets a fresh, empty top. `n = 0` is `seal`,
+/// `n = depth` is `flatten`. Returns the new layer's digest.
+pub fn merge(dir: &Path, n: usize, progress: Progress) -> Result<Digest> {
+    let disk = Disk::open(dir, OpenOptions::default())?;
+    disk.flush()?;
+    let depth = disk.stack().depth();
+    if n > depth {
+        return Err(Error::Invalid(format!("cannot merge {n} layers: the stack has {depth}")));
+    }
+    let base = depth - n;
+    let mut map = ExtentMap::new();
+    for i in base..depth {
+        for e in disk.layer(i).read_index()? {
+            map.insert(e.vblock, e.end(), Loc { layer: i as u32, kind: e.kind, pblock: e.pblock });
+        }
+    }
+    for e in disk.top().extents() {
+        map.insert(e.start, e.end, e.loc);
+    }
+    let layers = &disk.manifest().layers;
+    let parent = chain_digest(&layers[..base]);
+    let digest = write_layer(&disk, &map, parent, base == 0, progress)?;
+    let mut new_layers = layers[..base].to_vec();
+    new_layers.push(digest);
+    disk.switch_stack(new_layers)?;
+    Ok(digest)
+}
+
+/// Writes the runs of `map` as a new sealed layer into the disk's store. On an empty base,
+/// zero and discarded runs hide nothing and are left out; all-zero blocks are never stored.
+fn write_layer(
+    disk: &Disk,
+    map: &ExtentMap,
+    parent: Digest,
+    empty_base: bool,
+    progress: Progress,
+) -> Result<Digest> {
+    let store = disk.store();
+    let mut pending = store.begin_layer()?;
+    let tmp = pending.path().to_path_buf();
+    let werr = |e: std::io::Error| Error::io("write", &tmp)(e);
+    let mut w =
+        LayerWriter::new(pending.take_writer(), disk.block_size(), disk.size(), parent).map_err(werr)?;
+    let bs = u64::from(disk.block_size());
+    let total: u64 = map.iter().map(|e| (e.end - e.start) * bs).sum();
+    let mut done = 0u64;
+    let mut block = vec![0u8; bs as usize];
+    for e in map.iter() {
+        match e.loc.kind {
+            ExtentKind::Data => {
+                for b in e.start..e.end {
+                    disk.read_loc(b, e.loc.advance(b - e.start), &mut block)?;
+                    if is_zero(&block) {
+                        if !empty_base {
+                            w.push_marker(b, 1, ExtentKind::Zero).map_err(werr)?;
+                        }
+                    } else {
+                        w.push_block(b, &block).map_err(werr)?;
+                    }
+                    done += bs;
+                    progress(done, total);
+                }
+            }
+            kind if !empty_base => w.push_marker(e.start, e.end - e.start, kind).map_err(werr)?,
+            _ => {}
+        }
+    }
+    let (out, digest, _) = w.finish().map_err(werr)?;
+    pending.commit(store, out, &digest)?;
+    Ok(digest)
+}
+
+/// True if every byte is zero.
+pub fn is_zero(buf: &[u8]) -> bool {
+    let mut chunks = buf.chunks_exact(64);
+    chunks.all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0) && chunks.remainder().iter().all(|&b| b == 0)
+}
+
+/// Where an import's new disk goes and what it sits on.
+pub struct ImportOptions<'a> {
+    /// The new disk's directory.
+    pub dir: &'a Path,
+    /// Layer store for the new layer (ignored with a parent: the parent's store is used).
+    pub store: PathBuf,
+    pub block_size: u32,
+    /// Store only the blocks that differ from this disk's sealed layers.
+    pub parent: Option<&'a Path>,
+}
+
+/// Imports a raw image file as a new sealed layer and creates a disk at `opts.dir` on it.
+/// All-zero blocks are never stored; with a parent, blocks equal to the parent's are skipped
+/// and blocks the parent has but the image zeroes become zero markers. Returns the layer digest.
+pub fn import_raw(src: &Path, opts: &ImportOptions, progress: Progress) -> Result<Digest> {
+    let file = File::open(src).map_err(Error::io("open", src))?;
+    let src_len = file.metadata().map_err(Error::io("stat", src))?.len();
+    let (stack, store, size, bs) = match opts.parent {
+        Some(p) => {
+            let parent = Disk::open(p, OpenOptions { read_only: true, verify: true, force_share: true })?;
+            if parent.size() != src_len.next_multiple_of(512) {
+                return Err(Error::Invalid(format!(
+                    "{} is {src_len} bytes but the parent disk is {} bytes",
+                    src.display(),
+                    parent.size()
+                )));
+            }
+            (parent.stack().clone(), parent.store().clone(), parent.size(), parent.block_size())
+        }
+        None => {
+            let size = src_len.next_multiple_of(512);
+            let store = LayerStore::new(&opts.store);
+            (std::sync::Arc::new(Stack::empty(size.max(512), opts.block_size)), store, size, opts.block_size)
+        }
+    };
+    mcow_format::check_virtual_size(size).map_err(Error::format(src))?;
+    let bsz = u64::from(bs);
+    let mut pending = store.begin_layer()?;
+    let tmp = pending.path().to_path_buf();
+    let werr = |e: std::io::Error| Error::io("write", &tmp)(e);
+    let mut w = LayerWriter::new(pending.take_writer(), bs, size, stack.chain()).map_err(werr)?;
+    let mut block = vec![0u8; bs as usize];
+    let mut below = vec![0u8; bs as usize];
+    let blocks = size.div_ceil(bsz);
+    let mut vb = 0u64;
+    while vb < blocks {
+        let pos = vb * bsz;
+        // Skip straight over holes of a sparse source where the parent has nothing either.
+        if let Some(data_at) = next_data(&file, pos, src_len)
+            && data_at / bsz > vb
+        {
+            let hole_end = (data_at / bsz).min(blocks);
+            let mut b = vb;
+            while b < hole_end {
+                match stack.lookup(b) {
+                    Ok(e) if e.loc.kind == ExtentKind::Data => {
+                        let end = e.end.min(hole_end);
+                        w.push_marker(b, end - b, ExtentKind::Zero).map_err(werr)?;
+                        b = end;
+                    }
+                    Ok(e) => b = e.end.min(hole_end),
+                    Err(next) => b = next.unwrap_or(hole_end).min(hole_end),
+                }
+            }
+            vb = hole_end;
+            progress(vb * bsz, size);
+            continue;
+        }
+        let n = (src_len.saturating_sub(pos)).min(bsz) as usize;
+        block[n..].fill(0);
+        file.read_exact_at(&mut block[..n], pos).map_err(Error::io("read", src))?;
+        stack.read_block(vb, 0, &mut below)?;
+        if block != below {
+            if is_zero(&block) {
+                w.push_marker(vb, 1, ExtentKind::Zero).map_err(werr)?;
+            } else {
+                w.push_block(vb, &block).map_err(werr)?;
+            }
+        }
+        vb += 1;
+        if vb % 64 == 0 || vb == blocks {
+            progress((vb * bsz).min(size), size);
+        }
+    }
+    let (out, digest, _) = w.finish().map_err(werr)?;
+    pending.commit(&store, out, &digest)?;
+    let mut layers: Vec<Digest> = stack.layers().iter().map(|l| l.digest).collect();
+    layers.push(digest);
+    Disk::create(
+        opts.dir,
+        &CreateOptions { virtual_size: size, block_size: bs, store: store.root().to_path_buf(), layers },
+    )?;
+    Ok(digest)
+}
+
+/// The next offset at or after `pos` holding data in a sparse file (`len` if none), or `None`
+/// where the filesystem cannot say.
+fn next_data(file: &File, pos: u64, len: u64) -> Option<u64> {
+    if pos >= len {
+        return Some(len.next_multiple_of(512).max(pos));
+    }
+    match rustix::fs::seek(file, rustix::fs::SeekFrom::Data(pos)) {
+        Ok(off) => Some(off),
+        Err(rustix::io::Errno::NXIO) => Some(u64::MAX),
+        Err(_) => None,
+    }
+}
+
+/// Writes the whole disk to a raw image file, leaving zero ranges as holes.
+pub fn export_raw(disk: &Disk, out: &Path, progress: Progress) -> Result<()> {
+    let f = File::create(out).map_err(Error::io("create", out))?;
+    f.set_len(disk.size()).map_err(Error::io("resize", out))?;
+    let chunk = 4 << 20;
+    let mut buf = vec![0u8; chunk];
+    for run in disk.block_status(0, disk.size())? {
+        if run.kind != RunKind::Data {
+            continue;
+        }
+        let mut pos = run.offset;
+        while pos < run.offset + run.length {
+            let n = ((run.offset + run.length - pos) as usize).min(chunk);
+            disk.read(pos, &mut buf[..n])?;
+            if !is_zero(&buf[..n]) {
+                f.write_all_at(&buf[..n], pos).map_err(Error::io("write", out))?;
+            }
+            pos += n as u64;
+            progress(pos, disk.size());
+        }
+    }
+    f.sync_all().map_err(Error::io("sync", out))
+}
+
+/// What `check` found. Errors mean corruption; debris is harmless leftovers of a crash.
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    pub errors: Vec<String>,
+    pub debris: Vec<String>,
+    pub layers_checked: usize,
+    pub blocks_checked: u64,
+}
+
+/// Checks a disk directory in full: the manifest, every sealed layer's digest, structure,
+/// parent chain and every block hash, and the top's header and journal. Fails only if the
+/// check itself cannot run (no readable manifest).
+pub fn check(dir: &Path, force_share: bool, progress: Progress) -> Result<CheckReport> {
+    let manifest = crate::disk::read_manifest(dir)?;
+    let store = LayerStore::new(crate::disk::resolve_store(dir, &manifest));
+    let mut report = CheckReport::default();
+    let total: u64 = manifest
+        .layers
+        .iter()
+        .map(|d| std::fs::metadata(store.layer_path(d)).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    let mut done = 0u64;
+    let mut chain = Digest::ZERO;
+    for digest in &manifest.layers {
+        match check_layer(&store, digest, &manifest, chain, &mut report, &mut |n| {
+            done += n;
+            progress(done, total)
+        }) {
+            Ok(()) => {}
+            Err(e) => report.errors.push(e.to_string()),
+        }
+        chain = crate::stack::next_chain(&chain, digest);
+        report.layers_checked += 1;
+    }
+    if report.errors.is_empty() {
+        match Disk::open(dir, OpenOptions { read_only: true, verify: true, force_share }) {
+            Ok(disk) => {
+                let d = disk.debris();
+                if d.journal_tail_bytes > 0 {
+                    report.debris.push(format!(
+                        "journal has {} bytes after its last whole batch",
+                        d.journal_tail_bytes
+                    ));
+                }
+                if d.unused_blocks > 0 {
+                    report.debris.push(format!("top data file has {} unused blocks", d.unused_blocks));
+                }
+            }
+            Err(e @ Error::Locked { .. }) => return Err(e),
+            Err(e) => report.errors.push(e.to_string()),
+        }
+    }
+    Ok(report)
+}
+
+fn check_layer(
+    store: &LayerStore,
+    digest: &Digest,
+    manifest: &mcow_format::DiskManifest,
+    chain: Digest,
+    report: &mut CheckReport,
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let (layer, _) = store.open_layer(digest, true)?;
+    let path = layer.path.clone();
+    if layer.header.parent != chain {
+        return Err(Error::WrongParent { path, recorded: layer.header.parent, actual: chain });
+    }
+    if layer.header.block_size != manifest.block_size || layer.header.virtual_size != manifest.virtual_size {
+        return Err(Error::Mismatch {
+            path,
+            what: "virtual size",
+            found: layer.header.virtual_size,
+            expected: manifest.virtual_size,
+        });
+    }
+    // One sequential pass: hash the whole file and check each block on the way.
+    let mut f =
+        std::io::BufReader::with_capacity(1 << 20, File::open(&path).map_err(Error::io("open", &path))?);
+    let mut hasher = Sha256Stream::new();
+    let mut head = vec![0u8; HEADER_SIZE];
+    f.read_exact(&mut head).map_err(Error::io("read", &path))?;
+    hasher.update(&head);
+    let mut block = vec![0u8; layer.header.block_size as usize];
+    let mut bad_blocks = 0u64;
+    for pb in 0..layer.trailer.block_count {
+        f.read_exact(&mut block).map_err(Error::io("read", &path))?;
+        hasher.update(&block);
+        if let Err(e) = layer.check_block(pb, &block) {
+            if bad_blocks < 8 {
+                report.errors.push(e.to_string());
+            }
+            bad_blocks += 1;
+        }
+        report.blocks_checked += 1;
+        progress(block.len() as u64);
+    }
+    let mut rest = Vec::new();
+    f.read_to_end(&mut rest).map_err(Error::io("read", &path))?;
+    hasher.update(&rest);
+    if bad_blocks > 8 {
+        report.errors.push(format!(
+            "{}: {} more blocks fail their checksums",
+            path.display(),
+            bad_blocks - 8
+        ));
+    }
+    let actual = hasher.finish();
+    if actual != *digest {
+        return Err(Error::LayerDigest { path, expected: *digest, actual });
+    }
+    Ok(())
+}
+
+/// Summary of a disk, for `info`.
+#[derive(Debug, Clone)]
+pub struct DiskInfo {
+    pub virtual_size: u64,
+    pub block_size: u32,
+    pub chain: Digest,
+    pub layers: Vec<LayerInfo>,
+    pub top_stored_blocks: u64,
+    pub top_file_bytes: u64,
+    pub top_journal_bytes: u64,
+    pub map_extents: usize,
+}
+
+/// One sealed layer, for `info`.
+#[derive(Debug, Clone)]
+pub struct LayerInfo {
+    pub digest: Digest,
+    pub file_bytes: u64,
+    pub stored_blocks: u64,
+    pub extents: u64,
+}
+
+/// Collects the summary of an open disk.
+pub fn info(disk: &Disk) -> DiskInfo {
+    let (data, journal) = disk.top().file_sizes();
+    DiskInfo {
+        virtual_size: disk.size(),
+        block_size: disk.block_size(),
+        chain: disk.stack().chain(),
+        layers: disk
+            .stack()
+            .layers()
+            .iter()
+            .map(|l| LayerInfo {
+                digest: l.digest,
+                file_bytes: l.file_len(),
+                stored_blocks: l.trailer.block_count,
+                extents: l.trailer.extent_count,
+            })
+            .collect(),
+        top_stored_blocks: disk.top().stored_blocks(),
+        top_file_bytes: data,
+        top_journal_bytes: journal,
+        map_extents: disk.stack().extent_count(),
+    }
+}

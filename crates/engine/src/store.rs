@@ -1,0 +1,191 @@
+//! The layer store: a directory of sealed layers named by digest, `blobs/sha256/<hex>`, the same
+//! shape as an OCI image layout's blob directory.
+//!
+//! Owns: layer file paths, atomically adding a new layer (write to `tmp/`, fsync, rename, fsync
+//! the directory), and the pool of open layer files, which keeps a deep stack within the
+//! process's open-file limit. Does not own: the content of layers (see `layer`).
+
+use std::collections::VecDeque;
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+
+use mcow_format::Digest;
+
+use crate::error::{Error, Result};
+use crate::layer::{LayerIndex, SealedLayer};
+
+/// A directory of sealed layers.
+#[derive(Clone)]
+pub struct LayerStore {
+    root: PathBuf,
+    pool: Arc<FilePool>,
+}
+
+impl LayerStore {
+    pub fn new(root: impl Into<PathBuf>) -> LayerStore {
+        LayerStore { root: root.into(), pool: Arc::new(FilePool::new()) }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the layer with this digest is (or would be) stored.
+    pub fn layer_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("blobs").join("sha256").join(digest.hex())
+    }
+
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.layer_path(digest).is_file()
+    }
+
+    /// Opens and checks the sealed layer `digest` (see [`SealedLayer::open`]).
+    pub fn open_layer(&self, digest: &Digest, verify: bool) -> Result<(SealedLayer, LayerIndex)> {
+        let path = self.layer_path(digest);
+        if !path.exists() {
+            return Err(Error::Invalid(format!(
+                "layer {digest} is not in the store {}",
+                self.root.display()
+            )));
+        }
+        SealedLayer::open(&path, *digest, FileSlot::new(&self.pool), verify)
+    }
+
+    /// Starts a new layer file in the store's `tmp/` directory.
+    pub fn begin_layer(&self) -> Result<PendingLayer> {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let tmp = self.root.join("tmp");
+        fs::create_dir_all(&tmp).map_err(Error::io("create directory", &tmp))?;
+        let name = format!("layer-{}-{}.tmp", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        let path = tmp.join(name);
+        let file = File::create(&path).map_err(Error::io("create", &path))?;
+        Ok(PendingLayer { path, writer: Some(BufWriter::with_capacity(1 << 20, file)) })
+    }
+}
+
+/// A layer being written; dropped without `commit`, its temporary file is removed.
+pub struct PendingLayer {
+    path: PathBuf,
+    writer: Option<BufWriter<File>>,
+}
+
+impl PendingLayer {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The buffered writer to hand to a `LayerWriter`.
+    pub fn take_writer(&mut self) -> BufWriter<File> {
+        self.writer.take().expect("writer taken once")
+    }
+
+    /// Makes the written file durable and moves it to its content-addressed name. If the store
+    /// already holds that layer, the new copy is simply dropped.
+    pub fn commit(self, store: &LayerStore, writer: BufWriter<File>, digest: &Digest) -> Result<PathBuf> {
+        let file = writer.into_inner().map_err(|e| Error::io("write", &self.path)(e.into_error()))?;
+        file.sync_all().map_err(Error::io("sync", &self.path))?;
+        drop(file);
+        let dest = store.layer_path(digest);
+        let dir = dest.parent().expect("blob path has a parent");
+        fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
+        if dest.exists() {
+            let _ = fs::remove_file(&self.path);
+        } else {
+            fs::rename(&self.path, &dest).map_err(Error::io("rename", &self.path))?;
+            sync_dir(dir)?;
+        }
+        std::mem::forget(self);
+        Ok(dest)
+    }
+}
+
+impl Drop for PendingLayer {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Makes a directory's entries (a rename or a new file) durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(Error::io("sync directory", dir))
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, rename, fsync dir.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).map_err(Error::io("create", &tmp))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(Error::io("write", &tmp))?;
+    fs::rename(&tmp, path).map_err(Error::io("rename", &tmp))?;
+    sync_dir(path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))
+}
+
+/// Raises the soft open-file limit to the hard limit once, and returns the soft limit.
+fn open_file_limit() -> usize {
+    static LIMIT: OnceLock<usize> = OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        use rustix::process::{Resource, getrlimit, setrlimit};
+        let mut lim = getrlimit(Resource::Nofile);
+        if lim.current != lim.maximum {
+            lim.current = lim.maximum;
+            let _ = setrlimit(Resource::Nofile, lim);
+        }
+        let cur = getrlimit(Resource::Nofile).current.unwrap_or(1 << 20);
+        usize::try_from(cur).unwrap_or(usize::MAX)
+    })
+}
+
+/// Bounds how many layer files are open at once. Below the bound (the usual case) a file stays
+/// open once opened and a read takes no lock but its layer's read lock; past it, the oldest
+/// opened file is closed and reopened on its next use.
+struct FilePool {
+    cap: usize,
+    opened: Mutex<VecDeque<Weak<SlotState>>>,
+}
+
+impl FilePool {
+    fn new() -> FilePool {
+        // Leave room for sockets, tops, journals and the standard descriptors.
+        let cap = open_file_limit().saturating_sub(128).max(16);
+        FilePool { cap, opened: Mutex::new(VecDeque::new()) }
+    }
+
+    fn register(&self, slot: &Arc<SlotState>) {
+        let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
+        opened.push_back(Arc::downgrade(slot));
+        while opened.len() > self.cap {
+            if let Some(old) = opened.pop_front().and_then(|w| w.upgrade()) {
+                *old.file.write().unwrap_or_else(|p| p.into_inner()) = None;
+            }
+        }
+    }
+}
+
+struct SlotState {
+    file: RwLock<Option<Arc<File>>>,
+}
+
+/// One layer's place in the pool.
+pub(crate) struct FileSlot {
+    state: Arc<SlotState>,
+    pool: Arc<FilePool>,
+}
+
+impl FileSlot {
+    fn new(pool: &Arc<FilePool>) -> FileSlot {
+        FileSlot { state: Arc::new(SlotState { file: RwLock::new(None) }), pool: pool.clone() }
+    }
+
+    /// The open file, opening it (and maybe closing another) if needed.
+    pub(crate) fn get(&self, path: &Path) -> Result<Arc<File>> {
+        if let Some(f) = self.state.file.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(File::open(path).map_err(Error::io("open", path))?);
+        *self.state.file.write().unwrap_or_else(|p| p.into_inner()) = Some(f.clone());
+        self.pool.register(&self.state);
+        Ok(f)
+    }
+}

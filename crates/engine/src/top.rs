@@ -1,0 +1,391 @@
+//! The writable top layer: where a disk's writes go, crash consistent.
+//!
+//! A top is two files. The data file is a layer header followed by blocks, allocated as they
+//! are first written; a block already in the top is overwritten in place. The journal is a
+//! header followed by batches of mapping changes (block N now lives at physical block P, or
+//! reads as zero, or is discarded). A flush makes data durable first, then appends one batch
+//! and makes it durable; a batch is the commit point. After a crash, replaying every whole
+//! batch gives a map whose blocks were all durable before the batch was written, so every
+//! flushed write reads back; a torn last batch is ignored. A physical block freed by a zero or
+//! discard is reused only after the batch that frees it is durable, so a crash can never leave
+//! an old mapping pointing at reused data.
+//!
+//! Owns: allocation, copy-up of a partly written block, the journal and recovery. Does not own:
+//! what lies below the top (the caller passes a function that reads it), nor file opening.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use mcow_format::{
+    Digest, ExtentKind, HEADER_SIZE, IndexEntry, JOURNAL_HEADER_SIZE, JournalBatch, JournalHeader,
+    LayerHeader, LayerKind, decode_batch, encode_batch,
+};
+
+use crate::error::{Error, Result};
+use crate::extent_map::{Extent, ExtentMap, Loc, TOP};
+use crate::storage::Storage;
+
+/// What opening a top found beyond its last good batch: debris of writes that never reached a
+/// durable flush. Harmless; a writable open removes it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Debris {
+    /// Bytes after the last whole journal batch.
+    pub journal_tail_bytes: u64,
+    /// Physical blocks in the data file that no mapping uses.
+    pub unused_blocks: u64,
+}
+
+struct Alloc {
+    next_pblock: u64,
+    /// Physical blocks free for reuse now.
+    free: Vec<u64>,
+    /// Blocks freed by changes not yet durable in the journal.
+    freed_pending: Vec<u64>,
+    /// Mapping changes since the last durable batch, in order.
+    pending: Vec<IndexEntry>,
+    journal_len: u64,
+    sequence: u64,
+}
+
+/// A writable top layer over two storages (data and journal).
+pub struct TopLayer {
+    data: Box<dyn Storage>,
+    journal: Box<dyn Storage>,
+    path: PathBuf,
+    pub header: LayerHeader,
+    bs: u64,
+    read_only: bool,
+    map: RwLock<ExtentMap>,
+    alloc: Mutex<Alloc>,
+    debris: Debris,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl TopLayer {
+    /// Writes a new, empty top on `parent` and makes it durable. `path` names it in errors.
+    pub fn create(
+        data: Box<dyn Storage>,
+        journal: Box<dyn Storage>,
+        path: &Path,
+        block_size: u32,
+        virtual_size: u64,
+        parent: Digest,
+    ) -> Result<TopLayer> {
+        let header = LayerHeader {
+            kind: LayerKind::Writable,
+            block_size,
+            virtual_size,
+            parent,
+            instance: new_instance_id(),
+            compat_features: 0,
+        };
+        let jpath = journal_path(path);
+        data.set_len(0).map_err(Error::io("truncate", path))?;
+        data.write_at(&header.encode(), 0).map_err(Error::io("write", path))?;
+        data.sync().map_err(Error::io("sync", path))?;
+        journal.set_len(0).map_err(Error::io("truncate", &jpath))?;
+        let jh = JournalHeader { instance: header.instance, block_size };
+        journal.write_at(&jh.encode(), 0).map_err(Error::io("write", &jpath))?;
+        journal.sync().map_err(Error::io("sync", &jpath))?;
+        Self::open(data, journal, path, false)
+    }
+
+    /// Opens a top, replaying its journal. A writable open also trims debris left by a crash.
+    pub fn open(
+        data: Box<dyn Storage>,
+        journal: Box<dyn Storage>,
+        path: &Path,
+        read_only: bool,
+    ) -> Result<TopLayer> {
+        let jpath = journal_path(path);
+        let data_len = data.len().map_err(Error::io("stat", path))?;
+        let mut hb = vec![0u8; HEADER_SIZE];
+        if data_len < HEADER_SIZE as u64 {
+            return Err(Error::format(path)(mcow_format::FormatError::Truncated {
+                what: "top layer",
+                got: data_len as usize,
+                need: HEADER_SIZE,
+            }));
+        }
+        data.read_at(&mut hb, 0).map_err(Error::io("read", path))?;
+        let header = LayerHeader::decode(&hb).map_err(Error::format(path))?;
+        if header.kind != LayerKind::Writable {
+            return Err(Error::Invalid(format!(
+                "{}: not a writable top (it is a sealed layer)",
+                path.display()
+            )));
+        }
+        let bs = u64::from(header.block_size);
+        let jlen = journal.len().map_err(Error::io("stat", &jpath))?;
+        let mut jbuf =
+            vec![0u8; usize::try_from(jlen).map_err(|_| Error::Invalid("journal too large".into()))?];
+        journal.read_at(&mut jbuf, 0).map_err(Error::io("read", &jpath))?;
+        let jh = JournalHeader::decode(&jbuf).map_err(Error::format(&jpath))?;
+        if jh.instance != header.instance || jh.block_size != header.block_size {
+            return Err(Error::Invalid(format!("{}: journal belongs to another top layer", jpath.display())));
+        }
+
+        // Replay every whole batch in sequence.
+        let vblocks = header.block_count();
+        let data_blocks = (data_len - HEADER_SIZE as u64) / bs;
+        let mut map = ExtentMap::new();
+        let (mut pos, mut sequence) = (JOURNAL_HEADER_SIZE, 0u64);
+        while let Some((batch, n)) = decode_batch(&jbuf[pos..]).map_err(Error::format(&jpath))? {
+            if batch.sequence != sequence + 1 {
+                break;
+            }
+            for e in &batch.entries {
+                let bad = e.end() > vblocks
+                    || (e.kind == ExtentKind::Data
+                        && e.pblock.checked_add(e.count).is_none_or(|p| p > data_blocks));
+                if bad {
+                    return Err(Error::format(&jpath)(mcow_format::FormatError::Invalid {
+                        field: "journal entry",
+                        reason: format!(
+                            "batch {} maps blocks {}+{} outside the layer",
+                            batch.sequence, e.vblock, e.count
+                        ),
+                    }));
+                }
+                map.insert(e.vblock, e.end(), Loc { layer: TOP, kind: e.kind, pblock: e.pblock });
+            }
+            pos += n;
+            sequence = batch.sequence;
+        }
+
+        // Rebuild the allocator from the map.
+        let mut used = vec![0u64; (data_blocks as usize).div_ceil(64)];
+        let mut next_pblock = 0u64;
+        for ext in map.iter().filter(|e| e.loc.kind == ExtentKind::Data) {
+            for p in ext.loc.pblock..ext.loc.pblock + (ext.end - ext.start) {
+                let (w, b) = ((p / 64) as usize, p % 64);
+                if used[w] & (1 << b) != 0 {
+                    return Err(Error::format(&jpath)(mcow_format::FormatError::Invalid {
+                        field: "journal",
+                        reason: format!("physical block {p} is mapped twice"),
+                    }));
+                }
+                used[w] |= 1 << b;
+                next_pblock = next_pblock.max(p + 1);
+            }
+        }
+        let free: Vec<u64> =
+            (0..next_pblock).rev().filter(|p| used[(p / 64) as usize] & (1 << (p % 64)) == 0).collect();
+        let debris = Debris {
+            journal_tail_bytes: jlen - pos as u64,
+            unused_blocks: free.len() as u64 + (data_blocks - next_pblock),
+        };
+        if !read_only {
+            if debris.journal_tail_bytes > 0 {
+                tracing::info!(journal = %jpath.display(), bytes = debris.journal_tail_bytes, "dropping torn journal tail");
+                journal.set_len(pos as u64).map_err(Error::io("truncate", &jpath))?;
+            }
+            let keep = HEADER_SIZE as u64 + next_pblock * bs;
+            if data_len > keep {
+                data.set_len(keep).map_err(Error::io("truncate", path))?;
+            }
+        }
+        Ok(TopLayer {
+            data,
+            journal,
+            path: path.to_path_buf(),
+            header,
+            bs,
+            read_only,
+            map: RwLock::new(map),
+            alloc: Mutex::new(Alloc {
+                next_pblock,
+                free,
+                freed_pending: Vec::new(),
+                pending: Vec::new(),
+                journal_len: pos as u64,
+                sequence,
+            }),
+            debris,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// What the open found beyond the last durable state.
+    pub fn debris(&self) -> Debris {
+        self.debris
+    }
+
+    fn map_read(&self) -> RwLockReadGuard<'_, ExtentMap> {
+        self.map.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn map_write(&self) -> RwLockWriteGuard<'_, ExtentMap> {
+        self.map.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The top's run holding `block`, or else the first block after it the top maps.
+    pub fn lookup(&self, block: u64) -> Result<Extent, Option<u64>> {
+        let map = self.map_read();
+        map.get(block).ok_or_else(|| map.next_mapped(block))
+    }
+
+    /// A copy of the top's map (for operations that walk it).
+    pub fn extents(&self) -> Vec<Extent> {
+        self.map_read().iter().collect()
+    }
+
+    /// Number of data blocks the top stores.
+    pub fn stored_blocks(&self) -> u64 {
+        self.map_read().iter().filter(|e| e.loc.kind == ExtentKind::Data).map(|e| e.end - e.start).sum()
+    }
+
+    /// Reads `buf` from `offset` bytes into the top's data run starting at virtual block
+    /// `vblock`. Returns false (reading nothing) if the top no longer stores that whole range as
+    /// one run; the caller resolves again. The map lock is held during the read so the blocks
+    /// cannot be freed and reused under it.
+    pub fn read_data(&self, vblock: u64, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        let map = self.map_read();
+        let Some(e) = map.get(vblock) else { return Ok(false) };
+        if e.loc.kind != ExtentKind::Data || (e.end - e.start) * self.bs < offset + buf.len() as u64 {
+            return Ok(false);
+        }
+        let pos = HEADER_SIZE as u64 + e.loc.pblock * self.bs + offset;
+        self.data.read_at(buf, pos).map_err(Error::io("read", &self.path))?;
+        Ok(true)
+    }
+
+    /// Writes `data` at `offset` within virtual block `vblock` (not past its end). A block the
+    /// top already stores is written in place; otherwise a new block is allocated and filled
+    /// from `below` (what the block reads as under the top) before `data` is laid over it.
+    pub fn write(
+        &self,
+        vblock: u64,
+        offset: usize,
+        data: &[u8],
+        below: &dyn Fn(u64, &mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        debug_assert!(offset + data.len() <= self.bs as usize);
+        if self.write_in_place(vblock, offset, data)? {
+            return Ok(());
+        }
+        let mut a = lock(&self.alloc);
+        // Another writer may have allocated the block while we waited.
+        if self.write_in_place(vblock, offset, data)? {
+            return Ok(());
+        }
+        let mut block = vec![0u8; self.bs as usize];
+        let covered = offset == 0 && data.len() == block.len();
+        let hidden = self.map_read().get(vblock).is_some(); // zero or discarded in the top
+        if !covered && !hidden {
+            below(vblock, &mut block)?;
+        }
+        block[offset..offset + data.len()].copy_from_slice(data);
+        let pblock = match a.free.pop() {
+            Some(p) => p,
+            None => {
+                a.next_pblock += 1;
+                a.next_pblock - 1
+            }
+        };
+        if let Err(e) = self.data.write_at(&block, HEADER_SIZE as u64 + pblock * self.bs) {
+            // The block is unreferenced: give it back. The map is unchanged.
+            a.free.push(pblock);
+            return Err(Error::io("write", &self.path)(e));
+        }
+        self.map_write().insert(vblock, vblock + 1, Loc { layer: TOP, kind: ExtentKind::Data, pblock });
+        push_entry(&mut a.pending, IndexEntry { vblock, count: 1, kind: ExtentKind::Data, pblock });
+        Ok(())
+    }
+
+    fn write_in_place(&self, vblock: u64, offset: usize, data: &[u8]) -> Result<bool> {
+        let map = self.map_read();
+        match map.get(vblock) {
+            Some(e) if e.loc.kind == ExtentKind::Data => {
+                let pos = HEADER_SIZE as u64 + e.loc.pblock * self.bs + offset as u64;
+                self.data.write_at(data, pos).map_err(Error::io("write", &self.path))?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Marks whole blocks `[start, end)` as zero or discarded; blocks they held are freed.
+    pub fn set_marker(&self, start: u64, end: u64, kind: ExtentKind) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        debug_assert_ne!(kind, ExtentKind::Data);
+        let mut a = lock(&self.alloc);
+        let mut map = self.map_write();
+        for e in map.overlapping(start, end) {
+            if e.loc.kind == ExtentKind::Data {
+                a.freed_pending.extend(e.loc.pblock..e.loc.pblock + (e.end - e.start));
+            }
+        }
+        map.insert(start, end, Loc { layer: TOP, kind, pblock: 0 });
+        push_entry(&mut a.pending, IndexEntry { vblock: start, count: end - start, kind, pblock: 0 });
+        Ok(())
+    }
+
+    /// Makes every completed write durable: data first, then one journal batch.
+    pub fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut a = lock(&self.alloc);
+        self.data.sync().map_err(Error::io("sync", &self.path))?;
+        if a.pending.is_empty() {
+            return Ok(());
+        }
+        let jpath = journal_path(&self.path);
+        let batch = encode_batch(&JournalBatch { sequence: a.sequence + 1, entries: a.pending.clone() });
+        self.journal.write_at(&batch, a.journal_len).map_err(Error::io("write", &jpath))?;
+        self.journal.sync().map_err(Error::io("sync", &jpath))?;
+        a.journal_len += batch.len() as u64;
+        a.sequence += 1;
+        a.pending.clear();
+        let freed = std::mem::take(&mut a.freed_pending);
+        a.free.extend(freed);
+        Ok(())
+    }
+
+    /// Bytes of the data file and journal.
+    pub fn file_sizes(&self) -> (u64, u64) {
+        (self.data.len().unwrap_or(0), self.journal.len().unwrap_or(0))
+    }
+}
+
+/// Appends a mapping change, merging it into the previous one where they continue each other.
+fn push_entry(list: &mut Vec<IndexEntry>, e: IndexEntry) {
+    if let Some(last) = list.last_mut()
+        && last.kind == e.kind
+        && last.end() == e.vblock
+        && (e.kind != ExtentKind::Data || last.pblock + last.count == e.pblock)
+    {
+        last.count += e.count;
+        return;
+    }
+    list.push(e);
+}
+
+/// The journal's path for a top at `path`.
+pub fn journal_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".journal");
+    PathBuf::from(s)
+}
+
+/// A fresh random-enough identity binding a top to its journal (time, pid and a counter,
+/// hashed; uniqueness, not secrecy, is what matters).
+fn new_instance_id() -> [u8; 16] {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let seed = format!("{}:{}:{}", t.as_nanos(), std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+    Digest::of(seed.as_bytes()).0[..16].try_into().expect("16 bytes")
+}
