@@ -180,7 +180,7 @@ pub fn import_raw(src: &Path, opts: &ImportOptions, progress: Progress) -> Resul
             }
         }
         vb += 1;
-        if vb % 64 == 0 || vb == blocks {
+        if vb.is_multiple_of(64) || vb == blocks {
             progress((vb * bsz).min(size), size);
         }
     }

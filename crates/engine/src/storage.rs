@@ -9,6 +9,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 
 /// Positioned reads and writes with an explicit durability point.
+#[allow(clippy::len_without_is_empty)]
 pub trait Storage: Send + Sync {
     /// Fills `buf` from `offset`; reading past the end is an `UnexpectedEof` error.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;

@@ -122,7 +122,7 @@ pub fn check_block_size(block_size: u32) -> Result<(), FormatError> {
 
 /// Checks that a virtual size is a non-zero multiple of 512 no larger than 8 PiB.
 pub fn check_virtual_size(size: u64) -> Result<(), FormatError> {
-    if size == 0 || size % 512 != 0 || size > MAX_VIRTUAL_SIZE {
+    if size == 0 || !size.is_multiple_of(512) || size > MAX_VIRTUAL_SIZE {
         return Err(FormatError::invalid(
             "virtual size",
             format!("{size} (must be a non-zero multiple of 512, at most 8 PiB)"),

@@ -75,7 +75,7 @@ pub(crate) fn decode_index_entry(b: &[u8]) -> Result<IndexEntry, FormatError> {
 
 /// Decodes a whole index table. The caller has checked that `b.len()` is `count * 32`.
 pub fn decode_index(b: &[u8]) -> Result<Vec<IndexEntry>, FormatError> {
-    if b.len() % INDEX_ENTRY_SIZE != 0 {
+    if !b.len().is_multiple_of(INDEX_ENTRY_SIZE) {
         return Err(FormatError::invalid("index", format!("length {} is not a multiple of 32", b.len())));
     }
     b.chunks_exact(INDEX_ENTRY_SIZE).map(decode_index_entry).collect()
