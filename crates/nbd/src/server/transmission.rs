@@ -1,0 +1,374 @@
+//! The transmission phase of one connection: a reader decoding requests, a small pool
+//! of workers running them against the export in parallel, and replies serialised by a
+//! writer lock.
+//!
+//! Owns request scheduling, back-pressure (a byte budget per connection), reply
+//! assembly and the mapping of export errors to NBD error values. Does not own
+//! negotiation ([`super::handshake`]) nor byte layouts ([`crate::proto`]).
+//!
+//! Ordering: requests run in any order, as the protocol allows. A flush covers every
+//! write already answered, because a write is answered only after the export returned.
+
+use std::io::{self, BufReader, IoSlice, Read};
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, sync_channel};
+use std::sync::{Condvar, Mutex};
+use std::thread;
+
+use super::handshake::ConnError;
+use super::transport::{Transport, discard, read_exact_or_eof, write_all_vectored};
+use super::{Ctx, lock};
+use crate::export::Export;
+use crate::proto::{
+    self, Command, NBD_CMD_FLAG_FAST_ZERO, NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLAG_REQ_ONE,
+    NBD_EINVAL, NBD_EIO, NBD_ENOSPC, NBD_ENOTSUP, NBD_EPERM, REQUEST_HEADER_LEN, Request, RequestError,
+    TransmissionParams,
+};
+
+/// Most descriptors sent per context in one block status reply.
+const MAX_EXTENTS: usize = 1 << 16;
+/// Worker read buffers larger than this are not kept between requests.
+const KEEP_BUFFER: usize = 4 << 20;
+/// Read-ahead buffer of the request reader.
+const READ_BUFFER: usize = 256 << 10;
+
+/// What negotiation settled for transmission.
+#[derive(Debug, Clone)]
+pub(crate) struct Negotiated {
+    pub(crate) export: usize,
+    pub(crate) size: u64,
+    pub(crate) read_only: bool,
+    pub(crate) structured: bool,
+    /// Selected metadata contexts: (id, name).
+    pub(crate) contexts: Vec<(u32, String)>,
+    pub(crate) max_payload: u32,
+}
+
+/// Per-connection counters for the closing log line.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    requests: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+}
+
+impl Stats {
+    pub(crate) fn totals(&self) -> (u64, u64, u64) {
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.bytes_read.load(Ordering::Relaxed),
+            self.bytes_written.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Bytes a connection may hold in flight; the reader waits when it is spent.
+struct Budget {
+    available: Mutex<usize>,
+    returned: Condvar,
+}
+
+impl Budget {
+    fn acquire(&self, n: usize) {
+        let mut a = lock(&self.available);
+        while *a < n {
+            a = self.returned.wait(a).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        *a -= n;
+    }
+    fn release(&self, n: usize) {
+        *lock(&self.available) += n;
+        self.returned.notify_all();
+    }
+}
+
+/// A request handed to a worker.
+struct Job {
+    req: Request,
+    payload: Vec<u8>,
+    cost: usize,
+}
+
+/// State shared by the reader and the workers of one connection.
+struct Conn<'a, S> {
+    export: &'a dyn Export,
+    neg: &'a Negotiated,
+    params: TransmissionParams,
+    writer: Mutex<S>,
+    broken: AtomicBool,
+    budget: Budget,
+    stats: &'a Stats,
+}
+
+/// Maps an export's error to an NBD error value.
+pub(crate) fn errno_for(e: &io::Error) -> u32 {
+    use io::ErrorKind as K;
+    match e.kind() {
+        K::PermissionDenied | K::ReadOnlyFilesystem => NBD_EPERM,
+        K::StorageFull | K::QuotaExceeded | K::FileTooLarge => NBD_ENOSPC,
+        K::InvalidInput => NBD_EINVAL,
+        K::Unsupported => NBD_ENOTSUP,
+        _ => NBD_EIO,
+    }
+}
+
+/// Runs transmission until the client disconnects, the stream fails, or the server
+/// shuts the read side; every request already read is answered before returning.
+pub(crate) fn run<S: Transport>(
+    ctx: &Ctx,
+    stream: S,
+    neg: Negotiated,
+    stats: &Stats,
+) -> Result<(), ConnError> {
+    stream.set_read_timeout_opt(None)?;
+    let writer = stream.try_clone_stream()?;
+    writer.set_write_timeout_opt(ctx.config.write_timeout)?;
+    let entry = &ctx.exports[neg.export];
+    let params = TransmissionParams {
+        size: neg.size,
+        read_only: neg.read_only,
+        max_payload: neg.max_payload,
+        structured: neg.structured,
+        meta_contexts: neg.contexts.len(),
+    };
+    let conn = Conn {
+        export: entry.export.as_ref(),
+        neg: &neg,
+        params,
+        writer: Mutex::new(writer),
+        broken: AtomicBool::new(false),
+        budget: Budget { available: Mutex::new(ctx.config.inflight_bytes), returned: Condvar::new() },
+        stats,
+    };
+    let workers = ctx.config.workers_per_connection;
+    let (tx, rx) = sync_channel::<Job>(workers * 2);
+    let rx = Mutex::new(rx);
+    thread::scope(|scope| {
+        for i in 0..workers {
+            let spawned = thread::Builder::new()
+                .name(format!("nbd-worker-{i}"))
+                .spawn_scoped(scope, || conn.worker(&rx));
+            if let Err(e) = spawned {
+                if i == 0 {
+                    return Err(ConnError::Io(e));
+                }
+                tracing::warn!(error = %e, "started fewer workers than configured");
+                break;
+            }
+        }
+        let mut reader = BufReader::with_capacity(READ_BUFFER, stream);
+        let result = conn.read_loop(&mut reader, |job| tx.send(job).is_ok());
+        drop(tx);
+        result
+    })
+}
+
+impl<S: Transport> Conn<'_, S> {
+    /// Reads requests and dispatches them until the stream ends. Requests that can be
+    /// refused without the export are answered here.
+    fn read_loop<R: Read>(&self, r: &mut R, mut dispatch: impl FnMut(Job) -> bool) -> Result<(), ConnError> {
+        loop {
+            if self.broken.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            let mut hdr = [0u8; REQUEST_HEADER_LEN];
+            match read_exact_or_eof(r, &mut hdr) {
+                Ok(true) => {}
+                Ok(false) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+            // A bad magic means the stream is out of step; nothing after it can be trusted.
+            let req = Request::decode(&hdr)?;
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            if req.command == Command::Disc {
+                tracing::debug!("client sent NBD_CMD_DISC");
+                return Ok(());
+            }
+            if let Err(e) = req.check(&self.params) {
+                tracing::debug!(command = %req.command, offset = req.offset, length = req.length, error = %e, "request refused");
+                // A refused write still carries its payload; consume it to stay in step.
+                discard(r, u64::from(req.payload_len()))?;
+                self.send_error(&req, e);
+                continue;
+            }
+            let cost = match req.command {
+                Command::Read | Command::Write => req.length as usize,
+                _ => 0,
+            };
+            self.budget.acquire(cost);
+            let mut payload = Vec::new();
+            if req.command == Command::Write {
+                payload = vec![0u8; req.length as usize];
+                if let Err(e) = r.read_exact(&mut payload) {
+                    self.budget.release(cost);
+                    return Err(e.into());
+                }
+            }
+            if !dispatch(Job { req, payload, cost }) {
+                self.budget.release(cost);
+                return Ok(());
+            }
+        }
+    }
+
+    fn worker(&self, rx: &Mutex<Receiver<Job>>) {
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            let job = match lock(rx).recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            };
+            if !self.broken.load(Ordering::SeqCst) {
+                self.execute(&job, &mut buf);
+            }
+            if buf.capacity() > KEEP_BUFFER {
+                buf = Vec::new();
+            }
+            self.budget.release(job.cost);
+        }
+    }
+
+    fn execute(&self, job: &Job, buf: &mut Vec<u8>) {
+        let req = &job.req;
+        let e = self.export;
+        let fua = req.has(NBD_CMD_FLAG_FUA);
+        let len = u64::from(req.length);
+        let result = match req.command {
+            Command::Read => return self.read(req, buf),
+            Command::BlockStatus => return self.block_status(req),
+            Command::Write => e.write(req.offset, &job.payload, fua).map(|()| {
+                self.stats.bytes_written.fetch_add(len, Ordering::Relaxed);
+            }),
+            Command::Flush => e.flush(),
+            Command::Trim if len == 0 => Ok(()),
+            Command::Trim => e.trim(req.offset, len, fua),
+            Command::WriteZeroes if req.has(NBD_CMD_FLAG_FAST_ZERO) && !e.fast_zero() => {
+                return self
+                    .send_error(req, RequestError { errno: NBD_ENOTSUP, reason: "zeroing is not fast" });
+            }
+            Command::WriteZeroes if len == 0 => Ok(()),
+            Command::WriteZeroes => e.write_zeroes(req.offset, len, !req.has(NBD_CMD_FLAG_NO_HOLE), fua),
+            Command::Cache => e.cache(req.offset, len),
+            Command::Disc | Command::Unknown(_) => {
+                return self.send_error(req, RequestError { errno: NBD_EINVAL, reason: "unknown command" });
+            }
+        };
+        match result {
+            Ok(()) => self.send(&mut [IoSlice::new(&proto::encode_simple_reply(0, req.handle))]),
+            Err(err) => self.send_io_error(req, &err),
+        }
+    }
+
+    fn read(&self, req: &Request, buf: &mut Vec<u8>) {
+        let len = req.length as usize;
+        buf.clear();
+        buf.resize(len, 0);
+        if let Err(err) = self.export.read(req.offset, buf) {
+            return self.send_io_error(req, &err);
+        }
+        self.stats.bytes_read.fetch_add(u64::from(req.length), Ordering::Relaxed);
+        if !self.neg.structured {
+            let hdr = proto::encode_simple_reply(0, req.handle);
+            return self.send(&mut [IoSlice::new(&hdr), IoSlice::new(buf)]);
+        }
+        if len == 0 {
+            return self.send(&mut [IoSlice::new(&proto::encode_none_chunk(req.handle))]);
+        }
+        if is_zero(buf) {
+            // A single hole chunk is one content chunk, so it also satisfies DF.
+            let chunk = proto::encode_offset_hole(req.handle, req.offset, req.length, true);
+            return self.send(&mut [IoSlice::new(&chunk)]);
+        }
+        // Every read is answered with one content chunk, so NBD_CMD_FLAG_DF needs no work.
+        match proto::encode_offset_data_prefix(req.handle, req.offset, len, true) {
+            Some(prefix) => self.send(&mut [IoSlice::new(&prefix), IoSlice::new(buf)]),
+            None => self.send_error(req, RequestError { errno: NBD_EINVAL, reason: "read too large" }),
+        }
+    }
+
+    fn block_status(&self, req: &Request) {
+        let mut out = Vec::new();
+        let n = self.neg.contexts.len();
+        for (i, (id, name)) in self.neg.contexts.iter().enumerate() {
+            let raw = match self.export.block_status(name, req.offset, u64::from(req.length)) {
+                Ok(r) => r,
+                Err(err) => return self.send_io_error(req, &err),
+            };
+            let ext = proto::normalize_extents(&raw, req.length, req.has(NBD_CMD_FLAG_REQ_ONE), MAX_EXTENTS);
+            if !proto::encode_block_status_chunk(&mut out, req.handle, *id, &ext, i + 1 == n) {
+                tracing::error!(context = %name, "export returned no extent for a block status request");
+                let e = RequestError { errno: NBD_EIO, reason: "export returned no extent" };
+                return self.send_error(req, e);
+            }
+        }
+        self.send(&mut [IoSlice::new(&out)]);
+    }
+
+    fn send_io_error(&self, req: &Request, err: &io::Error) {
+        tracing::debug!(command = %req.command, offset = req.offset, length = req.length, error = %err, "export error");
+        let errno = errno_for(err);
+        let message = err.to_string();
+        self.send_error_msg(req, errno, &message);
+    }
+
+    fn send_error(&self, req: &Request, e: RequestError) {
+        self.send_error_msg(req, e.errno, e.reason);
+    }
+
+    fn send_error_msg(&self, req: &Request, errno: u32, message: &str) {
+        if self.neg.structured {
+            let mut out = Vec::new();
+            proto::encode_error_chunk(&mut out, req.handle, errno, message);
+            self.send(&mut [IoSlice::new(&out)]);
+        } else {
+            self.send(&mut [IoSlice::new(&proto::encode_simple_reply(errno, req.handle))]);
+        }
+    }
+
+    /// Writes one whole reply. On failure (client gone, or not reading within the write
+    /// timeout) the connection is marked broken and shut so the reader stops too.
+    fn send(&self, parts: &mut [IoSlice<'_>]) {
+        if self.broken.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut w = lock(&self.writer);
+        if let Err(e) = write_all_vectored(&mut *w, parts) {
+            if !self.broken.swap(true, Ordering::SeqCst) {
+                tracing::debug!(error = %e, "cannot write reply; dropping connection");
+            }
+            let _ = w.shutdown_how(Shutdown::Both);
+        }
+    }
+}
+
+/// Whether every byte is zero (in 64-byte strides the compiler can vectorise).
+fn is_zero(buf: &[u8]) -> bool {
+    let mut chunks = buf.chunks_exact(64);
+    let whole = chunks.by_ref().all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0);
+    whole && chunks.remainder().iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection_looks_at_every_byte() {
+        assert!(is_zero(&[]));
+        assert!(is_zero(&[0; 1000]));
+        for pos in [0, 63, 64, 999] {
+            let mut v = vec![0u8; 1000];
+            v[pos] = 1;
+            assert!(!is_zero(&v), "byte {pos}");
+        }
+    }
+
+    #[test]
+    fn export_errors_map_to_protocol_errors() {
+        assert_eq!(errno_for(&io::Error::other("x")), NBD_EIO);
+        assert_eq!(errno_for(&io::ErrorKind::StorageFull.into()), NBD_ENOSPC);
+        assert_eq!(errno_for(&io::ErrorKind::PermissionDenied.into()), NBD_EPERM);
+        assert_eq!(errno_for(&io::ErrorKind::InvalidInput.into()), NBD_EINVAL);
+    }
+}
