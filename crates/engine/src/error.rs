@@ -1,5 +1,6 @@
 //! The engine's one error type: a kind that callers can match, with the file, block or range it
-//! concerns. The CLI adds its own context with `anyhow`; the NBD adapter maps kinds to errno.
+//! concerns. Each message includes its cause, so causes are not also chained as `source`. The
+//! CLI adds its own context with `anyhow`; the NBD adapter maps kinds to errno.
 
 use std::io;
 use std::path::PathBuf;
@@ -12,11 +13,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// An I/O call failed.
-    #[error("{op} {}: {source}", path.display())]
-    Io { op: &'static str, path: PathBuf, source: io::Error },
+    #[error("{op} {}: {err}", path.display())]
+    Io { op: &'static str, path: PathBuf, err: io::Error },
     /// A file's bytes break the format (truncated, bad magic, bad checksum, bad version...).
-    #[error("{}: {source}", path.display())]
-    Format { path: PathBuf, source: FormatError },
+    #[error("{}: {err}", path.display())]
+    Format { path: PathBuf, err: FormatError },
     /// A stored block does not match its hash: the layer is corrupt.
     #[error("{}: block {pblock} fails its checksum (the layer is corrupt)", path.display())]
     BlockChecksum { path: PathBuf, pblock: u64 },
@@ -46,18 +47,18 @@ pub enum Error {
 impl Error {
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Error {
         let path = path.into();
-        move |source| Error::Io { op, path, source }
+        move |err| Error::Io { op, path, err }
     }
 
     pub(crate) fn format(path: impl Into<PathBuf>) -> impl FnOnce(FormatError) -> Error {
         let path = path.into();
-        move |source| Error::Format { path, source }
+        move |err| Error::Format { path, err }
     }
 
     /// The errno-like class of this error, for front ends that speak errno (NBD).
     pub fn io_kind(&self) -> io::ErrorKind {
         match self {
-            Error::Io { source, .. } => source.kind(),
+            Error::Io { err, .. } => err.kind(),
             Error::OutOfRange { .. } | Error::Invalid(_) => io::ErrorKind::InvalidInput,
             Error::ReadOnly => io::ErrorKind::PermissionDenied,
             Error::Locked { .. } => io::ErrorKind::WouldBlock,
@@ -81,7 +82,7 @@ impl Error {
 impl From<Error> for io::Error {
     fn from(e: Error) -> io::Error {
         match e {
-            Error::Io { source, .. } if source.raw_os_error().is_some() => source,
+            Error::Io { err, .. } if err.raw_os_error().is_some() => err,
             other => io::Error::new(other.io_kind(), other),
         }
     }

@@ -140,7 +140,7 @@ fn read_exact_at(f: &File, buf: &mut [u8], pos: u64, path: &Path) -> Result<()> 
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
             Error::Format {
                 path: path.to_path_buf(),
-                source: mcow_format::FormatError::Truncated { what: "layer data", got: 0, need: buf.len() },
+                err: mcow_format::FormatError::Truncated { what: "layer data", got: 0, need: buf.len() },
             }
         } else {
             Error::io("read", path)(e)

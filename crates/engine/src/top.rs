@@ -31,7 +31,8 @@ use crate::storage::Storage;
 pub struct Debris {
     /// Bytes after the last whole journal batch.
     pub journal_tail_bytes: u64,
-    /// Physical blocks in the data file that no mapping uses.
+    /// Physical blocks at the end of the data file, past the last one any mapping uses. (Unused
+    /// blocks below it are not debris: they are free and get reused.)
     pub unused_blocks: u64,
 }
 
@@ -138,9 +139,11 @@ impl TopLayer {
                 break;
             }
             for e in &batch.entries {
-                let bad = e.end() > vblocks
-                    || (e.kind == ExtentKind::Data
-                        && e.pblock.checked_add(e.count).is_none_or(|p| p > data_blocks));
+                // Physical blocks are checked against the data file only in the final map (below):
+                // a writable open truncates the data file after the highest block still mapped, so
+                // an older entry may rightly name a block that is gone.
+                let bad = e.vblock.checked_add(e.count).is_none_or(|end| end > vblocks)
+                    || (e.kind == ExtentKind::Data && e.pblock.checked_add(e.count).is_none());
                 if bad {
                     return Err(Error::format(&jpath)(mcow_format::FormatError::Invalid {
                         field: "journal entry",
@@ -160,6 +163,17 @@ impl TopLayer {
         let mut used = vec![0u64; (data_blocks as usize).div_ceil(64)];
         let mut next_pblock = 0u64;
         for ext in map.iter().filter(|e| e.loc.kind == ExtentKind::Data) {
+            if ext.loc.pblock + (ext.end - ext.start) > data_blocks {
+                return Err(Error::format(&jpath)(mcow_format::FormatError::Invalid {
+                    field: "journal",
+                    reason: format!(
+                        "blocks {}+{} are mapped to physical blocks past the {data_blocks} in {}",
+                        ext.start,
+                        ext.end - ext.start,
+                        path.display()
+                    ),
+                }));
+            }
             for p in ext.loc.pblock..ext.loc.pblock + (ext.end - ext.start) {
                 let (w, b) = ((p / 64) as usize, p % 64);
                 if used[w] & (1 << b) != 0 {
@@ -176,7 +190,7 @@ impl TopLayer {
             (0..next_pblock).rev().filter(|p| used[(p / 64) as usize] & (1 << (p % 64)) == 0).collect();
         let debris = Debris {
             journal_tail_bytes: jlen - pos as u64,
-            unused_blocks: free.len() as u64 + (data_blocks - next_pblock),
+            unused_blocks: data_blocks - next_pblock,
         };
         if !read_only {
             if debris.journal_tail_bytes > 0 {

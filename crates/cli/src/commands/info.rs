@@ -1,0 +1,147 @@
+//! `mcow info`: what a disk is made of.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use mcow_engine::{Disk, ops};
+use serde::Serialize;
+
+use crate::Global;
+use crate::output::{OutputFormat, human_size, print_json};
+use crate::paths::open_read_only;
+
+/// Show a disk's size, layers, top and map.
+#[derive(Debug, clap::Args)]
+#[command(long_about = "Show a disk's virtual size, block size, layer store, chain digest, each sealed \
+    layer (digest, file size, stored blocks, extents), its writable top (stored blocks, data file \
+    bytes, journal bytes) and the number of extents in the flattened map of its sealed layers.\n\n\
+    Layers are listed top first with their depth: depth 0 is the writable top, 1 the topmost \
+    sealed layer, N the bottom one (the same depths `mcow map` reports).\n\n\
+    JSON output (--output json) is an object with the keys disk, virtual_size, block_size, \
+    store, chain_digest, layer_count, layers (bottom first; each with depth, digest, file_bytes, \
+    stored_blocks, extents), top (file, stored_blocks, file_bytes, journal_bytes) and \
+    map_extents. Sizes are in bytes.")]
+pub struct InfoArgs {
+    /// The disk directory.
+    pub disk: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+    /// Open even if another process is writing to the disk (what is shown may be stale).
+    #[arg(short = 'U', long)]
+    pub force_share: bool,
+}
+
+/// The `info` report; also its JSON form.
+#[derive(Debug, Serialize)]
+pub struct Info {
+    pub disk: String,
+    pub virtual_size: u64,
+    pub block_size: u32,
+    pub store: String,
+    pub chain_digest: String,
+    pub layer_count: usize,
+    /// Bottom first.
+    pub layers: Vec<LayerInfo>,
+    pub top: TopInfo,
+    pub map_extents: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LayerInfo {
+    pub depth: usize,
+    pub digest: String,
+    pub file_bytes: u64,
+    pub stored_blocks: u64,
+    pub extents: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TopInfo {
+    pub file: String,
+    pub stored_blocks: u64,
+    pub file_bytes: u64,
+    pub journal_bytes: u64,
+}
+
+pub fn collect(disk: &Disk) -> Info {
+    let i = ops::info(disk);
+    let n = i.layers.len();
+    Info {
+        disk: disk.dir().display().to_string(),
+        virtual_size: i.virtual_size,
+        block_size: i.block_size,
+        store: std::fs::canonicalize(disk.store().root())
+            .unwrap_or_else(|_| disk.store().root().to_path_buf())
+            .display()
+            .to_string(),
+        chain_digest: i.chain.to_string(),
+        layer_count: n,
+        layers: i
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(idx, l)| LayerInfo {
+                depth: n - idx,
+                digest: l.digest.to_string(),
+                file_bytes: l.file_bytes,
+                stored_blocks: l.stored_blocks,
+                extents: l.extents,
+            })
+            .collect(),
+        top: TopInfo {
+            file: disk.top().path().display().to_string(),
+            stored_blocks: i.top_stored_blocks,
+            file_bytes: i.top_file_bytes,
+            journal_bytes: i.top_journal_bytes,
+        },
+        map_extents: i.map_extents,
+    }
+}
+
+/// Writes the human form of `info`.
+pub fn write_human(info: &Info, w: &mut dyn Write) -> std::io::Result<()> {
+    let bs = u64::from(info.block_size);
+    writeln!(w, "disk: {}", info.disk)?;
+    writeln!(w, "virtual size: {} ({} bytes)", human_size(info.virtual_size), info.virtual_size)?;
+    writeln!(w, "block size: {} ({} bytes)", human_size(bs), bs)?;
+    writeln!(w, "layer store: {}", info.store)?;
+    writeln!(w, "chain digest: {}", info.chain_digest)?;
+    writeln!(w, "sealed layers: {}", info.layer_count)?;
+    if !info.layers.is_empty() {
+        writeln!(w, "  {:>5}  {:<71}  {:>10}  {:>8}  {:>7}", "DEPTH", "DIGEST", "FILE", "BLOCKS", "EXTENTS")?;
+        for l in info.layers.iter().rev() {
+            writeln!(
+                w,
+                "  {:>5}  {:<71}  {:>10}  {:>8}  {:>7}",
+                l.depth,
+                l.digest,
+                human_size(l.file_bytes),
+                l.stored_blocks,
+                l.extents
+            )?;
+        }
+    }
+    writeln!(w, "writable top (depth 0): {}", info.top.file)?;
+    writeln!(
+        w,
+        "  stored blocks: {} ({}), data file: {}, journal: {}",
+        info.top.stored_blocks,
+        human_size(info.top.stored_blocks * bs),
+        human_size(info.top.file_bytes),
+        human_size(info.top.journal_bytes)
+    )?;
+    writeln!(w, "flattened map extents: {}", info.map_extents)
+}
+
+pub fn run(a: InfoArgs, _g: Global) -> Result<ExitCode> {
+    let disk = open_read_only(&a.disk, a.force_share)?;
+    let info = collect(&disk);
+    match a.output {
+        OutputFormat::Json => print_json(&info)?,
+        OutputFormat::Human => write_human(&info, &mut std::io::stdout().lock()).context("writing output")?,
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,107 @@
+//! `mcow map`: which layer every range of the disk comes from, like `qemu-img map`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use mcow_engine::{Disk, RunKind};
+use serde::Serialize;
+
+use crate::Global;
+use crate::output::{OutputFormat, depth_of, human_size, layer_name, print_json};
+use crate::paths::open_read_only;
+
+/// Show where each range of a disk comes from.
+#[derive(Debug, clap::Args)]
+#[command(long_about = "Show, for every range of the disk, what it reads as and which layer decides it, \
+    like `qemu-img map`. Neighbouring ranges from the same layer and of the same kind are merged.\n\n\
+    Human output is a table of offset, length, what (data, zero or hole) and layer (the short \
+    digest of a sealed layer, `top` for the writable top, `-` for none).\n\n\
+    JSON output (--output json) is an array covering the whole disk in order, of objects with \
+    these keys:\n  \
+    start, length  the range, in bytes;\n  \
+    depth          0 = the writable top, 1 = the topmost sealed layer, ..., N = the bottom layer \
+    of a stack of N; a range no layer holds gets depth N+1 (as qemu-img reports unallocated \
+    ranges below the bottom of the chain);\n  \
+    present        true if some layer holds the range (data, or a zero or discard marker that \
+    hides what is below), false if no layer does;\n  \
+    zero           true if the range reads as zeros (zero and discard markers, and unallocated \
+    ranges);\n  \
+    data           true if the range is stored data;\n  \
+    layer          the layer's digest (\"sha256:...\"), \"top\", or null where present is false.")]
+pub struct MapArgs {
+    /// The disk directory.
+    pub disk: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+    /// Open even if another process is writing to the disk (what is shown may be stale).
+    #[arg(short = 'U', long)]
+    pub force_share: bool,
+}
+
+/// One range of `map --output json`.
+#[derive(Debug, Serialize)]
+pub struct MapEntry {
+    pub start: u64,
+    pub length: u64,
+    pub depth: u32,
+    pub present: bool,
+    pub zero: bool,
+    pub data: bool,
+    pub layer: Option<String>,
+}
+
+pub fn collect(disk: &Disk) -> Result<Vec<MapEntry>> {
+    let runs = disk.block_status(0, disk.size()).context("reading the block status")?;
+    let digests = &disk.manifest().layers;
+    let n = disk.stack().depth();
+    Ok(runs
+        .into_iter()
+        .map(|r| MapEntry {
+            start: r.offset,
+            length: r.length,
+            depth: depth_of(r.layer, n),
+            present: r.layer.is_some(),
+            zero: r.kind != RunKind::Data,
+            data: r.kind == RunKind::Data,
+            layer: layer_name(r.layer, digests, false),
+        })
+        .collect())
+}
+
+/// Writes the human table of a disk's map.
+pub fn write_human(disk: &Disk, w: &mut dyn Write) -> Result<()> {
+    let runs = disk.block_status(0, disk.size()).context("reading the block status")?;
+    let digests = &disk.manifest().layers;
+    let n = disk.stack().depth();
+    writeln!(w, "{:>12}  {:>12}  {:>9}  {:<4}  {:>5}  LAYER", "OFFSET", "LENGTH", "", "WHAT", "DEPTH")?;
+    for r in runs {
+        let what = match r.kind {
+            RunKind::Data => "data",
+            RunKind::Zero => "zero",
+            RunKind::Hole => "hole",
+        };
+        writeln!(
+            w,
+            "{:>#12x}  {:>#12x}  {:>9}  {:<4}  {:>5}  {}",
+            r.offset,
+            r.length,
+            human_size(r.length),
+            what,
+            depth_of(r.layer, n),
+            layer_name(r.layer, digests, true).unwrap_or_else(|| "-".into())
+        )?;
+    }
+    Ok(())
+}
+
+pub fn run(a: MapArgs, _g: Global) -> Result<ExitCode> {
+    let disk = open_read_only(&a.disk, a.force_share)?;
+    match a.output {
+        OutputFormat::Json => print_json(&collect(&disk)?)?,
+        OutputFormat::Human => write_human(&disk, &mut std::io::stdout().lock())?,
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,69 @@
+//! `mcow seal`, `mcow commit`, `mcow flatten`: merging the top and sealed layers into one new
+//! sealed layer (`ops::merge`).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use mcow_engine::{disk, ops};
+
+use crate::Global;
+use crate::progress::Progress;
+
+/// Seal the writable top into a new sealed layer.
+#[derive(Debug, clap::Args)]
+#[command(long_about = "Seal the disk's writable top: its blocks become a new sealed layer on top of the \
+    stack, and the disk gets a fresh, empty top. Prints the new layer's digest.\n\n\
+    The disk must not be in use by another process. Sealed layers are immutable and named by \
+    their content (sha256), so other disks can be created on them (`mcow create --from`).")]
+pub struct SealArgs {
+    /// The disk directory.
+    pub disk: PathBuf,
+}
+
+/// Merge the top and the N topmost sealed layers into one layer.
+#[derive(Debug, clap::Args)]
+#[command(long_about = "Merge the disk's writable top and its N topmost sealed layers (default 1) into one \
+    new sealed layer that replaces them; the disk gets a fresh, empty top. Prints the new layer's \
+    digest.\n\n\
+    The replaced layers stay in the layer store (other disks may use them). `commit -n 0` is \
+    `seal`; `commit -n <depth>` is `flatten`.")]
+pub struct CommitArgs {
+    /// The disk directory.
+    pub disk: PathBuf,
+    /// How many sealed layers (from the top) to merge with the writable top.
+    #[arg(short = 'n', long, default_value_t = 1, value_name = "N")]
+    pub layers: usize,
+}
+
+/// Merge everything into one sealed layer.
+#[derive(Debug, clap::Args)]
+#[command(long_about = "Merge the disk's writable top and all its sealed layers into a single sealed layer \
+    that needs no other; the disk gets a fresh, empty top. Prints the new layer's digest.\n\n\
+    The replaced layers stay in the layer store (other disks may use them).")]
+pub struct FlattenArgs {
+    /// The disk directory.
+    pub disk: PathBuf,
+}
+
+fn merge(dir: &Path, n: usize, g: Global, label: &str, what: &str) -> Result<ExitCode> {
+    let mut progress = Progress::new(g, label);
+    let digest = ops::merge(dir, n, &mut |d, t| progress.update(d, t))
+        .with_context(|| format!("{what} disk {}", dir.display()))?;
+    progress.finish();
+    println!("{digest}");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run_seal(a: SealArgs, g: Global) -> Result<ExitCode> {
+    merge(&a.disk, 0, g, "sealing", "sealing")
+}
+
+pub fn run_commit(a: CommitArgs, g: Global) -> Result<ExitCode> {
+    merge(&a.disk, a.layers, g, "committing", "committing")
+}
+
+pub fn run_flatten(a: FlattenArgs, g: Global) -> Result<ExitCode> {
+    let m = disk::read_manifest(&a.disk).with_context(|| format!("reading disk {}", a.disk.display()))?;
+    merge(&a.disk, m.layers.len(), g, "flattening", "flattening")
+}
