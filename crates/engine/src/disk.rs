@@ -312,44 +312,34 @@ impl Disk {
         Ok(runs)
     }
 
-    /// Reads `buf` from a location (a layer's or the top's block), `offset` bytes in.
-    pub(crate) fn read_loc(&self, vblock: u64, loc: Loc, buf: &mut [u8]) -> Result<()> {
-        match (loc.kind, loc.layer) {
-            (ExtentKind::Data, TOP) => {
-                if !self.top.read_data(vblock, 0, buf)? {
-                    return Err(Error::Invalid("top changed during a merge".into()));
-                }
-                Ok(())
-            }
-            (ExtentKind::Data, l) => self.stack.layers()[l as usize].read(loc.pblock, 0, buf),
-            _ => {
-                buf.fill(0);
-                Ok(())
-            }
-        }
-    }
-
     /// The sealed layer `i` (from the bottom).
     pub fn layer(&self, i: usize) -> &Arc<SealedLayer> {
         &self.stack.layers()[i]
     }
+}
 
-    /// Replaces this disk's stack and top (after a merge): writes the new empty top, then the
-    /// manifest (the commit point), then removes the old top's files.
-    pub(crate) fn switch_stack(self, layers: Vec<Digest>) -> Result<()> {
-        let old = self.manifest.top.clone().expect("an open disk has a top");
-        let new_top = next_top_name(&old);
-        create_top(&self.dir, &new_top, self.manifest.block_size, self.size, chain_digest(&layers))?;
-        let mut manifest = self.manifest.clone();
-        manifest.layers = layers;
-        manifest.top = Some(new_top);
-        write_atomic(&self.dir.join(MANIFEST_FILE), manifest.to_json().as_bytes())?;
-        let old_path = self.dir.join(&old);
-        drop(self);
-        let _ = fs::remove_file(journal_path(&old_path));
-        let _ = fs::remove_file(&old_path);
-        Ok(())
-    }
+/// Replaces a disk's stack and top after a merge: writes the new empty top, then the manifest
+/// (the commit point), then removes the old top's files. `old_top` is held, locked, until the
+/// new manifest is durable.
+pub(crate) fn replace_stack(
+    dir: &Path,
+    manifest: &DiskManifest,
+    old_top: TopLayer,
+    layers: Vec<Digest>,
+) -> Result<()> {
+    let old =
+        manifest.top.clone().ok_or_else(|| Error::Invalid(format!("{}: no writable top", dir.display())))?;
+    let new_top = next_top_name(&old);
+    create_top(dir, &new_top, manifest.block_size, manifest.virtual_size, chain_digest(&layers))?;
+    let mut manifest = manifest.clone();
+    manifest.layers = layers;
+    manifest.top = Some(new_top);
+    write_atomic(&dir.join(MANIFEST_FILE), manifest.to_json().as_bytes())?;
+    let old_path = dir.join(&old);
+    drop(old_top);
+    let _ = fs::remove_file(journal_path(&old_path));
+    let _ = fs::remove_file(&old_path);
+    Ok(())
 }
 
 /// Reads and checks a disk directory's manifest.
@@ -389,7 +379,7 @@ fn create_top(dir: &Path, name: &str, block_size: u32, virtual_size: u64, parent
     crate::store::sync_dir(dir)
 }
 
-fn open_top(path: &Path, opts: OpenOptions) -> Result<TopLayer> {
+pub(crate) fn open_top(path: &Path, opts: OpenOptions) -> Result<TopLayer> {
     let jpath = journal_path(path);
     let open =
         |p: &Path| FsOpen::new().read(true).write(!opts.read_only).open(p).map_err(Error::io("open", p));

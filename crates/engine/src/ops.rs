@@ -13,7 +13,7 @@ use mcow_format::{Digest, ExtentKind, HEADER_SIZE, Sha256Stream, chain_digest};
 
 use crate::disk::{CreateOptions, Disk, OpenOptions, RunKind};
 use crate::error::{Error, Result};
-use crate::extent_map::{ExtentMap, Loc};
+use crate::extent_map::{ExtentMap, Loc, TOP};
 use crate::layer::LayerWriter;
 use crate::stack::Stack;
 use crate::store::LayerStore;
@@ -24,48 +24,87 @@ pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 /// Merges the writable top and the `n` topmost sealed layers of the disk at `dir` into one new
 /// sealed layer, which replaces them; the disk gets a fresh, empty top. `n = 0` is `seal`,
 /// `n = depth` is `flatten`. Returns the new layer's digest.
+///
+/// Only the top and the `n` merged layers are opened: sealing on a stack of any depth costs
+/// the size of the top, not a walk of the stack (the top's recorded parent is checked against
+/// the chain digest of the manifest's layers instead).
 pub fn merge(dir: &Path, n: usize, progress: Progress) -> Result<Digest> {
-    let disk = Disk::open(dir, OpenOptions::default())?;
-    disk.flush()?;
-    let depth = disk.stack().depth();
+    let manifest = crate::disk::read_manifest(dir)?;
+    let store = LayerStore::new(crate::disk::resolve_store(dir, &manifest));
+    let top_name =
+        manifest.top.clone().ok_or_else(|| Error::Invalid(format!("{}: no writable top", dir.display())))?;
+    let top = crate::disk::open_top(&dir.join(top_name), OpenOptions::default())?;
+    let chain = chain_digest(&manifest.layers);
+    if top.header.parent != chain {
+        return Err(Error::WrongParent {
+            path: top.path().to_path_buf(),
+            recorded: top.header.parent,
+            actual: chain,
+        });
+    }
+    top.flush()?;
+    let depth = manifest.layers.len();
     if n > depth {
         return Err(Error::Invalid(format!("cannot merge {n} layers: the stack has {depth}")));
     }
     let base = depth - n;
+    let parent = chain_digest(&manifest.layers[..base]);
+    let mut merged = Vec::with_capacity(n);
     let mut map = ExtentMap::new();
-    for i in base..depth {
-        for e in disk.layer(i).read_index()? {
-            map.insert(e.vblock, e.end(), Loc { layer: i as u32, kind: e.kind, pblock: e.pblock });
+    let mut layer_chain = parent;
+    for (k, digest) in manifest.layers[base..].iter().enumerate() {
+        let (layer, index) = store.open_layer(digest, true)?;
+        if layer.header.parent != layer_chain {
+            return Err(Error::WrongParent {
+                path: layer.path.clone(),
+                recorded: layer.header.parent,
+                actual: layer_chain,
+            });
         }
+        layer_chain = crate::stack::next_chain(&layer_chain, digest);
+        for e in index {
+            map.insert(e.vblock, e.end(), Loc { layer: k as u32, kind: e.kind, pblock: e.pblock });
+        }
+        merged.push(layer);
     }
-    for e in disk.top().extents() {
+    for e in top.extents() {
         map.insert(e.start, e.end, e.loc);
     }
-    let layers = &disk.manifest().layers;
-    let parent = chain_digest(&layers[..base]);
-    let digest = write_layer(&disk, &map, parent, base == 0, progress)?;
-    let mut new_layers = layers[..base].to_vec();
+    let read = |vblock: u64, loc: Loc, buf: &mut [u8]| -> Result<()> {
+        if loc.layer == TOP {
+            if top.read_data(vblock, 0, buf)? {
+                return Ok(());
+            }
+            return Err(Error::Invalid("the top changed during a merge".into()));
+        }
+        merged[loc.layer as usize].read(loc.pblock, 0, buf)
+    };
+    let digest = write_layer(&store, &manifest, &map, parent, base == 0, &read, progress)?;
+    let mut new_layers = manifest.layers[..base].to_vec();
     new_layers.push(digest);
-    disk.switch_stack(new_layers)?;
+    drop(merged);
+    crate::disk::replace_stack(dir, &manifest, top, new_layers)?;
     Ok(digest)
 }
 
-/// Writes the runs of `map` as a new sealed layer into the disk's store. On an empty base,
-/// zero and discarded runs hide nothing and are left out; all-zero blocks are never stored.
+/// Writes the runs of `map` as a new sealed layer into `store`, reading data through `read`.
+/// On an empty base, zero and discarded runs hide nothing and are left out; all-zero blocks are
+/// never stored.
 fn write_layer(
-    disk: &Disk,
+    store: &LayerStore,
+    manifest: &mcow_format::DiskManifest,
     map: &ExtentMap,
     parent: Digest,
     empty_base: bool,
+    read: &dyn Fn(u64, Loc, &mut [u8]) -> Result<()>,
     progress: Progress,
 ) -> Result<Digest> {
-    let store = disk.store();
     let mut pending = store.begin_layer()?;
     let tmp = pending.path().to_path_buf();
     let werr = |e: std::io::Error| Error::io("write", &tmp)(e);
-    let mut w =
-        LayerWriter::new(pending.take_writer(), disk.block_size(), disk.size(), parent).map_err(werr)?;
-    let bs = u64::from(disk.block_size());
+    let mut w = LayerWriter::new(pending.take_writer(), manifest.block_size, manifest.virtual_size, parent)
+        .map_err(werr)?;
+    let bs = u64::from(manifest.block_size);
     let total: u64 = map.iter().map(|e| (e.end - e.start) * bs).sum();
     let mut done = 0u64;
     let mut block = vec![0u8; bs as usize];
@@ -73,7 +112,7 @@ fn write_layer(
         match e.loc.kind {
             ExtentKind::Data => {
                 for b in e.start..e.end {
-                    disk.read_loc(b, e.loc.advance(b - e.start), &mut block)?;
+                    read(b, e.loc.advance(b - e.start), &mut block)?;
                     if is_zero(&block) {
                         if !empty_base {
                             w.push_marker(b, 1, ExtentKind::Zero).map_err(werr)?;

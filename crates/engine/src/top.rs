@@ -188,10 +188,8 @@ impl TopLayer {
         }
         let free: Vec<u64> =
             (0..next_pblock).rev().filter(|p| used[(p / 64) as usize] & (1 << (p % 64)) == 0).collect();
-        let debris = Debris {
-            journal_tail_bytes: jlen - pos as u64,
-            unused_blocks: data_blocks - next_pblock,
-        };
+        let debris =
+            Debris { journal_tail_bytes: jlen - pos as u64, unused_blocks: data_blocks - next_pblock };
         if !read_only {
             if debris.journal_tail_bytes > 0 {
                 tracing::info!(journal = %jpath.display(), bytes = debris.journal_tail_bytes, "dropping torn journal tail");
