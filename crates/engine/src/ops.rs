@@ -21,6 +21,9 @@ use crate::store::LayerStore;
 /// Progress callback: (done, total) in bytes.
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 
+/// Reads virtual block `vblock`, found at a location, into a whole-block buffer.
+type BlockReader<'a> = dyn Fn(u64, Loc, &mut [u8]) -> Result<()> + 'a;
+
 /// Merges the writable top and the `n` topmost sealed layers of the disk at `dir` into one new
 /// sealed layer, which replaces them; the disk gets a fresh, empty top. `n = 0` is `seal`,
 /// `n = depth` is `flatten`. Returns the new layer's digest.
@@ -96,7 +99,7 @@ fn write_layer(
     map: &ExtentMap,
     parent: Digest,
     empty_base: bool,
-    read: &dyn Fn(u64, Loc, &mut [u8]) -> Result<()>,
+    read: &BlockReader,
     progress: Progress,
 ) -> Result<Digest> {
     let mut pending = store.begin_layer()?;
