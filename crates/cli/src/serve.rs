@@ -142,7 +142,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             Some((n, d)) => (n.to_string(), PathBuf::from(d)),
             None => {
                 let dir = PathBuf::from(spec);
-                let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let full = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+                let name = full.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 (name, dir)
             }
         };
