@@ -318,6 +318,17 @@ impl Disk {
     }
 }
 
+/// Closing a writable disk flushes it, as closing an image in QEMU does; errors are logged.
+impl Drop for Disk {
+    fn drop(&mut self) {
+        if !self.read_only
+            && let Err(e) = self.top.flush()
+        {
+            tracing::error!(disk = %self.dir.display(), error = %e, "flush on close failed");
+        }
+    }
+}
+
 /// Replaces a disk's stack and top after a merge: writes the new empty top, then the manifest
 /// (the commit point), then removes the old top's files. `old_top` is held, locked, until the
 /// new manifest is durable.

@@ -26,7 +26,7 @@ pub struct LayerStore {
 
 impl LayerStore {
     pub fn new(root: impl Into<PathBuf>) -> LayerStore {
-        LayerStore { root: root.into(), pool: Arc::new(FilePool::new()) }
+        LayerStore { root: root.into(), pool: FilePool::shared() }
     }
 
     pub fn root(&self) -> &Path {
@@ -146,6 +146,13 @@ struct FilePool {
 }
 
 impl FilePool {
+    /// The one pool of the process: the open-file limit is per process, so every store (every
+    /// open disk) must draw on the same budget.
+    fn shared() -> Arc<FilePool> {
+        static POOL: OnceLock<Arc<FilePool>> = OnceLock::new();
+        POOL.get_or_init(|| Arc::new(FilePool::new())).clone()
+    }
+
     fn new() -> FilePool {
         // Leave room for sockets, tops, journals and the standard descriptors.
         let cap = open_file_limit().saturating_sub(128).max(16);
