@@ -350,7 +350,7 @@ impl Open<'_> {
         let t = Instant::now();
         let mut sum = 0u64;
         for off in rand_offsets(disk.size(), seed).take(n) {
-            let (loc, end) = disk.resolve(off / bs);
+            let (loc, end) = disk.resolve(off / bs, off / bs + 1);
             sum = sum.wrapping_add(loc.map_or(0, |l| l.pblock)).wrapping_add(end);
         }
         add(&mut acc.resolve, t.elapsed(), n as u64);
@@ -365,7 +365,7 @@ impl Open<'_> {
 
         let t = Instant::now();
         for off in rand_offsets(disk.size(), seed).take(n) {
-            let (loc, _) = disk.resolve(off / bs);
+            let (loc, _) = disk.resolve(off / bs, off / bs + 1);
             let l = loc.expect("mapped");
             let at = HEADER_SIZE as u64 + l.pblock * bs + off % bs;
             self.files[l.layer as usize].read_exact_at(&mut buf[..RAND_LEN], at).expect("raw read");

@@ -179,19 +179,12 @@ impl Disk {
         Ok(())
     }
 
-    /// Where block `vblock` lives and how many blocks from it share that place: the top first,
-    /// then the stack's flattened map. Two lookups, whatever the depth.
-    pub fn resolve(&self, vblock: u64) -> (Option<Loc>, u64) {
-        let total = self.size.div_ceil(self.bs);
+    /// Where block `vblock` lives and where that run ends (looking no further than `limit`):
+    /// the top's map first, then the stack's per-block table. Two lookups, whatever the depth.
+    pub fn resolve(&self, vblock: u64, limit: u64) -> (Option<Loc>, u64) {
         match self.top.lookup(vblock) {
-            Ok(e) => (Some(e.loc), e.end),
-            Err(next_top) => {
-                let next_top = next_top.unwrap_or(total);
-                match self.stack.lookup(vblock) {
-                    Ok(e) => (Some(e.loc), e.end.min(next_top)),
-                    Err(next) => (None, next.unwrap_or(total).min(next_top)),
-                }
-            }
+            Ok(e) => (Some(e.loc), e.end.min(limit)),
+            Err(next_top) => self.stack.lookup(vblock, next_top.unwrap_or(limit).min(limit)),
         }
     }
 
@@ -202,7 +195,7 @@ impl Disk {
         while done < buf.len() {
             let pos = offset + done as u64;
             let (vblock, within) = (pos / self.bs, pos % self.bs);
-            let (loc, end) = self.resolve(vblock);
+            let (loc, end) = self.resolve(vblock, (offset + buf.len() as u64).div_ceil(self.bs));
             let n = ((end * self.bs - pos) as usize).min(buf.len() - done);
             let out = &mut buf[done..done + n];
             match loc {
@@ -212,7 +205,7 @@ impl Disk {
                     }
                 }
                 Some(l) if l.kind == ExtentKind::Data => {
-                    self.stack.layers()[l.layer as usize].read(l.pblock, within, out)?;
+                    self.stack.read_run(vblock, l, within, out)?;
                 }
                 _ => out.fill(0),
             }
@@ -290,7 +283,7 @@ impl Disk {
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
-            let (loc, run_end) = self.resolve(pos / self.bs);
+            let (loc, run_end) = self.resolve(pos / self.bs, end.div_ceil(self.bs));
             let stop = (run_end * self.bs).min(end);
             let (kind, layer) = match loc {
                 None => (RunKind::Hole, None),

@@ -175,6 +175,98 @@ impl FrozenMap {
     }
 }
 
+/// Blocks per leaf of a [`BlockTable`] (32 KiB of entries).
+const LEAF_SHIFT: u32 = 12;
+const LEAF: usize = 1 << LEAF_SHIFT;
+const PBLOCK_BITS: u32 = 42;
+const KIND_SHIFT: u32 = PBLOCK_BITS;
+const LAYER_SHIFT: u32 = 44;
+/// Most layers a table can address (20 bits, less the "unmapped" value).
+pub const MAX_TABLE_LAYERS: u32 = (1 << (64 - LAYER_SHIFT)) - 2;
+
+/// The per-block form of a frozen map: one 8-byte entry per virtual block (layer + 1, kind and
+/// physical block packed; 0 = unmapped), in leaves of 4,096 blocks allocated only where some
+/// layer maps a block. A lookup is two dependent loads, the same at any depth and for any
+/// number of runs; reading on through a run is a scan of neighbouring entries.
+#[derive(Debug, Default)]
+pub struct BlockTable {
+    leaves: Vec<Option<Box<[u64]>>>,
+}
+
+fn encode(loc: Loc) -> u64 {
+    ((u64::from(loc.layer) + 1) << LAYER_SHIFT) | ((loc.kind as u64) << KIND_SHIFT) | loc.pblock
+}
+
+fn decode(v: u64) -> Option<Loc> {
+    if v == 0 {
+        return None;
+    }
+    let kind = match (v >> KIND_SHIFT) & 3 {
+        1 => ExtentKind::Data,
+        2 => ExtentKind::Zero,
+        _ => ExtentKind::Discarded,
+    };
+    Some(Loc { layer: ((v >> LAYER_SHIFT) - 1) as u32, kind, pblock: v & ((1 << PBLOCK_BITS) - 1) })
+}
+
+impl BlockTable {
+    /// Builds the table of `map` for a disk of `blocks` blocks. Layers must be below
+    /// [`MAX_TABLE_LAYERS`] and physical blocks below 2^42 (the format caps them at 2^40).
+    pub fn new(map: &FrozenMap, blocks: u64) -> BlockTable {
+        let mut leaves: Vec<Option<Box<[u64]>>> = Vec::new();
+        leaves.resize_with(blocks.div_ceil(LEAF as u64) as usize, || None);
+        for run in map.iter() {
+            debug_assert!(run.loc.layer <= MAX_TABLE_LAYERS && run.loc.pblock < 1 << PBLOCK_BITS);
+            let mut v = encode(run.loc);
+            for b in run.start..run.end.min(blocks) {
+                let leaf = leaves[(b >> LEAF_SHIFT) as usize].get_or_insert_with(|| vec![0u64; LEAF].into_boxed_slice());
+                leaf[(b as usize) & (LEAF - 1)] = v;
+                if run.loc.kind == ExtentKind::Data {
+                    v += 1;
+                }
+            }
+        }
+        BlockTable { leaves }
+    }
+
+    fn entry(&self, block: u64) -> u64 {
+        match self.leaves.get((block >> LEAF_SHIFT) as usize) {
+            Some(Some(leaf)) => leaf[(block as usize) & (LEAF - 1)],
+            _ => 0,
+        }
+    }
+
+    /// Where `block` lives, and the end of that run (or of the unmapped gap), looking no
+    /// further than `limit`.
+    pub fn lookup(&self, block: u64, limit: u64) -> (Option<Loc>, u64) {
+        let first = self.entry(block);
+        let step = u64::from(decode(first).is_some_and(|l| l.kind == ExtentKind::Data));
+        let (mut end, mut want) = (block + 1, first + step);
+        while end < limit {
+            // A whole unmapped leaf is skipped at once.
+            if first == 0 && (end as usize) & (LEAF - 1) == 0 && self.entry_leaf_empty(end) {
+                end = (end + LEAF as u64).min(limit);
+                continue;
+            }
+            if self.entry(end) != want {
+                break;
+            }
+            end += 1;
+            want += step;
+        }
+        (decode(first), end)
+    }
+
+    fn entry_leaf_empty(&self, block: u64) -> bool {
+        !matches!(self.leaves.get((block >> LEAF_SHIFT) as usize), Some(Some(_)))
+    }
+
+    /// Bytes of entries held.
+    pub fn memory(&self) -> usize {
+        self.leaves.iter().flatten().count() * LEAF * 8 + self.leaves.len() * 8
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,5 +336,30 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn block_table_agrees_with_the_runs() {
+        let mut m = ExtentMap::new();
+        m.insert(3, 9000, data(1, 50));
+        m.insert(100, 105, Loc { layer: 0, kind: ExtentKind::Zero, pblock: 0 });
+        m.insert(20000, 20002, data(7, 1 << 39));
+        let frozen = m.freeze();
+        let t = BlockTable::new(&frozen, 20003);
+        let limit = 20003;
+        let mut b = 0;
+        while b < limit {
+            let (loc, end) = t.lookup(b, limit);
+            assert!(end > b && end <= limit);
+            for k in b..end {
+                assert_eq!(m.get(k).map(|e| e.loc), loc.map(|l| l.advance(k - b)), "block {k}");
+            }
+            if end < limit {
+                let next = m.get(end).map(|e| e.loc);
+                assert_ne!(next, loc.map(|l| l.advance(end - b)), "run should not end at {end}");
+            }
+            b = end;
+        }
+        assert_eq!(t.lookup(5, 7), (Some(data(1, 52)), 7), "the limit bounds the scan");
     }
 }

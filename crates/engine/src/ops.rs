@@ -196,15 +196,11 @@ pub fn import_raw(src: &Path, opts: &ImportOptions, progress: Progress) -> Resul
             let hole_end = (data_at / bsz).min(blocks);
             let mut b = vb;
             while b < hole_end {
-                match stack.lookup(b) {
-                    Ok(e) if e.loc.kind == ExtentKind::Data => {
-                        let end = e.end.min(hole_end);
-                        w.push_marker(b, end - b, ExtentKind::Zero).map_err(werr)?;
-                        b = end;
-                    }
-                    Ok(e) => b = e.end.min(hole_end),
-                    Err(next) => b = next.unwrap_or(hole_end).min(hole_end),
+                let (loc, end) = stack.lookup(b, hole_end);
+                if loc.is_some_and(|l| l.kind == ExtentKind::Data) {
+                    w.push_marker(b, end - b, ExtentKind::Zero).map_err(werr)?;
                 }
+                b = end;
             }
             vb = hole_end;
             progress(vb * bsz, size);

@@ -3,15 +3,17 @@
 //!
 //! Owns: opening the layers of a manifest, checking that each one was made on exactly the
 //! stack below it, and building the flattened map (every layer's extents inserted bottom to
-//! top, once). A lookup is then one bisection of that map, whatever the depth. Does not own:
+//! top, once) and its per-block table. A lookup is then two loads from that table, whatever the
+//! depth and however fragmented the map. Does not own:
 //! the writable top (see `top`) or the byte-level read path (see `disk`).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use mcow_format::Digest;
 
 use crate::error::{Error, Result};
-use crate::extent_map::{Extent, ExtentMap, FrozenMap, Loc};
+use crate::extent_map::{BlockTable, Extent, ExtentMap, FrozenMap, Loc, MAX_TABLE_LAYERS};
 use crate::layer::SealedLayer;
 use crate::store::LayerStore;
 
@@ -21,6 +23,11 @@ pub struct Stack {
     pub block_size: u32,
     layers: Vec<Arc<SealedLayer>>,
     map: FrozenMap,
+    table: BlockTable,
+    /// One bit per virtual block: its visible block has passed its hash check. Checked on the
+    /// read path instead of the owning layer's own bitmap, so the hot path touches one small
+    /// bitmap whatever the depth.
+    verified: Vec<AtomicU64>,
     chain: Digest,
 }
 
@@ -37,6 +44,9 @@ impl Stack {
         let mut layers = Vec::with_capacity(digests.len());
         let mut map = ExtentMap::new();
         let mut chain = Digest::ZERO;
+        if digests.len() > MAX_TABLE_LAYERS as usize {
+            return Err(Error::Invalid(format!("a stack holds at most {MAX_TABLE_LAYERS} layers")));
+        }
         for (i, digest) in digests.iter().enumerate() {
             let (layer, index) = store.open_layer(digest, verify)?;
             if layer.header.parent != chain {
@@ -69,12 +79,24 @@ impl Stack {
             chain = next_chain(&chain, digest);
             layers.push(Arc::new(layer));
         }
-        Ok(Stack { virtual_size, block_size, layers, map: map.freeze(), chain })
+        let map = map.freeze();
+        let blocks = virtual_size.div_ceil(u64::from(block_size));
+        let table = BlockTable::new(&map, blocks);
+        let verified = (0..blocks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        Ok(Stack { virtual_size, block_size, layers, map, table, verified, chain })
     }
 
     /// An empty stack (a disk with no sealed layers).
     pub fn empty(virtual_size: u64, block_size: u32) -> Stack {
-        Stack { virtual_size, block_size, layers: Vec::new(), map: FrozenMap::default(), chain: Digest::ZERO }
+        Stack {
+            virtual_size,
+            block_size,
+            layers: Vec::new(),
+            map: FrozenMap::default(),
+            table: BlockTable::default(),
+            verified: Vec::new(),
+            chain: Digest::ZERO,
+        }
     }
 
     /// Chain digest of the whole stack: what a layer made on top of it records as its parent.
@@ -95,22 +117,51 @@ impl Stack {
         self.map.len()
     }
 
-    /// The run holding `block`, or else the first mapped block after it.
-    pub fn lookup(&self, block: u64) -> Result<Extent, Option<u64>> {
-        self.map.lookup(block)
+    /// Where `block` lives in the stack (`None`: no layer holds it) and the end of that run
+    /// (or gap), looking no further than `limit`.
+    pub fn lookup(&self, block: u64, limit: u64) -> (Option<Loc>, u64) {
+        self.table.lookup(block, limit)
+    }
+
+    /// Bytes held by the per-block table.
+    pub fn table_memory(&self) -> usize {
+        self.table.memory()
     }
 
     pub fn extents(&self) -> impl Iterator<Item = &Extent> {
         self.map.iter()
     }
 
+    /// Reads `buf` from the data run that starts at virtual block `vblock` at `loc` (as returned
+    /// by [`Stack::lookup`]), `offset` bytes in. Blocks not yet checked are checked against
+    /// their hashes first.
+    pub fn read_run(&self, vblock: u64, loc: Loc, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let layer = &self.layers[loc.layer as usize];
+        if !layer.verifies() {
+            return layer.read_trusted(loc.pblock, offset, buf);
+        }
+        let bs = u64::from(self.block_size);
+        let (first, last) = (vblock + offset / bs, vblock + (offset + buf.len() as u64 - 1) / bs);
+        let bit = |b: u64| (&self.verified[(b / 64) as usize], 1u64 << (b % 64));
+        if (first..=last).all(|b| {
+            let (w, m) = bit(b);
+            w.load(Ordering::Relaxed) & m != 0
+        }) {
+            return layer.read_trusted(loc.pblock, offset, buf);
+        }
+        layer.read(loc.pblock, offset, buf)?;
+        for b in first..=last {
+            let (w, m) = bit(b);
+            w.fetch_or(m, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     /// Reads what the stack holds at virtual block `vblock`, `offset` bytes in, into `buf`
     /// (which must not run past the block). Unmapped, zero and discarded blocks read as zeros.
     pub fn read_block(&self, vblock: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
-        match self.map.lookup(vblock) {
-            Ok(e) if e.loc.kind == mcow_format::ExtentKind::Data => {
-                self.layers[e.loc.layer as usize].read(e.loc.pblock, offset, buf)
-            }
+        match self.table.lookup(vblock, vblock + 1).0 {
+            Some(loc) if loc.kind == mcow_format::ExtentKind::Data => self.read_run(vblock, loc, offset, buf),
             _ => {
                 buf.fill(0);
                 Ok(())

@@ -168,7 +168,7 @@ fn every_flipped_byte_in_a_sealed_layer_is_detected() {
                             );
                             let pb = (off - HEADER_SIZE as u64) / BS;
                             let visible = (0..SIZE / BS).any(|vb| {
-                                matches!(d.resolve(vb).0, Some(l) if l.layer == i as u32
+                                matches!(d.resolve(vb, vb + 1).0, Some(l) if l.layer == i as u32
                                     && l.kind == ExtentKind::Data && l.pblock == pb)
                             });
                             assert!(!visible, "layer {i} byte {off}: flip in visible block {pb} unnoticed");

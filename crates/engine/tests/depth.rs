@@ -143,7 +143,7 @@ fn stack_of_4096_layers_reads_right_and_opens_within_1024_files() {
     let mut samples: Vec<u64> = (0..300).map(|_| rng.below(DEPTH)).collect();
     samples.extend([0, 1, 2, 3, DEPTH - 2, DEPTH - 1]);
     for &b in &samples {
-        let (loc, _) = d.resolve(b);
+        let (loc, _) = d.resolve(b, b + 1);
         let loc = loc.unwrap_or_else(|| panic!("block {b} unmapped"));
         assert_eq!(u64::from(loc.layer), owner(b), "block {b} resolves to the wrong layer");
         assert!(read_block(&d, b) == expected(b), "block {b}");
@@ -186,7 +186,7 @@ fn stack_of_4096_layers_reads_right_and_opens_within_1024_files() {
     eprintln!("sealed onto {DEPTH} layers in {:?}", t.elapsed());
     let d = Disk::open(&dir, OpenOptions::default()).unwrap();
     assert_eq!(d.stack().depth(), DEPTH as usize + 1);
-    assert_eq!(u64::from(d.resolve(9).0.unwrap().layer), DEPTH);
+    assert_eq!(u64::from(d.resolve(9, 10).0.unwrap().layer), DEPTH);
     assert!(
         read_block(&d, 9) == want9 && read_block(&d, 5) == top_block() && read_block(&d, 6) == expected(6)
     );
