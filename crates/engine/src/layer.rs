@@ -29,8 +29,6 @@ pub struct SealedLayer {
     verified: Vec<AtomicU64>,
     verify: bool,
     file: FileSlot,
-    /// The data region mapped read-only, when mapping works (else reads use `pread`).
-    data: Option<memmap2::Mmap>,
 }
 
 /// What `SealedLayer::open` reads besides the layer itself: its extents, used once to build the
@@ -49,7 +47,6 @@ impl SealedLayer {
         let f = file.get(path)?;
         let (header, trailer, index, hashes) = read_structure(&f, path)?;
         let words = (trailer.block_count as usize).div_ceil(64);
-        let data = map_data(&f, &header, &trailer);
         let layer = SealedLayer {
             digest,
             path: path.to_path_buf(),
@@ -59,7 +56,6 @@ impl SealedLayer {
             verified: (0..words).map(|_| AtomicU64::new(0)).collect(),
             verify,
             file,
-            data,
         };
         Ok((layer, index))
     }
@@ -108,25 +104,20 @@ impl SealedLayer {
             return self.read_trusted(pblock, offset, buf);
         }
         // Slow path, once per block: check whole blocks, copy out the asked-for part.
-        let mut block = Vec::new();
+        let mut block = vec![0u8; bs as usize];
+        let f = self.file.get(&self.path)?;
         let mut done = 0usize;
         let mut at = pblock * bs + offset; // offset within the data region
         while done < buf.len() {
             let (pb, within) = (at / bs, (at % bs) as usize);
             let n = (bs as usize - within).min(buf.len() - done);
-            if !self.is_verified(pb) {
-                let whole = match &self.data {
-                    Some(map) => &map[(pb * bs) as usize..((pb + 1) * bs) as usize],
-                    None => {
-                        block.resize(bs as usize, 0);
-                        let f = self.file.get(&self.path)?;
-                        read_exact_at(&f, &mut block, HEADER_SIZE as u64 + pb * bs, &self.path)?;
-                        &block[..]
-                    }
-                };
-                self.check_block(pb, whole)?;
+            if self.is_verified(pb) {
+                read_exact_at(&f, &mut buf[done..done + n], HEADER_SIZE as u64 + at, &self.path)?;
+            } else {
+                read_exact_at(&f, &mut block, HEADER_SIZE as u64 + pb * bs, &self.path)?;
+                self.check_block(pb, &block)?;
+                buf[done..done + n].copy_from_slice(&block[within..within + n]);
             }
-            self.read_trusted(pb, within as u64, &mut buf[done..done + n])?;
             done += n;
             at += n as u64;
         }
@@ -135,17 +126,25 @@ impl SealedLayer {
 
     /// Reads without checking hashes: for blocks already verified (or with verification off).
     pub(crate) fn read_trusted(&self, pblock: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let start = pblock * self.block_size() + offset;
-        match &self.data {
-            Some(map) => {
-                buf.copy_from_slice(&map[start as usize..start as usize + buf.len()]);
-                Ok(())
-            }
-            None => {
-                let f = self.file.get(&self.path)?;
-                read_exact_at(&f, buf, HEADER_SIZE as u64 + start, &self.path)
-            }
+        let f = self.file.get(&self.path)?;
+        read_exact_at(&f, buf, HEADER_SIZE as u64 + pblock * self.block_size() + offset, &self.path)
+    }
+
+    /// Maps the layer's data region read-only (physical block `p` at `p * block_size`).
+    /// `None` for a layer without data or where mapping fails (then reads use `pread`).
+    pub(crate) fn map_data(&self) -> Option<memmap2::Mmap> {
+        let len = usize::try_from(self.trailer.block_count.checked_mul(self.block_size())?).ok()?;
+        if len == 0 {
+            return None;
         }
+        let f = self.file.get(&self.path).ok()?;
+        // SAFETY: a sealed layer is immutable: mcow never writes, truncates or replaces a
+        // sealed layer file in place (new layers get new names), and its length was checked
+        // against its trailer at open, so the whole mapped range exists. Another process
+        // truncating the file while it is mapped would make reads fault (SIGBUS);
+        // docs/FORMAT.md says sealed layers must not be modified.
+        let map = unsafe { memmap2::MmapOptions::new().offset(HEADER_SIZE as u64).len(len).map(&*f) };
+        map.ok()
     }
 
     /// Whether reads check block hashes.
@@ -162,22 +161,6 @@ impl SealedLayer {
         self.mark_verified(pblock);
         Ok(())
     }
-}
-
-/// Maps a sealed layer's data region read-only. `None` (reads fall back to `pread`) for a layer
-/// without data or where mapping fails.
-fn map_data(f: &File, header: &LayerHeader, trailer: &Trailer) -> Option<memmap2::Mmap> {
-    let len = usize::try_from(trailer.block_count.checked_mul(u64::from(header.block_size))?).ok()?;
-    if len == 0 {
-        return None;
-    }
-    // SAFETY: a sealed layer is immutable: mcow never writes, truncates or replaces a sealed
-    // layer file in place (new layers get new names), and its length was just checked against
-    // its trailer, so the whole mapped range exists. Another process truncating the file while
-    // it is mapped would make reads fault (SIGBUS); docs/FORMAT.md says sealed layers must not
-    // be modified.
-    let map = unsafe { memmap2::MmapOptions::new().offset(HEADER_SIZE as u64).len(len).map(f) };
-    map.ok()
 }
 
 fn read_exact_at(f: &File, buf: &mut [u8], pos: u64, path: &Path) -> Result<()> {
