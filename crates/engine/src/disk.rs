@@ -108,7 +108,23 @@ impl Disk {
     /// Opens a disk directory.
     pub fn open(dir: &Path, opts: OpenOptions) -> Result<Disk> {
         let manifest = read_manifest(dir)?;
-        let store = LayerStore::new(resolve_store(dir, &manifest));
+        Self::open_in(dir, opts, manifest.clone(), LayerStore::new(resolve_store(dir, &manifest)))
+    }
+
+    /// Opens a disk whose layers may be partial, fetching missing blocks from `source` at most
+    /// `window` blocks at a time.
+    pub fn open_with_source(
+        dir: &Path,
+        opts: OpenOptions,
+        source: std::sync::Arc<dyn crate::layer::BlockSource>,
+        window: u64,
+    ) -> Result<Disk> {
+        let manifest = read_manifest(dir)?;
+        let store = LayerStore::new(resolve_store(dir, &manifest)).with_source(source, window);
+        Self::open_in(dir, opts, manifest, store)
+    }
+
+    fn open_in(dir: &Path, opts: OpenOptions, manifest: DiskManifest, store: LayerStore) -> Result<Disk> {
         let stack =
             Stack::open(&store, &manifest.layers, manifest.virtual_size, manifest.block_size, opts.verify)?;
         let top_name = manifest.top.clone().ok_or_else(|| {

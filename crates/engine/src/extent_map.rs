@@ -219,7 +219,8 @@ impl BlockTable {
             debug_assert!(run.loc.layer <= MAX_TABLE_LAYERS && run.loc.pblock < 1 << PBLOCK_BITS);
             let mut v = encode(run.loc);
             for b in run.start..run.end.min(blocks) {
-                let leaf = leaves[(b >> LEAF_SHIFT) as usize].get_or_insert_with(|| vec![0u64; LEAF].into_boxed_slice());
+                let leaf = leaves[(b >> LEAF_SHIFT) as usize]
+                    .get_or_insert_with(|| vec![0u64; LEAF].into_boxed_slice());
                 leaf[(b as usize) & (LEAF - 1)] = v;
                 if run.loc.kind == ExtentKind::Data {
                     v += 1;

@@ -8,6 +8,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use mcow_format::{
     BLOCK_HASH_SIZE, Digest, ExtentKind, HEADER_SIZE, INDEX_ENTRY_SIZE, IndexEntry, LayerHeader, LayerKind,
@@ -29,6 +30,27 @@ pub struct SealedLayer {
     verified: Vec<AtomicU64>,
     verify: bool,
     file: FileSlot,
+    /// For a partial (lazily fetched) layer: where missing blocks come from.
+    fetch: Option<Fetcher>,
+}
+
+/// Where the blocks of a sealed layer can be fetched from when its local file does not hold
+/// them yet (a registry, an HTTP server, object storage). The engine asks for byte ranges of the
+/// layer file, checks every block against its hash before it keeps or serves it, and writes the
+/// good blocks into the local file, which thereby becomes a cache.
+pub trait BlockSource: Send + Sync {
+    /// Reads exactly `len` bytes at `offset` of the sealed layer `layer` (offsets as in the
+    /// layer file).
+    fn read_range(&self, layer: &Digest, offset: u64, len: u64) -> std::io::Result<Vec<u8>>;
+}
+
+/// How a partial layer fetches: the source, the fetch window, a lock that makes concurrent
+/// readers of missing blocks wait for one fetch, and a writable handle on the local file.
+struct Fetcher {
+    source: Arc<dyn BlockSource>,
+    window: u64,
+    lock: Mutex<()>,
+    writer: OnceLock<File>,
 }
 
 /// What `SealedLayer::open` reads besides the layer itself: its extents, used once to build the
@@ -56,8 +78,100 @@ impl SealedLayer {
             verified: (0..words).map(|_| AtomicU64::new(0)).collect(),
             verify,
             file,
+            fetch: None,
         };
         Ok((layer, index))
+    }
+
+    /// Makes this a partial layer whose missing blocks are fetched from `source`, `window`
+    /// blocks at a time at most. Blocks already in the local file are found by their hashes, so
+    /// nothing is fetched twice, across restarts too.
+    pub(crate) fn set_source(&mut self, source: Arc<dyn BlockSource>, window: u64) {
+        self.verify = true; // a partial layer's local bytes are only trusted once checked
+        self.fetch =
+            Some(Fetcher { source, window: window.max(1), lock: Mutex::new(()), writer: OnceLock::new() });
+    }
+
+    /// True for a layer whose blocks may be fetched from a source.
+    pub fn is_partial(&self) -> bool {
+        self.fetch.is_some()
+    }
+
+    /// Checks stored block `pblock` in the local file; if it is wrong (or missing) and the layer
+    /// is partial, fetches it and the following missing blocks (up to the fetch window), checks
+    /// each against its hash, and writes the good ones into the local file. An error leaves the
+    /// local file holding only checked blocks.
+    fn ensure_block(&self, f: &File, pblock: u64, block: &mut [u8]) -> Result<()> {
+        let bs = self.block_size();
+        read_exact_at(f, block, HEADER_SIZE as u64 + pblock * bs, &self.path)?;
+        let Some(fetch) = &self.fetch else {
+            return self.check_block(pblock, block);
+        };
+        if Digest::of(block) == self.hashes[pblock as usize] {
+            self.mark_verified(pblock);
+            return Ok(());
+        }
+        let _one_fetch = fetch.lock.lock().unwrap_or_else(|p| p.into_inner());
+        // Another reader may have fetched it while we waited.
+        read_exact_at(f, block, HEADER_SIZE as u64 + pblock * bs, &self.path)?;
+        if Digest::of(block) == self.hashes[pblock as usize] {
+            self.mark_verified(pblock);
+            return Ok(());
+        }
+        // Extend the window over following blocks that are not in the local file either.
+        let mut count = 1;
+        let mut probe = vec![0u8; bs as usize];
+        while count < fetch.window && pblock + count < self.trailer.block_count {
+            let p = pblock + count;
+            if self.is_verified(p) {
+                break;
+            }
+            read_exact_at(f, &mut probe, HEADER_SIZE as u64 + p * bs, &self.path)?;
+            if Digest::of(&probe) == self.hashes[p as usize] {
+                self.mark_verified(p);
+                break;
+            }
+            count += 1;
+        }
+        let offset = HEADER_SIZE as u64 + pblock * bs;
+        let bytes = fetch.source.read_range(&self.digest, offset, count * bs).map_err(|e| {
+            tracing::error!(layer = %self.digest, offset, len = count * bs, error = %e, "fetching blocks failed");
+            Error::io("fetch", &self.path)(e)
+        })?;
+        if bytes.len() as u64 != count * bs {
+            tracing::error!(layer = %self.digest, offset, got = bytes.len(), "short fetch");
+            return Err(Error::io("fetch", &self.path)(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("fetched {} bytes, expected {}", bytes.len(), count * bs),
+            )));
+        }
+        let writer = match fetch.writer.get() {
+            Some(w) => w,
+            None => {
+                let w = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&self.path)
+                    .map_err(Error::io("open", &self.path))?;
+                fetch.writer.get_or_init(|| w)
+            }
+        };
+        for (i, chunk) in bytes.chunks_exact(bs as usize).enumerate() {
+            let p = pblock + i as u64;
+            if Digest::of(chunk) != self.hashes[p as usize] {
+                tracing::error!(layer = %self.digest, pblock = p, "fetched block fails its checksum: not cached");
+                if p == pblock {
+                    return Err(Error::BlockChecksum { path: self.path.clone(), pblock: p });
+                }
+                break; // keep what came before it
+            }
+            use std::os::unix::fs::FileExt;
+            writer
+                .write_all_at(chunk, HEADER_SIZE as u64 + p * bs)
+                .map_err(Error::io("write", &self.path))?;
+            self.mark_verified(p);
+        }
+        block.copy_from_slice(&bytes[..bs as usize]);
+        Ok(())
     }
 
     pub fn block_size(&self) -> u64 {
@@ -114,8 +228,7 @@ impl SealedLayer {
             if self.is_verified(pb) {
                 read_exact_at(&f, &mut buf[done..done + n], HEADER_SIZE as u64 + at, &self.path)?;
             } else {
-                read_exact_at(&f, &mut block, HEADER_SIZE as u64 + pb * bs, &self.path)?;
-                self.check_block(pb, &block)?;
+                self.ensure_block(&f, pb, &mut block)?;
                 buf[done..done + n].copy_from_slice(&block[within..within + n]);
             }
             done += n;

@@ -15,43 +15,149 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use mcow_format::Digest;
 
 use crate::error::{Error, Result};
-use crate::layer::{LayerIndex, SealedLayer};
+use crate::layer::{BlockSource, LayerIndex, SealedLayer};
 
 /// A directory of sealed layers.
 #[derive(Clone)]
 pub struct LayerStore {
     root: PathBuf,
     pool: Arc<FilePool>,
+    source: Option<(Arc<dyn BlockSource>, u64)>,
 }
 
 impl LayerStore {
     pub fn new(root: impl Into<PathBuf>) -> LayerStore {
-        LayerStore { root: root.into(), pool: FilePool::shared() }
+        LayerStore { root: root.into(), pool: FilePool::shared(), source: None }
     }
 
     pub fn root(&self) -> &Path {
         &self.root
     }
 
-    /// Where the layer with this digest is (or would be) stored.
+    /// Where the complete layer with this digest is (or would be) stored.
     pub fn layer_path(&self, digest: &Digest) -> PathBuf {
         self.root.join("blobs").join("sha256").join(digest.hex())
     }
 
+    /// Where a partial (lazily fetched) copy of the layer is kept: a file of the layer's full
+    /// length whose header, index, hash table and trailer are present and checked, and whose
+    /// data blocks arrive as they are read.
+    pub fn partial_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("partial").join("sha256").join(digest.hex())
+    }
+
+    /// True if the complete layer is in the store.
     pub fn contains(&self, digest: &Digest) -> bool {
         self.layer_path(digest).is_file()
+    }
+
+    /// Layers found only as partial copies are opened with this source of missing blocks,
+    /// fetched `window` blocks at a time at most.
+    pub fn with_source(mut self, source: Arc<dyn BlockSource>, window: u64) -> LayerStore {
+        self.source = Some((source, window));
+        self
     }
 
     /// Opens and checks the sealed layer `digest` (see [`SealedLayer::open`]).
     pub fn open_layer(&self, digest: &Digest, verify: bool) -> Result<(SealedLayer, LayerIndex)> {
         let path = self.layer_path(digest);
-        if !path.exists() {
-            return Err(Error::Invalid(format!(
-                "layer {digest} is not in the store {}",
+        if path.exists() {
+            return SealedLayer::open(&path, *digest, FileSlot::new(&self.pool), verify);
+        }
+        let partial = self.partial_path(digest);
+        match &self.source {
+            Some((source, window)) if partial.exists() => {
+                let (mut layer, index) =
+                    SealedLayer::open(&partial, *digest, FileSlot::new(&self.pool), true)?;
+                layer.set_source(source.clone(), *window);
+                Ok((layer, index))
+            }
+            _ if partial.exists() => Err(Error::Invalid(format!(
+                "layer {digest} is only partly in the store {} and no source to fetch the rest from was given",
                 self.root.display()
+            ))),
+            _ => Err(Error::Invalid(format!("layer {digest} is not in the store {}", self.root.display()))),
+        }
+    }
+
+    /// Adds a partial copy of layer `digest`, `len` bytes long, from its header (the first 4096
+    /// bytes) and its tail (everything from the extent index to the end). Both are checked: the
+    /// header decodes as a sealed layer's, the trailer's counts give exactly `len`, the index
+    /// hashes to the trailer's index digest, which must equal `index_digest` (from a pinned
+    /// manifest). Data blocks are then fetched on demand (see [`LayerStore::with_source`]).
+    pub fn add_partial(
+        &self,
+        digest: &Digest,
+        len: u64,
+        header: &[u8],
+        tail: &[u8],
+        index_digest: &Digest,
+    ) -> Result<PathBuf> {
+        use mcow_format::{HEADER_SIZE, LayerHeader, TRAILER_SIZE, Trailer};
+        let dest = self.partial_path(digest);
+        let bad = |why: String| Error::Invalid(format!("layer {digest}: {why}"));
+        let h = LayerHeader::decode(header).map_err(|e| bad(format!("header: {e}")))?;
+        if tail.len() < TRAILER_SIZE {
+            return Err(bad("tail is shorter than a trailer".into()));
+        }
+        let t =
+            Trailer::decode(&tail[tail.len() - TRAILER_SIZE..]).map_err(|e| bad(format!("trailer: {e}")))?;
+        if t.file_len(h.block_size) != len || t.index_len() + TRAILER_SIZE as u64 != tail.len() as u64 {
+            return Err(bad(format!(
+                "trailer implies {} bytes, the blob has {len}",
+                t.file_len(h.block_size)
             )));
         }
-        SealedLayer::open(&path, *digest, FileSlot::new(&self.pool), verify)
+        let actual = Digest::of(&tail[..tail.len() - TRAILER_SIZE]);
+        if actual != t.index_digest || actual != *index_digest {
+            return Err(bad(format!("index digest is {actual}, expected {index_digest}")));
+        }
+        let tmp = self.root.join("tmp");
+        fs::create_dir_all(&tmp).map_err(Error::io("create directory", &tmp))?;
+        let tmp_path = tmp.join(format!("partial-{}-{}.tmp", digest.short(), std::process::id()));
+        let f = File::create(&tmp_path).map_err(Error::io("create", &tmp_path))?;
+        use std::os::unix::fs::FileExt;
+        f.set_len(len)
+            .and_then(|_| f.write_all_at(&header[..HEADER_SIZE], 0))
+            .and_then(|_| f.write_all_at(tail, len - tail.len() as u64))
+            .and_then(|_| f.sync_all())
+            .map_err(Error::io("write", &tmp_path))?;
+        let dir = dest.parent().expect("partial path has a parent");
+        fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
+        fs::rename(&tmp_path, &dest).map_err(Error::io("rename", &tmp_path))?;
+        sync_dir(dir)?;
+        // The structure must open (index rules, lengths) before anyone relies on it.
+        if let Err(e) = SealedLayer::open(&dest, *digest, FileSlot::new(&self.pool), true) {
+            let _ = fs::remove_file(&dest);
+            return Err(e);
+        }
+        Ok(dest)
+    }
+
+    /// If the partial copy of `digest` now hashes to its digest (every block fetched), moves it
+    /// to the complete layers; returns whether it did.
+    pub fn complete_partial(&self, digest: &Digest) -> Result<bool> {
+        let partial = self.partial_path(digest);
+        let mut f = File::open(&partial).map_err(Error::io("open", &partial))?;
+        let mut hasher = mcow_format::Sha256Stream::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            use std::io::Read;
+            let n = f.read(&mut buf).map_err(Error::io("read", &partial))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        if hasher.finish() != *digest {
+            return Ok(false);
+        }
+        let dest = self.layer_path(digest);
+        let dir = dest.parent().expect("blob path has a parent");
+        fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
+        fs::rename(&partial, &dest).map_err(Error::io("rename", &partial))?;
+        sync_dir(dir)?;
+        Ok(true)
     }
 
     /// Starts a new layer file in the store's `tmp/` directory.
