@@ -160,6 +160,41 @@ impl LayerStore {
         Ok(true)
     }
 
+    /// Moves a downloaded layer file at `tmp` (inside this store's `tmp/` directory) into the
+    /// store as layer `digest`, after checking that its bytes hash to that digest.
+    pub fn adopt(&self, tmp: &Path, digest: &Digest) -> Result<PathBuf> {
+        let mut f = File::open(tmp).map_err(Error::io("open", tmp))?;
+        let mut hasher = mcow_format::Sha256Stream::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            use std::io::Read;
+            let n = f.read(&mut buf).map_err(Error::io("read", tmp))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        let actual = hasher.finish();
+        if actual != *digest {
+            let _ = fs::remove_file(tmp);
+            return Err(Error::LayerDigest { path: tmp.to_path_buf(), expected: *digest, actual });
+        }
+        f.sync_all().map_err(Error::io("sync", tmp))?;
+        let dest = self.layer_path(digest);
+        let dir = dest.parent().expect("blob path has a parent");
+        fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
+        fs::rename(tmp, &dest).map_err(Error::io("rename", tmp))?;
+        sync_dir(dir)?;
+        Ok(dest)
+    }
+
+    /// The store's directory for files being written (created if missing).
+    pub fn tmp_dir(&self) -> Result<PathBuf> {
+        let tmp = self.root.join("tmp");
+        fs::create_dir_all(&tmp).map_err(Error::io("create directory", &tmp))?;
+        Ok(tmp)
+    }
+
     /// Starts a new layer file in the store's `tmp/` directory.
     pub fn begin_layer(&self) -> Result<PendingLayer> {
         static SEQ: AtomicU64 = AtomicU64::new(0);

@@ -1,0 +1,61 @@
+//! The remote crate's error type.
+
+use std::path::PathBuf;
+
+use mcow_format::Digest;
+
+pub type Result<T, E = RemoteError> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RemoteError {
+    #[error("invalid reference {reference:?}: {reason}")]
+    Reference { reference: String, reason: String },
+    #[error("{what} not found at {location}")]
+    NotFound { what: String, location: String },
+    #[error("{method} {url}: HTTP {status}{}", if body.is_empty() { String::new() } else { format!(": {body}") })]
+    Http { method: &'static str, url: String, status: u16, body: String },
+    #[error("{method} {url}: {reason}")]
+    Transport { method: &'static str, url: String, reason: String },
+    #[error("{what}: expected {expected}, got {actual}")]
+    DigestMismatch { what: String, expected: Digest, actual: Digest },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{} is read-only", .0)]
+    ReadOnly(String),
+    #[error("{op} {}: {err}", path.display())]
+    Io { op: &'static str, path: PathBuf, err: std::io::Error },
+    #[error(transparent)]
+    Engine(#[from] mcow_engine::Error),
+}
+
+impl RemoteError {
+    /// Whether trying again may succeed (network trouble, server errors, short bodies).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RemoteError::Transport { .. } => true,
+            RemoteError::Http { status, .. } => *status >= 500 || *status == 429 || *status == 408,
+            _ => false,
+        }
+    }
+
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> RemoteError {
+        let path = path.into();
+        move |err| RemoteError::Io { op, path, err }
+    }
+}
+
+impl From<RemoteError> for std::io::Error {
+    fn from(e: RemoteError) -> std::io::Error {
+        let kind = match &e {
+            RemoteError::NotFound { .. } => std::io::ErrorKind::NotFound,
+            RemoteError::Io { err, .. } => err.kind(),
+            RemoteError::Transport { .. } => std::io::ErrorKind::TimedOut,
+            _ => std::io::ErrorKind::Other,
+        };
+        std::io::Error::new(kind, e)
+    }
+}

@@ -1,0 +1,104 @@
+//! A local directory as an object store: the embedded default remote (`file://`).
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{RemoteError, Result};
+use crate::layout::ObjectStore;
+
+pub struct DirStore {
+    root: PathBuf,
+}
+
+impl DirStore {
+    pub fn new(root: impl Into<PathBuf>) -> DirStore {
+        DirStore { root: root.into() }
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    /// Writes through a temporary file and a rename, so readers never see a partial object.
+    fn write_atomic(&self, key: &str, fill: impl FnOnce(&mut File) -> std::io::Result<()>) -> Result<()> {
+        let dest = self.path(key);
+        let dir = dest.parent().expect("keys have a parent").to_path_buf();
+        fs::create_dir_all(&dir).map_err(RemoteError::io("create directory", &dir))?;
+        let tmp = dir.join(format!(
+            ".{}.{}.tmp",
+            dest.file_name().unwrap_or_default().to_string_lossy(),
+            std::process::id()
+        ));
+        let mut f = File::create(&tmp).map_err(RemoteError::io("create", &tmp))?;
+        fill(&mut f).and_then(|_| f.sync_all()).map_err(RemoteError::io("write", &tmp))?;
+        fs::rename(&tmp, &dest).map_err(RemoteError::io("rename", &tmp))
+    }
+}
+
+impl ObjectStore for DirStore {
+    fn describe(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+
+    fn exists(&self, key: &str) -> Result<bool> {
+        Ok(self.path(key).is_file())
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        match fs::read(self.path(key)) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(RemoteError::io("read", self.path(key))(e)),
+        }
+    }
+
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let p = self.path(key);
+        let f = File::open(&p).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                RemoteError::NotFound { what: key.to_string(), location: self.describe() }
+            }
+            _ => RemoteError::io("open", &p)(e),
+        })?;
+        let mut buf = vec![0u8; len as usize];
+        f.read_exact_at(&mut buf, offset).map_err(RemoteError::io("read", &p))?;
+        Ok(buf)
+    }
+
+    fn get_to(&self, key: &str, dest: &Path, progress: &mut dyn FnMut(u64)) -> Result<()> {
+        let p = self.path(key);
+        let mut src = File::open(&p).map_err(RemoteError::io("open", &p))?;
+        let mut out = File::create(dest).map_err(RemoteError::io("create", dest))?;
+        copy_with_progress(&mut src, &mut out, progress).map_err(RemoteError::io("copy", &p))
+    }
+
+    fn put_bytes(&self, key: &str, bytes: &[u8]) -> Result<()> {
+        self.write_atomic(key, |f| f.write_all(bytes))
+    }
+
+    fn put_file(&self, key: &str, path: &Path, progress: &mut dyn FnMut(u64)) -> Result<()> {
+        let mut src = File::open(path).map_err(RemoteError::io("open", path))?;
+        self.write_atomic(key, |f| copy_with_progress(&mut src, f, progress))
+    }
+}
+
+/// Copies in 1 MiB steps, reporting the bytes copied so far.
+pub fn copy_with_progress(
+    src: &mut dyn Read,
+    dst: &mut dyn Write,
+    progress: &mut dyn FnMut(u64),
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    loop {
+        let n = src.read(&mut buf)?;
+        if n == 0 {
+            return dst.flush();
+        }
+        dst.write_all(&buf[..n])?;
+        done += n as u64;
+        progress(done);
+    }
+}

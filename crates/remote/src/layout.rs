@@ -1,0 +1,135 @@
+//! An OCI image layout (`oci-layout`, `index.json`, `blobs/sha256/<hex>`) over any object
+//! store: a local directory, a web server, an S3 bucket. Tags are the index's
+//! `org.opencontainers.image.ref.name` annotations. A layout written to a directory can be
+//! served as it is by a web server and read back through `http://`.
+
+use std::path::Path;
+
+use mcow_format::Digest;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{RemoteError, Result};
+use crate::image::{Descriptor, MANIFEST_MEDIA_TYPE};
+use crate::remote::Remote;
+
+/// Keyed object storage, the little a layout needs.
+pub trait ObjectStore: Send + Sync {
+    fn describe(&self) -> String;
+    fn exists(&self, key: &str) -> Result<bool>;
+    /// Small objects; `Ok(None)` if missing.
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    /// Exactly `len` bytes at `offset`.
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>>;
+    fn get_to(&self, key: &str, dest: &Path, progress: &mut dyn FnMut(u64)) -> Result<()>;
+    fn put_bytes(&self, key: &str, bytes: &[u8]) -> Result<()>;
+    fn put_file(&self, key: &str, path: &Path, progress: &mut dyn FnMut(u64)) -> Result<()>;
+}
+
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ImageIndex {
+    schema_version: u32,
+    #[serde(default)]
+    media_type: Option<String>,
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+}
+
+/// A layout on an object store.
+pub struct Layout<S> {
+    store: S,
+}
+
+impl<S: ObjectStore> Layout<S> {
+    pub fn new(store: S) -> Layout<S> {
+        Layout { store }
+    }
+
+    fn blob_key(d: &Digest) -> String {
+        format!("blobs/sha256/{}", d.hex())
+    }
+
+    fn index(&self) -> Result<ImageIndex> {
+        match self.store.get("index.json")? {
+            Some(b) => serde_json::from_slice(&b)
+                .map_err(|e| RemoteError::Invalid(format!("{}: bad index.json: {e}", self.store.describe()))),
+            None => Ok(ImageIndex {
+                schema_version: 2,
+                media_type: Some("application/vnd.oci.image.index.v1+json".into()),
+                manifests: vec![],
+            }),
+        }
+    }
+}
+
+impl<S: ObjectStore> Remote for Layout<S> {
+    fn describe(&self) -> String {
+        self.store.describe()
+    }
+
+    fn has_blob(&self, digest: &Digest) -> Result<bool> {
+        self.store.exists(&Self::blob_key(digest))
+    }
+
+    fn put_blob(&self, digest: &Digest, path: &Path, progress: &mut dyn FnMut(u64)) -> Result<()> {
+        self.store.put_file(&Self::blob_key(digest), path, progress)
+    }
+
+    fn put_blob_bytes(&self, digest: &Digest, bytes: &[u8]) -> Result<()> {
+        self.store.put_bytes(&Self::blob_key(digest), bytes)
+    }
+
+    fn get_blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>> {
+        self.store.get_range(&Self::blob_key(digest), offset, len)
+    }
+
+    fn get_blob(&self, digest: &Digest) -> Result<Vec<u8>> {
+        self.store.get(&Self::blob_key(digest))?.ok_or_else(|| RemoteError::NotFound {
+            what: format!("blob {digest}"),
+            location: self.store.describe(),
+        })
+    }
+
+    fn get_blob_to(&self, digest: &Digest, dest: &Path, progress: &mut dyn FnMut(u64)) -> Result<()> {
+        self.store.get_to(&Self::blob_key(digest), dest, progress)
+    }
+
+    fn put_manifest(&self, tag: &str, bytes: &[u8]) -> Result<()> {
+        let digest = Digest::of(bytes);
+        self.store.put_bytes(&Self::blob_key(&digest), bytes)?;
+        if !self.store.exists("oci-layout")? {
+            self.store.put_bytes("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+        }
+        let mut index = self.index()?;
+        index.manifests.retain(|m| m.annotations.get(REF_NAME).map(String::as_str) != Some(tag));
+        index.manifests.push(Descriptor {
+            media_type: MANIFEST_MEDIA_TYPE.into(),
+            digest,
+            size: bytes.len() as u64,
+            annotations: [(REF_NAME.to_string(), tag.to_string())].into(),
+        });
+        self.store.put_bytes("index.json", &serde_json::to_vec_pretty(&index).expect("index serializes"))
+    }
+
+    fn get_manifest(&self, tag: &str, digest: Option<&Digest>) -> Result<Vec<u8>> {
+        let d = match digest {
+            Some(d) => *d,
+            None => {
+                let index = self.index()?;
+                index
+                    .manifests
+                    .iter()
+                    .rev()
+                    .find(|m| m.annotations.get(REF_NAME).map(String::as_str) == Some(tag))
+                    .map(|m| m.digest)
+                    .ok_or_else(|| RemoteError::NotFound {
+                        what: format!("tag {tag}"),
+                        location: self.store.describe(),
+                    })?
+            }
+        };
+        self.get_blob(&d)
+    }
+}

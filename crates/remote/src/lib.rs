@@ -1,0 +1,29 @@
+//! Where mcow layers live when they are not local, and how they move.
+//!
+//! Rooms:
+//! - `reference`: parsing `file://`, `http(s)://`, `oci://` and `s3://` references;
+//! - `image`: the OCI image manifest and config that describe an mcow disk image, with our
+//!   media types (specified in docs/FORMAT.md, "Disk images in registries");
+//! - `remote`: the `Remote` trait (blobs and manifests) and `open_remote`, which picks a backend;
+//! - `layout` (+ `file`): an OCI image layout over any object store, on a local directory;
+//! - `registry`: the OCI distribution API (registries such as Debian's docker-registry);
+//! - `retry`: bounded retries with backoff for transient failures;
+//! - `transfer`: push, pull, lazy pull, and `RemoteSource`, the engine's `BlockSource` that
+//!   fetches blocks of partial layers from a remote.
+//!
+//! It does not own the layer format, block verification or caching (the engine checks every
+//! fetched block against its hash and keeps the good ones), nor any front end.
+
+mod error;
+pub mod file;
+pub mod image;
+pub mod layout;
+pub mod reference;
+pub mod remote;
+pub mod retry;
+pub mod transfer;
+
+pub use error::{RemoteError, Result};
+pub use reference::Reference;
+pub use remote::{Remote, open_remote};
+pub use transfer::{LazyOrigin, RemoteSource, open_lazy_disk, pull, push};

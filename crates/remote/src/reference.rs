@@ -1,0 +1,154 @@
+//! References to disk images in remote storage, one syntax for every backend:
+//!
+//! - `file://PATH[:TAG]` — an OCI image layout in a local directory (the embedded default);
+//! - `http://HOST[:PORT]/PATH[:TAG]` (or `https://`) — the same layout served read-only by any
+//!   web server that answers range requests;
+//! - `oci://HOST[:PORT]/REPOSITORY[:TAG]` — an OCI distribution registry (plain HTTP for
+//!   loopback hosts, HTTPS otherwise);
+//! - `s3://BUCKET[/PREFIX][:TAG]` — the layout in S3-compatible object storage (endpoint from
+//!   `MCOW_S3_ENDPOINT`, credentials from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`).
+//!
+//! `@sha256:<hex>` after any of them pins the manifest by digest. The tag defaults to `latest`.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use mcow_format::Digest;
+
+use crate::error::{RemoteError, Result};
+
+/// Where the images are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    File(PathBuf),
+    /// Base URL without a trailing slash.
+    Http(String),
+    /// Registry base URL (scheme, host, port) and repository name.
+    Registry {
+        base: String,
+        repository: String,
+    },
+    S3 {
+        bucket: String,
+        prefix: String,
+    },
+}
+
+/// A parsed reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reference {
+    pub location: Location,
+    pub tag: String,
+    pub digest: Option<Digest>,
+    text: String,
+}
+
+impl fmt::Display for Reference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    let h = host
+        .rsplit_once(':')
+        .map_or(host, |(h, p)| if p.chars().all(|c| c.is_ascii_digit()) { h } else { host });
+    h == "localhost" || h.starts_with("127.") || h == "[::1]"
+}
+
+impl Reference {
+    pub fn parse(text: &str) -> Result<Reference> {
+        let err =
+            |reason: &str| RemoteError::Reference { reference: text.to_string(), reason: reason.to_string() };
+        let (rest, digest) = match text.rsplit_once('@') {
+            Some((r, d)) => (r, Some(d.parse::<Digest>().map_err(|e| err(&e.to_string()))?)),
+            None => (text, None),
+        };
+        let (scheme, body) = rest.split_once("://").ok_or_else(|| err("expected SCHEME://…"))?;
+        // A tag follows the last ':' when what follows has no '/'.
+        let (body, tag) = match body.rsplit_once(':') {
+            Some((b, t)) if !t.contains('/') && !t.is_empty() && (scheme == "file" || b.contains('/')) => {
+                (b, t.to_string())
+            }
+            _ => (body, "latest".to_string()),
+        };
+        if !tag.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) || tag.len() > 128 {
+            return Err(err("a tag is up to 128 of [A-Za-z0-9._-]"));
+        }
+        let location = match scheme {
+            "file" => {
+                if body.is_empty() {
+                    return Err(err("file:// needs a path"));
+                }
+                Location::File(PathBuf::from(body))
+            }
+            "http" | "https" => Location::Http(format!("{scheme}://{}", body.trim_end_matches('/'))),
+            "oci" => {
+                let (host, repo) =
+                    body.split_once('/').ok_or_else(|| err("expected oci://HOST/REPOSITORY"))?;
+                if repo.is_empty() || host.is_empty() {
+                    return Err(err("expected oci://HOST/REPOSITORY"));
+                }
+                let scheme = if is_loopback(host) { "http" } else { "https" };
+                Location::Registry {
+                    base: format!("{scheme}://{host}"),
+                    repository: repo.trim_end_matches('/').to_string(),
+                }
+            }
+            "s3" => {
+                let (bucket, prefix) = body.split_once('/').unwrap_or((body, ""));
+                if bucket.is_empty() {
+                    return Err(err("expected s3://BUCKET[/PREFIX]"));
+                }
+                Location::S3 { bucket: bucket.to_string(), prefix: prefix.trim_matches('/').to_string() }
+            }
+            _ => return Err(err("unknown scheme: use file://, http://, https://, oci:// or s3://")),
+        };
+        Ok(Reference { location, tag, digest, text: text.to_string() })
+    }
+
+    /// True if `text` looks like a reference rather than a local path.
+    pub fn looks_like(text: &str) -> bool {
+        ["file://", "http://", "https://", "oci://", "s3://"].iter().any(|s| text.starts_with(s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_backend() {
+        let r = Reference::parse("oci://127.0.0.1:5000/mcow/demo:v1").unwrap();
+        assert_eq!(
+            r.location,
+            Location::Registry { base: "http://127.0.0.1:5000".into(), repository: "mcow/demo".into() }
+        );
+        assert_eq!(r.tag, "v1");
+        let r = Reference::parse("oci://registry.example/a/b").unwrap();
+        assert_eq!(r.tag, "latest");
+        assert!(
+            matches!(r.location, Location::Registry { ref base, .. } if base == "https://registry.example")
+        );
+        let r = Reference::parse("file:///tmp/repo:base").unwrap();
+        assert_eq!((r.location, r.tag.as_str()), (Location::File("/tmp/repo".into()), "base"));
+        let r = Reference::parse("http://127.0.0.1:8081/images").unwrap();
+        assert_eq!(
+            (r.location, r.tag.as_str()),
+            (Location::Http("http://127.0.0.1:8081/images".into()), "latest")
+        );
+        let r = Reference::parse("s3://bucket/some/prefix:t").unwrap();
+        assert_eq!(r.location, Location::S3 { bucket: "bucket".into(), prefix: "some/prefix".into() });
+        let d = Digest::of(b"m");
+        let r = Reference::parse(&format!("file://x:t@{d}")).unwrap();
+        assert_eq!(r.digest, Some(d));
+    }
+
+    #[test]
+    fn rejects_nonsense() {
+        for bad in ["", "nope", "ftp://x", "oci://host", "file://", "file://x:bad tag", "oci://h/r@sha256:12"]
+        {
+            assert!(Reference::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! Moving disk images: push (sealed layers, config, manifest), pull (whole layers, checked),
+//! lazy pull (only each layer's header and index, checked against the pinned manifest), and
+//! `RemoteSource`, which fetches data blocks of partial layers on demand for the engine.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use mcow_engine::store::LayerStore;
+use mcow_engine::{BlockSource, CreateOptions, Disk, OpenOptions};
+use mcow_format::{Digest, HEADER_SIZE, TRAILER_SIZE, Trailer};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{RemoteError, Result};
+use crate::image::{
+    CONFIG_MEDIA_TYPE, Descriptor, DiskConfig, INDEX_DIGEST_ANNOTATION, LAYER_MEDIA_TYPE, LayerRecord,
+    Manifest,
+};
+use crate::reference::Reference;
+use crate::remote::{Remote, open_remote};
+
+/// What a push did.
+#[derive(Debug, Clone)]
+pub struct PushReport {
+    pub manifest_digest: Digest,
+    pub layers: usize,
+    /// Layers uploaded (the others were already there).
+    pub uploaded: usize,
+    pub bytes_uploaded: u64,
+}
+
+/// Pushes the sealed layers of the disk at `dir` (not its writable top) as an image.
+/// `progress(done, total)` counts layer bytes.
+pub fn push(dir: &Path, reference: &Reference, progress: &mut dyn FnMut(u64, u64)) -> Result<PushReport> {
+    let remote = open_remote(reference)?;
+    let disk = Disk::open(dir, OpenOptions { read_only: true, verify: false, force_share: true })?;
+    let store = disk.store().clone();
+    let mut records = Vec::new();
+    let mut descs = Vec::new();
+    for layer in disk.stack().layers() {
+        if !store.contains(&layer.digest) {
+            return Err(RemoteError::Invalid(format!(
+                "layer {} is only partly local: pull it in full before pushing",
+                layer.digest
+            )));
+        }
+        let mut header = vec![0u8; HEADER_SIZE];
+        std::fs::File::open(&layer.path)
+            .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut header, 0))
+            .map_err(RemoteError::io("read", &layer.path))?;
+        let size = layer.file_len();
+        records.push(LayerRecord {
+            digest: layer.digest,
+            size,
+            header_digest: Digest::of(&header),
+            index_digest: layer.trailer.index_digest,
+        });
+        descs.push(Descriptor {
+            media_type: LAYER_MEDIA_TYPE.into(),
+            digest: layer.digest,
+            size,
+            annotations: [(INDEX_DIGEST_ANNOTATION.to_string(), layer.trailer.index_digest.to_string())]
+                .into(),
+        });
+    }
+    let total: u64 = records.iter().map(|r| r.size).sum();
+    let (mut done, mut uploaded, mut bytes_uploaded) = (0u64, 0usize, 0u64);
+    for (r, layer) in records.iter().zip(disk.stack().layers()) {
+        if remote.has_blob(&r.digest)? {
+            tracing::info!(layer = %r.digest, "already in {}", remote.describe());
+        } else {
+            let base = done;
+            remote.put_blob(&r.digest, &layer.path, &mut |n| progress(base + n, total))?;
+            uploaded += 1;
+            bytes_uploaded += r.size;
+        }
+        done += r.size;
+        progress(done, total);
+    }
+    let m = disk.manifest();
+    let config =
+        DiskConfig { virtual_size: m.virtual_size, block_size: m.block_size, layers: records }.to_bytes();
+    let config_digest = Digest::of(&config);
+    if !remote.has_blob(&config_digest)? {
+        remote.put_blob_bytes(&config_digest, &config)?;
+    }
+    let config_desc = Descriptor {
+        media_type: CONFIG_MEDIA_TYPE.into(),
+        digest: config_digest,
+        size: config.len() as u64,
+        annotations: Default::default(),
+    };
+    let manifest = Manifest::new(config_desc, descs).to_bytes();
+    remote.put_manifest(&reference.tag, &manifest)?;
+    Ok(PushReport {
+        manifest_digest: Digest::of(&manifest),
+        layers: m.layers.len(),
+        uploaded,
+        bytes_uploaded,
+    })
+}
+
+/// A fetched manifest and config, checked: the manifest against the reference's pinned digest
+/// (if any), the config against the manifest.
+pub struct Image {
+    pub manifest_digest: Digest,
+    pub manifest: Manifest,
+    pub config: DiskConfig,
+}
+
+/// Fetches and checks an image's manifest and config.
+pub fn fetch_image(remote: &dyn Remote, reference: &Reference) -> Result<Image> {
+    let bytes = remote.get_manifest(&reference.tag, reference.digest.as_ref())?;
+    let manifest_digest = Digest::of(&bytes);
+    if let Some(pinned) = reference.digest
+        && pinned != manifest_digest
+    {
+        return Err(RemoteError::DigestMismatch {
+            what: format!("manifest of {reference}"),
+            expected: pinned,
+            actual: manifest_digest,
+        });
+    }
+    let manifest = Manifest::parse(&bytes)?;
+    let config_bytes = remote.get_blob(&manifest.config.digest)?;
+    let actual = Digest::of(&config_bytes);
+    if actual != manifest.config.digest {
+        return Err(RemoteError::DigestMismatch {
+            what: "image config".into(),
+            expected: manifest.config.digest,
+            actual,
+        });
+    }
+    let config = DiskConfig::parse(&config_bytes, &manifest)?;
+    Ok(Image { manifest_digest, manifest, config })
+}
+
+/// Where a lazily pulled disk fetches its missing blocks from: `remote.json` in its directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LazyOrigin {
+    pub reference: String,
+    pub manifest_digest: Digest,
+}
+
+/// File name of the lazy origin in a disk directory.
+pub const ORIGIN_FILE: &str = "remote.json";
+
+/// What a pull did.
+#[derive(Debug, Clone)]
+pub struct PullReport {
+    pub manifest_digest: Digest,
+    pub layers: usize,
+    /// Bytes fetched from the remote (whole layers, or headers and indexes when lazy).
+    pub bytes_fetched: u64,
+    /// Layers that were already in the local store.
+    pub layers_local: usize,
+}
+
+/// Pulls the image at `reference` into a new disk at `dir` whose layers go to `store_dir`.
+/// In full, every layer is downloaded and checked against its digest; lazily, only each
+/// layer's header and index are fetched (checked against the config's digests) and data blocks
+/// come later, on demand (see [`open_lazy_disk`]).
+pub fn pull(
+    reference: &Reference,
+    dir: &Path,
+    store_dir: &Path,
+    lazy: bool,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<PullReport> {
+    let remote = open_remote(reference)?;
+    let image = fetch_image(remote.as_ref(), reference)?;
+    let store = LayerStore::new(store_dir);
+    let total: u64 = image.config.layers.iter().map(|r| r.size).sum();
+    let (mut done, mut fetched, mut local) = (0u64, 0u64, 0usize);
+    for r in &image.config.layers {
+        if store.contains(&r.digest) || (lazy && store.partial_path(&r.digest).exists()) {
+            local += 1;
+        } else if lazy {
+            fetched += add_partial_layer(remote.as_ref(), &store, r)?;
+        } else {
+            let tmp = store.tmp_dir()?.join(format!("pull-{}-{}.tmp", r.digest.short(), std::process::id()));
+            let base = done;
+            let got = remote.get_blob_to(&r.digest, &tmp, &mut |n| progress(base + n, total));
+            if let Err(e) = got {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+            store.adopt(&tmp, &r.digest)?;
+            fetched += r.size;
+        }
+        done += r.size;
+        progress(done, total);
+    }
+    let layers: Vec<Digest> = image.config.layers.iter().map(|r| r.digest).collect();
+    Disk::create(
+        dir,
+        &CreateOptions {
+            virtual_size: image.config.virtual_size,
+            block_size: image.config.block_size,
+            store: store_dir.to_path_buf(),
+            layers: layers.clone(),
+        },
+    )?;
+    if lazy {
+        let origin = LazyOrigin { reference: reference.to_string(), manifest_digest: image.manifest_digest };
+        let path = dir.join(ORIGIN_FILE);
+        std::fs::write(&path, serde_json::to_vec_pretty(&origin).expect("origin serializes"))
+            .map_err(RemoteError::io("write", &path))?;
+    }
+    Ok(PullReport {
+        manifest_digest: image.manifest_digest,
+        layers: layers.len(),
+        bytes_fetched: fetched,
+        layers_local: local,
+    })
+}
+
+/// Fetches a layer's header, trailer and index, checks them, and adds a partial copy to the
+/// store. Returns the bytes fetched.
+fn add_partial_layer(remote: &dyn Remote, store: &LayerStore, r: &LayerRecord) -> Result<u64> {
+    let min = (HEADER_SIZE + TRAILER_SIZE) as u64;
+    if r.size < min {
+        return Err(RemoteError::Invalid(format!("layer {} is {} bytes, too small", r.digest, r.size)));
+    }
+    let header = remote.get_blob_range(&r.digest, 0, HEADER_SIZE as u64)?;
+    let actual = Digest::of(&header);
+    if actual != r.header_digest {
+        return Err(RemoteError::DigestMismatch {
+            what: format!("header of layer {}", r.digest),
+            expected: r.header_digest,
+            actual,
+        });
+    }
+    let trailer_bytes =
+        remote.get_blob_range(&r.digest, r.size - TRAILER_SIZE as u64, TRAILER_SIZE as u64)?;
+    let trailer = Trailer::decode(&trailer_bytes)
+        .map_err(|e| RemoteError::Invalid(format!("layer {}: {e}", r.digest)))?;
+    let tail_len = trailer.index_len() + TRAILER_SIZE as u64;
+    if tail_len > r.size - HEADER_SIZE as u64 {
+        return Err(RemoteError::Invalid(format!("layer {}: trailer counts exceed the blob", r.digest)));
+    }
+    let tail = remote.get_blob_range(&r.digest, r.size - tail_len, tail_len)?;
+    store.add_partial(&r.digest, r.size, &header, &tail, &r.index_digest)?;
+    Ok(HEADER_SIZE as u64 + TRAILER_SIZE as u64 + tail_len)
+}
+
+/// Fetches blocks of partial layers from a remote, counting what it fetched.
+pub struct RemoteSource {
+    remote: Arc<dyn Remote>,
+    fetched: AtomicU64,
+    requests: AtomicU64,
+}
+
+impl RemoteSource {
+    pub fn new(remote: Arc<dyn Remote>) -> RemoteSource {
+        RemoteSource { remote, fetched: AtomicU64::new(0), requests: AtomicU64::new(0) }
+    }
+
+    /// Bytes and range requests fetched so far.
+    pub fn stats(&self) -> (u64, u64) {
+        (self.fetched.load(Ordering::Relaxed), self.requests.load(Ordering::Relaxed))
+    }
+}
+
+impl BlockSource for RemoteSource {
+    fn read_range(&self, layer: &Digest, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+        let bytes = self.remote.get_blob_range(layer, offset, len)?;
+        self.fetched.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(%layer, offset, len, "fetched");
+        Ok(bytes)
+    }
+}
+
+/// Default fetch window: 4 blocks (256 KiB with 64 KiB blocks). A read of a missing block also
+/// fetches up to 3 following missing blocks in the same request: sequential reads then cost a
+/// quarter of the round trips, while a scattered read fetches at most 4x what it asked for;
+/// blocks already local end the window early.
+pub const DEFAULT_FETCH_WINDOW: u64 = 4;
+
+/// Opens a disk; if it was pulled lazily (it has a `remote.json`), missing blocks are fetched
+/// from its origin, `window` blocks at a time at most. Returns the source too, for statistics.
+pub fn open_lazy_disk(
+    dir: &Path,
+    opts: OpenOptions,
+    window: u64,
+) -> Result<(Disk, Option<Arc<RemoteSource>>)> {
+    let origin_path: PathBuf = dir.join(ORIGIN_FILE);
+    if !origin_path.exists() {
+        return Ok((Disk::open(dir, opts)?, None));
+    }
+    let text = std::fs::read(&origin_path).map_err(RemoteError::io("read", &origin_path))?;
+    let origin: LazyOrigin = serde_json::from_slice(&text)
+        .map_err(|e| RemoteError::Invalid(format!("{}: {e}", origin_path.display())))?;
+    let reference = Reference::parse(&origin.reference)?;
+    let source = Arc::new(RemoteSource::new(open_remote(&reference)?));
+    let disk = Disk::open_with_source(dir, opts, source.clone(), window)?;
+    Ok((disk, Some(source)))
+}
