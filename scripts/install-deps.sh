@@ -9,12 +9,17 @@ command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 command -v nbdkit >/dev/null || need+=(nbdkit)
 [ -e /usr/lib/python3/dist-packages/nbd.py ] || need+=(python3-libnbd)
+command -v docker-registry >/dev/null || need+=(docker-registry)
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v htpasswd >/dev/null || need+=(apache2-utils)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-for tool in qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit; do
+for tool in qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit docker-registry nginx htpasswd; do
   command -v "$tool" >/dev/null || { echo "missing $tool after install" >&2; exit 1; }
 done
+# s3s-fs: a real S3-compatible server (it checks SigV4) for crates/remote/tests/s3.rs.
+command -v s3s-fs >/dev/null || cargo install --locked s3s-fs@0.14.1 --features binary

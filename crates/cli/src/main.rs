@@ -23,13 +23,14 @@ use clap::{Parser, Subcommand};
 
 use crate::commands::{
     check, create, demo, export, import, info, map, merge, readwrite::ReadArgs, readwrite::WriteArgs,
+    transfer,
 };
 
 /// Global flags shared by every verb.
 #[derive(Debug, Clone, Copy, clap::Args)]
 pub struct Global {
     /// Show progress on stderr even when it is not a terminal (on a terminal, import, export,
-    /// seal, commit, flatten and check show a progress bar anyway).
+    /// seal, commit, flatten, check, push and pull show a progress bar anyway).
     #[arg(short = 'p', long, global = true)]
     pub progress: bool,
     /// Never show progress.
@@ -68,6 +69,8 @@ enum Command {
     Flatten(merge::FlattenArgs),
     Import(import::ImportArgs),
     Export(export::ExportArgs),
+    Push(transfer::PushArgs),
+    Pull(transfer::PullArgs),
     Read(ReadArgs),
     Write(WriteArgs),
     Demo(demo::DemoArgs),
@@ -123,6 +126,8 @@ fn main() -> ExitCode {
         Command::Flatten(a) => merge::run_flatten(a, g),
         Command::Import(a) => import::run(a, g),
         Command::Export(a) => export::run(a, g),
+        Command::Push(a) => transfer::run_push(a, g),
+        Command::Pull(a) => transfer::run_pull(a, g),
         Command::Read(a) => commands::readwrite::run_read(a, g),
         Command::Write(a) => commands::readwrite::run_write(a, g),
         Command::Demo(a) => demo::run(a, g),

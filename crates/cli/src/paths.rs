@@ -1,9 +1,12 @@
 //! Paths and opening disks, with the context every error message at this edge carries.
 
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use mcow_engine::{Disk, OpenOptions};
+use mcow_remote::RemoteSource;
+use mcow_remote::transfer::{DEFAULT_FETCH_WINDOW, LazyOrigin, ORIGIN_FILE};
 
 /// `path` made absolute and cleaned of `.` and `..` components (without touching the
 /// filesystem, so it works for paths that do not exist yet).
@@ -33,23 +36,71 @@ pub fn default_store(disk: &Path) -> Result<PathBuf> {
     Ok(parent_dir(disk)?.join("layers"))
 }
 
-/// Opens a disk read-only (for info, map, export, read), with `force_share` like `-U`.
+/// How a disk pulled lazily (one with a `remote.json`) gets the blocks it does not hold yet.
+#[derive(Debug, Clone, Copy)]
+pub enum Fetch {
+    /// Never: the verb only looks at the disk's structure (info, map); nothing is fetched and
+    /// the remote need not be reachable.
+    Offline,
+    /// From the disk's origin, this many blocks per request at most.
+    Remote(u64),
+}
+
+/// Opens a disk read-only (for info, map, export, read), with `force_share` like `-U`. A lazy
+/// disk's missing blocks are fetched from its origin.
 pub fn open_read_only(dir: &Path, force_share: bool) -> Result<Disk> {
     let opts = OpenOptions { read_only: true, verify: true, force_share };
     open(dir, opts)
 }
 
-/// Opens a disk, adding which disk and, where it helps, what to do.
+/// Opens a disk, adding which disk and, where it helps, what to do. A lazy disk's missing
+/// blocks are fetched from its origin ([`DEFAULT_FETCH_WINDOW`] blocks per request at most).
 pub fn open(dir: &Path, opts: OpenOptions) -> Result<Disk> {
-    Disk::open(dir, opts).map_err(|e| {
-        let hint = match &e {
-            mcow_engine::Error::Locked { .. } if opts.read_only => {
-                " (another process has it open for writing; -U/--force-share reads it anyway)"
-            }
-            _ => "",
-        };
-        anyhow::Error::new(e).context(format!("opening disk {}{hint}", dir.display()))
-    })
+    Ok(open_lazy(dir, opts, Fetch::Remote(DEFAULT_FETCH_WINDOW))?.0)
+}
+
+/// Opens a disk; if it was pulled lazily, its partial layers fetch as `fetch` says. Returns the
+/// remote source too (for its statistics) when there is one.
+pub fn open_lazy(dir: &Path, opts: OpenOptions, fetch: Fetch) -> Result<(Disk, Option<Arc<RemoteSource>>)> {
+    let hint = |locked: bool| {
+        if locked && opts.read_only {
+            " (another process has it open for writing; -U/--force-share reads it anyway)"
+        } else {
+            ""
+        }
+    };
+    let fail =
+        |e: anyhow::Error, locked: bool| e.context(format!("opening disk {}{}", dir.display(), hint(locked)));
+    let lazy = dir.join(ORIGIN_FILE).exists();
+    match fetch {
+        Fetch::Remote(window) if lazy => mcow_remote::open_lazy_disk(dir, opts, window).map_err(|e| {
+            let locked = matches!(e, mcow_remote::RemoteError::Engine(mcow_engine::Error::Locked { .. }));
+            fail(anyhow::Error::new(e), locked)
+        }),
+        _ => {
+            let opened = if lazy {
+                Disk::open_with_source(dir, opts, Arc::new(mcow_engine::Offline), 1)
+            } else {
+                Disk::open(dir, opts)
+            };
+            opened.map(|d| (d, None)).map_err(|e| {
+                let locked = matches!(e, mcow_engine::Error::Locked { .. });
+                fail(anyhow::Error::new(e), locked)
+            })
+        }
+    }
+}
+
+/// The origin of a disk pulled lazily (its `remote.json`), or `None` for any other disk.
+pub fn read_origin(dir: &Path) -> Result<Option<LazyOrigin>> {
+    let path = dir.join(ORIGIN_FILE);
+    let text = match std::fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("reading {}", path.display()))),
+    };
+    let origin = serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok(Some(origin))
 }
 
 /// A file removed when this guard is dropped (temporary images for import and export).

@@ -4,11 +4,15 @@
 //! `mcow:allocation-depth` context, errno mapping) and the signal-driven shutdown.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use mcow_engine::{Disk, OpenOptions, RunKind, TOP};
+use mcow_remote::Reference;
+use mcow_remote::transfer::DEFAULT_FETCH_WINDOW;
+
+use crate::paths::{Fetch, open_lazy};
 use mcow_nbd::proto::{NBD_STATE_HOLE, NBD_STATE_ZERO};
 use mcow_nbd::{BlockSizes, Export, Server, StatusExtent};
 
@@ -111,11 +115,23 @@ impl Export for DiskExport {
     Offers structured replies, block status with base:allocation and mcow:allocation-depth \
     (0 = no layer, 1 = the writable top, 2 = the topmost sealed layer, ..., like \
     qemu:allocation-depth), FUA, flush, trim, write-zeroes (fast) and multi-conn.\n\n\
+    A disk pulled with `mcow pull --lazy` fetches the blocks it does not hold yet from its \
+    origin as they are read (--fetch-window blocks per request at most), checks each against \
+    its hash and keeps it.\n\n\
+    Instead of a disk directory, a reference to an image (file://, http(s)://, oci://, s3://; \
+    see `mcow pull --help`) serves that image on demand: it is pulled lazily into the cache \
+    (--cache: the disk in CACHE/disks/<name>-<manifest short digest>, layers in CACHE/layers) and \
+    served; only what is read is fetched. A later serve of the same image from the same cache \
+    reuses that disk, its writable top and every block fetched before. The export is named \
+    after the image's repository (the last path component), unless NAME= is given.\n\n\
+    At exit, the bytes fetched for each disk are logged (RUST_LOG=info).\n\n\
     Examples:\n  mcow serve vm1\n  qemu-io -f raw nbd://127.0.0.1:10809/vm1\n  \
-    mcow serve -k /tmp/nbd.sock os=base app=vm1\n  nbdinfo --map 'nbd+unix:///os?socket=/tmp/nbd.sock'")]
+    mcow serve -k /tmp/nbd.sock os=base app=vm1\n  nbdinfo --map 'nbd+unix:///os?socket=/tmp/nbd.sock'\n  \
+    mcow serve --cache /var/cache/mcow vm=oci://registry:5000/images/vm:v1")]
 pub struct ServeArgs {
-    /// Disks to export, as DIR (exported under the directory's name) or NAME=DIR.
-    #[arg(required = true, value_name = "[NAME=]DISK")]
+    /// Disks to export, as DIR (exported under the directory's name), REF (an image, pulled
+    /// lazily into --cache) or NAME=DIR / NAME=REF.
+    #[arg(required = true, value_name = "[NAME=]DISK|REF")]
     pub disks: Vec<String>,
     /// TCP address to listen on (loopback by default). Used unless only --socket is given.
     #[arg(long, value_name = "ADDR")]
@@ -129,37 +145,132 @@ pub struct ServeArgs {
     /// With --read-only, open disks even while another process writes them (like qemu-nbd -U).
     #[arg(short = 'U', long)]
     pub force_share: bool,
+    /// Where images given as REF are pulled lazily: CACHE/disks and CACHE/layers.
+    #[arg(long, value_name = "DIR", default_value = "mcow-cache")]
+    pub cache: PathBuf,
+    /// For lazily pulled disks: a read of a missing block also fetches up to BLOCKS-1 following
+    /// missing blocks in the same request. The default, 4 (256 KiB with 64 KiB blocks), makes
+    /// sequential reads cost a quarter of the round trips while a scattered read fetches at most
+    /// 4x what it asked for; blocks already local end the window early.
+    #[arg(long, value_name = "BLOCKS", default_value_t = DEFAULT_FETCH_WINDOW,
+          value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub fetch_window: u64,
 }
 
 /// The default NBD address: the protocol's port, on loopback only.
 pub const DEFAULT_TCP: &str = "127.0.0.1:10809";
 
+/// A disk to serve: its export name, directory and, for images given as references, what the
+/// lazy pull fetched.
+struct Target {
+    name: String,
+    dir: PathBuf,
+    pulled_bytes: u64,
+}
+
+/// The export name of an image: the last path component of its repository (the reference
+/// without scheme, tag and digest), cleaned for names.
+fn image_name(reference: &Reference) -> String {
+    let text = reference.to_string();
+    let text = text.split_once('@').map_or(text.as_str(), |(t, _)| t);
+    let text = text.strip_suffix(&format!(":{}", reference.tag)).unwrap_or(text);
+    let body = text.split_once("://").map_or(text, |(_, b)| b);
+    let raw = body.rsplit('/').find(|s| !s.is_empty()).unwrap_or("image");
+    let clean: String =
+        raw.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
+    if clean.starts_with('.') { format!("image{clean}") } else { clean }
+}
+
+/// Makes the image at `reference` servable from `cache`: fetches its manifest, then reuses
+/// `CACHE/disks/<name>-<short digest>` if an earlier serve made it, or pulls the image lazily
+/// there (pinned to the manifest just fetched, so the disk and its name agree even if the tag
+/// moves). Layers go to `CACHE/layers`, where blocks fetched before are kept.
+fn prepare_image(reference: &Reference, cache: &Path) -> Result<(PathBuf, u64)> {
+    let remote = mcow_remote::open_remote(reference).with_context(|| format!("opening {reference}"))?;
+    let image = mcow_remote::transfer::fetch_image(remote.as_ref(), reference)
+        .with_context(|| format!("fetching the manifest of {reference}"))?;
+    let digest = image.manifest_digest;
+    let dir = cache.join("disks").join(format!("{}-{}", image_name(reference), digest.short()));
+    if dir.join(mcow_engine::disk::MANIFEST_FILE).exists() {
+        tracing::info!(%reference, manifest = %digest, disk = %dir.display(), "reusing the cached disk");
+        return Ok((dir, 0));
+    }
+    if dir.exists() {
+        // Debris of an interrupted pull (no manifest yet): nothing in it is worth keeping.
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("removing the incomplete {}", dir.display()))?;
+    }
+    let pinned = if reference.digest.is_some() {
+        reference.clone()
+    } else {
+        Reference::parse(&format!("{reference}@{digest}")).context("pinning the reference")?
+    };
+    let report = mcow_remote::pull(&pinned, &dir, &cache.join("layers"), true, &mut |_, _| {})
+        .with_context(|| format!("pulling {reference} into {}", dir.display()))?;
+    tracing::info!(
+        %reference, manifest = %digest, disk = %dir.display(), layers = report.layers,
+        layers_local = report.layers_local, bytes_fetched = report.bytes_fetched,
+        "pulled lazily into the cache"
+    );
+    Ok((dir, report.bytes_fetched))
+}
+
+fn dir_name(dir: &Path) -> String {
+    let full = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    full.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// Turns one `[NAME=]DISK|REF` argument into a disk directory to serve.
+fn resolve_target(spec: &str, cache: &Path) -> Result<Target> {
+    let (name, what) = if Reference::looks_like(spec) {
+        (None, spec)
+    } else {
+        match spec.split_once('=') {
+            Some((n, d)) => (Some(n.to_string()), d),
+            None => (None, spec),
+        }
+    };
+    if Reference::looks_like(what) {
+        let reference = Reference::parse(what).map_err(anyhow::Error::new)?;
+        let (dir, pulled_bytes) = prepare_image(&reference, cache)?;
+        return Ok(Target { name: name.unwrap_or_else(|| image_name(&reference)), dir, pulled_bytes });
+    }
+    let dir = PathBuf::from(what);
+    Ok(Target { name: name.unwrap_or_else(|| dir_name(&dir)), dir, pulled_bytes: 0 })
+}
+
 /// Opens the disks and serves them until SIGINT or SIGTERM.
 pub fn run(args: &ServeArgs) -> Result<()> {
     let mut exports = Vec::new();
+    let mut stats = Vec::new();
     for spec in &args.disks {
-        let (name, dir) = match spec.split_once('=') {
-            Some((n, d)) => (n.to_string(), PathBuf::from(d)),
-            None => {
-                let dir = PathBuf::from(spec);
-                let full = dir.canonicalize().unwrap_or_else(|_| dir.clone());
-                let name = full.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                (name, dir)
-            }
-        };
+        let t = resolve_target(spec, &args.cache)?;
         let opts = OpenOptions { read_only: args.read_only, verify: true, force_share: args.force_share };
-        let disk = Disk::open(&dir, opts).with_context(|| format!("opening disk {}", dir.display()))?;
-        exports.push((name, disk));
+        let (disk, source) = open_lazy(&t.dir, opts, Fetch::Remote(args.fetch_window))?;
+        stats.push((t.name.clone(), t.dir.clone(), t.pulled_bytes, source));
+        exports.push((t.name, disk));
     }
     let tcp = match (&args.tcp, &args.socket) {
         (None, Some(_)) => None,
         (t, _) => Some(t.clone().unwrap_or_else(|| DEFAULT_TCP.to_string())),
     };
-    serve_disks(exports, tcp, args.socket.clone(), |addrs| {
+    let result = serve_disks(exports, tcp, args.socket.clone(), |addrs| {
         for a in addrs {
             eprintln!("mcow: serving on {a}");
         }
-    })
+    });
+    for (name, dir, pulled, source) in stats {
+        let (fetched, requests) = source.map_or((0, 0), |s| s.stats());
+        tracing::info!(
+            export = %name,
+            disk = %dir.display(),
+            bytes_fetched = pulled + fetched,
+            blocks_bytes_fetched = fetched,
+            requests,
+            "served; fetched from the origin"
+        );
+    }
+    result
 }
 
 /// Serves `exports` on the given TCP address and/or Unix socket until SIGINT or SIGTERM, then
@@ -227,4 +338,21 @@ pub fn serve_disks(
     }
     sig_handle.close();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_names() {
+        let name = |r: &str| image_name(&Reference::parse(r).unwrap());
+        assert_eq!(name("file:///srv/images/vm:v1"), "vm");
+        assert_eq!(name("file:///srv/images/vm/"), "vm");
+        assert_eq!(name("oci://127.0.0.1:5000/mcow/demo:v1"), "demo");
+        assert_eq!(name("s3://bucket"), "bucket");
+        assert_eq!(name("http://127.0.0.1:8081/a b"), "a_b");
+        let d = mcow_engine::Digest::of(b"m");
+        assert_eq!(name(&format!("file://x/.hidden:t@{d}")), "image.hidden");
+    }
 }

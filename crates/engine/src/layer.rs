@@ -44,6 +44,22 @@ pub trait BlockSource: Send + Sync {
     fn read_range(&self, layer: &Digest, offset: u64, len: u64) -> std::io::Result<Vec<u8>>;
 }
 
+/// A [`BlockSource`] that fetches nothing: opening a partial layer with it gives access to its
+/// structure (header, index, which blocks are local) without any network, for tools that
+/// inspect a disk (`info`, `map`, `check`). A read of a block that is not local fails.
+pub struct Offline;
+
+impl BlockSource for Offline {
+    fn read_range(&self, layer: &Digest, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotConnected,
+            format!(
+                "{len} bytes at {offset} of layer {layer} are not local and this disk was opened offline"
+            ),
+        ))
+    }
+}
+
 /// How a partial layer fetches: the source, the fetch window, a lock that makes concurrent
 /// readers of missing blocks wait for one fetch, and a writable handle on the local file.
 struct Fetcher {
@@ -176,6 +192,58 @@ impl SealedLayer {
 
     pub fn block_size(&self) -> u64 {
         u64::from(self.header.block_size)
+    }
+
+    /// Bytes of the data region (stored blocks) present in the local file. For a complete layer,
+    /// all of them. For a partial layer, the allocated ranges of its data region, found with
+    /// `SEEK_DATA`/`SEEK_HOLE`: a partial file starts sparse and fetched blocks are written only
+    /// once they match their hashes, so allocation is what is local (a block torn by a crash
+    /// mid-write counts too, and is fetched again when read). Filesystems without `SEEK_DATA`
+    /// fall back to checking every block's hash.
+    pub fn local_bytes(&self) -> Result<u64> {
+        let data_len = self.trailer.block_count * self.block_size();
+        if !self.is_partial() || data_len == 0 {
+            return Ok(data_len);
+        }
+        let f = File::open(&self.path).map_err(Error::io("open", &self.path))?;
+        let (start, end) = (HEADER_SIZE as u64, HEADER_SIZE as u64 + data_len);
+        let (mut pos, mut total) = (start, 0u64);
+        use rustix::fs::{SeekFrom, seek};
+        while pos < end {
+            let data = match seek(&f, SeekFrom::Data(pos)) {
+                Ok(o) => o,
+                Err(rustix::io::Errno::NXIO) => break,
+                Err(_) => return self.local_bytes_by_hash(&f),
+            };
+            if data >= end {
+                break;
+            }
+            let hole = seek(&f, SeekFrom::Hole(data)).unwrap_or(end).min(end);
+            total += hole - data;
+            pos = hole;
+        }
+        Ok(total.min(data_len))
+    }
+
+    /// [`SealedLayer::local_bytes`] the slow way: the blocks of the local file that match their
+    /// hashes.
+    fn local_bytes_by_hash(&self, f: &File) -> Result<u64> {
+        let bs = self.block_size();
+        let mut block = vec![0u8; bs as usize];
+        let mut total = 0;
+        for p in 0..self.trailer.block_count {
+            read_exact_at(f, &mut block, HEADER_SIZE as u64 + p * bs, &self.path)?;
+            if Digest::of(&block) == self.hashes[p as usize] {
+                total += bs;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Whether `block` (a whole stored block) matches the hash recorded for block `pblock`,
+    /// without recording anything.
+    pub fn block_matches(&self, pblock: u64, block: &[u8]) -> bool {
+        Digest::of(block) == self.hashes[pblock as usize]
     }
 
     /// Size of the layer file in bytes.

@@ -32,8 +32,22 @@ type BlockReader<'a> = dyn Fn(u64, Loc, &mut [u8]) -> Result<()> + 'a;
 /// the size of the top, not a walk of the stack (the top's recorded parent is checked against
 /// the chain digest of the manifest's layers instead).
 pub fn merge(dir: &Path, n: usize, progress: Progress) -> Result<Digest> {
+    merge_with_source(dir, n, None, progress)
+}
+
+/// [`merge`] on a disk whose merged layers may be partial copies: their missing blocks are
+/// fetched from `source` (`window` blocks per request at most).
+pub fn merge_with_source(
+    dir: &Path,
+    n: usize,
+    source: Option<(std::sync::Arc<dyn crate::layer::BlockSource>, u64)>,
+    progress: Progress,
+) -> Result<Digest> {
     let manifest = crate::disk::read_manifest(dir)?;
-    let store = LayerStore::new(crate::disk::resolve_store(dir, &manifest));
+    let mut store = LayerStore::new(crate::disk::resolve_store(dir, &manifest));
+    if let Some((source, window)) = source {
+        store = store.with_source(source, window);
+    }
     let top_name =
         manifest.top.clone().ok_or_else(|| Error::Invalid(format!("{}: no writable top", dir.display())))?;
     let top = crate::disk::open_top(&dir.join(top_name), OpenOptions::default())?;
@@ -277,19 +291,43 @@ pub struct CheckReport {
     pub debris: Vec<String>,
     pub layers_checked: usize,
     pub blocks_checked: u64,
+    /// Layers found only as partial (lazily fetched) copies, bottom first.
+    pub partial: Vec<PartialLayerCheck>,
+}
+
+/// A partial layer as `check` found it: its structure was checked, and each of its local
+/// blocks; blocks not yet fetched are not errors.
+#[derive(Debug, Clone)]
+pub struct PartialLayerCheck {
+    pub digest: Digest,
+    /// Stored blocks present locally and matching their hashes.
+    pub blocks_local: u64,
+    /// All stored blocks of the layer.
+    pub blocks_total: u64,
 }
 
 /// Checks a disk directory in full: the manifest, every sealed layer's digest, structure,
 /// parent chain and every block hash, and the top's header and journal. Fails only if the
 /// check itself cannot run (no readable manifest).
+///
+/// A layer present only as a partial copy (a lazily pulled disk) has its structure checked
+/// and each local block checked against its hash; blocks not fetched yet are counted in
+/// [`CheckReport::partial`], not reported as errors, and its whole-file digest cannot be
+/// checked. Nothing is fetched.
 pub fn check(dir: &Path, force_share: bool, progress: Progress) -> Result<CheckReport> {
     let manifest = crate::disk::read_manifest(dir)?;
-    let store = LayerStore::new(crate::disk::resolve_store(dir, &manifest));
+    let offline: std::sync::Arc<dyn crate::layer::BlockSource> = std::sync::Arc::new(crate::layer::Offline);
+    let store = LayerStore::new(crate::disk::resolve_store(dir, &manifest)).with_source(offline.clone(), 1);
     let mut report = CheckReport::default();
     let total: u64 = manifest
         .layers
         .iter()
-        .map(|d| std::fs::metadata(store.layer_path(d)).map(|m| m.len()).unwrap_or(0))
+        .map(|d| {
+            std::fs::metadata(store.layer_path(d))
+                .or_else(|_| std::fs::metadata(store.partial_path(d)))
+                .map(|m| m.len())
+                .unwrap_or(0)
+        })
         .sum();
     let mut done = 0u64;
     let mut chain = Digest::ZERO;
@@ -305,7 +343,8 @@ pub fn check(dir: &Path, force_share: bool, progress: Progress) -> Result<CheckR
         report.layers_checked += 1;
     }
     if report.errors.is_empty() {
-        match Disk::open(dir, OpenOptions { read_only: true, verify: true, force_share }) {
+        let opts = OpenOptions { read_only: true, verify: true, force_share };
+        match Disk::open_with_source(dir, opts, offline, 1) {
             Ok(disk) => {
                 let d = disk.debris();
                 if d.journal_tail_bytes > 0 {
@@ -346,6 +385,9 @@ fn check_layer(
             expected: manifest.virtual_size,
         });
     }
+    if layer.is_partial() {
+        return check_partial_layer(&layer, report, progress);
+    }
     // One sequential pass: hash the whole file and check each block on the way.
     let mut f =
         std::io::BufReader::with_capacity(1 << 20, File::open(&path).map_err(Error::io("open", &path))?);
@@ -384,6 +426,45 @@ fn check_layer(
     Ok(())
 }
 
+/// Checks the local blocks of a partial layer (its structure was checked when it was opened).
+/// A block that fails its hash is missing if it reads as zeros (never fetched: the file is
+/// sparse), else debris: bytes of a fetch interrupted mid-write, which are fetched again when
+/// read (fetched blocks are written only after they match their hashes).
+fn check_partial_layer(
+    layer: &crate::layer::SealedLayer,
+    report: &mut CheckReport,
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let path = &layer.path;
+    let f = File::open(path).map_err(Error::io("open", path))?;
+    let bs = layer.block_size();
+    let mut block = vec![0u8; bs as usize];
+    let (mut local, mut torn) = (0u64, 0u64);
+    for pb in 0..layer.trailer.block_count {
+        f.read_exact_at(&mut block, HEADER_SIZE as u64 + pb * bs).map_err(Error::io("read", path))?;
+        if layer.block_matches(pb, &block) {
+            local += 1;
+        } else if !is_zero(&block) {
+            torn += 1;
+        }
+        report.blocks_checked += 1;
+        progress(bs);
+    }
+    if torn > 0 {
+        report.debris.push(format!(
+            "{}: {torn} blocks of this partial layer hold bytes that fail their hashes (a fetch \
+             interrupted by a crash); they are fetched again when read",
+            path.display()
+        ));
+    }
+    report.partial.push(PartialLayerCheck {
+        digest: layer.digest,
+        blocks_local: local,
+        blocks_total: layer.trailer.block_count,
+    });
+    Ok(())
+}
+
 /// Summary of a disk, for `info`.
 #[derive(Debug, Clone)]
 pub struct DiskInfo {
@@ -404,6 +485,11 @@ pub struct LayerInfo {
     pub file_bytes: u64,
     pub stored_blocks: u64,
     pub extents: u64,
+    /// True for a partial (lazily fetched) copy.
+    pub partial: bool,
+    /// Bytes of stored blocks present locally (all of them unless partial; see
+    /// [`SealedLayer::local_bytes`](crate::layer::SealedLayer::local_bytes)).
+    pub local_bytes: u64,
 }
 
 /// Collects the summary of an open disk.
@@ -422,6 +508,11 @@ pub fn info(disk: &Disk) -> DiskInfo {
                 file_bytes: l.file_len(),
                 stored_blocks: l.trailer.block_count,
                 extents: l.trailer.extent_count,
+                partial: l.is_partial(),
+                local_bytes: l.local_bytes().unwrap_or_else(|e| {
+                    tracing::warn!(layer = %l.digest, error = %e, "cannot tell how much of the layer is local");
+                    0
+                }),
             })
             .collect(),
         top_stored_blocks: disk.top().stored_blocks(),

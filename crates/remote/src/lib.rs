@@ -6,7 +6,10 @@
 //!   media types (specified in docs/FORMAT.md, "Disk images in registries");
 //! - `remote`: the `Remote` trait (blobs and manifests) and `open_remote`, which picks a backend;
 //! - `layout` (+ `file`): an OCI image layout over any object store, on a local directory;
+//! - `http` (+ `http_client`, the HTTP plumbing shared with `registry`): the layout served
+//!   read-only by any web server;
 //! - `registry`: the OCI distribution API (registries such as Debian's docker-registry);
+//! - `s3`: S3-compatible object storage (SigV4-signed requests) as a layout's object store;
 //! - `retry`: bounded retries with backoff for transient failures;
 //! - `transfer`: push, pull, lazy pull, and `RemoteSource`, the engine's `BlockSource` that
 //!   fetches blocks of partial layers from a remote.
@@ -16,11 +19,15 @@
 
 mod error;
 pub mod file;
+pub mod http;
+pub mod http_client;
 pub mod image;
 pub mod layout;
 pub mod reference;
+pub mod registry;
 pub mod remote;
 pub mod retry;
+pub mod s3;
 pub mod transfer;
 
 pub use error::{RemoteError, Result};

@@ -67,7 +67,11 @@ impl Reference {
         let (scheme, body) = rest.split_once("://").ok_or_else(|| err("expected SCHEME://…"))?;
         // A tag follows the last ':' when what follows has no '/'.
         let (body, tag) = match body.rsplit_once(':') {
-            Some((b, t)) if !t.contains('/') && !t.is_empty() && (scheme == "file" || b.contains('/')) => {
+            Some((b, t))
+                if !t.contains('/')
+                    && !t.is_empty()
+                    && (scheme == "file" || scheme == "s3" || b.contains('/')) =>
+            {
                 (b, t.to_string())
             }
             _ => (body, "latest".to_string()),
@@ -136,6 +140,11 @@ mod tests {
         assert_eq!(
             (r.location, r.tag.as_str()),
             (Location::Http("http://127.0.0.1:8081/images".into()), "latest")
+        );
+        let r = Reference::parse("s3://bucket:t").unwrap();
+        assert_eq!(
+            (r.location, r.tag.as_str()),
+            (Location::S3 { bucket: "bucket".into(), prefix: String::new() }, "t")
         );
         let r = Reference::parse("s3://bucket/some/prefix:t").unwrap();
         assert_eq!(r.location, Location::S3 { bucket: "bucket".into(), prefix: "some/prefix".into() });

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use mcow_format::Digest;
 
-use crate::error::{RemoteError, Result};
+use crate::error::Result;
 use crate::reference::{Location, Reference};
 
 /// Blob and manifest storage. Implementations retry transient failures themselves (see
@@ -36,6 +36,12 @@ pub trait Remote: Send + Sync {
 pub fn open_remote(reference: &Reference) -> Result<Arc<dyn Remote>> {
     match &reference.location {
         Location::File(dir) => Ok(Arc::new(crate::layout::Layout::new(crate::file::DirStore::new(dir)))),
-        other => Err(RemoteError::Invalid(format!("{other:?}: this backend is not available yet"))),
+        Location::S3 { bucket, prefix } => {
+            Ok(Arc::new(crate::layout::Layout::new(crate::s3::S3Store::from_env(bucket, prefix)?)))
+        }
+        Location::Registry { base, repository } => {
+            Ok(Arc::new(crate::registry::Registry::new(base, repository)))
+        }
+        Location::Http(base) => Ok(Arc::new(crate::layout::Layout::new(crate::http::HttpStore::new(base)))),
     }
 }

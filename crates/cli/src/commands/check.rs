@@ -25,8 +25,12 @@ use crate::progress::Progress;
     Corruption of sealed layers cannot be repaired: restore the layer file from a copy.\n\n\
     JSON output (--output json) is an object with the keys disk, result (\"clean\", \
     \"corrupt\" or \"debris\"), errors, debris (lists of messages), layers_checked, \
-    blocks_checked and repaired (null without --repair; else journal_tail_bytes and \
-    unused_blocks found and dropped).")]
+    blocks_checked, partial_layers and repaired (null without --repair; else \
+    journal_tail_bytes and unused_blocks found and dropped).\n\n\
+    A disk pulled with `mcow pull --lazy` holds partial layers: their structure and every local \
+    block are checked, blocks not fetched yet are not errors, and nothing is fetched. They are \
+    listed as \"N of M blocks local\" (in JSON, partial_layers: objects with digest, \
+    blocks_local, blocks_total); their whole-file digest can only be checked once complete.")]
 pub struct CheckArgs {
     /// The disk directory.
     pub disk: PathBuf,
@@ -49,7 +53,15 @@ struct CheckJson {
     debris: Vec<String>,
     layers_checked: usize,
     blocks_checked: u64,
+    partial_layers: Vec<PartialJson>,
     repaired: Option<Repaired>,
+}
+
+#[derive(Debug, Serialize)]
+struct PartialJson {
+    digest: String,
+    blocks_local: u64,
+    blocks_total: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -60,7 +72,14 @@ struct Repaired {
 
 pub fn run(a: CheckArgs, g: Global) -> Result<ExitCode> {
     let repaired = if a.repair {
-        match mcow_engine::Disk::open(&a.disk, OpenOptions::default()) {
+        let opened = if a.disk.join(mcow_remote::transfer::ORIGIN_FILE).exists() {
+            // A lazy disk: its partial layers are opened without fetching anything.
+            let offline = std::sync::Arc::new(mcow_engine::Offline);
+            mcow_engine::Disk::open_with_source(&a.disk, OpenOptions::default(), offline, 1)
+        } else {
+            mcow_engine::Disk::open(&a.disk, OpenOptions::default())
+        };
+        match opened {
             Ok(disk) => {
                 let d = disk.debris();
                 Some(Repaired { journal_tail_bytes: d.journal_tail_bytes, unused_blocks: d.unused_blocks })
@@ -98,6 +117,15 @@ pub fn run(a: CheckArgs, g: Global) -> Result<ExitCode> {
             debris: report.debris,
             layers_checked: report.layers_checked,
             blocks_checked: report.blocks_checked,
+            partial_layers: report
+                .partial
+                .iter()
+                .map(|p| PartialJson {
+                    digest: p.digest.to_string(),
+                    blocks_local: p.blocks_local,
+                    blocks_total: p.blocks_total,
+                })
+                .collect(),
             repaired,
         })?,
         OutputFormat::Human => {
@@ -120,6 +148,16 @@ pub fn run(a: CheckArgs, g: Global) -> Result<ExitCode> {
             }
             for d in &report.debris {
                 println!("Debris: {d}");
+            }
+            for p in &report.partial {
+                if p.blocks_local == p.blocks_total {
+                    println!("Partial layer {}: all {} blocks local.", p.digest, p.blocks_total);
+                } else {
+                    println!(
+                        "Partial layer {}: {} of {} blocks local (the rest is fetched from the disk's origin when read).",
+                        p.digest, p.blocks_local, p.blocks_total
+                    );
+                }
             }
             println!(
                 "Checked {} sealed layer{} ({} blocks) and the writable top.",

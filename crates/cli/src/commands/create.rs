@@ -2,9 +2,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use mcow_engine::{CreateOptions, DEFAULT_BLOCK_SIZE, Disk, disk, stack::Stack, store::LayerStore};
+
+use mcow_remote::transfer::ORIGIN_FILE;
 
 use crate::Global;
 use crate::paths::default_store;
@@ -18,7 +21,8 @@ use crate::size::{parse_size, parse_size_u32};
     Its layer store is --store, or a directory named `layers` beside DISK (DISK/../layers), \
     created if missing.\n\n\
     With --from DISK2, the new disk sits on DISK2's sealed layers and inherits its virtual size, \
-    block size and layer store. DISK2's writable top is NOT included: seal DISK2 first \
+    block size and layer store (and, if DISK2 was pulled lazily, its origin, from which both \
+    fetch missing blocks). DISK2's writable top is NOT included: seal DISK2 first \
     (`mcow seal DISK2`) if its latest writes should be part of the new disk. The layers are \
     shared, not copied, so this is instant whatever the size or depth.\n\n\
     Sizes take the suffixes K, M, G, T (powers of 1024; k also accepted), e.g. 64M, 1G, 512K, \
@@ -50,8 +54,10 @@ pub fn run(a: CreateArgs, _g: Global) -> Result<ExitCode> {
         Some(from) => {
             let m = disk::read_manifest(from).with_context(|| format!("reading disk {}", from.display()))?;
             let store = disk::resolve_store(from, &m);
-            // Check the layers now rather than at the first open of the new disk.
-            Stack::open(&LayerStore::new(&store), &m.layers, m.virtual_size, m.block_size, false)
+            // Check the layers now rather than at the first open of the new disk (partial layers
+            // of a lazily pulled DISK2 too, fetching nothing).
+            let layers = LayerStore::new(&store).with_source(Arc::new(mcow_engine::Offline), 1);
+            Stack::open(&layers, &m.layers, m.virtual_size, m.block_size, false)
                 .with_context(|| format!("opening the sealed layers of disk {}", from.display()))?;
             CreateOptions { virtual_size: m.virtual_size, block_size: m.block_size, store, layers: m.layers }
         }
@@ -66,6 +72,14 @@ pub fn run(a: CreateArgs, _g: Global) -> Result<ExitCode> {
         },
     };
     Disk::create(&a.disk, &opts).with_context(|| format!("creating disk {}", a.disk.display()))?;
+    // On a lazily pulled disk's layers, the new disk fetches missing blocks from the same origin.
+    if let Some(from) = &a.from {
+        let origin = from.join(ORIGIN_FILE);
+        if origin.exists() {
+            std::fs::copy(&origin, a.disk.join(ORIGIN_FILE))
+                .with_context(|| format!("copying {} to {}", origin.display(), a.disk.display()))?;
+        }
+    }
     let layers = opts.layers.len();
     println!(
         "Created {}: {} ({} bytes), block size {}, {} sealed layer{}, store {}",

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::Global;
 use crate::output::{OutputFormat, human_size, print_json};
-use crate::paths::open_read_only;
+use crate::paths::{Fetch, open_lazy, read_origin};
 
 /// Show a disk's size, layers, top and map.
 #[derive(Debug, clap::Args)]
@@ -22,7 +22,14 @@ use crate::paths::open_read_only;
     JSON output (--output json) is an object with the keys disk, virtual_size, block_size, \
     store, chain_digest, layer_count, layers (bottom first; each with depth, digest, file_bytes, \
     stored_blocks, extents), top (file, stored_blocks, file_bytes, journal_bytes) and \
-    map_extents. Sizes are in bytes.")]
+    map_extents. Sizes are in bytes.\n\n\
+    A disk pulled with `mcow pull --lazy` (or served from a reference) also shows its origin \
+    (the reference and manifest digest it fetches missing blocks from) and, per layer, how much \
+    of its stored data is local; in JSON, origin and origin_manifest (null for other disks) and, \
+    per layer, partial (true while the layer is a partial copy), data_bytes (its stored blocks' \
+    bytes) and local_bytes (how many of those are local: the allocated ranges of a partial \
+    copy's data region, which only ever receives blocks that matched their hashes). Nothing is \
+    fetched by `info`.")]
 pub struct InfoArgs {
     /// The disk directory.
     pub disk: PathBuf,
@@ -42,6 +49,9 @@ pub struct Info {
     pub block_size: u32,
     pub store: String,
     pub chain_digest: String,
+    /// The reference a lazily pulled disk fetches from.
+    pub origin: Option<String>,
+    pub origin_manifest: Option<String>,
     pub layer_count: usize,
     /// Bottom first.
     pub layers: Vec<LayerInfo>,
@@ -56,6 +66,9 @@ pub struct LayerInfo {
     pub file_bytes: u64,
     pub stored_blocks: u64,
     pub extents: u64,
+    pub partial: bool,
+    pub data_bytes: u64,
+    pub local_bytes: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -68,6 +81,11 @@ pub struct TopInfo {
 
 pub fn collect(disk: &Disk) -> Info {
     let i = ops::info(disk);
+    let origin = read_origin(disk.dir()).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot read the disk's origin");
+        None
+    });
+    let bs = u64::from(i.block_size);
     let n = i.layers.len();
     Info {
         disk: disk.dir().display().to_string(),
@@ -78,6 +96,8 @@ pub fn collect(disk: &Disk) -> Info {
             .display()
             .to_string(),
         chain_digest: i.chain.to_string(),
+        origin: origin.as_ref().map(|o| o.reference.clone()),
+        origin_manifest: origin.as_ref().map(|o| o.manifest_digest.to_string()),
         layer_count: n,
         layers: i
             .layers
@@ -89,6 +109,9 @@ pub fn collect(disk: &Disk) -> Info {
                 file_bytes: l.file_bytes,
                 stored_blocks: l.stored_blocks,
                 extents: l.extents,
+                partial: l.partial,
+                data_bytes: l.stored_blocks * bs,
+                local_bytes: l.local_bytes,
             })
             .collect(),
         top: TopInfo {
@@ -109,8 +132,33 @@ pub fn write_human(info: &Info, w: &mut dyn Write) -> std::io::Result<()> {
     writeln!(w, "block size: {} ({} bytes)", human_size(bs), bs)?;
     writeln!(w, "layer store: {}", info.store)?;
     writeln!(w, "chain digest: {}", info.chain_digest)?;
+    if let (Some(r), Some(m)) = (&info.origin, &info.origin_manifest) {
+        writeln!(w, "origin: {r} (manifest {m})")?;
+    }
     writeln!(w, "sealed layers: {}", info.layer_count)?;
-    if !info.layers.is_empty() {
+    if info.layers.iter().any(|l| l.partial) {
+        writeln!(
+            w,
+            "  {:>5}  {:<71}  {:>10}  {:>8}  {:>7}  LOCAL",
+            "DEPTH", "DIGEST", "FILE", "BLOCKS", "EXTENTS"
+        )?;
+        for l in info.layers.iter().rev() {
+            let local = if l.partial {
+                format!("partial: {} of {}", human_size(l.local_bytes), human_size(l.data_bytes))
+            } else {
+                "complete".to_string()
+            };
+            writeln!(
+                w,
+                "  {:>5}  {:<71}  {:>10}  {:>8}  {:>7}  {local}",
+                l.depth,
+                l.digest,
+                human_size(l.file_bytes),
+                l.stored_blocks,
+                l.extents
+            )?;
+        }
+    } else if !info.layers.is_empty() {
         writeln!(w, "  {:>5}  {:<71}  {:>10}  {:>8}  {:>7}", "DEPTH", "DIGEST", "FILE", "BLOCKS", "EXTENTS")?;
         for l in info.layers.iter().rev() {
             writeln!(
@@ -137,7 +185,8 @@ pub fn write_human(info: &Info, w: &mut dyn Write) -> std::io::Result<()> {
 }
 
 pub fn run(a: InfoArgs, _g: Global) -> Result<ExitCode> {
-    let disk = open_read_only(&a.disk, a.force_share)?;
+    let opts = mcow_engine::OpenOptions { read_only: true, verify: true, force_share: a.force_share };
+    let (disk, _) = open_lazy(&a.disk, opts, Fetch::Offline)?;
     let info = collect(&disk);
     match a.output {
         OutputFormat::Json => print_json(&info)?,

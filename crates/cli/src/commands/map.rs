@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::Global;
 use crate::output::{OutputFormat, depth_of, human_size, layer_name, print_json};
-use crate::paths::open_read_only;
+use crate::paths::{Fetch, open_lazy};
 
 /// Show where each range of a disk comes from.
 #[derive(Debug, clap::Args)]
@@ -98,7 +98,9 @@ pub fn write_human(disk: &Disk, w: &mut dyn Write) -> Result<()> {
 }
 
 pub fn run(a: MapArgs, _g: Global) -> Result<ExitCode> {
-    let disk = open_read_only(&a.disk, a.force_share)?;
+    let opts = mcow_engine::OpenOptions { read_only: true, verify: true, force_share: a.force_share };
+    // The map needs no data: a lazy disk is opened offline, fetching nothing.
+    let (disk, _) = open_lazy(&a.disk, opts, Fetch::Offline)?;
     match a.output {
         OutputFormat::Json => print_json(&collect(&disk)?)?,
         OutputFormat::Human => write_human(&disk, &mut std::io::stdout().lock())?,

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use mcow_engine::{disk, ops};
@@ -47,8 +48,20 @@ pub struct FlattenArgs {
 }
 
 fn merge(dir: &Path, n: usize, g: Global, label: &str, what: &str) -> Result<ExitCode> {
+    // A lazily pulled disk fetches the missing blocks of the layers it merges from its origin.
+    let source = match crate::paths::read_origin(dir)? {
+        Some(origin) if n > 0 => {
+            let reference = mcow_remote::Reference::parse(&origin.reference)
+                .with_context(|| format!("the origin of disk {}", dir.display()))?;
+            let remote = mcow_remote::open_remote(&reference)
+                .with_context(|| format!("opening the origin {reference} of disk {}", dir.display()))?;
+            let source: Arc<dyn mcow_engine::BlockSource> = Arc::new(mcow_remote::RemoteSource::new(remote));
+            Some((source, mcow_remote::transfer::DEFAULT_FETCH_WINDOW))
+        }
+        _ => None,
+    };
     let mut progress = Progress::new(g, label);
-    let digest = ops::merge(dir, n, &mut |d, t| progress.update(d, t))
+    let digest = ops::merge_with_source(dir, n, source, &mut |d, t| progress.update(d, t))
         .with_context(|| format!("{what} disk {}", dir.display()))?;
     progress.finish();
     println!("{digest}");

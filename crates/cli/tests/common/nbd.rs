@@ -132,12 +132,18 @@ pub struct Serve {
     pub sock: PathBuf,
     pub port: u16,
     log: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Serve {
     /// Starts `mcow serve -k DIR/NAME.sock --tcp 127.0.0.1:0 ARGS...` in `cwd` and waits until
     /// it prints both listening addresses.
     pub fn start(cwd: &Path, args: &[&str]) -> Serve {
+        Serve::start_env(cwd, args, &[])
+    }
+
+    /// [`Serve::start`] with extra environment variables (e.g. `RUST_LOG`).
+    pub fn start_env(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Serve {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let sock = cwd.join(format!("nbd{n}.sock"));
@@ -150,6 +156,7 @@ impl Serve {
             .args(args)
             .current_dir(cwd)
             .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -158,7 +165,7 @@ impl Serve {
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = mpsc::channel::<String>();
-        {
+        let reader = {
             let log = log.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines() {
@@ -166,9 +173,9 @@ impl Serve {
                     log.lock().unwrap().push_str(&format!("{line}\n"));
                     let _ = tx.send(line);
                 }
-            });
-        }
-        let mut serve = Serve { child: Some(child), sock: sock.clone(), port: 0, log };
+            })
+        };
+        let mut serve = Serve { child: Some(child), sock: sock.clone(), port: 0, log, reader: Some(reader) };
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut unix_seen = false;
         while serve.port == 0 || !unix_seen {
@@ -230,6 +237,17 @@ impl Serve {
             panic!("mcow serve did not exit within 20 s of SIGTERM; stderr:\n{}", self.log());
         };
         (st.code().unwrap_or(-1), start.elapsed())
+    }
+
+    /// [`Serve::stop`], then returns everything the server printed on stderr (read to the end).
+    pub fn stop_with_log(mut self) -> String {
+        let reader = self.reader.take();
+        let log = self.log.clone();
+        self.stop();
+        if let Some(r) = reader {
+            let _ = r.join();
+        }
+        log.lock().unwrap().clone()
     }
 
     /// SIGTERM; asserts the server exits 0 and removed its socket.

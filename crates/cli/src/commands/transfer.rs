@@ -1,0 +1,196 @@
+//! `mcow push` and `mcow pull`: disk images in remote storage (`mcow-remote` does the moving;
+//! this is argument parsing, progress and output).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use mcow_engine::{OpenOptions, disk};
+use mcow_remote::Reference;
+use serde::Serialize;
+
+use crate::Global;
+use crate::output::{OutputFormat, human_size, print_json};
+use crate::paths::{Fetch, default_store, open_lazy};
+use crate::progress::Progress;
+
+/// What `push`, `pull` and `serve` accept as a reference, with the syntax in their help.
+pub const REFERENCE_HELP: &str = "References: file://PATH[:TAG] (an OCI image layout in a local \
+    directory), http(s)://HOST[:PORT]/PATH[:TAG] (the same layout on a web server, read-only), \
+    oci://HOST[:PORT]/REPOSITORY[:TAG] (an OCI registry), s3://BUCKET[/PREFIX][:TAG] \
+    (S3-compatible storage: MCOW_S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY); \
+    @sha256:<hex> after any of them pins the manifest. The tag defaults to `latest`. Which \
+    backends are available depends on the build.";
+
+fn parse_reference(text: &str) -> Result<Reference> {
+    Reference::parse(text).map_err(anyhow::Error::new)
+}
+
+/// Push a disk's sealed layers to remote storage as an image.
+#[derive(Debug, clap::Args)]
+#[command(long_about = "Push DISK's sealed layers to REF as a disk image: each layer is uploaded unless \
+    the remote already holds it (layers are named by content, so images sharing a base share its \
+    blob), then the image config and manifest, tagged. Prints the manifest digest and what was \
+    uploaded.\n\n\
+    DISK's writable top is NOT pushed: seal it first (`mcow seal DISK`) if its writes should be \
+    part of the image; push warns when the top holds changes. Every layer must be complete \
+    locally (a disk pulled with --lazy must be read in full, or pulled again without --lazy).\n\n\
+    JSON output (--output json): an object with reference, manifest_digest, layers, uploaded, \
+    bytes_uploaded and already_there.\n\n\
+    Example:\n  mcow seal vm1 && mcow push vm1 file:///srv/images/vm:v1")]
+#[command(after_help = REFERENCE_HELP)]
+pub struct PushArgs {
+    /// The disk directory.
+    pub disk: PathBuf,
+    /// Where to push, e.g. file:///srv/images/vm:v1 or oci://registry:5000/mcow/vm:v1.
+    #[arg(value_name = "REF")]
+    pub reference: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Serialize)]
+struct PushJson {
+    reference: String,
+    manifest_digest: String,
+    layers: usize,
+    uploaded: usize,
+    bytes_uploaded: u64,
+    already_there: usize,
+}
+
+pub fn run_push(a: PushArgs, g: Global) -> Result<ExitCode> {
+    let reference = parse_reference(&a.reference)?;
+    {
+        let opts = OpenOptions { read_only: true, verify: true, force_share: true };
+        let (d, _) = open_lazy(&a.disk, opts, Fetch::Offline)?;
+        let changes = d.top().extents().len();
+        if changes > 0 {
+            eprintln!(
+                "mcow: warning: the writable top of {} holds changes ({} stored blocks) that are not pushed; \
+                 run `mcow seal {}` first to include them",
+                a.disk.display(),
+                d.top().stored_blocks(),
+                a.disk.display()
+            );
+        }
+    }
+    let mut progress = Progress::new(g, "pushing");
+    let report = mcow_remote::push(&a.disk, &reference, &mut |d, t| progress.update(d, t))
+        .with_context(|| format!("pushing disk {} to {reference}", a.disk.display()))?;
+    progress.finish();
+    let already = report.layers - report.uploaded;
+    match a.output {
+        OutputFormat::Json => print_json(&PushJson {
+            reference: reference.to_string(),
+            manifest_digest: report.manifest_digest.to_string(),
+            layers: report.layers,
+            uploaded: report.uploaded,
+            bytes_uploaded: report.bytes_uploaded,
+            already_there: already,
+        })?,
+        OutputFormat::Human => {
+            println!("Pushed {} to {reference}", a.disk.display());
+            println!("manifest: {}", report.manifest_digest);
+            println!(
+                "{} layer{}, {} uploaded ({}, {} bytes), {} already there",
+                report.layers,
+                if report.layers == 1 { "" } else { "s" },
+                report.uploaded,
+                human_size(report.bytes_uploaded),
+                report.bytes_uploaded,
+                already
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Pull a disk image into a new disk.
+#[derive(Debug, clap::Args)]
+#[command(long_about = "Create the disk directory DIR from the image at REF: its sealed layers go to the \
+    layer store (--store, or `layers` beside DIR, like `mcow create`), and DIR gets an empty \
+    writable top on them. Layers already in the store are not fetched again. Prints the manifest \
+    digest and the bytes fetched.\n\n\
+    In full (the default), every layer is downloaded and checked against its digest.\n\n\
+    With --lazy, only each layer's header and index are fetched (checked against the manifest); \
+    the disk records its origin in DIR/remote.json, and data blocks are fetched when first read \
+    (by `mcow serve`, export, read, ...), each checked against its hash and kept in the local \
+    partial copy (STORE/partial/sha256/<hex>). `mcow info` shows how much is local.\n\n\
+    JSON output (--output json): an object with reference, disk, store, manifest_digest, \
+    layers, layers_local (already in the store), bytes_fetched and lazy.")]
+#[command(after_help = REFERENCE_HELP)]
+pub struct PullArgs {
+    /// The image, e.g. file:///srv/images/vm:v1.
+    #[arg(value_name = "REF")]
+    pub reference: String,
+    /// Directory of the new disk (created; must not already hold a disk).
+    pub dir: PathBuf,
+    /// Fetch only layer headers and indexes now; data blocks on demand.
+    #[arg(long)]
+    pub lazy: bool,
+    /// Layer store directory [default: DIR/../layers].
+    #[arg(long, value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Serialize)]
+struct PullJson {
+    reference: String,
+    disk: String,
+    store: String,
+    manifest_digest: String,
+    layers: usize,
+    layers_local: usize,
+    bytes_fetched: u64,
+    lazy: bool,
+}
+
+pub fn run_pull(a: PullArgs, g: Global) -> Result<ExitCode> {
+    let reference = parse_reference(&a.reference)?;
+    if a.dir.join(disk::MANIFEST_FILE).exists() {
+        bail!("pulling into {}: it already holds a disk", a.dir.display());
+    }
+    let store = match a.store {
+        Some(s) => s,
+        None => default_store(&a.dir)?,
+    };
+    let mut progress = Progress::new(g, "pulling");
+    let report = mcow_remote::pull(&reference, &a.dir, &store, a.lazy, &mut |d, t| progress.update(d, t))
+        .with_context(|| format!("pulling {reference} into {}", a.dir.display()))?;
+    progress.finish();
+    match a.output {
+        OutputFormat::Json => print_json(&PullJson {
+            reference: reference.to_string(),
+            disk: a.dir.display().to_string(),
+            store: store.display().to_string(),
+            manifest_digest: report.manifest_digest.to_string(),
+            layers: report.layers,
+            layers_local: report.layers_local,
+            bytes_fetched: report.bytes_fetched,
+            lazy: a.lazy,
+        })?,
+        OutputFormat::Human => {
+            println!(
+                "Pulled {reference} into {}{}",
+                a.dir.display(),
+                if a.lazy { " (lazily: data blocks are fetched when read)" } else { "" }
+            );
+            println!("manifest: {}", report.manifest_digest);
+            println!(
+                "{} layer{} ({} already local), {} fetched ({} bytes), store {}",
+                report.layers,
+                if report.layers == 1 { "" } else { "s" },
+                report.layers_local,
+                human_size(report.bytes_fetched),
+                report.bytes_fetched,
+                store.display()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,461 @@
+//! HTTP plumbing shared by the registry (`registry`) and plain-HTTP (`http`) backends: one
+//! `ureq` agent with timeouts, the retry policy, error mapping (404 is `NotFound`; transport
+//! errors, 5xx, 429 and short bodies are transient), ranged reads that insist on exactly the
+//! bytes asked for, streamed downloads, and `WWW-Authenticate` parsing.
+//!
+//! Tuning from the environment (all optional, read when a backend is opened):
+//! - `MCOW_HTTP_CONNECT_TIMEOUT_MS` (default 5000): TCP connect timeout;
+//! - `MCOW_HTTP_TIMEOUT_MS` (default 30000): time to send a request and get the response headers,
+//!   and the longest stall allowed for any single read or write of a body;
+//! - `MCOW_RETRY_ATTEMPTS` (default 6) and `MCOW_RETRY_DEADLINE_MS` (default 30000): how hard each
+//!   request is retried after transient failures (see `retry`).
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use ureq::http::{Response, StatusCode};
+
+use crate::error::{RemoteError, Result};
+use crate::retry::RetryPolicy;
+
+/// Timeouts and retries of an HTTP backend.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpConfig {
+    pub connect_timeout: Duration,
+    /// Sending a request and receiving its response headers; also the longest stall of any one
+    /// body read or write (whole transfers of large blobs are not bounded).
+    pub request_timeout: Duration,
+    pub retry: RetryPolicy,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+fn env_ms(name: &str) -> Option<Duration> {
+    let v = std::env::var(name).ok()?;
+    match v.trim().parse::<u64>() {
+        Ok(ms) => Some(Duration::from_millis(ms)),
+        Err(_) => {
+            tracing::warn!("ignoring {name}={v:?}: expected milliseconds");
+            None
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The defaults, overridden by `MCOW_HTTP_CONNECT_TIMEOUT_MS`, `MCOW_HTTP_TIMEOUT_MS`,
+    /// `MCOW_RETRY_ATTEMPTS` and `MCOW_RETRY_DEADLINE_MS` when set.
+    pub fn from_env() -> HttpConfig {
+        let mut c = HttpConfig::default();
+        if let Some(d) = env_ms("MCOW_HTTP_CONNECT_TIMEOUT_MS") {
+            c.connect_timeout = d;
+        }
+        if let Some(d) = env_ms("MCOW_HTTP_TIMEOUT_MS") {
+            c.request_timeout = d;
+        }
+        if let Some(d) = env_ms("MCOW_RETRY_DEADLINE_MS") {
+            c.retry.deadline = d;
+        }
+        if let Ok(v) = std::env::var("MCOW_RETRY_ATTEMPTS") {
+            match v.trim().parse::<u32>() {
+                Ok(n) if n > 0 => c.retry.attempts = n,
+                _ => tracing::warn!("ignoring MCOW_RETRY_ATTEMPTS={v:?}: expected a positive count"),
+            }
+        }
+        c
+    }
+}
+
+/// An agent and a retry policy.
+pub struct HttpClient {
+    pub agent: ureq::Agent,
+    pub retry: RetryPolicy,
+}
+
+impl HttpClient {
+    pub fn new(config: &HttpConfig) -> HttpClient {
+        let t = Some(config.request_timeout);
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(config.connect_timeout))
+            .timeout_send_request(t)
+            .timeout_recv_response(t)
+            .timeout_per_read(t)
+            .timeout_per_write(t)
+            .user_agent(concat!("mcow/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        HttpClient { agent, retry: config.retry }
+    }
+}
+
+/// Maps a ureq failure (no HTTP answer) to our error: network trouble is transient, a bad URL or
+/// header is not.
+pub fn transport_error(method: &'static str, url: &str, e: ureq::Error) -> RemoteError {
+    match e {
+        ureq::Error::BadUri(_) | ureq::Error::Http(_) | ureq::Error::InvalidProxyUrl => {
+            RemoteError::Invalid(format!("{method} {url}: {e}"))
+        }
+        ureq::Error::StatusCode(status) => {
+            RemoteError::Http { method, url: url.to_string(), status, body: String::new() }
+        }
+        other => RemoteError::Transport { method, url: url.to_string(), reason: other.to_string() },
+    }
+}
+
+/// A body read that failed midway: transient (the connection broke or timed out).
+pub fn body_error(method: &'static str, url: &str, e: impl std::fmt::Display) -> RemoteError {
+    RemoteError::Transport { method, url: url.to_string(), reason: format!("reading the body: {e}") }
+}
+
+/// Turns an unexpected answer into an error: 404 (and 416 when `range` is set) become
+/// `NotFound`, others `Http` with the start of the body (error JSON from registries).
+pub fn status_error(
+    method: &'static str,
+    url: &str,
+    what: &str,
+    mut resp: Response<ureq::Body>,
+) -> RemoteError {
+    let status = resp.status().as_u16();
+    let mut body = String::new();
+    if method != "HEAD" {
+        let mut buf = Vec::new();
+        let _ = resp.body_mut().as_reader().take(2048).read_to_end(&mut buf);
+        body = String::from_utf8_lossy(&buf).trim().to_string();
+    }
+    if status == 404 {
+        return RemoteError::NotFound { what: what.to_string(), location: url.to_string() };
+    }
+    RemoteError::Http { method, url: url.to_string(), status, body }
+}
+
+/// Reads exactly `len` bytes of a ranged answer for `offset`. A 206 must say it starts at
+/// `offset`; a 200 (the server ignored `Range`) is read up to the wanted bytes and then dropped.
+/// A body that ends early is a transient error.
+pub fn read_range_body(
+    method: &'static str,
+    url: &str,
+    mut resp: Response<ureq::Body>,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<u8>> {
+    let mut skip = 0;
+    if resp.status() == StatusCode::PARTIAL_CONTENT {
+        let cr = header(&resp, "content-range").unwrap_or_default();
+        let start = cr
+            .strip_prefix("bytes ")
+            .and_then(|r| r.split_once('-'))
+            .and_then(|(s, _)| s.trim().parse::<u64>().ok());
+        if start != Some(offset) {
+            return Err(RemoteError::Invalid(format!(
+                "{method} {url}: asked for bytes from {offset}, got Content-Range {cr:?}"
+            )));
+        }
+        // A range running over the end is clamped by some servers: that is no transient failure.
+        if let Some(total) = cr.rsplit_once('/').and_then(|(_, t)| t.trim().parse::<u64>().ok())
+            && offset + len > total
+        {
+            return Err(RemoteError::Invalid(format!(
+                "{method} {url}: bytes {offset}..{} asked for, but the object has {total}",
+                offset + len
+            )));
+        }
+    } else {
+        // 200: the whole object. Skip to the range and read only what is needed.
+        if let Some(total) = content_length(&resp)
+            && offset + len > total
+        {
+            return Err(RemoteError::Invalid(format!(
+                "{method} {url}: bytes {offset}..{} asked for, but the object has {total}",
+                offset + len
+            )));
+        }
+        tracing::warn!(url, offset, len, "server ignored the Range header; reading the whole body");
+        skip = offset;
+    }
+    let mut reader = resp.body_mut().as_reader();
+    if skip > 0 {
+        let skipped = std::io::copy(&mut (&mut reader).take(skip), &mut std::io::sink())
+            .map_err(|e| body_error(method, url, e))?;
+        if skipped < skip {
+            return Err(RemoteError::Invalid(format!(
+                "{method} {url}: the object has {skipped} bytes, fewer than offset {offset}"
+            )));
+        }
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    (&mut reader).take(len).read_to_end(&mut buf).map_err(|e| body_error(method, url, e))?;
+    if (buf.len() as u64) < len {
+        return Err(RemoteError::Transport {
+            method,
+            url: url.to_string(),
+            reason: format!("short body: got {} of {len} bytes at offset {offset}", buf.len()),
+        });
+    }
+    Ok(buf)
+}
+
+/// Reads a whole body of at most `limit` bytes; checks Content-Length when there is one.
+pub fn read_body(
+    method: &'static str,
+    url: &str,
+    mut resp: Response<ureq::Body>,
+    limit: u64,
+) -> Result<Vec<u8>> {
+    let expected = content_length(&resp);
+    if let Some(n) = expected
+        && n > limit
+    {
+        return Err(RemoteError::Invalid(format!(
+            "{method} {url}: {n} bytes is more than the {limit} allowed"
+        )));
+    }
+    let mut buf = Vec::new();
+    resp.body_mut()
+        .as_reader()
+        .take(limit + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| body_error(method, url, e))?;
+    if buf.len() as u64 > limit {
+        return Err(RemoteError::Invalid(format!("{method} {url}: more than the {limit} bytes allowed")));
+    }
+    if let Some(n) = expected
+        && (buf.len() as u64) < n
+    {
+        return Err(RemoteError::Transport {
+            method,
+            url: url.to_string(),
+            reason: format!("short body: got {} of {n} bytes", buf.len()),
+        });
+    }
+    Ok(buf)
+}
+
+/// Streams a body into a new file at `dest`, reporting bytes so far. A body shorter than its
+/// Content-Length is a transient error.
+pub fn body_to_file(
+    method: &'static str,
+    url: &str,
+    mut resp: Response<ureq::Body>,
+    dest: &Path,
+    progress: &mut dyn FnMut(u64),
+) -> Result<u64> {
+    let expected = content_length(&resp);
+    let mut out = File::create(dest).map_err(RemoteError::io("create", dest))?;
+    let mut reader = resp.body_mut().as_reader();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(body_error(method, url, e)),
+        };
+        out.write_all(&buf[..n]).map_err(RemoteError::io("write", dest))?;
+        done += n as u64;
+        progress(done);
+    }
+    out.flush().map_err(RemoteError::io("write", dest))?;
+    if let Some(n) = expected
+        && done < n
+    {
+        return Err(RemoteError::Transport {
+            method,
+            url: url.to_string(),
+            reason: format!("short body: got {done} of {n} bytes"),
+        });
+    }
+    Ok(done)
+}
+
+/// A header's value as text.
+pub fn header(resp: &Response<ureq::Body>, name: &str) -> Option<String> {
+    resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+}
+
+fn content_length(resp: &Response<ureq::Body>) -> Option<u64> {
+    header(resp, "content-length").and_then(|v| v.trim().parse().ok())
+}
+
+/// A reader that reports how many bytes went through it.
+pub struct ProgressReader<'a, R> {
+    pub inner: R,
+    pub done: u64,
+    pub progress: &'a mut dyn FnMut(u64),
+}
+
+impl<R: Read> Read for ProgressReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.done += n as u64;
+        (self.progress)(self.done);
+        Ok(n)
+    }
+}
+
+/// One challenge of a `WWW-Authenticate` header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    /// Lower case: `bearer`, `basic`, ...
+    pub scheme: String,
+    /// Parameter names in lower case.
+    pub params: Vec<(String, String)>,
+}
+
+impl Challenge {
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Parses a `WWW-Authenticate` value such as
+/// `Bearer realm="https://auth/token",service="registry",scope="repository:a/b:pull,push"`
+/// (quoted values may hold commas) or `Basic realm="r"`. Several challenges may follow each
+/// other; a new one starts at a token that is not followed by `=`.
+pub fn parse_www_authenticate(value: &str) -> Vec<Challenge> {
+    let mut out: Vec<Challenge> = Vec::new();
+    let s = value.as_bytes();
+    let mut i = 0;
+    let skip_ws = |i: &mut usize| {
+        while *i < s.len() && (s[*i] == b' ' || s[*i] == b'\t' || s[*i] == b',') {
+            *i += 1;
+        }
+    };
+    loop {
+        skip_ws(&mut i);
+        if i >= s.len() {
+            break;
+        }
+        let start = i;
+        while i < s.len() && !matches!(s[i], b' ' | b'\t' | b',' | b'=') {
+            i += 1;
+        }
+        let token = &value[start..i];
+        // Look past spaces for '='.
+        let mut j = i;
+        while j < s.len() && (s[j] == b' ' || s[j] == b'\t') {
+            j += 1;
+        }
+        if j < s.len() && s[j] == b'=' && !out.is_empty() && !token.is_empty() {
+            // A parameter of the current challenge (token68 values such as "abc==" fall here too
+            // and are ignored gracefully).
+            i = j + 1;
+            while i < s.len() && (s[i] == b' ' || s[i] == b'\t') {
+                i += 1;
+            }
+            let mut val = String::new();
+            if i < s.len() && s[i] == b'"' {
+                i += 1;
+                while i < s.len() && s[i] != b'"' {
+                    if s[i] == b'\\' && i + 1 < s.len() {
+                        i += 1;
+                    }
+                    // Push whole UTF-8 characters.
+                    let ch_len = utf8_len(s[i]);
+                    val.push_str(&value[i..(i + ch_len).min(s.len())]);
+                    i += ch_len;
+                }
+                i += 1; // closing quote
+            } else {
+                let vs = i;
+                while i < s.len() && s[i] != b',' {
+                    i += 1;
+                }
+                val = value[vs..i].trim().to_string();
+            }
+            out.last_mut().expect("checked").params.push((token.to_ascii_lowercase(), val));
+        } else if !token.is_empty() {
+            out.push(Challenge { scheme: token.to_ascii_lowercase(), params: Vec::new() });
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+fn utf8_len(b: u8) -> usize {
+    match b {
+        0xf0..=0xff => 4,
+        0xe0..=0xef => 3,
+        0xc0..=0xdf => 2,
+        _ => 1,
+    }
+}
+
+/// Standard base64 with padding (for `Authorization: Basic`).
+pub fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        out.push(T[(n >> 18) as usize & 63] as char);
+        out.push(T[(n >> 12) as usize & 63] as char);
+        out.push(if c.len() > 1 { T[(n >> 6) as usize & 63] as char } else { '=' });
+        out.push(if c.len() > 2 { T[n as usize & 63] as char } else { '=' });
+    }
+    out
+}
+
+/// Percent-encodes a query parameter value (RFC 3986 unreserved characters stay).
+pub fn query_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_bearer_and_basic_challenges() {
+        let c = parse_www_authenticate(
+            r#"Bearer realm="http://127.0.0.1:1/token",service="reg",scope="repository:a/b:pull,push""#,
+        );
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].scheme, "bearer");
+        assert_eq!(c[0].param("realm"), Some("http://127.0.0.1:1/token"));
+        assert_eq!(c[0].param("service"), Some("reg"));
+        assert_eq!(c[0].param("scope"), Some("repository:a/b:pull,push"));
+        let c = parse_www_authenticate(r#"Basic realm="r""#);
+        assert_eq!(c, vec![Challenge { scheme: "basic".into(), params: vec![("realm".into(), "r".into())] }]);
+        let c =
+            parse_www_authenticate(r#"Basic realm="a \"q\"", Bearer realm=http://x/t, error=invalid_token"#);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].param("realm"), Some("a \"q\""));
+        assert_eq!(c[1].scheme, "bearer");
+        assert_eq!(c[1].param("realm"), Some("http://x/t"));
+        assert_eq!(c[1].param("error"), Some("invalid_token"));
+        assert!(parse_www_authenticate("").is_empty());
+        let c = parse_www_authenticate("Negotiate");
+        assert_eq!(c[0].scheme, "negotiate");
+    }
+
+    #[test]
+    fn base64_and_escaping() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"user:pa ss"), "dXNlcjpwYSBzcw==");
+        assert_eq!(query_escape("sha256:ab/c d"), "sha256%3Aab%2Fc%20d");
+    }
+}

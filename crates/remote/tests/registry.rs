@@ -1,0 +1,495 @@
+//! The OCI distribution client against a real registry (Debian's `docker-registry`): push and
+//! pull, lazy pull with verified on-demand blocks, tampering, outages, basic auth, and the
+//! bearer-token flow (through a small token-checking proxy in front of the registry).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use mcow_engine::{CreateOptions, Disk, OpenOptions};
+use mcow_format::{Digest, HEADER_SIZE};
+use mcow_remote::http_client::HttpConfig;
+use mcow_remote::registry::{Credentials, Registry};
+use mcow_remote::retry::RetryPolicy;
+use mcow_remote::transfer::{self, RemoteSource};
+use mcow_remote::{Reference, Remote, RemoteError};
+
+fn reference(text: &str) -> Reference {
+    Reference::parse(text).unwrap()
+}
+
+fn ro() -> OpenOptions {
+    OpenOptions { read_only: true, verify: true, force_share: true }
+}
+
+fn pull(r: &Reference, dir: &Path, lazy: bool) -> transfer::PullReport {
+    transfer::pull(r, &dir.join("disk"), &dir.join("layers"), lazy, &mut |_, _| {}).unwrap()
+}
+
+#[test]
+fn push_pull_roundtrip_and_dedup() {
+    let t = tempfile::tempdir().unwrap();
+    let reg = RegistryServer::start(&t.path().join("reg"), None);
+    let (disk, bytes) = build_disk(&t.path().join("a"));
+    let r = reference(&format!("oci://{}/mcow/disk:v1", reg.host()));
+
+    let mut last = 0;
+    let rep = transfer::push(&disk, &r, &mut |done, _| last = done).unwrap();
+    assert_eq!((rep.layers, rep.uploaded), (3, 3));
+    let total: u64 = layers(&disk).iter().map(|l| l.1).sum();
+    assert_eq!((rep.bytes_uploaded, last), (total, total));
+
+    let again = transfer::push(&disk, &r, &mut |_, _| {}).unwrap();
+    assert_eq!(again.uploaded, 0);
+    assert_eq!(again.manifest_digest, rep.manifest_digest);
+
+    let rep2 = pull(&r, &t.path().join("b"), false);
+    assert_eq!((rep2.layers, rep2.bytes_fetched, rep2.manifest_digest), (3, total, rep.manifest_digest));
+    let got = read_all(&Disk::open(&t.path().join("b/disk"), ro()).unwrap());
+    assert!(got == bytes, "pulled disk differs");
+
+    // By digest too.
+    let pinned = reference(&format!("oci://{}/mcow/disk@{}", reg.host(), rep.manifest_digest));
+    pull(&pinned, &t.path().join("c"), false);
+    assert!(read_all(&Disk::open(&t.path().join("c/disk"), ro()).unwrap()) == bytes);
+
+    // A second image on the same base: only its new layer goes up.
+    let base = layers(&disk)[0].0;
+    let disk2 = t.path().join("a/disk2");
+    Disk::create(
+        &disk2,
+        &CreateOptions {
+            virtual_size: SIZE,
+            block_size: BS as u32,
+            store: t.path().join("a/layers"),
+            layers: vec![base],
+        },
+    )
+    .unwrap();
+    add_layer(&disk2, 7);
+    let r2 = reference(&format!("oci://{}/mcow/disk:v2", reg.host()));
+    let rep3 = transfer::push(&disk2, &r2, &mut |_, _| {}).unwrap();
+    assert_eq!((rep3.layers, rep3.uploaded), (2, 1));
+    let want = read_all(&Disk::open(&disk2, ro()).unwrap());
+    pull(&r2, &t.path().join("d"), false);
+    assert!(read_all(&Disk::open(&t.path().join("d/disk"), ro()).unwrap()) == want);
+
+    // Missing things are NotFound.
+    let missing = reference(&format!("oci://{}/mcow/disk:nope", reg.host()));
+    let e =
+        transfer::pull(&missing, &t.path().join("e/disk"), &t.path().join("e/layers"), false, &mut |_, _| {})
+            .unwrap_err();
+    assert!(matches!(e, RemoteError::NotFound { .. }), "{e}");
+    let remote = Registry::new(&reg.base_url(), "mcow/disk");
+    remote.ping().unwrap();
+    assert!(!remote.has_blob(&Digest::of(b"nothing")).unwrap());
+    assert!(matches!(remote.get_blob(&Digest::of(b"nothing")), Err(RemoteError::NotFound { .. })));
+    // Small blobs and ranges through the trait.
+    let d = Digest::of(b"hello registry");
+    remote.put_blob_bytes(&d, b"hello registry").unwrap();
+    assert_eq!(remote.get_blob(&d).unwrap(), b"hello registry");
+    assert_eq!(remote.get_blob_range(&d, 6, 8).unwrap(), b"registry");
+    assert!(remote.get_blob_range(&d, 20, 4).is_err());
+}
+
+#[test]
+fn lazy_pull_fetches_only_what_is_read_and_never_twice() {
+    let t = tempfile::tempdir().unwrap();
+    let reg = RegistryServer::start(&t.path().join("reg"), None);
+    let (disk, bytes) = build_disk(&t.path().join("a"));
+    let r = reference(&format!("oci://{}/mcow/lazy:v1", reg.host()));
+    transfer::push(&disk, &r, &mut |_, _| {}).unwrap();
+    let total: u64 = layers(&disk).iter().map(|l| l.1).sum();
+
+    let rep = pull(&r, &t.path().join("b"), true);
+    assert!(
+        rep.bytes_fetched > 0 && rep.bytes_fetched * 20 < total,
+        "lazy pull fetched {} of {total}",
+        rep.bytes_fetched
+    );
+
+    let dir = t.path().join("b/disk");
+    {
+        // Window 1: a read of a missing block fetches that block only.
+        let (d, src) = transfer::open_lazy_disk(&dir, ro(), 1).unwrap();
+        let src = src.expect("a lazy disk has a source");
+        let mut blocks = Vec::new();
+        for layer in 0..3 {
+            blocks.extend(data_blocks_of(&d, layer).into_iter().take(2));
+        }
+        for &(vb, _) in &blocks {
+            let mut buf = vec![0u8; 4096];
+            d.read(vb * BS + 100, &mut buf).unwrap();
+            assert_eq!(buf, bytes[(vb * BS + 100) as usize..][..4096]);
+        }
+        let (fetched, requests) = src.stats();
+        assert_eq!(fetched, blocks.len() as u64 * BS, "fetched {fetched} for {} blocks", blocks.len());
+        assert_eq!(requests, blocks.len() as u64);
+    }
+    {
+        let (d, src) = transfer::open_lazy_disk(&dir, ro(), transfer::DEFAULT_FETCH_WINDOW).unwrap();
+        assert!(read_all(&d) == bytes, "lazy disk differs");
+        let (fetched, _) = src.unwrap().stats();
+        assert!(fetched > 0 && fetched <= total, "{fetched}");
+    }
+    let (d, src) = transfer::open_lazy_disk(&dir, ro(), transfer::DEFAULT_FETCH_WINDOW).unwrap();
+    assert!(read_all(&d) == bytes);
+    assert_eq!(src.unwrap().stats(), (0, 0), "everything was cached");
+}
+
+#[test]
+fn tampered_blocks_and_manifests_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let reg = RegistryServer::start(&t.path().join("reg"), None);
+    let (disk, bytes) = build_disk(&t.path().join("a"));
+    let r = reference(&format!("oci://{}/mcow/t:v1", reg.host()));
+    let rep = transfer::push(&disk, &r, &mut |_, _| {}).unwrap();
+    pull(&r, &t.path().join("b"), true);
+
+    let (d, _src) = transfer::open_lazy_disk(&t.path().join("b/disk"), ro(), 1).unwrap();
+    let top = layers(&disk)[2].0;
+    let blocks = data_blocks_of(&d, 2);
+    let (vb, pblock) = blocks[0];
+    let blob = reg.blob_file(&top);
+    let at = HEADER_SIZE as u64 + pblock * BS + 1234;
+    let mut data = std::fs::read(&blob).unwrap();
+    data[at as usize] ^= 0x55;
+    std::fs::write(&blob, &data).unwrap();
+
+    let mut buf = vec![0u8; 4096];
+    let e = d.read(vb * BS, &mut buf).unwrap_err();
+    assert!(e.to_string().contains("checksum") || e.to_string().contains("hash"), "{e}");
+    // Other blocks still read fine.
+    let (other, _) = blocks[blocks.len() - 1];
+    d.read(other * BS, &mut buf).unwrap();
+    assert_eq!(buf, bytes[(other * BS) as usize..][..4096]);
+    // Nothing bad was cached: with the byte restored, the block reads right.
+    data[at as usize] ^= 0x55;
+    std::fs::write(&blob, &data).unwrap();
+    d.read(vb * BS, &mut buf).unwrap();
+    assert_eq!(buf, bytes[(vb * BS) as usize..][..4096]);
+
+    // A manifest changed in storage is refused when pinned by digest.
+    let mfile = reg.blob_file(&rep.manifest_digest);
+    let text = std::fs::read_to_string(&mfile).unwrap();
+    // Still a valid manifest to the registry, but other bytes: one hex digit of an annotation.
+    let key = "index-digest\":\"sha256:";
+    let at = text.find(key).unwrap() + key.len();
+    let flipped = if &text[at..at + 1] == "0" { "1" } else { "0" };
+    let bad = format!("{}{flipped}{}", &text[..at], &text[at + 1..]);
+    assert_ne!(text, bad);
+    std::fs::write(&mfile, bad).unwrap();
+    let pinned = reference(&format!("oci://{}/mcow/t@{}", reg.host(), rep.manifest_digest));
+    let e =
+        transfer::pull(&pinned, &t.path().join("c/disk"), &t.path().join("c/layers"), true, &mut |_, _| {})
+            .unwrap_err();
+    assert!(matches!(e, RemoteError::DigestMismatch { .. }), "unexpected error for a tampered manifest: {e}");
+    assert!(!t.path().join("c/disk/disk.json").exists());
+}
+
+#[test]
+fn outage_fails_reads_after_bounded_retries_then_recovers() {
+    let t = tempfile::tempdir().unwrap();
+    let mut reg = RegistryServer::start(&t.path().join("reg"), None);
+    let (disk, bytes) = build_disk(&t.path().join("a"));
+    let r = reference(&format!("oci://{}/mcow/f:v1", reg.host()));
+    transfer::push(&disk, &r, &mut |_, _| {}).unwrap();
+    pull(&r, &t.path().join("b"), true);
+
+    let config = HttpConfig {
+        connect_timeout: Duration::from_secs(1),
+        request_timeout: Duration::from_secs(2),
+        retry: RetryPolicy {
+            attempts: 3,
+            first_delay: Duration::from_millis(50),
+            max_delay: Duration::from_millis(200),
+            deadline: Duration::from_secs(2),
+        },
+    };
+    let remote = Arc::new(Registry::with_config(&reg.base_url(), "mcow/f", config, None));
+    let src = Arc::new(RemoteSource::new(remote));
+    let d = Disk::open_with_source(&t.path().join("b/disk"), ro(), src.clone(), 1).unwrap();
+    let blocks: Vec<u64> =
+        (0..3).flat_map(|l| data_blocks_of(&d, l).into_iter().take(2)).map(|b| b.0).collect();
+    // One read while it is up, so the agent has a pooled connection to lose.
+    let mut buf = vec![0u8; 4096];
+    d.read(blocks[0] * BS, &mut buf).unwrap();
+
+    reg.stop();
+    for &vb in &blocks[1..] {
+        let start = Instant::now();
+        let e = d.read(vb * BS, &mut buf).unwrap_err();
+        assert!(start.elapsed() < Duration::from_secs(5), "bounded retries took {:?}", start.elapsed());
+        assert!(matches!(e, mcow_engine::Error::Io { .. }), "expected an I/O error, got {e:?}");
+    }
+
+    reg.restart();
+    for &vb in &blocks {
+        d.read(vb * BS, &mut buf).unwrap();
+        assert_eq!(buf, bytes[(vb * BS) as usize..][..4096]);
+    }
+    assert!(read_all(&d) == bytes);
+}
+
+fn htpasswd(dir: &Path, user: &str, password: &str) -> std::path::PathBuf {
+    require("htpasswd", "apache2-utils");
+    let out = {
+        let _g = fork_lock();
+        std::process::Command::new("htpasswd").args(["-Bbn", user, password]).output().unwrap()
+    };
+    assert!(out.status.success(), "htpasswd: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::create_dir_all(dir).unwrap();
+    let p = dir.join("htpasswd");
+    std::fs::write(&p, out.stdout).unwrap();
+    p
+}
+
+/// Runs this test binary's test `name` in a child process with `envs` (environment variables
+/// cannot be set safely in a multi-threaded test process).
+fn run_child(name: &str, envs: &[(&str, &str)]) {
+    let child = {
+        let _g = fork_lock();
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--nocapture", "--test-threads=1"])
+            .env("MCOW_TEST_CHILD", "1")
+            .envs(envs.iter().copied())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let out = child.wait_with_output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("1 passed"), "child {name} failed:\n{text}");
+}
+
+#[test]
+fn basic_auth() {
+    let t = tempfile::tempdir().unwrap();
+    let pw = htpasswd(&t.path().join("auth"), "alice", "s3cret pass");
+    let reg = RegistryServer::start(&t.path().join("reg"), Some(&pw));
+    let (disk, bytes) = build_disk(&t.path().join("a"));
+
+    // Credentials from MCOW_REGISTRY_USER / MCOW_REGISTRY_PASSWORD (in a child process).
+    let disk_s = disk.to_str().unwrap().to_string();
+    let work = t.path().join("child");
+    let work_s = work.to_str().unwrap().to_string();
+    let url = format!("oci://{}/mcow/auth:v1", reg.host());
+    run_child(
+        "auth_child",
+        &[
+            ("MCOW_REGISTRY_USER", "alice"),
+            ("MCOW_REGISTRY_PASSWORD", "s3cret pass"),
+            ("T_DISK", &disk_s),
+            ("T_WORK", &work_s),
+            ("T_REF", &url),
+        ],
+    );
+    assert!(read_all(&Disk::open(&work.join("full/disk"), ro()).unwrap()) == bytes);
+    // The child read the lazy disk whole: every block is local now, no credentials needed.
+    let (lazy, src) = transfer::open_lazy_disk(&work.join("lazy/disk"), ro(), 4).unwrap();
+    assert!(read_all(&lazy) == bytes);
+    assert_eq!(src.unwrap().stats(), (0, 0));
+
+    // Without or with wrong credentials: a clear 401.
+    let d = layers(&disk)[0].0;
+    for creds in [None, Some(Credentials { user: "alice".into(), password: "wrong".into() })] {
+        let bad = Registry::with_config(&reg.base_url(), "mcow/auth", HttpConfig::default(), creds.clone());
+        let e = bad.has_blob(&d).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, RemoteError::Http { status: 401, .. }), "{msg}");
+        assert!(msg.contains("MCOW_REGISTRY_USER"), "{msg}");
+        assert!(creds.is_none() || msg.contains("alice"), "{msg}");
+    }
+    let good = Registry::with_config(
+        &reg.base_url(),
+        "mcow/auth",
+        HttpConfig::default(),
+        Some(Credentials { user: "alice".into(), password: "s3cret pass".into() }),
+    );
+    assert!(good.has_blob(&d).unwrap());
+}
+
+/// The child half of `basic_auth` and `bearer_token_flow_through_a_token_proxy`: push, pull and lazy pull with credentials from the
+/// environment only. Does nothing unless started by `run_child`.
+#[test]
+fn auth_child() {
+    if std::env::var("MCOW_TEST_CHILD").is_err() {
+        return;
+    }
+    let var = |k: &str| std::env::var(k).unwrap();
+    let r = reference(&var("T_REF"));
+    let disk = std::path::PathBuf::from(var("T_DISK"));
+    let work = std::path::PathBuf::from(var("T_WORK"));
+    assert_eq!(transfer::push(&disk, &r, &mut |_, _| {}).unwrap().uploaded, 3);
+    pull(&r, &work.join("full"), false);
+    pull(&r, &work.join("lazy"), true);
+    let (d, _) = transfer::open_lazy_disk(&work.join("lazy/disk"), ro(), 4).unwrap();
+    read_all(&d);
+}
+
+/// A token-auth front for a registry: answers `/token` (checking basic credentials) with a
+/// bearer token, refuses other requests without that token (401 + a Bearer challenge), and
+/// forwards the rest to the registry, one request per connection.
+struct TokenProxy {
+    port: u16,
+    tokens_issued: Arc<AtomicUsize>,
+    challenges: Arc<AtomicUsize>,
+}
+
+const TOKEN: &str = "tok-4f9a";
+
+impl TokenProxy {
+    fn start(upstream: u16, user: &'static str, password: &'static str) -> TokenProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let tokens_issued = Arc::new(AtomicUsize::new(0));
+        let challenges = Arc::new(AtomicUsize::new(0));
+        let (ti, ch) = (tokens_issued.clone(), challenges.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let (ti, ch) = (ti.clone(), ch.clone());
+                std::thread::spawn(move || {
+                    let _ = proxy_one(conn, upstream, port, user, password, &ti, &ch);
+                });
+            }
+        });
+        TokenProxy { port, tokens_issued, challenges }
+    }
+}
+
+fn respond(mut c: &TcpStream, status: &str, extra: &str, body: &str) -> std::io::Result<()> {
+    write!(c, "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n{body}", body.len())
+}
+
+fn proxy_one(
+    client: TcpStream,
+    upstream: u16,
+    port: u16,
+    user: &str,
+    password: &str,
+    tokens: &AtomicUsize,
+    challenges: &AtomicUsize,
+) -> std::io::Result<()> {
+    client.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut r = BufReader::new(client.try_clone()?);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let target = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let mut headers = Vec::new();
+    let (mut auth, mut len) = (String::new(), 0usize);
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h)?;
+        let h = h.trim_end().to_string();
+        if h.is_empty() {
+            break;
+        }
+        let (k, v) = h
+            .split_once(':')
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .unwrap_or_default();
+        match k.as_str() {
+            "authorization" => auth = v,
+            "content-length" => len = v.parse().unwrap_or(0),
+            "connection" => {}
+            _ => headers.push(h),
+        }
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    if target.starts_with("/token") {
+        let want =
+            format!("Basic {}", mcow_remote::http_client::base64(format!("{user}:{password}").as_bytes()));
+        if auth != want || !target.contains("scope=repository%3Amcow%2Fbearer%3A") {
+            return respond(&client, "401 Unauthorized", "", "{\"details\":\"bad credentials\"}");
+        }
+        tokens.fetch_add(1, Ordering::Relaxed);
+        return respond(
+            &client,
+            "200 OK",
+            "Content-Type: application/json\r\n",
+            &format!("{{\"token\":\"{TOKEN}\"}}"),
+        );
+    }
+    if auth != format!("Bearer {TOKEN}") {
+        challenges.fetch_add(1, Ordering::Relaxed);
+        let scope = if line.starts_with("GET") || line.starts_with("HEAD") { "pull" } else { "pull,push" };
+        let challenge = format!(
+            "WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"fake\",scope=\"repository:mcow/bearer:{scope}\"\r\n"
+        );
+        return respond(&client, "401 Unauthorized", &challenge, "");
+    }
+    let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
+    let mut head = line;
+    for h in headers {
+        head.push_str(&h);
+        head.push_str("\r\n");
+    }
+    head.push_str(&format!("Content-Length: {len}\r\nConnection: close\r\n\r\n"));
+    up.write_all(head.as_bytes())?;
+    up.write_all(&body)?;
+    let mut c = client;
+    std::io::copy(&mut up, &mut c)?;
+    c.flush()
+}
+
+#[test]
+fn bearer_token_flow_through_a_token_proxy() {
+    let t = tempfile::tempdir().unwrap();
+    let reg = RegistryServer::start(&t.path().join("reg"), None);
+    let proxy = TokenProxy::start(reg.port, "bob", "hunter2");
+    let (disk, bytes) = build_disk(&t.path().join("a"));
+    let base = format!("http://127.0.0.1:{}", proxy.port);
+
+    // The whole push / pull / lazy pull, credentials from the environment (child process).
+    let work = t.path().join("child");
+    run_child(
+        "auth_child",
+        &[
+            ("MCOW_REGISTRY_USER", "bob"),
+            ("MCOW_REGISTRY_PASSWORD", "hunter2"),
+            ("T_DISK", disk.to_str().unwrap()),
+            ("T_WORK", work.to_str().unwrap()),
+            ("T_REF", &format!("oci://127.0.0.1:{}/mcow/bearer:v1", proxy.port)),
+        ],
+    );
+    assert!(read_all(&Disk::open(&work.join("full/disk"), ro()).unwrap()) == bytes);
+    let after_child = proxy.tokens_issued.load(Ordering::Relaxed);
+    assert!(after_child >= 1 && proxy.challenges.load(Ordering::Relaxed) >= 1);
+
+    // The blob calls one by one, with one client: one token serves them all.
+    let creds = Some(Credentials { user: "bob".into(), password: "hunter2".into() });
+    let remote = Registry::with_config(&base, "mcow/bearer", HttpConfig::default(), creds);
+    remote.ping().unwrap();
+    let opened = Disk::open(&disk, ro()).unwrap();
+    for layer in opened.stack().layers() {
+        let (d, f) = (layer.digest, layer.path.clone());
+        remote.put_blob(&d, &f, &mut |_| {}).unwrap();
+        assert!(remote.has_blob(&d).unwrap());
+        let whole = std::fs::read(&f).unwrap();
+        assert_eq!(remote.get_blob_range(&d, 4096, 65536).unwrap(), whole[4096..4096 + 65536]);
+        let out = t.path().join("dl");
+        remote.get_blob_to(&d, &out, &mut |_| {}).unwrap();
+        assert!(std::fs::read(&out).unwrap() == whole);
+    }
+    let issued = proxy.tokens_issued.load(Ordering::Relaxed) - after_child;
+    assert!((1..=2).contains(&issued), "tokens fetched: {issued}");
+
+    // Wrong credentials: the token server refuses them, clearly.
+    let bad = Registry::with_config(
+        &base,
+        "mcow/bearer",
+        HttpConfig::default(),
+        Some(Credentials { user: "bob".into(), password: "nope".into() }),
+    );
+    let e = bad.has_blob(&layers(&disk)[0].0).unwrap_err();
+    assert!(matches!(e, RemoteError::Http { status: 401, .. }) && e.to_string().contains("bob"), "{e}");
+}
