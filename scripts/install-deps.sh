@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs the real components the tests drive: qemu-img/qemu-io/qemu-nbd (qemu-utils) and
-# libnbd's tools (nbdinfo, nbdcopy, nbdfuse, nbdsh) plus nbdkit. Idempotent; runs apt-get only
-# for what is missing. Needs root (CI and the developers' machines run as root).
+# Installs the real components the tests drive: qemu-img/qemu-io/qemu-nbd (qemu-utils),
+# libnbd's tools (nbdinfo, nbdcopy, nbdfuse, nbdsh), nbdkit, the OCI registry docker-registry,
+# nginx, htpasswd (for the registry's basic auth) and the S3 server s3s-fs (built with cargo).
+# Idempotent: installs only what is missing. Needs root (CI and developers' machines are root).
 set -euo pipefail
 
 need=()
