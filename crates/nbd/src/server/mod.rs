@@ -41,11 +41,9 @@ pub struct ServerConfig {
     /// Largest option payload accepted during negotiation; larger ones are skipped and
     /// answered with `NBD_REP_ERR_TOO_BIG`. Default 64 KiB.
     pub max_option_len: u32,
-    /// Worker threads per connection running requests in parallel. Default 4.
+    /// Worker threads per connection running requests in parallel; each holds at most one
+    /// request, so this also bounds what a connection holds in flight. Default 4.
     pub workers_per_connection: usize,
-    /// Bytes of request payload and reply data one connection may hold in flight before
-    /// the server stops reading its requests. Default 64 MiB (at least `max_payload`).
-    pub inflight_bytes: usize,
     /// Connections served at once; more are closed on accept. Default 256.
     pub max_connections: usize,
     /// Time a client has to finish negotiation. Default 30 s.
@@ -63,7 +61,6 @@ impl Default for ServerConfig {
             max_payload: 32 << 20,
             max_option_len: 64 << 10,
             workers_per_connection: 4,
-            inflight_bytes: 64 << 20,
             max_connections: 256,
             handshake_timeout: Duration::from_secs(30),
             write_timeout: Some(Duration::from_secs(60)),
@@ -273,7 +270,6 @@ impl Server {
     pub fn with_config(mut config: ServerConfig) -> Self {
         config.max_payload = config.max_payload.max(512);
         config.workers_per_connection = config.workers_per_connection.max(1);
-        config.inflight_bytes = config.inflight_bytes.max(config.max_payload as usize);
         config.max_connections = config.max_connections.max(1);
         Self { exports: Vec::new(), config, shared: Arc::new(Shared::default()) }
     }

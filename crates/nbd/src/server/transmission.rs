@@ -1,10 +1,13 @@
-//! The transmission phase of one connection: a reader decoding requests, a small pool
-//! of workers running them against the export in parallel, and replies serialised by a
-//! writer lock.
+//! The transmission phase of one connection: a few worker threads that take turns reading
+//! one request each (under a reader lock), run it against the export, and write its reply
+//! (under a writer lock). No request changes threads, so a request costs no hand-off between
+//! threads; requests still run in parallel, and a slow one (a flush, a fetch from a remote)
+//! does not hold up the others.
 //!
-//! Owns request scheduling, back-pressure (a byte budget per connection), reply
-//! assembly and the mapping of export errors to NBD error values. Does not own
-//! negotiation ([`super::handshake`]) nor byte layouts ([`crate::proto`]).
+//! Owns request scheduling, back-pressure (each worker holds at most one request, so a
+//! connection holds at most `workers` requests), reply assembly and the mapping of export
+//! errors to NBD error values. Does not own negotiation ([`super::handshake`]) nor byte
+//! layouts ([`crate::proto`]).
 //!
 //! Ordering: requests run in any order, as the protocol allows. A flush covers every
 //! write already answered, because a write is answered only after the export returned.
@@ -12,8 +15,7 @@
 use std::io::{self, BufReader, IoSlice, Read};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, sync_channel};
-use std::sync::{Condvar, Mutex};
+use std::sync::Mutex;
 use std::thread;
 
 use super::handshake::ConnError;
@@ -63,31 +65,10 @@ impl Stats {
     }
 }
 
-/// Bytes a connection may hold in flight; the reader waits when it is spent.
-struct Budget {
-    available: Mutex<usize>,
-    returned: Condvar,
-}
-
-impl Budget {
-    fn acquire(&self, n: usize) {
-        let mut a = lock(&self.available);
-        while *a < n {
-            a = self.returned.wait(a).unwrap_or_else(std::sync::PoisonError::into_inner);
-        }
-        *a -= n;
-    }
-    fn release(&self, n: usize) {
-        *lock(&self.available) += n;
-        self.returned.notify_all();
-    }
-}
-
-/// A request handed to a worker.
+/// A request read by a worker.
 struct Job {
     req: Request,
     payload: Vec<u8>,
-    cost: usize,
 }
 
 /// State shared by the reader and the workers of one connection.
@@ -97,7 +78,10 @@ struct Conn<'a, S> {
     params: TransmissionParams,
     writer: Mutex<S>,
     broken: AtomicBool,
-    budget: Budget,
+    /// Set once the request stream has ended (or failed); workers then stop reading.
+    ended: AtomicBool,
+    /// The first error that ended the request stream.
+    error: Mutex<Option<ConnError>>,
     stats: &'a Stats,
 }
 
@@ -138,52 +122,77 @@ pub(crate) fn run<S: Transport>(
         params,
         writer: Mutex::new(writer),
         broken: AtomicBool::new(false),
-        budget: Budget { available: Mutex::new(ctx.config.inflight_bytes), returned: Condvar::new() },
+        ended: AtomicBool::new(false),
+        error: Mutex::new(None),
         stats,
     };
-    let workers = ctx.config.workers_per_connection;
-    let (tx, rx) = sync_channel::<Job>(workers * 2);
-    let rx = Mutex::new(rx);
+    let reader = Mutex::new(BufReader::with_capacity(READ_BUFFER, stream));
+    let workers = ctx.config.workers_per_connection.max(1);
     thread::scope(|scope| {
-        for i in 0..workers {
-            let spawned = thread::Builder::new()
-                .name(format!("nbd-worker-{i}"))
-                .spawn_scoped(scope, || conn.worker(&rx));
+        for i in 1..workers {
+            let spawned =
+                thread::Builder::new().name(format!("nbd-worker-{i}")).spawn_scoped(scope, || conn.worker(&reader));
             if let Err(e) = spawned {
-                if i == 0 {
-                    return Err(ConnError::Io(e));
-                }
                 tracing::warn!(error = %e, "started fewer workers than configured");
                 break;
             }
         }
-        let mut reader = BufReader::with_capacity(READ_BUFFER, stream);
-        let result = conn.read_loop(&mut reader, |job| tx.send(job).is_ok());
-        drop(tx);
-        result
-    })
+        // This thread is a worker too.
+        conn.worker(&reader);
+    });
+    match lock(&conn.error).take() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 impl<S: Transport> Conn<'_, S> {
-    /// Reads requests and dispatches them until the stream ends. Requests that can be
-    /// refused without the export are answered here.
-    fn read_loop<R: Read>(&self, r: &mut R, mut dispatch: impl FnMut(Job) -> bool) -> Result<(), ConnError> {
+    /// Takes turns with the other workers: reads one request under the reader lock, then runs
+    /// it and sends its reply, until the request stream ends.
+    fn worker<R: Read>(&self, reader: &Mutex<R>) {
+        let mut buf: Vec<u8> = Vec::new();
         loop {
-            if self.broken.load(Ordering::SeqCst) {
-                return Ok(());
+            let job = {
+                let mut r = lock(reader);
+                if self.ended.load(Ordering::SeqCst) || self.broken.load(Ordering::SeqCst) {
+                    return;
+                }
+                match self.read_request(&mut *r) {
+                    Ok(Some(job)) => job,
+                    Ok(None) => {
+                        self.ended.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    Err(e) => {
+                        self.ended.store(true, Ordering::SeqCst);
+                        lock(&self.error).get_or_insert(e);
+                        return;
+                    }
+                }
+            };
+            if !self.broken.load(Ordering::SeqCst) {
+                self.execute(&job, &mut buf);
             }
+            if buf.capacity() > KEEP_BUFFER {
+                buf = Vec::new();
+            }
+        }
+    }
+
+    /// Reads the next request to run. Requests that can be refused without the export are
+    /// answered here; `None` when the client disconnects (or sends DISC).
+    fn read_request<R: Read>(&self, r: &mut R) -> Result<Option<Job>, ConnError> {
+        loop {
             let mut hdr = [0u8; REQUEST_HEADER_LEN];
-            match read_exact_or_eof(r, &mut hdr) {
-                Ok(true) => {}
-                Ok(false) => return Ok(()),
-                Err(e) => return Err(e.into()),
+            if !read_exact_or_eof(r, &mut hdr)? {
+                return Ok(None);
             }
             // A bad magic means the stream is out of step; nothing after it can be trusted.
             let req = Request::decode(&hdr)?;
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             if req.command == Command::Disc {
                 tracing::debug!("client sent NBD_CMD_DISC");
-                return Ok(());
+                return Ok(None);
             }
             if let Err(e) = req.check(&self.params) {
                 tracing::debug!(command = %req.command, offset = req.offset, length = req.length, error = %e, "request refused");
@@ -192,40 +201,12 @@ impl<S: Transport> Conn<'_, S> {
                 self.send_error(&req, e);
                 continue;
             }
-            let cost = match req.command {
-                Command::Read | Command::Write => req.length as usize,
-                _ => 0,
-            };
-            self.budget.acquire(cost);
             let mut payload = Vec::new();
             if req.command == Command::Write {
                 payload = vec![0u8; req.length as usize];
-                if let Err(e) = r.read_exact(&mut payload) {
-                    self.budget.release(cost);
-                    return Err(e.into());
-                }
+                r.read_exact(&mut payload)?;
             }
-            if !dispatch(Job { req, payload, cost }) {
-                self.budget.release(cost);
-                return Ok(());
-            }
-        }
-    }
-
-    fn worker(&self, rx: &Mutex<Receiver<Job>>) {
-        let mut buf: Vec<u8> = Vec::new();
-        loop {
-            let job = match lock(rx).recv() {
-                Ok(j) => j,
-                Err(_) => return,
-            };
-            if !self.broken.load(Ordering::SeqCst) {
-                self.execute(&job, &mut buf);
-            }
-            if buf.capacity() > KEEP_BUFFER {
-                buf = Vec::new();
-            }
-            self.budget.release(job.cost);
+            return Ok(Some(Job { req, payload }));
         }
     }
 
