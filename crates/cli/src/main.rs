@@ -75,6 +75,7 @@ enum Command {
     Write(WriteArgs),
     Demo(demo::DemoArgs),
     Serve(serve::ServeArgs),
+    Trace(serve::TraceArgs),
 }
 
 fn init_logging() {
@@ -132,6 +133,7 @@ fn main() -> ExitCode {
         Command::Write(a) => commands::readwrite::run_write(a, g),
         Command::Demo(a) => demo::run(a, g),
         Command::Serve(a) => serve::run(&a).map(|()| ExitCode::SUCCESS),
+        Command::Trace(a) => serve::run_traced(&a.serve, Some(&a.out)).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

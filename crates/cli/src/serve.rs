@@ -5,7 +5,8 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
 use mcow_engine::{Disk, OpenOptions, RunKind, TOP};
@@ -23,12 +24,19 @@ pub const DEPTH_CONTEXT: &str = "mcow:allocation-depth";
 
 /// A disk seen as an NBD export. One instance is shared by every connection.
 pub struct DiskExport {
-    disk: Disk,
+    disk: Arc<Disk>,
+    trace: Option<Arc<TraceRecorder>>,
 }
 
 impl DiskExport {
-    pub fn new(disk: Disk) -> DiskExport {
-        DiskExport { disk }
+    pub fn new(disk: Arc<Disk>) -> DiskExport {
+        DiskExport { disk, trace: None }
+    }
+
+    /// Records the order of first reads into `trace`.
+    pub fn with_trace(mut self, trace: Arc<TraceRecorder>) -> DiskExport {
+        self.trace = Some(trace);
+        self
     }
 
     fn sync_if(&self, fua: bool) -> io::Result<()> {
@@ -51,6 +59,9 @@ impl Export for DiskExport {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        if let Some(t) = &self.trace {
+            t.note(offset, buf.len() as u64);
+        }
         Ok(self.disk.read(offset, buf)?)
     }
 
@@ -107,6 +118,83 @@ impl Export for DiskExport {
     }
 }
 
+/// Records which blocks are read first, in order: one bit per block says whether it was seen.
+pub struct TraceRecorder {
+    block_size: u32,
+    seen: Vec<AtomicU64>,
+    order: Mutex<Vec<u64>>,
+}
+
+impl TraceRecorder {
+    pub fn new(disk: &Disk) -> TraceRecorder {
+        let blocks = disk.size().div_ceil(u64::from(disk.block_size()));
+        TraceRecorder {
+            block_size: disk.block_size(),
+            seen: (0..blocks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            order: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn note(&self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let bs = u64::from(self.block_size);
+        for b in offset / bs..=(offset + len - 1) / bs {
+            let (w, m) = ((b / 64) as usize, 1u64 << (b % 64));
+            if let Some(word) = self.seen.get(w)
+                && word.fetch_or(m, Ordering::Relaxed) & m == 0
+            {
+                self.order.lock().unwrap_or_else(|p| p.into_inner()).push(b);
+            }
+        }
+    }
+
+    /// The trace so far.
+    pub fn trace(&self) -> mcow_remote::image::Trace {
+        let blocks = self.order.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        mcow_remote::image::Trace { block_size: self.block_size, blocks }
+    }
+}
+
+/// Fetches in the background what a lazy disk will likely need: first the blocks of its
+/// image's trace, in order; then, with `all`, every remaining block of its partial layers,
+/// after which those layers are complete and move into the store. Stops early when `stop` is
+/// set. Errors are logged (the blocks are fetched again on demand).
+fn background_fetch(disk: Arc<Disk>, trace: Option<Vec<u64>>, all: bool, stop: Arc<AtomicBool>) {
+    let mut scratch = Vec::new();
+    let mut prefetched = 0u64;
+    for vb in trace.unwrap_or_default() {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        match disk.prefetch(vb, &mut scratch) {
+            Ok(()) => prefetched += 1,
+            Err(e) => tracing::warn!(block = vb, error = %e, "prefetch failed"),
+        }
+    }
+    tracing::info!(disk = %disk.dir().display(), blocks = prefetched, "prefetched the trace");
+    if !all {
+        return;
+    }
+    for layer in disk.stack().layers().iter().filter(|l| l.is_partial()) {
+        if let Err(e) = layer.fetch_all(&stop) {
+            tracing::warn!(layer = %layer.digest, error = %e, "background download failed");
+            continue;
+        }
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        match disk.store().complete_partial(&layer.digest) {
+            Ok(true) => tracing::info!(layer = %layer.digest, "layer is complete"),
+            Ok(false) => {
+                tracing::warn!(layer = %layer.digest, "layer fetched but does not hash to its digest")
+            }
+            Err(e) => tracing::warn!(layer = %layer.digest, error = %e, "completing the layer failed"),
+        }
+    }
+}
+
 /// Serve disks over NBD (to QEMU, qemu-img, libnbd tools, nbdfuse).
 #[derive(Debug, clap::Args)]
 #[command(long_about = "Serve one or more disks over the Network Block Device protocol until SIGINT or \
@@ -155,6 +243,32 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BLOCKS", default_value_t = DEFAULT_FETCH_WINDOW,
           value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub fetch_window: u64,
+    /// For lazily pulled disks whose image carries a trace (see `mcow trace`): do not prefetch
+    /// its blocks in the background.
+    #[arg(long)]
+    pub no_prefetch: bool,
+    /// For lazily pulled disks: download every remaining block in the background (after the
+    /// trace), so the disk no longer needs its origin; complete layers move into the store.
+    #[arg(long)]
+    pub fetch_all: bool,
+}
+
+/// Serve one disk and record the order in which its blocks are first read.
+#[derive(Debug, clap::Args)]
+#[command(long_about = "Serve one disk over NBD, exactly like `mcow serve`, and record the order in which \
+    its blocks are first read (for example during a VM boot). At exit (SIGINT/SIGTERM) the trace \
+    is written to --out as JSON ({\"block_size\": N, \"blocks\": [first-read block numbers]}). \
+    Push it with the image (`mcow push DISK REF --trace FILE`): serving the image lazily then \
+    fetches those blocks in the background, in that order, before they are asked for.\n\n\
+    Example:\n  mcow trace vm --out boot.trace -k /tmp/nbd.sock &\n  \
+    (boot a VM from nbd+unix:///vm?socket=/tmp/nbd.sock, then stop mcow)\n  \
+    mcow push vm oci://127.0.0.1:5000/mcow/vm:v1 --trace boot.trace")]
+pub struct TraceArgs {
+    /// Where to write the trace.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub serve: ServeArgs,
 }
 
 /// The default NBD address: the protocol's port, on loopback only.
@@ -241,14 +355,50 @@ fn resolve_target(spec: &str, cache: &Path) -> Result<Target> {
 
 /// Opens the disks and serves them until SIGINT or SIGTERM.
 pub fn run(args: &ServeArgs) -> Result<()> {
+    run_traced(args, None)
+}
+
+/// [`run`], recording the first reads of the (single) disk into a trace written to `trace_out`
+/// at exit.
+pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
+    if trace_out.is_some() && args.disks.len() != 1 {
+        bail!("a trace records one disk: give exactly one");
+    }
     let mut exports = Vec::new();
     let mut stats = Vec::new();
+    let mut recorder = None;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut background = Vec::new();
     for spec in &args.disks {
         let t = resolve_target(spec, &args.cache)?;
         let opts = OpenOptions { read_only: args.read_only, verify: true, force_share: args.force_share };
         let (disk, source) = open_lazy(&t.dir, opts, Fetch::Remote(args.fetch_window))?;
+        let disk = Arc::new(disk);
+        let mut export = DiskExport::new(disk.clone());
+        if trace_out.is_some() {
+            let r = Arc::new(TraceRecorder::new(&disk));
+            export = export.with_trace(r.clone());
+            recorder = Some(r);
+        }
+        if source.is_some() {
+            let trace_path = t.dir.join(mcow_remote::transfer::TRACE_FILE);
+            let trace = match (args.no_prefetch, std::fs::read(&trace_path)) {
+                (false, Ok(bytes)) => match mcow_remote::image::Trace::parse(&bytes) {
+                    Ok(tr) => Some(tr.blocks),
+                    Err(e) => {
+                        tracing::warn!(file = %trace_path.display(), error = %e, "ignoring the trace");
+                        None
+                    }
+                },
+                _ => None,
+            };
+            if trace.is_some() || args.fetch_all {
+                let (d, all, st) = (disk.clone(), args.fetch_all, stop.clone());
+                background.push(std::thread::spawn(move || background_fetch(d, trace, all, st)));
+            }
+        }
         stats.push((t.name.clone(), t.dir.clone(), t.pulled_bytes, source));
-        exports.push((t.name, disk));
+        exports.push((t.name, Arc::new(export)));
     }
     let tcp = match (&args.tcp, &args.socket) {
         (None, Some(_)) => None,
@@ -259,6 +409,16 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             eprintln!("mcow: serving on {a}");
         }
     });
+    stop.store(true, Ordering::Relaxed);
+    for b in background {
+        let _ = b.join();
+    }
+    if let (Some(path), Some(r)) = (trace_out, recorder) {
+        let trace = r.trace();
+        std::fs::write(path, trace.to_bytes())
+            .with_context(|| format!("writing the trace {}", path.display()))?;
+        eprintln!("mcow: wrote a trace of {} blocks to {}", trace.blocks.len(), path.display());
+    }
     for (name, dir, pulled, source) in stats {
         let (fetched, requests) = source.map_or((0, 0), |s| s.stats());
         tracing::info!(
@@ -277,7 +437,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
 /// finishes in-flight requests, flushes every disk and returns. `ready` is called with the
 /// listening addresses once both listeners are bound.
 pub fn serve_disks(
-    exports: Vec<(String, Disk)>,
+    exports: Vec<(String, Arc<DiskExport>)>,
     tcp: Option<String>,
     socket: Option<PathBuf>,
     ready: impl FnOnce(&[String]),
@@ -286,11 +446,9 @@ pub fn serve_disks(
         bail!("nothing to listen on: give --tcp or --socket");
     }
     let mut server = Server::new();
-    for (name, disk) in exports {
-        let desc = format!("mcow disk {}", disk.dir().display());
-        server
-            .add_export(name.clone(), desc, Arc::new(DiskExport::new(disk)))
-            .with_context(|| format!("export {name}"))?;
+    for (name, export) in exports {
+        let desc = format!("mcow disk {}", export.disk.dir().display());
+        server.add_export(name.clone(), desc, export).with_context(|| format!("export {name}"))?;
     }
     let server = Arc::new(server);
     let mut addrs = Vec::new();

@@ -286,6 +286,22 @@ impl Disk {
         self.write_zeroes(offset, len, true)
     }
 
+    /// Makes virtual block `vblock` local if a partial sealed layer holds it (fetching and
+    /// checking it), without returning it; blocks in the top or already checked cost nothing.
+    pub fn prefetch(&self, vblock: u64, scratch: &mut Vec<u8>) -> Result<()> {
+        if vblock >= self.size.div_ceil(self.bs) {
+            return Ok(());
+        }
+        if let (Some(loc), _) = self.resolve(vblock, vblock + 1)
+            && loc.kind == ExtentKind::Data
+            && loc.layer != TOP
+        {
+            scratch.resize(self.bs as usize, 0);
+            self.stack.read_run(vblock, loc, 0, scratch)?;
+        }
+        Ok(())
+    }
+
     /// Makes every completed write durable.
     pub fn flush(&self) -> Result<()> {
         self.top.flush()

@@ -190,6 +190,23 @@ impl SealedLayer {
         Ok(())
     }
 
+    /// Makes every stored block local and checked (fetching what a partial layer lacks), in
+    /// order, until done or `stop` is set. Afterwards a partial layer's file is complete (see
+    /// `LayerStore::complete_partial`).
+    pub fn fetch_all(&self, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
+        let f = self.file.get(&self.path)?;
+        let mut block = vec![0u8; self.block_size() as usize];
+        for pb in 0..self.trailer.block_count {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            if !self.is_verified(pb) {
+                self.ensure_block(&f, pb, &mut block)?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn block_size(&self) -> u64 {
         u64::from(self.header.block_size)
     }

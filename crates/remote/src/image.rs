@@ -13,6 +13,8 @@ pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+jso
 pub const ARTIFACT_TYPE: &str = "application/vnd.mcow.disk.v1";
 pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.mcow.disk.config.v1+json";
 pub const LAYER_MEDIA_TYPE: &str = "application/vnd.mcow.layer.v1";
+/// Media type of a trace blob (see [`Trace`]).
+pub const TRACE_MEDIA_TYPE: &str = "application/vnd.mcow.trace.v1+json";
 /// Annotation on each layer descriptor: the digest of the layer's index (see FORMAT.md).
 pub const INDEX_DIGEST_ANNOTATION: &str = "dev.mcow.layer.index-digest";
 
@@ -59,6 +61,29 @@ pub struct DiskConfig {
     pub block_size: u32,
     /// Bottom first, the same order as the manifest's layers.
     pub layers: Vec<LayerRecord>,
+    /// The blob of a [`Trace`] recorded for this image, if one was pushed with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<Descriptor>,
+}
+
+/// The order in which a run (for example a VM boot) first read the disk's blocks: lazy
+/// serving fetches them in this order in the background.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Trace {
+    pub block_size: u32,
+    /// Virtual block numbers, each once, in first-read order.
+    pub blocks: Vec<u64>,
+}
+
+impl Trace {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("trace serializes")
+    }
+
+    pub fn parse(bytes: &[u8]) -> Result<Trace> {
+        serde_json::from_slice(bytes).map_err(|e| RemoteError::Invalid(format!("bad trace: {e}")))
+    }
 }
 
 impl Manifest {

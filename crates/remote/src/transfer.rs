@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{RemoteError, Result};
 use crate::image::{
     CONFIG_MEDIA_TYPE, Descriptor, DiskConfig, INDEX_DIGEST_ANNOTATION, LAYER_MEDIA_TYPE, LayerRecord,
-    Manifest,
+    Manifest, TRACE_MEDIA_TYPE, Trace,
 };
 use crate::reference::Reference;
 use crate::remote::{Remote, open_remote};
@@ -32,6 +32,17 @@ pub struct PushReport {
 /// Pushes the sealed layers of the disk at `dir` (not its writable top) as an image.
 /// `progress(done, total)` counts layer bytes.
 pub fn push(dir: &Path, reference: &Reference, progress: &mut dyn FnMut(u64, u64)) -> Result<PushReport> {
+    push_with_trace(dir, reference, None, progress)
+}
+
+/// [`push`], with a trace of first reads (a [`Trace`] file, as `mcow trace` writes) pushed
+/// with the image, for lazy serving to prefetch in that order.
+pub fn push_with_trace(
+    dir: &Path,
+    reference: &Reference,
+    trace: Option<&Path>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<PushReport> {
     let remote = open_remote(reference)?;
     let disk = Disk::open(dir, OpenOptions { read_only: true, verify: false, force_share: true })?;
     let store = disk.store().clone();
@@ -78,8 +89,34 @@ pub fn push(dir: &Path, reference: &Reference, progress: &mut dyn FnMut(u64, u64
         progress(done, total);
     }
     let m = disk.manifest();
+    let trace = match trace {
+        None => None,
+        Some(path) => {
+            let bytes = std::fs::read(path).map_err(RemoteError::io("read", path))?;
+            let t = Trace::parse(&bytes)?;
+            if t.block_size != m.block_size {
+                return Err(RemoteError::Invalid(format!(
+                    "{}: trace of {}-byte blocks, the disk has {}-byte blocks",
+                    path.display(),
+                    t.block_size,
+                    m.block_size
+                )));
+            }
+            let digest = Digest::of(&bytes);
+            if !remote.has_blob(&digest)? {
+                remote.put_blob_bytes(&digest, &bytes)?;
+            }
+            Some(Descriptor {
+                media_type: TRACE_MEDIA_TYPE.into(),
+                digest,
+                size: bytes.len() as u64,
+                annotations: Default::default(),
+            })
+        }
+    };
     let config =
-        DiskConfig { virtual_size: m.virtual_size, block_size: m.block_size, layers: records }.to_bytes();
+        DiskConfig { virtual_size: m.virtual_size, block_size: m.block_size, layers: records, trace }
+            .to_bytes();
     let config_digest = Digest::of(&config);
     if !remote.has_blob(&config_digest)? {
         remote.put_blob_bytes(&config_digest, &config)?;
@@ -145,6 +182,8 @@ pub struct LazyOrigin {
 
 /// File name of the lazy origin in a disk directory.
 pub const ORIGIN_FILE: &str = "remote.json";
+/// File name of the image's trace (if it has one) in a pulled disk's directory.
+pub const TRACE_FILE: &str = "trace.json";
 
 /// What a pull did.
 #[derive(Debug, Clone)]
@@ -202,6 +241,17 @@ pub fn pull(
             layers: layers.clone(),
         },
     )?;
+    if let Some(t) = &image.config.trace {
+        let bytes = remote.get_blob(&t.digest)?;
+        let actual = Digest::of(&bytes);
+        if actual != t.digest {
+            return Err(RemoteError::DigestMismatch { what: "trace".into(), expected: t.digest, actual });
+        }
+        Trace::parse(&bytes)?;
+        let path = dir.join(TRACE_FILE);
+        std::fs::write(&path, &bytes).map_err(RemoteError::io("write", &path))?;
+        fetched += bytes.len() as u64;
+    }
     if lazy {
         let origin = LazyOrigin { reference: reference.to_string(), manifest_digest: image.manifest_digest };
         let path = dir.join(ORIGIN_FILE);

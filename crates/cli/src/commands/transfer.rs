@@ -45,6 +45,10 @@ pub struct PushArgs {
     /// Where to push, e.g. file:///srv/images/vm:v1 or oci://registry:5000/mcow/vm:v1.
     #[arg(value_name = "REF")]
     pub reference: String,
+    /// A trace of first reads (written by `mcow trace`) to push with the image: lazy serving
+    /// prefetches blocks in that order.
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     pub output: OutputFormat,
@@ -77,7 +81,10 @@ pub fn run_push(a: PushArgs, g: Global) -> Result<ExitCode> {
         }
     }
     let mut progress = Progress::new(g, "pushing");
-    let report = mcow_remote::push(&a.disk, &reference, &mut |d, t| progress.update(d, t))
+    let report =
+        mcow_remote::transfer::push_with_trace(&a.disk, &reference, a.trace.as_deref(), &mut |d, t| {
+            progress.update(d, t)
+        })
         .with_context(|| format!("pushing disk {} to {reference}", a.disk.display()))?;
     progress.finish();
     let already = report.layers - report.uploaded;

@@ -144,12 +144,18 @@ impl Serve {
 
     /// [`Serve::start`] with extra environment variables (e.g. `RUST_LOG`).
     pub fn start_env(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Serve {
+        Serve::start_verb(cwd, "serve", args, env)
+    }
+
+    /// [`Serve::start_env`] with another verb that serves (`trace`).
+    #[allow(dead_code)]
+    pub fn start_verb(cwd: &Path, verb: &str, args: &[&str], env: &[(&str, &str)]) -> Serve {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let sock = cwd.join(format!("nbd{n}.sock"));
         assert!(sock.as_os_str().len() < 100, "socket path too long for AF_UNIX: {}", sock.display());
         let mut child = Command::new(env!("CARGO_BIN_EXE_mcow"))
-            .arg("serve")
+            .arg(verb)
             .arg("-k")
             .arg(&sock)
             .args(["--tcp", "127.0.0.1:0"])

@@ -14,8 +14,8 @@
 
 use std::io::{self, BufReader, IoSlice, Read};
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 
 use super::handshake::ConnError;
@@ -130,8 +130,9 @@ pub(crate) fn run<S: Transport>(
     let workers = ctx.config.workers_per_connection.max(1);
     thread::scope(|scope| {
         for i in 1..workers {
-            let spawned =
-                thread::Builder::new().name(format!("nbd-worker-{i}")).spawn_scoped(scope, || conn.worker(&reader));
+            let spawned = thread::Builder::new()
+                .name(format!("nbd-worker-{i}"))
+                .spawn_scoped(scope, || conn.worker(&reader));
             if let Err(e) = spawned {
                 tracing::warn!(error = %e, "started fewer workers than configured");
                 break;
