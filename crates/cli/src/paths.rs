@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use mcow_engine::{Disk, OpenOptions};
-use mcow_remote::RemoteSource;
+use mcow_remote::transfer::FetchStats;
 use mcow_remote::transfer::{DEFAULT_FETCH_WINDOW, LazyOrigin, ORIGIN_FILE};
 
 /// `path` made absolute and cleaned of `.` and `..` components (without touching the
@@ -61,7 +61,7 @@ pub fn open(dir: &Path, opts: OpenOptions) -> Result<Disk> {
 
 /// Opens a disk; if it was pulled lazily, its partial layers fetch as `fetch` says. Returns the
 /// remote source too (for its statistics) when there is one.
-pub fn open_lazy(dir: &Path, opts: OpenOptions, fetch: Fetch) -> Result<(Disk, Option<Arc<RemoteSource>>)> {
+pub fn open_lazy(dir: &Path, opts: OpenOptions, fetch: Fetch) -> Result<(Disk, Option<FetchStats>)> {
     let hint = |locked: bool| {
         if locked && opts.read_only {
             " (another process has it open for writing; -U/--force-share reads it anyway)"

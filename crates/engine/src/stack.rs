@@ -52,7 +52,7 @@ impl Stack {
             return Err(Error::Invalid(format!("a stack holds at most {MAX_TABLE_LAYERS} layers")));
         }
         for (i, digest) in digests.iter().enumerate() {
-            let (layer, index) = store.open_layer(digest, verify)?;
+            let (layer, index) = store.open_layer_shared(digest, verify)?;
             if layer.header.parent != chain {
                 return Err(Error::WrongParent {
                     path: layer.path.clone(),
@@ -81,7 +81,7 @@ impl Stack {
                 map.insert(e.vblock, e.end(), Loc { layer: idx, kind: e.kind, pblock: e.pblock });
             }
             chain = next_chain(&chain, digest);
-            layers.push(Arc::new(layer));
+            layers.push(layer);
         }
         let map = map.freeze();
         let blocks = virtual_size.div_ceil(u64::from(block_size));

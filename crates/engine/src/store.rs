@@ -80,6 +80,36 @@ impl LayerStore {
         }
     }
 
+    /// Like [`LayerStore::open_layer`], but a layer this process already has open (through
+    /// any store, with the same verification and the same block source) is shared rather than
+    /// opened again: disks on the same layers then share one verified bitmap and one fetch lock,
+    /// so a block is checked once and a missing block is fetched once, whichever disk reads it.
+    pub fn open_layer_shared(&self, digest: &Digest, verify: bool) -> Result<(Arc<SealedLayer>, LayerIndex)> {
+        use std::collections::HashMap;
+        type Key = (PathBuf, bool, usize);
+        static OPEN: OnceLock<Mutex<HashMap<Key, Weak<SealedLayer>>>> = OnceLock::new();
+        let complete = self.layer_path(digest);
+        let (path, source) = if complete.exists() {
+            (complete, 0)
+        } else {
+            let source = self.source.as_ref().map_or(0, |(s, _)| Arc::as_ptr(s) as *const () as usize);
+            (self.partial_path(digest), source)
+        };
+        let key = (std::path::absolute(&path).unwrap_or(path), verify, source);
+        let open = OPEN.get_or_init(Default::default);
+        let cached = open.lock().unwrap_or_else(|p| p.into_inner()).get(&key).and_then(Weak::upgrade);
+        if let Some(layer) = cached {
+            let index = layer.read_index()?;
+            return Ok((layer, index));
+        }
+        let (layer, index) = self.open_layer(digest, verify)?;
+        let layer = Arc::new(layer);
+        let mut map = open.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, w| w.strong_count() > 0);
+        map.insert(key, Arc::downgrade(&layer));
+        Ok((layer, index))
+    }
+
     /// Adds a partial copy of layer `digest`, `len` bytes long, from its header (the first 4096
     /// bytes) and its tail (everything from the extent index to the end). Both are checked: the
     /// header decodes as a sealed layer's, the trailer's counts give exactly `len`, the index

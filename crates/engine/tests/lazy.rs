@@ -170,3 +170,34 @@ fn a_partial_layer_without_a_source_is_a_clear_error_and_bad_tails_are_refused()
     );
     assert!(!store.partial_path(&l.digest).exists(), "nothing is left behind");
 }
+
+#[test]
+fn disks_on_the_same_partial_layers_fetch_each_block_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (complete, expected) = build_complete(tmp.path());
+    let first = build_partial(tmp.path(), &complete);
+    // A second disk (another VM) on the same partial layers, in the same store.
+    let m = mcow_engine::disk::read_manifest(&first).unwrap();
+    let second = tmp.path().join("b/disk2");
+    Disk::create(
+        &second,
+        &CreateOptions {
+            virtual_size: m.virtual_size,
+            block_size: m.block_size,
+            store: tmp.path().join("b/layers"),
+            layers: m.layers.clone(),
+        },
+    )
+    .unwrap();
+    let src =
+        Arc::new(DirSource { store: tmp.path().join("a/layers"), fetched: 0.into(), corrupt: false.into() });
+    let a = Disk::open_with_source(&first, OpenOptions::default(), src.clone(), 1).unwrap();
+    let b = Disk::open_with_source(&second, OpenOptions::default(), src.clone(), 1).unwrap();
+    let mut all = vec![0u8; expected.len()];
+    a.read(0, &mut all).unwrap();
+    assert!(all == expected);
+    let once = src.fetched.load(Ordering::Relaxed);
+    b.read(0, &mut all).unwrap();
+    assert!(all == expected);
+    assert_eq!(src.fetched.load(Ordering::Relaxed), once, "the second disk fetched blocks again");
+}

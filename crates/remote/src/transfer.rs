@@ -323,19 +323,46 @@ impl BlockSource for RemoteSource {
     }
 }
 
+/// One `RemoteSource` per origin in this process, so that disks pulled from the same image
+/// (several VMs on one base) share their open layers and fetch each block once.
+fn shared_source(reference: &str) -> Result<Arc<RemoteSource>> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static SOURCES: OnceLock<Mutex<HashMap<String, Arc<RemoteSource>>>> = OnceLock::new();
+    let mut sources = SOURCES.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(s) = sources.get(reference) {
+        return Ok(s.clone());
+    }
+    let source = Arc::new(RemoteSource::new(open_remote(&Reference::parse(reference)?)?));
+    sources.insert(reference.to_string(), source.clone());
+    Ok(source)
+}
+
 /// Default fetch window: 4 blocks (256 KiB with 64 KiB blocks). A read of a missing block also
 /// fetches up to 3 following missing blocks in the same request: sequential reads then cost a
 /// quarter of the round trips, while a scattered read fetches at most 4x what it asked for;
 /// blocks already local end the window early.
 pub const DEFAULT_FETCH_WINDOW: u64 = 4;
 
+/// What a disk opened with [`open_lazy_disk`] has fetched since it was opened. (Disks from
+/// the same origin share one source, so that each block is fetched once; this counts from the
+/// moment this disk was opened.)
+pub struct FetchStats {
+    source: Arc<RemoteSource>,
+    start: (u64, u64),
+}
+
+impl FetchStats {
+    /// Bytes and range requests fetched from the origin since the disk was opened.
+    pub fn stats(&self) -> (u64, u64) {
+        let (b, r) = self.source.stats();
+        (b - self.start.0, r - self.start.1)
+    }
+}
+
 /// Opens a disk; if it was pulled lazily (it has a `remote.json`), missing blocks are fetched
-/// from its origin, `window` blocks at a time at most. Returns the source too, for statistics.
-pub fn open_lazy_disk(
-    dir: &Path,
-    opts: OpenOptions,
-    window: u64,
-) -> Result<(Disk, Option<Arc<RemoteSource>>)> {
+/// from its origin, `window` blocks at a time at most. Returns what it fetched, for statistics.
+pub fn open_lazy_disk(dir: &Path, opts: OpenOptions, window: u64) -> Result<(Disk, Option<FetchStats>)> {
     let origin_path: PathBuf = dir.join(ORIGIN_FILE);
     if !origin_path.exists() {
         return Ok((Disk::open(dir, opts)?, None));
@@ -343,8 +370,8 @@ pub fn open_lazy_disk(
     let text = std::fs::read(&origin_path).map_err(RemoteError::io("read", &origin_path))?;
     let origin: LazyOrigin = serde_json::from_slice(&text)
         .map_err(|e| RemoteError::Invalid(format!("{}: {e}", origin_path.display())))?;
-    let reference = Reference::parse(&origin.reference)?;
-    let source = Arc::new(RemoteSource::new(open_remote(&reference)?));
+    let source = shared_source(&origin.reference)?;
+    let start = source.stats();
     let disk = Disk::open_with_source(dir, opts, source.clone(), window)?;
-    Ok((disk, Some(source)))
+    Ok((disk, Some(FetchStats { source, start })))
 }
