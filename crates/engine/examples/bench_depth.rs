@@ -529,6 +529,35 @@ fn main() {
         built.push(b);
     }
 
+    // Adding a layer on top of each stack: create a disk on it, write one block, seal.
+    for b in &built {
+        let m = mcow_engine::disk::read_manifest(&b.disk_dir).expect("manifest");
+        let addon = b.disk_dir.with_file_name("addon");
+        let _ = std::fs::remove_dir_all(&addon);
+        let t = Instant::now();
+        let store = mcow_engine::disk::resolve_store(&b.disk_dir, &m);
+        let opts = CreateOptions { virtual_size: size, block_size: BLOCK, store, layers: m.layers.clone() };
+        Disk::create(&addon, &opts).expect("create on the stack");
+        let create_ms = t.elapsed().as_secs_f64() * 1e3;
+        {
+            let d = Disk::open(&addon, OpenOptions::default()).expect("open");
+            d.write(0, &vec![0xa5; BLOCK as usize]).expect("write");
+            d.flush().expect("flush");
+        }
+        let t = Instant::now();
+        mcow_engine::ops::merge(&addon, 0, &mut |_, _| {}).expect("seal");
+        let seal_ms = t.elapsed().as_secs_f64() * 1e3;
+        println!(
+            "# adding a layer at depth {:>5}: create a disk on the stack {create_ms:.1} ms, seal a one-block top {seal_ms:.1} ms",
+            b.depth
+        );
+        println!(
+            "{{\"bench\":\"engine_depth\",\"kind\":\"add_layer\",\"depth\":{},\"create_ms\":{create_ms:.3},\"seal_ms\":{seal_ms:.3}}}",
+            b.depth
+        );
+        let _ = std::fs::remove_dir_all(&addon);
+    }
+
     let mut samples = vec![vec![Sample::default(); a.rounds]; built.len()];
     #[allow(clippy::needless_range_loop)] // `round` also picks the rotation and the full check
     for round in 0..a.rounds {
