@@ -1,6 +1,6 @@
 //! Paths and opening disks, with the context every error message at this edge carries.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -11,18 +11,7 @@ use mcow_remote::transfer::{DEFAULT_FETCH_WINDOW, LazyOrigin, ORIGIN_FILE};
 /// `path` made absolute and cleaned of `.` and `..` components (without touching the
 /// filesystem, so it works for paths that do not exist yet).
 pub fn absolute_clean(path: &Path) -> Result<PathBuf> {
-    let abs = std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
-    let mut out = PathBuf::new();
-    for c in abs.components() {
-        match c {
-            Component::ParentDir => {
-                out.pop();
-            }
-            Component::CurDir => {}
-            other => out.push(other),
-        }
-    }
-    Ok(out)
+    mcow_engine::disk::absolute_clean(path).with_context(|| format!("resolving {}", path.display()))
 }
 
 /// The directory that holds `path` (absolute), for default stores and temporary files.

@@ -432,22 +432,25 @@ pub(crate) fn open_top(path: &Path, opts: OpenOptions) -> Result<TopLayer> {
     TopLayer::open(storage(data), storage(journal), path, opts.read_only)
 }
 
+/// `path` made absolute and cleaned of `.` and `..` components, without touching the
+/// filesystem (so it works for paths that do not exist yet).
+pub fn absolute_clean(path: &Path) -> std::io::Result<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in std::path::absolute(path)?.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    Ok(out)
+}
+
 /// `target` expressed relative to `from` (both made absolute first), for the manifest's store.
 fn relative_path(target: &Path, from: &Path) -> Result<String> {
-    let abs = |p: &Path| -> Result<PathBuf> {
-        let p = std::path::absolute(p).map_err(Error::io("resolve", p))?;
-        let mut out = PathBuf::new();
-        for c in p.components() {
-            match c {
-                Component::ParentDir => {
-                    out.pop();
-                }
-                Component::CurDir => {}
-                other => out.push(other),
-            }
-        }
-        Ok(out)
-    };
+    let abs = |p: &Path| absolute_clean(p).map_err(Error::io("resolve", p));
     let (t, f) = (abs(target)?, abs(from)?);
     let tc: Vec<_> = t.components().collect();
     let fc: Vec<_> = f.components().collect();

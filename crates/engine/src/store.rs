@@ -168,52 +168,31 @@ impl LayerStore {
     /// to the complete layers; returns whether it did.
     pub fn complete_partial(&self, digest: &Digest) -> Result<bool> {
         let partial = self.partial_path(digest);
-        let mut f = File::open(&partial).map_err(Error::io("open", &partial))?;
-        let mut hasher = mcow_format::Sha256Stream::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            use std::io::Read;
-            let n = f.read(&mut buf).map_err(Error::io("read", &partial))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        if hasher.finish() != *digest {
+        if hash_file(&partial)? != *digest {
             return Ok(false);
         }
-        let dest = self.layer_path(digest);
-        let dir = dest.parent().expect("blob path has a parent");
-        fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
-        fs::rename(&partial, &dest).map_err(Error::io("rename", &partial))?;
-        sync_dir(dir)?;
+        self.move_in(&partial, digest)?;
         Ok(true)
     }
 
     /// Moves a downloaded layer file at `tmp` (inside this store's `tmp/` directory) into the
     /// store as layer `digest`, after checking that its bytes hash to that digest.
     pub fn adopt(&self, tmp: &Path, digest: &Digest) -> Result<PathBuf> {
-        let mut f = File::open(tmp).map_err(Error::io("open", tmp))?;
-        let mut hasher = mcow_format::Sha256Stream::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            use std::io::Read;
-            let n = f.read(&mut buf).map_err(Error::io("read", tmp))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        let actual = hasher.finish();
+        let actual = hash_file(tmp)?;
         if actual != *digest {
             let _ = fs::remove_file(tmp);
             return Err(Error::LayerDigest { path: tmp.to_path_buf(), expected: *digest, actual });
         }
-        f.sync_all().map_err(Error::io("sync", tmp))?;
+        File::open(tmp).and_then(|f| f.sync_all()).map_err(Error::io("sync", tmp))?;
+        self.move_in(tmp, digest)
+    }
+
+    /// Renames a checked file of this store's filesystem to its content-addressed name.
+    fn move_in(&self, from: &Path, digest: &Digest) -> Result<PathBuf> {
         let dest = self.layer_path(digest);
         let dir = dest.parent().expect("blob path has a parent");
         fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
-        fs::rename(tmp, &dest).map_err(Error::io("rename", tmp))?;
+        fs::rename(from, &dest).map_err(Error::io("rename", from))?;
         sync_dir(dir)?;
         Ok(dest)
     }
@@ -276,6 +255,21 @@ impl PendingLayer {
 impl Drop for PendingLayer {
     fn drop(&mut self) {
         let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// SHA-256 of a whole file, read in 1 MiB steps.
+fn hash_file(path: &Path) -> Result<Digest> {
+    use std::io::Read;
+    let mut f = File::open(path).map_err(Error::io("open", path))?;
+    let mut hasher = mcow_format::Sha256Stream::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(Error::io("read", path))?;
+        if n == 0 {
+            return Ok(hasher.finish());
+        }
+        hasher.update(&buf[..n]);
     }
 }
 
