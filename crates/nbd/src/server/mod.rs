@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use crate::export::Export;
 use crate::proto::{BASE_ALLOCATION, MAX_STRING_LEN};
-use transport::{Listener, Shut, Transport, Waker};
+use transport::{Listener, Shut, Transport, WakeAddr, Waker};
 
 /// Limits and timeouts of a [`Server`].
 #[derive(Debug, Clone)]
@@ -330,7 +330,8 @@ impl Server {
     pub fn serve_tcp_listener(&self, listener: TcpListener) -> Result<(), ServerError> {
         let addr = listener.local_addr().map_err(ServerError::Listener)?;
         tracing::info!(%addr, "NBD server listening on TCP");
-        self.serve_loop(listener, Waker::Tcp(addr))
+        let waker = Waker::new(&listener, WakeAddr::Tcp(addr)).map_err(ServerError::Listener)?;
+        self.serve_loop(listener, waker)
     }
 
     /// Binds a Unix socket at `path` (which must not exist) and serves on it until
@@ -353,7 +354,8 @@ impl Server {
             .map(Path::to_path_buf)
             .ok_or_else(|| ServerError::Listener(io::Error::other("unnamed Unix socket cannot be woken")))?;
         tracing::info!(path = %path.display(), "NBD server listening on Unix socket");
-        self.serve_loop(listener, Waker::Unix(path))
+        let waker = Waker::new(&listener, WakeAddr::Unix(path)).map_err(ServerError::Listener)?;
+        self.serve_loop(listener, waker)
     }
 
     /// Runs one connection over an arbitrary stream on the calling thread (fuzzing).

@@ -6,8 +6,10 @@
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A connected byte stream.
@@ -84,17 +86,32 @@ impl Listener for UnixListener {
     }
 }
 
-/// How to wake a thread blocked in `accept`: connect to the listener once.
+/// How to wake a thread blocked in `accept`: shut the listening socket down (accept then
+/// fails at once, even if a Unix socket's file was removed), or failing that, connect to it.
 #[derive(Debug, Clone)]
-pub(crate) enum Waker {
+pub(crate) struct Waker {
+    /// A duplicate of the listening socket.
+    listener: Arc<OwnedFd>,
+    addr: WakeAddr,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum WakeAddr {
     Tcp(SocketAddr),
     Unix(PathBuf),
 }
 
 impl Waker {
+    pub(crate) fn new(listener: impl AsFd, addr: WakeAddr) -> io::Result<Waker> {
+        Ok(Waker { listener: Arc::new(listener.as_fd().try_clone_to_owned()?), addr })
+    }
+
     pub(crate) fn wake(&self) {
-        let result = match self {
-            Self::Tcp(addr) => {
+        if rustix::net::shutdown(&*self.listener, rustix::net::Shutdown::Read).is_ok() {
+            return;
+        }
+        let result = match &self.addr {
+            WakeAddr::Tcp(addr) => {
                 let mut addr = *addr;
                 if addr.ip().is_unspecified() {
                     let loopback: std::net::IpAddr = match addr {
@@ -105,7 +122,7 @@ impl Waker {
                 }
                 TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map(drop)
             }
-            Self::Unix(path) => UnixStream::connect(path).map(drop),
+            WakeAddr::Unix(path) => UnixStream::connect(path).map(drop),
         };
         if let Err(e) = result {
             tracing::warn!(listener = ?self, error = %e, "could not wake the listener; it stops at its next connection");
