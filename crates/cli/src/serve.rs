@@ -236,10 +236,13 @@ pub struct ServeArgs {
     /// Where images given as REF are pulled lazily: CACHE/disks and CACHE/layers.
     #[arg(long, value_name = "DIR", default_value = "mcow-cache")]
     pub cache: PathBuf,
-    /// For lazily pulled disks: a read of a missing block also fetches up to BLOCKS-1 following
-    /// missing blocks in the same request. The default, 4 (256 KiB with 64 KiB blocks), makes
-    /// sequential reads cost a quarter of the round trips while a scattered read fetches at most
-    /// 4x what it asked for; blocks already local end the window early.
+    /// For lazily pulled disks: the most blocks one fetch request asks for. The window adapts:
+    /// a scattered read fetches the missing block and up to 3 following missing blocks (at most
+    /// BLOCKS); a read that continues a run of fetches (a sequential read) fetches more, the
+    /// window doubling at each step up to BLOCKS. The default, 4 (256 KiB with 64 KiB blocks),
+    /// keeps what a few scattered reads fetch near what they read; 64 makes long sequential
+    /// reads cost far fewer round trips; 1 fetches exactly the blocks read. Blocks already local
+    /// end the window early.
     #[arg(long, value_name = "BLOCKS", default_value_t = DEFAULT_FETCH_WINDOW,
           value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub fetch_window: u64,

@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use mcow_format::{
     BLOCK_HASH_SIZE, Digest, ExtentKind, HEADER_SIZE, INDEX_ENTRY_SIZE, IndexEntry, LayerHeader, LayerKind,
@@ -60,13 +60,93 @@ impl BlockSource for Offline {
     }
 }
 
-/// How a partial layer fetches: the source, the fetch window, a lock that makes concurrent
-/// readers of missing blocks wait for one fetch, and a writable handle on the local file.
+/// How a partial layer fetches: the source, the largest fetch window, what is being fetched
+/// right now and the recent sequential streams (see [`FetchState`]), and a writable handle on
+/// the local file.
 struct Fetcher {
     source: Arc<dyn BlockSource>,
     window: u64,
-    lock: Mutex<()>,
+    state: Mutex<FetchState>,
+    landed: Condvar,
     writer: OnceLock<File>,
+}
+
+/// The window of a fetch that continues no stream (a scattered read, or the start of a
+/// sequential one), if the layer's window allows: 4 blocks (256 KiB with 64 KiB blocks).
+const FIRST_WINDOW: u64 = 4;
+
+/// Streams followed at once per layer (say, a few files read side by side, or the threads of a
+/// parallel copy).
+const STREAMS: usize = 8;
+
+/// The ranges of blocks being fetched (readers of a block in flight wait for that fetch;
+/// fetches of different ranges run concurrently) and the recent streams of fetches: a stream
+/// is a run of blocks fetched in ascending order, with the window its last fetch used.
+#[derive(Default)]
+struct FetchState {
+    in_flight: Vec<(u64, u64)>,
+    /// (first block, end, last window, last use), the least recently used replaced first.
+    streams: Vec<(u64, u64, u64, u64)>,
+    tick: u64,
+}
+
+impl FetchState {
+    fn is_in_flight(&self, p: u64) -> bool {
+        self.in_flight.iter().any(|&(start, end)| (start..end).contains(&p))
+    }
+
+    /// The stream a missing block continues: it lies in the stream's span or at most one window
+    /// (of the stream) past its end, so requests of one sequential reader that arrive a little
+    /// out of order (a client with many requests in flight) still count as that stream.
+    fn stream_of(&self, p: u64) -> Option<usize> {
+        self.streams.iter().position(|&(start, end, w, _)| start <= p && p <= end + w)
+    }
+
+    /// The window for a missing block, and whether it continues a stream: for a block no stream
+    /// leads to (a scattered read), [`FIRST_WINDOW`]; for one that continues a stream, twice
+    /// that stream's last window. At most `cap`.
+    fn window_for(&self, p: u64, cap: u64) -> (u64, bool) {
+        match self.stream_of(p) {
+            Some(i) => ((self.streams[i].2 * 2).min(cap), true),
+            None => (FIRST_WINDOW.min(cap), false),
+        }
+    }
+
+    /// Records a fetch at `p` with window `window` in its stream (or a new one); `count` blocks
+    /// were asked for.
+    fn record(&mut self, p: u64, count: u64, window: u64) {
+        self.tick += 1;
+        let tick = self.tick;
+        match self.stream_of(p) {
+            Some(i) => {
+                let s = &mut self.streams[i];
+                *s = (s.0, s.1.max(p + count), window.max(s.2), tick);
+            }
+            None if self.streams.len() < STREAMS => self.streams.push((p, p + count, window, tick)),
+            None => {
+                let oldest = (0..self.streams.len()).min_by_key(|&i| self.streams[i].3).unwrap_or(0);
+                self.streams[oldest] = (p, p + count, window, tick);
+            }
+        }
+    }
+}
+
+/// Removes a claimed range from the in-flight list when its fetch ends (also on errors), and
+/// wakes the readers waiting for it.
+struct Claim<'a> {
+    fetch: &'a Fetcher,
+    range: (u64, u64),
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut state = self.fetch.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = state.in_flight.iter().position(|r| *r == self.range) {
+            state.in_flight.swap_remove(i);
+        }
+        drop(state);
+        self.fetch.landed.notify_all();
+    }
 }
 
 /// What `SealedLayer::open` reads besides the layer itself: its extents, used once to build the
@@ -104,8 +184,13 @@ impl SealedLayer {
     /// nothing is fetched twice, across restarts too.
     pub(crate) fn set_source(&mut self, source: Arc<dyn BlockSource>, window: u64) {
         self.verify = true; // a partial layer's local bytes are only trusted once checked
-        self.fetch =
-            Some(Fetcher { source, window: window.max(1), lock: Mutex::new(()), writer: OnceLock::new() });
+        self.fetch = Some(Fetcher {
+            source,
+            window: window.max(1),
+            state: Mutex::new(FetchState::default()),
+            landed: Condvar::new(),
+            writer: OnceLock::new(),
+        });
     }
 
     /// True for a layer whose blocks may be fetched from a source.
@@ -114,42 +199,79 @@ impl SealedLayer {
     }
 
     /// Checks stored block `pblock` in the local file; if it is wrong (or missing) and the layer
-    /// is partial, fetches it and the following missing blocks (up to the fetch window), checks
-    /// each against its hash, and writes the good ones into the local file. An error leaves the
-    /// local file holding only checked blocks.
+    /// is partial, fetches it and following missing blocks in one request, checks each against
+    /// its hash, and writes the good ones into the local file. An error leaves the local file
+    /// holding only checked blocks.
+    ///
+    /// The window adapts to the access pattern (see [`FetchState`]): a missing block that does
+    /// not continue a recent run of fetches (a scattered read) comes with up to
+    /// `FIRST_WINDOW - 1` following missing blocks; one that does (a sequential read) with
+    /// more, the window doubling at each fetch up to the layer's window and ending on a multiple
+    /// of its size. What is fetched beyond the end of a sequential read is thus at most about
+    /// what it read, or one first window. Readers of a block that is being fetched wait
+    /// for that fetch; fetches of different ranges of the layer run concurrently.
     fn ensure_block(&self, f: &File, pblock: u64, block: &mut [u8]) -> Result<()> {
         let bs = self.block_size();
-        read_exact_at(f, block, HEADER_SIZE as u64 + pblock * bs, &self.path)?;
+        let at = |p: u64| HEADER_SIZE as u64 + p * bs;
         let Some(fetch) = &self.fetch else {
+            read_exact_at(f, block, at(pblock), &self.path)?;
             return self.check_block(pblock, block);
         };
-        if Digest::of(block) == self.hashes[pblock as usize] {
-            self.mark_verified(pblock);
-            return Ok(());
+        // A block in a hole of the sparse local file was never fetched: skip reading and hashing it.
+        if !self.local_hole(f, pblock) {
+            read_exact_at(f, block, at(pblock), &self.path)?;
+            if Digest::of(block) == self.hashes[pblock as usize] {
+                self.mark_verified(pblock);
+                return Ok(());
+            }
         }
-        let _one_fetch = fetch.lock.lock().unwrap_or_else(|p| p.into_inner());
-        // Another reader may have fetched it while we waited.
-        read_exact_at(f, block, HEADER_SIZE as u64 + pblock * bs, &self.path)?;
-        if Digest::of(block) == self.hashes[pblock as usize] {
-            self.mark_verified(pblock);
-            return Ok(());
-        }
-        // Extend the window over following blocks that are not in the local file either.
-        let mut count = 1;
+        // Following blocks that are not local either (checked outside the lock; the claim below
+        // drops those another reader fetched or claimed meanwhile).
+        let (window, continues) =
+            fetch.state.lock().unwrap_or_else(|p| p.into_inner()).window_for(pblock, fetch.window);
+        // A grown window ends on a multiple of its size (as a fixed window over a sequential
+        // read does), so it does not run past an aligned boundary into blocks no read asked for.
+        let want = if continues { window.min(window - pblock % window) } else { window };
+        let mut candidates = 1;
         let mut probe = vec![0u8; bs as usize];
-        while count < fetch.window && pblock + count < self.trailer.block_count {
-            let p = pblock + count;
+        while candidates < want && pblock + candidates < self.trailer.block_count {
+            let p = pblock + candidates;
             if self.is_verified(p) {
                 break;
             }
-            read_exact_at(f, &mut probe, HEADER_SIZE as u64 + p * bs, &self.path)?;
-            if Digest::of(&probe) == self.hashes[p as usize] {
-                self.mark_verified(p);
+            if !self.local_hole(f, p) {
+                read_exact_at(f, &mut probe, at(p), &self.path)?;
+                if Digest::of(&probe) == self.hashes[p as usize] {
+                    self.mark_verified(p);
+                    break;
+                }
+            }
+            candidates += 1;
+        }
+        // Claim [pblock, pblock + count), or wait for the fetch that has pblock in flight.
+        let mut state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
+        while state.is_in_flight(pblock) {
+            state = fetch.landed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        if self.is_verified(pblock) {
+            drop(state);
+            // Fetched, checked and written by another reader.
+            return read_exact_at(f, block, at(pblock), &self.path);
+        }
+        let mut count = 1;
+        while count < candidates {
+            let p = pblock + count;
+            if self.is_verified(p) || state.is_in_flight(p) {
                 break;
             }
             count += 1;
         }
-        let offset = HEADER_SIZE as u64 + pblock * bs;
+        state.in_flight.push((pblock, pblock + count));
+        state.record(pblock, count, window);
+        drop(state);
+        let _claim = Claim { fetch, range: (pblock, pblock + count) };
+
+        let offset = at(pblock);
         let bytes = fetch.source.read_range(&self.digest, offset, count * bs).map_err(|e| {
             tracing::error!(layer = %self.digest, offset, len = count * bs, error = %e, "fetching blocks failed");
             Error::io("fetch", &self.path)(e)
@@ -181,13 +303,25 @@ impl SealedLayer {
                 break; // keep what came before it
             }
             use std::os::unix::fs::FileExt;
-            writer
-                .write_all_at(chunk, HEADER_SIZE as u64 + p * bs)
-                .map_err(Error::io("write", &self.path))?;
+            writer.write_all_at(chunk, at(p)).map_err(Error::io("write", &self.path))?;
             self.mark_verified(p);
         }
         block.copy_from_slice(&bytes[..bs as usize]);
         Ok(())
+    }
+
+    /// True if stored block `pblock` lies wholly in a hole of the (sparse) local file, so it was
+    /// never fetched. False when it holds data or when the filesystem cannot tell (then the
+    /// block is read and checked).
+    fn local_hole(&self, f: &File, pblock: u64) -> bool {
+        use rustix::fs::{SeekFrom, seek};
+        let bs = self.block_size();
+        let start = HEADER_SIZE as u64 + pblock * bs;
+        match seek(f, SeekFrom::Data(start)) {
+            Ok(data) => data >= start + bs,
+            Err(rustix::io::Errno::NXIO) => true,
+            Err(_) => false,
+        }
     }
 
     /// Makes every stored block local and checked (fetching what a partial layer lacks), in

@@ -339,9 +339,12 @@ fn shared_source(reference: &str) -> Result<Arc<RemoteSource>> {
 }
 
 /// Default fetch window: 4 blocks (256 KiB with 64 KiB blocks). A read of a missing block also
-/// fetches up to 3 following missing blocks in the same request: sequential reads then cost a
-/// quarter of the round trips, while a scattered read fetches at most 4x what it asked for;
-/// blocks already local end the window early.
+/// fetches up to 3 following missing blocks in the same request. A larger window (`serve
+/// --fetch-window`) is a cap the window grows to while reads stay sequential (see
+/// `SealedLayer::ensure_block` in the engine: doubling at each step, aligned to its size):
+/// sequential reads then cost fewer round trips, but what they fetch past their end grows with
+/// it. docs/BENCHMARKS.md ("Lazy deployment") has the trade-off measured. Blocks already local
+/// end a window early.
 pub const DEFAULT_FETCH_WINDOW: u64 = 4;
 
 /// What a disk opened with [`open_lazy_disk`] has fetched since it was opened. (Disks from
