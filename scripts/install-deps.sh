@@ -19,7 +19,21 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-for tool in qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit docker-registry nginx htpasswd; do
+# qemu-system-x86 (the VM test and demo) from bookworm-backports, beside qemu-utils 10: the
+# bookworm package (7.2) would remove qemu-utils. The backports source reuses the existing entry.
+if ! command -v qemu-system-x86_64 >/dev/null; then
+  echo "installing: qemu-system-x86 (bookworm-backports)"
+  export DEBIAN_FRONTEND=noninteractive
+  if [ ! -e /etc/apt/sources.list.d/bookworm-backports.sources ]; then
+    awk 'BEGIN{RS="";ORS="\n\n"} /Suites: bookworm bookworm-updates/' /etc/apt/sources.list.d/debian.sources \
+      | sed 's/^Suites: .*/Suites: bookworm-backports/' > /etc/apt/sources.list.d/bookworm-backports.sources
+  fi
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
+fi
+# The guest's kernel and busybox are not installed: scripts/vm-assets.sh downloads them
+# (apt-get download) into target/vm-assets.
+for tool in qemu-system-x86_64 qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit docker-registry nginx htpasswd; do
   command -v "$tool" >/dev/null || { echo "missing $tool after install" >&2; exit 1; }
 done
 # s3s-fs: a real S3-compatible server (it checks SigV4) for crates/remote/tests/s3.rs.

@@ -95,7 +95,10 @@ impl LayerStore {
             let source = self.source.as_ref().map_or(0, |(s, _)| Arc::as_ptr(s) as *const () as usize);
             (self.partial_path(digest), source)
         };
-        let key = (std::path::absolute(&path).unwrap_or(path), verify, source);
+        // Canonical, so that `a/disk1/../layers` and `a/disk2/../layers` (relative stores of two
+        // disks made with `create --from`) name the same open layer.
+        let path = std::fs::canonicalize(&path).or_else(|_| std::path::absolute(&path)).unwrap_or(path);
+        let key = (path, verify, source);
         let open = OPEN.get_or_init(Default::default);
         let cached = open.lock().unwrap_or_else(|p| p.into_inner()).get(&key).and_then(Weak::upgrade);
         if let Some(layer) = cached {

@@ -1,0 +1,208 @@
+//! Helpers for the VM tests: the guest assets (scripts/vm-assets.sh), a docker-registry on a
+//! free loopback port (stopped on drop), QEMU boots under `timeout` whose console is returned,
+//! and reading `mcow info` / the serve log's fetch statistics.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::nbd::{tool, tool_ok, wait_timeout};
+
+/// The repository's root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+/// Panics unless `name` is installed, naming the package (never skips).
+pub fn require(name: &str) -> PathBuf {
+    let package = match name {
+        "qemu-system-x86_64" => {
+            "qemu-system-x86 from bookworm-backports (scripts/install-deps.sh does it; the bookworm one removes qemu-utils)"
+        }
+        "docker-registry" => "docker-registry",
+        "nbdfuse" => "libnbd-bin",
+        "mkfs.ext4" | "debugfs" => "e2fsprogs",
+        "lz4" => "lz4",
+        "curl" => "curl",
+        "apt-get" | "dpkg" => "apt / dpkg (a Debian host)",
+        "losetup" | "mount" | "umount" | "mountpoint" => "util-linux / mount",
+        _ => "the package providing it",
+    };
+    for dir in ["/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("{name} is required by the VM test but is not installed: install {package}");
+}
+
+/// Runs `bash SCRIPT ARGS` from the repository's scripts/ under `timeout`, with `MCOW` set to
+/// the built binary; asserts it succeeds and returns stdout.
+pub fn script_ok(name: &str, args: &[&str], limit_secs: u32) -> String {
+    let script = repo_root().join("scripts").join(name);
+    let out = Command::new(tool("timeout"))
+        .args(["-k", "10", &limit_secs.to_string(), "bash"])
+        .arg(&script)
+        .args(args)
+        .env("MCOW", env!("CARGO_BIN_EXE_mcow"))
+        .env("PATH", format!("/usr/bin:/usr/sbin:/bin:/sbin:{}", std::env::var("PATH").unwrap_or_default()))
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running a script");
+    let (so, se) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{name} {args:?} failed ({}):\nstdout:\n{so}\nstderr:\n{se}", out.status);
+    so.into_owned()
+}
+
+/// The guest assets (kernel, initramfs), built once into target/vm-assets.
+pub struct Assets {
+    pub vmlinux: PathBuf,
+    pub initrd: PathBuf,
+}
+
+pub fn assets() -> Assets {
+    for t in ["apt-get", "dpkg", "lz4"] {
+        require(t);
+    }
+    let dir = repo_root().join("target/vm-assets");
+    script_ok("vm-assets.sh", &[dir.to_str().unwrap()], 600);
+    Assets { vmlinux: dir.join("vmlinux"), initrd: dir.join("initrd.cpio.gz") }
+}
+
+/// Boots the guest from NBD export `export` on the Unix socket `sock`, as VM `id`, read-write;
+/// returns its console (carriage returns removed). Under `timeout`; qemu's exit code is not
+/// trusted (it exits 0 when killed): callers judge by marker lines.
+pub fn boot(a: &Assets, sock: &Path, export: &str, id: u32) -> String {
+    let qemu = require("qemu-system-x86_64");
+    let out = Command::new(tool("timeout"))
+        .args(["-k", "5", "240"])
+        .arg(qemu)
+        .args(["-accel", "tcg", "-m", "256", "-smp", "1", "-nographic", "-no-reboot", "-nodefaults"])
+        .args(["-serial", "stdio", "-kernel"])
+        .arg(&a.vmlinux)
+        .arg("-initrd")
+        .arg(&a.initrd)
+        .arg("-append")
+        .arg(format!("console=ttyS0 panic=-1 quiet vmid={id} vmmode=rw"))
+        .arg("-drive")
+        .arg(format!("file=nbd+unix:///{export}?socket={},format=raw,if=virtio", sock.display()))
+        .stdin(Stdio::null())
+        .output()
+        .expect("running qemu-system-x86_64");
+    let mut console = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    console.push_str(&String::from_utf8_lossy(&out.stderr));
+    console
+}
+
+/// Asserts the console of VM `id` shows a complete boot: markers, the app's output (with the
+/// checksum of its data file, `sha`), the write and a clean unmount.
+pub fn assert_booted(console: &str, id: u32, sha: &str) {
+    let lines: Vec<&str> = console.lines().map(str::trim).collect();
+    for want in [
+        format!("MCOW-VM-BOOTED id={id}"),
+        format!("MCOW-VM-MOUNTED id={id}"),
+        "APP2-HELLO host=mcow-guest app1=app1 1.0".to_string(),
+        format!("APP2-SHA256 {sha}"),
+        format!("MCOW-VM-WROTE id={id}"),
+        format!("MCOW-VM-DONE id={id} ok"),
+    ] {
+        assert!(
+            lines.iter().any(|l| l.ends_with(&want)),
+            "VM {id}: no line {want:?} on the console:\n{console}"
+        );
+    }
+}
+
+/// `blocks_bytes_fetched` and `requests` of the serve log's exit line for `export`.
+pub fn fetched(log: &str, export: &str) -> (u64, u64) {
+    let line = log
+        .lines()
+        .find(|l| l.contains("served; fetched from the origin") && l.contains(&format!("export={export} ")))
+        .unwrap_or_else(|| panic!("no fetch statistics for {export} in the serve log:\n{log}"));
+    let field = |k: &str| -> u64 {
+        let rest = line.split(&format!(" {k}=")).nth(1).unwrap_or_else(|| panic!("no {k} in {line}"));
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    (field("blocks_bytes_fetched"), field("requests"))
+}
+
+/// Debian's docker-registry on a free loopback port, its storage in `dir/data`. SIGTERM on drop.
+pub struct Registry {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Registry {
+    pub fn start(dir: &Path) -> Registry {
+        let bin = require("docker-registry");
+        require("curl");
+        std::fs::create_dir_all(dir).unwrap();
+        for _ in 0..10 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let cfg = dir.join("registry.yml");
+            std::fs::write(
+                &cfg,
+                format!(
+                    "version: 0.1\nlog: {{level: warn, accesslog: {{disabled: true}}}}\n\
+                     storage:\n  filesystem: {{rootdirectory: {}}}\n  delete: {{enabled: true}}\n\
+                     http: {{addr: 127.0.0.1:{port}, secret: test-secret}}\n",
+                    dir.join("data").display()
+                ),
+            )
+            .unwrap();
+            let log = std::fs::File::create(dir.join("registry.log")).unwrap();
+            let child = Command::new(&bin)
+                .arg("serve")
+                .arg(&cfg)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("starting docker-registry");
+            let mut r = Registry { port, child: Some(child) };
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(10) {
+                if r.child.as_mut().unwrap().try_wait().unwrap().is_some() {
+                    break; // the port was taken: try another
+                }
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return r;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!(
+            "docker-registry would not start; log:\n{}",
+            std::fs::read_to_string(dir.join("registry.log")).unwrap_or_default()
+        );
+    }
+
+    /// The manifest of `repo:tag`, as the registry serves it.
+    pub fn manifest(&self, repo: &str, tag: &str) -> String {
+        tool_ok(
+            "curl",
+            Path::new("/"),
+            &[
+                "-sf",
+                "-H",
+                "Accept: application/vnd.oci.image.manifest.v1+json",
+                &format!("http://127.0.0.1:{}/v2/{repo}/manifests/{tag}", self.port),
+            ],
+        )
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            if wait_timeout(&mut child, Duration::from_secs(10)).is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}

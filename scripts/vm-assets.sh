@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Guest assets for the VM demo, test and benchmark: a stock Debian cloud kernel (as an ELF
+# vmlinux, which QEMU boots directly through its PVH note) and a busybox initramfs whose /init
+# mounts /dev/vda, runs /opt/app2/bin/hello from it, writes /vm-wrote.txt and powers off.
+#
+# Usage: scripts/vm-assets.sh [DIR]        (default: target/vm-assets)
+# Leaves in DIR: vmlinux, initrd.cpio.gz, busybox (static, for the guest's root filesystem).
+# The .debs (linux-image-<cloud version>, busybox-static) are fetched with `apt-get download`
+# into DIR/debs once and never installed. Needs: apt-get, dpkg, lz4, python3, gzip.
+#
+# The guest's /init reads two kernel parameters (the kernel hands unknown key=value parameters
+# to init as environment variables):
+#   vmid=N        printed in every marker line and written to /vm-wrote.txt
+#   vmmode=rw|ro  rw (default): mount read-write and write /vm-wrote.txt; ro: mount read-only
+# Console marker lines (judge a boot by these, not by qemu's exit code):
+#   MCOW-VM-BOOTED id=N            init started, virtio disk present
+#   MCOW-VM-MOUNTED id=N           /dev/vda mounted
+#   APP2-... lines                 printed by /opt/app2/bin/hello (run in a chroot of the disk)
+#   MCOW-VM-WROTE id=N             /vm-wrote.txt written and synced (rw only)
+#   MCOW-VM-DONE id=N ok           unmounted cleanly, powering off ("fail" otherwise)
+set -euo pipefail
+DIR=${1:-$(cd "$(dirname "$0")/.." && pwd)/target/vm-assets}
+mkdir -p "$DIR/debs"
+DIR=$(cd "$DIR" && pwd)
+cd "$DIR"
+
+if [ ! -s vmlinux ] || [ ! -s busybox ] || [ ! -d kpkg ]; then
+  KVER=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/{print $2; exit}' | sed 's/^linux-image-//')
+  [ -n "$KVER" ] || { echo "vm-assets: no linux-image-cloud-amd64 in apt's lists (run apt-get update)" >&2; exit 1; }
+  (cd debs && { ls linux-image-"$KVER"_*.deb >/dev/null 2>&1 || timeout 300 apt-get download "linux-image-$KVER"; } \
+           && { ls busybox-static_*.deb >/dev/null 2>&1 || timeout 300 apt-get download busybox-static; }) >/dev/null 2>&1 \
+    || { echo "vm-assets: apt-get download linux-image-$KVER busybox-static failed" >&2; exit 1; }
+  rm -rf kpkg bb
+  dpkg -x debs/linux-image-"$KVER"_*.deb kpkg
+  dpkg -x debs/busybox-static_*.deb bb
+  cp bb/bin/busybox busybox
+  rm -rf bb
+  # The stock bzImage is LZ4-compressed: extract the ELF vmlinux (PVH-bootable, no decompressor).
+  python3 - "kpkg/boot/vmlinuz-$KVER" <<'PY'
+import sys; d=open(sys.argv[1],'rb').read(); o=d.find(b'\x02!L\x18'); open('payload.lz4','wb').write(d[o:])
+PY
+  lz4 -dc payload.lz4 > vmlinux.tmp 2>/dev/null || true   # lz4 complains about trailing bytes
+  rm -f payload.lz4
+  [ "$(head -c 4 vmlinux.tmp | od -An -c | tr -d ' ')" = '177ELF' ] || { echo "vm-assets: no ELF vmlinux" >&2; exit 1; }
+  mv vmlinux.tmp vmlinux
+  echo "$KVER" > kver
+fi
+KVER=$(cat kver)
+
+rm -rf initrd && mkdir -p initrd/{bin,dev,proc,sys,mnt,lib/modules}
+cp busybox initrd/bin/
+M=kpkg/lib/modules/$KVER/kernel/drivers
+for m in virtio/virtio_ring virtio/virtio virtio/virtio_pci_modern_dev virtio/virtio_pci_legacy_dev virtio/virtio_pci block/virtio_blk; do
+  cp "$M/$m.ko" initrd/lib/modules/
+done
+cat > initrd/init <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do insmod /lib/modules/$m.ko; done
+i=0; while [ ! -b /dev/vda ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
+id=${vmid:-0}; mode=${vmmode:-rw}
+echo "MCOW-VM-BOOTED id=$id"
+ok=fail
+if mount -t ext4 -o "$mode" /dev/vda /mnt; then
+  echo "MCOW-VM-MOUNTED id=$id"
+  chroot /mnt /bin/sh /opt/app2/bin/hello
+  if [ "$mode" = rw ]; then
+    echo "written by vm $id" > /mnt/vm-wrote.txt && sync && echo "MCOW-VM-WROTE id=$id"
+  fi
+  umount /mnt && ok=ok
+else
+  echo "MCOW-VM-MOUNT-FAILED id=$id"
+fi
+echo "MCOW-VM-DONE id=$id $ok"
+poweroff -f
+INIT
+chmod +x initrd/init
+(cd initrd && find . | ../busybox cpio -o -H newc 2>/dev/null | gzip -1 > ../initrd.cpio.gz.tmp)
+mv initrd.cpio.gz.tmp initrd.cpio.gz
+rm -rf initrd
+echo "vm-assets: $DIR/vmlinux ($KVER), $DIR/initrd.cpio.gz, $DIR/busybox"
