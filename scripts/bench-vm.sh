@@ -11,6 +11,7 @@
 # the four cases rotates each round); medians are printed.
 # Usage: scripts/bench-vm.sh [WORKDIR] [ROUNDS]    (default: target/bench-vm, 3)
 #        MCOW_SERVE_ARGS='--fetch-window 1' scripts/bench-vm.sh   (extra options for mcow serve)
+#        MCOW_BLOCK_SIZE=16K scripts/bench-vm.sh   (block size of the image; default 64K)
 # Needs what demo-vm.sh needs, plus nginx and nbdkit (nbdkit-plugin-curl).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)

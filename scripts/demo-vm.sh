@@ -33,7 +33,7 @@ build_images() {
   # Files the guest never reads: they stay in the registry (the point of lazy fetching).
   head -c $((24 << 20)) /dev/urandom > "$r/usr/share/filler/unused.bin"
   mkfs.ext4 -q -F -b 4096 -L mcow-root -d "$r" "$W/base.ext4" 256M >/dev/null
-  "$MCOW" import "$W/base.ext4" "$W/base" >/dev/null
+  "$MCOW" import -b "${MCOW_BLOCK_SIZE:-64K}" "$W/base.ext4" "$W/base" >/dev/null
   rm -f "$W/base.ext4"
 
   local a1=$W/src/app1
