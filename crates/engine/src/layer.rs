@@ -470,10 +470,12 @@ impl SealedLayer {
             return None;
         }
         let f = self.file.get(&self.path).ok()?;
-        // SAFETY: a sealed layer is immutable: mcow never writes, truncates or replaces a
-        // sealed layer file in place (new layers get new names), and its length was checked
-        // against its trailer at open, so the whole mapped range exists. Another process
-        // truncating the file while it is mapped would make reads fault (SIGBUS);
+        // SAFETY: the bytes read through the map do not change while they are read: mcow
+        // never rewrites, truncates or replaces a sealed layer file in place (new layers get
+        // new names); in a partial layer, a block is written (once, when fetched and checked)
+        // before it is marked verified, and the map is read only for verified blocks. Its
+        // length was checked against the trailer at open, so the whole range exists. Another
+        // process truncating the file while it is mapped would make reads fault (SIGBUS);
         // docs/FORMAT.md says sealed layers must not be modified.
         let map = unsafe { memmap2::MmapOptions::new().offset(HEADER_SIZE as u64).len(len).map(&*f) };
         map.ok()

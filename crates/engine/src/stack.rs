@@ -149,11 +149,16 @@ impl Stack {
         let bs = u64::from(self.block_size);
         let (first, last) = (vblock + offset / bs, vblock + (offset + buf.len() as u64 - 1) / bs);
         let bit = |b: u64| (&self.verified[(b / 64) as usize], 1u64 << (b % 64));
-        let checked = !self.verify
-            || (first..=last).all(|b| {
+        // Without verification, complete layers are read as they are; a partial layer's blocks
+        // must still be made local (and so checked) first.
+        let checked = if self.verify {
+            (first..=last).all(|b| {
                 let (w, m) = bit(b);
                 w.load(Ordering::Relaxed) & m != 0
-            });
+            })
+        } else {
+            !self.layers[loc.layer as usize].is_partial()
+        };
         if !checked {
             self.layers[loc.layer as usize].read(loc.pblock, offset, buf)?;
             for b in first..=last {

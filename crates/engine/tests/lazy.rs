@@ -201,3 +201,18 @@ fn disks_on_the_same_partial_layers_fetch_each_block_once() {
     assert!(all == expected);
     assert_eq!(src.fetched.load(Ordering::Relaxed), once, "the second disk fetched blocks again");
 }
+
+#[test]
+fn a_partial_layer_is_fetched_and_checked_even_with_verification_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (complete, expected) = build_complete(tmp.path());
+    let partial = build_partial(tmp.path(), &complete);
+    let src =
+        Arc::new(DirSource { store: tmp.path().join("a/layers"), fetched: 0.into(), corrupt: false.into() });
+    let opts = OpenOptions { read_only: true, verify: false, force_share: false };
+    let d = Disk::open_with_source(&partial, opts, src.clone(), 4).unwrap();
+    let mut all = vec![0u8; expected.len()];
+    d.read(0, &mut all).unwrap();
+    assert!(all == expected, "unfetched blocks must not read as zeros");
+    assert!(src.fetched.load(Ordering::Relaxed) > 0);
+}
