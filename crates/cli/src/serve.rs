@@ -322,8 +322,16 @@ fn prepare_image(reference: &Reference, cache: &Path) -> Result<(PathBuf, u64)> 
     } else {
         Reference::parse(&format!("{reference}@{digest}")).context("pinning the reference")?
     };
-    let report = mcow_remote::pull(&pinned, &dir, &cache.join("layers"), true, &mut |_, _| {})
-        .with_context(|| format!("pulling {reference} into {}", dir.display()))?;
+    let report = mcow_remote::transfer::pull_image(
+        remote.as_ref(),
+        &pinned,
+        &image,
+        &dir,
+        &cache.join("layers"),
+        true,
+        &mut |_, _| {},
+    )
+    .with_context(|| format!("pulling {reference} into {}", dir.display()))?;
     tracing::info!(
         %reference, manifest = %digest, disk = %dir.display(), layers = report.layers,
         layers_local = report.layers_local, bytes_fetched = report.bytes_fetched,

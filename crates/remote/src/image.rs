@@ -51,6 +51,12 @@ pub struct LayerRecord {
     pub header_digest: Digest,
     /// The layer trailer's index digest (over the extent index and block hash table).
     pub index_digest: Digest,
+    /// Bytes from the start of the extent index to the end of the layer (index, block hash
+    /// table, trailer), so a lazy pull fetches the header and this tail in parallel. Checked
+    /// like everything else: the tail must hash to `index_digest` and end in a trailer that
+    /// agrees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail_len: Option<u64>,
 }
 
 /// The config blob of a disk image.

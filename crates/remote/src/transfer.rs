@@ -65,6 +65,7 @@ pub fn push_with_trace(
             size,
             header_digest: Digest::of(&header),
             index_digest: layer.trailer.index_digest,
+            tail_len: Some(layer.trailer.index_len() + TRAILER_SIZE as u64),
         });
         descs.push(Descriptor {
             media_type: LAYER_MEDIA_TYPE.into(),
@@ -209,14 +210,46 @@ pub fn pull(
 ) -> Result<PullReport> {
     let remote = open_remote(reference)?;
     let image = fetch_image(remote.as_ref(), reference)?;
+    pull_image(remote.as_ref(), reference, &image, dir, store_dir, lazy, progress)
+}
+
+/// [`pull`] of an image whose manifest and config were already fetched (and checked) with
+/// [`fetch_image`].
+pub fn pull_image(
+    remote: &dyn Remote,
+    reference: &Reference,
+    image: &Image,
+    dir: &Path,
+    store_dir: &Path,
+    lazy: bool,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<PullReport> {
     let store = LayerStore::new(store_dir);
     let total: u64 = image.config.layers.iter().map(|r| r.size).sum();
     let (mut done, mut fetched, mut local) = (0u64, 0u64, 0usize);
-    for r in &image.config.layers {
-        if store.contains(&r.digest) || (lazy && store.partial_path(&r.digest).exists()) {
+    let missing = |r: &&LayerRecord| !store.contains(&r.digest) && !store.partial_path(&r.digest).exists();
+    if lazy {
+        // Every layer's header and index at once: a lazy start costs one round of requests.
+        let todo: Vec<&LayerRecord> = image.config.layers.iter().filter(missing).collect();
+        local = image.config.layers.len() - todo.len();
+        let results: Vec<Result<u64>> = std::thread::scope(|scope| {
+            let handles: Vec<_> =
+                todo.iter().map(|r| scope.spawn(|| add_partial_layer(remote, &store, r))).collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| Err(RemoteError::Invalid("a fetch thread panicked".into())))
+                })
+                .collect()
+        });
+        for r in results {
+            fetched += r?;
+        }
+        progress(total, total);
+    }
+    for r in image.config.layers.iter().filter(|_| !lazy) {
+        if store.contains(&r.digest) {
             local += 1;
-        } else if lazy {
-            fetched += add_partial_layer(remote.as_ref(), &store, r)?;
         } else {
             let tmp = store.tmp_dir()?.join(format!("pull-{}-{}.tmp", r.digest.short(), std::process::id()));
             let base = done;
@@ -273,7 +306,26 @@ fn add_partial_layer(remote: &dyn Remote, store: &LayerStore, r: &LayerRecord) -
     if r.size < min {
         return Err(RemoteError::Invalid(format!("layer {} is {} bytes, too small", r.digest, r.size)));
     }
-    let header = remote.get_blob_range(&r.digest, 0, HEADER_SIZE as u64)?;
+    // The header and the tail at once when the config says how long the tail is; otherwise the
+    // trailer first, to learn it.
+    let tail_len = match r.tail_len {
+        Some(n) => n,
+        None => {
+            let t = remote.get_blob_range(&r.digest, r.size - TRAILER_SIZE as u64, TRAILER_SIZE as u64)?;
+            let trailer =
+                Trailer::decode(&t).map_err(|e| RemoteError::Invalid(format!("layer {}: {e}", r.digest)))?;
+            trailer.index_len() + TRAILER_SIZE as u64
+        }
+    };
+    if tail_len > r.size - HEADER_SIZE as u64 || tail_len < TRAILER_SIZE as u64 {
+        return Err(RemoteError::Invalid(format!("layer {}: its index does not fit the blob", r.digest)));
+    }
+    let (header, tail) = std::thread::scope(|scope| {
+        let header = scope.spawn(|| remote.get_blob_range(&r.digest, 0, HEADER_SIZE as u64));
+        let tail = remote.get_blob_range(&r.digest, r.size - tail_len, tail_len);
+        (header.join().unwrap_or_else(|_| Err(RemoteError::Invalid("a fetch thread panicked".into()))), tail)
+    });
+    let (header, tail) = (header?, tail?);
     let actual = Digest::of(&header);
     if actual != r.header_digest {
         return Err(RemoteError::DigestMismatch {
@@ -282,17 +334,9 @@ fn add_partial_layer(remote: &dyn Remote, store: &LayerStore, r: &LayerRecord) -
             actual,
         });
     }
-    let trailer_bytes =
-        remote.get_blob_range(&r.digest, r.size - TRAILER_SIZE as u64, TRAILER_SIZE as u64)?;
-    let trailer = Trailer::decode(&trailer_bytes)
-        .map_err(|e| RemoteError::Invalid(format!("layer {}: {e}", r.digest)))?;
-    let tail_len = trailer.index_len() + TRAILER_SIZE as u64;
-    if tail_len > r.size - HEADER_SIZE as u64 {
-        return Err(RemoteError::Invalid(format!("layer {}: trailer counts exceed the blob", r.digest)));
-    }
-    let tail = remote.get_blob_range(&r.digest, r.size - tail_len, tail_len)?;
+    let fetched = HEADER_SIZE as u64 + tail_len + if r.tail_len.is_none() { TRAILER_SIZE as u64 } else { 0 };
     store.add_partial(&r.digest, r.size, &header, &tail, &r.index_digest)?;
-    Ok(HEADER_SIZE as u64 + TRAILER_SIZE as u64 + tail_len)
+    Ok(fetched)
 }
 
 /// Fetches blocks of partial layers from a remote, counting what it fetched.
