@@ -21,19 +21,22 @@ fn run(args: &[&std::ffi::OsStr], what: &str) -> Result<Vec<u8>> {
     let mut cmd = Command::new(&prog);
     cmd.args(args).stdin(Stdio::null()).stderr(Stdio::piped());
     tracing::info!(command = ?cmd, "running qemu-img");
-    let out = cmd.output().map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            anyhow::anyhow!(
-                "{what} needs qemu-img, which was not found (install qemu-utils, or set MCOW_QEMU_IMG)"
-            )
-        } else {
-            anyhow::Error::new(e).context(format!("running {}", prog.to_string_lossy()))
-        }
-    })?;
+    let out = cmd.output().map_err(|e| spawn_error(e, &prog, what))?;
     if !out.status.success() {
         bail!("{what}: qemu-img failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(out.stdout)
+}
+
+/// Why qemu-img could not be started, saying what to install when it is missing.
+fn spawn_error(e: std::io::Error, prog: &std::ffi::OsStr, what: &str) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        anyhow::anyhow!(
+            "{what} needs qemu-img, which was not found (install qemu-utils, or set MCOW_QEMU_IMG)"
+        )
+    } else {
+        anyhow::Error::new(e).context(format!("running {}", prog.to_string_lossy()))
+    }
 }
 
 /// Like [`run`], with qemu-img's stdout on our stderr (for `convert -p`).
@@ -43,15 +46,7 @@ fn run_to_stderr(args: &[&std::ffi::OsStr], what: &str) -> Result<()> {
     let mut cmd = Command::new(&prog);
     cmd.args(args).stdin(Stdio::null()).stdout(Stdio::from(stderr)).stderr(Stdio::piped());
     tracing::info!(command = ?cmd, "running qemu-img");
-    let mut child = cmd.spawn().map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            anyhow::anyhow!(
-                "{what} needs qemu-img, which was not found (install qemu-utils, or set MCOW_QEMU_IMG)"
-            )
-        } else {
-            anyhow::Error::new(e).context(format!("running {}", prog.to_string_lossy()))
-        }
-    })?;
+    let mut child = cmd.spawn().map_err(|e| spawn_error(e, &prog, what))?;
     let mut err = String::new();
     if let Some(mut e) = child.stderr.take() {
         let _ = e.read_to_string(&mut err);

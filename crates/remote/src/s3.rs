@@ -199,6 +199,16 @@ impl S3Store {
     }
 
     /// The unsigned URL of object `key`, for messages (never the signature).
+    /// Sends one signed GET of `key` (signed afresh, so a retry never reuses an old
+    /// signature), with a `Range` header when given.
+    fn send_get(&self, key: &str, display: &str, range: Option<&str>) -> Result<Response<Body>> {
+        let mut req = self.agent.get(&self.signed(Verb::Get, key));
+        if let Some(r) = range {
+            req = req.header("Range", r);
+        }
+        req.call().map_err(transport(Verb::Get, display))
+    }
+
     fn display_url(&self, key: &str) -> String {
         self.bucket.object_url(key).map_or_else(|_| key.to_string(), |u| u.to_string())
     }
@@ -300,11 +310,7 @@ impl ObjectStore for S3Store {
         let key = self.key(key);
         let display = self.display_url(&key);
         self.retry.run(&format!("GET {display}"), || {
-            let mut resp = self
-                .agent
-                .get(&self.signed(Verb::Get, &key))
-                .call()
-                .map_err(transport(Verb::Get, &display))?;
+            let mut resp = self.send_get(&key, &display, None)?;
             match resp.status().as_u16() {
                 200 => {}
                 404 => {
@@ -344,12 +350,7 @@ impl ObjectStore for S3Store {
         let display = self.display_url(&key);
         let range = format!("bytes={}-{}", offset, offset + len - 1);
         self.retry.run(&format!("GET {display} {range}"), || {
-            let mut resp = self
-                .agent
-                .get(&self.signed(Verb::Get, &key))
-                .header("Range", &range)
-                .call()
-                .map_err(transport(Verb::Get, &display))?;
+            let mut resp = self.send_get(&key, &display, Some(&range))?;
             match resp.status().as_u16() {
                 206 => {}
                 200 => {
@@ -387,11 +388,7 @@ impl ObjectStore for S3Store {
         let key = self.key(key);
         let display = self.display_url(&key);
         self.retry.run(&format!("GET {display}"), || {
-            let mut resp = self
-                .agent
-                .get(&self.signed(Verb::Get, &key))
-                .call()
-                .map_err(transport(Verb::Get, &display))?;
+            let mut resp = self.send_get(&key, &display, None)?;
             match resp.status().as_u16() {
                 200 => {}
                 404 => return Err(self.not_found(&key)),

@@ -136,41 +136,33 @@ pub fn write_human(info: &Info, w: &mut dyn Write) -> std::io::Result<()> {
         writeln!(w, "origin: {r} (manifest {m})")?;
     }
     writeln!(w, "sealed layers: {}", info.layer_count)?;
-    if info.layers.iter().any(|l| l.partial) {
+    // A LOCAL column only when some layer is a partial (lazily fetched) copy.
+    let partial = info.layers.iter().any(|l| l.partial);
+    if !info.layers.is_empty() {
+        let local_head = if partial { "  LOCAL" } else { "" };
         writeln!(
             w,
-            "  {:>5}  {:<71}  {:>10}  {:>8}  {:>7}  LOCAL",
+            "  {:>5}  {:<71}  {:>10}  {:>8}  {:>7}{local_head}",
             "DEPTH", "DIGEST", "FILE", "BLOCKS", "EXTENTS"
         )?;
-        for l in info.layers.iter().rev() {
-            let local = if l.partial {
-                format!("partial: {} of {}", human_size(l.local_bytes), human_size(l.data_bytes))
-            } else {
-                "complete".to_string()
-            };
-            writeln!(
-                w,
-                "  {:>5}  {:<71}  {:>10}  {:>8}  {:>7}  {local}",
-                l.depth,
-                l.digest,
-                human_size(l.file_bytes),
-                l.stored_blocks,
-                l.extents
-            )?;
-        }
-    } else if !info.layers.is_empty() {
-        writeln!(w, "  {:>5}  {:<71}  {:>10}  {:>8}  {:>7}", "DEPTH", "DIGEST", "FILE", "BLOCKS", "EXTENTS")?;
-        for l in info.layers.iter().rev() {
-            writeln!(
-                w,
-                "  {:>5}  {:<71}  {:>10}  {:>8}  {:>7}",
-                l.depth,
-                l.digest,
-                human_size(l.file_bytes),
-                l.stored_blocks,
-                l.extents
-            )?;
-        }
+    }
+    for l in info.layers.iter().rev() {
+        let local = match (partial, l.partial) {
+            (false, _) => String::new(),
+            (true, true) => {
+                format!("  partial: {} of {}", human_size(l.local_bytes), human_size(l.data_bytes))
+            }
+            (true, false) => "  complete".to_string(),
+        };
+        writeln!(
+            w,
+            "  {:>5}  {:<71}  {:>10}  {:>8}  {:>7}{local}",
+            l.depth,
+            l.digest,
+            human_size(l.file_bytes),
+            l.stored_blocks,
+            l.extents
+        )?;
     }
     writeln!(w, "writable top (depth 0): {}", info.top.file)?;
     writeln!(
