@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use mcow_engine::{Disk, OpenOptions};
+use mcow_engine::{Disk, FetchPolicy, OpenOptions};
 use mcow_remote::transfer::FetchStats;
-use mcow_remote::transfer::{DEFAULT_FETCH_WINDOW, LazyOrigin, ORIGIN_FILE};
+use mcow_remote::transfer::{LazyOrigin, ORIGIN_FILE};
 
 /// `path` made absolute and cleaned of `.` and `..` components (without touching the
 /// filesystem, so it works for paths that do not exist yet).
@@ -31,8 +31,8 @@ pub enum Fetch {
     /// Never: the verb only looks at the disk's structure (info, map); nothing is fetched and
     /// the remote need not be reachable.
     Offline,
-    /// From the disk's origin, this many blocks per request at most.
-    Remote(u64),
+    /// From the disk's origin, as the policy says.
+    Remote(FetchPolicy),
 }
 
 /// Opens a disk read-only (for info, map, export, read), with `force_share` like `-U`. A lazy
@@ -43,9 +43,9 @@ pub fn open_read_only(dir: &Path, force_share: bool) -> Result<Disk> {
 }
 
 /// Opens a disk, adding which disk and, where it helps, what to do. A lazy disk's missing
-/// blocks are fetched from its origin ([`DEFAULT_FETCH_WINDOW`] blocks per request at most).
+/// blocks are fetched from its origin (with the default [`FetchPolicy`]).
 pub fn open(dir: &Path, opts: OpenOptions) -> Result<Disk> {
-    Ok(open_lazy(dir, opts, Fetch::Remote(DEFAULT_FETCH_WINDOW))?.0)
+    Ok(open_lazy(dir, opts, Fetch::Remote(FetchPolicy::default()))?.0)
 }
 
 /// Opens a disk; if it was pulled lazily, its partial layers fetch as `fetch` says. Returns the
@@ -62,13 +62,13 @@ pub fn open_lazy(dir: &Path, opts: OpenOptions, fetch: Fetch) -> Result<(Disk, O
         |e: anyhow::Error, locked: bool| e.context(format!("opening disk {}{}", dir.display(), hint(locked)));
     let lazy = dir.join(ORIGIN_FILE).exists();
     match fetch {
-        Fetch::Remote(window) if lazy => mcow_remote::open_lazy_disk(dir, opts, window).map_err(|e| {
+        Fetch::Remote(policy) if lazy => mcow_remote::open_lazy_disk(dir, opts, policy).map_err(|e| {
             let locked = matches!(e, mcow_remote::RemoteError::Engine(mcow_engine::Error::Locked { .. }));
             fail(anyhow::Error::new(e), locked)
         }),
         _ => {
             let opened = if lazy {
-                Disk::open_with_source(dir, opts, Arc::new(mcow_engine::Offline), 1)
+                Disk::open_with_source(dir, opts, Arc::new(mcow_engine::Offline), FetchPolicy::default())
             } else {
                 Disk::open(dir, opts)
             };

@@ -9,9 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
-use mcow_engine::{Disk, OpenOptions, RunKind, TOP};
+use mcow_engine::{Disk, FetchPolicy, OpenOptions, RunKind, TOP};
 use mcow_remote::Reference;
-use mcow_remote::transfer::DEFAULT_FETCH_WINDOW;
 
 use crate::paths::{Fetch, open_lazy};
 use mcow_nbd::proto::{NBD_STATE_HOLE, NBD_STATE_ZERO};
@@ -195,6 +194,9 @@ fn background_fetch(disk: Arc<Disk>, trace: Option<Vec<u64>>, all: bool, stop: A
     }
 }
 
+/// `--readahead`'s default as the help shows it: `FetchPolicy::DEFAULT_READAHEAD`.
+const DEFAULT_READAHEAD: &str = "16M";
+
 /// Serve disks over NBD (to QEMU, qemu-img, libnbd tools, nbdfuse).
 #[derive(Debug, clap::Args)]
 #[command(long_about = "Serve one or more disks over the Network Block Device protocol until SIGINT or \
@@ -204,8 +206,8 @@ fn background_fetch(disk: Arc<Disk>, trace: Option<Vec<u64>>, all: bool, stop: A
     (0 = no layer, 1 = the writable top, 2 = the topmost sealed layer, ..., like \
     qemu:allocation-depth), FUA, flush, trim, write-zeroes (fast) and multi-conn.\n\n\
     A disk pulled with `mcow pull --lazy` fetches the blocks it does not hold yet from its \
-    origin as they are read (--fetch-window blocks per request at most), checks each against \
-    its hash and keeps it.\n\n\
+    origin as they are read (see --fetch-window and --readahead), checks each against its hash \
+    and keeps it.\n\n\
     Instead of a disk directory, a reference to an image (file://, http(s)://, oci://, s3://; \
     see `mcow pull --help`) serves that image on demand: it is pulled lazily into the cache \
     (--cache: the disk in CACHE/disks/<name>-<manifest short digest>, layers in CACHE/layers) and \
@@ -236,16 +238,21 @@ pub struct ServeArgs {
     /// Where images given as REF are pulled lazily: CACHE/disks and CACHE/layers.
     #[arg(long, value_name = "DIR", default_value = "mcow-cache")]
     pub cache: PathBuf,
-    /// For lazily pulled disks: the most blocks one fetch request asks for. The window adapts:
-    /// a scattered read fetches the missing block and up to 3 following missing blocks (at most
-    /// BLOCKS); a read that continues a run of fetches (a sequential read) fetches more, the
-    /// window doubling at each step up to BLOCKS. The default, 4 (256 KiB with 64 KiB blocks),
-    /// keeps what a few scattered reads fetch near what they read; 64 makes long sequential
-    /// reads cost far fewer round trips; 1 fetches exactly the blocks read. Blocks already local
-    /// end the window early.
-    #[arg(long, value_name = "BLOCKS", default_value_t = DEFAULT_FETCH_WINDOW,
+    /// For lazily pulled disks: blocks one fetch asks for when a read is not sequential (the
+    /// missing block read and up to BLOCKS - 1 missing blocks after it). The default, 4 (256 KiB
+    /// with 64 KiB blocks), keeps what a few scattered reads fetch near what they read while
+    /// each still costs one request; 1 fetches exactly the blocks read. Blocks already local
+    /// end a fetch early.
+    #[arg(long, value_name = "BLOCKS", default_value_t = FetchPolicy::DEFAULT_WINDOW,
           value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub fetch_window: u64,
+    /// For lazily pulled disks: the most one fetch asks for during a long sequential read.
+    /// Once a run of sequential reads has fetched 4 MiB, each further fetch asks for one window
+    /// plus half of what the run fetched past those 4 MiB, up to SIZE: a long read (a big
+    /// file, a whole-disk copy) costs few requests, shorter runs fetch what fixed windows would.
+    /// 0 turns read-ahead off (every fetch is --fetch-window blocks at most).
+    #[arg(long, value_name = "SIZE", default_value = DEFAULT_READAHEAD, value_parser = crate::size::parse_size)]
+    pub readahead: u64,
     /// For lazily pulled disks whose image carries a trace (see `mcow trace`): do not prefetch
     /// its blocks in the background.
     #[arg(long)]
@@ -383,7 +390,11 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
     for spec in &args.disks {
         let t = resolve_target(spec, &args.cache)?;
         let opts = OpenOptions { read_only: args.read_only, verify: true, force_share: args.force_share };
-        let (disk, source) = open_lazy(&t.dir, opts, Fetch::Remote(args.fetch_window))?;
+        let (disk, source) = open_lazy(
+            &t.dir,
+            opts,
+            Fetch::Remote(FetchPolicy { window: args.fetch_window, readahead: args.readahead }),
+        )?;
         let disk = Arc::new(disk);
         let mut export = DiskExport::new(disk.clone());
         if trace_out.is_some() {
@@ -512,6 +523,11 @@ pub fn serve_disks(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_readahead_default_is_the_engines() {
+        assert_eq!(crate::size::parse_size(DEFAULT_READAHEAD), Ok(FetchPolicy::DEFAULT_READAHEAD));
+    }
 
     #[test]
     fn image_names() {

@@ -111,16 +111,16 @@ impl Disk {
         Self::open_in(dir, opts, manifest.clone(), LayerStore::new(resolve_store(dir, &manifest)))
     }
 
-    /// Opens a disk whose layers may be partial, fetching missing blocks from `source` at most
-    /// `window` blocks at a time.
+    /// Opens a disk whose layers may be partial, fetching missing blocks from `source` as
+    /// `policy` says.
     pub fn open_with_source(
         dir: &Path,
         opts: OpenOptions,
         source: std::sync::Arc<dyn crate::layer::BlockSource>,
-        window: u64,
+        policy: crate::layer::FetchPolicy,
     ) -> Result<Disk> {
         let manifest = read_manifest(dir)?;
-        let store = LayerStore::new(resolve_store(dir, &manifest)).with_source(source, window);
+        let store = LayerStore::new(resolve_store(dir, &manifest)).with_source(source, policy);
         Self::open_in(dir, opts, manifest, store)
     }
 

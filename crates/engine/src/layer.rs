@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use mcow_format::{
     BLOCK_HASH_SIZE, Digest, ExtentKind, HEADER_SIZE, INDEX_ENTRY_SIZE, IndexEntry, LayerHeader, LayerKind,
@@ -39,9 +39,17 @@ pub struct SealedLayer {
 /// layer file, checks every block against its hash before it keeps or serves it, and writes the
 /// good blocks into the local file, which thereby becomes a cache.
 pub trait BlockSource: Send + Sync {
-    /// Reads exactly `len` bytes at `offset` of the sealed layer `layer` (offsets as in the
-    /// layer file).
-    fn read_range(&self, layer: &Digest, offset: u64, len: u64) -> std::io::Result<Vec<u8>>;
+    /// Streams exactly `len` bytes at `offset` of the sealed layer `layer` (offsets as in the
+    /// layer file) to `sink`, in order and in pieces of any size, as they arrive, so that the
+    /// first blocks can be checked and served before the last ones are in. Stops early, without
+    /// error, when `sink` returns false. Ending before `len` bytes otherwise is an error.
+    fn read_range(
+        &self,
+        layer: &Digest,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> std::io::Result<()>;
 }
 
 /// A [`BlockSource`] that fetches nothing: opening a partial layer with it gives access to its
@@ -50,7 +58,13 @@ pub trait BlockSource: Send + Sync {
 pub struct Offline;
 
 impl BlockSource for Offline {
-    fn read_range(&self, layer: &Digest, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    fn read_range(
+        &self,
+        layer: &Digest,
+        offset: u64,
+        len: u64,
+        _sink: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> std::io::Result<()> {
         Err(std::io::Error::new(
             std::io::ErrorKind::NotConnected,
             format!(
@@ -60,92 +74,176 @@ impl BlockSource for Offline {
     }
 }
 
-/// How a partial layer fetches: the source, the largest fetch window, what is being fetched
-/// right now and the recent sequential streams (see [`FetchState`]), and a writable handle on
-/// the local file.
+/// How a partial layer fetches missing blocks: how many at once for a scattered read, and how
+/// far fetches may run ahead of a sequential one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchPolicy {
+    /// Blocks one fetch asks for when a read continues no sequential stream: the missing block
+    /// read and up to `window - 1` missing blocks after it. At least 1.
+    pub window: u64,
+    /// Bytes one fetch of a long sequential run of reads may ask for at most. Once a run has
+    /// fetched 4 MiB, its fetches grow with it (see `FetchState::window_for`), so a long run
+    /// costs few requests while a short one fetches what fixed windows would. Below `window`
+    /// blocks (0, say), `window` wins: no read-ahead.
+    pub readahead: u64,
+}
+
+impl FetchPolicy {
+    /// The default window: 4 blocks (256 KiB with 64 KiB blocks), so a few scattered reads
+    /// fetch close to what they read while each still costs a single request.
+    pub const DEFAULT_WINDOW: u64 = 4;
+    /// The default readahead: 16 MiB per request at most (see docs/BENCHMARKS.md, "Lazy
+    /// deployment", for what it costs and gains).
+    pub const DEFAULT_READAHEAD: u64 = 16 << 20;
+
+    /// The largest window of a stream, in blocks of `block_size` bytes.
+    fn max_window(&self, block_size: u64) -> u64 {
+        (self.readahead / block_size).max(self.window).max(1)
+    }
+}
+
+impl Default for FetchPolicy {
+    fn default() -> Self {
+        FetchPolicy { window: Self::DEFAULT_WINDOW, readahead: Self::DEFAULT_READAHEAD }
+    }
+}
+
+/// How a partial layer fetches: the source, the policy, what is being fetched right now and
+/// the recent sequential streams (see [`FetchState`]), and a writable handle on the local file.
 struct Fetcher {
     source: Arc<dyn BlockSource>,
+    /// First window and largest window, in blocks.
     window: u64,
+    ramp: u64,
+    max_window: u64,
     state: Mutex<FetchState>,
-    landed: Condvar,
     writer: OnceLock<File>,
 }
 
-/// The window of a fetch that continues no stream (a scattered read, or the start of a
-/// sequential one), if the layer's window allows: 4 blocks (256 KiB with 64 KiB blocks).
-const FIRST_WINDOW: u64 = 4;
+/// How much a stream fetches with fixed windows before its fetches start to grow: 4 MiB. Runs
+/// of reads shorter than that (most files) fetch what fixed windows over them would; longer
+/// ones (a big file, a whole-disk copy) move to larger requests. Measured in
+/// docs/BENCHMARKS.md ("Lazy deployment").
+const READAHEAD_RAMP: u64 = 4 << 20;
 
 /// Streams followed at once per layer (say, a few files read side by side, or the threads of a
 /// parallel copy).
 const STREAMS: usize = 8;
 
-/// The ranges of blocks being fetched (readers of a block in flight wait for that fetch;
+/// A run of fetches in ascending block order.
+#[derive(Debug, Clone, Copy)]
+struct Stream {
+    /// The first block and the end of the last fetch.
+    start: u64,
+    end: u64,
+    /// The window of the last fetch, and the blocks fetched in all.
+    window: u64,
+    fetched: u64,
+    last_use: u64,
+}
+
+/// The ranges of blocks being fetched (readers of a block in flight wait for it to land;
 /// fetches of different ranges run concurrently) and the recent streams of fetches: a stream
-/// is a run of blocks fetched in ascending order, with the window its last fetch used.
+/// is a run of blocks fetched in ascending order.
 #[derive(Default)]
 struct FetchState {
-    in_flight: Vec<(u64, u64)>,
-    /// (first block, end, last window, last use), the least recently used replaced first.
-    streams: Vec<(u64, u64, u64, u64)>,
+    /// (claim id, next block to land, end): a fetch lands its blocks in order, so the blocks
+    /// still in flight are always the tail of its range.
+    in_flight: Vec<(u64, u64, u64)>,
+    next_claim: u64,
+    /// Readers waiting for a block to land: the block and the thread to wake.
+    waiting: Vec<(u64, std::thread::Thread)>,
+    /// The recent streams, the least recently used replaced first.
+    streams: Vec<Stream>,
     tick: u64,
 }
 
 impl FetchState {
     fn is_in_flight(&self, p: u64) -> bool {
-        self.in_flight.iter().any(|&(start, end)| (start..end).contains(&p))
+        self.in_flight.iter().any(|&(_, start, end)| (start..end).contains(&p))
     }
 
     /// The stream a missing block continues: it lies in the stream's span or at most one window
     /// (of the stream) past its end, so requests of one sequential reader that arrive a little
     /// out of order (a client with many requests in flight) still count as that stream.
     fn stream_of(&self, p: u64) -> Option<usize> {
-        self.streams.iter().position(|&(start, end, w, _)| start <= p && p <= end + w)
+        self.streams.iter().position(|s| s.start <= p && p <= s.end + s.window)
     }
 
-    /// The window for a missing block, and whether it continues a stream: for a block no stream
-    /// leads to (a scattered read), [`FIRST_WINDOW`]; for one that continues a stream, twice
-    /// that stream's last window. At most `cap`.
-    fn window_for(&self, p: u64, cap: u64) -> (u64, bool) {
+    /// The blocks to fetch from missing block `p` on. A block no stream leads to (a scattered
+    /// read) gets `first`. One that continues a stream that has fetched less than `ramp` blocks
+    /// gets the rest of its aligned window of `first` blocks (so reads that continue one
+    /// another fetch what a fixed window over them would). Beyond `ramp`, `first` plus half of
+    /// what the stream fetched past `ramp`, at most `max`: a long run of reads asks for fewer,
+    /// larger ranges, while what a run fetches past its end stays within about half of what it
+    /// read past `ramp` (plus one first window).
+    fn window_for(&self, p: u64, first: u64, ramp: u64, max: u64) -> u64 {
         match self.stream_of(p) {
-            Some(i) => ((self.streams[i].2 * 2).min(cap), true),
-            None => (FIRST_WINDOW.min(cap), false),
+            Some(i) if self.streams[i].fetched >= ramp => {
+                (first + (self.streams[i].fetched - ramp) / 2).min(max.max(first))
+            }
+            Some(_) => first - p % first,
+            None => first,
         }
     }
 
-    /// Records a fetch at `p` with window `window` in its stream (or a new one); `count` blocks
-    /// were asked for.
+    /// Records a fetch of `count` blocks at `p` with window `window` in its stream (or a new
+    /// one).
     fn record(&mut self, p: u64, count: u64, window: u64) {
         self.tick += 1;
-        let tick = self.tick;
+        let new = Stream { start: p, end: p + count, window, fetched: count, last_use: self.tick };
         match self.stream_of(p) {
             Some(i) => {
                 let s = &mut self.streams[i];
-                *s = (s.0, s.1.max(p + count), window.max(s.2), tick);
+                s.end = s.end.max(p + count);
+                s.window = window;
+                s.fetched += count;
+                s.last_use = self.tick;
             }
-            None if self.streams.len() < STREAMS => self.streams.push((p, p + count, window, tick)),
+            None if self.streams.len() < STREAMS => self.streams.push(new),
             None => {
-                let oldest = (0..self.streams.len()).min_by_key(|&i| self.streams[i].3).unwrap_or(0);
-                self.streams[oldest] = (p, p + count, window, tick);
+                let oldest = (0..self.streams.len()).min_by_key(|&i| self.streams[i].last_use).unwrap_or(0);
+                self.streams[oldest] = new;
+            }
+        }
+    }
+
+    /// Wakes the readers waiting for block `p` (all readers if `None`).
+    fn wake(&self, p: Option<u64>) {
+        for (w, t) in &self.waiting {
+            if p.is_none_or(|p| p == *w) {
+                t.unpark();
             }
         }
     }
 }
 
-/// Removes a claimed range from the in-flight list when its fetch ends (also on errors), and
-/// wakes the readers waiting for it.
+/// A fetch's claim on its range of blocks: `landed` moves its start past each block that was
+/// checked and written (waking the readers waiting for it); dropping it (at the end of the
+/// fetch, also on errors) gives up the blocks that did not land, so their readers fetch them
+/// again.
 struct Claim<'a> {
     fetch: &'a Fetcher,
-    range: (u64, u64),
+    id: u64,
+}
+
+impl Claim<'_> {
+    fn landed(&self, p: u64) {
+        let mut state = self.fetch.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = state.in_flight.iter_mut().find(|r| r.0 == self.id) {
+            r.1 = p + 1;
+        }
+        state.wake(Some(p));
+    }
 }
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
         let mut state = self.fetch.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = state.in_flight.iter().position(|r| *r == self.range) {
+        if let Some(i) = state.in_flight.iter().position(|r| r.0 == self.id) {
             state.in_flight.swap_remove(i);
         }
-        drop(state);
-        self.fetch.landed.notify_all();
+        state.wake(None);
     }
 }
 
@@ -179,16 +277,18 @@ impl SealedLayer {
         Ok((layer, index))
     }
 
-    /// Makes this a partial layer whose missing blocks are fetched from `source`, `window`
-    /// blocks at a time at most. Blocks already in the local file are found by their hashes, so
-    /// nothing is fetched twice, across restarts too.
-    pub(crate) fn set_source(&mut self, source: Arc<dyn BlockSource>, window: u64) {
+    /// Makes this a partial layer whose missing blocks are fetched from `source` as `policy`
+    /// says. Blocks already in the local file are found by their hashes, so nothing is fetched
+    /// twice, across restarts too.
+    pub(crate) fn set_source(&mut self, source: Arc<dyn BlockSource>, policy: FetchPolicy) {
         self.verify = true; // a partial layer's local bytes are only trusted once checked
+        let window = policy.window.max(1);
         self.fetch = Some(Fetcher {
             source,
-            window: window.max(1),
+            window,
+            ramp: READAHEAD_RAMP / self.block_size(),
+            max_window: policy.max_window(self.block_size()),
             state: Mutex::new(FetchState::default()),
-            landed: Condvar::new(),
             writer: OnceLock::new(),
         });
     }
@@ -203,13 +303,12 @@ impl SealedLayer {
     /// its hash, and writes the good ones into the local file. An error leaves the local file
     /// holding only checked blocks.
     ///
-    /// The window adapts to the access pattern (see [`FetchState`]): a missing block that does
-    /// not continue a recent run of fetches (a scattered read) comes with up to
-    /// `FIRST_WINDOW - 1` following missing blocks; one that does (a sequential read) with
-    /// more, the window doubling at each fetch up to the layer's window and ending on a multiple
-    /// of its size. What is fetched beyond the end of a sequential read is thus at most about
-    /// what it read, or one first window. Readers of a block that is being fetched wait
-    /// for that fetch; fetches of different ranges of the layer run concurrently.
+    /// The window adapts to the access pattern (see [`FetchPolicy`] and
+    /// `FetchState::window_for`): a missing block that does not continue a recent run of
+    /// fetches (a scattered read) comes with up to `window - 1` following missing blocks; one
+    /// that does (a sequential read) with more, growing with the run. Readers of a block that
+    /// is being fetched wait for it to land (not for the whole fetch); fetches of different
+    /// ranges of the layer run concurrently.
     fn ensure_block(&self, f: &File, pblock: u64, block: &mut [u8]) -> Result<()> {
         let bs = self.block_size();
         let at = |p: u64| HEADER_SIZE as u64 + p * bs;
@@ -217,72 +316,121 @@ impl SealedLayer {
             read_exact_at(f, block, at(pblock), &self.path)?;
             return self.check_block(pblock, block);
         };
-        // A block in a hole of the sparse local file was never fetched: skip reading and hashing it.
-        if !self.local_hole(f, pblock) {
-            read_exact_at(f, block, at(pblock), &self.path)?;
-            if Digest::of(block) == self.hashes[pblock as usize] {
-                self.mark_verified(pblock);
-                return Ok(());
+        let mut state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            // Wait for the fetch that has pblock in flight, if any.
+            if state.is_in_flight(pblock) {
+                let me = std::thread::current();
+                state.waiting.push((pblock, me.clone()));
+                while state.is_in_flight(pblock) {
+                    drop(state);
+                    std::thread::park();
+                    state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
+                }
+                if let Some(i) = state.waiting.iter().position(|(w, t)| *w == pblock && t.id() == me.id()) {
+                    state.waiting.swap_remove(i);
+                }
             }
+            if self.is_verified(pblock) {
+                drop(state);
+                // Fetched, checked and written by another reader.
+                return read_exact_at(f, block, at(pblock), &self.path);
+            }
+            let window = state.window_for(pblock, fetch.window, fetch.ramp, fetch.max_window);
+            drop(state);
+            // A block in a hole of the sparse local file was never fetched: skip reading and
+            // hashing it. Otherwise it may be local already (fetched before a restart).
+            if self.hole_end(f, pblock) == pblock {
+                read_exact_at(f, block, at(pblock), &self.path)?;
+                if Digest::of(block) == self.hashes[pblock as usize] {
+                    self.mark_verified(pblock);
+                    return Ok(());
+                }
+            }
+            let candidates = self.missing_run(f, pblock, window)?;
+            // Claim [pblock, pblock + count), the blocks of the run that nobody fetched or
+            // claimed meanwhile, unless another reader claimed pblock itself.
+            state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
+            if state.is_in_flight(pblock) {
+                continue;
+            }
+            let mut count = 1;
+            while count < candidates {
+                let p = pblock + count;
+                if self.is_verified(p) || state.is_in_flight(p) {
+                    break;
+                }
+                count += 1;
+            }
+            let id = state.next_claim;
+            state.next_claim += 1;
+            state.in_flight.push((id, pblock, pblock + count));
+            state.record(pblock, count, window);
+            drop(state);
+            let claim = Claim { fetch, id };
+            return self.fetch_into(fetch, &claim, pblock, count, block);
         }
-        // Following blocks that are not local either (checked outside the lock; the claim below
-        // drops those another reader fetched or claimed meanwhile).
-        let (window, continues) =
-            fetch.state.lock().unwrap_or_else(|p| p.into_inner()).window_for(pblock, fetch.window);
-        // A grown window ends on a multiple of its size (as a fixed window over a sequential
-        // read does), so it does not run past an aligned boundary into blocks no read asked for.
-        let want = if continues { window.min(window - pblock % window) } else { window };
-        let mut candidates = 1;
-        let mut probe = vec![0u8; bs as usize];
-        while candidates < want && pblock + candidates < self.trailer.block_count {
-            let p = pblock + candidates;
+    }
+
+    /// How many blocks from `pblock` on (which is missing) are missing from the local file, up
+    /// to `want`: the run ends at a block that is verified or that holds its right bytes. Holes
+    /// of the sparse file are found with one `SEEK_DATA` per hole, not per block.
+    fn missing_run(&self, f: &File, pblock: u64, want: u64) -> Result<u64> {
+        let bs = self.block_size();
+        let end = (pblock + want).min(self.trailer.block_count);
+        let mut hole_end = 0; // blocks before this are known holes
+        let mut probe = Vec::new();
+        let mut p = pblock + 1;
+        while p < end {
             if self.is_verified(p) {
                 break;
             }
-            if !self.local_hole(f, p) {
-                read_exact_at(f, &mut probe, at(p), &self.path)?;
+            if p >= hole_end {
+                hole_end = self.hole_end(f, p);
+            }
+            if p >= hole_end {
+                // Holds data: a block fetched before (by this process or an earlier one), or one
+                // being written right now. Only a block matching its hash ends the run.
+                probe.resize(bs as usize, 0);
+                read_exact_at(f, &mut probe, HEADER_SIZE as u64 + p * bs, &self.path)?;
                 if Digest::of(&probe) == self.hashes[p as usize] {
                     self.mark_verified(p);
                     break;
                 }
             }
-            candidates += 1;
+            p += 1;
         }
-        // Claim [pblock, pblock + count), or wait for the fetch that has pblock in flight.
-        let mut state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
-        while state.is_in_flight(pblock) {
-            state = fetch.landed.wait(state).unwrap_or_else(|p| p.into_inner());
-        }
-        if self.is_verified(pblock) {
-            drop(state);
-            // Fetched, checked and written by another reader.
-            return read_exact_at(f, block, at(pblock), &self.path);
-        }
-        let mut count = 1;
-        while count < candidates {
-            let p = pblock + count;
-            if self.is_verified(p) || state.is_in_flight(p) {
-                break;
-            }
-            count += 1;
-        }
-        state.in_flight.push((pblock, pblock + count));
-        state.record(pblock, count, window);
-        drop(state);
-        let _claim = Claim { fetch, range: (pblock, pblock + count) };
+        Ok(p - pblock)
+    }
 
-        let offset = at(pblock);
-        let bytes = fetch.source.read_range(&self.digest, offset, count * bs).map_err(|e| {
-            tracing::error!(layer = %self.digest, offset, len = count * bs, error = %e, "fetching blocks failed");
-            Error::io("fetch", &self.path)(e)
-        })?;
-        if bytes.len() as u64 != count * bs {
-            tracing::error!(layer = %self.digest, offset, got = bytes.len(), "short fetch");
-            return Err(Error::io("fetch", &self.path)(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("fetched {} bytes, expected {}", bytes.len(), count * bs),
-            )));
+    /// The first block at or after `pblock` that is not wholly in a hole of the local file (the
+    /// block count if none). `pblock` itself when the filesystem cannot tell.
+    fn hole_end(&self, f: &File, pblock: u64) -> u64 {
+        use rustix::fs::{SeekFrom, seek};
+        let bs = self.block_size();
+        let start = HEADER_SIZE as u64 + pblock * bs;
+        match seek(f, SeekFrom::Data(start)) {
+            Ok(data) => pblock + (data - start) / bs,
+            Err(rustix::io::Errno::NXIO) => self.trailer.block_count,
+            Err(_) => pblock,
         }
+    }
+
+    /// Fetches blocks `[first, first + count)` (claimed by `claim`) in one streamed request;
+    /// checks each block against its hash as it arrives, writes the good ones into the local
+    /// file and marks them landed, so readers waiting for a block go on before the rest of the
+    /// range is in. A block that fails its hash ends the fetch (it and the blocks after it are
+    /// not cached). Fills `block` with block `first`; fails only if block `first` did not land.
+    fn fetch_into(
+        &self,
+        fetch: &Fetcher,
+        claim: &Claim<'_>,
+        first: u64,
+        count: u64,
+        block: &mut [u8],
+    ) -> Result<()> {
+        let bs = self.block_size();
+        let at = |p: u64| HEADER_SIZE as u64 + p * bs;
         let writer = match fetch.writer.get() {
             Some(w) => w,
             None => {
@@ -293,35 +441,69 @@ impl SealedLayer {
                 fetch.writer.get_or_init(|| w)
             }
         };
-        for (i, chunk) in bytes.chunks_exact(bs as usize).enumerate() {
-            let p = pblock + i as u64;
-            if Digest::of(chunk) != self.hashes[p as usize] {
+        let mut next = first; // the next block to land
+        let mut failure: Option<Error> = None;
+        // Checks, caches and lands one whole block; false ends the fetch.
+        let mut land = |bytes: &[u8]| -> bool {
+            let p = next;
+            if Digest::of(bytes) != self.hashes[p as usize] {
                 tracing::error!(layer = %self.digest, pblock = p, "fetched block fails its checksum: not cached");
-                if p == pblock {
-                    return Err(Error::BlockChecksum { path: self.path.clone(), pblock: p });
-                }
-                break; // keep what came before it
+                failure = Some(Error::BlockChecksum { path: self.path.clone(), pblock: p });
+                return false;
             }
             use std::os::unix::fs::FileExt;
-            writer.write_all_at(chunk, at(p)).map_err(Error::io("write", &self.path))?;
+            if let Err(e) = writer.write_all_at(bytes, at(p)) {
+                failure = Some(Error::io("write", &self.path)(e));
+                return false;
+            }
             self.mark_verified(p);
+            if p == first {
+                block.copy_from_slice(bytes);
+            }
+            claim.landed(p);
+            next += 1;
+            true
+        };
+        // Pieces arrive in any size: whole blocks in a piece are checked where they lie, a
+        // block split across pieces is gathered first.
+        let mut split: Vec<u8> = Vec::new();
+        let offset = at(first);
+        let result = fetch.source.read_range(&self.digest, offset, count * bs, &mut |mut piece: &[u8]| {
+            while !piece.is_empty() {
+                if split.is_empty() && piece.len() as u64 >= bs {
+                    let (whole, rest) = piece.split_at(bs as usize);
+                    piece = rest;
+                    if !land(whole) {
+                        return false;
+                    }
+                    continue;
+                }
+                let n = (bs as usize - split.len()).min(piece.len());
+                split.extend_from_slice(&piece[..n]);
+                piece = &piece[n..];
+                if split.len() as u64 == bs {
+                    let ok = land(&split);
+                    split.clear();
+                    if !ok {
+                        return false;
+                    }
+                }
+            }
+            true
+        });
+        let landed = next - first;
+        if let Err(e) = &result {
+            tracing::error!(layer = %self.digest, offset, len = count * bs, landed, error = %e, "fetching blocks failed");
         }
-        block.copy_from_slice(&bytes[..bs as usize]);
-        Ok(())
-    }
-
-    /// True if stored block `pblock` lies wholly in a hole of the (sparse) local file, so it was
-    /// never fetched. False when it holds data or when the filesystem cannot tell (then the
-    /// block is read and checked).
-    fn local_hole(&self, f: &File, pblock: u64) -> bool {
-        use rustix::fs::{SeekFrom, seek};
-        let bs = self.block_size();
-        let start = HEADER_SIZE as u64 + pblock * bs;
-        match seek(f, SeekFrom::Data(start)) {
-            Ok(data) => data >= start + bs,
-            Err(rustix::io::Errno::NXIO) => true,
-            Err(_) => false,
+        if landed > 0 {
+            return Ok(());
         }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        Err(Error::io("fetch", &self.path)(result.err().unwrap_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the source ended before the first block")
+        })))
     }
 
     /// Makes every stored block local and checked (fetching what a partial layer lacks), in

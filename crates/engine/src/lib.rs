@@ -27,5 +27,5 @@ pub mod top;
 pub use disk::{CreateOptions, DEFAULT_BLOCK_SIZE, Disk, OpenOptions, Run, RunKind};
 pub use error::{Error, Result};
 pub use extent_map::TOP;
-pub use layer::{BlockSource, Offline};
+pub use layer::{BlockSource, FetchPolicy, Offline};
 pub use mcow_format::Digest;

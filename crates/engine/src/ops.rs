@@ -14,7 +14,7 @@ use mcow_format::{Digest, ExtentKind, HEADER_SIZE, Sha256Stream, chain_digest};
 use crate::disk::{CreateOptions, Disk, OpenOptions, RunKind};
 use crate::error::{Error, Result};
 use crate::extent_map::{ExtentMap, Loc, TOP};
-use crate::layer::LayerWriter;
+use crate::layer::{FetchPolicy, LayerWriter};
 use crate::stack::Stack;
 use crate::store::LayerStore;
 
@@ -36,17 +36,17 @@ pub fn merge(dir: &Path, n: usize, progress: Progress) -> Result<Digest> {
 }
 
 /// [`merge`] on a disk whose merged layers may be partial copies: their missing blocks are
-/// fetched from `source` (`window` blocks per request at most).
+/// fetched from `source` as the policy says.
 pub fn merge_with_source(
     dir: &Path,
     n: usize,
-    source: Option<(std::sync::Arc<dyn crate::layer::BlockSource>, u64)>,
+    source: Option<(std::sync::Arc<dyn crate::layer::BlockSource>, crate::layer::FetchPolicy)>,
     progress: Progress,
 ) -> Result<Digest> {
     let manifest = crate::disk::read_manifest(dir)?;
     let mut store = LayerStore::new(crate::disk::resolve_store(dir, &manifest));
-    if let Some((source, window)) = source {
-        store = store.with_source(source, window);
+    if let Some((source, policy)) = source {
+        store = store.with_source(source, policy);
     }
     let top_name =
         manifest.top.clone().ok_or_else(|| Error::Invalid(format!("{}: no writable top", dir.display())))?;
@@ -317,7 +317,8 @@ pub struct PartialLayerCheck {
 pub fn check(dir: &Path, force_share: bool, progress: Progress) -> Result<CheckReport> {
     let manifest = crate::disk::read_manifest(dir)?;
     let offline: std::sync::Arc<dyn crate::layer::BlockSource> = std::sync::Arc::new(crate::layer::Offline);
-    let store = LayerStore::new(crate::disk::resolve_store(dir, &manifest)).with_source(offline.clone(), 1);
+    let store = LayerStore::new(crate::disk::resolve_store(dir, &manifest))
+        .with_source(offline.clone(), FetchPolicy::default());
     let mut report = CheckReport::default();
     let total: u64 = manifest
         .layers
@@ -344,7 +345,7 @@ pub fn check(dir: &Path, force_share: bool, progress: Progress) -> Result<CheckR
     }
     if report.errors.is_empty() {
         let opts = OpenOptions { read_only: true, verify: true, force_share };
-        match Disk::open_with_source(dir, opts, offline, 1) {
+        match Disk::open_with_source(dir, opts, offline, FetchPolicy::default()) {
             Ok(disk) => {
                 let d = disk.debris();
                 if d.journal_tail_bytes > 0 {

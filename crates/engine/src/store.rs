@@ -15,14 +15,14 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use mcow_format::Digest;
 
 use crate::error::{Error, Result};
-use crate::layer::{BlockSource, LayerIndex, SealedLayer};
+use crate::layer::{BlockSource, FetchPolicy, LayerIndex, SealedLayer};
 
 /// A directory of sealed layers.
 #[derive(Clone)]
 pub struct LayerStore {
     root: PathBuf,
     pool: Arc<FilePool>,
-    source: Option<(Arc<dyn BlockSource>, u64)>,
+    source: Option<(Arc<dyn BlockSource>, FetchPolicy)>,
 }
 
 impl LayerStore {
@@ -52,9 +52,9 @@ impl LayerStore {
     }
 
     /// Layers found only as partial copies are opened with this source of missing blocks,
-    /// fetched `window` blocks at a time at most.
-    pub fn with_source(mut self, source: Arc<dyn BlockSource>, window: u64) -> LayerStore {
-        self.source = Some((source, window));
+    /// fetched as `policy` says.
+    pub fn with_source(mut self, source: Arc<dyn BlockSource>, policy: FetchPolicy) -> LayerStore {
+        self.source = Some((source, policy));
         self
     }
 
@@ -66,10 +66,10 @@ impl LayerStore {
         }
         let partial = self.partial_path(digest);
         match &self.source {
-            Some((source, window)) if partial.exists() => {
+            Some((source, policy)) if partial.exists() => {
                 let (mut layer, index) =
                     SealedLayer::open(&partial, *digest, FileSlot::new(&self.pool), true)?;
-                layer.set_source(source.clone(), *window);
+                layer.set_source(source.clone(), *policy);
                 Ok((layer, index))
             }
             _ if partial.exists() => Err(Error::Invalid(format!(

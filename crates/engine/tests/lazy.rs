@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use mcow_engine::store::LayerStore;
-use mcow_engine::{BlockSource, CreateOptions, Digest, Disk, OpenOptions};
+use mcow_engine::{BlockSource, CreateOptions, Digest, Disk, FetchPolicy, OpenOptions};
+
+/// Fetches exactly the blocks read.
+const EXACT: FetchPolicy = FetchPolicy { window: 1, readahead: 0 };
 use mcow_format::{HEADER_SIZE, TRAILER_SIZE, Trailer};
 
 /// Serves byte ranges of complete layer files from another store, counting bytes; can corrupt.
@@ -18,7 +21,13 @@ struct DirSource {
 }
 
 impl BlockSource for DirSource {
-    fn read_range(&self, layer: &Digest, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    fn read_range(
+        &self,
+        layer: &Digest,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> std::io::Result<()> {
         let f = std::fs::File::open(self.store.join("blobs/sha256").join(layer.hex()))?;
         let mut buf = vec![0u8; len as usize];
         f.read_exact_at(&mut buf, offset)?;
@@ -26,7 +35,13 @@ impl BlockSource for DirSource {
             buf[len as usize / 2] ^= 0x40;
         }
         self.fetched.fetch_add(len, Ordering::Relaxed);
-        Ok(buf)
+        // Uneven pieces, so that blocks split across pieces are exercised.
+        for piece in buf.chunks(40_000) {
+            if !sink(piece) {
+                break;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -94,7 +109,8 @@ fn lazy_reads_fetch_each_block_once_and_survive_a_restart() {
         d.stack().layers().iter().map(|l| l.trailer.block_count * 65536).sum()
     };
     {
-        let d = Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), 4).unwrap();
+        let d = Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), FetchPolicy::default())
+            .unwrap();
         // A small read fetches at most one window (4 blocks), not the layer.
         let mut b = vec![0u8; 4096];
         d.read(1000, &mut b).unwrap();
@@ -107,7 +123,8 @@ fn lazy_reads_fetch_each_block_once_and_survive_a_restart() {
     let first = src.fetched.load(Ordering::Relaxed);
     assert!(first <= stored, "fetched {first} bytes for {stored} stored");
     // Restart: everything is local now.
-    let d = Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), 4).unwrap();
+    let d = Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), FetchPolicy::default())
+        .unwrap();
     let mut all = vec![0u8; expected.len()];
     d.read(0, &mut all).unwrap();
     assert!(all == expected);
@@ -128,14 +145,14 @@ fn tampered_fetches_are_errors_and_never_cached() {
     let src =
         Arc::new(DirSource { store: tmp.path().join("a/layers"), fetched: 0.into(), corrupt: true.into() });
     {
-        let d = Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), 1).unwrap();
+        let d = Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), EXACT).unwrap();
         let mut b = vec![0u8; 65536];
         let err = d.read(0, &mut b).unwrap_err();
         assert!(err.to_string().contains("checksum"), "{err}");
     }
     // With an honest source the same disk reads right: nothing bad was kept.
     src.corrupt.store(false, Ordering::Relaxed);
-    let d = Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), 1).unwrap();
+    let d = Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), EXACT).unwrap();
     let mut all = vec![0u8; expected.len()];
     d.read(0, &mut all).unwrap();
     assert!(all == expected);
@@ -191,8 +208,8 @@ fn disks_on_the_same_partial_layers_fetch_each_block_once() {
     .unwrap();
     let src =
         Arc::new(DirSource { store: tmp.path().join("a/layers"), fetched: 0.into(), corrupt: false.into() });
-    let a = Disk::open_with_source(&first, OpenOptions::default(), src.clone(), 1).unwrap();
-    let b = Disk::open_with_source(&second, OpenOptions::default(), src.clone(), 1).unwrap();
+    let a = Disk::open_with_source(&first, OpenOptions::default(), src.clone(), EXACT).unwrap();
+    let b = Disk::open_with_source(&second, OpenOptions::default(), src.clone(), EXACT).unwrap();
     let mut all = vec![0u8; expected.len()];
     a.read(0, &mut all).unwrap();
     assert!(all == expected);
@@ -210,9 +227,239 @@ fn a_partial_layer_is_fetched_and_checked_even_with_verification_off() {
     let src =
         Arc::new(DirSource { store: tmp.path().join("a/layers"), fetched: 0.into(), corrupt: false.into() });
     let opts = OpenOptions { read_only: true, verify: false, force_share: false };
-    let d = Disk::open_with_source(&partial, opts, src.clone(), 4).unwrap();
+    let d = Disk::open_with_source(&partial, opts, src.clone(), FetchPolicy::default()).unwrap();
     let mut all = vec![0u8; expected.len()];
     d.read(0, &mut all).unwrap();
     assert!(all == expected, "unfetched blocks must not read as zeros");
     assert!(src.fetched.load(Ordering::Relaxed) > 0);
+}
+
+/// A one-layer disk in `dir/a` whose `blocks` blocks all hold data (a different pattern each);
+/// returns the disk and its bytes.
+fn build_long(dir: &Path, blocks: u64) -> (PathBuf, Vec<u8>) {
+    let disk = dir.join("a/disk");
+    let bs = 65536u64;
+    Disk::create(
+        &disk,
+        &CreateOptions {
+            virtual_size: blocks * bs,
+            block_size: bs as u32,
+            store: dir.join("a/layers"),
+            layers: vec![],
+        },
+    )
+    .unwrap();
+    let all: Vec<u8> = (0..blocks * bs).map(|i| (i / 4096 * 7 + i % 251) as u8).collect();
+    let d = Disk::open(&disk, OpenOptions::default()).unwrap();
+    d.write(0, &all).unwrap();
+    d.flush().unwrap();
+    drop(d);
+    mcow_engine::ops::merge(&disk, 0, &mut |_, _| {}).unwrap();
+    (disk, all)
+}
+
+/// Serves ranges of complete layer files through a hook that sees each request's blocks as
+/// they are handed over and can stall, break or corrupt the transfer.
+struct HookSource {
+    store: PathBuf,
+    requests: AtomicU64,
+    fetched: AtomicU64,
+    /// Called before block `i` of a request (numbered from 0) is handed over, with its bytes;
+    /// returns false to end the transfer there with an error.
+    hook: Box<Hook>,
+}
+
+type Hook = dyn Fn(u64, &mut [u8]) -> bool + Send + Sync;
+
+impl BlockSource for HookSource {
+    fn read_range(
+        &self,
+        layer: &Digest,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> std::io::Result<()> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let f = std::fs::File::open(self.store.join("blobs/sha256").join(layer.hex()))?;
+        let mut buf = vec![0u8; len as usize];
+        f.read_exact_at(&mut buf, offset)?;
+        for (i, block) in buf.chunks_mut(65536).enumerate() {
+            if !(self.hook)(i as u64, block) {
+                return Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "transfer broken"));
+            }
+            self.fetched.fetch_add(block.len() as u64, Ordering::Relaxed);
+            if !sink(block) {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn hook_source(dir: &Path, hook: impl Fn(u64, &mut [u8]) -> bool + Send + Sync + 'static) -> Arc<HookSource> {
+    Arc::new(HookSource {
+        store: dir.join("a/layers"),
+        requests: 0.into(),
+        fetched: 0.into(),
+        hook: Box::new(hook),
+    })
+}
+
+#[test]
+fn long_sequential_reads_ramp_up_to_few_large_fetches_and_short_runs_do_not() {
+    const BS: u64 = 65536;
+    let blocks = 256; // 16 MiB in one layer
+    for (policy, max_requests) in
+        [(FetchPolicy::default(), 30), (FetchPolicy { window: 4, readahead: 0 }, 64)]
+    {
+        let tmp = tempfile::tempdir().unwrap();
+        let (complete, expected) = build_long(tmp.path(), blocks);
+        let partial = build_partial(tmp.path(), &complete);
+        let src = hook_source(tmp.path(), |_, _| true);
+        let d = Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), policy).unwrap();
+        let mut buf = vec![0u8; BS as usize];
+        // A short run (1 MiB, under the 4 MiB ramp) fetches what fixed windows of 4 would.
+        for b in 0..16 {
+            d.read(b * BS, &mut buf).unwrap();
+            assert!(buf[..] == expected[(b * BS) as usize..][..BS as usize]);
+        }
+        assert_eq!(src.fetched.load(Ordering::Relaxed), 16 * BS, "{policy:?}");
+        assert_eq!(src.requests.load(Ordering::Relaxed), 4, "{policy:?}");
+        // The rest, read on sequentially: with read-ahead, larger and larger fetches.
+        let mut rest = vec![0u8; ((blocks - 16) * BS) as usize];
+        for (i, chunk) in rest.chunks_mut(128 << 10).enumerate() {
+            d.read(16 * BS + i as u64 * (128 << 10), chunk).unwrap();
+        }
+        assert!(rest[..] == expected[(16 * BS) as usize..]);
+        let requests = src.requests.load(Ordering::Relaxed);
+        assert_eq!(src.fetched.load(Ordering::Relaxed), blocks * BS, "each block fetched once ({policy:?})");
+        if policy.readahead == 0 {
+            assert_eq!(requests, max_requests, "fixed windows of 4 blocks");
+        } else {
+            assert!(requests <= max_requests, "{requests} requests for {blocks} sequential blocks");
+        }
+    }
+}
+
+#[test]
+fn a_reader_waits_for_its_block_to_land_not_for_the_whole_fetch() {
+    use std::sync::Mutex;
+    use std::sync::mpsc::{channel, sync_channel};
+    use std::time::Duration;
+    let tmp = tempfile::tempdir().unwrap();
+    let (complete, expected) = build_long(tmp.path(), 16);
+    let partial = build_partial(tmp.path(), &complete);
+    // The fetch of blocks 0..8 hands over blocks 0 and 1, tells the test, then waits before
+    // block 2 and again before block 3.
+    let (started_tx, started_rx) = sync_channel::<()>(1);
+    let (gate_tx, gate_rx) = channel::<()>();
+    let gate_rx = Mutex::new(gate_rx);
+    let calls = AtomicU64::new(0);
+    let src = hook_source(tmp.path(), move |i, _| {
+        // Only the first fetch (its blocks are numbered 0.. and come in order) is held.
+        let first_fetch = calls.fetch_add(1, Ordering::Relaxed) < 8;
+        if first_fetch && i == 2 {
+            started_tx.send(()).unwrap();
+        }
+        if first_fetch && (i == 2 || i == 3) {
+            gate_rx.lock().unwrap().recv().unwrap();
+        }
+        true
+    });
+    let policy = FetchPolicy { window: 8, readahead: 0 };
+    let d = Arc::new(Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), policy).unwrap());
+    let bs = 65536usize;
+    let first = {
+        let d = d.clone();
+        std::thread::spawn(move || {
+            let mut b = vec![0u8; bs];
+            d.read(0, &mut b).unwrap();
+            b
+        })
+    };
+    started_rx.recv_timeout(Duration::from_secs(10)).expect("the fetch started");
+    // Block 2 is in flight: a reader of it waits for it to land, then goes on while the fetch
+    // (held before block 3) is still running.
+    let (done_tx, done_rx) = channel();
+    let second = {
+        let d = d.clone();
+        std::thread::spawn(move || {
+            let mut b = vec![0u8; bs];
+            d.read(2 * bs as u64, &mut b).unwrap();
+            done_tx.send(()).unwrap();
+            b
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(done_rx.try_recv().is_err(), "block 2 cannot be read before it lands");
+    gate_tx.send(()).unwrap(); // block 2 lands
+    done_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the reader of block 2 went on before the fetch ended");
+    assert_eq!(src.requests.load(Ordering::Relaxed), 1, "the waiting reader fetched nothing itself");
+    gate_tx.send(()).unwrap(); // the rest
+    assert!(first.join().unwrap()[..] == expected[..bs]);
+    assert!(second.join().unwrap()[..] == expected[2 * bs..3 * bs]);
+    let mut all = vec![0u8; expected.len()];
+    d.read(0, &mut all).unwrap();
+    assert!(all == expected);
+    assert_eq!(src.requests.load(Ordering::Relaxed), 2, "blocks 8..16 in one more fetch");
+}
+
+#[test]
+fn a_fetch_that_breaks_or_turns_bad_midway_keeps_only_the_good_blocks_before() {
+    use std::sync::atomic::AtomicU8;
+    let tmp = tempfile::tempdir().unwrap();
+    let (complete, expected) = build_long(tmp.path(), 16);
+    let partial = build_partial(tmp.path(), &complete);
+    // Mode 1: the transfer breaks before the 4th block; mode 2: the 3rd block of a fetch
+    // arrives corrupted; mode 3: every block does; mode 0: honest.
+    let mode = Arc::new(AtomicU8::new(1));
+    let m = mode.clone();
+    let src = hook_source(tmp.path(), move |i, block| match m.load(Ordering::Relaxed) {
+        1 => i < 3,
+        2 | 3 => {
+            if i == 2 || m.load(Ordering::Relaxed) == 3 {
+                block[100] ^= 1;
+            }
+            true
+        }
+        _ => true,
+    });
+    let policy = FetchPolicy { window: 8, readahead: 0 };
+    let bs = 65536usize;
+    let d = Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), policy).unwrap();
+    let mut b = vec![0u8; bs];
+    // The first block landed before the break: the read succeeds.
+    d.read(0, &mut b).unwrap();
+    assert!(b[..] == expected[..bs]);
+    // Blocks 1 and 2 landed too (no fetch); block 3 did not. It is fetched again, now with the
+    // 3rd block of each fetch corrupted: blocks 3 and 4 land, block 5 is refused and not kept.
+    let before = src.requests.load(Ordering::Relaxed);
+    d.read(bs as u64, &mut b).unwrap();
+    d.read(2 * bs as u64, &mut b).unwrap();
+    assert_eq!(src.requests.load(Ordering::Relaxed), before, "blocks 1 and 2 were cached");
+    mode.store(2, Ordering::Relaxed);
+    d.read(3 * bs as u64, &mut b).unwrap();
+    assert!(b[..] == expected[3 * bs..4 * bs]);
+    let before = src.requests.load(Ordering::Relaxed);
+    d.read(4 * bs as u64, &mut b).unwrap();
+    assert_eq!(src.requests.load(Ordering::Relaxed), before, "block 4 was cached");
+    // Block 5 is fetched again (as the first of its fetch it arrives intact; the fetch's 3rd
+    // block, 7, is refused in turn).
+    d.read(5 * bs as u64, &mut b).unwrap();
+    assert!(b[..] == expected[5 * bs..6 * bs]);
+    let err = {
+        // With every block of a fetch corrupted, a read fails with a checksum error.
+        mode.store(3, Ordering::Relaxed);
+        d.read(7 * bs as u64, &mut b).unwrap_err()
+    };
+    assert!(err.to_string().contains("checksum"), "{err}");
+    // Honest again: everything reads right, and nothing bad was cached.
+    mode.store(0, Ordering::Relaxed);
+    drop(d);
+    let d = Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), policy).unwrap();
+    let mut all = vec![0u8; expected.len()];
+    d.read(0, &mut all).unwrap();
+    assert!(all == expected);
 }

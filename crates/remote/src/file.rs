@@ -6,6 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{RemoteError, Result};
+use crate::http_client::Sink;
 use crate::layout::ObjectStore;
 
 pub struct DirStore {
@@ -54,7 +55,7 @@ impl ObjectStore for DirStore {
         }
     }
 
-    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+    fn stream_range(&self, key: &str, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<()> {
         let p = self.path(key);
         let f = File::open(&p).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => {
@@ -62,9 +63,25 @@ impl ObjectStore for DirStore {
             }
             _ => RemoteError::io("open", &p)(e),
         })?;
-        let mut buf = vec![0u8; len as usize];
-        f.read_exact_at(&mut buf, offset).map_err(RemoteError::io("read", &p))?;
-        Ok(buf)
+        let size = f.metadata().map_err(RemoteError::io("stat", &p))?.len();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(RemoteError::Invalid(format!(
+                "{}: bytes {offset}..{} asked for, but the file has {size}",
+                p.display(),
+                offset.saturating_add(len)
+            )));
+        }
+        let mut buf = vec![0u8; (1 << 20).min(len as usize)];
+        let mut done = 0u64;
+        while done < len {
+            let n = buf.len().min((len - done) as usize);
+            f.read_exact_at(&mut buf[..n], offset + done).map_err(RemoteError::io("read", &p))?;
+            if !sink(&buf[..n]) {
+                break;
+            }
+            done += n as u64;
+        }
+        Ok(())
     }
 
     fn get_to(&self, key: &str, dest: &Path, progress: &mut dyn FnMut(u64)) -> Result<()> {

@@ -12,7 +12,8 @@ use ureq::http::{Request, Response, StatusCode};
 
 use crate::error::{RemoteError, Result};
 use crate::http_client::{
-    HttpClient, HttpConfig, body_to_file, read_body, read_range_body, status_error, transport_error,
+    HttpClient, HttpConfig, Sink, body_to_file, read_body, status_error, stream_range, stream_range_body,
+    transport_error,
 };
 use crate::layout::ObjectStore;
 
@@ -82,17 +83,14 @@ impl ObjectStore for HttpStore {
         })
     }
 
-    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
-        if len == 0 {
-            return Ok(Vec::new());
-        }
+    fn stream_range(&self, key: &str, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<()> {
         let url = self.url(key);
-        let range = format!("bytes={offset}-{}", offset + len - 1);
-        self.client.retry.run("HTTP ranged GET", || {
+        stream_range(&self.client.retry, "HTTP ranged GET", offset, len, sink, |offset, len, sink| {
+            let range = format!("bytes={offset}-{}", offset + len - 1);
             let resp = self.call("GET", &url, Some(&range))?;
             match resp.status() {
                 StatusCode::PARTIAL_CONTENT | StatusCode::OK => {
-                    read_range_body("GET", &url, resp, offset, len)
+                    stream_range_body("GET", &url, resp, offset, len, sink)
                 }
                 _ => Err(status_error("GET", &url, key, resp)),
             }

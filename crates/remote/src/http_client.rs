@@ -138,16 +138,60 @@ pub fn status_error(
     RemoteError::Http { method, url: url.to_string(), status, body }
 }
 
-/// Reads exactly `len` bytes of a ranged answer for `offset`. A 206 must say it starts at
-/// `offset`; a 200 (the server ignored `Range`) is read up to the wanted bytes and then dropped.
-/// A body that ends early is a transient error.
-pub fn read_range_body(
+/// Where streamed bytes go: consecutive pieces of the range, in order; `false` stops the
+/// transfer early (that is no error).
+pub type Sink<'a> = dyn FnMut(&[u8]) -> bool + 'a;
+
+/// Bytes read from a body before they are handed to a sink: large enough that a sink sees a
+/// few blocks at once, small enough that the first block is not held back long.
+const STREAM_CHUNK: usize = 256 << 10;
+
+/// Streams `len` bytes at `offset` to `sink`, one request per `attempt(offset, len, sink)`.
+/// After a transient failure midway (a dropped connection, a short body) the retry asks only
+/// for the bytes not yet delivered, so the sink sees every byte once and in order.
+pub fn stream_range(
+    retry: &RetryPolicy,
+    what: &str,
+    offset: u64,
+    len: u64,
+    sink: &mut Sink<'_>,
+    mut attempt: impl FnMut(u64, u64, &mut Sink<'_>) -> Result<()>,
+) -> Result<()> {
+    let mut done = 0u64;
+    let mut stopped = false;
+    retry.run(what, || {
+        if done == len || stopped {
+            return Ok(());
+        }
+        attempt(offset + done, len - done, &mut |piece: &[u8]| {
+            done += piece.len() as u64;
+            stopped = !sink(piece);
+            !stopped
+        })
+    })
+}
+
+/// Collects a streamed range into memory (for small ranges: headers, indexes, tests).
+pub fn collect_range(len: u64, stream: impl FnOnce(&mut Sink<'_>) -> Result<()>) -> Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(len as usize);
+    stream(&mut |piece: &[u8]| {
+        buf.extend_from_slice(piece);
+        true
+    })?;
+    Ok(buf)
+}
+
+/// Streams exactly `len` bytes of a ranged answer for `offset` to `sink`. A 206 must say it
+/// starts at `offset`; a 200 (the server ignored `Range`) is read up to the wanted bytes, the
+/// ones before them dropped. A body that ends early is a transient error.
+pub fn stream_range_body(
     method: &'static str,
     url: &str,
     mut resp: Response<ureq::Body>,
     offset: u64,
     len: u64,
-) -> Result<Vec<u8>> {
+    sink: &mut Sink<'_>,
+) -> Result<()> {
     let mut skip = 0;
     if resp.status() == StatusCode::PARTIAL_CONTENT {
         let cr = header(&resp, "content-range").unwrap_or_default();
@@ -192,16 +236,51 @@ pub fn read_range_body(
             )));
         }
     }
-    let mut buf = Vec::with_capacity(len as usize);
-    (&mut reader).take(len).read_to_end(&mut buf).map_err(|e| body_error(method, url, e))?;
-    if (buf.len() as u64) < len {
-        return Err(RemoteError::Transport {
-            method,
-            url: url.to_string(),
-            reason: format!("short body: got {} of {len} bytes at offset {offset}", buf.len()),
-        });
+    stream_body(method, url, &mut reader, offset, len, sink)
+}
+
+/// Feeds the next `len` bytes of `reader` to `sink` in pieces of up to [`STREAM_CHUNK`] bytes.
+/// A body that ends early is a transient error (naming `offset`, where the body started).
+pub fn stream_body(
+    method: &'static str,
+    url: &str,
+    reader: &mut dyn Read,
+    offset: u64,
+    len: u64,
+    sink: &mut Sink<'_>,
+) -> Result<()> {
+    let mut buf = vec![0u8; STREAM_CHUNK.min(len as usize)];
+    let mut done = 0u64;
+    while done < len {
+        let want = buf.len().min((len - done) as usize);
+        let mut filled = 0;
+        while filled < want {
+            match reader.read(&mut buf[filled..want]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // Hand over what arrived, so a retry resumes after it.
+                    if filled > 0 {
+                        sink(&buf[..filled]);
+                    }
+                    return Err(body_error(method, url, e));
+                }
+            }
+        }
+        if filled > 0 && !sink(&buf[..filled]) {
+            return Ok(());
+        }
+        done += filled as u64;
+        if filled < want {
+            return Err(RemoteError::Transport {
+                method,
+                url: url.to_string(),
+                reason: format!("short body: got {done} of {len} bytes at offset {offset}"),
+            });
+        }
     }
-    Ok(buf)
+    Ok(())
 }
 
 /// Reads a whole body of at most `limit` bytes; checks Content-Length when there is one.

@@ -9,6 +9,7 @@ use mcow_format::Digest;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{RemoteError, Result};
+use crate::http_client::{Sink, collect_range};
 use crate::image::{Descriptor, MANIFEST_MEDIA_TYPE};
 use crate::remote::Remote;
 
@@ -18,8 +19,12 @@ pub trait ObjectStore: Send + Sync {
     fn exists(&self, key: &str) -> Result<bool>;
     /// Small objects; `Ok(None)` if missing.
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
-    /// Exactly `len` bytes at `offset`.
-    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>>;
+    /// Streams exactly `len` bytes at `offset` to `sink` (see `Remote::stream_blob_range`).
+    fn stream_range(&self, key: &str, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<()>;
+    /// Exactly `len` bytes at `offset`, in memory.
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        collect_range(len, |sink| self.stream_range(key, offset, len, sink))
+    }
     fn get_to(&self, key: &str, dest: &Path, progress: &mut dyn FnMut(u64)) -> Result<()>;
     fn put_bytes(&self, key: &str, bytes: &[u8]) -> Result<()>;
     fn put_file(&self, key: &str, path: &Path, progress: &mut dyn FnMut(u64)) -> Result<()>;
@@ -81,8 +86,8 @@ impl<S: ObjectStore> Remote for Layout<S> {
         self.store.put_bytes(&Self::blob_key(digest), bytes)
     }
 
-    fn get_blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>> {
-        self.store.get_range(&Self::blob_key(digest), offset, len)
+    fn stream_blob_range(&self, digest: &Digest, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<()> {
+        self.store.stream_range(&Self::blob_key(digest), offset, len, sink)
     }
 
     fn get_blob(&self, digest: &Digest) -> Result<Vec<u8>> {

@@ -29,8 +29,8 @@ use ureq::http::{Request, Response, StatusCode};
 
 use crate::error::{RemoteError, Result};
 use crate::http_client::{
-    HttpClient, HttpConfig, ProgressReader, base64, body_to_file, header, parse_www_authenticate,
-    query_escape, read_body, read_range_body, status_error, transport_error,
+    HttpClient, HttpConfig, ProgressReader, Sink, base64, body_to_file, header, parse_www_authenticate,
+    query_escape, read_body, status_error, stream_range, stream_range_body, transport_error,
 };
 use crate::image::MANIFEST_MEDIA_TYPE;
 use crate::remote::Remote;
@@ -352,17 +352,14 @@ impl Remote for Registry {
             .run("registry blob upload", || self.upload(digest, Payload::Bytes(bytes), &mut |_| {}))
     }
 
-    fn get_blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>> {
-        if len == 0 {
-            return Ok(Vec::new());
-        }
+    fn stream_blob_range(&self, digest: &Digest, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<()> {
         let url = self.blob_url(digest);
-        let range = format!("bytes={offset}-{}", offset + len - 1);
-        self.client.retry.run("registry ranged GET", || {
+        stream_range(&self.client.retry, "registry ranged GET", offset, len, sink, |offset, len, sink| {
+            let range = format!("bytes={offset}-{}", offset + len - 1);
             let resp = self.send("GET", &url, &[("range", &range)], Payload::None, &mut |_| {})?;
             match resp.status() {
                 StatusCode::PARTIAL_CONTENT | StatusCode::OK => {
-                    read_range_body("GET", &url, resp, offset, len)
+                    stream_range_body("GET", &url, resp, offset, len, sink)
                 }
                 _ => Err(status_error("GET", &url, &format!("blob {digest}"), resp)),
             }

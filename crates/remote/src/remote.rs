@@ -7,6 +7,7 @@ use std::sync::Arc;
 use mcow_format::Digest;
 
 use crate::error::Result;
+use crate::http_client::{Sink, collect_range};
 use crate::reference::{Location, Reference};
 
 /// Blob and manifest storage. Implementations retry transient failures themselves (see
@@ -20,8 +21,14 @@ pub trait Remote: Send + Sync {
     fn put_blob(&self, digest: &Digest, path: &Path, progress: &mut dyn FnMut(u64)) -> Result<()>;
     /// Uploads a small blob from memory.
     fn put_blob_bytes(&self, digest: &Digest, bytes: &[u8]) -> Result<()>;
-    /// Exactly `len` bytes at `offset` of blob `digest` (a short answer is an error).
-    fn get_blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>>;
+    /// Streams exactly `len` bytes at `offset` of blob `digest` to `sink`, in order, as they
+    /// arrive (a short answer is an error; after a transient failure midway the rest is asked
+    /// for again). Stops early, without error, when `sink` returns false.
+    fn stream_blob_range(&self, digest: &Digest, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<()>;
+    /// Exactly `len` bytes at `offset` of blob `digest`, in memory.
+    fn get_blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>> {
+        collect_range(len, |sink| self.stream_blob_range(digest, offset, len, sink))
+    }
     /// A whole small blob (manifests' configs, traces).
     fn get_blob(&self, digest: &Digest) -> Result<Vec<u8>>;
     /// Downloads blob `digest` into `dest` (the caller verifies it). `progress` gets bytes so far.

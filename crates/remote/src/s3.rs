@@ -30,6 +30,7 @@ use ureq::http::Response;
 use ureq::{Agent, Body, SendBody};
 
 use crate::error::{RemoteError, Result};
+use crate::http_client::{Sink, stream_range, stream_range_body};
 use crate::layout::ObjectStore;
 use crate::retry::RetryPolicy;
 
@@ -342,45 +343,21 @@ impl ObjectStore for S3Store {
         })
     }
 
-    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
-        if len == 0 {
-            return Ok(Vec::new());
-        }
+    fn stream_range(&self, key: &str, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<()> {
         let key = self.key(key);
         let display = self.display_url(&key);
-        let range = format!("bytes={}-{}", offset, offset + len - 1);
-        self.retry.run(&format!("GET {display} {range}"), || {
+        let what = format!("GET {display} bytes={offset}-{}", (offset + len).saturating_sub(1));
+        stream_range(&self.retry, &what, offset, len, sink, |offset, len, sink| {
+            let range = format!("bytes={}-{}", offset, offset + len - 1);
             let mut resp = self.send_get(&key, &display, Some(&range))?;
             match resp.status().as_u16() {
-                206 => {}
-                200 => {
-                    return Err(RemoteError::Invalid(format!(
-                        "GET {display}: the server ignored the Range header ({range}) and sent the whole object"
-                    )));
-                }
-                404 => return Err(self.not_found(&key)),
-                _ => return Err(self.status_error(Verb::Get, &display, &mut resp)),
+                206 => stream_range_body("GET", &display, resp, offset, len, sink),
+                200 => Err(RemoteError::Invalid(format!(
+                    "GET {display}: the server ignored the Range header ({range}) and sent the whole object"
+                ))),
+                404 => Err(self.not_found(&key)),
+                _ => Err(self.status_error(Verb::Get, &display, &mut resp)),
             }
-            let mut buf = Vec::with_capacity(len.min(MAX_SMALL_OBJECT) as usize);
-            resp.body_mut()
-                .as_reader()
-                .take(len + 1)
-                .read_to_end(&mut buf)
-                .map_err(|e| RemoteError::Transport {
-                    method: "GET",
-                    url: display.clone(),
-                    reason: e.to_string(),
-                })?;
-            let got = buf.len() as u64;
-            if got < len {
-                return Err(short_body(Verb::Get, &display, got, len));
-            }
-            if got > len {
-                return Err(RemoteError::Invalid(format!(
-                    "GET {display} {range}: the server sent more than {len} bytes"
-                )));
-            }
-            Ok(buf)
         })
     }
 

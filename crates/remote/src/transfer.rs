@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use mcow_engine::store::LayerStore;
-use mcow_engine::{BlockSource, CreateOptions, Disk, OpenOptions};
+use mcow_engine::{BlockSource, CreateOptions, Disk, FetchPolicy, OpenOptions};
 use mcow_format::{Digest, HEADER_SIZE, TRAILER_SIZE, Trailer};
 use serde::{Deserialize, Serialize};
 
@@ -358,12 +358,20 @@ impl RemoteSource {
 }
 
 impl BlockSource for RemoteSource {
-    fn read_range(&self, layer: &Digest, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
-        let bytes = self.remote.get_blob_range(layer, offset, len)?;
-        self.fetched.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    fn read_range(
+        &self,
+        layer: &Digest,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> std::io::Result<()> {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(%layer, offset, len, "fetched");
-        Ok(bytes)
+        tracing::debug!(%layer, offset, len, "fetching");
+        self.remote.stream_blob_range(layer, offset, len, &mut |piece: &[u8]| {
+            self.fetched.fetch_add(piece.len() as u64, Ordering::Relaxed);
+            sink(piece)
+        })?;
+        Ok(())
     }
 }
 
@@ -382,15 +390,6 @@ fn shared_source(reference: &str) -> Result<Arc<RemoteSource>> {
     Ok(source)
 }
 
-/// Default fetch window: 4 blocks (256 KiB with 64 KiB blocks). A read of a missing block also
-/// fetches up to 3 following missing blocks in the same request. A larger window (`serve
-/// --fetch-window`) is a cap the window grows to while reads stay sequential (see
-/// `SealedLayer::ensure_block` in the engine: doubling at each step, aligned to its size):
-/// sequential reads then cost fewer round trips, but what they fetch past their end grows with
-/// it. docs/BENCHMARKS.md ("Lazy deployment") has the trade-off measured. Blocks already local
-/// end a window early.
-pub const DEFAULT_FETCH_WINDOW: u64 = 4;
-
 /// What a disk opened with [`open_lazy_disk`] has fetched since it was opened. (Disks from
 /// the same origin share one source, so that each block is fetched once; this counts from the
 /// moment this disk was opened.)
@@ -408,8 +407,12 @@ impl FetchStats {
 }
 
 /// Opens a disk; if it was pulled lazily (it has a `remote.json`), missing blocks are fetched
-/// from its origin, `window` blocks at a time at most. Returns what it fetched, for statistics.
-pub fn open_lazy_disk(dir: &Path, opts: OpenOptions, window: u64) -> Result<(Disk, Option<FetchStats>)> {
+/// from its origin as `policy` says. Returns what it fetched, for statistics.
+pub fn open_lazy_disk(
+    dir: &Path,
+    opts: OpenOptions,
+    policy: FetchPolicy,
+) -> Result<(Disk, Option<FetchStats>)> {
     let origin_path: PathBuf = dir.join(ORIGIN_FILE);
     if !origin_path.exists() {
         return Ok((Disk::open(dir, opts)?, None));
@@ -419,6 +422,6 @@ pub fn open_lazy_disk(dir: &Path, opts: OpenOptions, window: u64) -> Result<(Dis
         .map_err(|e| RemoteError::Invalid(format!("{}: {e}", origin_path.display())))?;
     let source = shared_source(&origin.reference)?;
     let start = source.stats();
-    let disk = Disk::open_with_source(dir, opts, source.clone(), window)?;
+    let disk = Disk::open_with_source(dir, opts, source.clone(), policy)?;
     Ok((disk, Some(FetchStats { source, start })))
 }

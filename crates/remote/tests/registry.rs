@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use mcow_engine::{CreateOptions, Disk, OpenOptions};
+use mcow_engine::{CreateOptions, Disk, FetchPolicy, OpenOptions};
 use mcow_format::{Digest, HEADER_SIZE};
 use mcow_remote::http_client::HttpConfig;
 use mcow_remote::registry::{Credentials, Registry};
@@ -117,7 +117,7 @@ fn lazy_pull_fetches_only_what_is_read_and_never_twice() {
     let dir = t.path().join("b/disk");
     {
         // Window 1: a read of a missing block fetches that block only.
-        let (d, src) = transfer::open_lazy_disk(&dir, ro(), 1).unwrap();
+        let (d, src) = transfer::open_lazy_disk(&dir, ro(), EXACT).unwrap();
         let src = src.expect("a lazy disk has a source");
         let mut blocks = Vec::new();
         for layer in 0..3 {
@@ -133,12 +133,12 @@ fn lazy_pull_fetches_only_what_is_read_and_never_twice() {
         assert_eq!(requests, blocks.len() as u64);
     }
     {
-        let (d, src) = transfer::open_lazy_disk(&dir, ro(), transfer::DEFAULT_FETCH_WINDOW).unwrap();
+        let (d, src) = transfer::open_lazy_disk(&dir, ro(), FetchPolicy::default()).unwrap();
         assert!(read_all(&d) == bytes, "lazy disk differs");
         let (fetched, _) = src.unwrap().stats();
         assert!(fetched > 0 && fetched <= total, "{fetched}");
     }
-    let (d, src) = transfer::open_lazy_disk(&dir, ro(), transfer::DEFAULT_FETCH_WINDOW).unwrap();
+    let (d, src) = transfer::open_lazy_disk(&dir, ro(), FetchPolicy::default()).unwrap();
     assert!(read_all(&d) == bytes);
     assert_eq!(src.unwrap().stats(), (0, 0), "everything was cached");
 }
@@ -152,7 +152,7 @@ fn tampered_blocks_and_manifests_are_refused() {
     let rep = transfer::push(&disk, &r, &mut |_, _| {}).unwrap();
     pull(&r, &t.path().join("b"), true);
 
-    let (d, _src) = transfer::open_lazy_disk(&t.path().join("b/disk"), ro(), 1).unwrap();
+    let (d, _src) = transfer::open_lazy_disk(&t.path().join("b/disk"), ro(), EXACT).unwrap();
     let top = layers(&disk)[2].0;
     let blocks = data_blocks_of(&d, 2);
     let (vb, pblock) = blocks[0];
@@ -214,7 +214,7 @@ fn outage_fails_reads_after_bounded_retries_then_recovers() {
     };
     let remote = Arc::new(Registry::with_config(&reg.base_url(), "mcow/f", config, None));
     let src = Arc::new(RemoteSource::new(remote));
-    let d = Disk::open_with_source(&t.path().join("b/disk"), ro(), src.clone(), 1).unwrap();
+    let d = Disk::open_with_source(&t.path().join("b/disk"), ro(), src.clone(), EXACT).unwrap();
     let blocks: Vec<u64> =
         (0..3).flat_map(|l| data_blocks_of(&d, l).into_iter().take(2)).map(|b| b.0).collect();
     // One read while it is up, so the agent has a pooled connection to lose.
@@ -293,7 +293,8 @@ fn basic_auth() {
     );
     assert!(read_all(&Disk::open(&work.join("full/disk"), ro()).unwrap()) == bytes);
     // The child read the lazy disk whole: every block is local now, no credentials needed.
-    let (lazy, src) = transfer::open_lazy_disk(&work.join("lazy/disk"), ro(), 4).unwrap();
+    let (lazy, src) =
+        transfer::open_lazy_disk(&work.join("lazy/disk"), ro(), FetchPolicy::default()).unwrap();
     assert!(read_all(&lazy) == bytes);
     assert_eq!(src.unwrap().stats(), (0, 0));
 
@@ -330,7 +331,7 @@ fn auth_child() {
     assert_eq!(transfer::push(&disk, &r, &mut |_, _| {}).unwrap().uploaded, 3);
     pull(&r, &work.join("full"), false);
     pull(&r, &work.join("lazy"), true);
-    let (d, _) = transfer::open_lazy_disk(&work.join("lazy/disk"), ro(), 4).unwrap();
+    let (d, _) = transfer::open_lazy_disk(&work.join("lazy/disk"), ro(), FetchPolicy::default()).unwrap();
     read_all(&d);
 }
 

@@ -75,7 +75,7 @@ pub fn run(a: CheckArgs, g: Global) -> Result<ExitCode> {
         let opened = if a.disk.join(mcow_remote::transfer::ORIGIN_FILE).exists() {
             // A lazy disk: its partial layers are opened without fetching anything.
             let offline = std::sync::Arc::new(mcow_engine::Offline);
-            mcow_engine::Disk::open_with_source(&a.disk, OpenOptions::default(), offline, 1)
+            mcow_engine::Disk::open_with_source(&a.disk, OpenOptions::default(), offline, Default::default())
         } else {
             mcow_engine::Disk::open(&a.disk, OpenOptions::default())
         };

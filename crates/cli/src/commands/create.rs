@@ -56,7 +56,8 @@ pub fn run(a: CreateArgs, _g: Global) -> Result<ExitCode> {
             let store = disk::resolve_store(from, &m);
             // Check the layers now rather than at the first open of the new disk (partial layers
             // of a lazily pulled DISK2 too, fetching nothing).
-            let layers = LayerStore::new(&store).with_source(Arc::new(mcow_engine::Offline), 1);
+            let layers = LayerStore::new(&store)
+                .with_source(Arc::new(mcow_engine::Offline), mcow_engine::FetchPolicy::default());
             Stack::open(&layers, &m.layers, m.virtual_size, m.block_size, false)
                 .with_context(|| format!("opening the sealed layers of disk {}", from.display()))?;
             CreateOptions { virtual_size: m.virtual_size, block_size: m.block_size, store, layers: m.layers }

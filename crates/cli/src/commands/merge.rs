@@ -56,7 +56,7 @@ fn merge(dir: &Path, n: usize, g: Global, label: &str, what: &str) -> Result<Exi
             let remote = mcow_remote::open_remote(&reference)
                 .with_context(|| format!("opening the origin {reference} of disk {}", dir.display()))?;
             let source: Arc<dyn mcow_engine::BlockSource> = Arc::new(mcow_remote::RemoteSource::new(remote));
-            Some((source, mcow_remote::transfer::DEFAULT_FETCH_WINDOW))
+            Some((source, mcow_engine::FetchPolicy::default()))
         }
         _ => None,
     };

@@ -10,7 +10,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use mcow_engine::{CreateOptions, Digest, Disk, OpenOptions};
+use mcow_engine::{CreateOptions, Digest, Disk, FetchPolicy, OpenOptions};
+
+/// A fetch policy that fetches exactly the blocks read (one request per missing block).
+#[allow(dead_code)]
+pub const EXACT: FetchPolicy = FetchPolicy { window: 1, readahead: 0 };
 
 /// Held while spawning processes and while building disks. A child briefly holds copies of all
 /// the parent's descriptors between fork and exec, and with them the `flock` locks of disk files
