@@ -3,10 +3,11 @@
 # docker-registry) and served lazily with `mcow serve REF`. docs/BENCHMARKS.md, "Lazy
 # deployment: bytes fetched and cold reads". Not part of `cargo test`; run it by hand.
 #
-#   scripts/bench-lazy.sh                         # 3 rounds, windows "1 2 4 8 64"
-#   REPS=1 WINDOWS="1 4" scripts/bench-lazy.sh    # quick run
+#   scripts/bench-lazy.sh                            # 3 rounds, settings "4/16M 1/0 4/0 4/64M"
+#   REPS=1 SETTINGS="4/16M 4/0" scripts/bench-lazy.sh  # quick run
 #
-# Environment: REPS (rounds, default 3), WINDOWS (--fetch-window values, default "1 2 4 8 64"),
+# Environment: REPS (rounds, default 3), SETTINGS (serve settings W/RA, meaning --fetch-window W
+# --readahead RA; default "4/16M 1/0 4/0 4/64M", the first being mcow's default),
 # FIRST_REPS (time-to-first-read repeats, default 5), BENCH_DIR (default target/bench-lazy; its
 # contents are replaced).
 #
@@ -14,7 +15,8 @@
 # (etc/) and 7 larger ones of 1.5-9 MB (usr/), all /dev/urandom, about 41 MiB in all; imported
 # with `mcow import` (64 KiB blocks, one layer) and pushed to oci://127.0.0.1:PORT/bench/fs:v1.
 #
-# 1. Fetch ratio. Fresh cache each run: `mcow serve --cache C --no-prefetch --fetch-window W`.
+# 1. Fetch ratio. Fresh cache each run: `mcow serve --cache C --no-prefetch --fetch-window W
+#    --readahead RA`.
 #    Two clients: "nbd" reads the files' extents (from debugfs) straight over NBD, one
 #    connection, nothing else (no filesystem metadata, no readahead); "fuse" mounts the export
 #    (nbdfuse + losetup -r + mount -o ro) and `cat`s the files. Two file sets: "few" (2 libraries,
@@ -26,14 +28,15 @@
 #    read at offset 0 that succeeds over NBD (libnbd in-process, polling every 2 ms).
 # 3. Cold full sequential read: empty cache, `nbdcopy URI null:` timed (nbdcopy's defaults:
 #    4 connections, 64 requests in flight, skips holes, so it reads the disk's data blocks), vs
-#    `curl -s -o /dev/null` of every layer blob, one after another (this image has one layer).
+#    `curl -s -o /dev/null` of every layer blob, one after another (this image has one layer),
+#    and the same with `curl -o FILE` (the download kept, as a pull keeps it).
 #
 # Output: markdown tables on stdout, raw rows in $BENCH_DIR/results.tsv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 REPS=${REPS:-3}
-WINDOWS=${WINDOWS:-"1 2 4 8 64"}
+SETTINGS=${SETTINGS:-"4/16M 1/0 4/0 4/64M"}
 FIRST_REPS=${FIRST_REPS:-5}
 BENCH_DIR=${BENCH_DIR:-$ROOT/target/bench-lazy}
 PY=/usr/bin/python3 # Debian's python3 has libnbd's bindings; pyenv's does not
@@ -111,13 +114,13 @@ echo "# $(date -u +%Y-%m-%dT%H:%MZ); nproc $(nproc); cpu: $(grep -m1 'model name
 echo "# docker-registry $(docker-registry --version 2>&1 | awk '{print $3}'); $(curl --version | head -1 | cut -d' ' -f1-2); libnbd $($PY -c 'import nbd; print(nbd.NBD().get_version())')"
 echo "# image: ext4 256 MiB, $(find fsroot -type f | wc -l) files, $(du -sb fsroot | cut -f1) bytes of files; layer data $DATA_BYTES bytes, blob(s) $BLOB_BYTES bytes; rounds $REPS"
 
-# serve_start WINDOW [extra args]: a fresh cache, mcow serve on $RUN/s.sock; sets SP, SLOG
+# serve_start W/RA [extra args]: a fresh cache, mcow serve on $RUN/s.sock; sets SP, SLOG
 serve_start() {
     local w=$1
     shift
     rm -rf cache s.sock
     SLOG=$RUN/serve.log
-    RUST_LOG=info "$MCOW" serve --cache cache --fetch-window "$w" -k "$RUN/s.sock" "$@" fs="$REF" 2>"$SLOG" &
+    RUST_LOG=info "$MCOW" serve --cache cache --fetch-window "${w%/*}" --readahead "${w#*/}" -k "$RUN/s.sock" "$@" fs="$REF" 2>"$SLOG" &
     SP=$!
     for _ in $(seq 500); do [ -S s.sock ] && return 0; sleep 0.01; done
     echo "bench-lazy: serve did not start" >&2
@@ -141,7 +144,7 @@ mkdir -p fuse mnt
 for rep in $(seq "$REPS"); do
     for set in few small; do
         files=$([ $set = few ] && echo "$FEW" || echo "$SMALL")
-        for w in $WINDOWS; do
+        for w in $SETTINGS; do
             # nbd: the files' extents, read directly
             serve_start "$w" --no-prefetch
             $PY "$HELPER" read-extents "$URI" $set.ext >/dev/null
@@ -184,7 +187,7 @@ done
 # --- 3. cold full sequential read vs curl ---------------------------------------------------
 now() { date +%s.%N; }
 for rep in $(seq "$REPS"); do
-    for w in $WINDOWS; do
+    for w in $SETTINGS; do
         serve_start "$w" --no-prefetch
         t0=$(now)
         nbdcopy "$URI" null:
@@ -197,6 +200,12 @@ for rep in $(seq "$REPS"); do
     for d in $LAYERS; do curl -sf -o /dev/null "http://127.0.0.1:$PORT/v2/bench/fs/blobs/$d"; done
     t1=$(now)
     printf 'seq\tcurl\t-\t%s\t%s\t%s\t%s\n' "$rep" "$(echo "$t1 - $t0" | bc -l)" "$BLOB_BYTES" "$(echo "$LAYERS" | wc -w)" >>"$RES"
+    # The same download kept: each blob written to a new file (as a pull would).
+    rm -rf dl && mkdir dl
+    t0=$(now)
+    for d in $LAYERS; do curl -sf -o "dl/${d#sha256:}" "http://127.0.0.1:$PORT/v2/bench/fs/blobs/$d"; done
+    t1=$(now)
+    printf 'seq\tcurlfile\t-\t%s\t%s\t%s\t%s\n' "$rep" "$(echo "$t1 - $t0" | bc -l)" "$BLOB_BYTES" "$(echo "$LAYERS" | wc -w)" >>"$RES"
 done
 
 # --- report --------------------------------------------------------------------------------
@@ -204,11 +213,11 @@ median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else prin
 echo
 echo "## fetch ratio (medians of $REPS rounds; (a) client read, (b) file content, (c) fetched)"
 echo
-echo "| client | files | window | (a) read | (b) content | (c) fetched | blocks fetched | requests | (c)/(a) | (c)/(b) |"
+echo "| client | files | window/readahead | (a) read | (b) content | (c) fetched | blocks fetched | requests | (c)/(a) | (c)/(b) |"
 echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 for client in nbd fuse; do
     for set in few small; do
-        for w in $WINDOWS; do
+        for w in $SETTINGS; do
             rows=$(awk -F'\t' -v c=$client -v s=$set -v w=$w '$1=="ratio" && $2==c && $3==s && $4==w' "$RES")
             a=$(cut -f6 <<<"$rows" | median)
             b=$(cut -f7 <<<"$rows" | median)
@@ -227,13 +236,15 @@ echo
 echo "## cold full sequential read (medians of $REPS rounds; GB/s over the blob bytes, $BLOB_BYTES)"
 echo
 ct=$(awk -F'\t' '$1=="seq" && $2=="curl" {print $5}' "$RES" | median)
-echo "| reader | window | seconds | GB/s | requests | curl_time/mcow_time |"
-echo "|---|---:|---:|---:|---:|---:|"
-printf '| curl, blobs one after another | - | %.4f | %.2f | %s | 1 |\n' "$ct" "$(echo "$BLOB_BYTES / $ct / 1000000000" | bc -l)" "$(echo "$LAYERS" | wc -w)"
-for w in $WINDOWS; do
+echo "| reader | window/readahead | seconds | GB/s | requests | curl_time/mcow_time | curl_to_file_time/mcow_time |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
+cf=$(awk -F'\t' '$1=="seq" && $2=="curlfile" {print $5}' "$RES" | median)
+printf '| curl, blobs one after another, to /dev/null | - | %.4f | %.2f | %s | 1 | - |\n' "$ct" "$(echo "$BLOB_BYTES / $ct / 1000000000" | bc -l)" "$(echo "$LAYERS" | wc -w)"
+printf '| curl, blobs one after another, to files | - | %.4f | %.2f | %s | - | 1 |\n' "$cf" "$(echo "$BLOB_BYTES / $cf / 1000000000" | bc -l)" "$(echo "$LAYERS" | wc -w)"
+for w in $SETTINGS; do
     rows=$(awk -F'\t' -v w=$w '$1=="seq" && $2=="mcow" && $3==w' "$RES")
     t=$(cut -f5 <<<"$rows" | median)
     rq=$(cut -f7 <<<"$rows" | median)
-    printf '| mcow serve + nbdcopy | %s | %.4f | %.2f | %s | %.2f |\n' "$w" "$t" \
-        "$(echo "$BLOB_BYTES / $t / 1000000000" | bc -l)" "$rq" "$(echo "$ct / $t" | bc -l)"
+    printf '| mcow serve + nbdcopy | %s | %.4f | %.2f | %s | %.2f | %.2f |\n' "$w" "$t" \
+        "$(echo "$BLOB_BYTES / $t / 1000000000" | bc -l)" "$rq" "$(echo "$ct / $t" | bc -l)" "$(echo "$cf / $t" | bc -l)"
 done

@@ -4,6 +4,8 @@
 # bytes fetched over the network (HTTP bodies), for:
 #   mcow-cold   mcow serve --cache EMPTY disk=oci://127.0.0.1:PORT/mcow/vm:v1   (docker-registry)
 #   mcow-warm   the same with the cache of the cold boot (a second boot, new serve process)
+#   mcow-trace  like mcow-cold, but the image was pushed with a trace of one boot (mcow trace),
+#               which the serve prefetches in the background
 #   nbdkit-curl nbdkit --filter=stats curl url=http://127.0.0.1:PORT/disk.raw      (nginx)
 #   local-raw   qemu-nbd --read-only on the same raw image as a local file
 # The guest is the demo's (scripts/demo-vm.sh build), booted read-only (vmmode=ro) in every
@@ -63,13 +65,23 @@ boot() { # SOCK T0 CONSOLE
 wait_sock() { for _ in $(seq 400); do [ -S "$1" ] && return 0; sleep 0.01; done; echo "no socket $1" >&2; exit 1; }
 stop() { kill -TERM "$1"; wait "$1" || true; }
 
+# The same image pushed with a trace of one boot (`mcow trace` on the local disk), for the
+# mcow-trace case: a cold boot that prefetches the traced blocks in the background.
+TREF=oci://127.0.0.1:$RP/mcow/vm:traced
+rm -f "$W/t.sock"
+"$MCOW" trace -k "$W/t.sock" --out "$W/boot.trace" "disk=$W/img/app2" 2>"$W/trace.log" & tp=$!
+wait_sock "$W/t.sock"; boot "$W/t.sock" "$(date +%s.%N)" "$W/console-trace.log" >/dev/null; stop $tp
+"$MCOW" push "$W/img/app2" "$TREF" --trace "$W/boot.trace" >/dev/null
+
 run_case() { # CASE ROUND -> "secs bytes"
   local s=$W/s.sock t0 secs bytes p; rm -f "$s"
   case $1 in
-    mcow-cold|mcow-warm)
-      [ "$1" = mcow-cold ] && rm -rf "$W/cache"
+    mcow-cold|mcow-warm|mcow-trace)
+      local ref=$REF cache=$W/cache
+      [ "$1" = mcow-trace ] && ref=$TREF cache=$W/cache-trace
+      [ "$1" = mcow-warm ] || rm -rf "$cache"
       t0=$(date +%s.%N)
-      RUST_LOG=info "$MCOW" serve -k "$s" --cache "$W/cache" ${MCOW_SERVE_ARGS:-} "disk=$REF" 2>"$W/serve.log" & p=$!
+      RUST_LOG=info "$MCOW" serve -k "$s" --cache "$cache" ${MCOW_SERVE_ARGS:-} "disk=$ref" 2>"$W/serve.log" & p=$!
       wait_sock "$s"; secs=$(boot "$s" "$t0" "$W/console-$1-$2.log"); stop $p
       # all bytes from the registry: manifest, config, layer headers and indexes, and blocks
       bytes=$(grep 'served; fetched' "$W/serve.log" | grep -o ' bytes_fetched=[0-9]*' | head -1 | cut -d= -f2) ;;
@@ -88,13 +100,13 @@ run_case() { # CASE ROUND -> "secs bytes"
   echo "$secs $bytes"
 }
 
-cases=(mcow-cold mcow-warm nbdkit-curl local-raw)
+cases=(mcow-cold mcow-warm mcow-trace nbdkit-curl local-raw)
 : > "$W/results"
 for r in $(seq "$ROUNDS"); do
   # rotate the order, but a warm boot always follows its cold boot
-  order=(); k=$(( (r - 1) % 3 ))
-  for c in mcow nbdkit-curl local-raw mcow nbdkit-curl; do order+=("$c"); done
-  for c in "${order[@]:$k:3}"; do
+  order=(); k=$(( (r - 1) % 4 ))
+  for c in mcow nbdkit-curl local-raw mcow-trace mcow nbdkit-curl local-raw; do order+=("$c"); done
+  for c in "${order[@]:$k:4}"; do
     if [ "$c" = mcow ]; then
       for m in mcow-cold mcow-warm; do v=$(run_case "$m" "$r"); echo "$r $m $v" | tee -a "$W/results"; done
     else
@@ -111,7 +123,9 @@ for c in "${cases[@]}"; do
   printf '%-12s %12s %14s\n' "$c" "$s" "$b"
   eval "S_${c//-/_}=$s B_${c//-/_}=$b"
 done
-awk -v cs="$S_mcow_cold" -v ns="$S_nbdkit_curl" -v cb="$B_mcow_cold" -v nb="$B_nbdkit_curl" -v ws="$S_mcow_warm" -v ls="$S_local_raw" 'BEGIN{
+awk -v cs="$S_mcow_cold" -v ns="$S_nbdkit_curl" -v cb="$B_mcow_cold" -v nb="$B_nbdkit_curl" -v ws="$S_mcow_warm" -v ls="$S_local_raw" \
+    -v ts="$S_mcow_trace" -v tb="$B_mcow_trace" 'BEGIN{
   printf "cold/nbdkit-curl bytes %.2fx (target <= 1.2x), time %.2fx (target <= 1.0x)\n", cb/nb, cs/ns
+  printf "cold with trace/nbdkit-curl bytes %.2fx, time %.2fx\n", tb/nb, ts/ns
   printf "warm/local-raw time %.2fx (target <= 1.1x)\n", ws/ls }'
 echo "date: $(date -u +%Y-%m-%dT%H:%MZ); machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r), $(qemu-system-x86_64 --version | head -1)"

@@ -161,16 +161,23 @@ impl TraceRecorder {
 /// after which those layers are complete and move into the store. Stops early when `stop` is
 /// set. Errors are logged (the blocks are fetched again on demand).
 fn background_fetch(disk: Arc<Disk>, trace: Option<Vec<u64>>, all: bool, stop: Arc<AtomicBool>) {
-    let mut scratch = Vec::new();
     let mut prefetched = 0u64;
-    for vb in trace.unwrap_or_default() {
+    // The trace's blocks in its order, runs of consecutive blocks fetched together.
+    let trace = trace.unwrap_or_default();
+    let mut i = 0;
+    while i < trace.len() {
         if stop.load(Ordering::Relaxed) {
             return;
         }
-        match disk.prefetch(vb, &mut scratch) {
-            Ok(()) => prefetched += 1,
-            Err(e) => tracing::warn!(block = vb, error = %e, "prefetch failed"),
+        let mut n = 1;
+        while i + n < trace.len() && trace[i + n] == trace[i] + n as u64 {
+            n += 1;
         }
+        match disk.prefetch(trace[i], n as u64) {
+            Ok(()) => prefetched += n as u64,
+            Err(e) => tracing::warn!(block = trace[i], blocks = n, error = %e, "prefetch failed"),
+        }
+        i += n;
     }
     tracing::info!(disk = %disk.dir().display(), blocks = prefetched, "prefetched the trace");
     if !all {

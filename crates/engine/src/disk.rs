@@ -286,18 +286,22 @@ impl Disk {
         self.write_zeroes(offset, len, true)
     }
 
-    /// Makes virtual block `vblock` local if a partial sealed layer holds it (fetching and
-    /// checking it), without returning it; blocks in the top or already checked cost nothing.
-    pub fn prefetch(&self, vblock: u64, scratch: &mut Vec<u8>) -> Result<()> {
-        if vblock >= self.size.div_ceil(self.bs) {
-            return Ok(());
-        }
-        if let (Some(loc), _) = self.resolve(vblock, vblock + 1)
-            && loc.kind == ExtentKind::Data
-            && loc.layer != TOP
-        {
-            scratch.resize(self.bs as usize, 0);
-            self.stack.read_run(vblock, loc, 0, scratch)?;
+    /// Makes virtual blocks `[vblock, vblock + count)` local where partial sealed layers hold
+    /// them (fetching and checking exactly those blocks, one request per missing run of a
+    /// layer), without reading them out; blocks in the top, zero or already checked cost
+    /// nothing.
+    pub fn prefetch(&self, vblock: u64, count: u64) -> Result<()> {
+        let end = (vblock + count).min(self.size.div_ceil(self.bs));
+        let mut v = vblock;
+        while v < end {
+            let (loc, run_end) = self.resolve(v, end);
+            if let Some(loc) = loc
+                && loc.kind == ExtentKind::Data
+                && loc.layer != TOP
+            {
+                self.stack.layers()[loc.layer as usize].fetch_exact(loc.pblock, run_end - v)?;
+            }
+            v = run_end;
         }
         Ok(())
     }

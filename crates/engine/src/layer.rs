@@ -176,15 +176,26 @@ impl FetchState {
     /// another fetch what a fixed window over them would). Beyond `ramp`, `first` plus half of
     /// what the stream fetched past `ramp`, at most `max`: a long run of reads asks for fewer,
     /// larger ranges, while what a run fetches past its end stays within about half of what it
-    /// read past `ramp` (plus one first window).
-    fn window_for(&self, p: u64, first: u64, ramp: u64, max: u64) -> u64 {
-        match self.stream_of(p) {
-            Some(i) if self.streams[i].fetched >= ramp => {
-                (first + (self.streams[i].fetched - ramp) / 2).min(max.max(first))
-            }
-            Some(_) => first - p % first,
-            None => first,
+    /// read past `ramp` (plus one first window). A stream whose reader is already waiting
+    /// beyond a fetch in flight skips the ramp and doubles, and the fetch also takes the
+    /// blocks between that fetch and `p` (the second value: where that gap starts).
+    fn window_for(&self, p: u64, first: u64, ramp: u64, max: u64) -> (u64, Option<u64>) {
+        let Some(i) = self.stream_of(p) else {
+            return (first, None);
+        };
+        let s = self.streams[i];
+        // The stream's reader is already past a fetch still in flight: it has more reads
+        // outstanding (a deep queue), so what lies ahead is being asked for, not guessed, and
+        // the blocks between that fetch and `p` will be asked for too.
+        let ahead =
+            self.in_flight.iter().filter(|&&(_, a, e)| s.start <= a && e <= p).map(|&(_, _, e)| e).max();
+        if let Some(gap) = ahead {
+            return ((first + s.fetched).min(max.max(first)), Some(gap));
         }
+        if s.fetched >= ramp {
+            return ((first + (s.fetched - ramp) / 2).min(max.max(first)), None);
+        }
+        (first - p % first, None)
     }
 
     /// Records a fetch of `count` blocks at `p` with window `window` in its stream (or a new
@@ -309,7 +320,11 @@ impl SealedLayer {
     /// that does (a sequential read) with more, growing with the run. Readers of a block that
     /// is being fetched wait for it to land (not for the whole fetch); fetches of different
     /// ranges of the layer run concurrently.
-    fn ensure_block(&self, f: &File, pblock: u64, block: &mut [u8]) -> Result<()> {
+    ///
+    /// With `limit`, the fetch asks for the missing blocks from `pblock` up to `limit` and no
+    /// further, whatever the streams (a prefetch of known blocks, which is no read and so
+    /// neither starts nor grows a stream).
+    fn ensure_block(&self, f: &File, pblock: u64, block: &mut [u8], limit: Option<u64>) -> Result<()> {
         let bs = self.block_size();
         let at = |p: u64| HEADER_SIZE as u64 + p * bs;
         let Some(fetch) = &self.fetch else {
@@ -336,7 +351,10 @@ impl SealedLayer {
                 // Fetched, checked and written by another reader.
                 return read_exact_at(f, block, at(pblock), &self.path);
             }
-            let window = state.window_for(pblock, fetch.window, fetch.ramp, fetch.max_window);
+            let (window, gap) = match limit {
+                Some(end) => (end.saturating_sub(pblock).max(1), None),
+                None => state.window_for(pblock, fetch.window, fetch.ramp, fetch.max_window),
+            };
             drop(state);
             // A block in a hole of the sparse local file was never fetched: skip reading and
             // hashing it. Otherwise it may be local already (fetched before a restart).
@@ -362,13 +380,24 @@ impl SealedLayer {
                 }
                 count += 1;
             }
+            // A deep-queue reader's blocks between the fetch in flight and pblock: other reads
+            // will ask for them any moment; take those that are still missing into this fetch.
+            let mut first = pblock;
+            if let Some(from) = gap {
+                let hole_from = self.hole_start(f, pblock).max(from);
+                while first > hole_from && !self.is_verified(first - 1) && !state.is_in_flight(first - 1) {
+                    first -= 1;
+                }
+            }
             let id = state.next_claim;
             state.next_claim += 1;
-            state.in_flight.push((id, pblock, pblock + count));
-            state.record(pblock, count, window);
+            state.in_flight.push((id, first, pblock + count));
+            if limit.is_none() {
+                state.record(first, pblock + count - first, window);
+            }
             drop(state);
             let claim = Claim { fetch, id };
-            return self.fetch_into(fetch, &claim, pblock, count, block);
+            return self.fetch_into(fetch, &claim, first, pblock + count - first, pblock, block);
         }
     }
 
@@ -403,6 +432,25 @@ impl SealedLayer {
         Ok(p - pblock)
     }
 
+    /// The first block of the hole of the local file that block `pblock` lies in (`pblock`
+    /// itself when it is not in a hole, or when the filesystem cannot tell). Steps back in
+    /// doubling strides with `SEEK_DATA` (there is no backward seek).
+    fn hole_start(&self, f: &File, pblock: u64) -> u64 {
+        if self.hole_end(f, pblock) == pblock {
+            return pblock;
+        }
+        let (mut lo, mut step) = (pblock, 1);
+        while lo > 0 {
+            let probe = lo.saturating_sub(step);
+            if self.hole_end(f, probe) <= pblock {
+                break; // data between probe and pblock: the hole starts after probe
+            }
+            lo = probe;
+            step *= 2;
+        }
+        lo
+    }
+
     /// The first block at or after `pblock` that is not wholly in a hole of the local file (the
     /// block count if none). `pblock` itself when the filesystem cannot tell.
     fn hole_end(&self, f: &File, pblock: u64) -> u64 {
@@ -420,13 +468,14 @@ impl SealedLayer {
     /// checks each block against its hash as it arrives, writes the good ones into the local
     /// file and marks them landed, so readers waiting for a block go on before the rest of the
     /// range is in. A block that fails its hash ends the fetch (it and the blocks after it are
-    /// not cached). Fills `block` with block `first`; fails only if block `first` did not land.
+    /// not cached). Fills `block` with block `target`; fails only if `target` did not land.
     fn fetch_into(
         &self,
         fetch: &Fetcher,
         claim: &Claim<'_>,
         first: u64,
         count: u64,
+        target: u64,
         block: &mut [u8],
     ) -> Result<()> {
         let bs = self.block_size();
@@ -457,7 +506,7 @@ impl SealedLayer {
                 return false;
             }
             self.mark_verified(p);
-            if p == first {
+            if p == target {
                 block.copy_from_slice(bytes);
             }
             claim.landed(p);
@@ -495,14 +544,14 @@ impl SealedLayer {
         if let Err(e) = &result {
             tracing::error!(layer = %self.digest, offset, len = count * bs, landed, error = %e, "fetching blocks failed");
         }
-        if landed > 0 {
+        if next > target {
             return Ok(());
         }
         if let Some(e) = failure {
             return Err(e);
         }
         Err(Error::io("fetch", &self.path)(result.err().unwrap_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the source ended before the first block")
+            std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the source ended before the block read")
         })))
     }
 
@@ -517,7 +566,25 @@ impl SealedLayer {
                 return Ok(());
             }
             if !self.is_verified(pb) {
-                self.ensure_block(&f, pb, &mut block)?;
+                self.ensure_block(&f, pb, &mut block, None)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes stored blocks `[pblock, pblock + count)` local and checked, fetching what a
+    /// partial layer lacks of them in as few requests as there are missing runs, and nothing
+    /// outside them (for prefetching blocks known to be needed, such as a boot trace's).
+    pub fn fetch_exact(&self, pblock: u64, count: u64) -> Result<()> {
+        let end = (pblock + count).min(self.trailer.block_count);
+        if (pblock..end).all(|p| self.is_verified(p)) {
+            return Ok(());
+        }
+        let f = self.file.get(&self.path)?;
+        let mut block = vec![0u8; self.block_size() as usize];
+        for p in pblock..end {
+            if !self.is_verified(p) {
+                self.ensure_block(&f, p, &mut block, Some(end))?;
             }
         }
         Ok(())
@@ -629,7 +696,7 @@ impl SealedLayer {
             if self.is_verified(pb) {
                 read_exact_at(&f, &mut buf[done..done + n], HEADER_SIZE as u64 + at, &self.path)?;
             } else {
-                self.ensure_block(&f, pb, &mut block)?;
+                self.ensure_block(&f, pb, &mut block, None)?;
                 buf[done..done + n].copy_from_slice(&block[within..within + n]);
             }
             done += n;

@@ -463,3 +463,43 @@ fn a_fetch_that_breaks_or_turns_bad_midway_keeps_only_the_good_blocks_before() {
     d.read(0, &mut all).unwrap();
     assert!(all == expected);
 }
+
+#[test]
+fn a_deep_queue_of_sequential_reads_fetches_each_block_once_in_growing_requests() {
+    const BS: u64 = 65536;
+    let blocks = 256u64;
+    let tmp = tempfile::tempdir().unwrap();
+    let (complete, expected) = build_long(tmp.path(), blocks);
+    let partial = build_partial(tmp.path(), &complete);
+    let src = hook_source(tmp.path(), |_, _| true);
+    let d = Arc::new(
+        Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), FetchPolicy::default())
+            .unwrap(),
+    );
+    // Eight readers take the blocks in turn, as a client with eight requests in flight would.
+    let next = Arc::new(AtomicU64::new(0));
+    let expected = Arc::new(expected);
+    let readers: Vec<_> = (0..8)
+        .map(|_| {
+            let (d, next, expected) = (d.clone(), next.clone(), expected.clone());
+            std::thread::spawn(move || {
+                let mut b = vec![0u8; BS as usize];
+                loop {
+                    let v = next.fetch_add(1, Ordering::SeqCst);
+                    if v >= blocks {
+                        return;
+                    }
+                    d.read(v * BS, &mut b).unwrap();
+                    assert!(b[..] == expected[(v * BS) as usize..][..BS as usize], "block {v}");
+                }
+            })
+        })
+        .collect();
+    for r in readers {
+        r.join().unwrap();
+    }
+    assert_eq!(src.fetched.load(Ordering::Relaxed), blocks * BS, "each block fetched once");
+    let requests = src.requests.load(Ordering::Relaxed);
+    // Fixed windows of 4 blocks would take 64 requests.
+    assert!(requests < 64, "{requests} requests");
+}
