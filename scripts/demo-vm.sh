@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end demo: build a layered VM image, push it to an OCI registry, boot QEMU guests from it
-# lazily on a "fresh host", and boot 4 VMs at once on one shared cache.
+# lazily on a "fresh host", boot 4 VMs at once on one shared cache, and boot from the image
+# pushed with a trace of one boot (prefetched in the background).
 #
 # Usage: scripts/demo-vm.sh [WORKDIR]          the whole demo (default WORKDIR: ./mcow-vm-demo)
 #        scripts/demo-vm.sh build WORKDIR      only build the disks WORKDIR/{base,app1,app2}
@@ -134,3 +135,24 @@ echo "4 boots took $(awk -v a="$start" -v b="$end" 'BEGIN{printf "%.1f", b-a}') 
 for i in 1 2 3 4; do
   echo "vm$i top: $("$MCOW" info "$C4/vms/vm$i" --output json | python3 -c 'import json,sys;v=json.load(sys.stdin);print(v["top"])' 2>/dev/null || true)"
 done
+
+say "5. a boot trace: record one boot, push the image with it, boot a fresh host from it"
+"$MCOW" create --from "$W/app2" "$W/traced" >/dev/null
+"$MCOW" trace -k "$W/trace.sock" --out "$W/boot.trace" "vm=$W/traced" 2>"$W/trace.log" & S=$!; pids+=($S)
+wait_sock "$W/trace.sock"
+boot "$W/trace.sock" vm 5 rw "$W/vm5-console.log"
+kill -TERM "$S"; wait "$S" || true
+grep -a -E '^MCOW-VM-DONE' "$W/vm5-console.log"
+echo "trace: $(python3 -c 'import json,sys;print(len(json.load(open(sys.argv[1]))["blocks"]))' "$W/boot.trace") blocks, in the order the boot first read them"
+TREF=oci://127.0.0.1:$PORT/mcow/vm:traced
+"$MCOW" push "$W/app2" "$TREF" --trace "$W/boot.trace"
+start=$(date +%s.%N)
+RUST_LOG=info "$MCOW" serve -k "$W/host3.sock" --cache "$W/host3-cache" "vm=$TREF" 2>"$W/host3-serve.log" & S=$!; pids+=($S)
+wait_sock "$W/host3.sock"
+boot "$W/host3.sock" vm 6 rw "$W/vm6-console.log"
+end=$(date +%s.%N)
+kill -TERM "$S"; wait "$S" || true
+grep -a -E '^(MCOW-VM-DONE|APP2-SHA256)' "$W/vm6-console.log" | tr '\n' ' '; echo
+grep -o 'prefetched the trace.*' "$W/host3-serve.log" | sed 's/ disk=[^ ]*//'
+F6=$(fetched "$W/host3-serve.log")
+echo "boot took $(awk -v a="$start" -v b="$end" 'BEGIN{printf "%.1f", b-a}') s; fetched $(mib "$F6") (without the trace: $(mib "$F1"))"

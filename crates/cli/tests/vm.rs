@@ -166,4 +166,43 @@ fn build_push_boot_lazily_and_many_vms_on_one_cache() {
         assert_eq!(file_in_disk(w, &d, "/vm-wrote.txt"), Some(format!("written by vm {i}\n")));
     }
     assert_eq!(reg.manifest("mcow/vm", "v1"), manifest);
+
+    // 5. A boot trace: record one boot (`mcow trace` on a disk made on the built layers), push
+    // the image again with it, and boot a fresh host from that image. Its serve fetches the
+    // traced blocks in the background, exactly (no neighbours), so the boot fetches no more
+    // than the untraced one did.
+    let traced = w.join("traced");
+    mcow_ok(w, &["create", "--from", app2.to_str().unwrap(), traced.to_str().unwrap()]);
+    let trace = w.join("boot.trace");
+    let tracer =
+        Serve::start_verb(w, "trace", &[traced.to_str().unwrap(), "--out", trace.to_str().unwrap()], &[]);
+    let console = boot(&assets, &tracer.sock, "traced", 5);
+    tracer.stop();
+    assert_booted(&console, 5, &sha);
+    let blocks: Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
+    let traced_blocks = blocks["blocks"].as_array().unwrap().len();
+    assert!(traced_blocks > 0, "an empty trace");
+    let with_trace = format!("oci://127.0.0.1:{}/mcow/vm:traced", reg.port);
+    mcow_ok(w, &["push", app2.to_str().unwrap(), &with_trace, "--trace", trace.to_str().unwrap()]);
+    let ct = w.join("cache-traced");
+    let serve = Serve::start_env(
+        w,
+        &["--cache", ct.to_str().unwrap(), &format!("vm={with_trace}")],
+        &[("RUST_LOG", "info")],
+    );
+    let console = boot(&assets, &serve.sock, "vm", 6);
+    let log = serve.stop_with_log();
+    assert_booted(&console, 6, &sha);
+    let line = log
+        .lines()
+        .find(|l| l.contains("prefetched the trace"))
+        .unwrap_or_else(|| panic!("no prefetch:\n{log}"));
+    assert!(
+        line.contains(&format!(" blocks={traced_blocks}")),
+        "not every traced block was prefetched: {line}"
+    );
+    let (ft, rt) = fetched(&log, "vm");
+    eprintln!("with the trace: {ft} bytes in {rt} requests (without: {f1} bytes in {r1} requests)");
+    assert_eq!(local_bytes(&info(w, &cache_disk(&ct))), ft, "a block was fetched twice");
+    assert!(ft <= f1, "the traced boot fetched {ft} bytes, the untraced one {f1}");
 }
