@@ -239,6 +239,16 @@ struct Claim<'a> {
 }
 
 impl Claim<'_> {
+    /// Shrinks the claim to `[start, end)` (the rest turned out to be local already), waking
+    /// the readers waiting for the blocks given up.
+    fn narrow(&self, start: u64, end: u64) {
+        let mut state = self.fetch.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = state.in_flight.iter_mut().find(|r| r.0 == self.id) {
+            (r.1, r.2) = (start, end);
+        }
+        state.wake(None);
+    }
+
     fn landed(&self, p: u64) {
         let mut state = self.fetch.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(r) = state.in_flight.iter_mut().find(|r| r.0 == self.id) {
@@ -255,6 +265,61 @@ impl Drop for Claim<'_> {
             state.in_flight.swap_remove(i);
         }
         state.wake(None);
+    }
+}
+
+/// A write lock on a byte range of a partial layer file, held while its blocks are fetched, so
+/// that two processes serving from one cache do not fetch the same blocks at the same time (the
+/// second waits, then finds them local). An open file description lock: threads of one process
+/// share the writer handle and so never block each other (they coordinate through
+/// [`FetchState`]); the kernel drops the lock if the process dies. Unlocked on drop.
+struct RangeLock<'a> {
+    file: &'a File,
+    start: u64,
+    len: u64,
+}
+
+impl<'a> RangeLock<'a> {
+    /// Locks `[start, start + len)` of `file`, waiting for other processes' locks on it; also
+    /// says whether it had to wait.
+    fn acquire(file: &'a File, start: u64, len: u64) -> std::io::Result<(RangeLock<'a>, bool)> {
+        let lock = RangeLock { file, start, len };
+        match lock.fcntl(libc::F_OFD_SETLK, libc::F_WRLCK) {
+            Ok(()) => return Ok((lock, false)),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => {}
+            Err(e) => return Err(e),
+        }
+        loop {
+            match lock.fcntl(libc::F_OFD_SETLKW, libc::F_WRLCK) {
+                Ok(()) => return Ok((lock, true)),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn fcntl(&self, cmd: libc::c_int, kind: libc::c_int) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: all-zero is a valid `struct flock` (plain integers); the fields that matter
+        // are set below, and `l_pid` must be 0 for open file description locks.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = kind as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        fl.l_start = self.start as libc::off_t;
+        fl.l_len = self.len as libc::off_t;
+        // SAFETY: the descriptor is open for as long as `self.file` is borrowed, and `fl` is a
+        // valid, initialised `struct flock` that outlives the call, which only reads and
+        // writes it.
+        let r = unsafe { libc::fcntl(self.file.as_raw_fd(), cmd, &mut fl) };
+        if r == -1 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+    }
+}
+
+impl Drop for RangeLock<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.fcntl(libc::F_OFD_SETLK, libc::F_UNLCK) {
+            tracing::warn!(error = %e, "unlocking a fetched range failed");
+        }
     }
 }
 
@@ -397,7 +462,29 @@ impl SealedLayer {
             }
             drop(state);
             let claim = Claim { fetch, id };
-            return self.fetch_into(fetch, &claim, first, pblock + count - first, pblock, block);
+            // Other processes on the same cache: lock the range in the file. If another process
+            // fetched part of it meanwhile (we waited for its lock, or the range is no longer
+            // all holes), look again and fetch only what is still missing from pblock on.
+            let writer = self.writer(fetch)?;
+            let (lock, waited) = RangeLock::acquire(writer, at(first), (pblock + count - first) * bs)
+                .map_err(Error::io("lock", &self.path))?;
+            if waited || self.hole_end(f, first) < pblock + count {
+                if self.hole_end(f, pblock) == pblock {
+                    read_exact_at(f, block, at(pblock), &self.path)?;
+                    if Digest::of(block) == self.hashes[pblock as usize] {
+                        self.mark_verified(pblock);
+                        return Ok(());
+                    }
+                }
+                let run = self.missing_run(f, pblock, count)?;
+                claim.narrow(pblock, pblock + run);
+                let done = self.fetch_into(fetch, &claim, pblock, run, pblock, block);
+                drop(lock);
+                return done;
+            }
+            let done = self.fetch_into(fetch, &claim, first, pblock + count - first, pblock, block);
+            drop(lock);
+            return done;
         }
     }
 
@@ -430,6 +517,18 @@ impl SealedLayer {
             p += 1;
         }
         Ok(p - pblock)
+    }
+
+    /// The handle fetched blocks are written through (opened on first use).
+    fn writer<'f>(&self, fetch: &'f Fetcher) -> Result<&'f File> {
+        if let Some(w) = fetch.writer.get() {
+            return Ok(w);
+        }
+        let w = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .map_err(Error::io("open", &self.path))?;
+        Ok(fetch.writer.get_or_init(|| w))
     }
 
     /// The first block of the hole of the local file that block `pblock` lies in (`pblock`
@@ -480,16 +579,7 @@ impl SealedLayer {
     ) -> Result<()> {
         let bs = self.block_size();
         let at = |p: u64| HEADER_SIZE as u64 + p * bs;
-        let writer = match fetch.writer.get() {
-            Some(w) => w,
-            None => {
-                let w = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&self.path)
-                    .map_err(Error::io("open", &self.path))?;
-                fetch.writer.get_or_init(|| w)
-            }
-        };
+        let writer = self.writer(fetch)?;
         let mut next = first; // the next block to land
         let mut failure: Option<Error> = None;
         // Checks, caches and lands one whole block; false ends the fetch.

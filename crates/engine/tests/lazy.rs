@@ -503,3 +503,87 @@ fn a_deep_queue_of_sequential_reads_fetches_each_block_once_in_growing_requests(
     // Fixed windows of 4 blocks would take 64 requests.
     assert!(requests < 64, "{requests} requests");
 }
+
+/// Child side of the test below (runs only when the parent sets `MCOW_LAZY_CHILD`): reads the
+/// whole disk `MCOW_LAZY_CHILD` through a slow source on the complete layers of
+/// `MCOW_LAZY_ORIGIN`, forwards or backwards (`MCOW_LAZY_ORDER`), checks it against the
+/// disk `MCOW_LAZY_EXPECTED`, and prints how many bytes it fetched.
+#[test]
+fn child_reads_a_lazy_disk_slowly() {
+    let Ok(disk) = std::env::var("MCOW_LAZY_CHILD") else { return };
+    let origin = PathBuf::from(std::env::var("MCOW_LAZY_ORIGIN").unwrap());
+    let backwards = std::env::var("MCOW_LAZY_ORDER").as_deref() == Ok("backwards");
+    let expected_disk = PathBuf::from(std::env::var("MCOW_LAZY_EXPECTED").unwrap());
+    let src = hook_source(&origin, |_, _| {
+        std::thread::sleep(std::time::Duration::from_millis(3));
+        true
+    });
+    let d =
+        Disk::open_with_source(Path::new(&disk), OpenOptions::default(), src.clone(), FetchPolicy::default())
+            .unwrap();
+    let e =
+        Disk::open(&expected_disk, OpenOptions { read_only: true, verify: true, force_share: true }).unwrap();
+    let bs = 65536u64;
+    let blocks = d.size() / bs;
+    let (mut got, mut want) = (vec![0u8; bs as usize], vec![0u8; bs as usize]);
+    for i in 0..blocks {
+        let b = if backwards { blocks - 1 - i } else { i };
+        d.read(b * bs, &mut got).unwrap();
+        e.read(b * bs, &mut want).unwrap();
+        assert!(got == want, "block {b} differs");
+    }
+    println!("fetched={}", src.fetched.load(Ordering::Relaxed));
+}
+
+#[test]
+fn two_processes_on_one_cache_fetch_each_block_once() {
+    const BS: u64 = 65536;
+    let blocks = 64; // 4 MiB, about 0.2 s to fetch through the slow source
+    let tmp = tempfile::tempdir().unwrap();
+    let (complete, _) = build_long(tmp.path(), blocks);
+    let first = build_partial(tmp.path(), &complete);
+    let m = mcow_engine::disk::read_manifest(&first).unwrap();
+    let second = tmp.path().join("b/disk2");
+    Disk::create(
+        &second,
+        &CreateOptions {
+            virtual_size: m.virtual_size,
+            block_size: m.block_size,
+            store: tmp.path().join("b/layers"),
+            layers: m.layers.clone(),
+        },
+    )
+    .unwrap();
+    // Two processes (this test binary again), one per disk, reading at the same time from
+    // opposite ends: they meet in the middle and must not fetch a block twice.
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = [(&first, "forwards"), (&second, "backwards")]
+        .into_iter()
+        .map(|(disk, order)| {
+            std::process::Command::new(&exe)
+                .args(["child_reads_a_lazy_disk_slowly", "--exact", "--nocapture", "--test-threads=1"])
+                .env("MCOW_LAZY_CHILD", disk)
+                .env("MCOW_LAZY_ORIGIN", tmp.path())
+                .env("MCOW_LAZY_ORDER", order)
+                .env("MCOW_LAZY_EXPECTED", &complete)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut total = 0;
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "child failed:\n{text}");
+        let n: u64 = text
+            .lines()
+            .find_map(|l| l.split("fetched=").nth(1))
+            .unwrap_or_else(|| panic!("no count from the child:\n{text}"))
+            .parse()
+            .unwrap();
+        assert!(n > 0, "each child fetched something (they ran at the same time)");
+        total += n;
+    }
+    assert_eq!(total, blocks * BS, "the two processes fetched {total} bytes for {} stored", blocks * BS);
+}
