@@ -245,11 +245,12 @@ pub struct ServeArgs {
     /// Where images given as REF are pulled lazily: CACHE/disks and CACHE/layers.
     #[arg(long, value_name = "DIR", default_value = "mcow-cache")]
     pub cache: PathBuf,
-    /// For lazily pulled disks: blocks one fetch asks for when a read is not sequential (the
-    /// missing block read and up to BLOCKS - 1 missing blocks after it). The default, 4 (256 KiB
-    /// with 64 KiB blocks), keeps what a few scattered reads fetch near what they read while
-    /// each still costs one request; 1 fetches exactly the blocks read. Blocks already local
-    /// end a fetch early.
+    /// For lazily pulled disks: the fetch window of sequential reads. A read that follows no
+    /// other fetches just the missing blocks it covers; one that continues a run of reads
+    /// fetches up to the next multiple of BLOCKS blocks, until --readahead takes over. The
+    /// default, 4 (256 KiB with 64 KiB blocks), makes a run of small reads cost one request per
+    /// 4 blocks and fetch at most 3 blocks past its end; `--fetch-window 1 --readahead 0` fetches
+    /// exactly the blocks read. Blocks already local end a fetch early.
     #[arg(long, value_name = "BLOCKS", default_value_t = FetchPolicy::DEFAULT_WINDOW,
           value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub fetch_window: u64,
@@ -257,7 +258,7 @@ pub struct ServeArgs {
     /// Once a run of sequential reads has fetched 4 MiB, each further fetch asks for one window
     /// plus half of what the run fetched past those 4 MiB, up to SIZE: a long read (a big
     /// file, a whole-disk copy) costs few requests, shorter runs fetch what fixed windows would.
-    /// 0 turns read-ahead off (every fetch is --fetch-window blocks at most).
+    /// 0 turns read-ahead off.
     #[arg(long, value_name = "SIZE", default_value = DEFAULT_READAHEAD, value_parser = crate::size::parse_size)]
     pub readahead: u64,
     /// For lazily pulled disks whose image carries a trace (see `mcow trace`): do not prefetch

@@ -28,6 +28,9 @@ pub struct SealedLayer {
     pub trailer: Trailer,
     hashes: Vec<Digest>,
     verified: Vec<AtomicU64>,
+    /// Blocks that an open disk in this process shows (not hidden by upper layers): the only
+    /// ones a partial layer's reads may fetch along with the block read. Set by `Stack::open`.
+    visible: Vec<AtomicU64>,
     verify: bool,
     file: FileSlot,
     /// For a partial (lazily fetched) layer: where missing blocks come from.
@@ -74,12 +77,14 @@ impl BlockSource for Offline {
     }
 }
 
-/// How a partial layer fetches missing blocks: how many at once for a scattered read, and how
-/// far fetches may run ahead of a sequential one.
+/// How a partial layer fetches missing blocks: how many at once while reads follow one
+/// another, and how far fetches may run ahead of a long sequential run. (A read that follows
+/// no other fetches just the missing blocks it covers.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FetchPolicy {
-    /// Blocks one fetch asks for when a read continues no sequential stream: the missing block
-    /// read and up to `window - 1` missing blocks after it. At least 1.
+    /// The window of a run of reads that continue one another: a read that continues a run
+    /// fetches the missing blocks up to the next multiple of `window` blocks (or the blocks it
+    /// covers, if more), until read-ahead takes over. At least 1.
     pub window: u64,
     /// Bytes one fetch of a long sequential run of reads may ask for at most. Once a run has
     /// fetched 4 MiB, its fetches grow with it (see `FetchState::window_for`), so a long run
@@ -89,8 +94,8 @@ pub struct FetchPolicy {
 }
 
 impl FetchPolicy {
-    /// The default window: 4 blocks (256 KiB with 64 KiB blocks), so a few scattered reads
-    /// fetch close to what they read while each still costs a single request.
+    /// The default window: 4 blocks (256 KiB with 64 KiB blocks), so a run of small reads costs
+    /// a request per 4 blocks at most, and fetches at most 3 blocks past its end.
     pub const DEFAULT_WINDOW: u64 = 4;
     /// The default readahead: 16 MiB per request at most (see docs/BENCHMARKS.md, "Lazy
     /// deployment", for what it costs and gains).
@@ -125,6 +130,16 @@ struct Fetcher {
 /// ones (a big file, a whole-disk copy) move to larger requests. Measured in
 /// docs/BENCHMARKS.md ("Lazy deployment").
 const READAHEAD_RAMP: u64 = 4 << 20;
+
+/// Why a block is wanted (see `SealedLayer::ensure_block`); each holds the end of the blocks
+/// wanted along with it.
+#[derive(Debug, Clone, Copy)]
+enum Want {
+    /// A read that covers the blocks up to this end.
+    Read(u64),
+    /// A prefetch of exactly the blocks up to this end.
+    Exact(u64),
+}
 
 /// Streams followed at once per layer (say, a few files read side by side, or the threads of a
 /// parallel copy).
@@ -170,18 +185,20 @@ impl FetchState {
         self.streams.iter().position(|s| s.start <= p && p <= s.end + s.window)
     }
 
-    /// The blocks to fetch from missing block `p` on. A block no stream leads to (a scattered
-    /// read) gets `first`. One that continues a stream that has fetched less than `ramp` blocks
-    /// gets the rest of its aligned window of `first` blocks (so reads that continue one
-    /// another fetch what a fixed window over them would). Beyond `ramp`, `first` plus half of
+    /// The blocks to fetch from missing block `p` on, for a read that covers `own` blocks from
+    /// `p`. A read no stream leads to (a scattered read) gets just its own blocks. One that
+    /// continues a stream that has fetched less than `ramp` blocks gets the rest of its aligned
+    /// window of `first` blocks (so reads that continue one another fetch what a fixed window
+    /// over them would). Beyond `ramp`, `first` plus half of
     /// what the stream fetched past `ramp`, at most `max`: a long run of reads asks for fewer,
     /// larger ranges, while what a run fetches past its end stays within about half of what it
     /// read past `ramp` (plus one first window). A stream whose reader is already waiting
     /// beyond a fetch in flight skips the ramp and doubles, and the fetch also takes the
     /// blocks between that fetch and `p` (the second value: where that gap starts).
-    fn window_for(&self, p: u64, first: u64, ramp: u64, max: u64) -> (u64, Option<u64>) {
+    /// Never less than `own`.
+    fn window_for(&self, p: u64, own: u64, first: u64, ramp: u64, max: u64) -> (u64, Option<u64>) {
         let Some(i) = self.stream_of(p) else {
-            return (first, None);
+            return (own, None);
         };
         let s = self.streams[i];
         // The stream's reader is already past a fetch still in flight: it has more reads
@@ -190,12 +207,12 @@ impl FetchState {
         let ahead =
             self.in_flight.iter().filter(|&&(_, a, e)| s.start <= a && e <= p).map(|&(_, _, e)| e).max();
         if let Some(gap) = ahead {
-            return ((first + s.fetched).min(max.max(first)), Some(gap));
+            return ((first + s.fetched).min(max.max(first)).max(own), Some(gap));
         }
         if s.fetched >= ramp {
-            return ((first + (s.fetched - ramp) / 2).min(max.max(first)), None);
+            return ((first + (s.fetched - ramp) / 2).min(max.max(first)).max(own), None);
         }
-        (first - p % first, None)
+        ((first - p % first).max(own), None)
     }
 
     /// Records a fetch of `count` blocks at `p` with window `window` in its stream (or a new
@@ -346,6 +363,7 @@ impl SealedLayer {
             trailer,
             hashes,
             verified: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            visible: (0..words).map(|_| AtomicU64::new(0)).collect(),
             verify,
             file,
             fetch: None,
@@ -375,21 +393,21 @@ impl SealedLayer {
     }
 
     /// Checks stored block `pblock` in the local file; if it is wrong (or missing) and the layer
-    /// is partial, fetches it and following missing blocks in one request, checks each against
-    /// its hash, and writes the good ones into the local file. An error leaves the local file
-    /// holding only checked blocks.
+    /// is partial, fetches it (and maybe neighbouring missing blocks, see below) in one
+    /// request, checks each against its hash, and writes the good ones into the local file. An
+    /// error leaves the local file holding only checked blocks.
     ///
-    /// The window adapts to the access pattern (see [`FetchPolicy`] and
-    /// `FetchState::window_for`): a missing block that does not continue a recent run of
-    /// fetches (a scattered read) comes with up to `window - 1` following missing blocks; one
-    /// that does (a sequential read) with more, growing with the run. Readers of a block that
+    /// What is fetched adapts to the access pattern (see [`FetchPolicy`] and
+    /// `FetchState::window_for`): a read that does not continue a recent run of fetches (a
+    /// scattered read) fetches just the missing blocks it covers; one that does (a sequential
+    /// read) fetches aligned windows, growing once the run is long. Readers of a block that
     /// is being fetched wait for it to land (not for the whole fetch); fetches of different
     /// ranges of the layer run concurrently.
     ///
-    /// With `limit`, the fetch asks for the missing blocks from `pblock` up to `limit` and no
-    /// further, whatever the streams (a prefetch of known blocks, which is no read and so
-    /// neither starts nor grows a stream).
-    fn ensure_block(&self, f: &File, pblock: u64, block: &mut [u8], limit: Option<u64>) -> Result<()> {
+    /// `want` says why the block is wanted: a read (covering blocks up to the given end), or a
+    /// prefetch of known blocks up to the given end, which fetches the missing ones and no
+    /// others, whatever the streams (it is no read, so it neither starts nor grows a stream).
+    fn ensure_block(&self, f: &File, pblock: u64, block: &mut [u8], want: Want) -> Result<()> {
         let bs = self.block_size();
         let at = |p: u64| HEADER_SIZE as u64 + p * bs;
         let Some(fetch) = &self.fetch else {
@@ -416,9 +434,12 @@ impl SealedLayer {
                 // Fetched, checked and written by another reader.
                 return read_exact_at(f, block, at(pblock), &self.path);
             }
-            let (window, gap) = match limit {
-                Some(end) => (end.saturating_sub(pblock).max(1), None),
-                None => state.window_for(pblock, fetch.window, fetch.ramp, fetch.max_window),
+            let (window, gap) = match want {
+                Want::Exact(end) => (end.saturating_sub(pblock).max(1), None),
+                Want::Read(end) => {
+                    let own = end.saturating_sub(pblock).max(1);
+                    state.window_for(pblock, own, fetch.window, fetch.ramp, fetch.max_window)
+                }
             };
             drop(state);
             // A block in a hole of the sparse local file was never fetched: skip reading and
@@ -430,7 +451,8 @@ impl SealedLayer {
                     return Ok(());
                 }
             }
-            let candidates = self.missing_run(f, pblock, window)?;
+            let visible_only = matches!(want, Want::Read(_));
+            let candidates = self.missing_run(f, pblock, window, visible_only)?;
             // Claim [pblock, pblock + count), the blocks of the run that nobody fetched or
             // claimed meanwhile, unless another reader claimed pblock itself.
             state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -450,14 +472,18 @@ impl SealedLayer {
             let mut first = pblock;
             if let Some(from) = gap {
                 let hole_from = self.hole_start(f, pblock).max(from);
-                while first > hole_from && !self.is_verified(first - 1) && !state.is_in_flight(first - 1) {
+                while first > hole_from
+                    && self.is_visible(first - 1)
+                    && !self.is_verified(first - 1)
+                    && !state.is_in_flight(first - 1)
+                {
                     first -= 1;
                 }
             }
             let id = state.next_claim;
             state.next_claim += 1;
             state.in_flight.push((id, first, pblock + count));
-            if limit.is_none() {
+            if let Want::Read(_) = want {
                 state.record(first, pblock + count - first, window);
             }
             drop(state);
@@ -476,7 +502,7 @@ impl SealedLayer {
                         return Ok(());
                     }
                 }
-                let run = self.missing_run(f, pblock, count)?;
+                let run = self.missing_run(f, pblock, count, visible_only)?;
                 claim.narrow(pblock, pblock + run);
                 let done = self.fetch_into(fetch, &claim, pblock, run, pblock, block);
                 drop(lock);
@@ -489,16 +515,17 @@ impl SealedLayer {
     }
 
     /// How many blocks from `pblock` on (which is missing) are missing from the local file, up
-    /// to `want`: the run ends at a block that is verified or that holds its right bytes. Holes
+    /// to `want`: the run ends at a block that is verified or that holds its right bytes, and,
+    /// with `visible_only`, at a block no open disk shows (no read will ask for it). Holes
     /// of the sparse file are found with one `SEEK_DATA` per hole, not per block.
-    fn missing_run(&self, f: &File, pblock: u64, want: u64) -> Result<u64> {
+    fn missing_run(&self, f: &File, pblock: u64, want: u64, visible_only: bool) -> Result<u64> {
         let bs = self.block_size();
         let end = (pblock + want).min(self.trailer.block_count);
         let mut hole_end = 0; // blocks before this are known holes
         let mut probe = Vec::new();
         let mut p = pblock + 1;
         while p < end {
-            if self.is_verified(p) {
+            if self.is_verified(p) || (visible_only && !self.is_visible(p)) {
                 break;
             }
             if p >= hole_end {
@@ -651,12 +678,15 @@ impl SealedLayer {
     pub fn fetch_all(&self, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
         let f = self.file.get(&self.path)?;
         let mut block = vec![0u8; self.block_size() as usize];
+        // Hidden blocks too, so exact ranges rather than reads; as large as read-ahead allows.
+        let chunk = self.fetch.as_ref().map_or(1, |f| f.max_window.max(f.window));
         for pb in 0..self.trailer.block_count {
             if stop.load(Ordering::Relaxed) {
                 return Ok(());
             }
             if !self.is_verified(pb) {
-                self.ensure_block(&f, pb, &mut block, None)?;
+                let end = (pb + chunk).min(self.trailer.block_count);
+                self.ensure_block(&f, pb, &mut block, Want::Exact(end))?;
             }
         }
         Ok(())
@@ -674,7 +704,7 @@ impl SealedLayer {
         let mut block = vec![0u8; self.block_size() as usize];
         for p in pblock..end {
             if !self.is_verified(p) {
-                self.ensure_block(&f, p, &mut block, Some(end))?;
+                self.ensure_block(&f, p, &mut block, Want::Exact(end))?;
             }
         }
         Ok(())
@@ -752,6 +782,19 @@ impl SealedLayer {
         self.verified[w].load(Ordering::Relaxed) & (1 << b) != 0
     }
 
+    /// Records that an open disk shows stored blocks `[pblock, pblock + count)`.
+    pub(crate) fn mark_visible(&self, pblock: u64, count: u64) {
+        for p in pblock..(pblock + count).min(self.trailer.block_count) {
+            let (w, b) = ((p / 64) as usize, p % 64);
+            self.visible[w].fetch_or(1 << b, Ordering::Relaxed);
+        }
+    }
+
+    fn is_visible(&self, pblock: u64) -> bool {
+        let (w, b) = ((pblock / 64) as usize, pblock % 64);
+        self.visible[w].load(Ordering::Relaxed) & (1 << b) != 0
+    }
+
     fn mark_verified(&self, pblock: u64) {
         let (w, b) = ((pblock / 64) as usize, pblock % 64);
         self.verified[w].fetch_or(1 << b, Ordering::Relaxed);
@@ -786,7 +829,7 @@ impl SealedLayer {
             if self.is_verified(pb) {
                 read_exact_at(&f, &mut buf[done..done + n], HEADER_SIZE as u64 + at, &self.path)?;
             } else {
-                self.ensure_block(&f, pb, &mut block, None)?;
+                self.ensure_block(&f, pb, &mut block, Want::Read(last + 1))?;
                 buf[done..done + n].copy_from_slice(&block[within..within + n]);
             }
             done += n;

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use mcow_format::Digest;
+use mcow_format::{Digest, ExtentKind};
 
 use crate::error::{Error, Result};
 use crate::extent_map::{BlockTable, Extent, ExtentMap, FrozenMap, Loc, MAX_TABLE_LAYERS};
@@ -84,6 +84,14 @@ impl Stack {
             layers.push(layer);
         }
         let map = map.freeze();
+        // What this disk shows of each partial layer: reads fetch nothing else along with the
+        // block they read.
+        for e in map.iter() {
+            let layer = &layers[e.loc.layer as usize];
+            if e.loc.kind == ExtentKind::Data && layer.is_partial() {
+                layer.mark_visible(e.loc.pblock, e.end - e.start);
+            }
+        }
         let blocks = virtual_size.div_ceil(u64::from(block_size));
         let table = BlockTable::new(&map, blocks);
         let verified = (0..blocks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();

@@ -111,11 +111,11 @@ fn lazy_reads_fetch_each_block_once_and_survive_a_restart() {
     {
         let d = Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), FetchPolicy::default())
             .unwrap();
-        // A small read fetches at most one window (4 blocks), not the layer.
+        // A small scattered read fetches its own block, not a window, not the layer.
         let mut b = vec![0u8; 4096];
         d.read(1000, &mut b).unwrap();
         assert_eq!(b, expected[1000..5096]);
-        assert!(src.fetched.load(Ordering::Relaxed) <= 4 * 65536);
+        assert_eq!(src.fetched.load(Ordering::Relaxed), 65536);
         let mut all = vec![0u8; expected.len()];
         d.read(0, &mut all).unwrap();
         assert!(all == expected, "lazy disk differs from the original");
@@ -129,7 +129,15 @@ fn lazy_reads_fetch_each_block_once_and_survive_a_restart() {
     d.read(0, &mut all).unwrap();
     assert!(all == expected);
     assert_eq!(src.fetched.load(Ordering::Relaxed), first, "a restart fetched again");
-    // Every partial copy is now complete and moves into the store's blobs.
+    // Reads never fetch the blocks upper layers hide; a background download (`fetch_all`, as
+    // `serve --fetch-all` runs it) fetches just those. Then every partial copy is complete and
+    // moves into the store's blobs.
+    let stop = AtomicBool::new(false);
+    for l in d.stack().layers() {
+        l.fetch_all(&stop).unwrap();
+    }
+    let hidden = src.fetched.load(Ordering::Relaxed) - first;
+    assert_eq!(first + hidden, stored, "read {first}, then the hidden {hidden}, of {stored} stored");
     let store = LayerStore::new(tmp.path().join("b/layers"));
     for l in d.stack().layers() {
         assert!(store.complete_partial(&l.digest).unwrap(), "layer {} not complete", l.digest);
@@ -310,7 +318,7 @@ fn long_sequential_reads_ramp_up_to_few_large_fetches_and_short_runs_do_not() {
     const BS: u64 = 65536;
     let blocks = 256; // 16 MiB in one layer
     for (policy, max_requests) in
-        [(FetchPolicy::default(), 30), (FetchPolicy { window: 4, readahead: 0 }, 64)]
+        [(FetchPolicy::default(), 30), (FetchPolicy { window: 4, readahead: 0 }, 65)]
     {
         let tmp = tempfile::tempdir().unwrap();
         let (complete, expected) = build_long(tmp.path(), blocks);
@@ -318,13 +326,14 @@ fn long_sequential_reads_ramp_up_to_few_large_fetches_and_short_runs_do_not() {
         let src = hook_source(tmp.path(), |_, _| true);
         let d = Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), policy).unwrap();
         let mut buf = vec![0u8; BS as usize];
-        // A short run (1 MiB, under the 4 MiB ramp) fetches what fixed windows of 4 would.
+        // A short run (1 MiB, under the 4 MiB ramp): its first read fetches its own block, the
+        // reads that continue it what fixed windows of 4 would (1, 3, 4, 4, 4 blocks).
         for b in 0..16 {
             d.read(b * BS, &mut buf).unwrap();
             assert!(buf[..] == expected[(b * BS) as usize..][..BS as usize]);
         }
         assert_eq!(src.fetched.load(Ordering::Relaxed), 16 * BS, "{policy:?}");
-        assert_eq!(src.requests.load(Ordering::Relaxed), 4, "{policy:?}");
+        assert_eq!(src.requests.load(Ordering::Relaxed), 5, "{policy:?}");
         // The rest, read on sequentially: with read-ahead, larger and larger fetches.
         let mut rest = vec![0u8; ((blocks - 16) * BS) as usize];
         for (i, chunk) in rest.chunks_mut(128 << 10).enumerate() {
@@ -334,7 +343,7 @@ fn long_sequential_reads_ramp_up_to_few_large_fetches_and_short_runs_do_not() {
         let requests = src.requests.load(Ordering::Relaxed);
         assert_eq!(src.fetched.load(Ordering::Relaxed), blocks * BS, "each block fetched once ({policy:?})");
         if policy.readahead == 0 {
-            assert_eq!(requests, max_requests, "fixed windows of 4 blocks");
+            assert_eq!(requests, max_requests, "the first block alone, then fixed windows of 4");
         } else {
             assert!(requests <= max_requests, "{requests} requests for {blocks} sequential blocks");
         }
@@ -369,10 +378,11 @@ fn a_reader_waits_for_its_block_to_land_not_for_the_whole_fetch() {
     let policy = FetchPolicy { window: 8, readahead: 0 };
     let d = Arc::new(Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), policy).unwrap());
     let bs = 65536usize;
+    // One read of blocks 0..8: one fetch of those 8 blocks.
     let first = {
         let d = d.clone();
         std::thread::spawn(move || {
-            let mut b = vec![0u8; bs];
+            let mut b = vec![0u8; 8 * bs];
             d.read(0, &mut b).unwrap();
             b
         })
@@ -398,7 +408,7 @@ fn a_reader_waits_for_its_block_to_land_not_for_the_whole_fetch() {
         .expect("the reader of block 2 went on before the fetch ended");
     assert_eq!(src.requests.load(Ordering::Relaxed), 1, "the waiting reader fetched nothing itself");
     gate_tx.send(()).unwrap(); // the rest
-    assert!(first.join().unwrap()[..] == expected[..bs]);
+    assert!(first.join().unwrap()[..] == expected[..8 * bs]);
     assert!(second.join().unwrap()[..] == expected[2 * bs..3 * bs]);
     let mut all = vec![0u8; expected.len()];
     d.read(0, &mut all).unwrap();
@@ -410,7 +420,7 @@ fn a_reader_waits_for_its_block_to_land_not_for_the_whole_fetch() {
 fn a_fetch_that_breaks_or_turns_bad_midway_keeps_only_the_good_blocks_before() {
     use std::sync::atomic::AtomicU8;
     let tmp = tempfile::tempdir().unwrap();
-    let (complete, expected) = build_long(tmp.path(), 16);
+    let (complete, expected) = build_long(tmp.path(), 24);
     let partial = build_partial(tmp.path(), &complete);
     // Mode 1: the transfer breaks before the 4th block; mode 2: the 3rd block of a fetch
     // arrives corrupted; mode 3: every block does; mode 0: honest.
@@ -429,39 +439,35 @@ fn a_fetch_that_breaks_or_turns_bad_midway_keeps_only_the_good_blocks_before() {
     let policy = FetchPolicy { window: 8, readahead: 0 };
     let bs = 65536usize;
     let d = Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), policy).unwrap();
-    let mut b = vec![0u8; bs];
-    // The first block landed before the break: the read succeeds.
+    let count =
+        |s: &HookSource| (s.fetched.load(Ordering::Relaxed) / bs as u64, s.requests.load(Ordering::Relaxed));
+    // One read of blocks 0..8 while every transfer breaks after 3 blocks: the read succeeds,
+    // and the blocks that landed before each break are kept: [0,8) gives 0-2, [3,8) 3-5,
+    // [6,8) 6-7. Each block fetched once.
+    let mut b = vec![0u8; 8 * bs];
     d.read(0, &mut b).unwrap();
-    assert!(b[..] == expected[..bs]);
-    // Blocks 1 and 2 landed too (no fetch); block 3 did not. It is fetched again, now with the
-    // 3rd block of each fetch corrupted: blocks 3 and 4 land, block 5 is refused and not kept.
-    let before = src.requests.load(Ordering::Relaxed);
-    d.read(bs as u64, &mut b).unwrap();
-    d.read(2 * bs as u64, &mut b).unwrap();
-    assert_eq!(src.requests.load(Ordering::Relaxed), before, "blocks 1 and 2 were cached");
+    assert!(b[..] == expected[..8 * bs]);
+    assert_eq!(count(&src), (8, 3), "(blocks fetched, requests)");
+    // Blocks 8..16 while the 3rd block of every transfer is corrupted: each bad block ends its
+    // transfer and is not kept; the read still succeeds from the good copies fetched next.
     mode.store(2, Ordering::Relaxed);
-    d.read(3 * bs as u64, &mut b).unwrap();
-    assert!(b[..] == expected[3 * bs..4 * bs]);
-    let before = src.requests.load(Ordering::Relaxed);
-    d.read(4 * bs as u64, &mut b).unwrap();
-    assert_eq!(src.requests.load(Ordering::Relaxed), before, "block 4 was cached");
-    // Block 5 is fetched again (as the first of its fetch it arrives intact; the fetch's 3rd
-    // block, 7, is refused in turn).
-    d.read(5 * bs as u64, &mut b).unwrap();
-    assert!(b[..] == expected[5 * bs..6 * bs]);
-    let err = {
-        // With every block of a fetch corrupted, a read fails with a checksum error.
-        mode.store(3, Ordering::Relaxed);
-        d.read(7 * bs as u64, &mut b).unwrap_err()
-    };
+    d.read(8 * bs as u64, &mut b).unwrap();
+    assert!(b[..] == expected[8 * bs..16 * bs]);
+    assert_eq!(count(&src), (8 + 11, 3 + 4), "8,9,(10) 10,11,(12) 12,13,(14) 14,15");
+    // With every block corrupted, a read fails with a checksum error.
+    mode.store(3, Ordering::Relaxed);
+    let err = d.read(20 * bs as u64, &mut b[..bs]).unwrap_err();
     assert!(err.to_string().contains("checksum"), "{err}");
-    // Honest again: everything reads right, and nothing bad was cached.
+    // Honest again, a new open: blocks 0..16 are read from the cache, which checks each
+    // against its hash (a bad one would be fetched again), and only 16..24 are fetched.
     mode.store(0, Ordering::Relaxed);
     drop(d);
+    let before = count(&src).0;
     let d = Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), policy).unwrap();
     let mut all = vec![0u8; expected.len()];
     d.read(0, &mut all).unwrap();
     assert!(all == expected);
+    assert_eq!(count(&src).0 - before, 8, "only blocks 16..24 were fetched again");
 }
 
 #[test]
