@@ -304,6 +304,14 @@ impl<'a> RangeLock<'a> {
         match lock.fcntl(libc::F_OFD_SETLK, libc::F_WRLCK) {
             Ok(()) => return Ok((lock, false)),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => {}
+            // A filesystem without such locks: fetch unlocked (processes may then fetch a
+            // block twice, never keep a wrong one).
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOLCK | libc::EOPNOTSUPP)) => {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED
+                    .call_once(|| tracing::warn!(error = %e, "no byte-range locks here; fetching unlocked"));
+                return Ok((RangeLock { len: 0, ..lock }, false));
+            }
             Err(e) => return Err(e),
         }
         loop {
@@ -334,6 +342,9 @@ impl<'a> RangeLock<'a> {
 
 impl Drop for RangeLock<'_> {
     fn drop(&mut self) {
+        if self.len == 0 {
+            return; // not held
+        }
         if let Err(e) = self.fcntl(libc::F_OFD_SETLK, libc::F_UNLCK) {
             tracing::warn!(error = %e, "unlocking a fetched range failed");
         }
