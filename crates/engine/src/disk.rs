@@ -116,8 +116,8 @@ impl Disk {
     pub fn open_with_source(
         dir: &Path,
         opts: OpenOptions,
-        source: std::sync::Arc<dyn crate::layer::BlockSource>,
-        policy: crate::layer::FetchPolicy,
+        source: std::sync::Arc<dyn crate::fetch::BlockSource>,
+        policy: crate::fetch::FetchPolicy,
     ) -> Result<Disk> {
         let manifest = read_manifest(dir)?;
         let store = LayerStore::new(resolve_store(dir, &manifest)).with_source(source, policy);

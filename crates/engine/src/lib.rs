@@ -16,6 +16,7 @@
 pub mod disk;
 pub mod error;
 pub mod extent_map;
+pub mod fetch;
 pub mod layer;
 pub mod ops;
 pub mod sim;
@@ -27,5 +28,5 @@ pub mod top;
 pub use disk::{CreateOptions, DEFAULT_BLOCK_SIZE, Disk, OpenOptions, Run, RunKind};
 pub use error::{Error, Result};
 pub use extent_map::TOP;
-pub use layer::{BlockSource, FetchPolicy, Offline};
+pub use fetch::{BlockSource, FetchPolicy, Offline};
 pub use mcow_format::Digest;

@@ -14,7 +14,8 @@ use mcow_format::{Digest, ExtentKind, HEADER_SIZE, Sha256Stream, chain_digest};
 use crate::disk::{CreateOptions, Disk, OpenOptions, RunKind};
 use crate::error::{Error, Result};
 use crate::extent_map::{ExtentMap, Loc, TOP};
-use crate::layer::{FetchPolicy, LayerWriter};
+use crate::fetch::FetchPolicy;
+use crate::layer::LayerWriter;
 use crate::stack::Stack;
 use crate::store::LayerStore;
 
@@ -40,7 +41,7 @@ pub fn merge(dir: &Path, n: usize, progress: Progress) -> Result<Digest> {
 pub fn merge_with_source(
     dir: &Path,
     n: usize,
-    source: Option<(std::sync::Arc<dyn crate::layer::BlockSource>, crate::layer::FetchPolicy)>,
+    source: Option<(std::sync::Arc<dyn crate::fetch::BlockSource>, crate::fetch::FetchPolicy)>,
     progress: Progress,
 ) -> Result<Digest> {
     let manifest = crate::disk::read_manifest(dir)?;
@@ -316,7 +317,7 @@ pub struct PartialLayerCheck {
 /// checked. Nothing is fetched.
 pub fn check(dir: &Path, force_share: bool, progress: Progress) -> Result<CheckReport> {
     let manifest = crate::disk::read_manifest(dir)?;
-    let offline: std::sync::Arc<dyn crate::layer::BlockSource> = std::sync::Arc::new(crate::layer::Offline);
+    let offline: std::sync::Arc<dyn crate::fetch::BlockSource> = std::sync::Arc::new(crate::fetch::Offline);
     let store = LayerStore::new(crate::disk::resolve_store(dir, &manifest))
         .with_source(offline.clone(), FetchPolicy::default());
     let mut report = CheckReport::default();

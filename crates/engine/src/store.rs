@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use mcow_format::Digest;
 
 use crate::error::{Error, Result};
-use crate::layer::{BlockSource, FetchPolicy, LayerIndex, SealedLayer};
+use crate::fetch::{BlockSource, FetchPolicy};
+use crate::layer::{LayerIndex, SealedLayer};
 
 /// A directory of sealed layers.
 #[derive(Clone)]

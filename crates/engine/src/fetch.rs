@@ -1,0 +1,686 @@
+//! Partial layers: fetching the blocks a lazily pulled layer does not hold yet.
+//!
+//! Owns: the `BlockSource` a partial layer fetches from (and `Offline`, which fetches nothing),
+//! the `FetchPolicy` (how much one fetch asks for), each partial layer's fetch state (ranges in
+//! flight, sequential streams, read-ahead), the checking and caching of fetched blocks as they
+//! arrive, and the byte-range locks that let processes share a cache. Does not own: the layer
+//! file and reading complete layers (see `layer`), where partial files live and when they
+//! become complete (see `store`), or where bytes come from (`BlockSource` implementations live
+//! in mcow-remote).
+
+use std::fs::File;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use mcow_format::{Digest, HEADER_SIZE};
+
+use crate::error::{Error, Result};
+use crate::layer::{SealedLayer, read_exact_at};
+
+/// Where the blocks of a sealed layer can be fetched from when its local file does not hold
+/// them yet (a registry, an HTTP server, object storage). The engine asks for byte ranges of the
+/// layer file, checks every block against its hash before it keeps or serves it, and writes the
+/// good blocks into the local file, which thereby becomes a cache.
+pub trait BlockSource: Send + Sync {
+    /// Streams exactly `len` bytes at `offset` of the sealed layer `layer` (offsets as in the
+    /// layer file) to `sink`, in order and in pieces of any size, as they arrive, so that the
+    /// first blocks can be checked and served before the last ones are in. Stops early, without
+    /// error, when `sink` returns false. Ending before `len` bytes otherwise is an error.
+    fn read_range(
+        &self,
+        layer: &Digest,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> std::io::Result<()>;
+}
+
+/// A [`BlockSource`] that fetches nothing: opening a partial layer with it gives access to its
+/// structure (header, index, which blocks are local) without any network, for tools that
+/// inspect a disk (`info`, `map`, `check`). A read of a block that is not local fails.
+pub struct Offline;
+
+impl BlockSource for Offline {
+    fn read_range(
+        &self,
+        layer: &Digest,
+        offset: u64,
+        len: u64,
+        _sink: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> std::io::Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotConnected,
+            format!(
+                "{len} bytes at {offset} of layer {layer} are not local and this disk was opened offline"
+            ),
+        ))
+    }
+}
+
+/// How a partial layer fetches missing blocks: how many at once while reads follow one
+/// another, and how far fetches may run ahead of a long sequential run. (A read that follows
+/// no other fetches just the missing blocks it covers.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchPolicy {
+    /// The window of a run of reads that continue one another: a read that continues a run
+    /// fetches the missing blocks up to the next multiple of `window` blocks (or the blocks it
+    /// covers, if more), until read-ahead takes over. At least 1.
+    pub window: u64,
+    /// Bytes one fetch of a long sequential run of reads may ask for at most. Once a run has
+    /// fetched 4 MiB, its fetches grow with it (see `FetchState::window_for`), so a long run
+    /// costs few requests while a short one fetches what fixed windows would. Below `window`
+    /// blocks (0, say), `window` wins: no read-ahead.
+    pub readahead: u64,
+}
+
+impl FetchPolicy {
+    /// The default window: 4 blocks (256 KiB with 64 KiB blocks), so a run of small reads costs
+    /// a request per 4 blocks at most, and fetches at most 3 blocks past its end.
+    pub const DEFAULT_WINDOW: u64 = 4;
+    /// The default readahead: 16 MiB per request at most (see docs/BENCHMARKS.md, "Lazy
+    /// deployment", for what it costs and gains).
+    pub const DEFAULT_READAHEAD: u64 = 16 << 20;
+
+    /// The largest window of a stream, in blocks of `block_size` bytes.
+    fn max_window(&self, block_size: u64) -> u64 {
+        (self.readahead / block_size).max(self.window).max(1)
+    }
+}
+
+impl Default for FetchPolicy {
+    fn default() -> Self {
+        FetchPolicy { window: Self::DEFAULT_WINDOW, readahead: Self::DEFAULT_READAHEAD }
+    }
+}
+
+/// How a partial layer fetches: the source, the policy, what is being fetched right now and
+/// the recent sequential streams (see [`FetchState`]), and a writable handle on the local file.
+pub(crate) struct Fetcher {
+    source: Arc<dyn BlockSource>,
+    /// First window and largest window, in blocks.
+    window: u64,
+    ramp: u64,
+    max_window: u64,
+    state: Mutex<FetchState>,
+    writer: OnceLock<File>,
+}
+
+/// How much a stream fetches with fixed windows before its fetches start to grow: 4 MiB. Runs
+/// of reads shorter than that (most files) fetch what fixed windows over them would; longer
+/// ones (a big file, a whole-disk copy) move to larger requests. Measured in
+/// docs/BENCHMARKS.md ("Lazy deployment").
+const READAHEAD_RAMP: u64 = 4 << 20;
+
+/// Why a block is wanted (see `SealedLayer::ensure_block`); each holds the end of the blocks
+/// wanted along with it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Want {
+    /// A read that covers the blocks up to this end.
+    Read(u64),
+    /// A prefetch of exactly the blocks up to this end.
+    Exact(u64),
+}
+
+/// Streams followed at once per layer (say, a few files read side by side, or the threads of a
+/// parallel copy).
+const STREAMS: usize = 8;
+
+/// A run of fetches in ascending block order.
+#[derive(Debug, Clone, Copy)]
+struct Stream {
+    /// The first block and the end of the last fetch.
+    start: u64,
+    end: u64,
+    /// The window of the last fetch, and the blocks fetched in all.
+    window: u64,
+    fetched: u64,
+    last_use: u64,
+}
+
+/// The ranges of blocks being fetched (readers of a block in flight wait for it to land;
+/// fetches of different ranges run concurrently) and the recent streams of fetches: a stream
+/// is a run of blocks fetched in ascending order.
+#[derive(Default)]
+struct FetchState {
+    /// (claim id, next block to land, end): a fetch lands its blocks in order, so the blocks
+    /// still in flight are always the tail of its range.
+    in_flight: Vec<(u64, u64, u64)>,
+    next_claim: u64,
+    /// Readers waiting for a block to land: the block and the thread to wake.
+    waiting: Vec<(u64, std::thread::Thread)>,
+    /// The recent streams, the least recently used replaced first.
+    streams: Vec<Stream>,
+    tick: u64,
+}
+
+impl FetchState {
+    fn is_in_flight(&self, p: u64) -> bool {
+        self.in_flight.iter().any(|&(_, start, end)| (start..end).contains(&p))
+    }
+
+    /// The stream a missing block continues: it lies in the stream's span or at most one window
+    /// (of the stream) past its end, so requests of one sequential reader that arrive a little
+    /// out of order (a client with many requests in flight) still count as that stream.
+    fn stream_of(&self, p: u64) -> Option<usize> {
+        self.streams.iter().position(|s| s.start <= p && p <= s.end + s.window)
+    }
+
+    /// The blocks to fetch from missing block `p` on, for a read that covers `own` blocks from
+    /// `p`. A read no stream leads to (a scattered read) gets just its own blocks. One that
+    /// continues a stream that has fetched less than `ramp` blocks gets the rest of its aligned
+    /// window of `first` blocks (so reads that continue one another fetch what a fixed window
+    /// over them would). Beyond `ramp`, `first` plus half of
+    /// what the stream fetched past `ramp`, at most `max`: a long run of reads asks for fewer,
+    /// larger ranges, while what a run fetches past its end stays within about half of what it
+    /// read past `ramp` (plus one first window). A stream whose reader is already waiting
+    /// beyond a fetch in flight skips the ramp and doubles, and the fetch also takes the
+    /// blocks between that fetch and `p` (the second value: where that gap starts).
+    /// Never less than `own`.
+    fn window_for(&self, p: u64, own: u64, first: u64, ramp: u64, max: u64) -> (u64, Option<u64>) {
+        let Some(i) = self.stream_of(p) else {
+            return (own, None);
+        };
+        let s = self.streams[i];
+        // The stream's reader is already past a fetch still in flight: it has more reads
+        // outstanding (a deep queue), so what lies ahead is being asked for, not guessed, and
+        // the blocks between that fetch and `p` will be asked for too.
+        let ahead =
+            self.in_flight.iter().filter(|&&(_, a, e)| s.start <= a && e <= p).map(|&(_, _, e)| e).max();
+        if let Some(gap) = ahead {
+            return ((first + s.fetched).min(max.max(first)).max(own), Some(gap));
+        }
+        if s.fetched >= ramp {
+            return ((first + (s.fetched - ramp) / 2).min(max.max(first)).max(own), None);
+        }
+        ((first - p % first).max(own), None)
+    }
+
+    /// Records a fetch of `count` blocks at `p` with window `window` in its stream (or a new
+    /// one).
+    fn record(&mut self, p: u64, count: u64, window: u64) {
+        self.tick += 1;
+        let new = Stream { start: p, end: p + count, window, fetched: count, last_use: self.tick };
+        match self.stream_of(p) {
+            Some(i) => {
+                let s = &mut self.streams[i];
+                s.end = s.end.max(p + count);
+                s.window = window;
+                s.fetched += count;
+                s.last_use = self.tick;
+            }
+            None if self.streams.len() < STREAMS => self.streams.push(new),
+            None => {
+                let oldest = (0..self.streams.len()).min_by_key(|&i| self.streams[i].last_use).unwrap_or(0);
+                self.streams[oldest] = new;
+            }
+        }
+    }
+
+    /// Wakes the readers waiting for block `p` (all readers if `None`).
+    fn wake(&self, p: Option<u64>) {
+        for (w, t) in &self.waiting {
+            if p.is_none_or(|p| p == *w) {
+                t.unpark();
+            }
+        }
+    }
+}
+
+/// A fetch's claim on its range of blocks: `landed` moves its start past each block that was
+/// checked and written (waking the readers waiting for it); dropping it (at the end of the
+/// fetch, also on errors) gives up the blocks that did not land, so their readers fetch them
+/// again.
+struct Claim<'a> {
+    fetch: &'a Fetcher,
+    id: u64,
+}
+
+impl Claim<'_> {
+    /// Shrinks the claim to `[start, end)` (the rest turned out to be local already), waking
+    /// the readers waiting for the blocks given up.
+    fn narrow(&self, start: u64, end: u64) {
+        let mut state = self.fetch.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = state.in_flight.iter_mut().find(|r| r.0 == self.id) {
+            (r.1, r.2) = (start, end);
+        }
+        state.wake(None);
+    }
+
+    fn landed(&self, p: u64) {
+        let mut state = self.fetch.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = state.in_flight.iter_mut().find(|r| r.0 == self.id) {
+            r.1 = p + 1;
+        }
+        state.wake(Some(p));
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut state = self.fetch.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = state.in_flight.iter().position(|r| r.0 == self.id) {
+            state.in_flight.swap_remove(i);
+        }
+        state.wake(None);
+    }
+}
+
+/// A write lock on a byte range of a partial layer file, held while its blocks are fetched, so
+/// that two processes serving from one cache do not fetch the same blocks at the same time (the
+/// second waits, then finds them local). An open file description lock: threads of one process
+/// share the writer handle and so never block each other (they coordinate through
+/// [`FetchState`]); the kernel drops the lock if the process dies. Unlocked on drop.
+struct RangeLock<'a> {
+    file: &'a File,
+    start: u64,
+    len: u64,
+}
+
+impl<'a> RangeLock<'a> {
+    /// Locks `[start, start + len)` of `file`, waiting for other processes' locks on it; also
+    /// says whether it had to wait.
+    fn acquire(file: &'a File, start: u64, len: u64) -> std::io::Result<(RangeLock<'a>, bool)> {
+        let lock = RangeLock { file, start, len };
+        match lock.fcntl(libc::F_OFD_SETLK, libc::F_WRLCK) {
+            Ok(()) => return Ok((lock, false)),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => {}
+            // A filesystem without such locks: fetch unlocked (processes may then fetch a
+            // block twice, never keep a wrong one).
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOLCK | libc::EOPNOTSUPP)) => {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED
+                    .call_once(|| tracing::warn!(error = %e, "no byte-range locks here; fetching unlocked"));
+                return Ok((RangeLock { len: 0, ..lock }, false));
+            }
+            Err(e) => return Err(e),
+        }
+        loop {
+            match lock.fcntl(libc::F_OFD_SETLKW, libc::F_WRLCK) {
+                Ok(()) => return Ok((lock, true)),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn fcntl(&self, cmd: libc::c_int, kind: libc::c_int) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: all-zero is a valid `struct flock` (plain integers); the fields that matter
+        // are set below, and `l_pid` must be 0 for open file description locks.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = kind as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        fl.l_start = self.start as libc::off_t;
+        fl.l_len = self.len as libc::off_t;
+        // SAFETY: the descriptor is open for as long as `self.file` is borrowed, and `fl` is a
+        // valid, initialised `struct flock` that outlives the call, which only reads and
+        // writes it.
+        let r = unsafe { libc::fcntl(self.file.as_raw_fd(), cmd, &mut fl) };
+        if r == -1 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+    }
+}
+
+impl Drop for RangeLock<'_> {
+    fn drop(&mut self) {
+        if self.len == 0 {
+            return; // not held
+        }
+        if let Err(e) = self.fcntl(libc::F_OFD_SETLK, libc::F_UNLCK) {
+            tracing::warn!(error = %e, "unlocking a fetched range failed");
+        }
+    }
+}
+
+impl SealedLayer {
+    /// Makes this a partial layer whose missing blocks are fetched from `source` as `policy`
+    /// says. Blocks already in the local file are found by their hashes, so nothing is fetched
+    /// twice, across restarts too.
+    pub(crate) fn set_source(&mut self, source: Arc<dyn BlockSource>, policy: FetchPolicy) {
+        self.verify = true; // a partial layer's local bytes are only trusted once checked
+        let window = policy.window.max(1);
+        self.fetch = Some(Fetcher {
+            source,
+            window,
+            ramp: READAHEAD_RAMP / self.block_size(),
+            max_window: policy.max_window(self.block_size()),
+            state: Mutex::new(FetchState::default()),
+            writer: OnceLock::new(),
+        });
+    }
+
+    /// True for a layer whose blocks may be fetched from a source.
+    pub fn is_partial(&self) -> bool {
+        self.fetch.is_some()
+    }
+
+    /// Checks stored block `pblock` in the local file; if it is wrong (or missing) and the layer
+    /// is partial, fetches it (and maybe neighbouring missing blocks, see below) in one
+    /// request, checks each against its hash, and writes the good ones into the local file. An
+    /// error leaves the local file holding only checked blocks.
+    ///
+    /// What is fetched adapts to the access pattern (see [`FetchPolicy`] and
+    /// `FetchState::window_for`): a read that does not continue a recent run of fetches (a
+    /// scattered read) fetches just the missing blocks it covers; one that does (a sequential
+    /// read) fetches aligned windows, growing once the run is long. Readers of a block that
+    /// is being fetched wait for it to land (not for the whole fetch); fetches of different
+    /// ranges of the layer run concurrently.
+    ///
+    /// `want` says why the block is wanted: a read (covering blocks up to the given end), or a
+    /// prefetch of known blocks up to the given end, which fetches the missing ones and no
+    /// others, whatever the streams (it is no read, so it neither starts nor grows a stream).
+    pub(crate) fn ensure_block(&self, f: &File, pblock: u64, block: &mut [u8], want: Want) -> Result<()> {
+        let bs = self.block_size();
+        let at = |p: u64| HEADER_SIZE as u64 + p * bs;
+        let Some(fetch) = &self.fetch else {
+            read_exact_at(f, block, at(pblock), &self.path)?;
+            return self.check_block(pblock, block);
+        };
+        let mut state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            // Wait for the fetch that has pblock in flight, if any.
+            if state.is_in_flight(pblock) {
+                let me = std::thread::current();
+                state.waiting.push((pblock, me.clone()));
+                while state.is_in_flight(pblock) {
+                    drop(state);
+                    std::thread::park();
+                    state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
+                }
+                if let Some(i) = state.waiting.iter().position(|(w, t)| *w == pblock && t.id() == me.id()) {
+                    state.waiting.swap_remove(i);
+                }
+            }
+            if self.is_verified(pblock) {
+                drop(state);
+                // Fetched, checked and written by another reader.
+                return read_exact_at(f, block, at(pblock), &self.path);
+            }
+            let (window, gap) = match want {
+                Want::Exact(end) => (end.saturating_sub(pblock).max(1), None),
+                Want::Read(end) => {
+                    let own = end.saturating_sub(pblock).max(1);
+                    state.window_for(pblock, own, fetch.window, fetch.ramp, fetch.max_window)
+                }
+            };
+            drop(state);
+            // A block in a hole of the sparse local file was never fetched: skip reading and
+            // hashing it. Otherwise it may be local already (fetched before a restart).
+            if self.hole_end(f, pblock) == pblock {
+                read_exact_at(f, block, at(pblock), &self.path)?;
+                if Digest::of(block) == self.hashes[pblock as usize] {
+                    self.mark_verified(pblock);
+                    return Ok(());
+                }
+            }
+            let visible_only = matches!(want, Want::Read(_));
+            let candidates = self.missing_run(f, pblock, window, visible_only)?;
+            // Claim [pblock, pblock + count), the blocks of the run that nobody fetched or
+            // claimed meanwhile, unless another reader claimed pblock itself.
+            state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
+            if state.is_in_flight(pblock) {
+                continue;
+            }
+            let mut count = 1;
+            while count < candidates {
+                let p = pblock + count;
+                if self.is_verified(p) || state.is_in_flight(p) {
+                    break;
+                }
+                count += 1;
+            }
+            // A deep-queue reader's blocks between the fetch in flight and pblock: other reads
+            // will ask for them any moment; take those that are still missing into this fetch.
+            let mut first = pblock;
+            if let Some(from) = gap {
+                let hole_from = self.hole_start(f, pblock).max(from);
+                while first > hole_from
+                    && self.is_visible(first - 1)
+                    && !self.is_verified(first - 1)
+                    && !state.is_in_flight(first - 1)
+                {
+                    first -= 1;
+                }
+            }
+            let id = state.next_claim;
+            state.next_claim += 1;
+            state.in_flight.push((id, first, pblock + count));
+            if let Want::Read(_) = want {
+                state.record(first, pblock + count - first, window);
+            }
+            drop(state);
+            let claim = Claim { fetch, id };
+            // Other processes on the same cache: lock the range in the file. If another process
+            // fetched part of it meanwhile (we waited for its lock, or the range is no longer
+            // all holes), look again and fetch only what is still missing from pblock on.
+            let writer = self.writer(fetch)?;
+            let (lock, waited) = RangeLock::acquire(writer, at(first), (pblock + count - first) * bs)
+                .map_err(Error::io("lock", &self.path))?;
+            if waited || self.hole_end(f, first) < pblock + count {
+                if self.hole_end(f, pblock) == pblock {
+                    read_exact_at(f, block, at(pblock), &self.path)?;
+                    if Digest::of(block) == self.hashes[pblock as usize] {
+                        self.mark_verified(pblock);
+                        return Ok(());
+                    }
+                }
+                let run = self.missing_run(f, pblock, count, visible_only)?;
+                claim.narrow(pblock, pblock + run);
+                let done = self.fetch_into(fetch, &claim, pblock, run, pblock, block);
+                drop(lock);
+                return done;
+            }
+            let done = self.fetch_into(fetch, &claim, first, pblock + count - first, pblock, block);
+            drop(lock);
+            return done;
+        }
+    }
+
+    /// How many blocks from `pblock` on (which is missing) are missing from the local file, up
+    /// to `want`: the run ends at a block that is verified or that holds its right bytes, and,
+    /// with `visible_only`, at a block no open disk shows (no read will ask for it). Holes
+    /// of the sparse file are found with one `SEEK_DATA` per hole, not per block.
+    fn missing_run(&self, f: &File, pblock: u64, want: u64, visible_only: bool) -> Result<u64> {
+        let bs = self.block_size();
+        let end = (pblock + want).min(self.trailer.block_count);
+        let mut hole_end = 0; // blocks before this are known holes
+        let mut probe = Vec::new();
+        let mut p = pblock + 1;
+        while p < end {
+            if self.is_verified(p) || (visible_only && !self.is_visible(p)) {
+                break;
+            }
+            if p >= hole_end {
+                hole_end = self.hole_end(f, p);
+            }
+            if p >= hole_end {
+                // Holds data: a block fetched before (by this process or an earlier one), or one
+                // being written right now. Only a block matching its hash ends the run.
+                probe.resize(bs as usize, 0);
+                read_exact_at(f, &mut probe, HEADER_SIZE as u64 + p * bs, &self.path)?;
+                if Digest::of(&probe) == self.hashes[p as usize] {
+                    self.mark_verified(p);
+                    break;
+                }
+            }
+            p += 1;
+        }
+        Ok(p - pblock)
+    }
+
+    /// The handle fetched blocks are written through (opened on first use).
+    fn writer<'f>(&self, fetch: &'f Fetcher) -> Result<&'f File> {
+        if let Some(w) = fetch.writer.get() {
+            return Ok(w);
+        }
+        let w = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .map_err(Error::io("open", &self.path))?;
+        Ok(fetch.writer.get_or_init(|| w))
+    }
+
+    /// The first block of the hole of the local file that block `pblock` lies in (`pblock`
+    /// itself when it is not in a hole, or when the filesystem cannot tell). Steps back in
+    /// doubling strides with `SEEK_DATA` (there is no backward seek).
+    fn hole_start(&self, f: &File, pblock: u64) -> u64 {
+        if self.hole_end(f, pblock) == pblock {
+            return pblock;
+        }
+        let (mut lo, mut step) = (pblock, 1);
+        while lo > 0 {
+            let probe = lo.saturating_sub(step);
+            if self.hole_end(f, probe) <= pblock {
+                break; // data between probe and pblock: the hole starts after probe
+            }
+            lo = probe;
+            step *= 2;
+        }
+        lo
+    }
+
+    /// The first block at or after `pblock` that is not wholly in a hole of the local file (the
+    /// block count if none). `pblock` itself when the filesystem cannot tell.
+    pub(crate) fn hole_end(&self, f: &File, pblock: u64) -> u64 {
+        use rustix::fs::{SeekFrom, seek};
+        let bs = self.block_size();
+        let start = HEADER_SIZE as u64 + pblock * bs;
+        match seek(f, SeekFrom::Data(start)) {
+            Ok(data) => pblock + (data - start) / bs,
+            Err(rustix::io::Errno::NXIO) => self.trailer.block_count,
+            Err(_) => pblock,
+        }
+    }
+
+    /// Fetches blocks `[first, first + count)` (claimed by `claim`) in one streamed request;
+    /// checks each block against its hash as it arrives, writes the good ones into the local
+    /// file and marks them landed, so readers waiting for a block go on before the rest of the
+    /// range is in. A block that fails its hash ends the fetch (it and the blocks after it are
+    /// not cached). Fills `block` with block `target`; fails only if `target` did not land.
+    fn fetch_into(
+        &self,
+        fetch: &Fetcher,
+        claim: &Claim<'_>,
+        first: u64,
+        count: u64,
+        target: u64,
+        block: &mut [u8],
+    ) -> Result<()> {
+        let bs = self.block_size();
+        let at = |p: u64| HEADER_SIZE as u64 + p * bs;
+        let writer = self.writer(fetch)?;
+        let mut next = first; // the next block to land
+        let mut failure: Option<Error> = None;
+        // Checks, caches and lands one whole block; false ends the fetch.
+        let mut land = |bytes: &[u8]| -> bool {
+            let p = next;
+            if Digest::of(bytes) != self.hashes[p as usize] {
+                tracing::error!(layer = %self.digest, pblock = p, "fetched block fails its checksum: not cached");
+                failure = Some(Error::BlockChecksum { path: self.path.clone(), pblock: p });
+                return false;
+            }
+            use std::os::unix::fs::FileExt;
+            if let Err(e) = writer.write_all_at(bytes, at(p)) {
+                failure = Some(Error::io("write", &self.path)(e));
+                return false;
+            }
+            self.mark_verified(p);
+            if p == target {
+                block.copy_from_slice(bytes);
+            }
+            claim.landed(p);
+            next += 1;
+            true
+        };
+        // Pieces arrive in any size: whole blocks in a piece are checked where they lie, a
+        // block split across pieces is gathered first.
+        let mut split: Vec<u8> = Vec::new();
+        let offset = at(first);
+        let result = fetch.source.read_range(&self.digest, offset, count * bs, &mut |mut piece: &[u8]| {
+            while !piece.is_empty() {
+                if split.is_empty() && piece.len() as u64 >= bs {
+                    let (whole, rest) = piece.split_at(bs as usize);
+                    piece = rest;
+                    if !land(whole) {
+                        return false;
+                    }
+                    continue;
+                }
+                let n = (bs as usize - split.len()).min(piece.len());
+                split.extend_from_slice(&piece[..n]);
+                piece = &piece[n..];
+                if split.len() as u64 == bs {
+                    let ok = land(&split);
+                    split.clear();
+                    if !ok {
+                        return false;
+                    }
+                }
+            }
+            true
+        });
+        let landed = next - first;
+        if let Err(e) = &result {
+            tracing::error!(layer = %self.digest, offset, len = count * bs, landed, error = %e, "fetching blocks failed");
+        }
+        if next > target {
+            return Ok(());
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        Err(Error::io("fetch", &self.path)(result.err().unwrap_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the source ended before the block read")
+        })))
+    }
+
+    /// Makes every stored block local and checked (fetching what a partial layer lacks), in
+    /// order, until done or `stop` is set. Afterwards a partial layer's file is complete (see
+    /// `LayerStore::complete_partial`).
+    pub fn fetch_all(&self, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
+        let f = self.file.get(&self.path)?;
+        let mut block = vec![0u8; self.block_size() as usize];
+        // Hidden blocks too, so exact ranges rather than reads; as large as read-ahead allows.
+        let chunk = self.fetch.as_ref().map_or(1, |f| f.max_window.max(f.window));
+        for pb in 0..self.trailer.block_count {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            if !self.is_verified(pb) {
+                let end = (pb + chunk).min(self.trailer.block_count);
+                self.ensure_block(&f, pb, &mut block, Want::Exact(end))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes stored blocks `[pblock, pblock + count)` local and checked, fetching what a
+    /// partial layer lacks of them in as few requests as there are missing runs, and nothing
+    /// outside them (for prefetching blocks known to be needed, such as a boot trace's).
+    pub fn fetch_exact(&self, pblock: u64, count: u64) -> Result<()> {
+        let end = (pblock + count).min(self.trailer.block_count);
+        if (pblock..end).all(|p| self.is_verified(p)) {
+            return Ok(());
+        }
+        let f = self.file.get(&self.path)?;
+        let mut block = vec![0u8; self.block_size() as usize];
+        for p in pblock..end {
+            if !self.is_verified(p) {
+                self.ensure_block(&f, p, &mut block, Want::Exact(end))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records that an open disk shows stored blocks `[pblock, pblock + count)`.
+    pub(crate) fn mark_visible(&self, pblock: u64, count: u64) {
+        for p in pblock..(pblock + count).min(self.trailer.block_count) {
+            let (w, b) = ((p / 64) as usize, p % 64);
+            self.visible[w].fetch_or(1 << b, Ordering::Relaxed);
+        }
+    }
+
+    fn is_visible(&self, pblock: u64) -> bool {
+        let (w, b) = ((pblock / 64) as usize, pblock % 64);
+        self.visible[w].load(Ordering::Relaxed) & (1 << b) != 0
+    }
+}
