@@ -103,6 +103,10 @@ pub(crate) struct Fetcher {
     max_window: u64,
     state: Mutex<FetchState>,
     writer: OnceLock<File>,
+    /// The layer itself, once it is shared (see `LayerStore::open_layer_shared`): a fetch that
+    /// reads ahead runs on a thread of its own holding it, so that the reader who started it
+    /// goes on as soon as its own blocks are in.
+    pub(crate) me: OnceLock<std::sync::Weak<SealedLayer>>,
 }
 
 /// How much a stream fetches with fixed windows before its fetches start to grow: 4 MiB. Runs
@@ -151,6 +155,9 @@ struct FetchState {
     /// The recent streams, the least recently used replaced first.
     streams: Vec<Stream>,
     tick: u64,
+    /// Fetches run for a reader on another thread that failed before the reader's block
+    /// landed: the claim and the error, taken by that reader.
+    failed: Vec<(u64, String)>,
 }
 
 impl FetchState {
@@ -248,8 +255,11 @@ impl Claim<'_> {
 
     fn landed(&self, p: u64) {
         let mut state = self.fetch.state.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(r) = state.in_flight.iter_mut().find(|r| r.0 == self.id) {
-            r.1 = p + 1;
+        if let Some(i) = state.in_flight.iter().position(|r| r.0 == self.id) {
+            state.in_flight[i].1 = p + 1;
+            if state.in_flight[i].1 >= state.in_flight[i].2 {
+                state.in_flight.swap_remove(i); // all landed: nothing of it is in flight
+            }
         }
         state.wake(Some(p));
     }
@@ -345,6 +355,7 @@ impl SealedLayer {
             max_window: policy.max_window(self.block_size()),
             state: Mutex::new(FetchState::default()),
             writer: OnceLock::new(),
+            me: OnceLock::new(),
         });
     }
 
@@ -376,6 +387,7 @@ impl SealedLayer {
             return self.check_block(pblock, block);
         };
         let mut state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut started: Option<u64> = None; // a fetch this reader started on another thread
         loop {
             // Wait for the fetch that has pblock in flight, if any.
             if state.is_in_flight(pblock) {
@@ -392,8 +404,14 @@ impl SealedLayer {
             }
             if self.is_verified(pblock) {
                 drop(state);
-                // Fetched, checked and written by another reader.
+                // Fetched, checked and written by another reader or thread.
                 return read_exact_at(f, block, at(pblock), &self.path);
+            }
+            if let Some(id) = started.take()
+                && let Some(i) = state.failed.iter().position(|(c, _)| *c == id)
+            {
+                let (_, e) = state.failed.swap_remove(i);
+                return Err(Error::io("fetch", &self.path)(std::io::Error::other(e)));
             }
             let (window, gap) = match want {
                 Want::Exact(end) => (end.saturating_sub(pblock).max(1), None),
@@ -448,31 +466,90 @@ impl SealedLayer {
                 state.record(first, pblock + count - first, window);
             }
             drop(state);
-            let claim = Claim { fetch, id };
-            // Other processes on the same cache: lock the range in the file. If another process
-            // fetched part of it meanwhile (we waited for its lock, or the range is no longer
-            // all holes), look again and fetch only what is still missing from pblock on.
-            let writer = self.writer(fetch)?;
-            let (lock, waited) = RangeLock::acquire(writer, at(first), (pblock + count - first) * bs)
-                .map_err(Error::io("lock", &self.path))?;
-            if waited || self.hole_end(f, first) < pblock + count {
-                if self.hole_end(f, pblock) == pblock {
-                    read_exact_at(f, block, at(pblock), &self.path)?;
-                    if Digest::of(block) == self.hashes[pblock as usize] {
-                        self.mark_verified(pblock);
-                        return Ok(());
+            let end = pblock + count;
+            // A fetch that reads ahead of what this read needs runs on its own thread: this
+            // reader waits only for its own blocks (the loop above), not for the read-ahead.
+            let need = match want {
+                Want::Read(e) => e.max(pblock + 1),
+                Want::Exact(_) => end,
+            };
+            if end > need
+                && let Some(layer) = fetch.me.get().and_then(std::sync::Weak::upgrade)
+            {
+                let spawned = std::thread::Builder::new().name("mcow-fetch".into()).spawn(move || {
+                    let Some(fetch) = &layer.fetch else { return };
+                    let claim = Claim { fetch, id };
+                    let mut scratch = vec![0u8; layer.block_size() as usize];
+                    let done = layer.file.get(&layer.path).and_then(|f| {
+                        layer.fetch_claimed(
+                            &f,
+                            fetch,
+                            &claim,
+                            first,
+                            end - first,
+                            pblock,
+                            &mut scratch,
+                            visible_only,
+                        )
+                    });
+                    if let Err(e) = done
+                        && !layer.is_verified(pblock)
+                    {
+                        let mut state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
+                        state.failed.push((id, e.to_string()));
                     }
+                });
+                if spawned.is_ok() {
+                    started = Some(id);
+                    state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
+                    continue;
                 }
-                let run = self.missing_run(f, pblock, count, visible_only)?;
-                claim.narrow(pblock, pblock + run);
-                let done = self.fetch_into(fetch, &claim, pblock, run, pblock, block);
-                drop(lock);
-                return done;
+                // No thread to be had: fetch right here. The claim is still ours.
             }
-            let done = self.fetch_into(fetch, &claim, first, pblock + count - first, pblock, block);
+            let claim = Claim { fetch, id };
+            return self.fetch_claimed(f, fetch, &claim, first, end - first, pblock, block, visible_only);
+        }
+    }
+
+    /// Fetches the claimed blocks `[first, first + count)` for block `target`, holding a lock
+    /// on their range of the file against other processes on the same cache. If another process
+    /// fetched part of it meanwhile (we waited for its lock, or the range is no longer all
+    /// holes), looks again and fetches only what is still missing from `target` on.
+    #[allow(clippy::too_many_arguments)]
+    fn fetch_claimed(
+        &self,
+        f: &File,
+        fetch: &Fetcher,
+        claim: &Claim<'_>,
+        first: u64,
+        count: u64,
+        target: u64,
+        block: &mut [u8],
+        visible_only: bool,
+    ) -> Result<()> {
+        let bs = self.block_size();
+        let at = |p: u64| HEADER_SIZE as u64 + p * bs;
+        let end = first + count;
+        let writer = self.writer(fetch)?;
+        let (lock, waited) =
+            RangeLock::acquire(writer, at(first), count * bs).map_err(Error::io("lock", &self.path))?;
+        if waited || self.hole_end(f, first) < end {
+            if self.hole_end(f, target) == target {
+                read_exact_at(f, block, at(target), &self.path)?;
+                if Digest::of(block) == self.hashes[target as usize] {
+                    self.mark_verified(target);
+                    return Ok(());
+                }
+            }
+            let run = self.missing_run(f, target, end - target, visible_only)?;
+            claim.narrow(target, target + run);
+            let done = self.fetch_into(fetch, claim, target, run, target, block);
             drop(lock);
             return done;
         }
+        let done = self.fetch_into(fetch, claim, first, count, target, block);
+        drop(lock);
+        done
     }
 
     /// How many blocks from `pblock` on (which is missing) are missing from the local file, up

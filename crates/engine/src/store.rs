@@ -83,7 +83,7 @@ impl LayerStore {
 
     /// Like [`LayerStore::open_layer`], but a layer this process already has open (through
     /// any store, with the same verification and the same block source) is shared rather than
-    /// opened again: disks on the same layers then share one verified bitmap and one fetch lock,
+    /// opened again: disks on the same layers then share one verified bitmap and one fetch state,
     /// so a block is checked once and a missing block is fetched once, whichever disk reads it.
     pub fn open_layer_shared(&self, digest: &Digest, verify: bool) -> Result<(Arc<SealedLayer>, LayerIndex)> {
         use std::collections::HashMap;
@@ -108,6 +108,9 @@ impl LayerStore {
         }
         let (layer, index) = self.open_layer(digest, verify)?;
         let layer = Arc::new(layer);
+        if let Some(fetch) = &layer.fetch {
+            let _ = fetch.me.set(Arc::downgrade(&layer));
+        }
         let mut map = open.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|_, w| w.strong_count() > 0);
         map.insert(key, Arc::downgrade(&layer));

@@ -593,3 +593,74 @@ fn two_processes_on_one_cache_fetch_each_block_once() {
     }
     assert_eq!(total, blocks * BS, "the two processes fetched {total} bytes for {} stored", blocks * BS);
 }
+
+#[test]
+fn a_reader_does_not_wait_for_the_read_ahead_its_read_started() {
+    use std::sync::Mutex;
+    use std::sync::mpsc::channel;
+    use std::time::Duration;
+    let tmp = tempfile::tempdir().unwrap();
+    let (complete, expected) = build_long(tmp.path(), 16);
+    let partial = build_partial(tmp.path(), &complete);
+    // Hand-overs are numbered across requests: the first read's block is 0, the second read's
+    // fetch (blocks 1..8, read-ahead) hands over block 1 as 1, then waits before block 2.
+    let (gate_tx, gate_rx) = channel::<()>();
+    let gate_rx = Mutex::new(gate_rx);
+    let calls = AtomicU64::new(0);
+    let src = hook_source(tmp.path(), move |_, _| {
+        if calls.fetch_add(1, Ordering::SeqCst) == 2 {
+            gate_rx.lock().unwrap().recv().unwrap();
+        }
+        true
+    });
+    let policy = FetchPolicy { window: 8, readahead: 0 };
+    let d = Arc::new(Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), policy).unwrap());
+    let bs = 65536usize;
+    let mut b = vec![0u8; bs];
+    d.read(0, &mut b).unwrap(); // a scattered read: its own block
+    assert_eq!(src.requests.load(Ordering::SeqCst), 1);
+    // Block 1 continues it: one fetch of blocks 1..8, which stalls after block 1. The read
+    // returns anyway.
+    let (done_tx, done_rx) = channel();
+    let reader = {
+        let d = d.clone();
+        std::thread::spawn(move || {
+            let mut b = vec![0u8; bs];
+            d.read(bs as u64, &mut b).unwrap();
+            done_tx.send(()).unwrap();
+            b
+        })
+    };
+    done_rx.recv_timeout(Duration::from_secs(10)).expect("the read waited for its read-ahead");
+    assert!(reader.join().unwrap()[..] == expected[bs..2 * bs]);
+    assert_eq!(src.requests.load(Ordering::SeqCst), 2);
+    gate_tx.send(()).unwrap(); // the read-ahead goes on
+    let mut all = vec![0u8; 8 * bs];
+    d.read(0, &mut all).unwrap();
+    assert!(all[..] == expected[..8 * bs]);
+    assert_eq!(src.requests.load(Ordering::SeqCst), 2, "blocks 2..8 came with the read-ahead");
+}
+
+#[test]
+fn a_read_ahead_that_fails_before_the_readers_block_gives_the_reader_the_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (complete, expected) = build_long(tmp.path(), 16);
+    let partial = build_partial(tmp.path(), &complete);
+    let broken = Arc::new(AtomicBool::new(false));
+    let b2 = broken.clone();
+    let src = hook_source(tmp.path(), move |_, _| !b2.load(Ordering::SeqCst));
+    let policy = FetchPolicy { window: 8, readahead: 0 };
+    let d = Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), policy).unwrap();
+    let bs = 65536usize;
+    let mut b = vec![0u8; bs];
+    d.read(0, &mut b).unwrap();
+    // Block 1 starts a read-ahead fetch (blocks 1..8) on another thread; it breaks at once.
+    broken.store(true, Ordering::SeqCst);
+    let err = d.read(bs as u64, &mut b).unwrap_err();
+    assert!(err.to_string().contains("transfer broken"), "{err}");
+    assert_eq!(src.requests.load(Ordering::SeqCst), 2, "the error came from the one fetch, not a second try");
+    // The source is back: the same read succeeds.
+    broken.store(false, Ordering::SeqCst);
+    d.read(bs as u64, &mut b).unwrap();
+    assert!(b[..] == expected[bs..2 * bs]);
+}
