@@ -6,11 +6,13 @@
 #   mcow-warm   the same with the cache of the cold boot (a second boot, new serve process)
 #   mcow-trace  like mcow-cold, but the image was pushed with a trace of one boot (mcow trace),
 #               which the serve prefetches in the background
+#   mcow-http, mcow-http-trace  the same two images as an OCI layout on the nginx that serves
+#               nbdkit-curl (mcow serve disk=http://127.0.0.1:PORT/images:TAG)
 #   nbdkit-curl nbdkit --filter=stats curl url=http://127.0.0.1:PORT/disk.raw      (nginx)
 #   local-raw   qemu-nbd --read-only on the same raw image as a local file
 # The guest is the demo's (scripts/demo-vm.sh build), booted read-only (vmmode=ro) in every
 # case so that the raw image and the nbdkit export serve identical reads. After one uncounted boot,
-# 3 rounds (the order of the cases rotates each round); medians are printed.
+# 3 rounds (the cases in a new order each round); medians are printed.
 # Usage: scripts/bench-vm.sh [WORKDIR] [ROUNDS]    (default: target/bench-vm, 3)
 #        MCOW_SERVE_ARGS='--fetch-window 1' scripts/bench-vm.sh   (extra options for mcow serve)
 #        MCOW_BLOCK_SIZE=16K scripts/bench-vm.sh   (block size of the image; default 64K)
@@ -72,13 +74,23 @@ rm -f "$W/t.sock"
 "$MCOW" trace -k "$W/t.sock" --out "$W/boot.trace" "disk=$W/img/app2" 2>"$W/trace.log" & tp=$!
 wait_sock "$W/t.sock"; boot "$W/t.sock" "$(date +%s.%N)" "$W/console-trace.log" >/dev/null; stop $tp
 "$MCOW" push "$W/img/app2" "$TREF" --trace "$W/boot.trace" >/dev/null
+# The same two images as an OCI layout served by the same nginx as nbdkit-curl's raw file, for
+# the mcow-http cases: the same server on both sides.
+rm -rf "$W/ngx/www/images"
+"$MCOW" push "$W/img/app2" "file://$W/ngx/www/images:v1" >/dev/null
+"$MCOW" push "$W/img/app2" "file://$W/ngx/www/images:traced" --trace "$W/boot.trace" >/dev/null
+chmod -R a+rX "$W/ngx/www/images"
+HREF=http://127.0.0.1:$NP/images:v1
+HTREF=http://127.0.0.1:$NP/images:traced
 
 run_case() { # CASE ROUND -> "secs bytes"
   local s=$W/s.sock t0 secs bytes p; rm -f "$s"
   case $1 in
-    mcow-cold|mcow-warm|mcow-trace)
+    mcow-cold|mcow-warm|mcow-trace|mcow-http|mcow-http-trace)
       local ref=$REF cache=$W/cache
       [ "$1" = mcow-trace ] && ref=$TREF cache=$W/cache-trace
+      [ "$1" = mcow-http ] && ref=$HREF cache=$W/cache-http
+      [ "$1" = mcow-http-trace ] && ref=$HTREF cache=$W/cache-http-trace
       [ "$1" = mcow-warm ] || rm -rf "$cache"
       t0=$(date +%s.%N)
       RUST_LOG=info "$MCOW" serve -k "$s" --cache "$cache" ${MCOW_SERVE_ARGS:-} "disk=$ref" 2>"$W/serve.log" & p=$!
@@ -100,15 +112,15 @@ run_case() { # CASE ROUND -> "secs bytes"
   echo "$secs $bytes"
 }
 
-cases=(mcow-cold mcow-warm mcow-trace nbdkit-curl local-raw)
+cases=(mcow-cold mcow-warm mcow-trace mcow-http mcow-http-trace nbdkit-curl local-raw)
 : > "$W/results"
 # One boot first, not counted: the first boot of a run is slower whatever serves it.
 run_case local-raw 0 >/dev/null
 for r in $(seq "$ROUNDS"); do
-  # rotate the order, but a warm boot always follows its cold boot
-  order=(); k=$(( (r - 1) % 4 ))
-  for c in mcow nbdkit-curl local-raw mcow-trace mcow nbdkit-curl local-raw; do order+=("$c"); done
-  for c in "${order[@]:$k:4}"; do
+  # a new order each round (seeded by the round, so runs repeat it), so that no case always
+  # follows the same other one; a warm boot always follows its cold boot
+  read -ra order <<<"$(python3 -c "import random; r = random.Random($r); o = ['mcow', 'nbdkit-curl', 'local-raw', 'mcow-trace', 'mcow-http', 'mcow-http-trace']; r.shuffle(o); print(*o)")"
+  for c in "${order[@]}"; do
     if [ "$c" = mcow ]; then
       for m in mcow-cold mcow-warm; do v=$(run_case "$m" "$r"); echo "$r $m $v" | tee -a "$W/results"; done
     else
@@ -126,8 +138,11 @@ for c in "${cases[@]}"; do
   eval "S_${c//-/_}=$s B_${c//-/_}=$b"
 done
 awk -v cs="$S_mcow_cold" -v ns="$S_nbdkit_curl" -v cb="$B_mcow_cold" -v nb="$B_nbdkit_curl" -v ws="$S_mcow_warm" -v ls="$S_local_raw" \
-    -v ts="$S_mcow_trace" -v tb="$B_mcow_trace" 'BEGIN{
+    -v ts="$S_mcow_trace" -v tb="$B_mcow_trace" -v hs="$S_mcow_http" -v hb="$B_mcow_http" \
+    -v hts="$S_mcow_http_trace" -v htb="$B_mcow_http_trace" 'BEGIN{
   printf "cold/nbdkit-curl bytes %.2fx (target <= 1.2x), time %.2fx (target <= 1.0x)\n", cb/nb, cs/ns
   printf "cold with trace/nbdkit-curl bytes %.2fx, time %.2fx\n", tb/nb, ts/ns
+  printf "cold from nginx/nbdkit-curl bytes %.2fx, time %.2fx\n", hb/nb, hs/ns
+  printf "cold from nginx with trace/nbdkit-curl bytes %.2fx, time %.2fx\n", htb/nb, hts/ns
   printf "warm/local-raw time %.2fx (target <= 1.1x)\n", ws/ls }'
 echo "date: $(date -u +%Y-%m-%dT%H:%MZ); machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r), $(qemu-system-x86_64 --version | head -1)"
