@@ -443,6 +443,10 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
     for b in background {
         let _ = b.join();
     }
+    // Read-ahead still running: end it, so the counts below match what the cache holds.
+    if !mcow_engine::fetch::stop_background(std::time::Duration::from_secs(10)) {
+        tracing::warn!("read-ahead fetches still running at exit");
+    }
     if let (Some(path), Some(r)) = (trace_out, recorder) {
         let trace = r.trace();
         std::fs::write(path, trace.to_bytes())

@@ -9,8 +9,9 @@
 //! in mcow-remote).
 
 use std::fs::File;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use mcow_format::{Digest, HEADER_SIZE};
 
@@ -125,6 +126,57 @@ pub(crate) enum Want {
     Exact(u64),
 }
 
+/// Fetches running on threads of their own (read-ahead), in this process.
+static BACKGROUND: AtomicUsize = AtomicUsize::new(0);
+/// Set by [`stop_background`]: no new background fetch starts.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// Lets no new fetch start on a thread of its own (read-ahead) and waits up to `limit` for the
+/// running ones to finish, so that a process about to exit has landed every block it fetched.
+/// Returns false if some were still running. For the end of a process: reads that would start
+/// read-ahead afterwards fetch on their own thread instead.
+pub fn stop_background(limit: Duration) -> bool {
+    STOPPING.store(true, Ordering::SeqCst);
+    let start = Instant::now();
+    while BACKGROUND.load(Ordering::SeqCst) > 0 {
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    true
+}
+
+/// Runs `job` on a thread of its own, counted in [`BACKGROUND`]; false if no thread could be
+/// had.
+fn spawn_background(job: impl FnOnce() + Send + 'static) -> bool {
+    struct Running;
+    impl Drop for Running {
+        fn drop(&mut self) {
+            BACKGROUND.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    // Counted before the check, so that `stop_background` cannot miss it.
+    BACKGROUND.fetch_add(1, Ordering::SeqCst);
+    if STOPPING.load(Ordering::SeqCst) {
+        BACKGROUND.fetch_sub(1, Ordering::SeqCst);
+        return false;
+    }
+    let spawned = std::thread::Builder::new().name("mcow-fetch".into()).spawn(move || {
+        let _running = Running;
+        job();
+    });
+    if spawned.is_err() {
+        BACKGROUND.fetch_sub(1, Ordering::SeqCst);
+    }
+    spawned.is_ok()
+}
+
+/// How fast the fetches of a deep-queue stream grow: each asks for one window plus 7 times what
+/// the stream fetched before it (so about 8 times as much as the one before). Its reads are
+/// already waiting, so little is guessed; measured in docs/BENCHMARKS.md ("Lazy deployment").
+const DEEP_GROWTH: u64 = 8;
+
 /// Streams followed at once per layer (say, a few files read side by side, or the threads of a
 /// parallel copy).
 const STREAMS: usize = 8;
@@ -180,8 +232,9 @@ impl FetchState {
     /// what the stream fetched past `ramp`, at most `max`: a long run of reads asks for fewer,
     /// larger ranges, while what a run fetches past its end stays within about half of what it
     /// read past `ramp` (plus one first window). A stream whose reader is already waiting
-    /// beyond a fetch in flight skips the ramp and doubles, and the fetch also takes the
-    /// blocks between that fetch and `p` (the second value: where that gap starts).
+    /// beyond a fetch in flight (a deep queue) skips the ramp and grows by [`DEEP_GROWTH`], the
+    /// fetch also takes the blocks between that fetch and `p` (the second value: where that gap
+    /// starts), and each such fetch starts the next one when it is half in (see `Claim`).
     /// Never less than `own`.
     fn window_for(&self, p: u64, own: u64, first: u64, ramp: u64, max: u64) -> (u64, Option<u64>) {
         let Some(i) = self.stream_of(p) else {
@@ -194,7 +247,7 @@ impl FetchState {
         let ahead =
             self.in_flight.iter().filter(|&&(_, a, e)| s.start <= a && e <= p).map(|&(_, _, e)| e).max();
         if let Some(gap) = ahead {
-            return ((first + s.fetched).min(max.max(first)).max(own), Some(gap));
+            return ((first + (DEEP_GROWTH - 1) * s.fetched).min(max.max(first)).max(own), Some(gap));
         }
         if s.fetched >= ramp {
             return ((first + (s.fetched - ramp) / 2).min(max.max(first)).max(own), None);
@@ -240,6 +293,9 @@ impl FetchState {
 struct Claim<'a> {
     fetch: &'a Fetcher,
     id: u64,
+    /// For a fetch of a deep-queue stream: the block whose landing starts the stream's next
+    /// fetch, so that the transfer does not pause between fetches.
+    pipeline: Option<u64>,
 }
 
 impl Claim<'_> {
@@ -467,6 +523,7 @@ impl SealedLayer {
             }
             drop(state);
             let end = pblock + count;
+            let pipeline = gap.map(|_| first + (end - first) / 2);
             // A fetch that reads ahead of what this read needs runs on its own thread: this
             // reader waits only for its own blocks (the loop above), not for the read-ahead.
             let need = match want {
@@ -476,9 +533,9 @@ impl SealedLayer {
             if end > need
                 && let Some(layer) = fetch.me.get().and_then(std::sync::Weak::upgrade)
             {
-                let spawned = std::thread::Builder::new().name("mcow-fetch".into()).spawn(move || {
+                let spawned = spawn_background(move || {
                     let Some(fetch) = &layer.fetch else { return };
-                    let claim = Claim { fetch, id };
+                    let claim = Claim { fetch, id, pipeline };
                     let mut scratch = vec![0u8; layer.block_size() as usize];
                     let done = layer.file.get(&layer.path).and_then(|f| {
                         layer.fetch_claimed(
@@ -499,16 +556,35 @@ impl SealedLayer {
                         state.failed.push((id, e.to_string()));
                     }
                 });
-                if spawned.is_ok() {
+                if spawned {
                     started = Some(id);
                     state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
                     continue;
                 }
                 // No thread to be had: fetch right here. The claim is still ours.
             }
-            let claim = Claim { fetch, id };
+            let claim = Claim { fetch, id, pipeline };
             return self.fetch_claimed(f, fetch, &claim, first, end - first, pblock, block, visible_only);
         }
+    }
+
+    /// Starts the next fetch of a deep-queue stream at `from` on a thread of its own, as a read
+    /// of block `from` would (so with the stream's window, and only if `from` is missing).
+    fn fetch_next(&self, fetch: &Fetcher, from: u64) {
+        if from >= self.trailer.block_count
+            || self.is_verified(from)
+            || !self.is_visible(from)
+            || STOPPING.load(Ordering::Relaxed)
+        {
+            return;
+        }
+        let Some(layer) = fetch.me.get().and_then(std::sync::Weak::upgrade) else { return };
+        spawn_background(move || {
+            let mut scratch = vec![0u8; layer.block_size() as usize];
+            if let Ok(f) = layer.file.get(&layer.path) {
+                let _ = layer.ensure_block(&f, from, &mut scratch, Want::Read(from + 1));
+            }
+        });
     }
 
     /// Fetches the claimed blocks `[first, first + count)` for block `target`, holding a lock
@@ -665,6 +741,9 @@ impl SealedLayer {
                 block.copy_from_slice(bytes);
             }
             claim.landed(p);
+            if claim.pipeline == Some(p) {
+                self.fetch_next(fetch, first + count);
+            }
             next += 1;
             true
         };
