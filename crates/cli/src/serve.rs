@@ -161,23 +161,27 @@ impl TraceRecorder {
 /// after which those layers are complete and move into the store. Stops early when `stop` is
 /// set. Errors are logged (the blocks are fetched again on demand).
 fn background_fetch(disk: Arc<Disk>, trace: Option<Vec<u64>>, all: bool, stop: Arc<AtomicBool>) {
-    let mut prefetched = 0u64;
-    // The trace's blocks in its order, runs of consecutive blocks fetched together.
+    // The trace's blocks as runs of consecutive blocks, in the trace's order, asked for in
+    // batches: each batch costs one request per layer where the origin allows several ranges
+    // in one (registries, plain HTTP), so the first blocks come soon and requests stay few.
+    const BATCH: usize = 64;
     let trace = trace.unwrap_or_default();
-    let mut i = 0;
-    while i < trace.len() {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &vb in &trace {
+        match runs.last_mut() {
+            Some((start, n)) if *start + *n == vb => *n += 1,
+            _ => runs.push((vb, 1)),
+        }
+    }
+    let mut prefetched = 0u64;
+    for batch in runs.chunks(BATCH) {
         if stop.load(Ordering::Relaxed) {
             return;
         }
-        let mut n = 1;
-        while i + n < trace.len() && trace[i + n] == trace[i] + n as u64 {
-            n += 1;
+        match disk.prefetch_runs(batch) {
+            Ok(()) => prefetched += batch.iter().map(|r| r.1).sum::<u64>(),
+            Err(e) => tracing::warn!(runs = batch.len(), error = %e, "prefetch failed"),
         }
-        match disk.prefetch(trace[i], n as u64) {
-            Ok(()) => prefetched += n as u64,
-            Err(e) => tracing::warn!(block = trace[i], blocks = n, error = %e, "prefetch failed"),
-        }
-        i += n;
     }
     tracing::info!(disk = %disk.dir().display(), blocks = prefetched, "prefetched the trace");
     if !all {

@@ -306,6 +306,34 @@ impl Disk {
         Ok(())
     }
 
+    /// [`Disk::prefetch`] for many runs (first virtual block, count) at once: the missing
+    /// blocks of each partial layer are fetched in one request where the source allows
+    /// (see `SealedLayer::fetch_runs`). Best effort: what fails is fetched when it is read.
+    pub fn prefetch_runs(&self, runs: &[(u64, u64)]) -> Result<()> {
+        let blocks = self.size.div_ceil(self.bs);
+        let mut per_layer: Vec<Vec<(u64, u64)>> = vec![Vec::new(); self.stack.layers().len()];
+        for &(vblock, count) in runs {
+            let end = (vblock + count).min(blocks);
+            let mut v = vblock;
+            while v < end {
+                let (loc, run_end) = self.resolve(v, end);
+                if let Some(loc) = loc
+                    && loc.kind == ExtentKind::Data
+                    && loc.layer != TOP
+                {
+                    per_layer[loc.layer as usize].push((loc.pblock, run_end - v));
+                }
+                v = run_end;
+            }
+        }
+        for (layer, runs) in self.stack.layers().iter().zip(&per_layer) {
+            if !runs.is_empty() && layer.is_partial() {
+                layer.fetch_runs(runs)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Makes every completed write durable.
     pub fn flush(&self) -> Result<()> {
         self.top.flush()

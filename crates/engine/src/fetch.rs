@@ -34,6 +34,29 @@ pub trait BlockSource: Send + Sync {
         len: u64,
         sink: &mut dyn FnMut(&[u8]) -> bool,
     ) -> std::io::Result<()>;
+
+    /// Streams several ranges (offset, length) of layer `layer` to `sink`, which gets the
+    /// range's index and consecutive pieces of it (each range's bytes in order). A source that
+    /// can ask for them in one request should; this one asks range by range. Stops early when
+    /// `sink` returns false; a range that ends short is an error.
+    fn read_ranges(
+        &self,
+        layer: &Digest,
+        ranges: &[(u64, u64)],
+        sink: &mut dyn FnMut(usize, &[u8]) -> bool,
+    ) -> std::io::Result<()> {
+        for (i, &(offset, len)) in ranges.iter().enumerate() {
+            let mut stopped = false;
+            self.read_range(layer, offset, len, &mut |piece: &[u8]| {
+                stopped = !sink(i, piece);
+                !stopped
+            })?;
+            if stopped {
+                break;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A [`BlockSource`] that fetches nothing: opening a partial layer with it gives access to its
@@ -331,6 +354,105 @@ impl Drop for Claim<'_> {
     }
 }
 
+/// Checks, caches and lands the blocks of one claimed range as its bytes arrive, in pieces of
+/// any size: whole blocks in a piece are checked where they lie, a block split across pieces
+/// is gathered first. The first block that fails its hash (or cannot be written) ends it.
+struct Lander<'a, 'b> {
+    layer: &'a SealedLayer,
+    fetch: &'a Fetcher,
+    claim: &'a Claim<'a>,
+    writer: &'a File,
+    /// The next block to land, and the end of the range.
+    next: u64,
+    end: u64,
+    split: Vec<u8>,
+    failure: Option<Error>,
+    /// A block to copy out as it lands (the reader's), and where.
+    target: Option<(u64, &'b mut [u8])>,
+}
+
+impl<'a, 'b> Lander<'a, 'b> {
+    fn new(
+        layer: &'a SealedLayer,
+        fetch: &'a Fetcher,
+        claim: &'a Claim<'a>,
+        first: u64,
+        count: u64,
+    ) -> Result<Self> {
+        let writer = layer.writer(fetch)?;
+        Ok(Lander {
+            layer,
+            fetch,
+            claim,
+            writer,
+            next: first,
+            end: first + count,
+            split: Vec::new(),
+            failure: None,
+            target: None,
+        })
+    }
+
+    /// Takes the next piece of the range; false ends the transfer.
+    fn feed(&mut self, mut piece: &[u8]) -> bool {
+        let bs = self.layer.block_size() as usize;
+        while !piece.is_empty() {
+            if self.split.is_empty() && piece.len() >= bs {
+                let (whole, rest) = piece.split_at(bs);
+                piece = rest;
+                if !self.land(whole) {
+                    return false;
+                }
+                continue;
+            }
+            let n = (bs - self.split.len()).min(piece.len());
+            self.split.extend_from_slice(&piece[..n]);
+            piece = &piece[n..];
+            if self.split.len() == bs {
+                let block = std::mem::take(&mut self.split);
+                let ok = self.land(&block);
+                self.split = block;
+                self.split.clear();
+                if !ok {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Checks, caches and lands one whole block.
+    fn land(&mut self, bytes: &[u8]) -> bool {
+        let (layer, p) = (self.layer, self.next);
+        if p >= self.end {
+            return false;
+        }
+        if Digest::of(bytes) != layer.hashes[p as usize] {
+            tracing::error!(layer = %layer.digest, pblock = p, "fetched block fails its checksum: not cached");
+            self.failure = Some(Error::BlockChecksum { path: layer.path.clone(), pblock: p });
+            return false;
+        }
+        use std::os::unix::fs::FileExt;
+        let at = HEADER_SIZE as u64 + p * layer.block_size();
+        if let Err(e) = self.writer.write_all_at(bytes, at) {
+            self.failure = Some(Error::io("write", &layer.path)(e));
+            return false;
+        }
+        layer.mark_verified(p);
+        if let Some((t, block)) = &mut self.target
+            && *t == p
+        {
+            block.copy_from_slice(bytes);
+        }
+        self.claim.landed(p);
+        if self.claim.pipeline == Some(p) {
+            layer.fetch_next(self.fetch, self.end);
+        }
+        self.next += 1;
+        true
+    }
+}
+
 /// A write lock on a byte range of a partial layer file, held while its blocks are fetched, so
 /// that two processes serving from one cache do not fetch the same blocks at the same time (the
 /// second waits, then finds them local). An open file description lock: threads of one process
@@ -366,6 +488,19 @@ impl<'a> RangeLock<'a> {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// Locks `[start, start + len)` of `file` if no other process holds part of it; `None` if
+    /// one does (or on a filesystem without such locks, a lock that holds nothing).
+    fn try_acquire(file: &'a File, start: u64, len: u64) -> Option<RangeLock<'a>> {
+        let lock = RangeLock { file, start, len };
+        match lock.fcntl(libc::F_OFD_SETLK, libc::F_WRLCK) {
+            Ok(()) => Some(lock),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOLCK | libc::EOPNOTSUPP)) => {
+                Some(RangeLock { len: 0, ..lock })
+            }
+            Err(_) => None,
         }
     }
 
@@ -719,61 +854,12 @@ impl SealedLayer {
         block: &mut [u8],
     ) -> Result<()> {
         let bs = self.block_size();
-        let at = |p: u64| HEADER_SIZE as u64 + p * bs;
-        let writer = self.writer(fetch)?;
-        let mut next = first; // the next block to land
-        let mut failure: Option<Error> = None;
-        // Checks, caches and lands one whole block; false ends the fetch.
-        let mut land = |bytes: &[u8]| -> bool {
-            let p = next;
-            if Digest::of(bytes) != self.hashes[p as usize] {
-                tracing::error!(layer = %self.digest, pblock = p, "fetched block fails its checksum: not cached");
-                failure = Some(Error::BlockChecksum { path: self.path.clone(), pblock: p });
-                return false;
-            }
-            use std::os::unix::fs::FileExt;
-            if let Err(e) = writer.write_all_at(bytes, at(p)) {
-                failure = Some(Error::io("write", &self.path)(e));
-                return false;
-            }
-            self.mark_verified(p);
-            if p == target {
-                block.copy_from_slice(bytes);
-            }
-            claim.landed(p);
-            if claim.pipeline == Some(p) {
-                self.fetch_next(fetch, first + count);
-            }
-            next += 1;
-            true
-        };
-        // Pieces arrive in any size: whole blocks in a piece are checked where they lie, a
-        // block split across pieces is gathered first.
-        let mut split: Vec<u8> = Vec::new();
-        let offset = at(first);
-        let result = fetch.source.read_range(&self.digest, offset, count * bs, &mut |mut piece: &[u8]| {
-            while !piece.is_empty() {
-                if split.is_empty() && piece.len() as u64 >= bs {
-                    let (whole, rest) = piece.split_at(bs as usize);
-                    piece = rest;
-                    if !land(whole) {
-                        return false;
-                    }
-                    continue;
-                }
-                let n = (bs as usize - split.len()).min(piece.len());
-                split.extend_from_slice(&piece[..n]);
-                piece = &piece[n..];
-                if split.len() as u64 == bs {
-                    let ok = land(&split);
-                    split.clear();
-                    if !ok {
-                        return false;
-                    }
-                }
-            }
-            true
-        });
+        let offset = HEADER_SIZE as u64 + first * bs;
+        let mut lander = Lander::new(self, fetch, claim, first, count)?;
+        lander.target = Some((target, block));
+        let result =
+            fetch.source.read_range(&self.digest, offset, count * bs, &mut |piece: &[u8]| lander.feed(piece));
+        let (next, failure) = (lander.next, lander.failure.take());
         let landed = next - first;
         if let Err(e) = &result {
             tracing::error!(layer = %self.digest, offset, len = count * bs, landed, error = %e, "fetching blocks failed");
@@ -787,6 +873,98 @@ impl SealedLayer {
         Err(Error::io("fetch", &self.path)(result.err().unwrap_or_else(|| {
             std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the source ended before the block read")
         })))
+    }
+
+    /// Makes the stored blocks of `runs` (first block, count) local and checked, fetching what
+    /// a partial layer lacks of them in one request for all (where the source can), and
+    /// nothing else: for prefetching blocks known to be needed, such as a boot trace's. Blocks
+    /// being fetched by someone else (this process or another) are left to that fetch. Best
+    /// effort: what fails is fetched again when it is read.
+    pub fn fetch_runs(&self, runs: &[(u64, u64)]) -> Result<()> {
+        let Some(fetch) = &self.fetch else { return Ok(()) };
+        let f = self.file.get(&self.path)?;
+        let bs = self.block_size();
+        let at = |p: u64| HEADER_SIZE as u64 + p * bs;
+        let mut probe = vec![0u8; bs as usize];
+        // The missing sub-runs (a block already local, from before a restart, is kept).
+        let mut missing: Vec<(u64, u64)> = Vec::new();
+        for &(p, n) in runs {
+            let end = (p + n).min(self.trailer.block_count);
+            let mut q = p;
+            while q < end {
+                if self.is_verified(q) {
+                    q += 1;
+                    continue;
+                }
+                if self.hole_end(&f, q) == q {
+                    read_exact_at(&f, &mut probe, at(q), &self.path)?;
+                    if Digest::of(&probe) == self.hashes[q as usize] {
+                        self.mark_verified(q);
+                        q += 1;
+                        continue;
+                    }
+                }
+                let len = self.missing_run(&f, q, end - q, false)?;
+                missing.push((q, len));
+                q += len;
+            }
+        }
+        // Claim them, less what is in flight.
+        let mut claims: Vec<(Claim<'_>, u64, u64)> = Vec::new();
+        {
+            let mut state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
+            for (p, n) in missing {
+                let mut q = p;
+                while q < p + n {
+                    if state.is_in_flight(q) || self.is_verified(q) {
+                        q += 1;
+                        continue;
+                    }
+                    let mut e = q + 1;
+                    while e < p + n && !state.is_in_flight(e) && !self.is_verified(e) {
+                        e += 1;
+                    }
+                    let id = state.next_claim;
+                    state.next_claim += 1;
+                    state.in_flight.push((id, q, e));
+                    claims.push((Claim { fetch, id, pipeline: None }, q, e - q));
+                    q = e;
+                }
+            }
+        }
+        // And lock them against other processes; a range one of them holds is theirs to fetch.
+        let writer = self.writer(fetch)?;
+        let mut locks = Vec::new();
+        claims.retain(|(_, first, count)| match RangeLock::try_acquire(writer, at(*first), count * bs) {
+            Some(l) => {
+                locks.push(l);
+                true
+            }
+            None => false,
+        });
+        if claims.is_empty() {
+            return Ok(());
+        }
+        let ranges: Vec<(u64, u64)> =
+            claims.iter().map(|(_, first, count)| (at(*first), count * bs)).collect();
+        let mut landers = Vec::with_capacity(claims.len());
+        for (claim, first, count) in &claims {
+            landers.push(Lander::new(self, fetch, claim, *first, *count)?);
+        }
+        // A range that goes wrong (a bad block) ends alone; the others go on.
+        let result = fetch.source.read_ranges(&self.digest, &ranges, &mut |i, piece: &[u8]| {
+            let l = &mut landers[i];
+            if l.failure.is_none() && l.next < l.end {
+                l.feed(piece);
+            }
+            true
+        });
+        if let Err(e) = &result {
+            tracing::warn!(layer = %self.digest, runs = ranges.len(), error = %e, "prefetching blocks failed");
+        }
+        drop(landers);
+        drop(locks);
+        Ok(())
     }
 
     /// Makes every stored block local and checked (fetching what a partial layer lacks), in

@@ -302,6 +302,31 @@ impl BlockSource for HookSource {
         }
         Ok(())
     }
+
+    /// All ranges in one request, as a multi-range GET would be.
+    fn read_ranges(
+        &self,
+        layer: &Digest,
+        ranges: &[(u64, u64)],
+        sink: &mut dyn FnMut(usize, &[u8]) -> bool,
+    ) -> std::io::Result<()> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let f = std::fs::File::open(self.store.join("blobs/sha256").join(layer.hex()))?;
+        for (r, &(offset, len)) in ranges.iter().enumerate() {
+            let mut buf = vec![0u8; len as usize];
+            f.read_exact_at(&mut buf, offset)?;
+            for (i, block) in buf.chunks_mut(65536).enumerate() {
+                if !(self.hook)(i as u64, block) {
+                    return Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "transfer broken"));
+                }
+                self.fetched.fetch_add(block.len() as u64, Ordering::Relaxed);
+                if !sink(r, block) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn hook_source(dir: &Path, hook: impl Fn(u64, &mut [u8]) -> bool + Send + Sync + 'static) -> Arc<HookSource> {
@@ -663,4 +688,31 @@ fn a_read_ahead_that_fails_before_the_readers_block_gives_the_reader_the_error()
     broken.store(false, Ordering::SeqCst);
     d.read(bs as u64, &mut b).unwrap();
     assert!(b[..] == expected[bs..2 * bs]);
+}
+
+#[test]
+fn prefetching_runs_fetches_just_their_missing_blocks_in_one_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (complete, expected) = build_long(tmp.path(), 16);
+    let partial = build_partial(tmp.path(), &complete);
+    let src = hook_source(tmp.path(), |_, _| true);
+    let d = Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), FetchPolicy::default())
+        .unwrap();
+    let bs = 65536usize;
+    let mut b = vec![0u8; bs];
+    d.read(5 * bs as u64, &mut b).unwrap(); // block 5 is local now
+    let count = || (src.fetched.load(Ordering::SeqCst) / bs as u64, src.requests.load(Ordering::SeqCst));
+    assert_eq!(count(), (1, 1));
+    // Runs 0-1, 4-6 and 10: blocks 0, 1, 4, 6 and 10 are missing; one request for all.
+    d.prefetch_runs(&[(0, 2), (4, 3), (10, 1)]).unwrap();
+    assert_eq!(count(), (6, 2), "(blocks fetched, requests)");
+    for v in [0u64, 1, 4, 5, 6, 10] {
+        d.read(v * bs as u64, &mut b).unwrap();
+        assert!(b[..] == expected[v as usize * bs..][..bs], "block {v}");
+    }
+    assert_eq!(count(), (6, 2), "the prefetched blocks are local");
+    d.prefetch_runs(&[(0, 2), (10, 1)]).unwrap();
+    assert_eq!(count(), (6, 2), "nothing to fetch twice");
+    d.read(2 * bs as u64, &mut b).unwrap();
+    assert_eq!(count().1, 3, "block 2 was not prefetched");
 }

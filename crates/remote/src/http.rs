@@ -12,8 +12,8 @@ use ureq::http::{Request, Response, StatusCode};
 
 use crate::error::{RemoteError, Result};
 use crate::http_client::{
-    HttpClient, HttpConfig, Sink, body_to_file, read_body, status_error, stream_range, stream_range_body,
-    transport_error,
+    HttpClient, HttpConfig, MultiSink, Sink, body_to_file, read_body, status_error, stream_multi_range_body,
+    stream_range, stream_range_body, stream_ranges, transport_error,
 };
 use crate::layout::ObjectStore;
 
@@ -81,6 +81,24 @@ impl ObjectStore for HttpStore {
                 _ => Err(status_error("GET", &url, key, resp)),
             }
         })
+    }
+
+    fn stream_ranges(&self, key: &str, ranges: &[(u64, u64)], sink: &mut MultiSink<'_>) -> Result<u64> {
+        let url = self.url(key);
+        stream_ranges(
+            ranges,
+            sink,
+            |header, done, sink| {
+                let resp = self.call("GET", &url, Some(header))?;
+                match resp.status() {
+                    StatusCode::PARTIAL_CONTENT | StatusCode::OK => {
+                        stream_multi_range_body("GET", &url, resp, ranges, done, sink)
+                    }
+                    _ => Err(status_error("GET", &url, key, resp)),
+                }
+            },
+            |offset, len, sink| self.stream_range(key, offset, len, sink),
+        )
     }
 
     fn stream_range(&self, key: &str, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<()> {

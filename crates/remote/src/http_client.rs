@@ -11,7 +11,7 @@
 //!   request is retried after transient failures (see `retry`).
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::path::Path;
 use std::time::Duration;
 
@@ -281,6 +281,215 @@ pub fn stream_body(
         }
     }
     Ok(())
+}
+
+/// Where the bytes of several ranges go: the range's index and consecutive pieces of it;
+/// `false` stops the transfer early.
+pub type MultiSink<'a> = dyn FnMut(usize, &[u8]) -> bool + 'a;
+
+/// The `Range` header value asking for `ranges` (offset, length), all in one request.
+pub fn multi_range_header(ranges: &[(u64, u64)]) -> String {
+    let parts: Vec<String> = ranges.iter().map(|&(o, l)| format!("{o}-{}", o + l - 1)).collect();
+    format!("bytes={}", parts.join(","))
+}
+
+/// Streams the answer to a request for several `ranges` (offset, length) to `sink`, and counts
+/// in `done` the bytes each range got (in order from its start; a range's bytes that do not
+/// continue what it got are dropped). The answer may be `multipart/byteranges` (one part per
+/// range, or parts that merge neighbouring ranges), a single 206 part covering them, or a 200
+/// with the whole object. Ranges it leaves short are the caller's to ask for again; an error
+/// says the transfer broke (what arrived before it is delivered).
+pub fn stream_multi_range_body(
+    method: &'static str,
+    url: &str,
+    mut resp: Response<ureq::Body>,
+    ranges: &[(u64, u64)],
+    done: &mut [u64],
+    sink: &mut MultiSink<'_>,
+) -> Result<()> {
+    let status = resp.status();
+    let content_type = header(&resp, "content-type").unwrap_or_default();
+    let boundary = content_type
+        .to_ascii_lowercase()
+        .starts_with("multipart/byteranges")
+        .then(|| {
+            content_type.split(';').find_map(|p| {
+                let (k, v) = p.trim().split_once('=')?;
+                k.trim().eq_ignore_ascii_case("boundary").then(|| v.trim().trim_matches('"').to_string())
+            })
+        })
+        .flatten();
+    let single = if status == StatusCode::PARTIAL_CONTENT {
+        header(&resp, "content-range").map(|cr| parse_content_range(method, url, &cr)).transpose()?
+    } else {
+        None
+    };
+    let whole = content_length(&resp);
+    let mut reader = std::io::BufReader::with_capacity(STREAM_CHUNK, resp.body_mut().as_reader());
+    let mut feed = |start: u64, len: u64, reader: &mut dyn Read| -> Result<bool> {
+        feed_part(method, url, reader, start, len, ranges, done, sink)
+    };
+    match (status, boundary, single) {
+        (StatusCode::OK, _, _) => {
+            feed(0, whole.unwrap_or(u64::MAX), &mut reader)?;
+        }
+        (StatusCode::PARTIAL_CONTENT, Some(b), _) => {
+            let delimiter = format!("--{b}");
+            let mut line = String::new();
+            loop {
+                line.clear();
+                if reader.read_line(&mut line).map_err(|e| body_error(method, url, e))? == 0 {
+                    break; // ended without the closing delimiter: what is short is asked again
+                }
+                let l = line.trim_end();
+                if l == format!("{delimiter}--") {
+                    break;
+                }
+                if l != delimiter {
+                    continue; // the preamble or the blank line before a delimiter
+                }
+                let mut part_range = None;
+                loop {
+                    line.clear();
+                    if reader.read_line(&mut line).map_err(|e| body_error(method, url, e))? == 0 {
+                        return Ok(());
+                    }
+                    let l = line.trim_end();
+                    if l.is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = l.split_once(':')
+                        && k.trim().eq_ignore_ascii_case("content-range")
+                    {
+                        part_range = Some(parse_content_range(method, url, v.trim())?);
+                    }
+                }
+                let Some((start, end)) = part_range else {
+                    return Err(RemoteError::Invalid(format!(
+                        "{method} {url}: a part without Content-Range"
+                    )));
+                };
+                if !feed(start, end + 1 - start, &mut reader)? {
+                    return Ok(());
+                }
+            }
+        }
+        (StatusCode::PARTIAL_CONTENT, None, Some((start, end))) => {
+            feed(start, end + 1 - start, &mut reader)?;
+        }
+        _ => {
+            return Err(RemoteError::Invalid(format!(
+                "{method} {url}: a {status} answer to a multi-range request without Content-Range"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Several ranges in one request where the server allows: `multi(header, done, sink)` makes
+/// that request (see [`stream_multi_range_body`]); whatever it leaves short (an error, a
+/// server that merged or dropped ranges) is asked for again one range at a time with
+/// `single(offset, len, sink)`, which retries. Returns the number of requests made.
+pub fn stream_ranges(
+    ranges: &[(u64, u64)],
+    sink: &mut MultiSink<'_>,
+    multi: impl FnOnce(&str, &mut [u64], &mut MultiSink<'_>) -> Result<()>,
+    mut single: impl FnMut(u64, u64, &mut Sink<'_>) -> Result<()>,
+) -> Result<u64> {
+    let mut done = vec![0u64; ranges.len()];
+    let mut stopped = false;
+    let mut requests = 0;
+    if ranges.len() > 1 {
+        requests += 1;
+        let header = multi_range_header(ranges);
+        let result = multi(&header, &mut done, &mut |i: usize, piece: &[u8]| {
+            stopped = !sink(i, piece);
+            !stopped
+        });
+        if stopped {
+            return Ok(requests);
+        }
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "multi-range request failed; asking range by range");
+        }
+    }
+    for (i, &(o, l)) in ranges.iter().enumerate() {
+        if done[i] >= l {
+            continue;
+        }
+        requests += 1;
+        single(o + done[i], l - done[i], &mut |piece: &[u8]| {
+            stopped = !sink(i, piece);
+            !stopped
+        })?;
+        if stopped {
+            break;
+        }
+    }
+    Ok(requests)
+}
+
+/// `bytes START-END/TOTAL` (or `*` for the total) as (START, END).
+fn parse_content_range(method: &'static str, url: &str, cr: &str) -> Result<(u64, u64)> {
+    let bad = || RemoteError::Invalid(format!("{method} {url}: bad Content-Range {cr:?}"));
+    let r = cr.trim().strip_prefix("bytes ").ok_or_else(bad)?;
+    let (span, _) = r.split_once('/').ok_or_else(bad)?;
+    let (a, b) = span.split_once('-').ok_or_else(bad)?;
+    let (a, b): (u64, u64) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+    if b < a {
+        return Err(bad());
+    }
+    Ok((a, b))
+}
+
+/// Streams one part of an answer, covering bytes `[start, start + len)` of the object (`len`
+/// may be `u64::MAX`: to the end of the body), handing each requested range the bytes of it
+/// that continue what it got. False if the sink stopped.
+#[allow(clippy::too_many_arguments)]
+fn feed_part(
+    method: &'static str,
+    url: &str,
+    reader: &mut dyn Read,
+    start: u64,
+    len: u64,
+    ranges: &[(u64, u64)],
+    done: &mut [u64],
+    sink: &mut MultiSink<'_>,
+) -> Result<bool> {
+    let mut buf = vec![0u8; STREAM_CHUNK];
+    let mut at = start;
+    let end = start.saturating_add(len);
+    while at < end {
+        let want = buf.len().min((end - at).min(usize::MAX as u64) as usize);
+        let n = match reader.read(&mut buf[..want]) {
+            Ok(0) if len == u64::MAX => return Ok(true),
+            Ok(0) => {
+                return Err(RemoteError::Transport {
+                    method,
+                    url: url.to_string(),
+                    reason: format!("short body: a part ended at {at}, before {end}"),
+                });
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(body_error(method, url, e)),
+        };
+        let (lo, hi) = (at, at + n as u64);
+        for (i, &(o, l)) in ranges.iter().enumerate() {
+            let next = o + done[i];
+            if done[i] >= l || next < lo || next >= hi {
+                continue;
+            }
+            let stop = (o + l).min(hi);
+            let piece = &buf[(next - lo) as usize..(stop - lo) as usize];
+            done[i] += piece.len() as u64;
+            if !sink(i, piece) {
+                return Ok(false);
+            }
+        }
+        at = hi;
+    }
+    Ok(true)
 }
 
 /// Reads a whole body of at most `limit` bytes; checks Content-Length when there is one.

@@ -9,7 +9,7 @@ use mcow_format::Digest;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{RemoteError, Result};
-use crate::http_client::{Sink, collect_range};
+use crate::http_client::{MultiSink, Sink, collect_range};
 use crate::image::{Descriptor, MANIFEST_MEDIA_TYPE};
 use crate::remote::Remote;
 
@@ -21,6 +21,21 @@ pub trait ObjectStore: Send + Sync {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
     /// Streams exactly `len` bytes at `offset` to `sink` (see `Remote::stream_blob_range`).
     fn stream_range(&self, key: &str, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<()>;
+    /// Several ranges at once (see `Remote::stream_blob_ranges`): one at a time unless the
+    /// store can do better. Returns the number of requests made.
+    fn stream_ranges(&self, key: &str, ranges: &[(u64, u64)], sink: &mut MultiSink<'_>) -> Result<u64> {
+        let mut stopped = false;
+        for (i, &(o, l)) in ranges.iter().enumerate() {
+            self.stream_range(key, o, l, &mut |piece: &[u8]| {
+                stopped = !sink(i, piece);
+                !stopped
+            })?;
+            if stopped {
+                return Ok(i as u64 + 1);
+            }
+        }
+        Ok(ranges.len() as u64)
+    }
     /// Exactly `len` bytes at `offset`, in memory.
     fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
         collect_range(len, |sink| self.stream_range(key, offset, len, sink))
@@ -88,6 +103,15 @@ impl<S: ObjectStore> Remote for Layout<S> {
 
     fn stream_blob_range(&self, digest: &Digest, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<()> {
         self.store.stream_range(&Self::blob_key(digest), offset, len, sink)
+    }
+
+    fn stream_blob_ranges(
+        &self,
+        digest: &Digest,
+        ranges: &[(u64, u64)],
+        sink: &mut MultiSink<'_>,
+    ) -> Result<u64> {
+        self.store.stream_ranges(&Self::blob_key(digest), ranges, sink)
     }
 
     fn get_blob(&self, digest: &Digest) -> Result<Vec<u8>> {

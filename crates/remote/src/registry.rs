@@ -29,8 +29,9 @@ use ureq::http::{Request, Response, StatusCode};
 
 use crate::error::{RemoteError, Result};
 use crate::http_client::{
-    HttpClient, HttpConfig, ProgressReader, Sink, base64, body_to_file, header, parse_www_authenticate,
-    query_escape, read_body, status_error, stream_range, stream_range_body, transport_error,
+    HttpClient, HttpConfig, MultiSink, ProgressReader, Sink, base64, body_to_file, header,
+    parse_www_authenticate, query_escape, read_body, status_error, stream_multi_range_body, stream_range,
+    stream_range_body, stream_ranges, transport_error,
 };
 use crate::image::MANIFEST_MEDIA_TYPE;
 use crate::remote::Remote;
@@ -364,6 +365,29 @@ impl Remote for Registry {
                 _ => Err(status_error("GET", &url, &format!("blob {digest}"), resp)),
             }
         })
+    }
+
+    fn stream_blob_ranges(
+        &self,
+        digest: &Digest,
+        ranges: &[(u64, u64)],
+        sink: &mut MultiSink<'_>,
+    ) -> Result<u64> {
+        let url = self.blob_url(digest);
+        stream_ranges(
+            ranges,
+            sink,
+            |header, done, sink| {
+                let resp = self.send("GET", &url, &[("range", header)], Payload::None, &mut |_| {})?;
+                match resp.status() {
+                    StatusCode::PARTIAL_CONTENT | StatusCode::OK => {
+                        stream_multi_range_body("GET", &url, resp, ranges, done, sink)
+                    }
+                    _ => Err(status_error("GET", &url, &format!("blob {digest}"), resp)),
+                }
+            },
+            |offset, len, sink| self.stream_blob_range(digest, offset, len, sink),
+        )
     }
 
     fn get_blob(&self, digest: &Digest) -> Result<Vec<u8>> {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use mcow_format::Digest;
 
 use crate::error::Result;
-use crate::http_client::{Sink, collect_range};
+use crate::http_client::{MultiSink, Sink, collect_range};
 use crate::reference::{Location, Reference};
 
 /// Blob and manifest storage. Implementations retry transient failures themselves (see
@@ -25,6 +25,28 @@ pub trait Remote: Send + Sync {
     /// arrive (a short answer is an error; after a transient failure midway the rest is asked
     /// for again). Stops early, without error, when `sink` returns false.
     fn stream_blob_range(&self, digest: &Digest, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<()>;
+    /// Streams several ranges (offset, length) of blob `digest` to `sink` (the range's index
+    /// and consecutive pieces of it). Backends that can ask for them in one request do (OCI
+    /// registries, plain HTTP); others ask one range at a time. Stops early when `sink`
+    /// returns false. Returns the number of requests made.
+    fn stream_blob_ranges(
+        &self,
+        digest: &Digest,
+        ranges: &[(u64, u64)],
+        sink: &mut MultiSink<'_>,
+    ) -> Result<u64> {
+        let mut stopped = false;
+        for (i, &(o, l)) in ranges.iter().enumerate() {
+            self.stream_blob_range(digest, o, l, &mut |piece: &[u8]| {
+                stopped = !sink(i, piece);
+                !stopped
+            })?;
+            if stopped {
+                return Ok(i as u64 + 1);
+            }
+        }
+        Ok(ranges.len() as u64)
+    }
     /// Exactly `len` bytes at `offset` of blob `digest`, in memory.
     fn get_blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>> {
         collect_range(len, |sink| self.stream_blob_range(digest, offset, len, sink))

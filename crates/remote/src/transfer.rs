@@ -373,6 +373,23 @@ impl BlockSource for RemoteSource {
         })?;
         Ok(())
     }
+
+    fn read_ranges(
+        &self,
+        layer: &Digest,
+        ranges: &[(u64, u64)],
+        sink: &mut dyn FnMut(usize, &[u8]) -> bool,
+    ) -> std::io::Result<()> {
+        tracing::debug!(%layer, ranges = ranges.len(), "fetching ranges");
+        let requests = self.remote.stream_blob_ranges(layer, ranges, &mut |i, piece: &[u8]| {
+            self.fetched.fetch_add(piece.len() as u64, Ordering::Relaxed);
+            sink(i, piece)
+        });
+        // Counted even when it failed partway: the requests were made.
+        self.requests.fetch_add(requests.as_ref().map_or(1, |n| *n), Ordering::Relaxed);
+        requests?;
+        Ok(())
+    }
 }
 
 /// One `RemoteSource` per origin in this process, so that disks pulled from the same image

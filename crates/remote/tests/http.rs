@@ -74,6 +74,17 @@ fn pull_full_and_lazy_from_nginx_and_refuse_pushes() {
     let n = index.len() as u64;
     assert_eq!(store.get_range("index.json", n - 5, 5).unwrap(), index[index.len() - 5..]);
     assert!(store.get_range("index.json", n - 5, 10).is_err());
+    // Several ranges in one request: nginx answers multipart/byteranges.
+    let ranges = [(0, 4), (10, 6), (n - 3, 3)];
+    let mut got = vec![Vec::new(); 3];
+    let requests = store.stream_ranges("index.json", &ranges, &mut |i, p| {
+        got[i].extend_from_slice(p);
+        true
+    });
+    assert_eq!(requests.unwrap(), 1, "one request for three ranges");
+    for (i, &(o, l)) in ranges.iter().enumerate() {
+        assert_eq!(got[i], index[o as usize..(o + l) as usize], "range {i}");
+    }
 }
 
 /// A one-shot-per-connection HTTP server answering every request with `answer(n, request)`
@@ -133,6 +144,18 @@ fn ranges_from_servers_that_ignore_them_fail_or_stop_short() {
     let e = s.get_range("obj", 4990, 100).unwrap_err();
     assert!(!e.is_transient(), "{e}");
     assert_eq!(count.load(Ordering::SeqCst), 3, "a range past the end is not retried");
+
+    // Several ranges from a server that ignores Range: cut out of the one whole body.
+    let s = HttpStore::with_config(&base, quick());
+    let mut got = vec![Vec::new(); 2];
+    let n = s
+        .stream_ranges("obj", &[(10, 5), (4000, 20)], &mut |i, p| {
+            got[i].extend_from_slice(p);
+            true
+        })
+        .unwrap();
+    assert_eq!((got[0].as_slice(), got[1].as_slice()), (&data[10..15], &data[4000..4020]));
+    assert_eq!(n, 1);
 
     // A 206 whose body stops short (half of what it announces, every time) is transient: each
     // retry asks only for the bytes still missing, then the error comes after the attempts.

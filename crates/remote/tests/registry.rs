@@ -96,6 +96,15 @@ fn push_pull_roundtrip_and_dedup() {
     assert_eq!(remote.get_blob(&d).unwrap(), b"hello registry");
     assert_eq!(remote.get_blob_range(&d, 6, 8).unwrap(), b"registry");
     assert!(remote.get_blob_range(&d, 20, 4).is_err());
+    // Several ranges in one request (the registry answers multipart/byteranges).
+    let ranges = [(0, 5), (6, 3), (11, 3)];
+    let mut got = vec![Vec::new(); 3];
+    let requests = remote.stream_blob_ranges(&d, &ranges, &mut |i, p| {
+        got[i].extend_from_slice(p);
+        true
+    });
+    assert_eq!(requests.unwrap(), 1, "one request for three ranges");
+    assert_eq!(got, [b"hello".to_vec(), b"reg".to_vec(), b"try".to_vec()]);
 }
 
 #[test]
