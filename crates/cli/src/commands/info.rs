@@ -1,7 +1,6 @@
 //! `mcow info`: what a disk is made of.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -10,7 +9,7 @@ use serde::Serialize;
 
 use crate::Global;
 use crate::output::{OutputFormat, human_size, print_json};
-use crate::paths::{Fetch, open_lazy, read_origin};
+use crate::paths::read_origin;
 
 /// Show a disk's size, layers, top and map.
 #[derive(Debug, clap::Args)]
@@ -31,14 +30,8 @@ use crate::paths::{Fetch, open_lazy, read_origin};
     copy's data region, which only ever receives blocks that matched their hashes). Nothing is \
     fetched by `info`.")]
 pub struct InfoArgs {
-    /// The disk directory.
-    pub disk: PathBuf,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t)]
-    pub output: OutputFormat,
-    /// Open even if another process is writing to the disk (what is shown may be stale).
-    #[arg(short = 'U', long)]
-    pub force_share: bool,
+    #[command(flatten)]
+    pub disk: super::InspectArgs,
 }
 
 /// The `info` report; also its JSON form.
@@ -177,10 +170,9 @@ pub fn write_human(info: &Info, w: &mut dyn Write) -> std::io::Result<()> {
 }
 
 pub fn run(a: InfoArgs, _g: Global) -> Result<ExitCode> {
-    let opts = mcow_engine::OpenOptions { read_only: true, verify: true, force_share: a.force_share };
-    let (disk, _) = open_lazy(&a.disk, opts, Fetch::Offline)?;
+    let disk = a.disk.open()?;
     let info = collect(&disk);
-    match a.output {
+    match a.disk.output {
         OutputFormat::Json => print_json(&info)?,
         OutputFormat::Human => write_human(&info, &mut std::io::stdout().lock()).context("writing output")?,
     }

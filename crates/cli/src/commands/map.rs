@@ -1,7 +1,6 @@
 //! `mcow map`: which layer every range of the disk comes from, like `qemu-img map`.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -10,7 +9,6 @@ use serde::Serialize;
 
 use crate::Global;
 use crate::output::{OutputFormat, depth_of, human_size, layer_name, print_json};
-use crate::paths::{Fetch, open_lazy};
 
 /// Show where each range of a disk comes from.
 #[derive(Debug, clap::Args)]
@@ -31,14 +29,8 @@ use crate::paths::{Fetch, open_lazy};
     data           true if the range is stored data;\n  \
     layer          the layer's digest (\"sha256:...\"), \"top\", or null where present is false.")]
 pub struct MapArgs {
-    /// The disk directory.
-    pub disk: PathBuf,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t)]
-    pub output: OutputFormat,
-    /// Open even if another process is writing to the disk (what is shown may be stale).
-    #[arg(short = 'U', long)]
-    pub force_share: bool,
+    #[command(flatten)]
+    pub disk: super::InspectArgs,
 }
 
 /// One range of `map --output json`.
@@ -98,10 +90,8 @@ pub fn write_human(disk: &Disk, w: &mut dyn Write) -> Result<()> {
 }
 
 pub fn run(a: MapArgs, _g: Global) -> Result<ExitCode> {
-    let opts = mcow_engine::OpenOptions { read_only: true, verify: true, force_share: a.force_share };
-    // The map needs no data: a lazy disk is opened offline, fetching nothing.
-    let (disk, _) = open_lazy(&a.disk, opts, Fetch::Offline)?;
-    match a.output {
+    let disk = a.disk.open()?;
+    match a.disk.output {
         OutputFormat::Json => print_json(&collect(&disk)?)?,
         OutputFormat::Human => write_human(&disk, &mut std::io::stdout().lock())?,
     }
