@@ -429,6 +429,26 @@ pub fn stream_ranges(
     Ok(requests)
 }
 
+/// Several ranges asked for one at a time with `single(offset, len, sink)`, for stores that
+/// take one range per request. Returns the number of requests made.
+pub fn stream_ranges_one_by_one(
+    ranges: &[(u64, u64)],
+    sink: &mut MultiSink<'_>,
+    mut single: impl FnMut(u64, u64, &mut Sink<'_>) -> Result<()>,
+) -> Result<u64> {
+    let mut stopped = false;
+    for (i, &(o, l)) in ranges.iter().enumerate() {
+        single(o, l, &mut |piece: &[u8]| {
+            stopped = !sink(i, piece);
+            !stopped
+        })?;
+        if stopped {
+            return Ok(i as u64 + 1);
+        }
+    }
+    Ok(ranges.len() as u64)
+}
+
 /// `bytes START-END/TOTAL` (or `*` for the total) as (START, END).
 fn parse_content_range(method: &'static str, url: &str, cr: &str) -> Result<(u64, u64)> {
     let bad = || RemoteError::Invalid(format!("{method} {url}: bad Content-Range {cr:?}"));

@@ -9,7 +9,7 @@ use mcow_format::Digest;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{RemoteError, Result};
-use crate::http_client::{MultiSink, Sink, collect_range};
+use crate::http_client::{MultiSink, Sink, collect_range, stream_ranges_one_by_one};
 use crate::image::{Descriptor, MANIFEST_MEDIA_TYPE};
 use crate::remote::Remote;
 
@@ -24,17 +24,7 @@ pub trait ObjectStore: Send + Sync {
     /// Several ranges at once (see `Remote::stream_blob_ranges`): one at a time unless the
     /// store can do better. Returns the number of requests made.
     fn stream_ranges(&self, key: &str, ranges: &[(u64, u64)], sink: &mut MultiSink<'_>) -> Result<u64> {
-        let mut stopped = false;
-        for (i, &(o, l)) in ranges.iter().enumerate() {
-            self.stream_range(key, o, l, &mut |piece: &[u8]| {
-                stopped = !sink(i, piece);
-                !stopped
-            })?;
-            if stopped {
-                return Ok(i as u64 + 1);
-            }
-        }
-        Ok(ranges.len() as u64)
+        stream_ranges_one_by_one(ranges, sink, |o, l, s| self.stream_range(key, o, l, s))
     }
     /// Exactly `len` bytes at `offset`, in memory.
     fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use mcow_format::Digest;
 
 use crate::error::Result;
-use crate::http_client::{MultiSink, Sink, collect_range};
+use crate::http_client::{MultiSink, Sink, collect_range, stream_ranges_one_by_one};
 use crate::reference::{Location, Reference};
 
 /// Blob and manifest storage. Implementations retry transient failures themselves (see
@@ -35,17 +35,7 @@ pub trait Remote: Send + Sync {
         ranges: &[(u64, u64)],
         sink: &mut MultiSink<'_>,
     ) -> Result<u64> {
-        let mut stopped = false;
-        for (i, &(o, l)) in ranges.iter().enumerate() {
-            self.stream_blob_range(digest, o, l, &mut |piece: &[u8]| {
-                stopped = !sink(i, piece);
-                !stopped
-            })?;
-            if stopped {
-                return Ok(i as u64 + 1);
-            }
-        }
-        Ok(ranges.len() as u64)
+        stream_ranges_one_by_one(ranges, sink, |o, l, s| self.stream_blob_range(digest, o, l, s))
     }
     /// Exactly `len` bytes at `offset` of blob `digest`, in memory.
     fn get_blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>> {
