@@ -286,29 +286,11 @@ impl Disk {
         self.write_zeroes(offset, len, true)
     }
 
-    /// Makes virtual blocks `[vblock, vblock + count)` local where partial sealed layers hold
-    /// them (fetching and checking exactly those blocks, one request per missing run of a
-    /// layer), without reading them out; blocks in the top, zero or already checked cost
-    /// nothing.
-    pub fn prefetch(&self, vblock: u64, count: u64) -> Result<()> {
-        let end = (vblock + count).min(self.size.div_ceil(self.bs));
-        let mut v = vblock;
-        while v < end {
-            let (loc, run_end) = self.resolve(v, end);
-            if let Some(loc) = loc
-                && loc.kind == ExtentKind::Data
-                && loc.layer != TOP
-            {
-                self.stack.layers()[loc.layer as usize].fetch_exact(loc.pblock, run_end - v)?;
-            }
-            v = run_end;
-        }
-        Ok(())
-    }
-
-    /// [`Disk::prefetch`] for many runs (first virtual block, count) at once: the missing
-    /// blocks of each partial layer are fetched in one request where the source allows
-    /// (see `SealedLayer::fetch_runs`). Best effort: what fails is fetched when it is read.
+    /// Makes the virtual blocks of `runs` (first block, count) local where partial sealed
+    /// layers hold them, fetching and checking exactly those blocks without reading them out:
+    /// each partial layer's missing blocks in one request where the source allows (see
+    /// `SealedLayer::fetch_runs`). Blocks in the top, zero or already checked cost nothing.
+    /// Best effort: what fails is fetched when it is read.
     pub fn prefetch_runs(&self, runs: &[(u64, u64)]) -> Result<()> {
         let blocks = self.size.div_ceil(self.bs);
         let mut per_layer: Vec<Vec<(u64, u64)>> = vec![Vec::new(); self.stack.layers().len()];

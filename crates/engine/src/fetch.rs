@@ -145,7 +145,8 @@ const READAHEAD_RAMP: u64 = 4 << 20;
 pub(crate) enum Want {
     /// A read that covers the blocks up to this end.
     Read(u64),
-    /// A prefetch of exactly the blocks up to this end.
+    /// Exactly the missing blocks up to this end, shown by a disk or not (the background
+    /// download of `fetch_all`).
     Exact(u64),
 }
 
@@ -568,7 +569,7 @@ impl SealedLayer {
     /// ranges of the layer run concurrently.
     ///
     /// `want` says why the block is wanted: a read (covering blocks up to the given end), or a
-    /// prefetch of known blocks up to the given end, which fetches the missing ones and no
+    /// download of the blocks up to the given end, which fetches the missing ones and no
     /// others, whatever the streams (it is no read, so it neither starts nor grows a stream).
     pub(crate) fn ensure_block(&self, f: &File, pblock: u64, block: &mut [u8], want: Want) -> Result<()> {
         let bs = self.block_size();
@@ -982,24 +983,6 @@ impl SealedLayer {
             if !self.is_verified(pb) {
                 let end = (pb + chunk).min(self.trailer.block_count);
                 self.ensure_block(&f, pb, &mut block, Want::Exact(end))?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Makes stored blocks `[pblock, pblock + count)` local and checked, fetching what a
-    /// partial layer lacks of them in as few requests as there are missing runs, and nothing
-    /// outside them (for prefetching blocks known to be needed, such as a boot trace's).
-    pub fn fetch_exact(&self, pblock: u64, count: u64) -> Result<()> {
-        let end = (pblock + count).min(self.trailer.block_count);
-        if (pblock..end).all(|p| self.is_verified(p)) {
-            return Ok(());
-        }
-        let f = self.file.get(&self.path)?;
-        let mut block = vec![0u8; self.block_size() as usize];
-        for p in pblock..end {
-            if !self.is_verified(p) {
-                self.ensure_block(&f, p, &mut block, Want::Exact(end))?;
             }
         }
         Ok(())

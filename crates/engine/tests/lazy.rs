@@ -96,6 +96,23 @@ fn build_partial(dir: &Path, complete: &Path) -> PathBuf {
     disk
 }
 
+/// A second disk, `dir/b/disk2`, on the same (partial) layers as `first`, in the same store.
+fn second_disk(dir: &Path, first: &Path) -> PathBuf {
+    let m = mcow_engine::disk::read_manifest(first).unwrap();
+    let second = dir.join("b/disk2");
+    Disk::create(
+        &second,
+        &CreateOptions {
+            virtual_size: m.virtual_size,
+            block_size: m.block_size,
+            store: dir.join("b/layers"),
+            layers: m.layers.clone(),
+        },
+    )
+    .unwrap();
+    second
+}
+
 #[test]
 fn lazy_reads_fetch_each_block_once_and_survive_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
@@ -202,18 +219,7 @@ fn disks_on_the_same_partial_layers_fetch_each_block_once() {
     let (complete, expected) = build_complete(tmp.path());
     let first = build_partial(tmp.path(), &complete);
     // A second disk (another VM) on the same partial layers, in the same store.
-    let m = mcow_engine::disk::read_manifest(&first).unwrap();
-    let second = tmp.path().join("b/disk2");
-    Disk::create(
-        &second,
-        &CreateOptions {
-            virtual_size: m.virtual_size,
-            block_size: m.block_size,
-            store: tmp.path().join("b/layers"),
-            layers: m.layers.clone(),
-        },
-    )
-    .unwrap();
+    let second = second_disk(tmp.path(), &first);
     let src =
         Arc::new(DirSource { store: tmp.path().join("a/layers"), fetched: 0.into(), corrupt: false.into() });
     let a = Disk::open_with_source(&first, OpenOptions::default(), src.clone(), EXACT).unwrap();
@@ -279,15 +285,16 @@ struct HookSource {
 
 type Hook = dyn Fn(u64, &mut [u8]) -> bool + Send + Sync;
 
-impl BlockSource for HookSource {
-    fn read_range(
+impl HookSource {
+    /// Hands over `len` bytes at `offset` block by block through the hook (blocks numbered
+    /// from 0 within the range); false if the sink stopped.
+    fn send(
         &self,
         layer: &Digest,
         offset: u64,
         len: u64,
         sink: &mut dyn FnMut(&[u8]) -> bool,
-    ) -> std::io::Result<()> {
-        self.requests.fetch_add(1, Ordering::Relaxed);
+    ) -> std::io::Result<bool> {
         let f = std::fs::File::open(self.store.join("blobs/sha256").join(layer.hex()))?;
         let mut buf = vec![0u8; len as usize];
         f.read_exact_at(&mut buf, offset)?;
@@ -297,10 +304,23 @@ impl BlockSource for HookSource {
             }
             self.fetched.fetch_add(block.len() as u64, Ordering::Relaxed);
             if !sink(block) {
-                break;
+                return Ok(false);
             }
         }
-        Ok(())
+        Ok(true)
+    }
+}
+
+impl BlockSource for HookSource {
+    fn read_range(
+        &self,
+        layer: &Digest,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> std::io::Result<()> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.send(layer, offset, len, sink).map(|_| ())
     }
 
     /// All ranges in one request, as a multi-range GET would be.
@@ -311,18 +331,9 @@ impl BlockSource for HookSource {
         sink: &mut dyn FnMut(usize, &[u8]) -> bool,
     ) -> std::io::Result<()> {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let f = std::fs::File::open(self.store.join("blobs/sha256").join(layer.hex()))?;
         for (r, &(offset, len)) in ranges.iter().enumerate() {
-            let mut buf = vec![0u8; len as usize];
-            f.read_exact_at(&mut buf, offset)?;
-            for (i, block) in buf.chunks_mut(65536).enumerate() {
-                if !(self.hook)(i as u64, block) {
-                    return Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "transfer broken"));
-                }
-                self.fetched.fetch_add(block.len() as u64, Ordering::Relaxed);
-                if !sink(r, block) {
-                    return Ok(());
-                }
+            if !self.send(layer, offset, len, &mut |block: &[u8]| sink(r, block))? {
+                break;
             }
         }
         Ok(())
@@ -573,18 +584,7 @@ fn two_processes_on_one_cache_fetch_each_block_once() {
     let tmp = tempfile::tempdir().unwrap();
     let (complete, _) = build_long(tmp.path(), blocks);
     let first = build_partial(tmp.path(), &complete);
-    let m = mcow_engine::disk::read_manifest(&first).unwrap();
-    let second = tmp.path().join("b/disk2");
-    Disk::create(
-        &second,
-        &CreateOptions {
-            virtual_size: m.virtual_size,
-            block_size: m.block_size,
-            store: tmp.path().join("b/layers"),
-            layers: m.layers.clone(),
-        },
-    )
-    .unwrap();
+    let second = second_disk(tmp.path(), &first);
     // Two processes (this test binary again), one per disk, reading at the same time from
     // opposite ends: they meet in the middle and must not fetch a block twice.
     let exe = std::env::current_exe().unwrap();

@@ -249,10 +249,32 @@ pub fn stream_body(
     len: u64,
     sink: &mut Sink<'_>,
 ) -> Result<()> {
-    let mut buf = vec![0u8; STREAM_CHUNK.min(len as usize)];
-    let mut done = 0u64;
-    while done < len {
-        let want = buf.len().min((len - done) as usize);
+    let (stopped, got) = read_chunks(method, url, reader, len, sink)?;
+    if !stopped && got < len {
+        return Err(RemoteError::Transport {
+            method,
+            url: url.to_string(),
+            reason: format!("short body: got {got} of {len} bytes at offset {offset}"),
+        });
+    }
+    Ok(())
+}
+
+/// Hands the next `len` bytes of `reader` (or all of it, for `u64::MAX`) to `each` in pieces
+/// of up to [`STREAM_CHUNK`] bytes, each filled as far as the body allows. Returns whether
+/// `each` stopped the transfer and how many bytes it got. On a read error, what arrived is
+/// handed over first (so that a retry resumes after it).
+fn read_chunks(
+    method: &'static str,
+    url: &str,
+    reader: &mut dyn Read,
+    len: u64,
+    each: &mut dyn FnMut(&[u8]) -> bool,
+) -> Result<(bool, u64)> {
+    let mut buf = vec![0u8; STREAM_CHUNK.min(usize::try_from(len).unwrap_or(usize::MAX))];
+    let mut got = 0u64;
+    while got < len {
+        let want = buf.len().min(usize::try_from(len - got).unwrap_or(usize::MAX));
         let mut filled = 0;
         while filled < want {
             match reader.read(&mut buf[filled..want]) {
@@ -260,27 +282,22 @@ pub fn stream_body(
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    // Hand over what arrived, so a retry resumes after it.
                     if filled > 0 {
-                        sink(&buf[..filled]);
+                        each(&buf[..filled]);
                     }
                     return Err(body_error(method, url, e));
                 }
             }
         }
-        if filled > 0 && !sink(&buf[..filled]) {
-            return Ok(());
+        if filled > 0 && !each(&buf[..filled]) {
+            return Ok((true, got + filled as u64));
         }
-        done += filled as u64;
+        got += filled as u64;
         if filled < want {
-            return Err(RemoteError::Transport {
-                method,
-                url: url.to_string(),
-                reason: format!("short body: got {done} of {len} bytes at offset {offset}"),
-            });
+            break; // the body ended
         }
     }
-    Ok(())
+    Ok((false, got))
 }
 
 /// Where the bytes of several ranges go: the range's index and consecutive pieces of it;
@@ -476,40 +493,31 @@ fn feed_part(
     done: &mut [u64],
     sink: &mut MultiSink<'_>,
 ) -> Result<bool> {
-    let mut buf = vec![0u8; STREAM_CHUNK];
     let mut at = start;
-    let end = start.saturating_add(len);
-    while at < end {
-        let want = buf.len().min((end - at).min(usize::MAX as u64) as usize);
-        let n = match reader.read(&mut buf[..want]) {
-            Ok(0) if len == u64::MAX => return Ok(true),
-            Ok(0) => {
-                return Err(RemoteError::Transport {
-                    method,
-                    url: url.to_string(),
-                    reason: format!("short body: a part ended at {at}, before {end}"),
-                });
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(body_error(method, url, e)),
-        };
-        let (lo, hi) = (at, at + n as u64);
+    let (stopped, got) = read_chunks(method, url, reader, len, &mut |chunk: &[u8]| {
+        let (lo, hi) = (at, at + chunk.len() as u64);
+        at = hi;
         for (i, &(o, l)) in ranges.iter().enumerate() {
             let next = o + done[i];
             if done[i] >= l || next < lo || next >= hi {
                 continue;
             }
-            let stop = (o + l).min(hi);
-            let piece = &buf[(next - lo) as usize..(stop - lo) as usize];
+            let piece = &chunk[(next - lo) as usize..((o + l).min(hi) - lo) as usize];
             done[i] += piece.len() as u64;
             if !sink(i, piece) {
-                return Ok(false);
+                return false;
             }
         }
-        at = hi;
+        true
+    })?;
+    if !stopped && len != u64::MAX && got < len {
+        return Err(RemoteError::Transport {
+            method,
+            url: url.to_string(),
+            reason: format!("short body: a part ended at {}, before {}", start + got, start + len),
+        });
     }
-    Ok(true)
+    Ok(!stopped)
 }
 
 /// Reads a whole body of at most `limit` bytes; checks Content-Length when there is one.
