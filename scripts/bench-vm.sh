@@ -83,8 +83,8 @@ chmod -R a+rX "$W/ngx/www/images"
 HREF=http://127.0.0.1:$NP/images:v1
 HTREF=http://127.0.0.1:$NP/images:traced
 
-run_case() { # CASE ROUND -> "secs bytes"
-  local s=$W/s.sock t0 secs bytes p; rm -f "$s"
+run_case() { # CASE ROUND -> "secs bytes wire" (wire: body bytes nginx sent, or - )
+  local s=$W/s.sock t0 secs bytes wire=- p; rm -f "$s"
   case $1 in
     mcow-cold|mcow-warm|mcow-trace|mcow-http|mcow-http-trace)
       local ref=$REF cache=$W/cache
@@ -92,24 +92,26 @@ run_case() { # CASE ROUND -> "secs bytes"
       [ "$1" = mcow-http ] && ref=$HREF cache=$W/cache-http
       [ "$1" = mcow-http-trace ] && ref=$HTREF cache=$W/cache-http-trace
       [ "$1" = mcow-warm ] || rm -rf "$cache"
-      t0=$(date +%s.%N)
+      : > "$W/ngx/logs/access.log"; t0=$(date +%s.%N)
       RUST_LOG=info "$MCOW" serve -k "$s" --cache "$cache" ${MCOW_SERVE_ARGS:-} "disk=$ref" 2>"$W/serve.log" & p=$!
       wait_sock "$s"; secs=$(boot "$s" "$t0" "$W/console-$1-$2.log"); stop $p
       # all bytes from the registry: manifest, config, layer headers and indexes, and blocks
-      bytes=$(grep 'served; fetched' "$W/serve.log" | grep -o ' bytes_fetched=[0-9]*' | head -1 | cut -d= -f2) ;;
+      bytes=$(grep 'served; fetched' "$W/serve.log" | grep -o ' bytes_fetched=[0-9]*' | head -1 | cut -d= -f2)
+      # from nginx, also the body bytes it sent (so multipart framing counts too)
+      case $1 in mcow-http*) sleep 0.2; wire=$(awk '{s+=$1} END{print s+0}' "$W/ngx/logs/access.log") ;; esac ;;
     nbdkit-curl)
       rm -f "$W/stats"; : > "$W/ngx/logs/access.log"; t0=$(date +%s.%N)
       nbdkit -f -r -U "$s" --filter=stats curl url="http://127.0.0.1:$NP/disk.raw" statsfile="$W/stats" & p=$!
       wait_sock "$s"; secs=$(boot "$s" "$t0" "$W/console-$1-$2.log"); stop $p
       # body bytes nginx sent (exact; the stats filter's summary is in MiB with 2 decimals)
-      sleep 0.2; bytes=$(awk '{s+=$1} END{print s+0}' "$W/ngx/logs/access.log") ;;
+      sleep 0.2; bytes=$(awk '{s+=$1} END{print s+0}' "$W/ngx/logs/access.log"); wire=$bytes ;;
     local-raw)
       t0=$(date +%s.%N)
       qemu-nbd -f raw -k "$s" -x disk --read-only -t "$W/disk.raw" & p=$!
       wait_sock "$s"; secs=$(boot "$s" "$t0" "$W/console-$1-$2.log"); stop $p
       bytes=0 ;;
   esac
-  echo "$secs $bytes"
+  echo "$secs $bytes $wire"
 }
 
 cases=(mcow-cold mcow-warm mcow-trace mcow-http mcow-http-trace nbdkit-curl local-raw)
@@ -130,11 +132,12 @@ for r in $(seq "$ROUNDS"); do
 done
 median() { sort -n | awk '{a[NR]=$1} END{print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 echo
-printf '%-12s %12s %14s\n' case "median s" "median bytes"
+printf '%-16s %9s %13s %13s\n' case "median s" "median bytes" "nginx bytes"
 for c in "${cases[@]}"; do
   s=$(awk -v c="$c" '$2==c{print $3}' "$W/results" | median)
   b=$(awk -v c="$c" '$2==c{print $4}' "$W/results" | median)
-  printf '%-12s %12s %14s\n' "$c" "$s" "$b"
+  n=-; grep -q " $c [^ ]* [^ ]* [0-9]" "$W/results" && n=$(awk -v c="$c" '$2==c && $5!="-"{print $5}' "$W/results" | median)
+  printf '%-16s %9s %13s %13s\n' "$c" "$s" "$b" "$n"
   eval "S_${c//-/_}=$s B_${c//-/_}=$b"
 done
 awk -v cs="$S_mcow_cold" -v ns="$S_nbdkit_curl" -v cb="$B_mcow_cold" -v nb="$B_nbdkit_curl" -v ws="$S_mcow_warm" -v ls="$S_local_raw" \

@@ -19,6 +19,10 @@ const MAX_VIRTUAL_SIZE: u64 = 1 << 53;
 const MAGIC: &[u8; 8] = b"MCOWLAYR";
 /// Bytes covered by the header checksum; the CRC32C itself sits right after them.
 const CRC_AT: usize = 96;
+/// Bytes at the start of a header that hold its fields and their CRC. The other bytes up to
+/// [`HEADER_SIZE`] are zero in every valid header, so whoever knows a header's digest can
+/// rebuild it from these alone (a lazy pull fetches only them).
+pub const HEADER_FIELDS_LEN: usize = CRC_AT + 4;
 
 /// Whether a layer file is an immutable sealed layer or a writable top.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,8 +20,8 @@ mod trailer;
 pub use digest::{Digest, DigestParseError, Sha256Stream, chain_digest};
 pub use error::FormatError;
 pub use header::{
-    HEADER_SIZE, KNOWN_INCOMPAT_FEATURES, LayerHeader, LayerKind, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE,
-    check_block_size, check_virtual_size,
+    HEADER_FIELDS_LEN, HEADER_SIZE, KNOWN_INCOMPAT_FEATURES, LayerHeader, LayerKind, MAX_BLOCK_SIZE,
+    MIN_BLOCK_SIZE, check_block_size, check_virtual_size,
 };
 pub use index::{
     BLOCK_HASH_SIZE, ExtentKind, INDEX_ENTRY_SIZE, IndexEntry, decode_block_hashes, decode_index,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use mcow_engine::{CreateOptions, Disk, FetchPolicy, OpenOptions};
-use mcow_format::{Digest, HEADER_SIZE};
+use mcow_format::{Digest, HEADER_FIELDS_LEN, HEADER_SIZE, TRAILER_SIZE};
 use mcow_remote::http_client::HttpConfig;
 use mcow_remote::registry::{Credentials, Registry};
 use mcow_remote::retry::RetryPolicy;
@@ -200,6 +200,45 @@ fn tampered_blocks_and_manifests_are_refused() {
             .unwrap_err();
     assert!(matches!(e, RemoteError::DigestMismatch { .. }), "unexpected error for a tampered manifest: {e}");
     assert!(!t.path().join("c/disk/disk.json").exists());
+}
+
+/// A lazy pull fetches only the header's fields (the rest of a valid header is zero) and
+/// rebuilds the header, checked against its digest in the config. Tried: a byte of a field
+/// changed in the registry's copy of the base layer, then (restored) a byte of the zero padding.
+/// Must hold: the first pull is refused with a digest mismatch and leaves no disk; the second
+/// succeeds (the padding is never fetched), the partial layer's header is byte for byte the
+/// original's, and the disk reads right.
+#[test]
+fn lazy_pull_rebuilds_the_header_from_its_fields() {
+    let t = tempfile::tempdir().unwrap();
+    let reg = RegistryServer::start(&t.path().join("reg"), None);
+    let (disk, bytes) = build_disk(&t.path().join("a"));
+    let r = reference(&format!("oci://{}/mcow/h:v1", reg.host()));
+    transfer::push(&disk, &r, &mut |_, _| {}).unwrap();
+    let (base, _) = layers(&disk)[0];
+    let original = std::fs::read(reg.blob_file(&base)).unwrap();
+    let blob = reg.blob_file(&base);
+
+    let mut bad = original.clone();
+    bad[40] ^= 1; // the virtual size field
+    std::fs::write(&blob, &bad).unwrap();
+    let e = transfer::pull(&r, &t.path().join("b/disk"), &t.path().join("b/layers"), true, &mut |_, _| {})
+        .unwrap_err();
+    assert!(matches!(&e, RemoteError::DigestMismatch { what, .. } if what.contains("header")), "{e}");
+    assert!(!t.path().join("b/disk/disk.json").exists());
+
+    let mut padded = original.clone();
+    padded[2000] = 0xff; // zero padding: never fetched
+    std::fs::write(&blob, &padded).unwrap();
+    let rep = pull(&r, &t.path().join("c"), true);
+    let partial = mcow_engine::store::LayerStore::new(t.path().join("c/layers")).partial_path(&base);
+    assert!(std::fs::read(&partial).unwrap()[..HEADER_SIZE] == original[..HEADER_SIZE]);
+    let (d, _) = transfer::open_lazy_disk(&t.path().join("c/disk"), ro(), EXACT).unwrap();
+    assert!(read_all(&d) == bytes, "lazy disk differs");
+    // Per layer: the header's fields and the tail (extent index, hash table, trailer).
+    let d = Disk::open(&disk, OpenOptions { read_only: true, verify: false, force_share: true }).unwrap();
+    let tails: u64 = d.stack().layers().iter().map(|l| l.trailer.index_len() + TRAILER_SIZE as u64).sum();
+    assert_eq!(rep.bytes_fetched, 3 * HEADER_FIELDS_LEN as u64 + tails);
 }
 
 #[test]
