@@ -428,7 +428,7 @@ impl<'a, 'b> Lander<'a, 'b> {
         if p >= self.end {
             return false;
         }
-        if Digest::of(bytes) != layer.hashes[p as usize] {
+        if !layer.block_matches(p, bytes) {
             tracing::error!(layer = %layer.digest, pblock = p, "fetched block fails its checksum: not cached");
             self.failure = Some(Error::BlockChecksum { path: layer.path.clone(), pblock: p });
             return false;
@@ -617,7 +617,7 @@ impl SealedLayer {
             // hashing it. Otherwise it may be local already (fetched before a restart).
             if self.hole_end(f, pblock) == pblock {
                 read_exact_at(f, block, at(pblock), &self.path)?;
-                if Digest::of(block) == self.hashes[pblock as usize] {
+                if self.block_matches(pblock, block) {
                     self.mark_verified(pblock);
                     return Ok(());
                 }
@@ -748,7 +748,7 @@ impl SealedLayer {
         if waited || self.hole_end(f, first) < end {
             if self.hole_end(f, target) == target {
                 read_exact_at(f, block, at(target), &self.path)?;
-                if Digest::of(block) == self.hashes[target as usize] {
+                if self.block_matches(target, block) {
                     self.mark_verified(target);
                     return Ok(());
                 }
@@ -786,7 +786,7 @@ impl SealedLayer {
                 // being written right now. Only a block matching its hash ends the run.
                 probe.resize(bs as usize, 0);
                 read_exact_at(f, &mut probe, HEADER_SIZE as u64 + p * bs, &self.path)?;
-                if Digest::of(&probe) == self.hashes[p as usize] {
+                if self.block_matches(p, &probe) {
                     self.mark_verified(p);
                     break;
                 }
@@ -899,7 +899,7 @@ impl SealedLayer {
                 }
                 if self.hole_end(&f, q) == q {
                     read_exact_at(&f, &mut probe, at(q), &self.path)?;
-                    if Digest::of(&probe) == self.hashes[q as usize] {
+                    if self.block_matches(q, &probe) {
                         self.mark_verified(q);
                         q += 1;
                         continue;

@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use mcow_format::{
-    BLOCK_HASH_SIZE, Digest, ExtentKind, HEADER_SIZE, INDEX_ENTRY_SIZE, IndexEntry, LayerHeader, LayerKind,
-    Sha256Stream, TRAILER_SIZE, Trailer, decode_block_hashes, decode_index, encode_index_entry,
-    validate_index,
+    BLOCK_HASH_SIZE, BlockHash, BlockHashKind, Digest, ExtentKind, HEADER_SIZE, INDEX_ENTRY_SIZE, IndexEntry,
+    LayerHeader, LayerKind, Sha256Stream, TRAILER_SIZE, Trailer, decode_block_hashes, decode_index,
+    encode_index_entry, validate_index,
 };
 
 use crate::error::{Error, Result};
@@ -27,7 +27,7 @@ pub struct SealedLayer {
     pub path: PathBuf,
     pub header: LayerHeader,
     pub trailer: Trailer,
-    pub(crate) hashes: Vec<Digest>,
+    pub(crate) hashes: Vec<BlockHash>,
     pub(crate) verified: Vec<AtomicU64>,
     /// Blocks that an open disk in this process shows (not hidden by upper layers): the only
     /// ones a partial layer's reads may fetch along with the block read. Set by `Stack::open`.
@@ -112,7 +112,7 @@ impl SealedLayer {
         let mut total = 0;
         for p in 0..self.trailer.block_count {
             read_exact_at(f, &mut block, HEADER_SIZE as u64 + p * bs, &self.path)?;
-            if Digest::of(&block) == self.hashes[p as usize] {
+            if self.block_matches(p, &block) {
                 total += bs;
             }
         }
@@ -122,7 +122,7 @@ impl SealedLayer {
     /// Whether `block` (a whole stored block) matches the hash recorded for block `pblock`,
     /// without recording anything.
     pub fn block_matches(&self, pblock: u64, block: &[u8]) -> bool {
-        Digest::of(block) == self.hashes[pblock as usize]
+        self.header.block_hash.of(block) == self.hashes[pblock as usize]
     }
 
     /// Size of the layer file in bytes.
@@ -216,7 +216,7 @@ impl SealedLayer {
 
     /// Checks one whole block against its recorded hash and remembers the result.
     pub fn check_block(&self, pblock: u64, block: &[u8]) -> Result<()> {
-        if Digest::of(block) != self.hashes[pblock as usize] {
+        if !self.block_matches(pblock, block) {
             tracing::error!(layer = %self.path.display(), pblock, "block fails its checksum");
             return Err(Error::BlockChecksum { path: self.path.clone(), pblock });
         }
@@ -240,7 +240,7 @@ pub(crate) fn read_exact_at(f: &File, buf: &mut [u8], pos: u64, path: &Path) -> 
 }
 
 /// Reads and checks the header, trailer, index and hash table of a sealed layer file.
-fn read_structure(f: &File, path: &Path) -> Result<(LayerHeader, Trailer, LayerIndex, Vec<Digest>)> {
+fn read_structure(f: &File, path: &Path) -> Result<(LayerHeader, Trailer, LayerIndex, Vec<BlockHash>)> {
     let len = f.metadata().map_err(Error::io("stat", path))?.len();
     let min = (HEADER_SIZE + TRAILER_SIZE) as u64;
     if len < min {
@@ -287,7 +287,7 @@ pub struct LayerWriter<W: Write> {
     hasher: Sha256Stream,
     header: LayerHeader,
     entries: Vec<IndexEntry>,
-    hashes: Vec<Digest>,
+    hashes: Vec<BlockHash>,
     next_vblock: u64,
     written: u64,
 }
@@ -301,6 +301,7 @@ impl<W: Write> LayerWriter<W> {
             parent,
             instance: [0; 16],
             compat_features: 0,
+            block_hash: BlockHashKind::Blake3,
         };
         let hb = header.encode();
         out.write_all(&hb)?;
@@ -347,7 +348,7 @@ impl<W: Write> LayerWriter<W> {
         self.out.write_all(block)?;
         self.hasher.update(block);
         let pblock = self.hashes.len() as u64;
-        self.hashes.push(Digest::of(block));
+        self.hashes.push(self.header.block_hash.of(block));
         self.written += block.len() as u64;
         self.push_entry(IndexEntry { vblock, count: 1, kind: ExtentKind::Data, pblock });
         Ok(())
@@ -368,8 +369,9 @@ impl<W: Write> LayerWriter<W> {
 
     /// Writes index, hash table and trailer; returns the writer, the layer digest and its length.
     pub fn finish(mut self) -> std::io::Result<(W, Digest, u64)> {
-        let mut tail =
-            Vec::with_capacity(self.entries.len() * INDEX_ENTRY_SIZE + self.hashes.len() * 32 + 128);
+        let mut tail = Vec::with_capacity(
+            self.entries.len() * INDEX_ENTRY_SIZE + self.hashes.len() * BLOCK_HASH_SIZE + 128,
+        );
         for e in &self.entries {
             tail.extend_from_slice(&encode_index_entry(e));
         }

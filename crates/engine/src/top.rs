@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use mcow_format::{
-    Digest, ExtentKind, HEADER_SIZE, IndexEntry, JOURNAL_HEADER_SIZE, JournalBatch, JournalHeader,
-    LayerHeader, LayerKind, decode_batch, encode_batch,
+    BlockHashKind, Digest, ExtentKind, HEADER_SIZE, IndexEntry, JOURNAL_HEADER_SIZE, JournalBatch,
+    JournalHeader, LayerHeader, LayerKind, decode_batch, encode_batch,
 };
 
 use crate::error::{Error, Result};
@@ -82,6 +82,8 @@ impl TopLayer {
             parent,
             instance: new_instance_id(),
             compat_features: 0,
+            // A top has no hash table; this only sets the version it is written with.
+            block_hash: BlockHashKind::Blake3,
         };
         let jpath = journal_path(path);
         data.set_len(0).map_err(Error::io("truncate", path))?;

@@ -261,10 +261,10 @@ fn layer_of_another_size_is_refused() {
 fn wrong_version_header_is_refused() {
     let fx = fixture(50);
     let path = fx.layer_path(0);
-    xor_byte(&path, 8, 1 ^ 2); // version 1 -> 2
-    let e = open_fails(&fx.dir, &[&fx.layers[0].hex(), "unsupported format version 2"]);
+    xor_byte(&path, 8, 2 ^ 3); // version 2 -> 3
+    let e = open_fails(&fx.dir, &[&fx.layers[0].hex(), "unsupported format version 3"]);
     assert!(e.is_corruption());
-    check_reports(&fx.dir, "unsupported format version 2");
+    check_reports(&fx.dir, "unsupported format version 3");
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! Owns: the header's byte layout and its validation. Does not own: what follows the header
 //! (data blocks, index, trailer), nor opening files.
 
-use crate::{Digest, FORMAT_VERSION, FormatError, le_u32, le_u64};
+use crate::{BlockHashKind, Digest, FORMAT_VERSION, FormatError, le_u32, le_u64};
 
 /// Size of the header region; data blocks start right after it.
 pub const HEADER_SIZE: usize = 4096;
@@ -43,6 +43,9 @@ pub struct LayerHeader {
     pub instance: [u8; 16],
     /// Compatible feature bits: unknown ones are ignored by readers.
     pub compat_features: u64,
+    /// The function of the layer's block hashes, given by its format version (1: SHA-256,
+    /// 2: BLAKE3). New layers use [`BlockHashKind::Blake3`].
+    pub block_hash: BlockHashKind,
 }
 
 impl LayerHeader {
@@ -54,7 +57,11 @@ impl LayerHeader {
     pub fn encode(&self) -> [u8; HEADER_SIZE] {
         let mut b = [0u8; HEADER_SIZE];
         b[0..8].copy_from_slice(MAGIC);
-        b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        let version = match self.block_hash {
+            BlockHashKind::Sha256 => 1u32,
+            BlockHashKind::Blake3 => FORMAT_VERSION,
+        };
+        b[8..12].copy_from_slice(&version.to_le_bytes());
         b[12..16].copy_from_slice(&(HEADER_SIZE as u32).to_le_bytes());
         b[16..24].copy_from_slice(&0u64.to_le_bytes()); // incompatible features
         b[24..32].copy_from_slice(&self.compat_features.to_le_bytes());
@@ -76,10 +83,11 @@ impl LayerHeader {
         if &b[0..8] != MAGIC {
             return Err(FormatError::BadMagic { what: "layer header" });
         }
-        let version = le_u32(b, 8);
-        if version != FORMAT_VERSION {
-            return Err(FormatError::UnsupportedVersion(version));
-        }
+        let block_hash = match le_u32(b, 8) {
+            1 => BlockHashKind::Sha256,
+            FORMAT_VERSION => BlockHashKind::Blake3,
+            version => return Err(FormatError::UnsupportedVersion(version)),
+        };
         if le_u32(b, CRC_AT) != crc32c::crc32c(&b[..CRC_AT]) {
             return Err(FormatError::BadChecksum { what: "layer header" });
         }
@@ -109,6 +117,7 @@ impl LayerHeader {
             parent: Digest(b[48..80].try_into().expect("32 bytes")),
             instance: b[80..96].try_into().expect("16 bytes"),
             compat_features: le_u64(b, 24),
+            block_hash,
         })
     }
 }
@@ -147,6 +156,7 @@ mod tests {
             parent: Digest::of(b"parent"),
             instance: [0; 16],
             compat_features: 0,
+            block_hash: BlockHashKind::Blake3,
         }
     }
 
@@ -154,6 +164,11 @@ mod tests {
     fn round_trips() {
         let h = sample();
         assert_eq!(LayerHeader::decode(&h.encode()).unwrap(), h);
+        assert_eq!(le_u32(&h.encode(), 8), 2);
+        // Version 1 (SHA-256 block hashes) still reads, as version 1.
+        let v1 = LayerHeader { block_hash: BlockHashKind::Sha256, ..sample() };
+        assert_eq!(le_u32(&v1.encode(), 8), 1);
+        assert_eq!(LayerHeader::decode(&v1.encode()).unwrap(), v1);
     }
 
     #[test]
@@ -172,8 +187,8 @@ mod tests {
     #[test]
     fn rejects_other_version() {
         let mut b = sample().encode();
-        b[8] = 2;
-        assert_eq!(LayerHeader::decode(&b), Err(FormatError::UnsupportedVersion(2)));
+        b[8] = 3;
+        assert_eq!(LayerHeader::decode(&b), Err(FormatError::UnsupportedVersion(3)));
     }
 
     #[test]

@@ -1,16 +1,14 @@
-//! The extent index and the block hash table of a layer.
+//! The extent index of a layer.
 //!
 //! Owns: the 32-byte index entry (one extent a layer owns: a run of virtual blocks stored as a
-//! run of physical blocks, or marked zero or discarded), the per-block hash table, and the rules
-//! a valid index follows. Does not own: how extents of many layers are combined (the engine's
+//! run of physical blocks, or marked zero or discarded) and the rules a valid index follows
+//! (the block hash table that follows the index is `block_hash`'s). Does not own: how extents of many layers are combined (the engine's
 //! stack does that).
 
-use crate::{Digest, FormatError, le_u32, le_u64};
+use crate::{FormatError, le_u32, le_u64};
 
 /// Bytes per index entry.
 pub const INDEX_ENTRY_SIZE: usize = 32;
-/// Bytes per block hash (SHA-256).
-pub const BLOCK_HASH_SIZE: usize = 32;
 
 /// What a layer says about a run of virtual blocks it owns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -109,11 +107,6 @@ pub fn validate_index(
         prev_end = end;
     }
     Ok(())
-}
-
-/// Splits a hash table into per-block digests. The caller has checked the length.
-pub fn decode_block_hashes(b: &[u8]) -> Vec<Digest> {
-    b.chunks_exact(BLOCK_HASH_SIZE).map(|c| Digest(c.try_into().expect("32 bytes"))).collect()
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@ use crate::{FormatError, INDEX_ENTRY_SIZE, IndexEntry, encode_index_entry, le_u3
 /// Size of the journal header.
 pub const JOURNAL_HEADER_SIZE: usize = 64;
 const MAGIC: &[u8; 8] = b"MCOWJRNL";
+/// The journal's own format version: unchanged since layer format version 1.
+pub const JOURNAL_VERSION: u32 = 1;
 const BATCH_MAGIC: &[u8; 4] = b"JBAT";
 const BATCH_HEAD: usize = 16;
 /// Most entries one batch may hold, so a corrupt count cannot ask for a huge allocation.
@@ -27,7 +29,7 @@ impl JournalHeader {
     pub fn encode(&self) -> [u8; JOURNAL_HEADER_SIZE] {
         let mut b = [0u8; JOURNAL_HEADER_SIZE];
         b[0..8].copy_from_slice(MAGIC);
-        b[8..12].copy_from_slice(&crate::FORMAT_VERSION.to_le_bytes());
+        b[8..12].copy_from_slice(&JOURNAL_VERSION.to_le_bytes());
         b[12..16].copy_from_slice(&self.block_size.to_le_bytes());
         b[16..32].copy_from_slice(&self.instance);
         let crc = crc32c::crc32c(&b[..60]);
@@ -50,7 +52,7 @@ impl JournalHeader {
             return Err(FormatError::BadChecksum { what: "journal header" });
         }
         let version = le_u32(b, 8);
-        if version != crate::FORMAT_VERSION {
+        if version != JOURNAL_VERSION {
             return Err(FormatError::UnsupportedVersion(version));
         }
         Ok(JournalHeader { block_size: le_u32(b, 12), instance: b[16..32].try_into().expect("16 bytes") })

@@ -9,6 +9,7 @@
 //! Every decoder treats its input as hostile: counts are capped, arithmetic is checked, and each
 //! rejection has its own [`FormatError`] variant.
 
+mod block_hash;
 mod digest;
 mod error;
 mod header;
@@ -17,24 +18,24 @@ mod journal;
 mod manifest;
 mod trailer;
 
+pub use block_hash::{BLOCK_HASH_SIZE, BlockHash, BlockHashKind, decode_block_hashes};
 pub use digest::{Digest, DigestParseError, Sha256Stream, chain_digest};
 pub use error::FormatError;
 pub use header::{
     HEADER_FIELDS_LEN, HEADER_SIZE, KNOWN_INCOMPAT_FEATURES, LayerHeader, LayerKind, MAX_BLOCK_SIZE,
     MIN_BLOCK_SIZE, check_block_size, check_virtual_size,
 };
-pub use index::{
-    BLOCK_HASH_SIZE, ExtentKind, INDEX_ENTRY_SIZE, IndexEntry, decode_block_hashes, decode_index,
-    encode_index_entry, validate_index,
-};
+pub use index::{ExtentKind, INDEX_ENTRY_SIZE, IndexEntry, decode_index, encode_index_entry, validate_index};
 pub use journal::{
-    JOURNAL_HEADER_SIZE, JournalBatch, JournalHeader, batch_encoded_len, decode_batch, encode_batch,
+    JOURNAL_HEADER_SIZE, JOURNAL_VERSION, JournalBatch, JournalHeader, batch_encoded_len, decode_batch,
+    encode_batch,
 };
 pub use manifest::{DiskManifest, MANIFEST_FORMAT, MANIFEST_VERSION};
 pub use trailer::{TRAILER_SIZE, Trailer};
 
-/// The format version this crate writes and the only one it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The layer format version this crate writes. It also reads version 1, whose only difference
+/// is the block hash function (see [`BlockHashKind`]).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Reads a little-endian u32 at `at` from a slice the caller has already length-checked.
 pub(crate) fn le_u32(b: &[u8], at: usize) -> u32 {
