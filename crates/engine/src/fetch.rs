@@ -300,10 +300,10 @@ impl FetchState {
         }
     }
 
-    /// Wakes the readers waiting for block `p` (all readers if `None`).
-    fn wake(&self, p: Option<u64>) {
+    /// Wakes the readers waiting for a block in `blocks` (all readers if `None`).
+    fn wake(&self, blocks: Option<std::ops::Range<u64>>) {
         for (w, t) in &self.waiting {
-            if p.is_none_or(|p| p == *w) {
+            if blocks.as_ref().is_none_or(|b| b.contains(w)) {
                 t.unpark();
             }
         }
@@ -333,15 +333,16 @@ impl Claim<'_> {
         state.wake(None);
     }
 
-    fn landed(&self, p: u64) {
+    /// Blocks `blocks` (the next ones of the claim) were checked and written.
+    fn landed(&self, blocks: std::ops::Range<u64>) {
         let mut state = self.fetch.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(i) = state.in_flight.iter().position(|r| r.0 == self.id) {
-            state.in_flight[i].1 = p + 1;
+            state.in_flight[i].1 = blocks.end;
             if state.in_flight[i].1 >= state.in_flight[i].2 {
                 state.in_flight.swap_remove(i); // all landed: nothing of it is in flight
             }
         }
-        state.wake(Some(p));
+        state.wake(Some(blocks));
     }
 }
 
@@ -399,7 +400,7 @@ impl<'a, 'b> Lander<'a, 'b> {
         let bs = self.layer.block_size() as usize;
         while !piece.is_empty() {
             if self.split.is_empty() && piece.len() >= bs {
-                let (whole, rest) = piece.split_at(bs);
+                let (whole, rest) = piece.split_at(piece.len() / bs * bs);
                 piece = rest;
                 if !self.land(whole) {
                     return false;
@@ -422,35 +423,50 @@ impl<'a, 'b> Lander<'a, 'b> {
         true
     }
 
-    /// Checks, caches and lands one whole block.
-    fn land(&mut self, bytes: &[u8]) -> bool {
-        let (layer, p) = (self.layer, self.next);
-        if p >= self.end {
-            return false;
+    /// Checks, caches and lands the next whole blocks (`run` holds one or more): the blocks up
+    /// to the first bad one are written in one call and land together (one wake-up for their
+    /// readers).
+    fn land(&mut self, run: &[u8]) -> bool {
+        let (layer, first) = (self.layer, self.next);
+        let bs = layer.block_size() as usize;
+        let given = (run.len() / bs) as u64;
+        let count = given.min(self.end - first);
+        let mut good = 0;
+        while good < count {
+            let p = first + good;
+            let i = (good as usize) * bs;
+            if !layer.block_matches(p, &run[i..i + bs]) {
+                tracing::error!(layer = %layer.digest, pblock = p, "fetched block fails its checksum: not cached");
+                self.failure = Some(Error::BlockChecksum { path: layer.path.clone(), pblock: p });
+                break;
+            }
+            good += 1;
         }
-        if !layer.block_matches(p, bytes) {
-            tracing::error!(layer = %layer.digest, pblock = p, "fetched block fails its checksum: not cached");
-            self.failure = Some(Error::BlockChecksum { path: layer.path.clone(), pblock: p });
-            return false;
+        if good > 0 {
+            use std::os::unix::fs::FileExt;
+            let at = HEADER_SIZE as u64 + first * layer.block_size();
+            if let Err(e) = self.writer.write_all_at(&run[..good as usize * bs], at) {
+                self.failure = Some(Error::io("write", &layer.path)(e));
+                return false;
+            }
+            let landed = first..first + good;
+            for p in landed.clone() {
+                layer.mark_verified(p);
+            }
+            if let Some((t, block)) = &mut self.target
+                && landed.contains(t)
+            {
+                let i = (*t - first) as usize * bs;
+                block.copy_from_slice(&run[i..i + bs]);
+            }
+            self.claim.landed(landed.clone());
+            if self.claim.pipeline.is_some_and(|p| landed.contains(&p)) {
+                layer.fetch_next(self.fetch, self.end);
+            }
+            self.next += good;
         }
-        use std::os::unix::fs::FileExt;
-        let at = HEADER_SIZE as u64 + p * layer.block_size();
-        if let Err(e) = self.writer.write_all_at(bytes, at) {
-            self.failure = Some(Error::io("write", &layer.path)(e));
-            return false;
-        }
-        layer.mark_verified(p);
-        if let Some((t, block)) = &mut self.target
-            && *t == p
-        {
-            block.copy_from_slice(bytes);
-        }
-        self.claim.landed(p);
-        if self.claim.pipeline == Some(p) {
-            layer.fetch_next(self.fetch, self.end);
-        }
-        self.next += 1;
-        true
+        // false: a bad block, or bytes past the end of the range
+        good == given
     }
 }
 
@@ -554,6 +570,28 @@ impl SealedLayer {
     /// True for a layer whose blocks may be fetched from a source.
     pub fn is_partial(&self) -> bool {
         self.fetch.is_some()
+    }
+
+    /// Before a read of blocks `first..=last` that fetches in flight hold (or that are local):
+    /// waits until the last of them has landed, so that the reader wakes once instead of once
+    /// per block (a fetch lands its blocks in order). Returns at once otherwise; the read then
+    /// goes block by block as usual, which also handles a fetch that failed.
+    pub(crate) fn wait_for_run(&self, first: u64, last: u64) {
+        let Some(fetch) = &self.fetch else { return };
+        let mut state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
+        if !state.is_in_flight(last) || !(first..last).all(|p| self.is_verified(p) || state.is_in_flight(p)) {
+            return;
+        }
+        let me = std::thread::current();
+        state.waiting.push((last, me.clone()));
+        while state.is_in_flight(last) {
+            drop(state);
+            std::thread::park();
+            state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
+        }
+        if let Some(i) = state.waiting.iter().position(|(w, t)| *w == last && t.id() == me.id()) {
+            state.waiting.swap_remove(i);
+        }
     }
 
     /// Checks stored block `pblock` in the local file; if it is wrong (or missing) and the layer

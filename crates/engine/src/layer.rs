@@ -165,6 +165,9 @@ impl SealedLayer {
             return self.read_trusted(pblock, offset, buf);
         }
         // Slow path, once per block: check whole blocks, copy out the asked-for part.
+        if last > first {
+            self.wait_for_run(first, last);
+        }
         let mut block = vec![0u8; bs as usize];
         let f = self.file.get(&self.path)?;
         let mut done = 0usize;
