@@ -258,7 +258,7 @@ impl FetchState {
     /// read past `ramp` (plus one first window). A stream whose reader is already waiting
     /// beyond a fetch in flight (a deep queue) skips the ramp and grows by [`DEEP_GROWTH`], the
     /// fetch also takes the blocks between that fetch and `p` (the second value: where that gap
-    /// starts), and each such fetch starts the next one when it is half in (see `Claim`).
+    /// starts), and each such fetch starts the next one when a quarter of it is in (see `Claim`).
     /// Never less than `own`.
     fn window_for(&self, p: u64, own: u64, first: u64, ramp: u64, max: u64) -> (u64, Option<u64>) {
         let Some(i) = self.stream_of(p) else {
@@ -697,7 +697,7 @@ impl SealedLayer {
             }
             drop(state);
             let end = pblock + count;
-            let pipeline = gap.map(|_| first + (end - first) / 2);
+            let pipeline = gap.map(|_| first + (end - first) / 4);
             // A fetch that reads ahead of what this read needs runs on its own thread: this
             // reader waits only for its own blocks (the loop above), not for the read-ahead.
             let need = match want {
