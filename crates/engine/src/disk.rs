@@ -230,6 +230,41 @@ impl Disk {
         Ok(())
     }
 
+    /// Hands the `len` bytes at `offset` to `send` as slices of the layers' maps (and of a
+    /// static block of zeros), without copying them, once they are all local and checked.
+    /// Returns false, without calling `send`, where that cannot be done (data in the writable
+    /// top, a layer that is not mapped); [`Disk::read`] then does.
+    pub fn read_mapped(&self, offset: u64, len: usize, send: &mut dyn FnMut(&[&[u8]])) -> Result<bool> {
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        self.check_range(offset, len as u64)?;
+        let mut parts: Vec<&[u8]> = Vec::new();
+        let mut done = 0usize;
+        while done < len {
+            let pos = offset + done as u64;
+            let (vblock, within) = (pos / self.bs, pos % self.bs);
+            let (loc, end) = self.resolve(vblock, (offset + len as u64).div_ceil(self.bs));
+            let n = ((end * self.bs - pos) as usize).min(len - done);
+            match loc {
+                Some(l) if l.kind == ExtentKind::Data && l.layer == TOP => return Ok(false),
+                Some(l) if l.kind == ExtentKind::Data => match self.stack.mapped_run(vblock, l, within, n)? {
+                    Some(slice) => parts.push(slice),
+                    None => return Ok(false),
+                },
+                _ => {
+                    let mut left = n;
+                    while left > 0 {
+                        let k = left.min(ZEROS.len());
+                        parts.push(&ZEROS[..k]);
+                        left -= k;
+                    }
+                }
+            }
+            done += n;
+        }
+        send(&parts);
+        Ok(true)
+    }
+
     /// Writes `data` at `offset`. The first write to a block copies it up into the top.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         if self.read_only {

@@ -187,6 +187,37 @@ impl SealedLayer {
         Ok(())
     }
 
+    /// Makes the blocks under `len` bytes from `offset` into physical block `pblock` local and
+    /// checked, like [`SealedLayer::read`] but without copying them out: afterwards they may be
+    /// read through the map. Blocks another reader fetched are not read back.
+    pub(crate) fn make_ready(&self, pblock: u64, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let bs = self.block_size();
+        let first = pblock + offset / bs;
+        let last = pblock + (offset + len - 1) / bs;
+        if last >= self.trailer.block_count {
+            return Err(Error::Invalid(format!(
+                "{}: read of block {last} past the stored blocks",
+                self.path.display()
+            )));
+        }
+        if last > first {
+            self.wait_for_run(first, last);
+        }
+        let mut block = Vec::new();
+        for b in first..=last {
+            if self.is_verified(b) {
+                continue;
+            }
+            block.resize(bs as usize, 0);
+            let f = self.file.get(&self.path)?;
+            self.ensure_block(&f, b, &mut block, Want::Read(last + 1))?;
+        }
+        Ok(())
+    }
+
     /// Reads without checking hashes: for blocks already verified (or with verification off).
     pub(crate) fn read_trusted(&self, pblock: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
         let f = self.file.get(&self.path)?;

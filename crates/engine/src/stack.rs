@@ -185,6 +185,37 @@ impl Stack {
         }
     }
 
+    /// The `len` bytes of the run at `loc` (virtual block `vblock`, `offset` bytes in) as a
+    /// slice of the layer's map, after making them local and checked as [`Stack::read_run`]
+    /// would; `None` when the layer is not mapped.
+    pub fn mapped_run(&self, vblock: u64, loc: Loc, offset: u64, len: usize) -> Result<Option<&[u8]>> {
+        let layer = &self.layers[loc.layer as usize];
+        let Some(map) = &self.maps[loc.layer as usize] else { return Ok(None) };
+        if len == 0 {
+            return Ok(Some(&[]));
+        }
+        let bs = u64::from(self.block_size);
+        let (first, last) = (vblock + offset / bs, vblock + (offset + len as u64 - 1) / bs);
+        let bit = |b: u64| (&self.verified[(b / 64) as usize], 1u64 << (b % 64));
+        let checked = if self.verify {
+            (first..=last).all(|b| {
+                let (w, m) = bit(b);
+                w.load(Ordering::Relaxed) & m != 0
+            })
+        } else {
+            !layer.is_partial()
+        };
+        if !checked {
+            layer.make_ready(loc.pblock, offset, len as u64)?;
+            for b in first..=last {
+                let (w, m) = bit(b);
+                w.fetch_or(m, Ordering::Relaxed);
+            }
+        }
+        let start = (loc.pblock * bs + offset) as usize;
+        Ok(Some(&map[start..start + len]))
+    }
+
     /// Reads what the stack holds at virtual block `vblock`, `offset` bytes in, into `buf`
     /// (which must not run past the block). Unmapped, zero and discarded blocks read as zeros.
     pub fn read_block(&self, vblock: u64, offset: u64, buf: &mut [u8]) -> Result<()> {

@@ -162,6 +162,78 @@ fn lazy_reads_fetch_each_block_once_and_survive_a_restart() {
     }
 }
 
+/// `Disk::read_mapped` (the NBD server's copy-free reads) on lazily fetched layers. Tried: four
+/// threads reading the whole disk through it in 256 KiB pieces, then a tampered source, then a
+/// write into the writable top. Must hold: the pieces are the disk's bytes and no block is
+/// fetched twice; with a tampered source it fails and does not call `send`; a range holding
+/// top data is declined (false, `send` not called) and `Disk::read` gives it right.
+#[test]
+fn mapped_reads_fetch_check_and_fall_back_like_copying_reads() {
+    const PIECE: u64 = 256 << 10;
+    let tmp = tempfile::tempdir().unwrap();
+    let (complete, expected) = build_complete(tmp.path());
+    let partial = build_partial(tmp.path(), &complete);
+    let src =
+        Arc::new(DirSource { store: tmp.path().join("a/layers"), fetched: 0.into(), corrupt: true.into() });
+    let mapped = |d: &Disk, offset: u64, len: usize| {
+        let mut got = None;
+        let ok = d.read_mapped(offset, len, &mut |parts: &[&[u8]]| got = Some(parts.concat()));
+        (ok, got)
+    };
+    let d = Arc::new(
+        Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), FetchPolicy::default())
+            .unwrap(),
+    );
+    let (ok, got) = mapped(&d, 65536, 65536);
+    assert!(ok.unwrap_err().to_string().contains("checksum"));
+    assert!(got.is_none(), "send was called for a failed read");
+    src.corrupt.store(false, Ordering::Relaxed);
+    src.fetched.store(0, Ordering::Relaxed);
+
+    let next = Arc::new(AtomicU64::new(0));
+    let size = expected.len() as u64;
+    let expected = Arc::new(expected);
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let (d, next, expected) = (d.clone(), next.clone(), expected.clone());
+            std::thread::spawn(move || {
+                loop {
+                    let at = next.fetch_add(PIECE, Ordering::SeqCst);
+                    if at >= size {
+                        return;
+                    }
+                    let mut got = None;
+                    let ok =
+                        d.read_mapped(at, PIECE as usize, &mut |parts: &[&[u8]]| got = Some(parts.concat()));
+                    assert!(ok.unwrap(), "a lazy sealed range was declined at {at}");
+                    assert!(got.unwrap()[..] == expected[at as usize..][..PIECE as usize], "bytes at {at}");
+                }
+            })
+        })
+        .collect();
+    for r in readers {
+        r.join().unwrap();
+    }
+    let stored: u64 = d.stack().layers().iter().map(|l| l.trailer.block_count * 65536).sum();
+    let fetched = src.fetched.load(Ordering::Relaxed);
+    assert!(fetched > 0 && fetched <= stored, "fetched {fetched} of {stored} stored");
+
+    // Top data: declined, and the copying read has it.
+    d.write(70000, &[0xee; 100]).unwrap();
+    let (ok, got) = mapped(&d, 65536, 65536);
+    assert!(!ok.unwrap() && got.is_none());
+    let mut b = vec![0u8; 65536];
+    d.read(65536, &mut b).unwrap();
+    let mut want = expected[65536..131072].to_vec();
+    want[70000 - 65536..][..100].fill(0xee);
+    assert_eq!(b, want);
+    // Elsewhere still mapped, and nothing was fetched again.
+    let (ok, got) = mapped(&d, 3 << 20, 65536);
+    assert!(ok.unwrap());
+    assert!(got.unwrap()[..] == expected[3 << 20..][..65536]);
+    assert_eq!(src.fetched.load(Ordering::Relaxed), fetched);
+}
+
 #[test]
 fn tampered_fetches_are_errors_and_never_cached() {
     let tmp = tempfile::tempdir().unwrap();

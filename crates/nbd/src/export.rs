@@ -37,6 +37,20 @@ pub trait Export: Send + Sync + 'static {
     /// Fills `buf` with the bytes at `offset`.
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
 
+    /// Hands the `len` bytes at `offset` to `send` as slices of the export's own memory (a
+    /// mapped file, say), so that the reply is written from them without a copy into a buffer.
+    /// `None` when the export cannot for this range, without calling `send` (the server then
+    /// calls [`Export::read`]). `send` is called at most once, and only if the read succeeds:
+    /// an `Err` means it was not called.
+    fn read_borrowed(
+        &self,
+        _offset: u64,
+        _len: usize,
+        _send: &mut dyn FnMut(&[&[u8]]),
+    ) -> Option<io::Result<()>> {
+        None
+    }
+
     /// Writes `data` at `offset`; with `fua`, durable before returning.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()>;
 

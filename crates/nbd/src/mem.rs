@@ -197,6 +197,30 @@ impl Export for MemExport {
         self.load(offset, buf)
     }
 
+    /// Reads of whole chunks are handed over as the chunks themselves (zeros for a hole), so
+    /// that the server's copy-free path is exercised too; other reads go through `read`.
+    fn read_borrowed(
+        &self,
+        offset: u64,
+        len: usize,
+        send: &mut dyn FnMut(&[&[u8]]),
+    ) -> Option<io::Result<()>> {
+        static HOLE: [u8; MEM_CHUNK as usize] = [0; MEM_CHUNK as usize];
+        if !offset.is_multiple_of(MEM_CHUNK) || !(len as u64).is_multiple_of(MEM_CHUNK) {
+            return None;
+        }
+        if let Err(e) = self.check(offset, len as u64) {
+            return Some(Err(e));
+        }
+        let chunks = self.lock();
+        let first = offset / MEM_CHUNK;
+        let parts: Vec<&[u8]> = (first..first + len as u64 / MEM_CHUNK)
+            .map(|i| chunks.get(&i).map_or(&HOLE[..], |c| &c[..]))
+            .collect();
+        send(&parts);
+        Some(Ok(()))
+    }
+
     fn write(&self, offset: u64, data: &[u8], _fua: bool) -> io::Result<()> {
         self.store(offset, data)
     }

@@ -244,27 +244,57 @@ impl<S: Transport> Conn<'_, S> {
 
     fn read(&self, req: &Request, buf: &mut Vec<u8>) {
         let len = req.length as usize;
-        buf.clear();
-        buf.resize(len, 0);
+        if len > 0 {
+            let mut reply = |parts: &[&[u8]]| self.send_read_reply(req, parts);
+            match self.export.read_borrowed(req.offset, len, &mut reply) {
+                Some(Ok(())) => {
+                    self.stats.bytes_read.fetch_add(u64::from(req.length), Ordering::Relaxed);
+                    return;
+                }
+                Some(Err(err)) => return self.send_io_error(req, &err),
+                None => {}
+            }
+        }
+        // `read` fills all of `buf` or fails (and then none of it is sent), so what an earlier
+        // read of this worker left there needs no zeroing first.
+        if buf.len() < len {
+            buf.resize(len, 0);
+        } else {
+            buf.truncate(len);
+        }
         if let Err(err) = self.export.read(req.offset, buf) {
             return self.send_io_error(req, &err);
         }
         self.stats.bytes_read.fetch_add(u64::from(req.length), Ordering::Relaxed);
+        self.send_read_reply(req, &[buf]);
+    }
+
+    /// The reply to a successful read whose bytes are `parts`, in order.
+    fn send_read_reply(&self, req: &Request, parts: &[&[u8]]) {
+        let len = req.length as usize;
+        debug_assert_eq!(parts.iter().map(|p| p.len()).sum::<usize>(), len);
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len() + 1);
         if !self.neg.structured {
             let hdr = proto::encode_simple_reply(0, req.handle);
-            return self.send(&mut [IoSlice::new(&hdr), IoSlice::new(buf)]);
+            slices.push(IoSlice::new(&hdr));
+            slices.extend(parts.iter().map(|p| IoSlice::new(p)));
+            return self.send(&mut slices);
         }
         if len == 0 {
             return self.send(&mut [IoSlice::new(&proto::encode_none_chunk(req.handle))]);
         }
-        if is_zero(buf) {
+        if parts.iter().all(|p| is_zero(p)) {
             // A single hole chunk is one content chunk, so it also satisfies DF.
             let chunk = proto::encode_offset_hole(req.handle, req.offset, req.length, true);
             return self.send(&mut [IoSlice::new(&chunk)]);
         }
         // Every read is answered with one content chunk, so NBD_CMD_FLAG_DF needs no work.
         match proto::encode_offset_data_prefix(req.handle, req.offset, len, true) {
-            Some(prefix) => self.send(&mut [IoSlice::new(&prefix), IoSlice::new(buf)]),
+            Some(prefix) => {
+                slices.push(IoSlice::new(&prefix));
+                slices.extend(parts.iter().map(|p| IoSlice::new(p)));
+                self.send(&mut slices)
+            }
             None => self.send_error(req, RequestError { errno: NBD_EINVAL, reason: "read too large" }),
         }
     }
