@@ -280,7 +280,7 @@ pub struct ServeArgs {
     /// plus half of what the run fetched past those 4 MiB, up to SIZE: a long read (a big
     /// file, a whole-disk copy) costs few requests, shorter runs fetch what fixed windows would.
     /// A client with many sequential reads in flight (nbdcopy, say) gets there sooner: its
-    /// fetches grow eightfold and each starts the next when a quarter of it is in.
+    /// fetches grow 64-fold (up to SIZE) and each starts the next when a quarter of it is in.
     /// 0 turns read-ahead off.
     #[arg(long, value_name = "SIZE", default_value = DEFAULT_READAHEAD, value_parser = crate::size::parse_size)]
     pub readahead: u64,
