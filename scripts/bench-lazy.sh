@@ -236,15 +236,22 @@ echo
 echo "## cold full sequential read (medians of $REPS rounds; GB/s over the blob bytes, $BLOB_BYTES)"
 echo
 ct=$(awk -F'\t' '$1=="seq" && $2=="curl" {print $5}' "$RES" | median)
-echo "| reader | window/readahead | seconds | GB/s | requests | curl_time/mcow_time | curl_to_file_time/mcow_time |"
-echo "|---|---:|---:|---:|---:|---:|---:|"
+echo "| reader | window/readahead | seconds | GB/s | requests | curl_time/mcow_time | curl_to_file_time/mcow_time | per round: curl/mcow, curl_to_file/mcow |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|"
 cf=$(awk -F'\t' '$1=="seq" && $2=="curlfile" {print $5}' "$RES" | median)
-printf '| curl, blobs one after another, to /dev/null | - | %.4f | %.2f | %s | 1 | - |\n' "$ct" "$(echo "$BLOB_BYTES / $ct / 1000000000" | bc -l)" "$(echo "$LAYERS" | wc -w)"
-printf '| curl, blobs one after another, to files | - | %.4f | %.2f | %s | - | 1 |\n' "$cf" "$(echo "$BLOB_BYTES / $cf / 1000000000" | bc -l)" "$(echo "$LAYERS" | wc -w)"
+printf '| curl, blobs one after another, to /dev/null | - | %.4f | %.2f | %s | 1 | - | - |\n' "$ct" "$(echo "$BLOB_BYTES / $ct / 1000000000" | bc -l)" "$(echo "$LAYERS" | wc -w)"
+printf '| curl, blobs one after another, to files | - | %.4f | %.2f | %s | - | 1 | - |\n' "$cf" "$(echo "$BLOB_BYTES / $cf / 1000000000" | bc -l)" "$(echo "$LAYERS" | wc -w)"
+# The medians of each round's own ratios (curl and mcow ran in the same round, so load that
+# comes and goes on this shared machine weighs on both alike).
+per_round() { # SETTING CURL_KIND
+    awk -F'\t' -v w="$1" -v k="$2" '$1=="seq" && $2=="mcow" && $3==w {m[$4]=$5} $1=="seq" && $2==k {c[$4]=$5}
+        END {for (r in m) if (r in c) print c[r] / m[r]}' "$RES" | median
+}
 for w in $SETTINGS; do
     rows=$(awk -F'\t' -v w=$w '$1=="seq" && $2=="mcow" && $3==w' "$RES")
     t=$(cut -f5 <<<"$rows" | median)
     rq=$(cut -f7 <<<"$rows" | median)
-    printf '| mcow serve + nbdcopy | %s | %.4f | %.2f | %s | %.2f | %.2f |\n' "$w" "$t" \
-        "$(echo "$BLOB_BYTES / $t / 1000000000" | bc -l)" "$rq" "$(echo "$ct / $t" | bc -l)" "$(echo "$cf / $t" | bc -l)"
+    printf '| mcow serve + nbdcopy | %s | %.4f | %.2f | %s | %.2f | %.2f | %.2f, %.2f |\n' "$w" "$t" \
+        "$(echo "$BLOB_BYTES / $t / 1000000000" | bc -l)" "$rq" "$(echo "$ct / $t" | bc -l)" "$(echo "$cf / $t" | bc -l)" \
+        "$(per_round "$w" curl)" "$(per_round "$w" curlfile)"
 done
