@@ -14,7 +14,7 @@ use mcow_remote::Reference;
 
 use crate::paths::{Fetch, open_lazy};
 use mcow_nbd::proto::{NBD_STATE_HOLE, NBD_STATE_ZERO};
-use mcow_nbd::{BlockSizes, Export, Server, StatusExtent};
+use mcow_nbd::{BlockSizes, Export, Parts, Server, StatusExtent};
 
 /// Our metadata context: which layer holds each extent, numbered like QEMU's
 /// `qemu:allocation-depth`: 0 = no layer, 1 = the writable top, 2 = the topmost sealed layer,
@@ -65,12 +65,7 @@ impl Export for DiskExport {
     }
 
     /// Sealed layers are mapped: their bytes go to the client straight from the map.
-    fn read_borrowed(
-        &self,
-        offset: u64,
-        len: usize,
-        send: &mut dyn FnMut(&[&[u8]]),
-    ) -> Option<io::Result<()>> {
+    fn read_borrowed(&self, offset: u64, len: usize, send: &mut Parts<'_>) -> Option<io::Result<()>> {
         if let Some(t) = &self.trace {
             t.note(offset, len as u64);
         }

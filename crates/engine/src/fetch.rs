@@ -133,6 +133,31 @@ pub(crate) struct Fetcher {
     pub(crate) me: OnceLock<std::sync::Weak<SealedLayer>>,
 }
 
+impl Fetcher {
+    /// Waits, with the state lock given and returned, until block `p` is no longer in flight
+    /// (landed, or given up by a fetch that failed); at once if it is not.
+    fn wait_landed<'a>(
+        &'a self,
+        mut state: std::sync::MutexGuard<'a, FetchState>,
+        p: u64,
+    ) -> std::sync::MutexGuard<'a, FetchState> {
+        if !state.is_in_flight(p) {
+            return state;
+        }
+        let me = std::thread::current();
+        state.waiting.push((p, me.clone()));
+        while state.is_in_flight(p) {
+            drop(state);
+            std::thread::park();
+            state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        }
+        if let Some(i) = state.waiting.iter().position(|(w, t)| *w == p && t.id() == me.id()) {
+            state.waiting.swap_remove(i);
+        }
+        state
+    }
+}
+
 /// How much a stream fetches with fixed windows before its fetches start to grow: 4 MiB. Runs
 /// of reads shorter than that (most files) fetch what fixed windows over them would; longer
 /// ones (a big file, a whole-disk copy) move to larger requests. Measured in
@@ -580,20 +605,11 @@ impl SealedLayer {
     /// goes block by block as usual, which also handles a fetch that failed.
     pub(crate) fn wait_for_run(&self, first: u64, last: u64) {
         let Some(fetch) = &self.fetch else { return };
-        let mut state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
+        let state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
         if !state.is_in_flight(last) || !(first..last).all(|p| self.is_verified(p) || state.is_in_flight(p)) {
             return;
         }
-        let me = std::thread::current();
-        state.waiting.push((last, me.clone()));
-        while state.is_in_flight(last) {
-            drop(state);
-            std::thread::park();
-            state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
-        }
-        if let Some(i) = state.waiting.iter().position(|(w, t)| *w == last && t.id() == me.id()) {
-            state.waiting.swap_remove(i);
-        }
+        drop(fetch.wait_landed(state, last));
     }
 
     /// Checks stored block `pblock` in the local file; if it is wrong (or missing) and the layer
@@ -622,18 +638,7 @@ impl SealedLayer {
         let mut started: Option<u64> = None; // a fetch this reader started on another thread
         loop {
             // Wait for the fetch that has pblock in flight, if any.
-            if state.is_in_flight(pblock) {
-                let me = std::thread::current();
-                state.waiting.push((pblock, me.clone()));
-                while state.is_in_flight(pblock) {
-                    drop(state);
-                    std::thread::park();
-                    state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
-                }
-                if let Some(i) = state.waiting.iter().position(|(w, t)| *w == pblock && t.id() == me.id()) {
-                    state.waiting.swap_remove(i);
-                }
-            }
+            state = fetch.wait_landed(state, pblock);
             if self.is_verified(pblock) {
                 drop(state);
                 // Fetched, checked and written by another reader or thread.

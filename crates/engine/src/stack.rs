@@ -147,6 +147,25 @@ impl Stack {
         self.map.iter()
     }
 
+    /// Whether the virtual blocks `blocks` (of the run at `loc`) can be read as they are in the
+    /// layer file. Without verification complete layers can; a partial layer's blocks must
+    /// still be made local (and so checked) first.
+    fn checked(&self, loc: Loc, blocks: std::ops::RangeInclusive<u64>) -> bool {
+        if !self.verify {
+            return !self.layers[loc.layer as usize].is_partial();
+        }
+        blocks
+            .into_iter()
+            .all(|b| self.verified[(b / 64) as usize].load(Ordering::Relaxed) & (1 << (b % 64)) != 0)
+    }
+
+    /// Records that the virtual blocks `blocks` were checked.
+    fn mark_checked(&self, blocks: std::ops::RangeInclusive<u64>) {
+        for b in blocks {
+            self.verified[(b / 64) as usize].fetch_or(1 << (b % 64), Ordering::Relaxed);
+        }
+    }
+
     /// Reads `buf` from the data run that starts at virtual block `vblock` at `loc` (as returned
     /// by [`Stack::lookup`]), `offset` bytes in. Blocks not yet checked are checked against
     /// their hashes first.
@@ -155,24 +174,10 @@ impl Stack {
             return Ok(());
         }
         let bs = u64::from(self.block_size);
-        let (first, last) = (vblock + offset / bs, vblock + (offset + buf.len() as u64 - 1) / bs);
-        let bit = |b: u64| (&self.verified[(b / 64) as usize], 1u64 << (b % 64));
-        // Without verification, complete layers are read as they are; a partial layer's blocks
-        // must still be made local (and so checked) first.
-        let checked = if self.verify {
-            (first..=last).all(|b| {
-                let (w, m) = bit(b);
-                w.load(Ordering::Relaxed) & m != 0
-            })
-        } else {
-            !self.layers[loc.layer as usize].is_partial()
-        };
-        if !checked {
+        let blocks = vblock + offset / bs..=vblock + (offset + buf.len() as u64 - 1) / bs;
+        if !self.checked(loc, blocks.clone()) {
             self.layers[loc.layer as usize].read(loc.pblock, offset, buf)?;
-            for b in first..=last {
-                let (w, m) = bit(b);
-                w.fetch_or(m, Ordering::Relaxed);
-            }
+            self.mark_checked(blocks);
             return Ok(());
         }
         match &self.maps[loc.layer as usize] {
@@ -195,22 +200,10 @@ impl Stack {
             return Ok(Some(&[]));
         }
         let bs = u64::from(self.block_size);
-        let (first, last) = (vblock + offset / bs, vblock + (offset + len as u64 - 1) / bs);
-        let bit = |b: u64| (&self.verified[(b / 64) as usize], 1u64 << (b % 64));
-        let checked = if self.verify {
-            (first..=last).all(|b| {
-                let (w, m) = bit(b);
-                w.load(Ordering::Relaxed) & m != 0
-            })
-        } else {
-            !layer.is_partial()
-        };
-        if !checked {
+        let blocks = vblock + offset / bs..=vblock + (offset + len as u64 - 1) / bs;
+        if !self.checked(loc, blocks.clone()) {
             layer.make_ready(loc.pblock, offset, len as u64)?;
-            for b in first..=last {
-                let (w, m) = bit(b);
-                w.fetch_or(m, Ordering::Relaxed);
-            }
+            self.mark_checked(blocks);
         }
         let start = (loc.pblock * bs + offset) as usize;
         Ok(Some(&map[start..start + len]))

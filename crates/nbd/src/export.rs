@@ -10,6 +10,10 @@ use std::io;
 
 use crate::proto::{BlockSizes, StatusExtent};
 
+/// Where an export hands the bytes of a read as slices of its own memory, in order (see
+/// [`Export::read_borrowed`]).
+pub type Parts<'a> = dyn FnMut(&[&[u8]]) + 'a;
+
 /// A disk served over NBD.
 ///
 /// Every method may be called concurrently from several connections and several worker
@@ -42,12 +46,7 @@ pub trait Export: Send + Sync + 'static {
     /// `None` when the export cannot for this range, without calling `send` (the server then
     /// calls [`Export::read`]). `send` is called at most once, and only if the read succeeds:
     /// an `Err` means it was not called.
-    fn read_borrowed(
-        &self,
-        _offset: u64,
-        _len: usize,
-        _send: &mut dyn FnMut(&[&[u8]]),
-    ) -> Option<io::Result<()>> {
+    fn read_borrowed(&self, _offset: u64, _len: usize, _send: &mut Parts<'_>) -> Option<io::Result<()>> {
         None
     }
 

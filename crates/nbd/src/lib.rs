@@ -34,7 +34,7 @@ pub mod mem;
 pub mod proto;
 pub mod server;
 
-pub use export::Export;
+pub use export::{Export, Parts};
 pub use mem::MemExport;
 pub use proto::{BlockSizes, StatusExtent};
 pub use server::{Server, ServerConfig, ServerError, ShutdownHandle};

@@ -10,7 +10,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use crate::export::Export;
+use crate::export::{Export, Parts};
 use crate::proto::{BASE_ALLOCATION, BlockSizes, NBD_STATE_HOLE, NBD_STATE_ZERO, StatusExtent};
 
 /// Chunk granularity of [`MemExport`]: allocation is tracked per 64 KiB.
@@ -199,12 +199,7 @@ impl Export for MemExport {
 
     /// Reads of whole chunks are handed over as the chunks themselves (zeros for a hole), so
     /// that the server's copy-free path is exercised too; other reads go through `read`.
-    fn read_borrowed(
-        &self,
-        offset: u64,
-        len: usize,
-        send: &mut dyn FnMut(&[&[u8]]),
-    ) -> Option<io::Result<()>> {
+    fn read_borrowed(&self, offset: u64, len: usize, send: &mut Parts<'_>) -> Option<io::Result<()>> {
         static HOLE: [u8; MEM_CHUNK as usize] = [0; MEM_CHUNK as usize];
         if !offset.is_multiple_of(MEM_CHUNK) || !(len as u64).is_multiple_of(MEM_CHUNK) {
             return None;
