@@ -276,7 +276,8 @@ pub struct ServeArgs {
     /// file, a whole-disk copy) costs few requests, shorter runs fetch what fixed windows would.
     /// A client with many sequential reads in flight (nbdcopy, say) gets there sooner: its
     /// fetches grow 64-fold (up to SIZE) and each starts the next when a quarter of it is in.
-    /// 0 turns read-ahead off.
+    /// 0 turns read-ahead off; 64M suits whole-disk copies (fewer requests, but more fetched
+    /// and unused if such a client stops early).
     #[arg(long, value_name = "SIZE", default_value = DEFAULT_READAHEAD, value_parser = crate::size::parse_size)]
     pub readahead: u64,
     /// For lazily pulled disks whose image carries a trace (see `mcow trace`): do not prefetch
