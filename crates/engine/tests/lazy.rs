@@ -344,6 +344,15 @@ fn build_long(dir: &Path, blocks: u64) -> (PathBuf, Vec<u8>) {
     (disk, all)
 }
 
+/// [`build_long`] of `blocks` blocks in a new temporary directory, and a disk on partial copies
+/// of its layer ([`build_partial`]); returns the directory, the partial disk and its bytes.
+fn long_partial(blocks: u64) -> (tempfile::TempDir, PathBuf, Vec<u8>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (complete, expected) = build_long(tmp.path(), blocks);
+    let partial = build_partial(tmp.path(), &complete);
+    (tmp, partial, expected)
+}
+
 /// Serves ranges of complete layer files through a hook that sees each request's blocks as
 /// they are handed over and can stall, break or corrupt the transfer.
 struct HookSource {
@@ -428,9 +437,7 @@ fn long_sequential_reads_ramp_up_to_few_large_fetches_and_short_runs_do_not() {
     for (policy, max_requests) in
         [(FetchPolicy::default(), 30), (FetchPolicy { window: 4, readahead: 0 }, 65)]
     {
-        let tmp = tempfile::tempdir().unwrap();
-        let (complete, expected) = build_long(tmp.path(), blocks);
-        let partial = build_partial(tmp.path(), &complete);
+        let (tmp, partial, expected) = long_partial(blocks);
         let src = hook_source(tmp.path(), |_, _| true);
         let d = Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), policy).unwrap();
         let mut buf = vec![0u8; BS as usize];
@@ -463,9 +470,7 @@ fn a_reader_waits_for_its_block_to_land_not_for_the_whole_fetch() {
     use std::sync::Mutex;
     use std::sync::mpsc::{channel, sync_channel};
     use std::time::Duration;
-    let tmp = tempfile::tempdir().unwrap();
-    let (complete, expected) = build_long(tmp.path(), 16);
-    let partial = build_partial(tmp.path(), &complete);
+    let (tmp, partial, expected) = long_partial(16);
     // The fetch of blocks 0..8 hands over blocks 0 and 1, tells the test, then waits before
     // block 2 and again before block 3.
     let (started_tx, started_rx) = sync_channel::<()>(1);
@@ -527,9 +532,7 @@ fn a_reader_waits_for_its_block_to_land_not_for_the_whole_fetch() {
 #[test]
 fn a_fetch_that_breaks_or_turns_bad_midway_keeps_only_the_good_blocks_before() {
     use std::sync::atomic::AtomicU8;
-    let tmp = tempfile::tempdir().unwrap();
-    let (complete, expected) = build_long(tmp.path(), 24);
-    let partial = build_partial(tmp.path(), &complete);
+    let (tmp, partial, expected) = long_partial(24);
     // Mode 1: the transfer breaks before the 4th block; mode 2: the 3rd block of a fetch
     // arrives corrupted; mode 3: every block does; mode 0: honest.
     let mode = Arc::new(AtomicU8::new(1));
@@ -582,9 +585,7 @@ fn a_fetch_that_breaks_or_turns_bad_midway_keeps_only_the_good_blocks_before() {
 fn a_deep_queue_of_sequential_reads_fetches_each_block_once_in_growing_requests() {
     const BS: u64 = 65536;
     let blocks = 256u64;
-    let tmp = tempfile::tempdir().unwrap();
-    let (complete, expected) = build_long(tmp.path(), blocks);
-    let partial = build_partial(tmp.path(), &complete);
+    let (tmp, partial, expected) = long_partial(blocks);
     let src = hook_source(tmp.path(), |_, _| true);
     let d = Arc::new(
         Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), FetchPolicy::default())
@@ -696,9 +697,7 @@ fn a_reader_does_not_wait_for_the_read_ahead_its_read_started() {
     use std::sync::Mutex;
     use std::sync::mpsc::channel;
     use std::time::Duration;
-    let tmp = tempfile::tempdir().unwrap();
-    let (complete, expected) = build_long(tmp.path(), 16);
-    let partial = build_partial(tmp.path(), &complete);
+    let (tmp, partial, expected) = long_partial(16);
     // Hand-overs are numbered across requests: the first read's block is 0, the second read's
     // fetch (blocks 1..8, read-ahead) hands over block 1 as 1, then waits before block 2.
     let (gate_tx, gate_rx) = channel::<()>();
@@ -740,9 +739,7 @@ fn a_reader_does_not_wait_for_the_read_ahead_its_read_started() {
 
 #[test]
 fn a_read_ahead_that_fails_before_the_readers_block_gives_the_reader_the_error() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (complete, expected) = build_long(tmp.path(), 16);
-    let partial = build_partial(tmp.path(), &complete);
+    let (tmp, partial, expected) = long_partial(16);
     let broken = Arc::new(AtomicBool::new(false));
     let b2 = broken.clone();
     let src = hook_source(tmp.path(), move |_, _| !b2.load(Ordering::SeqCst));
@@ -764,9 +761,7 @@ fn a_read_ahead_that_fails_before_the_readers_block_gives_the_reader_the_error()
 
 #[test]
 fn prefetching_runs_fetches_just_their_missing_blocks_in_one_request() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (complete, expected) = build_long(tmp.path(), 16);
-    let partial = build_partial(tmp.path(), &complete);
+    let (tmp, partial, expected) = long_partial(16);
     let src = hook_source(tmp.path(), |_, _| true);
     let d = Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), FetchPolicy::default())
         .unwrap();
