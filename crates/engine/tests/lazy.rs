@@ -81,36 +81,26 @@ fn build_partial(dir: &Path, complete: &Path) -> PathBuf {
         let tail_at = t.index_offset(l.header.block_size) as usize;
         store.add_partial(&l.digest, len, &bytes[..HEADER_SIZE], &bytes[tail_at..], &t.index_digest).unwrap();
     }
-    let m = src.manifest();
-    let disk = dir.join("b/disk");
-    Disk::create(
-        &disk,
-        &CreateOptions {
-            virtual_size: m.virtual_size,
-            block_size: m.block_size,
-            store: dir.join("b/layers"),
-            layers: m.layers.clone(),
-        },
-    )
-    .unwrap();
-    disk
+    disk_like(src.manifest(), &dir.join("b/disk"), &dir.join("b/layers"))
 }
 
 /// A second disk, `dir/b/disk2`, on the same (partial) layers as `first`, in the same store.
 fn second_disk(dir: &Path, first: &Path) -> PathBuf {
     let m = mcow_engine::disk::read_manifest(first).unwrap();
-    let second = dir.join("b/disk2");
-    Disk::create(
-        &second,
-        &CreateOptions {
-            virtual_size: m.virtual_size,
-            block_size: m.block_size,
-            store: dir.join("b/layers"),
-            layers: m.layers.clone(),
-        },
-    )
-    .unwrap();
-    second
+    disk_like(&m, &dir.join("b/disk2"), &dir.join("b/layers"))
+}
+
+/// A new disk at `path` with the size, block size and layers of manifest `m`, its layers in
+/// the store `store`.
+fn disk_like(m: &mcow_format::DiskManifest, path: &Path, store: &Path) -> PathBuf {
+    let opts = CreateOptions {
+        virtual_size: m.virtual_size,
+        block_size: m.block_size,
+        store: store.to_path_buf(),
+        layers: m.layers.clone(),
+    };
+    Disk::create(path, &opts).unwrap();
+    path.to_path_buf()
 }
 
 #[test]
