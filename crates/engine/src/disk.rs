@@ -188,6 +188,12 @@ impl Disk {
         self.top.debris()
     }
 
+    /// Corruption of the top's journal that a read-only open found (see
+    /// [`TopLayer::corruption`]); a writable open fails instead.
+    pub fn journal_corruption(&self) -> Option<Error> {
+        self.top.corruption()
+    }
+
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         if offset.checked_add(len).is_none_or(|end| end > self.size) {
             return Err(Error::OutOfRange { offset, len, size: self.size });

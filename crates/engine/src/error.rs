@@ -30,6 +30,16 @@ pub enum Error {
     /// Block size or virtual size of a layer differs from its disk's.
     #[error("{}: {what} is {found}, the disk's is {expected}", path.display())]
     Mismatch { path: PathBuf, what: &'static str, found: u64, expected: u64 },
+    /// A batch in the middle of a top's journal is damaged: a whole batch follows it, so what
+    /// follows is committed data, not the debris of a crash. Nothing may cut it away.
+    #[error(
+        "{}: journal is corrupt: the batch at byte {offset} (after {good_batches} good batches) is \
+         damaged, but a whole batch follows at byte {next_whole}; a writable open would cut off \
+         committed writes, so it is refused (a read-only open shows the disk as of the last good \
+         batch)",
+        path.display()
+    )]
+    JournalCorrupt { path: PathBuf, offset: u64, good_batches: u64, next_whole: u64 },
     /// Another process has the top layer open.
     #[error("{}: in use by another process (the file is locked)", path.display())]
     Locked { path: PathBuf },
@@ -75,6 +85,7 @@ impl Error {
                 | Error::LayerDigest { .. }
                 | Error::WrongParent { .. }
                 | Error::Mismatch { .. }
+                | Error::JournalCorrupt { .. }
         )
     }
 }

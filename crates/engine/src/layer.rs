@@ -136,14 +136,18 @@ impl SealedLayer {
         Ok(read_structure(&f, &self.path)?.2)
     }
 
+    /// Whether `pblock` was checked (and, in a partial layer, written). Acquire pairs with the
+    /// Release in [`SealedLayer::mark_verified`]: a thread that sees the bit also sees the
+    /// block's bytes that the marking thread wrote to the file before marking it.
     pub(crate) fn is_verified(&self, pblock: u64) -> bool {
         let (w, b) = ((pblock / 64) as usize, pblock % 64);
-        self.verified[w].load(Ordering::Relaxed) & (1 << b) != 0
+        self.verified[w].load(Ordering::Acquire) & (1 << b) != 0
     }
 
+    /// Records that `pblock` is checked; call only after its bytes are in the file.
     pub(crate) fn mark_verified(&self, pblock: u64) {
         let (w, b) = ((pblock / 64) as usize, pblock % 64);
-        self.verified[w].fetch_or(1 << b, Ordering::Relaxed);
+        self.verified[w].fetch_or(1 << b, Ordering::Release);
     }
 
     /// Reads `buf.len()` bytes starting `offset` bytes into physical block `pblock`; the range
@@ -235,7 +239,9 @@ impl SealedLayer {
         // SAFETY: the bytes read through the map do not change while they are read: mcow
         // never rewrites, truncates or replaces a sealed layer file in place (new layers get
         // new names); in a partial layer, a block is written (once, when fetched and checked)
-        // before it is marked verified, and the map is read only for verified blocks. Its
+        // before it is marked verified (a Release store after the write returned), and the map
+        // is read only for blocks seen verified (an Acquire load), so the write happens before
+        // the read on every thread. Its
         // length was checked against the trailer at open, so the whole range exists. Another
         // process truncating the file while it is mapped would make reads fault (SIGBUS);
         // docs/FORMAT.md says sealed layers must not be modified.

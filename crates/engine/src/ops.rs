@@ -348,6 +348,9 @@ pub fn check(dir: &Path, force_share: bool, progress: Progress) -> Result<CheckR
         let opts = OpenOptions { read_only: true, verify: true, force_share };
         match Disk::open_with_source(dir, opts, offline, FetchPolicy::default()) {
             Ok(disk) => {
+                if let Some(e) = disk.journal_corruption() {
+                    report.errors.push(e.to_string());
+                }
                 let d = disk.debris();
                 if d.journal_tail_bytes > 0 {
                     report.debris.push(format!(

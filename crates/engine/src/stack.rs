@@ -156,13 +156,14 @@ impl Stack {
         }
         blocks
             .into_iter()
-            .all(|b| self.verified[(b / 64) as usize].load(Ordering::Relaxed) & (1 << (b % 64)) != 0)
+            .all(|b| self.verified[(b / 64) as usize].load(Ordering::Acquire) & (1 << (b % 64)) != 0)
     }
 
-    /// Records that the virtual blocks `blocks` were checked.
+    /// Records that the virtual blocks `blocks` were checked (Release, paired with the Acquire
+    /// in `checked`, as for a layer's own verified bits).
     fn mark_checked(&self, blocks: std::ops::RangeInclusive<u64>) {
         for b in blocks {
-            self.verified[(b / 64) as usize].fetch_or(1 << (b % 64), Ordering::Relaxed);
+            self.verified[(b / 64) as usize].fetch_or(1 << (b % 64), Ordering::Release);
         }
     }
 

@@ -6,7 +6,8 @@
 //! reads as zero, or is discarded). A flush makes data durable first, then appends one batch
 //! and makes it durable; a batch is the commit point. After a crash, replaying every whole
 //! batch gives a map whose blocks were all durable before the batch was written, so every
-//! flushed write reads back; a torn last batch is ignored. A physical block freed by a zero or
+//! flushed write reads back; a torn last batch is ignored. A damaged batch with a whole one
+//! behind it is corruption: a writable open refuses it rather than cut committed batches away. A physical block freed by a zero or
 //! discard is reused only after the batch that frees it is durable, so a crash can never leave
 //! an old mapping pointing at reused data.
 //!
@@ -18,7 +19,7 @@ use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use mcow_format::{
     BlockHashKind, Digest, ExtentKind, HEADER_SIZE, IndexEntry, JOURNAL_HEADER_SIZE, JournalBatch,
-    JournalHeader, LayerHeader, LayerKind, decode_batch, encode_batch,
+    JournalHeader, LayerHeader, LayerKind, decode_batch, encode_batch, find_whole_batch,
 };
 
 use crate::error::{Error, Result};
@@ -34,6 +35,15 @@ pub struct Debris {
     /// Physical blocks at the end of the data file, past the last one any mapping uses. (Unused
     /// blocks below it are not debris: they are free and get reused.)
     pub unused_blocks: u64,
+}
+
+/// Where a journal was found damaged in the middle (see [`Error::JournalCorrupt`]): only a
+/// read-only open gets this far, and it shows the disk as of the last good batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct JournalDamage {
+    offset: u64,
+    good_batches: u64,
+    next_whole: u64,
 }
 
 struct Alloc {
@@ -59,6 +69,7 @@ pub struct TopLayer {
     map: RwLock<ExtentMap>,
     alloc: Mutex<Alloc>,
     debris: Debris,
+    damage: Option<JournalDamage>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -97,6 +108,11 @@ impl TopLayer {
     }
 
     /// Opens a top, replaying its journal. A writable open also trims debris left by a crash.
+    ///
+    /// A journal damaged in the middle (a whole batch after the first one that is not) is
+    /// corruption: a writable open fails with [`Error::JournalCorrupt`] and changes nothing; a
+    /// read-only open logs the error, shows the good batches, and reports the damage through
+    /// [`TopLayer::corruption`].
     pub fn open(
         data: Box<dyn Storage>,
         journal: Box<dyn Storage>,
@@ -161,6 +177,20 @@ impl TopLayer {
             sequence = batch.sequence;
         }
 
+        // A whole batch in what is left means a damaged batch in the middle, not a torn tail.
+        let damage = find_whole_batch(&jbuf[pos..]).map(|(at, _)| JournalDamage {
+            offset: pos as u64,
+            good_batches: sequence,
+            next_whole: (pos + at) as u64,
+        });
+        if let Some(d) = damage {
+            let err = d.error(&jpath);
+            if !read_only {
+                return Err(err);
+            }
+            tracing::error!("{err}");
+        }
+
         // Rebuild the allocator from the map.
         let mut used = vec![0u64; (data_blocks as usize).div_ceil(64)];
         let mut next_pblock = 0u64;
@@ -190,9 +220,16 @@ impl TopLayer {
         }
         let free: Vec<u64> =
             (0..next_pblock).rev().filter(|p| used[(p / 64) as usize] & (1 << (p % 64)) == 0).collect();
-        let debris =
-            Debris { journal_tail_bytes: jlen - pos as u64, unused_blocks: data_blocks - next_pblock };
+        // Behind damage nothing is debris: the tail holds committed batches and the data file
+        // the blocks they map.
+        let debris = match damage {
+            Some(_) => Debris::default(),
+            None => {
+                Debris { journal_tail_bytes: jlen - pos as u64, unused_blocks: data_blocks - next_pblock }
+            }
+        };
         if !read_only {
+            debug_assert!(damage.is_none());
             if debris.journal_tail_bytes > 0 {
                 tracing::info!(journal = %jpath.display(), bytes = debris.journal_tail_bytes, "dropping torn journal tail");
                 journal.set_len(pos as u64).map_err(Error::io("truncate", &jpath))?;
@@ -219,6 +256,7 @@ impl TopLayer {
                 sequence,
             }),
             debris,
+            damage,
         })
     }
 
@@ -229,6 +267,11 @@ impl TopLayer {
     /// What the open found beyond the last durable state.
     pub fn debris(&self) -> Debris {
         self.debris
+    }
+
+    /// The corruption a read-only open found in the journal, if any (a writable open refuses).
+    pub fn corruption(&self) -> Option<Error> {
+        self.damage.map(|d| d.error(&journal_path(&self.path)))
     }
 
     fn map_read(&self) -> RwLockReadGuard<'_, ExtentMap> {
@@ -371,6 +414,17 @@ impl TopLayer {
     /// Bytes of the data file and journal.
     pub fn file_sizes(&self) -> (u64, u64) {
         (self.data.len().unwrap_or(0), self.journal.len().unwrap_or(0))
+    }
+}
+
+impl JournalDamage {
+    fn error(&self, jpath: &Path) -> Error {
+        Error::JournalCorrupt {
+            path: jpath.to_path_buf(),
+            offset: self.offset,
+            good_batches: self.good_batches,
+            next_whole: self.next_whole,
+        }
     }
 }
 

@@ -21,7 +21,8 @@ use common::Rng;
 use common::simtop::{
     BS, Image, Model, SimTop, assert_no_debris_after_trim, random_op, read_blocks, write_steps, zero_steps,
 };
-use mcow_engine::sim::CrashMode;
+use mcow_engine::sim::{CrashMode, SimStorage};
+use mcow_engine::storage::Storage;
 use mcow_format::ExtentKind;
 
 /// 100 KiB + 512: 26 blocks, the last one partial.
@@ -193,4 +194,125 @@ fn discarding_the_highest_blocks_then_reopening_twice_still_opens() {
     drop(t);
     let t = img.open(false).unwrap();
     assert!(read_blocks(&t, model.blocks()).unwrap() == model.cur);
+}
+
+/// A top's two devices after [`five_batches`], the disk's blocks after each flush (index 0:
+/// before any), and where each batch starts and ends in the journal.
+struct Batches {
+    data: SimStorage,
+    journal: SimStorage,
+    states: Vec<Vec<Vec<u8>>>,
+    bounds: Vec<(u64, u64)>,
+}
+
+/// Five flushes, each writing blocks no earlier batch mapped (and the fourth also zeroing
+/// blocks of the layer below), so the disk after `k` good batches is the model after flush `k`.
+fn five_batches() -> Batches {
+    let st = SimTop::create(SIZE, 7, 0);
+    st.hook.enabled.store(false, std::sync::atomic::Ordering::Relaxed);
+    let mut model = Model::new(st.top.header.block_count());
+    let mut states = vec![model.cur.clone()];
+    let mut bounds = Vec::new();
+    for k in 0..5u64 {
+        let start = st.top.file_sizes().1;
+        // Blocks 4k..4k+2 whole, block 4k+3 in part (a copy-up).
+        for s in write_steps(4 * k * BS as u64, &common::pattern(100 + k, 3 * BS + 700)) {
+            model.apply(&st.top, &s).unwrap();
+        }
+        if k == 3 {
+            for s in zero_steps(22 * BS as u64, 2 * BS as u64, SIZE, true) {
+                model.apply(&st.top, &s).unwrap();
+            }
+        }
+        st.top.flush().unwrap();
+        model.flushed();
+        states.push(model.cur.clone());
+        bounds.push((start, st.top.file_sizes().1));
+    }
+    let (data, journal) = (st.hook.data.clone(), st.hook.journal.clone());
+    drop(st);
+    Batches { data, journal, states, bounds }
+}
+
+/// Regression (issue: one flipped bit in a middle journal batch silently discarded the later,
+/// committed batches: `check` called it debris and a writable open cut the journal and the data
+/// file). Tried: one bit flipped at the first, second, middle and last bytes, and in the count,
+/// sequence and checksum fields, of each of five batches. Must hold: damage to any batch but the
+/// last is corruption: a read-only open shows the disk as of the batches before it and reports
+/// [`mcow_engine::Error::JournalCorrupt`], a writable open fails with it, and neither changes a
+/// byte of either file; damage to the last batch is a torn tail (debris), which a writable open
+/// trims, keeping every batch before it.
+#[test]
+fn a_damaged_middle_batch_is_corruption_and_nothing_is_cut() {
+    let Batches { data, journal, states, bounds } = five_batches();
+    let n = states[0].len() as u64;
+    for (i, &(start, end)) in bounds.iter().enumerate() {
+        let len = end - start;
+        for at in [0, 5, 9, len / 2, len - 4, len - 1] {
+            let label = format!("batch {} of 5, byte {at} of {len} flipped", i + 1);
+            let img = Image {
+                data: data.crashed(CrashMode::DropUnsynced),
+                journal: journal.crashed(CrashMode::DropUnsynced),
+                label: label.clone(),
+            };
+            img.journal.flip_bit(start + at, (at % 8) as u8);
+            let (data_before, journal_before) = (img.data.snapshot(), img.journal.snapshot());
+            let ro = img.open(true).unwrap_or_else(|e| panic!("{label}: read-only open failed: {e}"));
+            assert!(read_blocks(&ro, n).unwrap() == states[i], "{label}: read-only content");
+            let last = i == bounds.len() - 1;
+            if last {
+                assert!(ro.corruption().is_none(), "{label}: a damaged last batch is a torn tail");
+                assert_eq!(ro.debris().journal_tail_bytes, len, "{label}");
+            } else {
+                let e = ro.corruption().unwrap_or_else(|| panic!("{label}: damage not reported"));
+                assert!(
+                    matches!(e, mcow_engine::Error::JournalCorrupt { offset, good_batches, next_whole, .. }
+                        if offset == start && good_batches == i as u64 && next_whole == end),
+                    "{label}: {e}"
+                );
+                assert_eq!(ro.debris(), Default::default(), "{label}: committed batches are not debris");
+            }
+            drop(ro);
+            match img.open(false) {
+                Ok(rw) if last => {
+                    assert!(read_blocks(&rw, n).unwrap() == states[i], "{label}: writable content");
+                    assert_eq!(img.journal.snapshot().len() as u64, start, "{label}: torn tail trimmed");
+                }
+                Ok(_) => panic!("{label}: a writable open accepted a damaged journal"),
+                Err(e) if !last => {
+                    assert!(matches!(e, mcow_engine::Error::JournalCorrupt { .. }), "{label}: {e}");
+                    assert!(e.is_corruption(), "{label}");
+                    assert!(img.data.snapshot() == data_before, "{label}: the data file changed");
+                    assert!(img.journal.snapshot() == journal_before, "{label}: the journal changed");
+                }
+                Err(e) => panic!("{label}: writable open failed: {e}"),
+            }
+        }
+    }
+}
+
+/// The other side of the rule: a journal cut at any batch boundary is whole (no debris, the
+/// disk as of that batch), and cut anywhere inside a batch is a torn tail (debris, the disk as
+/// of the batch before), never corruption.
+#[test]
+fn a_journal_cut_at_or_inside_any_batch_is_clean_or_debris() {
+    let Batches { data, journal, states, bounds } = five_batches();
+    let n = states[0].len() as u64;
+    let full = journal.snapshot();
+    for (i, &(start, end)) in bounds.iter().enumerate() {
+        for cut in [start, start + 1, start + 16, (start + end) / 2, end - 1] {
+            let label = format!("journal cut at byte {cut} (batch {} is {start}..{end})", i + 1);
+            let j = SimStorage::new();
+            j.write_at(&full[..cut as usize], 0).unwrap();
+            j.sync().unwrap();
+            let img = Image { data: data.crashed(CrashMode::DropUnsynced), journal: j, label: label.clone() };
+            let ro = img.open(true).unwrap_or_else(|e| panic!("{label}: read-only open failed: {e}"));
+            assert!(ro.corruption().is_none(), "{label}: reported as corruption");
+            assert_eq!(ro.debris().journal_tail_bytes, cut - start, "{label}");
+            assert!(read_blocks(&ro, n).unwrap() == states[i], "{label}: content");
+            drop(ro);
+            let rw = img.open(false).unwrap_or_else(|e| panic!("{label}: writable open failed: {e}"));
+            assert!(read_blocks(&rw, n).unwrap() == states[i], "{label}: writable content");
+        }
+    }
 }

@@ -1,9 +1,12 @@
 //! The journal of a writable top layer: a header, then batches of mapping changes.
 //!
-//! Owns: the byte layout of the journal header and of one batch, and batch validation. A batch
-//! is written at each flush and is all-or-nothing: a torn or corrupt batch (short, bad magic,
-//! bad checksum, wrong sequence) marks the end of the journal. Does not own: replaying batches
-//! into a map or deciding when to write them (the engine's top layer does that).
+//! Owns: the byte layout of the journal header and of one batch, batch validation, and telling a
+//! torn tail from a damaged middle. A batch is written at each flush and is all-or-nothing: the
+//! replay stops at the first batch that is not whole (short, bad magic, bad checksum, wrong
+//! sequence). What follows is a torn tail (debris of an unfinished flush) unless a whole batch
+//! appears anywhere in it ([`find_whole_batch`]): then a batch in the middle was damaged, and
+//! the journal is corrupt. Does not own: replaying batches into a map or deciding when to write
+//! them (the engine's top layer does that).
 
 use crate::index::decode_index_entry;
 use crate::{FormatError, INDEX_ENTRY_SIZE, IndexEntry, encode_index_entry, le_u32, le_u64};
@@ -111,6 +114,29 @@ pub fn decode_batch(b: &[u8]) -> Result<Option<(JournalBatch, usize)>, FormatErr
     Ok(Some((JournalBatch { sequence: le_u64(b, 8), entries }, len)))
 }
 
+/// Where a whole batch (batch magic, an entry count in bounds, a matching checksum) starts in
+/// `tail`, searched at every byte offset, with its sequence number.
+///
+/// The replay of a journal stops at the first position that holds no whole batch of the next
+/// sequence. If the bytes from there on hold no whole batch either, they are a torn tail: a
+/// flush writes one batch at the end and syncs it before the next is written, so a crash can
+/// leave at most one incomplete batch, never a whole one after it. A whole batch in the tail
+/// means a batch before it was damaged after it was committed (or the batch itself is out of
+/// sequence): corruption, which recovery must not cut away.
+pub fn find_whole_batch(tail: &[u8]) -> Option<(usize, u64)> {
+    let mut from = 0;
+    while let Some(i) = tail[from..].windows(BATCH_MAGIC.len()).position(|w| w == BATCH_MAGIC) {
+        let at = from + i;
+        match decode_batch(&tail[at..]) {
+            Ok(Some((batch, _))) => return Some((at, batch.sequence)),
+            // A good checksum over a malformed entry: whole, and corrupt.
+            Err(_) => return Some((at, le_u64(tail, at + 8))),
+            Ok(None) => from = at + 1,
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +176,31 @@ mod tests {
         let enc = encode_batch(&batch());
         for cut in 0..enc.len() {
             assert_eq!(decode_batch(&enc[..cut]).unwrap(), None, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_torn_batch_holds_no_whole_batch() {
+        let enc = encode_batch(&batch());
+        for cut in 0..enc.len() {
+            assert_eq!(find_whole_batch(&enc[..cut]), None, "cut at {cut}");
+        }
+        assert_eq!(find_whole_batch(&[]), None);
+        assert_eq!(find_whole_batch(b"JBA"), None);
+    }
+
+    #[test]
+    fn a_whole_batch_is_found_behind_a_damaged_one() {
+        let first = encode_batch(&JournalBatch { sequence: 3, ..batch() });
+        let second = encode_batch(&batch());
+        for i in 0..first.len() * 8 {
+            let mut b = first.clone();
+            b[i / 8] ^= 1 << (i % 8);
+            b.extend_from_slice(&second);
+            let found = find_whole_batch(&b);
+            // A flip that leaves the first batch whole cannot happen (the CRC catches it), so
+            // the one found is always the second.
+            assert_eq!(found, Some((first.len(), 4)), "bit {i}");
         }
     }
 

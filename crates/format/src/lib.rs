@@ -28,7 +28,7 @@ pub use header::{
 pub use index::{ExtentKind, INDEX_ENTRY_SIZE, IndexEntry, decode_index, encode_index_entry, validate_index};
 pub use journal::{
     JOURNAL_HEADER_SIZE, JOURNAL_VERSION, JournalBatch, JournalHeader, batch_encoded_len, decode_batch,
-    encode_batch,
+    encode_batch, find_whole_batch,
 };
 pub use manifest::{DiskManifest, MANIFEST_FORMAT, MANIFEST_VERSION};
 pub use trailer::{TRAILER_SIZE, Trailer};
