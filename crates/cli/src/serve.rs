@@ -5,7 +5,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
@@ -132,7 +132,7 @@ impl Export for DiskExport {
 /// Records which blocks are read first, in order: one bit per block says whether it was seen.
 pub struct TraceRecorder {
     block_size: u32,
-    seen: Vec<AtomicU64>,
+    seen: mcow_engine::AtomicBitmap,
     order: Mutex<Vec<u64>>,
 }
 
@@ -141,7 +141,7 @@ impl TraceRecorder {
         let blocks = disk.size().div_ceil(u64::from(disk.block_size()));
         TraceRecorder {
             block_size: disk.block_size(),
-            seen: (0..blocks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            seen: mcow_engine::AtomicBitmap::new(blocks),
             order: Mutex::new(Vec::new()),
         }
     }
@@ -151,11 +151,8 @@ impl TraceRecorder {
             return;
         }
         let bs = u64::from(self.block_size);
-        for b in offset / bs..=(offset + len - 1) / bs {
-            let (w, m) = ((b / 64) as usize, 1u64 << (b % 64));
-            if let Some(word) = self.seen.get(w)
-                && word.fetch_or(m, Ordering::Relaxed) & m == 0
-            {
+        for b in offset / bs..=((offset + len - 1) / bs).min(self.seen.len().saturating_sub(1)) {
+            if !self.seen.set(b) {
                 self.order.lock().unwrap_or_else(|p| p.into_inner()).push(b);
             }
         }

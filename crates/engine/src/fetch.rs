@@ -1035,14 +1035,10 @@ impl SealedLayer {
 
     /// Records that an open disk shows stored blocks `[pblock, pblock + count)`.
     pub(crate) fn mark_visible(&self, pblock: u64, count: u64) {
-        for p in pblock..(pblock + count).min(self.trailer.block_count) {
-            let (w, b) = ((p / 64) as usize, p % 64);
-            self.visible[w].fetch_or(1 << b, Ordering::Relaxed);
-        }
+        self.visible.set_range(pblock, (pblock + count).min(self.trailer.block_count));
     }
 
     fn is_visible(&self, pblock: u64) -> bool {
-        let (w, b) = ((pblock / 64) as usize, pblock % 64);
-        self.visible[w].load(Ordering::Relaxed) & (1 << b) != 0
+        self.visible.get(pblock)
     }
 }

@@ -8,7 +8,6 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use mcow_format::{
     BLOCK_HASH_SIZE, BlockHash, BlockHashKind, Digest, ExtentKind, HEADER_SIZE, INDEX_ENTRY_SIZE, IndexEntry,
@@ -16,6 +15,7 @@ use mcow_format::{
     encode_index_entry, validate_index,
 };
 
+use crate::bitmap::AtomicBitmap;
 use crate::error::{Error, Result};
 use crate::fetch::{Fetcher, Want};
 use crate::store::FileSlot;
@@ -28,10 +28,11 @@ pub struct SealedLayer {
     pub header: LayerHeader,
     pub trailer: Trailer,
     pub(crate) hashes: Vec<BlockHash>,
-    pub(crate) verified: Vec<AtomicU64>,
+    /// Blocks checked against their hashes (for a partial layer: also written locally first).
+    pub(crate) verified: AtomicBitmap,
     /// Blocks that an open disk in this process shows (not hidden by upper layers): the only
     /// ones a partial layer's reads may fetch along with the block read. Set by `Stack::open`.
-    pub(crate) visible: Vec<AtomicU64>,
+    pub(crate) visible: AtomicBitmap,
     pub(crate) verify: bool,
     pub(crate) file: FileSlot,
     /// For a partial (lazily fetched) layer: where missing blocks come from.
@@ -53,15 +54,15 @@ impl SealedLayer {
     ) -> Result<(SealedLayer, LayerIndex)> {
         let f = file.get(path)?;
         let (header, trailer, index, hashes) = read_structure(&f, path)?;
-        let words = (trailer.block_count as usize).div_ceil(64);
+        let blocks = trailer.block_count;
         let layer = SealedLayer {
             digest,
             path: path.to_path_buf(),
             header,
             trailer,
             hashes,
-            verified: (0..words).map(|_| AtomicU64::new(0)).collect(),
-            visible: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            verified: AtomicBitmap::new(blocks),
+            visible: AtomicBitmap::new(blocks),
             verify,
             file,
             fetch: None,
@@ -136,18 +137,16 @@ impl SealedLayer {
         Ok(read_structure(&f, &self.path)?.2)
     }
 
-    /// Whether `pblock` was checked (and, in a partial layer, written). Acquire pairs with the
-    /// Release in [`SealedLayer::mark_verified`]: a thread that sees the bit also sees the
-    /// block's bytes that the marking thread wrote to the file before marking it.
+    /// Whether `pblock` was checked (and, in a partial layer, written). A thread that sees the
+    /// bit also sees the block's bytes that the marking thread wrote to the file before marking
+    /// it (the bitmap's Acquire/Release).
     pub(crate) fn is_verified(&self, pblock: u64) -> bool {
-        let (w, b) = ((pblock / 64) as usize, pblock % 64);
-        self.verified[w].load(Ordering::Acquire) & (1 << b) != 0
+        self.verified.get(pblock)
     }
 
     /// Records that `pblock` is checked; call only after its bytes are in the file.
     pub(crate) fn mark_verified(&self, pblock: u64) {
-        let (w, b) = ((pblock / 64) as usize, pblock % 64);
-        self.verified[w].fetch_or(1 << b, Ordering::Release);
+        self.verified.set(pblock);
     }
 
     /// Reads `buf.len()` bytes starting `offset` bytes into physical block `pblock`; the range

@@ -1,11 +1,14 @@
 //! The mcow engine: layered copy-on-write disks whose reads cost one lookup at any depth.
 //!
-//! Rooms, bottom up:
+//! Modules, bottom up:
 //! - `storage` / `sim`: the byte-storage trait every layer goes through, and a simulated device
 //!   for crash and fault tests;
+//! - `bitmap`: the one atomic, sparse, bounds-checked bitmap for per-block flags;
 //! - `extent_map`: the interval map behind depth-independent addressing;
 //! - `layer` / `store`: sealed layers (read with verification, written canonically) and the
 //!   content-addressed directory that holds them;
+//! - `fetch`: partial (lazily fetched) layers: where missing blocks come from and how they are
+//!   fetched, checked and landed;
 //! - `stack`: sealed layers bottom to top, flattened into one map at open;
 //! - `top`: the writable, crash-consistent top layer;
 //! - `disk`: a stack plus its top, the byte-level read/write path front ends use;
@@ -13,6 +16,7 @@
 //!
 //! It does not own the byte layouts (crate `mcow-format`) nor any front end (CLI, NBD).
 
+pub mod bitmap;
 pub mod disk;
 pub mod error;
 pub mod extent_map;
@@ -25,6 +29,7 @@ pub mod storage;
 pub mod store;
 pub mod top;
 
+pub use bitmap::AtomicBitmap;
 pub use disk::{CreateOptions, DEFAULT_BLOCK_SIZE, Disk, OpenOptions, Run, RunKind};
 pub use error::{Error, Result};
 pub use extent_map::TOP;

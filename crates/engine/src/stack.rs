@@ -3,15 +3,15 @@
 //!
 //! Owns: opening the layers of a manifest, checking that each one was made on exactly the
 //! stack below it, and building the flattened map (every layer's extents inserted bottom to
-//! top, once) and its per-block table. A lookup is then two loads from that table, whatever the
+//! top, once) and its per-block table. A lookup is then three loads from that table, whatever the
 //! depth and however fragmented the map. Does not own:
 //! the writable top (see `top`) or the byte-level read path (see `disk`).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use mcow_format::{Digest, ExtentKind};
 
+use crate::bitmap::AtomicBitmap;
 use crate::error::{Error, Result};
 use crate::extent_map::{BlockTable, Extent, ExtentMap, FrozenMap, Loc, MAX_TABLE_LAYERS};
 use crate::layer::SealedLayer;
@@ -27,7 +27,7 @@ pub struct Stack {
     /// One bit per virtual block: its visible block has passed its hash check. Checked on the
     /// read path instead of the owning layer's own bitmap, so the hot path touches one small
     /// bitmap whatever the depth.
-    verified: Vec<AtomicU64>,
+    verified: AtomicBitmap,
     /// Each layer's data region, mapped, in one dense vector (index = layer), so the read path
     /// touches no per-layer structure.
     maps: Vec<Option<memmap2::Mmap>>,
@@ -94,7 +94,7 @@ impl Stack {
         }
         let blocks = virtual_size.div_ceil(u64::from(block_size));
         let table = BlockTable::new(&map, blocks);
-        let verified = (0..blocks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        let verified = AtomicBitmap::new(blocks);
         let maps = layers.iter().map(|l| l.map_data()).collect();
         Ok(Stack { virtual_size, block_size, layers, map, table, verified, maps, verify, chain })
     }
@@ -107,7 +107,7 @@ impl Stack {
             layers: Vec::new(),
             map: FrozenMap::default(),
             table: BlockTable::default(),
-            verified: Vec::new(),
+            verified: AtomicBitmap::default(),
             maps: Vec::new(),
             verify: true,
             chain: Digest::ZERO,
@@ -154,17 +154,12 @@ impl Stack {
         if !self.verify {
             return !self.layers[loc.layer as usize].is_partial();
         }
-        blocks
-            .into_iter()
-            .all(|b| self.verified[(b / 64) as usize].load(Ordering::Acquire) & (1 << (b % 64)) != 0)
+        blocks.into_iter().all(|b| self.verified.get(b))
     }
 
-    /// Records that the virtual blocks `blocks` were checked (Release, paired with the Acquire
-    /// in `checked`, as for a layer's own verified bits).
+    /// Records that the virtual blocks `blocks` were checked.
     fn mark_checked(&self, blocks: std::ops::RangeInclusive<u64>) {
-        for b in blocks {
-            self.verified[(b / 64) as usize].fetch_or(1 << (b % 64), Ordering::Release);
-        }
+        self.verified.set_range(*blocks.start(), *blocks.end() + 1);
     }
 
     /// Reads `buf` from the data run that starts at virtual block `vblock` at `loc` (as returned
