@@ -363,6 +363,9 @@ fn prepare_image(reference: &Reference, cache: &Path) -> Result<(PathBuf, u64)> 
         &mut |_, _| {},
     )
     .with_context(|| format!("pulling {reference} into {}", dir.display()))?;
+    if let Some(t) = &report.missing_trace {
+        crate::commands::transfer::warn_missing_trace(reference, t);
+    }
     tracing::info!(
         %reference, manifest = %digest, disk = %dir.display(), layers = report.layers,
         layers_local = report.layers_local, bytes_fetched = report.bytes_fetched,

@@ -11,6 +11,8 @@
 mod common;
 #[path = "common/nbd.rs"]
 mod nbd;
+#[path = "common/registry.rs"]
+mod registry;
 #[path = "common/vm.rs"]
 mod vmh;
 
@@ -18,6 +20,7 @@ use std::path::Path;
 
 use common::*;
 use nbd::*;
+use registry::Registry;
 use serde_json::Value;
 use vmh::*;
 

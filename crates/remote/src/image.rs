@@ -1,6 +1,7 @@
 //! An mcow disk image as an OCI artifact: an image manifest whose config describes the disk and
-//! whose layers are the sealed layer files, bottom first. Media types and fields are specified
-//! in docs/FORMAT.md ("Disk images in registries").
+//! whose layers are the sealed layer files, bottom first, then the image's trace blob (if any),
+//! so that every blob the image needs is reachable from the manifest. Media types and fields
+//! are specified in docs/FORMAT.md ("Disk images in registries").
 
 use std::collections::BTreeMap;
 
@@ -37,6 +38,8 @@ pub struct Manifest {
     pub media_type: String,
     pub artifact_type: String,
     pub config: Descriptor,
+    /// The OCI `layers` list: the disk's layers (bottom first), then the trace's descriptor if
+    /// the image has one. Read them with [`Manifest::disk_layers`] and [`Manifest::trace`].
     pub layers: Vec<Descriptor>,
 }
 
@@ -93,14 +96,29 @@ impl Trace {
 }
 
 impl Manifest {
-    pub fn new(config: Descriptor, layers: Vec<Descriptor>) -> Manifest {
+    /// The manifest of an image of the disk layers `layers` (bottom first) and, if given, a
+    /// trace (listed after the layers).
+    pub fn new(config: Descriptor, layers: Vec<Descriptor>, trace: Option<Descriptor>) -> Manifest {
         Manifest {
             schema_version: 2,
             media_type: MANIFEST_MEDIA_TYPE.to_string(),
             artifact_type: ARTIFACT_TYPE.to_string(),
             config,
-            layers,
+            layers: layers.into_iter().chain(trace).collect(),
         }
+    }
+
+    /// The disk's layers, bottom first: the `layers` entries without the trace.
+    pub fn disk_layers(&self) -> &[Descriptor] {
+        match self.layers.split_last() {
+            Some((last, rest)) if last.media_type == TRACE_MEDIA_TYPE => rest,
+            _ => &self.layers,
+        }
+    }
+
+    /// The trace's descriptor, if the manifest lists one (the last `layers` entry).
+    pub fn trace(&self) -> Option<&Descriptor> {
+        self.layers.last().filter(|d| d.media_type == TRACE_MEDIA_TYPE)
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -120,8 +138,14 @@ impl Manifest {
                 m.artifact_type, m.config.media_type
             )));
         }
-        if m.layers.iter().any(|l| l.media_type != LAYER_MEDIA_TYPE) {
-            return Err(RemoteError::Invalid("a layer of the image is not an mcow layer".into()));
+        // Disk layers, then at most one trace, last.
+        if m.disk_layers().iter().any(|l| l.media_type != LAYER_MEDIA_TYPE) {
+            let what = if m.disk_layers().iter().any(|l| l.media_type == TRACE_MEDIA_TYPE) {
+                "the image lists a trace that is not its last layer entry".to_string()
+            } else {
+                "a layer of the image is not an mcow layer".to_string()
+            };
+            return Err(RemoteError::Invalid(what));
         }
         Ok(m)
     }
@@ -136,13 +160,127 @@ impl DiskConfig {
     pub fn parse(bytes: &[u8], manifest: &Manifest) -> Result<DiskConfig> {
         let c: DiskConfig = serde_json::from_slice(bytes)
             .map_err(|e| RemoteError::Invalid(format!("bad disk image config: {e}")))?;
-        let agree = c.layers.len() == manifest.layers.len()
-            && c.layers.iter().zip(&manifest.layers).all(|(r, d)| r.digest == d.digest && r.size == d.size);
+        let layers = manifest.disk_layers();
+        let agree = c.layers.len() == layers.len()
+            && c.layers.iter().zip(layers).all(|(r, d)| r.digest == d.digest && r.size == d.size);
         if !agree {
             return Err(RemoteError::Invalid("the image config and manifest list different layers".into()));
+        }
+        if let Some(t) = &c.trace
+            && t.media_type != TRACE_MEDIA_TYPE
+        {
+            return Err(RemoteError::Invalid(format!(
+                "the image config's trace has media type {:?}",
+                t.media_type
+            )));
+        }
+        // A trace in the manifest must be the config's; a config-only trace is an image pushed
+        // before traces were listed in the manifest (still accepted).
+        if let Some(m) = manifest.trace() {
+            let same = c.trace.as_ref().is_some_and(|t| t.digest == m.digest && t.size == m.size);
+            if !same {
+                return Err(RemoteError::Invalid(
+                    "the image config and manifest name different traces".into(),
+                ));
+            }
         }
         mcow_format::check_block_size(c.block_size).map_err(|e| RemoteError::Invalid(e.to_string()))?;
         mcow_format::check_virtual_size(c.virtual_size).map_err(|e| RemoteError::Invalid(e.to_string()))?;
         Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc(media_type: &str, seed: &[u8]) -> Descriptor {
+        Descriptor {
+            media_type: media_type.into(),
+            digest: Digest::of(seed),
+            size: seed.len() as u64,
+            annotations: Default::default(),
+        }
+    }
+
+    fn record(d: &Descriptor) -> LayerRecord {
+        LayerRecord {
+            digest: d.digest,
+            size: d.size,
+            header_digest: Digest::of(b"h"),
+            index_digest: Digest::of(b"i"),
+            tail_len: None,
+        }
+    }
+
+    fn config_bytes(layers: &[Descriptor], trace: Option<&Descriptor>) -> Vec<u8> {
+        DiskConfig {
+            virtual_size: 1 << 20,
+            block_size: 65536,
+            layers: layers.iter().map(record).collect(),
+            trace: trace.cloned(),
+        }
+        .to_bytes()
+    }
+
+    fn manifest(layers: Vec<Descriptor>) -> Vec<u8> {
+        let mut m = Manifest::new(desc(CONFIG_MEDIA_TYPE, b"c"), vec![], None);
+        m.layers = layers;
+        m.to_bytes()
+    }
+
+    /// A manifest with a trace lists it last, after the disk layers: readers see the layers
+    /// without it and the trace apart, and the config must name the same trace.
+    #[test]
+    fn the_trace_is_the_last_layers_entry_and_the_configs() {
+        let (l0, l1, t) =
+            (desc(LAYER_MEDIA_TYPE, b"l0"), desc(LAYER_MEDIA_TYPE, b"l1"), desc(TRACE_MEDIA_TYPE, b"t"));
+        let m = Manifest::new(desc(CONFIG_MEDIA_TYPE, b"c"), vec![l0.clone(), l1.clone()], Some(t.clone()));
+        let m = Manifest::parse(&m.to_bytes()).unwrap();
+        assert_eq!(m.layers.len(), 3);
+        assert_eq!(m.disk_layers(), &[l0.clone(), l1.clone()]);
+        assert_eq!(m.trace(), Some(&t));
+        let c = DiskConfig::parse(&config_bytes(&[l0.clone(), l1.clone()], Some(&t)), &m).unwrap();
+        assert_eq!(c.trace, Some(t.clone()));
+
+        // The config must name the manifest's trace: not another one, not none.
+        let other = desc(TRACE_MEDIA_TYPE, b"other");
+        let e = DiskConfig::parse(&config_bytes(&[l0.clone(), l1.clone()], Some(&other)), &m).unwrap_err();
+        assert!(e.to_string().contains("different traces"), "{e}");
+        let e = DiskConfig::parse(&config_bytes(&[l0.clone(), l1.clone()], None), &m).unwrap_err();
+        assert!(e.to_string().contains("different traces"), "{e}");
+
+        // Without a trace the layers are all disk layers.
+        let plain = Manifest::parse(&manifest(vec![l0.clone()])).unwrap();
+        assert_eq!((plain.disk_layers().len(), plain.trace()), (1, None));
+    }
+
+    /// An image pushed before traces were listed in the manifest names its trace in the config
+    /// only: still accepted, with that trace.
+    #[test]
+    fn a_trace_named_by_the_config_only_is_accepted() {
+        let (l0, t) = (desc(LAYER_MEDIA_TYPE, b"l0"), desc(TRACE_MEDIA_TYPE, b"t"));
+        let m = Manifest::parse(&manifest(vec![l0.clone()])).unwrap();
+        let c = DiskConfig::parse(&config_bytes(&[l0], Some(&t)), &m).unwrap();
+        assert_eq!(c.trace, Some(t));
+    }
+
+    /// A trace anywhere but last, two traces, a layer of a foreign media type, or a config
+    /// trace of another media type: each refused with a message that says which.
+    #[test]
+    fn misplaced_or_foreign_entries_are_refused() {
+        let (l0, t) = (desc(LAYER_MEDIA_TYPE, b"l0"), desc(TRACE_MEDIA_TYPE, b"t"));
+        for (layers, says) in [
+            (vec![t.clone(), l0.clone()], "not its last layer entry"),
+            (vec![l0.clone(), t.clone(), t.clone()], "not its last layer entry"),
+            (vec![l0.clone(), desc("application/vnd.oci.image.layer.v1.tar", b"x")], "not an mcow layer"),
+        ] {
+            let e = Manifest::parse(&manifest(layers.clone())).unwrap_err();
+            assert!(e.to_string().contains(says), "{layers:?}: {e}");
+        }
+        let m = Manifest::parse(&manifest(vec![l0.clone()])).unwrap();
+        let odd = desc("application/json", b"t");
+        let e = DiskConfig::parse(&config_bytes(&[l0], Some(&odd)), &m).unwrap_err();
+        assert!(e.to_string().contains("media type"), "{e}");
     }
 }

@@ -115,9 +115,15 @@ pub fn push_with_trace(
             })
         }
     };
-    let config =
-        DiskConfig { virtual_size: m.virtual_size, block_size: m.block_size, layers: records, trace }
-            .to_bytes();
+    // The trace goes in both: the manifest's `layers` entry is what OCI tools (copies, registry
+    // garbage collection) follow; the config's names it for mcow and binds it to the config.
+    let config = DiskConfig {
+        virtual_size: m.virtual_size,
+        block_size: m.block_size,
+        layers: records,
+        trace: trace.clone(),
+    }
+    .to_bytes();
     let config_digest = Digest::of(&config);
     if !remote.has_blob(&config_digest)? {
         remote.put_blob_bytes(&config_digest, &config)?;
@@ -128,7 +134,7 @@ pub fn push_with_trace(
         size: config.len() as u64,
         annotations: Default::default(),
     };
-    let manifest = Manifest::new(config_desc, descs).to_bytes();
+    let manifest = Manifest::new(config_desc, descs, trace).to_bytes();
     remote.put_manifest(&reference.tag, &manifest)?;
     Ok(PushReport {
         manifest_digest: Digest::of(&manifest),
@@ -144,6 +150,15 @@ pub struct Image {
     pub manifest_digest: Digest,
     pub manifest: Manifest,
     pub config: DiskConfig,
+}
+
+impl Image {
+    /// The image's trace blob, if it has one: the config's (checked by [`DiskConfig::parse`] to
+    /// be the manifest's, when the manifest lists one; images pushed before traces were listed
+    /// in the manifest have it in the config only).
+    pub fn trace(&self) -> Option<&Descriptor> {
+        self.config.trace.as_ref()
+    }
 }
 
 /// Fetches and checks an image's manifest and config.
@@ -195,6 +210,9 @@ pub struct PullReport {
     pub bytes_fetched: u64,
     /// Layers that were already in the local store.
     pub layers_local: usize,
+    /// The image names a trace whose blob the remote does not have: the disk was made without
+    /// it (no prefetch). Front ends should warn.
+    pub missing_trace: Option<Digest>,
 }
 
 /// Pulls the image at `reference` into a new disk at `dir` whose layers go to `store_dir`.
@@ -224,6 +242,12 @@ pub fn pull_image(
     lazy: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<PullReport> {
+    // The trace first: a bad one fails the pull before any layer is fetched.
+    let trace = match image.trace() {
+        Some(t) => fetch_trace(remote, t)?,
+        None => None,
+    };
+    let missing_trace = image.trace().filter(|_| trace.is_none()).map(|t| t.digest);
     let store = LayerStore::new(store_dir);
     let total: u64 = image.config.layers.iter().map(|r| r.size).sum();
     let (mut done, mut fetched, mut local) = (0u64, 0u64, 0usize);
@@ -274,15 +298,9 @@ pub fn pull_image(
             layers: layers.clone(),
         },
     )?;
-    if let Some(t) = &image.config.trace {
-        let bytes = remote.get_blob(&t.digest)?;
-        let actual = Digest::of(&bytes);
-        if actual != t.digest {
-            return Err(RemoteError::DigestMismatch { what: "trace".into(), expected: t.digest, actual });
-        }
-        Trace::parse(&bytes)?;
+    if let Some(bytes) = &trace {
         let path = dir.join(TRACE_FILE);
-        std::fs::write(&path, &bytes).map_err(RemoteError::io("write", &path))?;
+        std::fs::write(&path, bytes).map_err(RemoteError::io("write", &path))?;
         fetched += bytes.len() as u64;
     }
     if lazy {
@@ -296,7 +314,24 @@ pub fn pull_image(
         layers: layers.len(),
         bytes_fetched: fetched,
         layers_local: local,
+        missing_trace,
     })
+}
+
+/// Fetches and checks the trace blob `t`; `None` if the remote does not have it. The trace only
+/// orders a prefetch, so without it the disk is still whole: a missing blob is for the caller
+/// to report, not an error. One that is there must be the pushed one and parse.
+fn fetch_trace(remote: &dyn Remote, t: &Descriptor) -> Result<Option<Vec<u8>>> {
+    let bytes = match remote.get_blob(&t.digest) {
+        Err(RemoteError::NotFound { .. }) => return Ok(None),
+        r => r?,
+    };
+    let actual = Digest::of(&bytes);
+    if actual != t.digest {
+        return Err(RemoteError::DigestMismatch { what: "trace".into(), expected: t.digest, actual });
+    }
+    Trace::parse(&bytes)?;
+    Ok(Some(bytes))
 }
 
 /// Fetches a layer's header fields, trailer and index, checks them, and adds a partial copy to the

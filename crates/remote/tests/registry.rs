@@ -542,3 +542,51 @@ fn bearer_token_flow_through_a_token_proxy() {
     let e = bad.has_blob(&layers(&disk)[0].0).unwrap_err();
     assert!(matches!(e, RemoteError::Http { status: 401, .. }) && e.to_string().contains("bob"), "{e}");
 }
+
+/// Tried: push a disk with a trace to the registry, then (1) change one byte of the trace blob
+/// in the registry's storage and pull, (2) delete the trace blob (as a garbage collection or a
+/// copy made without it would leave the image) and pull lazily and in full.
+/// Must hold: the manifest lists the trace as its last `layers` entry (its own media type) after
+/// the disk layers, and the config names the same one; a tampered trace is refused as a digest
+/// mismatch before any disk is made; a missing one is no error: each pull makes the disk (whose bytes are the pushed
+/// ones), reports the trace's digest as missing and writes no trace.json.
+#[test]
+fn the_trace_is_listed_in_the_manifest_and_a_missing_one_is_not_an_error() {
+    let t = tempfile::tempdir().unwrap();
+    let reg = RegistryServer::start(&t.path().join("reg"), None);
+    let (disk, bytes) = build_disk(&t.path().join("a"));
+    let trace = t.path().join("boot.trace");
+    std::fs::write(&trace, br#"{"block_size":65536,"blocks":[3,40,10]}"#).unwrap();
+    let trace_digest = Digest::of(&std::fs::read(&trace).unwrap());
+    let r = reference(&format!("oci://{}/mcow/traced:v1", reg.host()));
+    transfer::push_with_trace(&disk, &r, Some(&trace), &mut |_, _| {}).unwrap();
+
+    let remote = mcow_remote::open_remote(&r).unwrap();
+    let image = transfer::fetch_image(remote.as_ref(), &r).unwrap();
+    let entries = &image.manifest.layers;
+    assert_eq!(entries.len(), 4, "three disk layers and the trace");
+    assert_eq!(entries[3].media_type, mcow_remote::image::TRACE_MEDIA_TYPE);
+    assert_eq!(entries[3].digest, trace_digest);
+    assert_eq!(image.manifest.disk_layers().len(), 3);
+    assert_eq!(image.config.trace.as_ref(), image.manifest.trace());
+
+    let blob = reg.blob_file(&trace_digest);
+    let good = std::fs::read(&blob).unwrap();
+    let mut bad = good.clone();
+    bad[5] ^= 1;
+    std::fs::write(&blob, &bad).unwrap();
+    let e = transfer::pull(&r, &t.path().join("t/disk"), &t.path().join("t/layers"), true, &mut |_, _| {})
+        .expect_err("a tampered trace is refused");
+    assert!(matches!(e, RemoteError::DigestMismatch { .. }), "{e}");
+    assert!(!t.path().join("t/disk").exists(), "a refused pull leaves no disk behind");
+
+    std::fs::remove_file(&blob).unwrap();
+    for (name, lazy) in [("full", false), ("lazy", true)] {
+        let dir = t.path().join(name);
+        let rep = pull(&r, &dir, lazy);
+        assert_eq!(rep.missing_trace, Some(trace_digest), "{name}");
+        assert!(!dir.join("disk").join(transfer::TRACE_FILE).exists(), "{name}");
+        let (d, _) = transfer::open_lazy_disk(&dir.join("disk"), ro(), EXACT).unwrap();
+        assert!(read_all(&d) == bytes, "{name}: the disk's bytes differ");
+    }
+}

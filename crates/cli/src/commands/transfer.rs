@@ -22,6 +22,15 @@ pub const REFERENCE_HELP: &str = "References: file://PATH[:TAG] (an OCI image la
     @sha256:<hex> after any of them pins the manifest. The tag defaults to `latest`. Which \
     backends are available depends on the build.";
 
+/// Warns that `reference`'s image names a trace whose blob its remote lacks (`PullReport::
+/// missing_trace`): the disk works, its blocks are just not prefetched.
+pub fn warn_missing_trace(reference: &Reference, trace: &mcow_engine::Digest) {
+    eprintln!(
+        "mcow: warning: the trace of {reference} (blob {trace}) is missing there: \
+         the disk works, but its blocks will not be prefetched"
+    );
+}
+
 fn parse_reference(text: &str) -> Result<Reference> {
     Reference::parse(text).map_err(anyhow::Error::new)
 }
@@ -46,7 +55,8 @@ pub struct PushArgs {
     #[arg(value_name = "REF")]
     pub reference: String,
     /// A trace of first reads (written by `mcow trace`) to push with the image: lazy serving
-    /// prefetches blocks in that order.
+    /// prefetches blocks in that order. The manifest lists it after the layers, so OCI tools
+    /// (skopeo copies, registry garbage collection) keep it with the image.
     #[arg(long, value_name = "FILE")]
     pub trace: Option<PathBuf>,
     /// Output format.
@@ -170,6 +180,9 @@ pub fn run_pull(a: PullArgs, g: Global) -> Result<ExitCode> {
     let report = mcow_remote::pull(&reference, &a.dir, &store, a.lazy, &mut |d, t| progress.update(d, t))
         .with_context(|| format!("pulling {reference} into {}", a.dir.display()))?;
     progress.finish();
+    if let Some(t) = &report.missing_trace {
+        warn_missing_trace(&reference, t);
+    }
     match a.output {
         OutputFormat::Json => print_json(&PullJson {
             reference: reference.to_string(),

@@ -30,6 +30,9 @@ pub fn tool(name: &str) -> PathBuf {
         "nbdkit" => "nbdkit",
         "mkfs.ext4" | "e2fsck" | "debugfs" => "e2fsprogs",
         "losetup" | "mount" | "umount" => "mount / util-linux",
+        "docker-registry" => "docker-registry",
+        "skopeo" => "skopeo",
+        "curl" => "curl",
         _ => "the package providing it",
     };
     panic!("{name} is required by the `mcow serve` tests but is not installed: install {package}");

@@ -1,13 +1,12 @@
-//! Helpers for the VM tests: the guest assets (scripts/vm-assets.sh), a docker-registry on a
-//! free loopback port (stopped on drop), QEMU boots under `timeout` whose console is returned,
-//! and reading `mcow info` / the serve log's fetch statistics.
+//! Helpers for the VM tests: the guest assets (scripts/vm-assets.sh), QEMU boots under `timeout`
+//! whose console is returned, and reading `mcow info` / the serve log's fetch statistics. (The
+//! registry is in registry.rs.)
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
-use crate::nbd::{tool, tool_ok, wait_timeout};
+use crate::nbd::tool;
 
 /// The repository's root.
 pub fn repo_root() -> PathBuf {
@@ -21,6 +20,7 @@ pub fn require(name: &str) -> PathBuf {
             "qemu-system-x86 from bookworm-backports (scripts/install-deps.sh does it; the bookworm one removes qemu-utils)"
         }
         "docker-registry" => "docker-registry",
+        "skopeo" => "skopeo",
         "nbdfuse" => "libnbd-bin",
         "mkfs.ext4" | "debugfs" => "e2fsprogs",
         "lz4" => "lz4",
@@ -127,82 +127,4 @@ pub fn fetched(log: &str, export: &str) -> (u64, u64) {
         rest.split_whitespace().next().unwrap().parse().unwrap()
     };
     (field("blocks_bytes_fetched"), field("requests"))
-}
-
-/// Debian's docker-registry on a free loopback port, its storage in `dir/data`. SIGTERM on drop.
-pub struct Registry {
-    pub port: u16,
-    child: Option<Child>,
-}
-
-impl Registry {
-    pub fn start(dir: &Path) -> Registry {
-        let bin = require("docker-registry");
-        require("curl");
-        std::fs::create_dir_all(dir).unwrap();
-        for _ in 0..10 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let cfg = dir.join("registry.yml");
-            std::fs::write(
-                &cfg,
-                format!(
-                    "version: 0.1\nlog: {{level: warn, accesslog: {{disabled: true}}}}\n\
-                     storage:\n  filesystem: {{rootdirectory: {}}}\n  delete: {{enabled: true}}\n\
-                     http: {{addr: 127.0.0.1:{port}, secret: test-secret}}\n",
-                    dir.join("data").display()
-                ),
-            )
-            .unwrap();
-            let log = std::fs::File::create(dir.join("registry.log")).unwrap();
-            let child = Command::new(&bin)
-                .arg("serve")
-                .arg(&cfg)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .expect("starting docker-registry");
-            let mut r = Registry { port, child: Some(child) };
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(10) {
-                if r.child.as_mut().unwrap().try_wait().unwrap().is_some() {
-                    break; // the port was taken: try another
-                }
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return r;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        panic!(
-            "docker-registry would not start; log:\n{}",
-            std::fs::read_to_string(dir.join("registry.log")).unwrap_or_default()
-        );
-    }
-
-    /// The manifest of `repo:tag`, as the registry serves it.
-    pub fn manifest(&self, repo: &str, tag: &str) -> String {
-        tool_ok(
-            "curl",
-            Path::new("/"),
-            &[
-                "-sf",
-                "-H",
-                "Accept: application/vnd.oci.image.manifest.v1+json",
-                &format!("http://127.0.0.1:{}/v2/{repo}/manifests/{tag}", self.port),
-            ],
-        )
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-            if wait_timeout(&mut child, Duration::from_secs(10)).is_none() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
 }
