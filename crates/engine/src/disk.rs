@@ -2,8 +2,9 @@
 //! disk's directory. This is what front ends (CLI, NBD) read and write.
 //!
 //! Owns: creating and opening disk directories (manifest, top files, locks), and the byte-level
-//! read, write, zero, discard, flush and block-status paths, which resolve every range with one
-//! lookup in the top and one in the stack's flattened map. Does not own: the on-disk layouts
+//! read, write, zero, discard, flush and block-status paths. Every path that reads a range
+//! walks it as [`Segments`]: pieces that one place holds (the top, a sealed layer, zeros, a
+//! hole), each resolved with one lookup in the top and one in the stack's flattened map. Does not own: the on-disk layouts
 //! (`mcow-format`), whole-disk operations such as seal or import (see `ops`).
 
 use std::fs::{self, File, OpenOptions as FsOpen};
@@ -58,6 +59,80 @@ pub struct Run {
     pub length: u64,
     pub kind: RunKind,
     pub layer: Option<u32>,
+}
+
+/// One piece of a disk range that one place holds, as [`Disk::segments`] yields them: the unit
+/// that reads, mapped reads, prefetch and block status all work on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// Where the piece starts on the disk, in bytes, and its length.
+    pub offset: u64,
+    pub len: u64,
+    /// The virtual block the piece starts in, and how many bytes into it.
+    pub vblock: u64,
+    pub within: u64,
+    pub holder: Holder,
+}
+
+/// What holds a [`Segment`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holder {
+    /// Data in the writable top.
+    Top,
+    /// Data in a sealed layer: `loc.layer` (from the bottom), the piece's first block at
+    /// physical block `loc.pblock`.
+    Layer(Loc),
+    /// Zeros recorded in `layer` (a sealed layer's index, or [`TOP`]).
+    Zero { layer: u32 },
+    /// Zeros that nothing stores: discarded in `layer`, or never written (`None`).
+    Hole { layer: Option<u32> },
+}
+
+impl Segment {
+    /// The virtual blocks the piece touches, from its first.
+    pub fn blocks(&self, block_size: u64) -> u64 {
+        (self.offset + self.len).div_ceil(block_size) - self.vblock
+    }
+}
+
+/// The segments of a disk range, in order (see [`Disk::segments`]).
+pub struct Segments<'a> {
+    disk: &'a Disk,
+    pos: u64,
+    end: u64,
+}
+
+impl Segments<'_> {
+    /// Goes back to the start of `seg`, to resolve it again (the top changed under a read).
+    pub fn again(&mut self, seg: &Segment) {
+        self.pos = seg.offset;
+    }
+}
+
+impl Iterator for Segments<'_> {
+    type Item = Segment;
+
+    fn next(&mut self) -> Option<Segment> {
+        if self.pos >= self.end {
+            return None;
+        }
+        let bs = self.disk.bs;
+        let (vblock, within) = (self.pos / bs, self.pos % bs);
+        let (loc, run_end) = self.disk.resolve(vblock, self.end.div_ceil(bs));
+        let len = (run_end * bs).min(self.end) - self.pos;
+        let holder = match loc {
+            None => Holder::Hole { layer: None },
+            Some(l) => match l.kind {
+                ExtentKind::Data if l.layer == TOP => Holder::Top,
+                ExtentKind::Data => Holder::Layer(l),
+                ExtentKind::Zero => Holder::Zero { layer: l.layer },
+                ExtentKind::Discarded => Holder::Hole { layer: Some(l.layer) },
+            },
+        };
+        let seg = Segment { offset: self.pos, len, vblock, within, holder };
+        self.pos += len;
+        Some(seg)
+    }
 }
 
 /// An open disk.
@@ -210,28 +285,28 @@ impl Disk {
         }
     }
 
+    /// The pieces of `[offset, offset+len)` and what holds each, in order: the top's map first,
+    /// then the stack's per-block table (two lookups per piece, whatever the depth). Fails if
+    /// the range reaches past the end of the disk.
+    pub fn segments(&self, offset: u64, len: u64) -> Result<Segments<'_>> {
+        self.check_range(offset, len)?;
+        Ok(Segments { disk: self, pos: offset, end: offset + len })
+    }
+
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.check_range(offset, buf.len() as u64)?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let (vblock, within) = (pos / self.bs, pos % self.bs);
-            let (loc, end) = self.resolve(vblock, (offset + buf.len() as u64).div_ceil(self.bs));
-            let n = ((end * self.bs - pos) as usize).min(buf.len() - done);
-            let out = &mut buf[done..done + n];
-            match loc {
-                Some(l) if l.kind == ExtentKind::Data && l.layer == TOP => {
-                    if !self.top.read_data(vblock, within, out)? {
-                        continue; // the top changed under us: resolve again
+        let mut segments = self.segments(offset, buf.len() as u64)?;
+        while let Some(s) = segments.next() {
+            let out = &mut buf[(s.offset - offset) as usize..][..s.len as usize];
+            match s.holder {
+                Holder::Top => {
+                    if !self.top.read_data(s.vblock, s.within, out)? {
+                        segments.again(&s); // the top changed under us: resolve again
                     }
                 }
-                Some(l) if l.kind == ExtentKind::Data => {
-                    self.stack.read_run(vblock, l, within, out)?;
-                }
-                _ => out.fill(0),
+                Holder::Layer(l) => self.stack.read_run(s.vblock, l, s.within, out)?,
+                Holder::Zero { .. } | Holder::Hole { .. } => out.fill(0),
             }
-            done += n;
         }
         Ok(())
     }
@@ -242,22 +317,16 @@ impl Disk {
     /// top, a layer that is not mapped); [`Disk::read`] then does.
     pub fn read_mapped(&self, offset: u64, len: usize, send: &mut dyn FnMut(&[&[u8]])) -> Result<bool> {
         static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
-        self.check_range(offset, len as u64)?;
         let mut parts: Vec<&[u8]> = Vec::new();
-        let mut done = 0usize;
-        while done < len {
-            let pos = offset + done as u64;
-            let (vblock, within) = (pos / self.bs, pos % self.bs);
-            let (loc, end) = self.resolve(vblock, (offset + len as u64).div_ceil(self.bs));
-            let n = ((end * self.bs - pos) as usize).min(len - done);
-            match loc {
-                Some(l) if l.kind == ExtentKind::Data && l.layer == TOP => return Ok(false),
-                Some(l) if l.kind == ExtentKind::Data => match self.stack.mapped_run(vblock, l, within, n)? {
+        for s in self.segments(offset, len as u64)? {
+            match s.holder {
+                Holder::Top => return Ok(false),
+                Holder::Layer(l) => match self.stack.mapped_run(s.vblock, l, s.within, s.len as usize)? {
                     Some(slice) => parts.push(slice),
                     None => return Ok(false),
                 },
-                _ => {
-                    let mut left = n;
+                Holder::Zero { .. } | Holder::Hole { .. } => {
+                    let mut left = s.len as usize;
                     while left > 0 {
                         let k = left.min(ZEROS.len());
                         parts.push(&ZEROS[..k]);
@@ -265,7 +334,6 @@ impl Disk {
                     }
                 }
             }
-            done += n;
         }
         send(&parts);
         Ok(true)
@@ -336,17 +404,12 @@ impl Disk {
         let blocks = self.size.div_ceil(self.bs);
         let mut per_layer: Vec<Vec<(u64, u64)>> = vec![Vec::new(); self.stack.layers().len()];
         for &(vblock, count) in runs {
-            let end = (vblock + count).min(blocks);
-            let mut v = vblock;
-            while v < end {
-                let (loc, run_end) = self.resolve(v, end);
-                if let Some(loc) = loc
-                    && loc.kind == ExtentKind::Data
-                    && loc.layer != TOP
-                {
-                    per_layer[loc.layer as usize].push((loc.pblock, run_end - v));
+            let at = |b: u64| (b.min(blocks) * self.bs).min(self.size);
+            let (start, end) = (at(vblock), at(vblock.saturating_add(count)));
+            for s in self.segments(start, end - start)? {
+                if let Holder::Layer(l) = s.holder {
+                    per_layer[l.layer as usize].push((l.pblock, s.blocks(self.bs)));
                 }
-                v = run_end;
             }
         }
         for (layer, runs) in self.stack.layers().iter().zip(&per_layer) {
@@ -365,29 +428,18 @@ impl Disk {
     /// The runs covering `[offset, offset+len)`, neighbours from the same layer and of the same
     /// kind merged.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Run>> {
-        self.check_range(offset, len)?;
         let mut runs: Vec<Run> = Vec::new();
-        let end = offset + len;
-        let mut pos = offset;
-        while pos < end {
-            let (loc, run_end) = self.resolve(pos / self.bs, end.div_ceil(self.bs));
-            let stop = (run_end * self.bs).min(end);
-            let (kind, layer) = match loc {
-                None => (RunKind::Hole, None),
-                Some(l) => (
-                    match l.kind {
-                        ExtentKind::Data => RunKind::Data,
-                        ExtentKind::Zero => RunKind::Zero,
-                        ExtentKind::Discarded => RunKind::Hole,
-                    },
-                    Some(l.layer),
-                ),
+        for s in self.segments(offset, len)? {
+            let (kind, layer) = match s.holder {
+                Holder::Top => (RunKind::Data, Some(TOP)),
+                Holder::Layer(l) => (RunKind::Data, Some(l.layer)),
+                Holder::Zero { layer } => (RunKind::Zero, Some(layer)),
+                Holder::Hole { layer } => (RunKind::Hole, layer),
             };
             match runs.last_mut() {
-                Some(r) if r.kind == kind && r.layer == layer => r.length += stop - pos,
-                _ => runs.push(Run { offset: pos, length: stop - pos, kind, layer }),
+                Some(r) if r.kind == kind && r.layer == layer => r.length += s.len,
+                _ => runs.push(Run { offset: s.offset, length: s.len, kind, layer }),
             }
-            pos = stop;
         }
         Ok(runs)
     }

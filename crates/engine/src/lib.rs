@@ -30,7 +30,9 @@ pub mod store;
 pub mod top;
 
 pub use bitmap::AtomicBitmap;
-pub use disk::{CreateOptions, DEFAULT_BLOCK_SIZE, Disk, OpenOptions, Run, RunKind};
+pub use disk::{
+    CreateOptions, DEFAULT_BLOCK_SIZE, Disk, Holder, OpenOptions, Run, RunKind, Segment, Segments,
+};
 pub use error::{Error, Result};
 pub use extent_map::TOP;
 pub use fetch::{BlockSource, FetchPolicy, Offline};

@@ -91,3 +91,64 @@ fn import_with_parent_stores_only_differences_and_exports_identically() {
     ops::export_raw(&d, &out, &mut |_, _| {}).unwrap();
     assert_eq!(std::fs::read(&out).unwrap(), img);
 }
+
+/// The segment walk that every read path uses. Tried: a disk of two sealed layers (data in
+/// each, a zero run sealed in the upper one) and a top (data, a zero run, a discard) walked over
+/// unaligned ranges. Must hold: the segments tile each range exactly, in order; each names the
+/// place that holds its bytes (checked against a per-block expectation); a segment starts in
+/// the block its offset is in; and a range past the end is refused.
+#[test]
+fn segments_tile_a_range_and_name_what_holds_each_piece() {
+    use mcow_engine::{Holder, TOP};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = create(tmp.path(), 64 * 4096, 4096);
+    let bs = 4096u64;
+    let d = Disk::open(&dir, OpenOptions::default()).unwrap();
+    d.write(0, &[1u8; 8 * 4096]).unwrap(); // blocks 0..8 in layer 0
+    d.flush().unwrap();
+    drop(d);
+    ops::merge(&dir, 0, &mut |_, _| {}).unwrap();
+    let d = Disk::open(&dir, OpenOptions::default()).unwrap();
+    d.write(4 * bs, &[2u8; 4 * 4096]).unwrap(); // blocks 4..8 in layer 1
+    d.write_zeroes(20 * bs, 2 * bs, false).unwrap(); // blocks 20..22 zero in layer 1
+    d.flush().unwrap();
+    drop(d);
+    ops::merge(&dir, 0, &mut |_, _| {}).unwrap();
+    let d = Disk::open(&dir, OpenOptions::default()).unwrap();
+    d.write(6 * bs, &[3u8; 4096]).unwrap(); // block 6 in the top
+    d.write_zeroes(10 * bs, bs, false).unwrap(); // block 10 zero in the top
+    d.discard(2 * bs, bs).unwrap(); // block 2 discarded in the top
+    // What each block should say, as (kind letter, layer).
+    let expect = |b: u64| -> (char, Option<u32>) {
+        match b {
+            2 => ('h', Some(TOP)),
+            6 => ('t', Some(TOP)),
+            10 => ('z', Some(TOP)),
+            4..=7 => ('d', Some(1)),
+            0..=7 => ('d', Some(0)),
+            20 | 21 => ('z', Some(1)),
+            _ => ('h', None),
+        }
+    };
+    for (off, len) in [(0u64, 64 * bs), (100, 11 * bs + 7), (5 * bs + 1, 1), (63 * bs, bs), (7 * bs - 3, 20 * bs)] {
+        let mut pos = off;
+        for s in d.segments(off, len).unwrap() {
+            assert_eq!(s.offset, pos, "segments of {off}+{len} are contiguous");
+            assert!(s.len > 0);
+            assert_eq!((s.vblock, s.within), (s.offset / bs, s.offset % bs));
+            for b in s.vblock..s.vblock + s.blocks(bs) {
+                let got = match s.holder {
+                    Holder::Top => ('t', Some(TOP)),
+                    Holder::Layer(l) => ('d', Some(l.layer)),
+                    Holder::Zero { layer } => ('z', Some(layer)),
+                    Holder::Hole { layer } => ('h', layer),
+                };
+                assert_eq!(got, expect(b), "block {b} in segment {s:?}");
+            }
+            pos += s.len;
+        }
+        assert_eq!(pos, off + len, "segments of {off}+{len} cover it");
+    }
+    assert!(d.segments(63 * bs, bs + 1).is_err(), "a range past the end is refused");
+    assert_eq!(d.segments(64 * bs, 0).unwrap().count(), 0);
+}
