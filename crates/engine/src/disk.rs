@@ -206,6 +206,14 @@ impl Disk {
             Error::Invalid(format!("{}: the manifest names no writable top", dir.display()))
         })?;
         let top = open_top(&dir.join(&top_name), opts)?;
+        if !opts.read_only {
+            // The top is locked: no seal or commit is under way here; what they left is debris.
+            for p in leftovers(dir, &manifest) {
+                if fs::remove_file(&p).is_ok() {
+                    tracing::info!(path = %p.display(), "removed a file left by an interrupted seal or commit");
+                }
+            }
+        }
         if top.header.parent != stack.chain() {
             return Err(Error::WrongParent {
                 path: top.path().to_path_buf(),
@@ -473,16 +481,50 @@ pub(crate) fn replace_stack(
     let old =
         manifest.top.clone().ok_or_else(|| Error::Invalid(format!("{}: no writable top", dir.display())))?;
     let new_top = next_top_name(&old);
-    create_top(dir, &new_top, manifest.block_size, manifest.virtual_size, chain_digest(&layers))?;
+    // On failure (a full disk, say) nothing of the new top may stay behind, unless the new
+    // manifest made it (the rename went through and only the directory sync failed).
+    let undo = |e: Error| {
+        if read_manifest(dir).ok().and_then(|m| m.top).as_deref() != Some(new_top.as_str()) {
+            remove_top_files(&dir.join(&new_top));
+            let _ = fs::remove_file(dir.join(MANIFEST_FILE).with_extension("tmp"));
+        }
+        e
+    };
+    create_top(dir, &new_top, manifest.block_size, manifest.virtual_size, chain_digest(&layers))
+        .map_err(undo)?;
     let mut manifest = manifest.clone();
     manifest.layers = layers;
-    manifest.top = Some(new_top);
-    write_atomic(&dir.join(MANIFEST_FILE), manifest.to_json().as_bytes())?;
-    let old_path = dir.join(&old);
+    manifest.top = Some(new_top.clone());
+    write_atomic(&dir.join(MANIFEST_FILE), manifest.to_json().as_bytes()).map_err(undo)?;
     drop(old_top);
-    let _ = fs::remove_file(journal_path(&old_path));
-    let _ = fs::remove_file(&old_path);
+    remove_top_files(&dir.join(&old));
     Ok(())
+}
+
+fn remove_top_files(path: &Path) {
+    let _ = fs::remove_file(journal_path(path));
+    let _ = fs::remove_file(path);
+}
+
+/// Files in a disk directory that an interrupted seal, commit or flatten can leave: the
+/// manifest's temporary, and tops (with their journals) that the manifest does not name. Only
+/// meaningful while the manifest's top is locked (a writable open), when no such operation can
+/// be running on the disk.
+pub fn leftovers(dir: &Path, manifest: &DiskManifest) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
+    let named = manifest.top.as_deref().unwrap_or("");
+    let mut out: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            let top = name.strip_suffix(".journal").unwrap_or(&name);
+            name == "disk.tmp" || (top.starts_with("top-") && top.ends_with(".mcow") && top != named)
+        })
+        .map(|e| e.path())
+        .collect();
+    out.sort();
+    out
 }
 
 /// Reads and checks a disk directory's manifest.

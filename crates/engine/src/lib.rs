@@ -5,8 +5,9 @@
 //!   for crash and fault tests;
 //! - `bitmap`: the one atomic, sparse, bounds-checked bitmap for per-block flags;
 //! - `extent_map`: the interval map behind depth-independent addressing;
-//! - `layer` / `store`: sealed layers (read with verification, written canonically) and the
-//!   content-addressed directory that holds them;
+//! - `layer` / `store` / `temp`: sealed layers (read with verification, written canonically),
+//!   the content-addressed directory that holds them, and the locked temporaries new files are
+//!   written to;
 //! - `fetch`: partial (lazily fetched) layers: where missing blocks come from and how they are
 //!   fetched, checked and landed;
 //! - `stack`: sealed layers bottom to top, flattened into one map at open;
@@ -27,6 +28,7 @@ pub mod sim;
 pub mod stack;
 pub mod storage;
 pub mod store;
+pub mod temp;
 pub mod top;
 
 pub use bitmap::AtomicBitmap;

@@ -344,10 +344,24 @@ pub fn check(dir: &Path, force_share: bool, progress: Progress) -> Result<CheckR
         chain = crate::stack::next_chain(&chain, digest);
         report.layers_checked += 1;
     }
+    for t in store.stale_temporaries(false)? {
+        report.debris.push(format!(
+            "{}: {} bytes of a file that a process died writing (the next write to the store removes it)",
+            t.path.display(),
+            t.bytes
+        ));
+    }
     if report.errors.is_empty() {
         let opts = OpenOptions { read_only: true, verify: true, force_share };
         match Disk::open_with_source(dir, opts, offline, FetchPolicy::default()) {
             Ok(disk) => {
+                // The open's lock keeps seals and commits out while this looks.
+                for p in crate::disk::leftovers(dir, &manifest) {
+                    report.debris.push(format!(
+                        "{}: left by an interrupted seal or commit (the next writable open removes it)",
+                        p.display()
+                    ));
+                }
                 if let Some(e) = disk.journal_corruption() {
                     report.errors.push(e.to_string());
                 }

@@ -1,15 +1,14 @@
 //! The layer store: a directory of sealed layers named by digest, `blobs/sha256/<hex>`, the same
 //! shape as an OCI image layout's blob directory.
 //!
-//! Owns: layer file paths, atomically adding a new layer (write to `tmp/`, fsync, rename, fsync
-//! the directory), and the pool of open layer files, which keeps a deep stack within the
+//! Owns: layer file paths, atomically adding a new layer (write to a locked temporary in `tmp/`,
+//! fsync, rename, fsync the directory; see `temp`), and the pool of open layer files, which keeps a deep stack within the
 //! process's open-file limit. Does not own: the content of layers (see `layer`).
 
 use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
 use mcow_format::Digest;
@@ -17,6 +16,7 @@ use mcow_format::Digest;
 use crate::error::{Error, Result};
 use crate::fetch::{BlockSource, FetchPolicy};
 use crate::layer::{LayerIndex, SealedLayer};
+use crate::temp::{StaleTemp, TempFile, stale_temporaries};
 
 /// A directory of sealed layers.
 #[derive(Clone)]
@@ -149,10 +149,8 @@ impl LayerStore {
         if actual != t.index_digest || actual != *index_digest {
             return Err(bad(format!("index digest is {actual}, expected {index_digest}")));
         }
-        let tmp = self.root.join("tmp");
-        fs::create_dir_all(&tmp).map_err(Error::io("create directory", &tmp))?;
-        let tmp_path = tmp.join(format!("partial-{}-{}.tmp", digest.short(), std::process::id()));
-        let f = File::create(&tmp_path).map_err(Error::io("create", &tmp_path))?;
+        let mut temp = self.temp_file("partial")?;
+        let (tmp_path, f) = (temp.path().to_path_buf(), temp.file());
         use std::os::unix::fs::FileExt;
         f.set_len(len)
             .and_then(|_| f.write_all_at(&header[..HEADER_SIZE], 0))
@@ -162,6 +160,7 @@ impl LayerStore {
         let dir = dest.parent().expect("partial path has a parent");
         fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
         fs::rename(&tmp_path, &dest).map_err(Error::io("rename", &tmp_path))?;
+        temp.persisted();
         sync_dir(dir)?;
         // The structure must open (index rules, lengths) before anyone relies on it.
         if let Err(e) = SealedLayer::open(&dest, *digest, FileSlot::new(&self.pool), true) {
@@ -204,34 +203,44 @@ impl LayerStore {
         Ok(dest)
     }
 
-    /// The store's directory for files being written (created if missing).
-    pub fn tmp_dir(&self) -> Result<PathBuf> {
-        let tmp = self.root.join("tmp");
+    /// The store's directory for files being written.
+    pub fn tmp_path(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    /// A new temporary in the store's `tmp/` directory (created if missing), locked by this
+    /// process while it lives. Every write to the store starts here, so it first removes the
+    /// temporaries that dead processes left behind (see [`crate::temp`]).
+    pub fn temp_file(&self, prefix: &str) -> Result<TempFile> {
+        let tmp = self.tmp_path();
         fs::create_dir_all(&tmp).map_err(Error::io("create directory", &tmp))?;
-        Ok(tmp)
+        stale_temporaries(&tmp, true)?;
+        TempFile::create(&tmp, prefix)
+    }
+
+    /// The temporaries in the store's `tmp/` directory that no live process holds (left by a
+    /// process that died while writing them); with `remove`, removes them.
+    pub fn stale_temporaries(&self, remove: bool) -> Result<Vec<StaleTemp>> {
+        stale_temporaries(&self.tmp_path(), remove)
     }
 
     /// Starts a new layer file in the store's `tmp/` directory.
     pub fn begin_layer(&self) -> Result<PendingLayer> {
-        static SEQ: AtomicU64 = AtomicU64::new(0);
-        let tmp = self.root.join("tmp");
-        fs::create_dir_all(&tmp).map_err(Error::io("create directory", &tmp))?;
-        let name = format!("layer-{}-{}.tmp", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
-        let path = tmp.join(name);
-        let file = File::create(&path).map_err(Error::io("create", &path))?;
-        Ok(PendingLayer { path, writer: Some(BufWriter::with_capacity(1 << 20, file)) })
+        let temp = self.temp_file("layer")?;
+        let file = temp.file().try_clone().map_err(Error::io("open", temp.path()))?;
+        Ok(PendingLayer { temp, writer: Some(BufWriter::with_capacity(1 << 20, file)) })
     }
 }
 
 /// A layer being written; dropped without `commit`, its temporary file is removed.
 pub struct PendingLayer {
-    path: PathBuf,
+    temp: TempFile,
     writer: Option<BufWriter<File>>,
 }
 
 impl PendingLayer {
     pub fn path(&self) -> &Path {
-        &self.path
+        self.temp.path()
     }
 
     /// The buffered writer to hand to a `LayerWriter`.
@@ -241,27 +250,20 @@ impl PendingLayer {
 
     /// Makes the written file durable and moves it to its content-addressed name. If the store
     /// already holds that layer, the new copy is simply dropped.
-    pub fn commit(self, store: &LayerStore, writer: BufWriter<File>, digest: &Digest) -> Result<PathBuf> {
-        let file = writer.into_inner().map_err(|e| Error::io("write", &self.path)(e.into_error()))?;
-        file.sync_all().map_err(Error::io("sync", &self.path))?;
+    pub fn commit(mut self, store: &LayerStore, writer: BufWriter<File>, digest: &Digest) -> Result<PathBuf> {
+        let path = self.temp.path().to_path_buf();
+        let file = writer.into_inner().map_err(|e| Error::io("write", &path)(e.into_error()))?;
+        file.sync_all().map_err(Error::io("sync", &path))?;
         drop(file);
         let dest = store.layer_path(digest);
         let dir = dest.parent().expect("blob path has a parent");
         fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
-        if dest.exists() {
-            let _ = fs::remove_file(&self.path);
-        } else {
-            fs::rename(&self.path, &dest).map_err(Error::io("rename", &self.path))?;
+        if !dest.exists() {
+            fs::rename(&path, &dest).map_err(Error::io("rename", &path))?;
+            self.temp.persisted();
             sync_dir(dir)?;
         }
-        std::mem::forget(self);
         Ok(dest)
-    }
-}
-
-impl Drop for PendingLayer {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.path);
     }
 }
 

@@ -275,14 +275,13 @@ pub fn pull_image(
         if store.contains(&r.digest) {
             local += 1;
         } else {
-            let tmp = store.tmp_dir()?.join(format!("pull-{}-{}.tmp", r.digest.short(), std::process::id()));
+            // Locked while it is written, removed if this fails, and found stale by the next
+            // write to the store if this process dies.
+            let mut tmp = store.temp_file(&format!("pull-{}", r.digest.short()))?;
             let base = done;
-            let got = remote.get_blob_to(&r.digest, &tmp, &mut |n| progress(base + n, total));
-            if let Err(e) = got {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e);
-            }
-            store.adopt(&tmp, &r.digest)?;
+            remote.get_blob_to(&r.digest, tmp.path(), &mut |n| progress(base + n, total))?;
+            store.adopt(tmp.path(), &r.digest)?;
+            tmp.persisted();
             fetched += r.size;
         }
         done += r.size;

@@ -20,8 +20,13 @@ use crate::progress::Progress;
     1  the check could not be completed (no such disk, unreadable manifest, disk in use...);\n  \
     2  corruption found;\n  \
     3  no corruption, only debris: harmless leftovers of writes that never reached a flush \
-    (a torn journal tail, unused blocks in the top's data file).\n\n\
-    --repair first opens the disk for writing once, which drops such debris, then checks. \
+    (a torn journal tail, unused blocks in the top's data file), of a seal or commit that was \
+    interrupted (a top the manifest does not name, disk.tmp), or of a process that died \
+    writing into the layer store (a file in STORE/tmp that no live process holds).\n\n\
+    A journal batch that is damaged while a whole batch follows it is corruption, not debris: \
+    no open cuts it away.\n\n\
+    --repair first opens the disk for writing once, which drops such debris (and the store's \
+    dead temporaries), then checks. \
     Corruption of sealed layers cannot be repaired: restore the layer file from a copy.\n\n\
     JSON output (--output json) is an object with the keys disk, result (\"clean\", \
     \"corrupt\" or \"debris\"), errors, debris (lists of messages), layers_checked, \
@@ -81,6 +86,10 @@ pub fn run(a: CheckArgs, g: Global) -> Result<ExitCode> {
         };
         match opened {
             Ok(disk) => {
+                // Temporaries that dead processes left in the store go too.
+                disk.store().stale_temporaries(true).with_context(|| {
+                    format!("removing leftover temporaries of {}", disk.store().root().display())
+                })?;
                 let d = disk.debris();
                 Some(Repaired { journal_tail_bytes: d.journal_tail_bytes, unused_blocks: d.unused_blocks })
             }
