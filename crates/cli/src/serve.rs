@@ -243,8 +243,9 @@ const DEFAULT_READAHEAD: &str = "16M";
     served; only what is read is fetched. A later serve of the same image from the same cache \
     reuses that disk, its writable top and every block fetched before. The export is named \
     after the image's repository (the last path component), unless NAME= is given.\n\n\
-    Fetches from an origin are retried after transient failures (the origin down, 5xx answers, \
-    cut connections, short bodies, bodies too slow) with jittered backoff for up to \
+    Fetches from an origin are retried after transient failures (the origin down, 5xx and 429 \
+    answers, cut connections, short bodies, bodies too slow) with jittered backoff (or as long as \
+    a Retry-After asks) for up to \
     MCOW_RETRY_DEADLINE_MS (default 30000), plus the time the fetch's size takes at \
     MCOW_HTTP_MIN_RATE; then the read fails with an I/O error. A response body must average at \
     least MCOW_HTTP_MIN_RATE bytes/s (default 262144; 0: no minimum) after its first \
@@ -528,7 +529,7 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
 /// Serves `exports` on the given TCP address and/or Unix socket until SIGINT or SIGTERM, then
 /// finishes in-flight requests, flushes every disk and returns. `ready` is called with the
 /// listening addresses once both listeners are bound; `cancel_fetches` if requests are still
-/// running [`FETCH_GRACE`] after the signal (it should make the fetches they wait for fail).
+/// running `FETCH_GRACE` after the signal (it should make the fetches they wait for fail).
 pub fn serve_disks(
     exports: Vec<(String, Arc<DiskExport>)>,
     tcp: Option<String>,

@@ -702,8 +702,9 @@ impl SealedLayer {
     /// `FetchState::window_for`): a read that does not continue a recent run of fetches (a
     /// scattered read) fetches just the missing blocks it covers; one that does (a sequential
     /// read) fetches aligned windows, growing once the run is long. Readers of a block that
-    /// is being fetched wait for it to land (not for the whole fetch); fetches of different
-    /// ranges of the layer run concurrently.
+    /// is being fetched wait for it to land (not for the whole fetch), and fail with the
+    /// fetch's error if it fails first; fetches of different ranges of the layer run
+    /// concurrently.
     ///
     /// `want` says why the block is wanted: a read (covering blocks up to the given end), or a
     /// download of the blocks up to the given end, which fetches the missing ones and no

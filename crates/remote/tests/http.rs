@@ -329,3 +329,30 @@ fn a_connection_cut_mid_body_is_retried_for_the_whole_budget() {
     d.read(vb * BS, &mut buf).unwrap();
     assert!(buf == bytes[(vb * BS) as usize..][..BS as usize]);
 }
+
+#[test]
+fn a_retry_after_is_waited_for_within_the_budget() {
+    // Tried: a server that answers 503 with `Retry-After: 1`, then the right bytes, under a
+    // 3 s budget whose own backoff starts at 10 ms. Must hold: the second request comes only
+    // after the second the server asked for, and the read then succeeds.
+    use std::time::{Duration, Instant};
+    let data = pattern(4, 100);
+    let d = data.clone();
+    let (base, count) = fake_server(move |n, _| {
+        if n == 0 {
+            return b"HTTP/1.1 503 Busy\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                .to_vec();
+        }
+        let mut a = b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 10-19/100\r\nContent-Length: 10\r\nConnection: close\r\n\r\n".to_vec();
+        a.extend_from_slice(&d[10..20]);
+        a
+    });
+    let mut config = quick();
+    config.retry.deadline = Duration::from_secs(3);
+    let s = mcow_remote::http::HttpStore::with_config(&base, config);
+    let start = Instant::now();
+    assert_eq!(s.get_range("obj", 10, 10).unwrap(), data[10..20]);
+    let took = start.elapsed();
+    assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(2), "{took:?}");
+    assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
