@@ -247,7 +247,8 @@ const DEFAULT_READAHEAD: &str = "16M";
     answers, cut connections, short bodies, bodies too slow) with jittered backoff (or as long as \
     a Retry-After asks) for up to \
     MCOW_RETRY_DEADLINE_MS (default 30000), plus the time the fetch's size takes at \
-    MCOW_HTTP_MIN_RATE; then the read fails with an I/O error. A response body must average at \
+    MCOW_HTTP_MIN_RATE (the last attempt starts then, bounded like the others by the limits below); \
+    then the read fails with an I/O error. A response body must average at \
     least MCOW_HTTP_MIN_RATE bytes/s (default 262144; 0: no minimum) after its first \
     MCOW_HTTP_DEADLINE_MS (default 10000), so N bytes take at most DEADLINE + N / MIN_RATE: \
     one that falls behind is abandoned and the rest asked for again. MCOW_HTTP_TIMEOUT_MS \
