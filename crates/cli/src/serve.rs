@@ -7,6 +7,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use mcow_engine::{Disk, FetchPolicy, OpenOptions, RunKind, TOP};
@@ -214,6 +215,11 @@ fn background_fetch(disk: Arc<Disk>, trace: Option<Vec<u64>>, all: bool, stop: A
     }
 }
 
+/// How long fetches from the origin may go on once the server is told to stop (requests in
+/// flight waiting for them, read-ahead landing its blocks); then the origins are cancelled, so
+/// that a stalled or trickling origin cannot hold up the exit.
+const FETCH_GRACE: Duration = Duration::from_secs(2);
+
 /// `--readahead`'s default as the help shows it: `FetchPolicy::DEFAULT_READAHEAD`.
 const DEFAULT_READAHEAD: &str = "16M";
 
@@ -234,6 +240,19 @@ const DEFAULT_READAHEAD: &str = "16M";
     served; only what is read is fetched. A later serve of the same image from the same cache \
     reuses that disk, its writable top and every block fetched before. The export is named \
     after the image's repository (the last path component), unless NAME= is given.\n\n\
+    Fetches from an origin are retried after transient failures (the origin down, 5xx and 429 \
+    answers, cut connections, short bodies, bodies too slow) with jittered backoff (or as long as \
+    a Retry-After asks) for up to \
+    MCOW_RETRY_DEADLINE_MS (default 30000), plus the time the fetch's size takes at \
+    MCOW_HTTP_MIN_RATE (the last attempt starts then, bounded like the others by the limits below); \
+    then the read fails with an I/O error. A response body must average at \
+    least MCOW_HTTP_MIN_RATE bytes/s (default 262144; 0: no minimum) after its first \
+    MCOW_HTTP_DEADLINE_MS (default 10000), so N bytes take at most DEADLINE + N / MIN_RATE: \
+    one that falls behind is abandoned and the rest asked for again. MCOW_HTTP_TIMEOUT_MS \
+    (default 30000) bounds getting the response headers and any single stalled read; \
+    MCOW_HTTP_CONNECT_TIMEOUT_MS (default 5000) a connect. Readers waiting for a block of a \
+    fetch that failed get its error. At SIGINT/SIGTERM, fetches still running 2 s later are \
+    cancelled (their reads fail), so mcow exits within a few seconds whatever the origin does.\n\n\
     At exit, the bytes fetched for each disk are logged (RUST_LOG=info).\n\n\
     Examples:\n  mcow serve vm1\n  qemu-io -f raw nbd://127.0.0.1:10809/vm1\n  \
     mcow serve -k /tmp/nbd.sock os=base app=vm1\n  nbdinfo --map 'nbd+unix:///os?socket=/tmp/nbd.sock'\n  \
@@ -453,17 +472,39 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
         (None, Some(_)) => None,
         (t, _) => Some(t.clone().unwrap_or_else(|| DEFAULT_TCP.to_string())),
     };
-    let result = serve_disks(exports, tcp, args.socket.clone(), |addrs| {
-        for a in addrs {
-            eprintln!("mcow: serving on {a}");
-        }
-    });
+    let sources: Vec<_> = stats.iter().filter_map(|s| s.3.clone()).collect();
+    let cancel = {
+        let sources = sources.clone();
+        move || sources.iter().for_each(|s| s.cancel())
+    };
+    let result = serve_disks(
+        exports,
+        tcp,
+        args.socket.clone(),
+        |addrs| {
+            for a in addrs {
+                eprintln!("mcow: serving on {a}");
+            }
+        },
+        cancel,
+    );
+    // Background fetches (trace, --fetch-all) and read-ahead still running get FETCH_GRACE to
+    // land what they fetch; then their origins are cancelled, so that they end at once.
     stop.store(true, Ordering::Relaxed);
+    let until = Instant::now() + FETCH_GRACE;
+    while background.iter().any(|b| !b.is_finished()) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let quiet = background.iter().all(|b| b.is_finished())
+        && mcow_engine::fetch::stop_background(until.saturating_duration_since(Instant::now()));
+    if !quiet {
+        tracing::warn!("fetches still running at exit; cancelling them");
+        sources.iter().for_each(|s| s.cancel());
+    }
     for b in background {
         let _ = b.join();
     }
-    // Read-ahead still running: end it, so the counts below match what the cache holds.
-    if !mcow_engine::fetch::stop_background(std::time::Duration::from_secs(10)) {
+    if !mcow_engine::fetch::stop_background(FETCH_GRACE) {
         tracing::warn!("read-ahead fetches still running at exit");
     }
     if let (Some(path), Some(r)) = (trace_out, recorder) {
@@ -488,12 +529,14 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
 
 /// Serves `exports` on the given TCP address and/or Unix socket until SIGINT or SIGTERM, then
 /// finishes in-flight requests, flushes every disk and returns. `ready` is called with the
-/// listening addresses once both listeners are bound.
+/// listening addresses once both listeners are bound; `cancel_fetches` if requests are still
+/// running `FETCH_GRACE` after the signal (it should make the fetches they wait for fail).
 pub fn serve_disks(
     exports: Vec<(String, Arc<DiskExport>)>,
     tcp: Option<String>,
     socket: Option<PathBuf>,
     ready: impl FnOnce(&[String]),
+    cancel_fetches: impl FnOnce() + Send + 'static,
 ) -> Result<()> {
     if tcp.is_none() && socket.is_none() {
         bail!("nothing to listen on: give --tcp or --socket");
@@ -532,10 +575,15 @@ pub fn serve_disks(
         signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
             .context("installing signal handlers")?;
     let sig_handle = signals.handle();
+    let (stopped_tx, stopped_rx) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             tracing::info!(signal = sig, "stopping: finishing in-flight requests");
             stop.stop();
+            if stopped_rx.recv_timeout(FETCH_GRACE) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                tracing::warn!("requests still running; cancelling the fetches they wait for");
+                cancel_fetches();
+            }
         }
     });
     ready(&addrs);
@@ -547,6 +595,7 @@ pub fn serve_disks(
             Err(_) => result = Err(anyhow::anyhow!("NBD server thread panicked")),
         }
     }
+    drop(stopped_tx);
     sig_handle.close();
     result
 }

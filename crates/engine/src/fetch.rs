@@ -135,27 +135,57 @@ pub(crate) struct Fetcher {
 
 impl Fetcher {
     /// Waits, with the state lock given and returned, until block `p` is no longer in flight
-    /// (landed, or given up by a fetch that failed); at once if it is not.
+    /// (landed, or given up); at once if it is not. If the fetch that held it failed, also
+    /// returns that fetch's error: its readers fail with it rather than each trying again.
     fn wait_landed<'a>(
         &'a self,
         mut state: std::sync::MutexGuard<'a, FetchState>,
         p: u64,
-    ) -> std::sync::MutexGuard<'a, FetchState> {
-        if !state.is_in_flight(p) {
-            return state;
-        }
+    ) -> (std::sync::MutexGuard<'a, FetchState>, Option<String>) {
+        let Some(mut claim) = state.holder(p) else {
+            return (state, None);
+        };
         let me = std::thread::current();
-        state.waiting.push((p, me.clone()));
-        while state.is_in_flight(p) {
+        state.waiting.push(Waiter { block: p, claim, thread: me.clone() });
+        let failure = loop {
+            if let Some(e) = state.take_failure(claim) {
+                break Some(e);
+            }
+            match state.holder(p) {
+                None => break None,
+                // Held by another fetch now (the one we waited for ended without failing).
+                Some(c) if c != claim => {
+                    claim = c;
+                    if let Some(w) = state.waiting.iter_mut().find(|w| w.thread.id() == me.id()) {
+                        w.claim = c;
+                    }
+                }
+                Some(_) => {}
+            }
             drop(state);
             std::thread::park();
             state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        }
-        if let Some(i) = state.waiting.iter().position(|(w, t)| *w == p && t.id() == me.id()) {
+        };
+        if let Some(i) = state.waiting.iter().position(|w| w.block == p && w.thread.id() == me.id()) {
             state.waiting.swap_remove(i);
         }
-        state
+        (state, failure)
     }
+}
+
+/// A reader waiting for a block to land: the block, the claim it waits for, the thread to wake.
+struct Waiter {
+    block: u64,
+    claim: u64,
+    thread: std::thread::Thread,
+}
+
+/// A fetch that failed before all its blocks landed: its error, for the readers that waited
+/// for one of them (`pending` of them have yet to take it).
+struct Failure {
+    claim: u64,
+    error: String,
+    pending: usize,
 }
 
 /// How much a stream fetches with fixed windows before its fetches start to grow: 4 MiB. Runs
@@ -253,19 +283,35 @@ struct FetchState {
     /// still in flight are always the tail of its range.
     in_flight: Vec<(u64, u64, u64)>,
     next_claim: u64,
-    /// Readers waiting for a block to land: the block and the thread to wake.
-    waiting: Vec<(u64, std::thread::Thread)>,
+    /// Readers waiting for a block to land.
+    waiting: Vec<Waiter>,
     /// The recent streams, the least recently used replaced first.
     streams: Vec<Stream>,
     tick: u64,
-    /// Fetches run for a reader on another thread that failed before the reader's block
-    /// landed: the claim and the error, taken by that reader.
-    failed: Vec<(u64, String)>,
+    /// Fetches that failed, until each of their waiting readers has taken the error.
+    failures: Vec<Failure>,
 }
 
 impl FetchState {
     fn is_in_flight(&self, p: u64) -> bool {
-        self.in_flight.iter().any(|&(_, start, end)| (start..end).contains(&p))
+        self.holder(p).is_some()
+    }
+
+    /// The claim that has block `p` in flight, if any.
+    fn holder(&self, p: u64) -> Option<u64> {
+        self.in_flight.iter().find(|&&(_, start, end)| (start..end).contains(&p)).map(|r| r.0)
+    }
+
+    /// Takes the error of the failed fetch `claim` for one of its readers.
+    fn take_failure(&mut self, claim: u64) -> Option<String> {
+        let i = self.failures.iter().position(|f| f.claim == claim)?;
+        let f = &mut self.failures[i];
+        f.pending -= 1;
+        let error = f.error.clone();
+        if f.pending == 0 {
+            self.failures.swap_remove(i);
+        }
+        Some(error)
     }
 
     /// The stream a missing block continues: it lies in the stream's span or at most one window
@@ -329,9 +375,9 @@ impl FetchState {
 
     /// Wakes the readers waiting for a block in `blocks` (all readers if `None`).
     fn wake(&self, blocks: Option<std::ops::Range<u64>>) {
-        for (w, t) in &self.waiting {
-            if blocks.as_ref().is_none_or(|b| b.contains(w)) {
-                t.unpark();
+        for w in &self.waiting {
+            if blocks.as_ref().is_none_or(|b| b.contains(&w.block)) {
+                w.thread.unpark();
             }
         }
     }
@@ -347,9 +393,41 @@ struct Claim<'a> {
     /// For a fetch of a deep-queue stream: the block whose landing starts the stream's next
     /// fetch, so that the transfer does not pause between fetches.
     pipeline: Option<u64>,
+    /// For a fetch run on a thread of its own for a reader: that reader's thread and block
+    /// (it takes the fetch's error even if it was not waiting yet when the fetch failed).
+    starter: Option<(std::thread::ThreadId, u64)>,
+    /// Set once the claim has failed (see [`Claim::fail`]).
+    failed: std::cell::Cell<bool>,
 }
 
-impl Claim<'_> {
+impl<'a> Claim<'a> {
+    fn new(fetch: &'a Fetcher, id: u64, pipeline: Option<u64>) -> Claim<'a> {
+        Claim { fetch, id, pipeline, starter: None, failed: std::cell::Cell::new(false) }
+    }
+
+    /// The fetch failed with `error`: gives up the blocks that did not land and hands the error
+    /// to the readers waiting for them (and to the starter, if its block did not land), waking
+    /// them. Once per claim; a claim dropped without failing just gives its blocks up.
+    fn fail(&self, error: &str) {
+        if self.failed.replace(true) {
+            return;
+        }
+        let mut state = self.fetch.state.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(i) = state.in_flight.iter().position(|r| r.0 == self.id) else { return };
+        let (_, start, end) = state.in_flight.swap_remove(i);
+        let starter = self.starter.filter(|&(_, b)| (start..end).contains(&b));
+        let waiting = state
+            .waiting
+            .iter()
+            .filter(|w| w.claim == self.id && starter.is_none_or(|(t, _)| w.thread.id() != t))
+            .count();
+        let pending = waiting + usize::from(starter.is_some());
+        if pending > 0 {
+            state.failures.push(Failure { claim: self.id, error: error.to_string(), pending });
+        }
+        state.wake(None);
+    }
+
     /// Shrinks the claim to `[start, end)` (the rest turned out to be local already), waking
     /// the readers waiting for the blocks given up.
     fn narrow(&self, start: u64, end: u64) {
@@ -602,14 +680,17 @@ impl SealedLayer {
     /// Before a read of blocks `first..=last` that fetches in flight hold (or that are local):
     /// waits until the last of them has landed, so that the reader wakes once instead of once
     /// per block (a fetch lands its blocks in order). Returns at once otherwise; the read then
-    /// goes block by block as usual, which also handles a fetch that failed.
-    pub(crate) fn wait_for_run(&self, first: u64, last: u64) {
-        let Some(fetch) = &self.fetch else { return };
+    /// goes block by block as usual. Fails if the fetch that held the last block failed.
+    pub(crate) fn wait_for_run(&self, first: u64, last: u64) -> Result<()> {
+        let Some(fetch) = &self.fetch else { return Ok(()) };
         let state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
         if !state.is_in_flight(last) || !(first..last).all(|p| self.is_verified(p) || state.is_in_flight(p)) {
-            return;
+            return Ok(());
         }
-        drop(fetch.wait_landed(state, last));
+        match fetch.wait_landed(state, last) {
+            (_, Some(e)) => Err(Error::io("fetch", &self.path)(std::io::Error::other(e))),
+            (_, None) => Ok(()),
+        }
     }
 
     /// Checks stored block `pblock` in the local file; if it is wrong (or missing) and the layer
@@ -621,8 +702,9 @@ impl SealedLayer {
     /// `FetchState::window_for`): a read that does not continue a recent run of fetches (a
     /// scattered read) fetches just the missing blocks it covers; one that does (a sequential
     /// read) fetches aligned windows, growing once the run is long. Readers of a block that
-    /// is being fetched wait for it to land (not for the whole fetch); fetches of different
-    /// ranges of the layer run concurrently.
+    /// is being fetched wait for it to land (not for the whole fetch), and fail with the
+    /// fetch's error if it fails first; fetches of different ranges of the layer run
+    /// concurrently.
     ///
     /// `want` says why the block is wanted: a read (covering blocks up to the given end), or a
     /// download of the blocks up to the given end, which fetches the missing ones and no
@@ -637,17 +719,20 @@ impl SealedLayer {
         let mut state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut started: Option<u64> = None; // a fetch this reader started on another thread
         loop {
-            // Wait for the fetch that has pblock in flight, if any.
-            state = fetch.wait_landed(state, pblock);
+            // Wait for the fetch that has pblock in flight, if any; fail with it if it failed.
+            let failure;
+            (state, failure) = fetch.wait_landed(state, pblock);
+            if let Some(e) = failure {
+                return Err(Error::io("fetch", &self.path)(std::io::Error::other(e)));
+            }
             if self.is_verified(pblock) {
                 drop(state);
                 // Fetched, checked and written by another reader or thread.
                 return read_exact_at(f, block, at(pblock), &self.path);
             }
             if let Some(id) = started.take()
-                && let Some(i) = state.failed.iter().position(|(c, _)| *c == id)
+                && let Some(e) = state.take_failure(id)
             {
-                let (_, e) = state.failed.swap_remove(i);
                 return Err(Error::io("fetch", &self.path)(std::io::Error::other(e)));
             }
             let (window, gap) = match want {
@@ -714,9 +799,11 @@ impl SealedLayer {
             if end > need
                 && let Some(layer) = fetch.me.get().and_then(std::sync::Weak::upgrade)
             {
+                let me = std::thread::current().id();
                 let spawned = spawn_background(move || {
                     let Some(fetch) = &layer.fetch else { return };
-                    let claim = Claim { fetch, id, pipeline };
+                    let mut claim = Claim::new(fetch, id, pipeline);
+                    claim.starter = Some((me, pblock));
                     let mut scratch = vec![0u8; layer.block_size() as usize];
                     let done = layer.file.get(&layer.path).and_then(|f| {
                         layer.fetch_claimed(
@@ -730,11 +817,8 @@ impl SealedLayer {
                             visible_only,
                         )
                     });
-                    if let Err(e) = done
-                        && !layer.is_verified(pblock)
-                    {
-                        let mut state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
-                        state.failed.push((id, e.to_string()));
+                    if let Err(e) = done {
+                        claim.fail(&e.to_string());
                     }
                 });
                 if spawned {
@@ -744,7 +828,7 @@ impl SealedLayer {
                 }
                 // No thread to be had: fetch right here. The claim is still ours.
             }
-            let claim = Claim { fetch, id, pipeline };
+            let claim = Claim::new(fetch, id, pipeline);
             return self.fetch_claimed(f, fetch, &claim, first, end - first, pblock, block, visible_only);
         }
     }
@@ -910,6 +994,12 @@ impl SealedLayer {
         if let Err(e) = &result {
             tracing::error!(layer = %self.digest, offset, len = count * bs, landed, error = %e, "fetching blocks failed");
         }
+        // The readers waiting for blocks that did not land fail with this fetch.
+        match (&failure, &result) {
+            (Some(e), _) => claim.fail(&e.to_string()),
+            (None, Err(e)) => claim.fail(&e.to_string()),
+            (None, Ok(())) => {}
+        }
         if next > target {
             return Ok(());
         }
@@ -973,7 +1063,7 @@ impl SealedLayer {
                     let id = state.next_claim;
                     state.next_claim += 1;
                     state.in_flight.push((id, q, e));
-                    claims.push((Claim { fetch, id, pipeline: None }, q, e - q));
+                    claims.push((Claim::new(fetch, id, None), q, e - q));
                     q = e;
                 }
             }
@@ -1007,6 +1097,9 @@ impl SealedLayer {
         });
         if let Err(e) = &result {
             tracing::warn!(layer = %self.digest, runs = ranges.len(), error = %e, "prefetching blocks failed");
+            for (claim, _, _) in &claims {
+                claim.fail(&e.to_string());
+            }
         }
         drop(landers);
         drop(locks);

@@ -169,7 +169,7 @@ impl SealedLayer {
         }
         // Slow path, once per block: check whole blocks, copy out the asked-for part.
         if last > first {
-            self.wait_for_run(first, last);
+            self.wait_for_run(first, last)?;
         }
         let mut block = vec![0u8; bs as usize];
         let f = self.file.get(&self.path)?;
@@ -207,7 +207,7 @@ impl SealedLayer {
             )));
         }
         if last > first {
-            self.wait_for_run(first, last);
+            self.wait_for_run(first, last)?;
         }
         let mut block = Vec::new();
         for b in first..=last {

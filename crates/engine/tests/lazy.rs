@@ -520,6 +520,54 @@ fn a_reader_waits_for_its_block_to_land_not_for_the_whole_fetch() {
 }
 
 #[test]
+fn readers_waiting_for_a_fetch_that_fails_get_its_error_instead_of_fetching_again() {
+    // Tried: a fetch of blocks 0..8 that hands over blocks 0 and 1, then holds; two readers
+    // (of block 5, and of blocks 3..5 in one read) wait for it; then the transfer breaks.
+    // Must hold: both waiting readers fail with the fetch's error and fetch nothing themselves;
+    // the reader that started the fetch, whose first block landed, fetches the rest (one more
+    // request in all); later reads succeed.
+    use std::sync::Mutex;
+    use std::sync::mpsc::{channel, sync_channel};
+    use std::time::Duration;
+    let (tmp, partial, expected) = long_partial(16);
+    let (started_tx, started_rx) = sync_channel::<()>(1);
+    let (gate_tx, gate_rx) = channel::<bool>();
+    let gate_rx = Mutex::new(gate_rx);
+    let calls = AtomicU64::new(0);
+    let src = hook_source(tmp.path(), move |i, _| {
+        let first_fetch = calls.fetch_add(1, Ordering::Relaxed) < 3;
+        if first_fetch && i == 2 {
+            started_tx.send(()).unwrap();
+            return gate_rx.lock().unwrap().recv().unwrap();
+        }
+        true
+    });
+    let policy = FetchPolicy { window: 8, readahead: 0 };
+    let d = Arc::new(Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), policy).unwrap());
+    let bs = 65536u64;
+    let read = |off: u64, len: u64| {
+        let d = d.clone();
+        std::thread::spawn(move || d.read(off, &mut vec![0u8; len as usize]).map_err(|e| e.to_string()))
+    };
+    // (The starter reads all 8 blocks; its bytes are checked by the whole read at the end.)
+    let starter = read(0, 8 * bs);
+    started_rx.recv_timeout(Duration::from_secs(10)).expect("the fetch started");
+    let waiters = [read(5 * bs, bs), read(3 * bs, 2 * bs)];
+    std::thread::sleep(Duration::from_millis(200)); // both are waiting now
+    gate_tx.send(false).unwrap(); // the transfer breaks before block 2
+    for w in waiters {
+        let e = w.join().unwrap().unwrap_err();
+        assert!(e.contains("transfer broken"), "{e}");
+    }
+    // The starter had its first block: it goes on, fetching the rest (2..8) itself.
+    assert_eq!(starter.join().unwrap(), Ok(()));
+    assert_eq!(src.requests.load(Ordering::Relaxed), 2, "a waiting reader fetched again");
+    let mut all = vec![0u8; expected.len()];
+    d.read(0, &mut all).unwrap();
+    assert!(all == expected);
+}
+
+#[test]
 fn a_fetch_that_breaks_or_turns_bad_midway_keeps_only_the_good_blocks_before() {
     use std::sync::atomic::AtomicU8;
     let (tmp, partial, expected) = long_partial(24);

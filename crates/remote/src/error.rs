@@ -13,14 +13,25 @@ pub enum RemoteError {
     Reference { reference: String, reason: String },
     #[error("{what} not found at {location}")]
     NotFound { what: String, location: String },
+    /// An answer we did not want; `retry_after` is the server's `Retry-After` (in seconds) when
+    /// it sent one.
     #[error("{method} {url}: HTTP {status}{}", if body.is_empty() { String::new() } else { format!(": {body}") })]
-    Http { method: &'static str, url: String, status: u16, body: String },
+    Http {
+        method: &'static str,
+        url: String,
+        status: u16,
+        body: String,
+        retry_after: Option<std::time::Duration>,
+    },
     #[error("{method} {url}: {reason}")]
     Transport { method: &'static str, url: String, reason: String },
     #[error("{what}: expected {expected}, got {actual}")]
     DigestMismatch { what: String, expected: Digest, actual: Digest },
     #[error("{0}")]
     Invalid(String),
+    /// The client was cancelled (the process is stopping): the operation named was given up.
+    #[error("{0}: cancelled")]
+    Cancelled(String),
     #[error("{} is read-only", .0)]
     ReadOnly(String),
     #[error("{op} {}: {err}", path.display())]
@@ -39,6 +50,14 @@ impl RemoteError {
         }
     }
 
+    /// How long the server asked us to wait before trying again (`Retry-After`), if it did.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            RemoteError::Http { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
     pub(crate) fn io(
         op: &'static str,
         path: impl Into<PathBuf>,
@@ -54,6 +73,7 @@ impl From<RemoteError> for std::io::Error {
             RemoteError::NotFound { .. } => std::io::ErrorKind::NotFound,
             RemoteError::Io { err, .. } => err.kind(),
             RemoteError::Transport { .. } => std::io::ErrorKind::TimedOut,
+            RemoteError::Cancelled(_) => std::io::ErrorKind::ConnectionAborted,
             _ => std::io::ErrorKind::Other,
         };
         std::io::Error::new(kind, e)

@@ -3,8 +3,9 @@
 //! that answers `Range` requests (nginx, a CDN). Objects are `GET base/<key>`; existence is a
 //! `HEAD`; writes fail with `RemoteError::ReadOnly`.
 //!
-//! Requests are retried under the backend's `RetryPolicy`; timeouts and retries can be tuned
-//! from the environment (see `http_client`). A 404 is a missing object.
+//! Requests are retried under the backend's `RetryPolicy`, bodies held to its pace; timeouts,
+//! pace and retries can be tuned from the environment (see `http_client`). A 404 is a missing
+//! object.
 
 use std::path::Path;
 
@@ -61,7 +62,7 @@ impl ObjectStore for HttpStore {
 
     fn exists(&self, key: &str) -> Result<bool> {
         let url = self.url(key);
-        self.client.retry.run("HTTP HEAD", || {
+        self.client.run("HTTP HEAD", || {
             let resp = self.call("HEAD", &url, None)?;
             match resp.status() {
                 StatusCode::OK => Ok(true),
@@ -73,10 +74,10 @@ impl ObjectStore for HttpStore {
 
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let url = self.url(key);
-        self.client.retry.run("HTTP GET", || {
+        self.client.run("HTTP GET", || {
             let resp = self.call("GET", &url, None)?;
             match resp.status() {
-                StatusCode::OK => read_body("GET", &url, resp, SMALL_OBJECT_LIMIT).map(Some),
+                StatusCode::OK => read_body(&self.client, "GET", &url, resp, SMALL_OBJECT_LIMIT).map(Some),
                 StatusCode::NOT_FOUND => Ok(None),
                 _ => Err(status_error("GET", &url, key, resp)),
             }
@@ -92,7 +93,7 @@ impl ObjectStore for HttpStore {
                 let resp = self.call("GET", &url, Some(header))?;
                 match resp.status() {
                     StatusCode::PARTIAL_CONTENT | StatusCode::OK => {
-                        stream_multi_range_body("GET", &url, resp, ranges, done, sink)
+                        stream_multi_range_body(&self.client, "GET", &url, resp, ranges, done, sink)
                     }
                     _ => Err(status_error("GET", &url, key, resp)),
                 }
@@ -103,12 +104,12 @@ impl ObjectStore for HttpStore {
 
     fn stream_range(&self, key: &str, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<()> {
         let url = self.url(key);
-        stream_range(&self.client.retry, "HTTP ranged GET", offset, len, sink, |offset, len, sink| {
+        stream_range(&self.client, "HTTP ranged GET", offset, len, sink, |offset, len, sink| {
             let range = format!("bytes={offset}-{}", offset + len - 1);
             let resp = self.call("GET", &url, Some(&range))?;
             match resp.status() {
                 StatusCode::PARTIAL_CONTENT | StatusCode::OK => {
-                    stream_range_body("GET", &url, resp, offset, len, sink)
+                    stream_range_body(&self.client, "GET", &url, resp, offset, len, sink)
                 }
                 _ => Err(status_error("GET", &url, key, resp)),
             }
@@ -117,12 +118,12 @@ impl ObjectStore for HttpStore {
 
     fn get_to(&self, key: &str, dest: &Path, progress: &mut dyn FnMut(u64)) -> Result<()> {
         let url = self.url(key);
-        self.client.retry.run("HTTP GET", || {
+        self.client.run("HTTP GET", || {
             let resp = self.call("GET", &url, None)?;
             if resp.status() != StatusCode::OK {
                 return Err(status_error("GET", &url, key, resp));
             }
-            body_to_file("GET", &url, resp, dest, progress).map(|_| ())
+            body_to_file(&self.client, "GET", &url, resp, dest, progress).map(|_| ())
         })
     }
 
@@ -132,5 +133,9 @@ impl ObjectStore for HttpStore {
 
     fn put_file(&self, _key: &str, _path: &Path, _progress: &mut dyn FnMut(u64)) -> Result<()> {
         Err(self.read_only())
+    }
+
+    fn cancel(&self) {
+        self.client.cancel()
     }
 }

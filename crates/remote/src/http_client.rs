@@ -1,14 +1,20 @@
-//! HTTP plumbing shared by the registry (`registry`) and plain-HTTP (`http`) backends: one
-//! `ureq` agent with timeouts, the retry policy, error mapping (404 is `NotFound`; transport
-//! errors, 5xx, 429 and short bodies are transient), ranged reads that insist on exactly the
-//! bytes asked for, streamed downloads, and `WWW-Authenticate` parsing.
+//! HTTP plumbing shared by the registry (`registry`), plain-HTTP (`http`) and S3 (`s3`)
+//! backends: one `ureq` agent with timeouts, the retry policy and the pace of bodies, the
+//! client's cancel, error mapping (404 is `NotFound`; transport errors, 5xx, 429, short bodies
+//! and bodies too slow are transient), ranged reads that insist on exactly the bytes asked for,
+//! streamed downloads, and `WWW-Authenticate` parsing.
 //!
 //! Tuning from the environment (all optional, read when a backend is opened):
 //! - `MCOW_HTTP_CONNECT_TIMEOUT_MS` (default 5000): TCP connect timeout;
 //! - `MCOW_HTTP_TIMEOUT_MS` (default 30000): time to send a request and get the response headers,
 //!   and the longest stall allowed for any single read or write of a body;
-//! - `MCOW_RETRY_ATTEMPTS` (default 6) and `MCOW_RETRY_DEADLINE_MS` (default 30000): how hard each
-//!   request is retried after transient failures (see `retry`).
+//! - `MCOW_HTTP_DEADLINE_MS` (default 10000) and `MCOW_HTTP_MIN_RATE` (bytes per second, default
+//!   262144; 0 turns it off): the pace of a response body. After the first `DEADLINE_MS` it
+//!   must average at least `MIN_RATE`, so N bytes take at most `DEADLINE_MS + N / MIN_RATE`; a
+//!   body that falls behind is abandoned and what is missing is asked for again;
+//! - `MCOW_RETRY_DEADLINE_MS` (default 30000): transient failures are retried (jittered
+//!   exponential backoff, `Retry-After` honoured) until this long after the first attempt, plus
+//!   N / `MIN_RATE` for a transfer of N bytes (see `retry`).
 
 use std::fs::File;
 use std::io::{BufRead, Read, Write};
@@ -18,15 +24,17 @@ use std::time::Duration;
 use ureq::http::{Response, StatusCode};
 
 use crate::error::{RemoteError, Result};
-use crate::retry::RetryPolicy;
+use crate::retry::{Cancel, Pace, Paced, RetryPolicy, abandoned};
 
-/// Timeouts and retries of an HTTP backend.
+/// Timeouts, the pace of bodies and retries of an HTTP backend.
 #[derive(Debug, Clone, Copy)]
 pub struct HttpConfig {
     pub connect_timeout: Duration,
     /// Sending a request and receiving its response headers; also the longest stall of any one
-    /// body read or write (whole transfers of large blobs are not bounded).
+    /// body read or write.
     pub request_timeout: Duration,
+    /// The pace every response body must keep (which bounds a whole transfer by its size).
+    pub pace: Pace,
     pub retry: RetryPolicy,
 }
 
@@ -35,6 +43,7 @@ impl Default for HttpConfig {
         HttpConfig {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
+            pace: Pace { grace: Duration::from_secs(10), min_rate: 256 << 10 },
             retry: RetryPolicy::default(),
         }
     }
@@ -53,7 +62,7 @@ fn env_ms(name: &str) -> Option<Duration> {
 
 impl HttpConfig {
     /// The defaults, overridden by `MCOW_HTTP_CONNECT_TIMEOUT_MS`, `MCOW_HTTP_TIMEOUT_MS`,
-    /// `MCOW_RETRY_ATTEMPTS` and `MCOW_RETRY_DEADLINE_MS` when set.
+    /// `MCOW_HTTP_DEADLINE_MS`, `MCOW_HTTP_MIN_RATE` and `MCOW_RETRY_DEADLINE_MS` when set.
     pub fn from_env() -> HttpConfig {
         let mut c = HttpConfig::default();
         if let Some(d) = env_ms("MCOW_HTTP_CONNECT_TIMEOUT_MS") {
@@ -62,23 +71,33 @@ impl HttpConfig {
         if let Some(d) = env_ms("MCOW_HTTP_TIMEOUT_MS") {
             c.request_timeout = d;
         }
+        if let Some(d) = env_ms("MCOW_HTTP_DEADLINE_MS") {
+            c.pace.grace = d;
+        }
+        if let Ok(v) = std::env::var("MCOW_HTTP_MIN_RATE") {
+            match v.trim().parse::<u64>() {
+                Ok(n) => c.pace.min_rate = n,
+                Err(_) => tracing::warn!("ignoring MCOW_HTTP_MIN_RATE={v:?}: expected bytes per second"),
+            }
+        }
         if let Some(d) = env_ms("MCOW_RETRY_DEADLINE_MS") {
             c.retry.deadline = d;
         }
-        if let Ok(v) = std::env::var("MCOW_RETRY_ATTEMPTS") {
-            match v.trim().parse::<u32>() {
-                Ok(n) if n > 0 => c.retry.attempts = n,
-                _ => tracing::warn!("ignoring MCOW_RETRY_ATTEMPTS={v:?}: expected a positive count"),
-            }
+        if std::env::var_os("MCOW_RETRY_ATTEMPTS").is_some() {
+            tracing::warn!(
+                "ignoring MCOW_RETRY_ATTEMPTS: retries are bounded by time (MCOW_RETRY_DEADLINE_MS)"
+            );
         }
         c
     }
 }
 
-/// An agent and a retry policy.
+/// An agent, the retry policy and pace it works under, and its cancel.
 pub struct HttpClient {
     pub agent: ureq::Agent,
     pub retry: RetryPolicy,
+    pub pace: Pace,
+    cancel: Cancel,
 }
 
 impl HttpClient {
@@ -94,7 +113,32 @@ impl HttpClient {
             .user_agent(concat!("mcow/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
-        HttpClient { agent, retry: config.retry }
+        HttpClient { agent, retry: config.retry, pace: config.pace, cancel: Cancel::default() }
+    }
+
+    /// Runs `op` under the retry policy (see [`RetryPolicy::run`]).
+    pub fn run<T>(&self, what: &str, op: impl FnMut() -> Result<T>) -> Result<T> {
+        self.retry.run(what, Duration::ZERO, &self.cancel, op)
+    }
+
+    /// Runs `op`, a transfer of `len` bytes, under the retry policy, whose budget grows by the
+    /// time `len` bytes take at the minimum rate.
+    pub fn run_transfer<T>(&self, what: &str, len: u64, op: impl FnMut() -> Result<T>) -> Result<T> {
+        self.retry.run(what, self.pace.allowance(len), &self.cancel, op)
+    }
+
+    /// A response body's reader, held to the pace and the cancel.
+    pub fn body<'a>(&self, resp: &'a mut Response<ureq::Body>) -> Paced<ureq::BodyReader<'a>> {
+        Paced::new(resp.body_mut().as_reader(), self.pace, self.cancel.clone())
+    }
+
+    /// Ends this client's work for good (for the end of a process): retries waiting stop, bodies
+    /// being read stop at their next read, and its connections are closed, which interrupts
+    /// requests blocked on them; later requests fail at once. Each fails with
+    /// [`RemoteError::Cancelled`].
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+        self.agent.clone().shutdown();
     }
 }
 
@@ -106,16 +150,20 @@ pub fn transport_error(method: &'static str, url: &str, e: ureq::Error) -> Remot
             RemoteError::Invalid(format!("{method} {url}: {e}"))
         }
         ureq::Error::StatusCode(status) => {
-            RemoteError::Http { method, url: url.to_string(), status, body: String::new() }
+            RemoteError::Http { method, url: url.to_string(), status, body: String::new(), retry_after: None }
         }
         other => RemoteError::Transport { method, url: url.to_string(), reason: other.to_string() },
     }
 }
 
-/// A body read that failed midway: transient (the connection broke or timed out).
-pub fn body_error(method: &'static str, url: &str, e: impl std::fmt::Display) -> RemoteError {
-    RemoteError::Transport { method, url: url.to_string(), reason: format!("reading the body: {e}") }
+/// A body read that failed midway: transient (the connection broke or timed out, the body was
+/// too slow), unless the client was cancelled.
+pub fn body_error(method: &'static str, url: &str, e: std::io::Error) -> RemoteError {
+    abandoned(method, url, e)
 }
+
+/// The pace of the short error bodies read for messages: a trickle does not hold them up.
+const ERROR_BODY_PACE: Pace = Pace { grace: Duration::from_secs(1), min_rate: 1024 };
 
 /// Turns an unexpected answer into an error: 404 (and 416 when `range` is set) become
 /// `NotFound`, others `Http` with the start of the body (error JSON from registries).
@@ -126,16 +174,26 @@ pub fn status_error(
     mut resp: Response<ureq::Body>,
 ) -> RemoteError {
     let status = resp.status().as_u16();
-    let mut body = String::new();
-    if method != "HEAD" {
-        let mut buf = Vec::new();
-        let _ = resp.body_mut().as_reader().take(2048).read_to_end(&mut buf);
-        body = String::from_utf8_lossy(&buf).trim().to_string();
-    }
+    let retry_after = retry_after(&resp);
+    let body = if method != "HEAD" { error_body(&mut resp, 2048).trim().to_string() } else { String::new() };
     if status == 404 {
         return RemoteError::NotFound { what: what.to_string(), location: url.to_string() };
     }
-    RemoteError::Http { method, url: url.to_string(), status, body }
+    RemoteError::Http { method, url: url.to_string(), status, body, retry_after }
+}
+
+/// The start (up to `limit` bytes) of an error answer's body, for messages: read at a pace
+/// that a trickle cannot hold up, and cut short (without error) when it fails.
+pub fn error_body(resp: &mut Response<ureq::Body>, limit: u64) -> String {
+    let mut buf = Vec::new();
+    let reader = Paced::new(resp.body_mut().as_reader(), ERROR_BODY_PACE, Cancel::default());
+    let _ = reader.take(limit).read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// A `Retry-After` given in seconds (the HTTP-date form is ignored).
+pub fn retry_after(resp: &Response<ureq::Body>) -> Option<Duration> {
+    header(resp, "retry-after")?.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
 /// Where streamed bytes go: consecutive pieces of the range, in order; `false` stops the
@@ -146,11 +204,12 @@ pub type Sink<'a> = dyn FnMut(&[u8]) -> bool + 'a;
 /// few blocks at once, small enough that the first block is not held back long.
 const STREAM_CHUNK: usize = 256 << 10;
 
-/// Streams `len` bytes at `offset` to `sink`, one request per `attempt(offset, len, sink)`.
-/// After a transient failure midway (a dropped connection, a short body) the retry asks only
-/// for the bytes not yet delivered, so the sink sees every byte once and in order.
+/// Streams `len` bytes at `offset` to `sink`, one request per `attempt(offset, len, sink)`,
+/// retried under `client`'s policy with the budget of a transfer of `len` bytes. After a
+/// transient failure midway (a dropped connection, a short or too slow body) the retry asks
+/// only for the bytes not yet delivered, so the sink sees every byte once and in order.
 pub fn stream_range(
-    retry: &RetryPolicy,
+    client: &HttpClient,
     what: &str,
     offset: u64,
     len: u64,
@@ -159,7 +218,7 @@ pub fn stream_range(
 ) -> Result<()> {
     let mut done = 0u64;
     let mut stopped = false;
-    retry.run(what, || {
+    client.run_transfer(what, len, || {
         if done == len || stopped {
             return Ok(());
         }
@@ -185,6 +244,7 @@ pub fn collect_range(len: u64, stream: impl FnOnce(&mut Sink<'_>) -> Result<()>)
 /// starts at `offset`; a 200 (the server ignored `Range`) is read up to the wanted bytes, the
 /// ones before them dropped. A body that ends early is a transient error.
 pub fn stream_range_body(
+    client: &HttpClient,
     method: &'static str,
     url: &str,
     mut resp: Response<ureq::Body>,
@@ -226,7 +286,7 @@ pub fn stream_range_body(
         tracing::warn!(url, offset, len, "server ignored the Range header; reading the whole body");
         skip = offset;
     }
-    let mut reader = resp.body_mut().as_reader();
+    let mut reader = client.body(&mut resp);
     if skip > 0 {
         let skipped = std::io::copy(&mut (&mut reader).take(skip), &mut std::io::sink())
             .map_err(|e| body_error(method, url, e))?;
@@ -317,6 +377,7 @@ pub fn multi_range_header(ranges: &[(u64, u64)]) -> String {
 /// with the whole object. Ranges it leaves short are the caller's to ask for again; an error
 /// says the transfer broke (what arrived before it is delivered).
 pub fn stream_multi_range_body(
+    client: &HttpClient,
     method: &'static str,
     url: &str,
     mut resp: Response<ureq::Body>,
@@ -342,7 +403,7 @@ pub fn stream_multi_range_body(
         None
     };
     let whole = content_length(&resp);
-    let mut reader = std::io::BufReader::with_capacity(STREAM_CHUNK, resp.body_mut().as_reader());
+    let mut reader = std::io::BufReader::with_capacity(STREAM_CHUNK, client.body(&mut resp));
     let mut feed = |start: u64, len: u64, reader: &mut dyn Read| -> Result<bool> {
         feed_part(method, url, reader, start, len, ranges, done, sink)
     };
@@ -522,6 +583,7 @@ fn feed_part(
 
 /// Reads a whole body of at most `limit` bytes; checks Content-Length when there is one.
 pub fn read_body(
+    client: &HttpClient,
     method: &'static str,
     url: &str,
     mut resp: Response<ureq::Body>,
@@ -536,11 +598,7 @@ pub fn read_body(
         )));
     }
     let mut buf = Vec::new();
-    resp.body_mut()
-        .as_reader()
-        .take(limit + 1)
-        .read_to_end(&mut buf)
-        .map_err(|e| body_error(method, url, e))?;
+    client.body(&mut resp).take(limit + 1).read_to_end(&mut buf).map_err(|e| body_error(method, url, e))?;
     if buf.len() as u64 > limit {
         return Err(RemoteError::Invalid(format!("{method} {url}: more than the {limit} bytes allowed")));
     }
@@ -559,6 +617,7 @@ pub fn read_body(
 /// Streams a body into a new file at `dest`, reporting bytes so far. A body shorter than its
 /// Content-Length is a transient error.
 pub fn body_to_file(
+    client: &HttpClient,
     method: &'static str,
     url: &str,
     mut resp: Response<ureq::Body>,
@@ -567,7 +626,7 @@ pub fn body_to_file(
 ) -> Result<u64> {
     let expected = content_length(&resp);
     let mut out = File::create(dest).map_err(RemoteError::io("create", dest))?;
-    let mut reader = resp.body_mut().as_reader();
+    let mut reader = client.body(&mut resp);
     let mut buf = vec![0u8; 1 << 20];
     let mut done = 0u64;
     loop {

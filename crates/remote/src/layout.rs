@@ -33,6 +33,8 @@ pub trait ObjectStore: Send + Sync {
     fn get_to(&self, key: &str, dest: &Path, progress: &mut dyn FnMut(u64)) -> Result<()>;
     fn put_bytes(&self, key: &str, bytes: &[u8]) -> Result<()>;
     fn put_file(&self, key: &str, path: &Path, progress: &mut dyn FnMut(u64)) -> Result<()>;
+    /// See `Remote::cancel`.
+    fn cancel(&self) {}
 }
 
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -150,5 +152,9 @@ impl<S: ObjectStore> Remote for Layout<S> {
             }
         };
         self.get_blob(&d)
+    }
+
+    fn cancel(&self) {
+        self.store.cancel()
     }
 }

@@ -10,7 +10,9 @@
 //!   read-only by any web server;
 //! - `registry`: the OCI distribution API (registries such as Debian's docker-registry);
 //! - `s3`: S3-compatible object storage (SigV4-signed requests) as a layout's object store;
-//! - `retry`: bounded retries with backoff for transient failures;
+//! - `retry`: how long remote operations may take: retries with jittered backoff for transient
+//!   failures under one time budget, the pace response bodies must keep, and the cancel that
+//!   ends a client's work at the end of a process;
 //! - `transfer`: push, pull, lazy pull, and `RemoteSource`, the engine's `BlockSource` that
 //!   fetches blocks of partial layers from a remote.
 //!

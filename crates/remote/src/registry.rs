@@ -16,8 +16,8 @@
 //! They are only sent after a challenge asks for them, and never to a redirect's target.
 //!
 //! Every request is retried under the backend's `RetryPolicy` (transport errors, 5xx, 429 and
-//! short bodies are transient); timeouts and retries can be tuned from the environment (see
-//! `http_client`). A 404 is `RemoteError::NotFound`.
+//! short or too slow bodies are transient); timeouts, the pace of bodies and retries can be
+//! tuned from the environment (see `http_client`). A 404 is `RemoteError::NotFound`.
 
 use std::fs::File;
 use std::path::Path;
@@ -123,7 +123,7 @@ impl Registry {
     /// Checks that the server speaks the distribution API (and that we may talk to it).
     pub fn ping(&self) -> Result<()> {
         let url = format!("{}/v2/", self.base);
-        self.client.retry.run("registry ping", || {
+        self.client.run("registry ping", || {
             let resp = self.send("GET", &url, &[], Payload::None, &mut |_| {})?;
             if resp.status() == StatusCode::OK {
                 Ok(())
@@ -191,7 +191,13 @@ impl Registry {
             }
             None => format!("the registry wants credentials: set {USER_ENV} and {PASSWORD_ENV}"),
         };
-        RemoteError::Http { method, url: url.to_string(), status: 401, body: format!("{who}{detail}") }
+        RemoteError::Http {
+            method,
+            url: url.to_string(),
+            status: 401,
+            body: format!("{who}{detail}"),
+            retry_after: None,
+        }
     }
 
     /// Works out the `Authorization` value a 401's challenge asks for and remembers it.
@@ -228,6 +234,7 @@ impl Registry {
                     "unsupported authentication challenge {:?}",
                     header(&resp, "www-authenticate").unwrap_or_default()
                 ),
+                retry_after: None,
             });
         };
         *self.auth.lock().unwrap_or_else(|p| p.into_inner()) = Some(value);
@@ -257,12 +264,12 @@ impl Registry {
                 Some(c) => format!("the token server refused user {:?} ({USER_ENV}/{PASSWORD_ENV})", c.user),
                 None => format!("the token server wants credentials: set {USER_ENV} and {PASSWORD_ENV}"),
             };
-            return Err(RemoteError::Http { method: "GET", url, status, body: who });
+            return Err(RemoteError::Http { method: "GET", url, status, body: who, retry_after: None });
         }
         if resp.status() != StatusCode::OK {
             return Err(status_error("GET", &url, "token", resp));
         }
-        let body = read_body("GET", &url, resp, 1 << 20)?;
+        let body = read_body(&self.client, "GET", &url, resp, 1 << 20)?;
         #[derive(serde::Deserialize)]
         struct TokenAnswer {
             token: Option<String>,
@@ -330,7 +337,7 @@ impl Remote for Registry {
 
     fn has_blob(&self, digest: &Digest) -> Result<bool> {
         let url = self.blob_url(digest);
-        self.client.retry.run("registry HEAD blob", || {
+        self.client.run("registry HEAD blob", || {
             let resp = self.send("HEAD", &url, &[], Payload::None, &mut |_| {})?;
             match resp.status() {
                 StatusCode::OK => Ok(true),
@@ -342,25 +349,21 @@ impl Remote for Registry {
 
     fn put_blob(&self, digest: &Digest, path: &Path, progress: &mut dyn FnMut(u64)) -> Result<()> {
         let len = std::fs::metadata(path).map_err(RemoteError::io("stat", path))?.len();
-        self.client
-            .retry
-            .run("registry blob upload", || self.upload(digest, Payload::File(path, len), progress))
+        self.client.run("registry blob upload", || self.upload(digest, Payload::File(path, len), progress))
     }
 
     fn put_blob_bytes(&self, digest: &Digest, bytes: &[u8]) -> Result<()> {
-        self.client
-            .retry
-            .run("registry blob upload", || self.upload(digest, Payload::Bytes(bytes), &mut |_| {}))
+        self.client.run("registry blob upload", || self.upload(digest, Payload::Bytes(bytes), &mut |_| {}))
     }
 
     fn stream_blob_range(&self, digest: &Digest, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<()> {
         let url = self.blob_url(digest);
-        stream_range(&self.client.retry, "registry ranged GET", offset, len, sink, |offset, len, sink| {
+        stream_range(&self.client, "registry ranged GET", offset, len, sink, |offset, len, sink| {
             let range = format!("bytes={offset}-{}", offset + len - 1);
             let resp = self.send("GET", &url, &[("range", &range)], Payload::None, &mut |_| {})?;
             match resp.status() {
                 StatusCode::PARTIAL_CONTENT | StatusCode::OK => {
-                    stream_range_body("GET", &url, resp, offset, len, sink)
+                    stream_range_body(&self.client, "GET", &url, resp, offset, len, sink)
                 }
                 _ => Err(status_error("GET", &url, &format!("blob {digest}"), resp)),
             }
@@ -381,7 +384,7 @@ impl Remote for Registry {
                 let resp = self.send("GET", &url, &[("range", header)], Payload::None, &mut |_| {})?;
                 match resp.status() {
                     StatusCode::PARTIAL_CONTENT | StatusCode::OK => {
-                        stream_multi_range_body("GET", &url, resp, ranges, done, sink)
+                        stream_multi_range_body(&self.client, "GET", &url, resp, ranges, done, sink)
                     }
                     _ => Err(status_error("GET", &url, &format!("blob {digest}"), resp)),
                 }
@@ -392,29 +395,29 @@ impl Remote for Registry {
 
     fn get_blob(&self, digest: &Digest) -> Result<Vec<u8>> {
         let url = self.blob_url(digest);
-        self.client.retry.run("registry GET blob", || {
+        self.client.run("registry GET blob", || {
             let resp = self.send("GET", &url, &[], Payload::None, &mut |_| {})?;
             if resp.status() != StatusCode::OK {
                 return Err(status_error("GET", &url, &format!("blob {digest}"), resp));
             }
-            read_body("GET", &url, resp, SMALL_BLOB_LIMIT)
+            read_body(&self.client, "GET", &url, resp, SMALL_BLOB_LIMIT)
         })
     }
 
     fn get_blob_to(&self, digest: &Digest, dest: &Path, progress: &mut dyn FnMut(u64)) -> Result<()> {
         let url = self.blob_url(digest);
-        self.client.retry.run("registry GET blob", || {
+        self.client.run("registry GET blob", || {
             let resp = self.send("GET", &url, &[], Payload::None, &mut |_| {})?;
             if resp.status() != StatusCode::OK {
                 return Err(status_error("GET", &url, &format!("blob {digest}"), resp));
             }
-            body_to_file("GET", &url, resp, dest, progress).map(|_| ())
+            body_to_file(&self.client, "GET", &url, resp, dest, progress).map(|_| ())
         })
     }
 
     fn put_manifest(&self, tag: &str, bytes: &[u8]) -> Result<()> {
         let url = self.url(&format!("manifests/{tag}"));
-        self.client.retry.run("registry PUT manifest", || {
+        self.client.run("registry PUT manifest", || {
             let resp = self.send(
                 "PUT",
                 &url,
@@ -432,14 +435,18 @@ impl Remote for Registry {
     fn get_manifest(&self, tag: &str, digest: Option<&Digest>) -> Result<Vec<u8>> {
         let what = digest.map_or_else(|| tag.to_string(), Digest::to_string);
         let url = self.url(&format!("manifests/{what}"));
-        self.client.retry.run("registry GET manifest", || {
+        self.client.run("registry GET manifest", || {
             let resp =
                 self.send("GET", &url, &[("accept", MANIFEST_MEDIA_TYPE)], Payload::None, &mut |_| {})?;
             if resp.status() != StatusCode::OK {
                 return Err(status_error("GET", &url, &format!("manifest {what}"), resp));
             }
-            read_body("GET", &url, resp, MANIFEST_LIMIT)
+            read_body(&self.client, "GET", &url, resp, MANIFEST_LIMIT)
         })
+    }
+
+    fn cancel(&self) {
+        self.client.cancel()
     }
 }
 

@@ -49,6 +49,10 @@ pub trait Remote: Send + Sync {
     fn put_manifest(&self, tag: &str, bytes: &[u8]) -> Result<()>;
     /// The manifest bytes for `tag`, or for `digest` when given.
     fn get_manifest(&self, tag: &str, digest: Option<&Digest>) -> Result<Vec<u8>>;
+    /// Ends this backend's work for good, for the end of a process: operations in flight stop
+    /// at once (their waits and blocked reads are interrupted) and fail with
+    /// `RemoteError::Cancelled`, as do later ones. Backends without network do nothing.
+    fn cancel(&self) {}
 }
 
 /// Opens the backend a reference names.

@@ -4,10 +4,12 @@
 //!
 //! This module owns the S3 side only: where the server is and who we are (`S3Config`, from the
 //! environment by default), signing (AWS SigV4 presigned URLs made by `rusty-s3`, with an
-//! unsigned payload so bodies stream), and the HTTP exchanges over `ureq`: HEAD, whole GET,
-//! ranged GET, streamed GET to a file, PUT from memory and streamed PUT from a file. Every
-//! exchange is re-signed and retried under a [`RetryPolicy`]. Keys and tags belong to `layout`;
-//! digests are checked by `transfer` and the engine, not here.
+//! unsigned payload so bodies stream), and the S3 exchanges: HEAD, whole GET, ranged GET,
+//! streamed GET to a file, PUT from memory and streamed PUT from a file. They go through the
+//! same [`HttpClient`] as the other HTTP backends, so the same timeouts, pace of bodies, retry
+//! policy and cancel apply (tuned by the `MCOW_HTTP_*` and `MCOW_RETRY_*` variables, see
+//! `http_client`); every attempt is signed afresh. Keys and tags belong to `layout`; digests are
+//! checked by `transfer` and the engine, not here.
 //!
 //! Configuration (see [`S3Config::from_env`]):
 //! - `MCOW_S3_ENDPOINT`: base URL of an S3-compatible server (`http://127.0.0.1:5004`),
@@ -21,18 +23,19 @@
 //! with a clear error (multipart upload is a later step).
 
 use std::fs::File;
-use std::io::{Read, Write};
 use std::path::Path;
 use std::time::Duration;
 
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 use ureq::http::Response;
-use ureq::{Agent, Body, SendBody};
+use ureq::{Body, SendBody};
 
 use crate::error::{RemoteError, Result};
-use crate::http_client::{Sink, stream_range, stream_range_body};
+use crate::http_client::{
+    HttpClient, HttpConfig, ProgressReader, Sink, body_to_file, error_body, read_body, retry_after,
+    stream_range, stream_range_body,
+};
 use crate::layout::ObjectStore;
-use crate::retry::RetryPolicy;
 
 /// The largest object a single PUT may create.
 pub const MAX_SINGLE_PUT: u64 = 5 << 30;
@@ -54,7 +57,8 @@ pub struct S3Config {
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<String>,
     pub session_token: Option<String>,
-    pub retry: RetryPolicy,
+    /// Timeouts, pace and retries, as for every HTTP backend.
+    pub http: HttpConfig,
 }
 
 impl std::fmt::Debug for S3Config {
@@ -71,7 +75,8 @@ impl std::fmt::Debug for S3Config {
 
 impl S3Config {
     /// The configuration the environment gives (`MCOW_S3_ENDPOINT`, `AWS_REGION` /
-    /// `AWS_DEFAULT_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`).
+    /// `AWS_DEFAULT_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
+    /// and the `MCOW_HTTP_*`/`MCOW_RETRY_*` tuning of `HttpConfig::from_env`).
     pub fn from_env() -> S3Config {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         S3Config {
@@ -82,7 +87,7 @@ impl S3Config {
             access_key_id: var("AWS_ACCESS_KEY_ID"),
             secret_access_key: var("AWS_SECRET_ACCESS_KEY"),
             session_token: var("AWS_SESSION_TOKEN"),
-            retry: RetryPolicy::default(),
+            http: HttpConfig::from_env(),
         }
     }
 }
@@ -92,8 +97,7 @@ pub struct S3Store {
     bucket: Bucket,
     credentials: Option<Credentials>,
     prefix: String,
-    agent: Agent,
-    retry: RetryPolicy,
+    client: HttpClient,
 }
 
 /// A request's method, for signing and messages.
@@ -142,18 +146,11 @@ impl S3Store {
                 ));
             }
         };
-        let agent: Agent = Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_connect(Some(Duration::from_secs(10)))
-            .timeout_recv_response(Some(Duration::from_secs(120)))
-            .build()
-            .into();
         Ok(S3Store {
             bucket,
             credentials,
             prefix: prefix.trim_matches('/').to_string(),
-            agent,
-            retry: config.retry,
+            client: HttpClient::new(&config.http),
         })
     }
 
@@ -164,17 +161,17 @@ impl S3Store {
             RemoteError::Invalid(format!("{}: creating a bucket needs credentials", self.describe()))
         })?;
         let display = self.bucket.base_url().to_string();
-        self.retry.run("create bucket", || {
+        self.client.run("create bucket", || {
             let url = self.bucket.create_bucket(creds).sign(SIGNATURE_LIFETIME);
             let mut resp =
-                self.agent.put(url.as_str()).send_empty().map_err(transport(Verb::Put, &display))?;
+                self.client.agent.put(url.as_str()).send_empty().map_err(transport(Verb::Put, &display))?;
             match resp.status().as_u16() {
                 200 => Ok(()),
                 // It exists: fine if it is ours (servers differ on the code, so ask).
                 409 => {
                     let e = self.status_error(Verb::Put, &display, &mut resp);
                     let head = self.bucket.head_bucket(Some(creds)).sign(SIGNATURE_LIFETIME);
-                    match self.agent.head(head.as_str()).call() {
+                    match self.client.agent.head(head.as_str()).call() {
                         Ok(r) if r.status().as_u16() == 200 => Ok(()),
                         _ => Err(e),
                     }
@@ -203,7 +200,7 @@ impl S3Store {
     /// Sends one signed GET of `key` (signed afresh, so a retry never reuses an old
     /// signature), with a `Range` header when given.
     fn send_get(&self, key: &str, display: &str, range: Option<&str>) -> Result<Response<Body>> {
-        let mut req = self.agent.get(&self.signed(Verb::Get, key));
+        let mut req = self.client.agent.get(&self.signed(Verb::Get, key));
         if let Some(r) = range {
             req = req.header("Range", r);
         }
@@ -221,8 +218,8 @@ impl S3Store {
     /// The error for an unexpected status, with S3's error code and message when it sent one.
     fn status_error(&self, verb: Verb, url: &str, resp: &mut Response<Body>) -> RemoteError {
         let status = resp.status().as_u16();
-        let text = resp.body_mut().with_config().limit(64 << 10).read_to_string().unwrap_or_default();
-        let mut body = summarize_s3_error(&text);
+        let retry_after = retry_after(resp);
+        let mut body = summarize_s3_error(&error_body(resp, 64 << 10));
         if status == 403 {
             let hint = if self.credentials.is_some() {
                 "access denied: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
@@ -231,7 +228,7 @@ impl S3Store {
             };
             body = if body.is_empty() { hint.to_string() } else { format!("{body} ({hint})") };
         }
-        RemoteError::Http { method: verb.name(), url: url.to_string(), status, body }
+        RemoteError::Http { method: verb.name(), url: url.to_string(), status, body, retry_after }
     }
 }
 
@@ -255,32 +252,6 @@ fn transport(verb: Verb, url: &str) -> impl FnOnce(ureq::Error) -> RemoteError {
     move |e| RemoteError::Transport { method: verb.name(), url, reason: e.to_string() }
 }
 
-fn short_body(verb: Verb, url: &str, got: u64, expected: u64) -> RemoteError {
-    RemoteError::Transport {
-        method: verb.name(),
-        url: url.to_string(),
-        reason: format!("short body: {got} of {expected} bytes"),
-    }
-}
-
-/// Counts bytes as they are read, for upload progress.
-struct ProgressReader<'a, R> {
-    inner: R,
-    done: u64,
-    progress: &'a mut dyn FnMut(u64),
-}
-
-impl<R: Read> Read for ProgressReader<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if n > 0 {
-            self.done += n as u64;
-            (self.progress)(self.done);
-        }
-        Ok(n)
-    }
-}
-
 impl ObjectStore for S3Store {
     fn describe(&self) -> String {
         if self.prefix.is_empty() {
@@ -293,8 +264,9 @@ impl ObjectStore for S3Store {
     fn exists(&self, key: &str) -> Result<bool> {
         let key = self.key(key);
         let display = self.display_url(&key);
-        self.retry.run(&format!("HEAD {display}"), || {
+        self.client.run(&format!("HEAD {display}"), || {
             let mut resp = self
+                .client
                 .agent
                 .head(&self.signed(Verb::Head, &key))
                 .call()
@@ -310,7 +282,7 @@ impl ObjectStore for S3Store {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let key = self.key(key);
         let display = self.display_url(&key);
-        self.retry.run(&format!("GET {display}"), || {
+        self.client.run(&format!("GET {display}"), || {
             let mut resp = self.send_get(&key, &display, None)?;
             match resp.status().as_u16() {
                 200 => {}
@@ -327,19 +299,7 @@ impl ObjectStore for S3Store {
                 }
                 _ => return Err(self.status_error(Verb::Get, &display, &mut resp)),
             }
-            let expected = resp.body().content_length();
-            let bytes = resp
-                .body_mut()
-                .with_config()
-                .limit(MAX_SMALL_OBJECT)
-                .read_to_vec()
-                .map_err(transport(Verb::Get, &display))?;
-            if let Some(n) = expected
-                && n != bytes.len() as u64
-            {
-                return Err(short_body(Verb::Get, &display, bytes.len() as u64, n));
-            }
-            Ok(Some(bytes))
+            read_body(&self.client, "GET", &display, resp, MAX_SMALL_OBJECT).map(Some)
         })
     }
 
@@ -347,11 +307,11 @@ impl ObjectStore for S3Store {
         let key = self.key(key);
         let display = self.display_url(&key);
         let what = format!("GET {display} bytes={offset}-{}", (offset + len).saturating_sub(1));
-        stream_range(&self.retry, &what, offset, len, sink, |offset, len, sink| {
+        stream_range(&self.client, &what, offset, len, sink, |offset, len, sink| {
             let range = format!("bytes={}-{}", offset, offset + len - 1);
             let mut resp = self.send_get(&key, &display, Some(&range))?;
             match resp.status().as_u16() {
-                206 => stream_range_body("GET", &display, resp, offset, len, sink),
+                206 => stream_range_body(&self.client, "GET", &display, resp, offset, len, sink),
                 200 => Err(RemoteError::Invalid(format!(
                     "GET {display}: the server ignored the Range header ({range}) and sent the whole object"
                 ))),
@@ -364,45 +324,24 @@ impl ObjectStore for S3Store {
     fn get_to(&self, key: &str, dest: &Path, progress: &mut dyn FnMut(u64)) -> Result<()> {
         let key = self.key(key);
         let display = self.display_url(&key);
-        self.retry.run(&format!("GET {display}"), || {
+        self.client.run(&format!("GET {display}"), || {
             let mut resp = self.send_get(&key, &display, None)?;
             match resp.status().as_u16() {
                 200 => {}
                 404 => return Err(self.not_found(&key)),
                 _ => return Err(self.status_error(Verb::Get, &display, &mut resp)),
             }
-            let expected = resp.body().content_length();
-            let mut out = File::create(dest).map_err(RemoteError::io("create", dest))?;
-            let mut reader = resp.body_mut().as_reader();
-            let mut buf = vec![0u8; 1 << 20];
-            let mut done = 0u64;
-            loop {
-                let n = reader.read(&mut buf).map_err(|e| RemoteError::Transport {
-                    method: "GET",
-                    url: display.clone(),
-                    reason: e.to_string(),
-                })?;
-                if n == 0 {
-                    break;
-                }
-                out.write_all(&buf[..n]).map_err(RemoteError::io("write", dest))?;
-                done += n as u64;
-                progress(done);
-            }
-            if let Some(n) = expected
-                && n != done
-            {
-                return Err(short_body(Verb::Get, &display, done, n));
-            }
-            out.sync_all().map_err(RemoteError::io("sync", dest))
+            body_to_file(&self.client, "GET", &display, resp, dest, progress)?;
+            File::open(dest).and_then(|f| f.sync_all()).map_err(RemoteError::io("sync", dest))
         })
     }
 
     fn put_bytes(&self, key: &str, bytes: &[u8]) -> Result<()> {
         let key = self.key(key);
         let display = self.display_url(&key);
-        self.retry.run(&format!("PUT {display}"), || {
+        self.client.run(&format!("PUT {display}"), || {
             let mut resp = self
+                .client
                 .agent
                 .put(&self.signed(Verb::Put, &key))
                 .header("Content-Type", "application/octet-stream")
@@ -426,10 +365,11 @@ impl ObjectStore for S3Store {
         }
         let key = self.key(key);
         let display = self.display_url(&key);
-        self.retry.run(&format!("PUT {display}"), || {
+        self.client.run(&format!("PUT {display}"), || {
             let file = File::open(path).map_err(RemoteError::io("open", path))?;
             let mut reader = ProgressReader { inner: file, done: 0, progress: &mut *progress };
             let mut resp = self
+                .client
                 .agent
                 .put(&self.signed(Verb::Put, &key))
                 .header("Content-Type", "application/octet-stream")
@@ -441,6 +381,10 @@ impl ObjectStore for S3Store {
                 _ => Err(self.status_error(Verb::Put, &display, &mut resp)),
             }
         })
+    }
+
+    fn cancel(&self) {
+        self.client.cancel()
     }
 }
 
@@ -455,7 +399,7 @@ mod tests {
             access_key_id: Some("AKID".into()),
             secret_access_key: Some("SECRET".into()),
             session_token: None,
-            retry: RetryPolicy::default(),
+            http: HttpConfig::default(),
         }
     }
 

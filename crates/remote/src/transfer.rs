@@ -397,6 +397,12 @@ impl RemoteSource {
     pub fn stats(&self) -> (u64, u64) {
         (self.fetched.load(Ordering::Relaxed), self.requests.load(Ordering::Relaxed))
     }
+
+    /// Cancels the remote (see `Remote::cancel`): fetches in flight fail at once, with an
+    /// I/O error, and so do later ones. For the end of a process.
+    pub fn cancel(&self) {
+        self.remote.cancel();
+    }
 }
 
 impl BlockSource for RemoteSource {
@@ -452,6 +458,7 @@ fn shared_source(reference: &str) -> Result<Arc<RemoteSource>> {
 /// What a disk opened with [`open_lazy_disk`] has fetched since it was opened. (Disks from
 /// the same origin share one source, so that each block is fetched once; this counts from the
 /// moment this disk was opened.)
+#[derive(Clone)]
 pub struct FetchStats {
     source: Arc<RemoteSource>,
     start: (u64, u64),
@@ -462,6 +469,12 @@ impl FetchStats {
     pub fn stats(&self) -> (u64, u64) {
         let (b, r) = self.source.stats();
         (b - self.start.0, r - self.start.1)
+    }
+
+    /// Cancels the fetches of the disk's source (shared with the other disks of its origin in
+    /// this process; see [`RemoteSource::cancel`]).
+    pub fn cancel(&self) {
+        self.source.cancel();
     }
 }
 

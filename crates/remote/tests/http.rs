@@ -119,8 +119,9 @@ fn fake_server(
 
 fn quick() -> mcow_remote::http_client::HttpConfig {
     let mut c = mcow_remote::http_client::HttpConfig::default();
-    c.retry.attempts = 3;
+    c.retry.deadline = std::time::Duration::from_millis(300);
     c.retry.first_delay = std::time::Duration::from_millis(10);
+    c.retry.max_delay = std::time::Duration::from_millis(50);
     c
 }
 
@@ -158,7 +159,7 @@ fn ranges_from_servers_that_ignore_them_fail_or_stop_short() {
     assert_eq!(n, 1);
 
     // A 206 whose body stops short (half of what it announces, every time) is transient: each
-    // retry asks only for the bytes still missing, then the error comes after the attempts.
+    // retry asks only for the bytes still missing, then the error comes once the budget is spent.
     let d = data.clone();
     let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let log = asked.clone();
@@ -177,10 +178,17 @@ fn ranges_from_servers_that_ignore_them_fail_or_stop_short() {
         out
     });
     let s = HttpStore::with_config(&base, quick());
+    let start = std::time::Instant::now();
     let e = s.get_range("obj", 1000, 100).unwrap_err();
     assert!(e.is_transient(), "{e}");
-    assert_eq!(count.load(Ordering::SeqCst), 3);
-    assert_eq!(*asked.lock().unwrap(), vec![1000, 1050, 1075], "retries resume after what arrived");
+    assert!(start.elapsed() >= std::time::Duration::from_millis(300), "gave up early: {:?}", start.elapsed());
+    let asked = asked.lock().unwrap().clone();
+    assert!(
+        asked.len() >= 3 && asked[..3] == [1000, 1050, 1075],
+        "retries resume after what arrived: {asked:?}"
+    );
+    assert!(asked.windows(2).all(|w| w[0] <= w[1]), "{asked:?}");
+    assert_eq!(count.load(Ordering::SeqCst), asked.len());
 
     // A 503, then the right answer: retried transparently.
     let d = data.clone();
@@ -204,4 +212,147 @@ fn ranges_from_servers_that_ignore_them_fail_or_stop_short() {
     let s = HttpStore::with_config(&base, quick());
     assert!(s.get_range("obj", 10, 10).is_err());
     assert_eq!(count.load(Ordering::SeqCst), 1);
+}
+
+/// A lazy disk pulled through `origin` (a misbehaving proxy in front of nginx serving a layout
+/// pushed to `file://`), opened with `config` and fetching exactly the blocks read. Returns the
+/// disk, its bytes, and the nginx that must outlive it.
+fn lazy_disk_behind(
+    t: &std::path::Path,
+    config: mcow_remote::http_client::HttpConfig,
+) -> (Disk, Vec<u8>, common::origin::Origin, Nginx) {
+    use mcow_remote::http::HttpStore;
+    use mcow_remote::layout::Layout;
+    let (disk, bytes) = build_disk(&t.join("a"));
+    let www = t.join("www");
+    let file_ref = Reference::parse(&format!("file://{}:v1", www.join("images").display())).unwrap();
+    transfer::push(&disk, &file_ref, &mut |_, _| {}).unwrap();
+    let ngx = Nginx::start(&t.join("ngx"), &www);
+    let origin = common::origin::Origin::start(ngx.port);
+    let base = format!("{}/images", origin.url());
+    let r = Reference::parse(&format!("{base}:v1")).unwrap();
+    transfer::pull(&r, &t.join("c/disk"), &t.join("c/layers"), true, &mut |_, _| {}).unwrap();
+    let source = std::sync::Arc::new(transfer::RemoteSource::new(std::sync::Arc::new(Layout::new(
+        HttpStore::with_config(&base, config),
+    ))));
+    let d = Disk::open_with_source(&t.join("c/disk"), ro(), source, EXACT).unwrap();
+    (d, bytes, origin, ngx)
+}
+
+#[test]
+fn a_trickling_origin_fails_reads_within_the_deadline_and_they_succeed_once_it_recovers() {
+    // Tried: an origin that answers the range request with 206 and then sends one byte per
+    // 100 ms, under a pace of 1 MiB/s after 300 ms and a retry budget of 1 s (so a 64 KiB block
+    // may take 1 s + 64 KiB at 1 MiB/s = 1.06 s of retries, each attempt abandoned ~0.3 s in).
+    // Two readers ask for the same block, the second while the first one's fetch is in flight.
+    // Must hold: both fail with an I/O error within the deadline (the second is woken with the
+    // fetch's error, not left waiting or starting a fetch of its own), having been retried for
+    // the whole budget; once the origin is normal again the same block reads correctly.
+    use std::time::{Duration, Instant};
+    let t = tempfile::tempdir().unwrap();
+    let mut config = quick();
+    config.pace = mcow_remote::retry::Pace { grace: Duration::from_millis(300), min_rate: 1 << 20 };
+    config.retry.deadline = Duration::from_secs(1);
+    config.retry.max_delay = Duration::from_millis(200);
+    let (d, bytes, origin, _ngx) = lazy_disk_behind(t.path(), config);
+    let vb = data_blocks_of(&d, 1)[0].0;
+    origin.set(common::origin::Mode::Trickle);
+    let start = Instant::now();
+    let (first, second) = std::thread::scope(|s| {
+        let a = s.spawn(|| {
+            let mut buf = vec![0u8; BS as usize];
+            (d.read(vb * BS, &mut buf), start.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let b = s.spawn(|| {
+            let mut buf = vec![0u8; 4096];
+            (d.read(vb * BS + 4096, &mut buf), start.elapsed())
+        });
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let trickled = origin.misbehaved.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!(
+        "trickle: first read failed after {:?}, second after {:?}, {trickled} requests",
+        first.1, second.1
+    );
+    for (r, took) in [&first, &second] {
+        let e = r.as_ref().unwrap_err();
+        assert!(matches!(e, mcow_engine::Error::Io { .. }), "expected an I/O error, got {e:?}");
+        assert!(*took < Duration::from_millis(2500), "the read took {took:?}, past the deadline");
+    }
+    assert!(first.1 >= Duration::from_secs(1), "gave up before the retry budget: {:?}", first.1);
+    assert!(second.1 < first.1 + Duration::from_millis(300), "the waiter was not woken with the error");
+    assert!(trickled >= 2, "the slow transfer was not abandoned and retried ({trickled} requests)");
+    assert_eq!(
+        origin.requests.load(std::sync::atomic::Ordering::SeqCst),
+        trickled + origin_requests_before_trickle(),
+        "the waiting reader started a fetch of its own"
+    );
+
+    origin.set(common::origin::Mode::Normal);
+    let mut buf = vec![0u8; BS as usize];
+    d.read(vb * BS, &mut buf).unwrap();
+    assert!(buf == bytes[(vb * BS) as usize..][..BS as usize]);
+}
+
+/// Requests the lazy pull made before the tests switch the origin's mode: `index.json`, the
+/// manifest, the config and one multi-range request per layer (3 layers).
+fn origin_requests_before_trickle() -> usize {
+    6
+}
+
+#[test]
+fn a_connection_cut_mid_body_is_retried_for_the_whole_budget() {
+    // Tried: an origin that cuts every answer halfway through its body, under a retry budget
+    // of 4 s with the default backoff (100 ms doubling to 2 s). The old policy gave up after 6
+    // attempts, 3.1 s. Must hold: the read fails with an I/O error only once the budget (4 s
+    // plus 64 KiB at the minimum rate) is spent, after more than 6 requests (each resuming
+    // after what arrived), and reads correctly once the origin is normal.
+    use std::time::{Duration, Instant};
+    let t = tempfile::tempdir().unwrap();
+    let mut config = mcow_remote::http_client::HttpConfig::default();
+    config.retry.deadline = Duration::from_secs(4);
+    let (d, bytes, origin, _ngx) = lazy_disk_behind(t.path(), config);
+    let vb = data_blocks_of(&d, 2)[0].0;
+    origin.set(common::origin::Mode::Cut);
+    let start = Instant::now();
+    let mut buf = vec![0u8; BS as usize];
+    let e = d.read(vb * BS, &mut buf).unwrap_err();
+    let took = start.elapsed();
+    let cut = origin.misbehaved.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!("cut: the read failed after {took:?} and {cut} requests");
+    assert!(matches!(e, mcow_engine::Error::Io { .. }), "expected an I/O error, got {e:?}");
+    assert!(took >= Duration::from_secs(4), "gave up after {took:?}, before the 4 s budget");
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+    assert!(cut > 6, "only {cut} requests");
+    origin.set(common::origin::Mode::Normal);
+    d.read(vb * BS, &mut buf).unwrap();
+    assert!(buf == bytes[(vb * BS) as usize..][..BS as usize]);
+}
+
+#[test]
+fn a_retry_after_is_waited_for_within_the_budget() {
+    // Tried: a server that answers 503 with `Retry-After: 1`, then the right bytes, under a
+    // 3 s budget whose own backoff starts at 10 ms. Must hold: the second request comes only
+    // after the second the server asked for, and the read then succeeds.
+    use std::time::{Duration, Instant};
+    let data = pattern(4, 100);
+    let d = data.clone();
+    let (base, count) = fake_server(move |n, _| {
+        if n == 0 {
+            return b"HTTP/1.1 503 Busy\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                .to_vec();
+        }
+        let mut a = b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 10-19/100\r\nContent-Length: 10\r\nConnection: close\r\n\r\n".to_vec();
+        a.extend_from_slice(&d[10..20]);
+        a
+    });
+    let mut config = quick();
+    config.retry.deadline = Duration::from_secs(3);
+    let s = mcow_remote::http::HttpStore::with_config(&base, config);
+    let start = Instant::now();
+    assert_eq!(s.get_range("obj", 10, 10).unwrap(), data[10..20]);
+    let took = start.elapsed();
+    assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(2), "{took:?}");
+    assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 2);
 }

@@ -253,11 +253,11 @@ fn outage_fails_reads_after_bounded_retries_then_recovers() {
     let config = HttpConfig {
         connect_timeout: Duration::from_secs(1),
         request_timeout: Duration::from_secs(2),
+        pace: HttpConfig::default().pace,
         retry: RetryPolicy {
-            attempts: 3,
             first_delay: Duration::from_millis(50),
             max_delay: Duration::from_millis(200),
-            deadline: Duration::from_secs(2),
+            deadline: Duration::from_millis(300),
         },
     };
     let remote = Arc::new(Registry::with_config(&reg.base_url(), "mcow/f", config, None));

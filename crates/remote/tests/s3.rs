@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use mcow_engine::{CreateOptions, Disk, FetchPolicy, OpenOptions, ops};
 use mcow_format::Digest;
+use mcow_remote::http_client::HttpConfig;
 use mcow_remote::layout::ObjectStore;
 use mcow_remote::retry::RetryPolicy;
 use mcow_remote::s3::{S3Config, S3Store};
@@ -72,7 +73,10 @@ impl S3Server {
             access_key_id: Some(KEY.into()),
             secret_access_key: Some(secret.into()),
             session_token: None,
-            retry: RetryPolicy { first_delay: Duration::from_millis(10), ..RetryPolicy::default() },
+            http: HttpConfig {
+                retry: RetryPolicy { first_delay: Duration::from_millis(10), ..RetryPolicy::default() },
+                ..HttpConfig::default()
+            },
         }
     }
 }
@@ -93,6 +97,42 @@ impl Drop for S3Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Tried: S3 reads through a proxy in front of the real s3s-fs that, once switched, stops
+/// sending each body after its first 1000 bytes and holds the connection open. The store is
+/// configured as the `MCOW_HTTP_*` variables would: a 500 ms per-read stall timeout and a 500 ms
+/// retry budget (plus the size at 1 MiB/s). Must hold: through the proxy a read works while it
+/// behaves; then a ranged read and a download of the whole object each fail with a transient
+/// error once the budget is spent (never hang), and work again once the proxy behaves.
+fn stalled_bodies_fail_within_the_configured_timeouts(server: &S3Server, payload: &[u8], tmp: &Path) {
+    #[path = "common/origin.rs"]
+    mod origin;
+    let port: u16 = server.endpoint.rsplit(':').next().unwrap().parse().unwrap();
+    let proxy = origin::Origin::start(port);
+    let mut config = server.config(SECRET);
+    config.endpoint = Some(proxy.url());
+    config.http.request_timeout = Duration::from_millis(500);
+    config.http.pace.min_rate = 1 << 20;
+    config.http.retry.deadline = Duration::from_millis(500);
+    let store = S3Store::new(config, BUCKET, "direct").unwrap();
+    assert_eq!(store.get_range("obj", 1000, 200_000).unwrap(), &payload[1000..201_000]);
+    proxy.set(origin::Mode::Stall);
+    let start = Instant::now();
+    let e = store.get_range("obj", 1000, 200_000).unwrap_err();
+    let ranged = start.elapsed();
+    assert!(e.is_transient(), "{e}");
+    let start = Instant::now();
+    let e = store.get_to("obj", &tmp.join("stalled.bin"), &mut |_| {}).unwrap_err();
+    let whole = start.elapsed();
+    eprintln!("s3 stall: the ranged read failed after {ranged:?}, the download after {whole:?}: {e}");
+    assert!(e.is_transient(), "{e}");
+    for took in [ranged, whole] {
+        assert!(took >= Duration::from_millis(500), "gave up before the budget: {took:?}");
+        assert!(took < Duration::from_millis(2500), "past the timeouts: {took:?}");
+    }
+    proxy.set(origin::Mode::Normal);
+    assert_eq!(store.get_range("obj", 1000, 200_000).unwrap(), &payload[1000..201_000]);
 }
 
 fn set_env(name: &str, value: &str) {
@@ -181,6 +221,8 @@ fn s3_push_pull_lazy_pull_and_errors_against_a_real_server() {
     let msg = e.to_string();
     assert!(msg.contains("HTTP 403") && msg.contains("AWS_SECRET_ACCESS_KEY"), "{msg}");
     assert!(!msg.contains("X-Amz-Signature"), "no signed URL in messages: {msg}");
+
+    stalled_bodies_fail_within_the_configured_timeouts(&server, &payload, tmp.path());
 
     // From here on through `open_remote`, configured by the environment.
     set_env("MCOW_S3_ENDPOINT", &server.endpoint);

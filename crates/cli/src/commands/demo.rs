@@ -240,14 +240,20 @@ pub fn run(a: DemoArgs, _g: Global) -> Result<ExitCode> {
         let disk = mcow_engine::Disk::open(&demo.disk, mcow_engine::OpenOptions::default())
             .with_context(|| format!("opening disk {}", demo.disk.display()))?;
         let export = std::sync::Arc::new(crate::serve::DiskExport::new(std::sync::Arc::new(disk)));
-        crate::serve::serve_disks(vec![("vm".into(), export)], Some(a.tcp.clone()), None, |addrs| {
-            for url in addrs {
-                println!("\nServing the disk over NBD at {url}/vm until Ctrl-C. Try:");
-                println!("  qemu-img info {url}/vm");
-                println!("  qemu-io -f raw -c 'read -v 0 512' {url}/vm");
-                println!("  nbdinfo --map=mcow:allocation-depth {url}/vm");
-            }
-        })?;
+        crate::serve::serve_disks(
+            vec![("vm".into(), export)],
+            Some(a.tcp.clone()),
+            None,
+            |addrs| {
+                for url in addrs {
+                    println!("\nServing the disk over NBD at {url}/vm until Ctrl-C. Try:");
+                    println!("  qemu-img info {url}/vm");
+                    println!("  qemu-io -f raw -c 'read -v 0 512' {url}/vm");
+                    println!("  nbdinfo --map=mcow:allocation-depth {url}/vm");
+                }
+            },
+            || {},
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }

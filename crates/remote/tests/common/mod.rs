@@ -3,6 +3,8 @@
 //! 3-layer test disks built with the engine.
 #![allow(dead_code)]
 
+pub mod origin;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
