@@ -130,7 +130,9 @@ fn segments_tile_a_range_and_name_what_holds_each_piece() {
             _ => ('h', None),
         }
     };
-    for (off, len) in [(0u64, 64 * bs), (100, 11 * bs + 7), (5 * bs + 1, 1), (63 * bs, bs), (7 * bs - 3, 20 * bs)] {
+    for (off, len) in
+        [(0u64, 64 * bs), (100, 11 * bs + 7), (5 * bs + 1, 1), (63 * bs, bs), (7 * bs - 3, 20 * bs)]
+    {
         let mut pos = off;
         for s in d.segments(off, len).unwrap() {
             assert_eq!(s.offset, pos, "segments of {off}+{len} are contiguous");
