@@ -272,6 +272,9 @@ pub struct ServeArgs {
     #[arg(short = 'r', long)]
     pub read_only: bool,
     /// With --read-only, open disks even while another process writes them (like qemu-nbd -U).
+    /// Each block then reads as a value it has held: at least what the writer's last completed
+    /// flush made of it, maybe a newer write, never another block's data (each read applies
+    /// what the writer has flushed since, and is redone if the writer's journal moved under it).
     #[arg(short = 'U', long)]
     pub force_share: bool,
     /// Where images given as REF are pulled lazily: CACHE/disks and CACHE/layers.

@@ -615,3 +615,47 @@ fn garbage_clients_do_not_hurt_the_server() {
     srv.stop();
     mcow_ok(dir, &["check", "d"]);
 }
+
+/// (10) The issue's case over NBD: a `mcow serve -r -U` reader beside a `mcow serve` writer of
+/// the same disk. Tried: `mcow write` puts 0x5a at 8M and flushes; both servers start; the
+/// reader's qemu-io sees 0x5a at 8M; the writer's qemu-io discards 8M, flushes, writes 0xc3 at
+/// 12M (into the physical block 8M had: the top's data file keeps one block) and flushes.
+/// Must hold: the reader never shows 0xc3 at 8M; as both flushes completed before its reads,
+/// it shows zeros at 8M and 0xc3 at 12M, through qemu-io and through a whole-disk nbdcopy.
+#[test]
+fn force_share_reader_beside_a_writer_never_shows_another_offsets_data() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let (at8, at12) = (8 * MIB, 12 * MIB);
+    mcow_ok(dir, &["create", "d", "-s", "16M"]);
+    mcow_ok(dir, &["write", "d", &at8.to_string(), "--pattern", "0x5a", &K64.to_string()]);
+    let writer = Serve::start(dir, &["d"]);
+    let reader = Serve::start(dir, &["-r", "-U", "d"]);
+    let r = reader.unix_uri("d");
+    qemu_io_ok(&r, &[format!("read -P 0x5a {at8} {K64}")], true);
+
+    qemu_io_ok(
+        &writer.unix_uri("d"),
+        &[
+            format!("discard {at8} {K64}"),
+            "flush".into(),
+            format!("write -P 0xc3 {at12} {K64}"),
+            "flush".into(),
+        ],
+        false,
+    );
+    let data_len = std::fs::metadata(dir.join("d/top-1.mcow")).unwrap().len();
+    assert_eq!(data_len, 4096 + K64, "the write at 12M reused the block freed at 8M");
+
+    // A wrong answer is noticed: the reader's 8M is not 0xc3.
+    let bad = qemu_io(&r, &[format!("read -P 0xc3 {at8} {K64}")], true);
+    assert!(bad.stdout.contains("Pattern verification failed"), "{}{}", bad.stdout, bad.stderr);
+    qemu_io_ok(&r, &[format!("read -P 0 {at8} {K64}"), format!("read -P 0xc3 {at12} {K64}")], true);
+    tool_ok("nbdcopy", dir, &[&r, "copy.raw"]);
+    let mut want = vec![0u8; 16 * MIB as usize];
+    want[at12 as usize..(at12 + K64) as usize].fill(0xc3);
+    assert!(std::fs::read(dir.join("copy.raw")).unwrap() == want, "nbdcopy of the -U export differs");
+    reader.stop();
+    writer.stop();
+    assert!(export_bytes(dir, "d") == want, "the disk itself differs from what the writer wrote");
+}

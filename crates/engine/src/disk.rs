@@ -298,6 +298,8 @@ impl Disk {
     /// the range reaches past the end of the disk.
     pub fn segments(&self, offset: u64, len: u64) -> Result<Segments<'_>> {
         self.check_range(offset, len)?;
+        // A force-share open first applies what a writer beside it has flushed since.
+        self.top.refresh()?;
         Ok(Segments { disk: self, pos: offset, end: offset + len })
     }
 
@@ -578,6 +580,10 @@ pub(crate) fn open_top(path: &Path, opts: OpenOptions) -> Result<TopLayer> {
     }
     let journal = open(&jpath)?;
     let storage = |f: File| -> Box<dyn Storage> { Box::new(FileStorage(f)) };
+    if opts.read_only && opts.force_share {
+        // A writer may be running beside us: follow its journal (see `top`'s module doc).
+        return TopLayer::open_shared(storage(data), storage(journal), path);
+    }
     TopLayer::open(storage(data), storage(journal), path, opts.read_only)
 }
 

@@ -11,6 +11,33 @@
 //! discard is reused only after the batch that frees it is durable, so a crash can never leave
 //! an old mapping pointing at reused data.
 //!
+//! # Force-share readers
+//!
+//! A read-only force-share open ([`TopLayer::open_shared`], `-U`) may sit beside a writer in
+//! another process, which keeps reusing freed physical blocks. Its guarantee: every block it
+//! returns holds data that block has held (stale or newer, possibly a mix of two of its own
+//! writes if one was in progress), or zeros / what lies below where its map says so; never
+//! another block's data. It never shows less than the last flush completed before the read
+//! began. It does so by following the journal: before each read of the top's data it applies
+//! the whole batches appended since it last looked (the journal is append-only while a writer
+//! runs: a fstat, and nothing more if the length is unchanged), and after the read it checks
+//! that the journal has not changed (same length, same bytes after the last applied batch);
+//! if it has, it resolves and reads again. Why that suffices: the writer puts another block's
+//! data into physical block P only once P is free, and P becomes free only when a batch
+//! unmapping it is durable in the journal (freed by a zero or discard: after its batch is
+//! written and synced; free at the writer's open: the writer's map, replayed from the same
+//! whole batches, lacks it, so a batch after ours unmapped it). So if the data read saw any
+//! byte of such a reuse, that batch was already in the journal before the read ended, and the
+//! check after the read sees a journal that moved. If the check sees none, every batch that
+//! could free a block our map points to is one we applied before reading, and the map we read
+//! through was still right. A writer's open that cuts a torn tail only removes bytes after the
+//! last whole batch (the reader compares them, so a cut and a regrowth to the same length is
+//! seen); committed batches are never rewritten; a journal that shrank below what was applied
+//! is replayed from scratch anyway; a journal whose header changed is refused. This relies on one host's page cache ordering the
+//! writer's journal write before its data write for other processes (true of local
+//! filesystems, not promised by network ones). Other opens pay nothing: no writer can run
+//! beside them.
+//!
 //! Owns: allocation, copy-up of a partly written block, the journal and recovery. Does not own:
 //! what lies below the top (the caller passes a function that reads it), nor file opening.
 
@@ -58,6 +85,27 @@ struct Alloc {
     sequence: u64,
 }
 
+/// What a force-share reader has applied of a journal that a writer may be appending to.
+struct Follow {
+    /// The journal header as read at open; another header means another journal.
+    header: Vec<u8>,
+    /// End of the last batch applied to the map, and its sequence number.
+    pos: u64,
+    sequence: u64,
+    /// The bytes after `pos` when the journal was last read: a batch being appended, debris of
+    /// a crash, or damage. Empty in the common case.
+    tail: Vec<u8>,
+    /// Counts changes of `pos` and `tail`, so a read can tell that its map moved under it.
+    generation: u64,
+}
+
+/// The journal state a force-share read started from (see [`TopLayer::read_data`]).
+#[derive(Clone, Copy)]
+struct Seen {
+    generation: u64,
+    len: u64,
+}
+
 /// A writable top layer over two storages (data and journal).
 pub struct TopLayer {
     data: Box<dyn Storage>,
@@ -66,6 +114,8 @@ pub struct TopLayer {
     pub header: LayerHeader,
     bs: u64,
     read_only: bool,
+    /// Set for a force-share open only: the journal as this reader last saw it.
+    follow: Option<Mutex<Follow>>,
     map: RwLock<ExtentMap>,
     alloc: Mutex<Alloc>,
     debris: Debris,
@@ -119,6 +169,24 @@ impl TopLayer {
         path: &Path,
         read_only: bool,
     ) -> Result<TopLayer> {
+        Self::open_inner(data, journal, path, read_only, false)
+    }
+
+    /// Opens a top read-only beside a writer that may be running (a force-share open): like
+    /// [`TopLayer::open`] with `read_only`, and the top then follows the journal the writer
+    /// appends to, so that a read never returns another block's data (see "Force-share
+    /// readers" in the module doc).
+    pub fn open_shared(data: Box<dyn Storage>, journal: Box<dyn Storage>, path: &Path) -> Result<TopLayer> {
+        Self::open_inner(data, journal, path, true, true)
+    }
+
+    fn open_inner(
+        data: Box<dyn Storage>,
+        journal: Box<dyn Storage>,
+        path: &Path,
+        read_only: bool,
+        follow: bool,
+    ) -> Result<TopLayer> {
         let jpath = journal_path(path);
         let data_len = data.len().map_err(Error::io("stat", path))?;
         let mut hb = vec![0u8; HEADER_SIZE];
@@ -151,31 +219,8 @@ impl TopLayer {
         let vblocks = header.block_count();
         let data_blocks = (data_len - HEADER_SIZE as u64) / bs;
         let mut map = ExtentMap::new();
-        let (mut pos, mut sequence) = (JOURNAL_HEADER_SIZE, 0u64);
-        while let Some((batch, n)) = decode_batch(&jbuf[pos..]).map_err(Error::format(&jpath))? {
-            if batch.sequence != sequence + 1 {
-                break;
-            }
-            for e in &batch.entries {
-                // Physical blocks are checked against the data file only in the final map (below):
-                // a writable open truncates the data file after the highest block still mapped, so
-                // an older entry may rightly name a block that is gone.
-                let bad = e.vblock.checked_add(e.count).is_none_or(|end| end > vblocks)
-                    || (e.kind == ExtentKind::Data && e.pblock.checked_add(e.count).is_none());
-                if bad {
-                    return Err(Error::format(&jpath)(mcow_format::FormatError::Invalid {
-                        field: "journal entry",
-                        reason: format!(
-                            "batch {} maps blocks {}+{} outside the layer",
-                            batch.sequence, e.vblock, e.count
-                        ),
-                    }));
-                }
-                map.insert(e.vblock, e.end(), Loc { layer: TOP, kind: e.kind, pblock: e.pblock });
-            }
-            pos += n;
-            sequence = batch.sequence;
-        }
+        let (used, sequence) = replay(&mut map, &jbuf[JOURNAL_HEADER_SIZE..], 0, vblocks, &jpath)?;
+        let pos = JOURNAL_HEADER_SIZE + used;
 
         // A whole batch in what is left means a damaged batch in the middle, not a torn tail.
         let damage = find_whole_batch(&jbuf[pos..]).map(|(at, _)| JournalDamage {
@@ -239,6 +284,15 @@ impl TopLayer {
                 data.set_len(keep).map_err(Error::io("truncate", path))?;
             }
         }
+        let follow = follow.then(|| {
+            Mutex::new(Follow {
+                header: jbuf[..JOURNAL_HEADER_SIZE].to_vec(),
+                pos: pos as u64,
+                sequence,
+                tail: jbuf[pos..].to_vec(),
+                generation: 0,
+            })
+        });
         Ok(TopLayer {
             data,
             journal,
@@ -246,6 +300,7 @@ impl TopLayer {
             header,
             bs,
             read_only,
+            follow,
             map: RwLock::new(map),
             alloc: Mutex::new(Alloc {
                 next_pblock,
@@ -299,10 +354,25 @@ impl TopLayer {
     }
 
     /// Reads `buf` from `offset` bytes into the top's data run starting at virtual block
-    /// `vblock`. Returns false (reading nothing) if the top no longer stores that whole range as
-    /// one run; the caller resolves again. The map lock is held during the read so the blocks
-    /// cannot be freed and reused under it.
+    /// `vblock`. Returns false (reading nothing useful) if the top no longer stores that whole
+    /// range as one run; the caller resolves again. The map lock is held during the read so the
+    /// blocks cannot be freed and reused under it by this process's writes.
+    ///
+    /// A force-share reader first applies the batches the writer has appended since, and after
+    /// the read checks that the journal did not move meanwhile; if it did, the bytes read may
+    /// belong to a block the writer has since moved there, and it returns false to resolve
+    /// again (see "Force-share readers" in the module doc).
     pub fn read_data(&self, vblock: u64, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        let Some(follow) = &self.follow else { return self.read_run(vblock, offset, buf) };
+        let seen = self.catch_up(follow)?;
+        let read = self.read_run(vblock, offset, buf);
+        if !self.journal_unmoved(follow, seen)? {
+            return Ok(false);
+        }
+        read
+    }
+
+    fn read_run(&self, vblock: u64, offset: u64, buf: &mut [u8]) -> Result<bool> {
         let map = self.map_read();
         let Some(e) = map.get(vblock) else { return Ok(false) };
         if e.loc.kind != ExtentKind::Data || (e.end - e.start) * self.bs < offset + buf.len() as u64 {
@@ -311,6 +381,84 @@ impl TopLayer {
         let pos = HEADER_SIZE as u64 + e.loc.pblock * self.bs + offset;
         self.data.read_at(buf, pos).map_err(Error::io("read", &self.path))?;
         Ok(true)
+    }
+
+    /// For a force-share open, applies the batches a writer has appended to the journal since
+    /// this reader last looked, so that the map shows every flush completed before this call.
+    /// Nothing (and no system call) for other opens.
+    pub fn refresh(&self) -> Result<()> {
+        match &self.follow {
+            Some(follow) => self.catch_up(follow).map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    /// Brings the map up to the journal's current whole batches; returns the journal state the
+    /// map then reflects.
+    fn catch_up(&self, follow: &Mutex<Follow>) -> Result<Seen> {
+        let jpath = journal_path(&self.path);
+        let mut f = lock(follow);
+        loop {
+            let len = self.journal.len().map_err(Error::io("stat", &jpath))?;
+            let seen_end = f.pos + f.tail.len() as u64;
+            if len == seen_end && self.tail_unchanged(&f, &jpath)? {
+                return Ok(Seen { generation: f.generation, len });
+            }
+            let mut header = vec![0u8; JOURNAL_HEADER_SIZE];
+            let header_read = match self.journal.read_at(&mut header, 0) {
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => false,
+                r => r.map(|()| true).map_err(Error::io("read", &jpath))?,
+            };
+            if !header_read || header != f.header {
+                return Err(Error::Invalid(format!(
+                    "{}: the journal was replaced while a force-share reader had it open; open the disk again",
+                    jpath.display()
+                )));
+            }
+            if len < f.pos {
+                // Committed batches were cut away (no writer of ours does this): start over.
+                tracing::warn!(journal = %jpath.display(), "journal shrank under a force-share reader; replaying it");
+                *self.map_write() = ExtentMap::new();
+                (f.pos, f.sequence) = (JOURNAL_HEADER_SIZE as u64, 0);
+                f.tail.clear();
+                f.generation += 1;
+            }
+            let mut bytes = vec![0u8; (len.max(f.pos) - f.pos) as usize];
+            match self.journal.read_at(&mut bytes, f.pos) {
+                // It shrank since the length was read: look again.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => continue,
+                r => r.map_err(Error::io("read", &jpath))?,
+            }
+            let (used, sequence) =
+                replay(&mut self.map_write(), &bytes, f.sequence, self.header.block_count(), &jpath)?;
+            f.pos += used as u64;
+            f.sequence = sequence;
+            f.tail = bytes.split_off(used);
+            f.generation += 1;
+        }
+    }
+
+    /// Whether the journal's bytes after the last applied batch are still those last seen.
+    fn tail_unchanged(&self, f: &Follow, jpath: &Path) -> Result<bool> {
+        if f.tail.is_empty() {
+            return Ok(true);
+        }
+        let mut now = vec![0u8; f.tail.len()];
+        match self.journal.read_at(&mut now, f.pos) {
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+            r => r.map(|()| now == f.tail).map_err(Error::io("read", jpath)),
+        }
+    }
+
+    /// Whether the journal is as `seen` found it: no batch applied or appended since.
+    fn journal_unmoved(&self, follow: &Mutex<Follow>, seen: Seen) -> Result<bool> {
+        let jpath = journal_path(&self.path);
+        let f = lock(follow);
+        if f.generation != seen.generation {
+            return Ok(false);
+        }
+        let len = self.journal.len().map_err(Error::io("stat", &jpath))?;
+        Ok(len == seen.len && self.tail_unchanged(&f, &jpath)?)
     }
 
     /// Writes `data` at `offset` within virtual block `vblock` (not past its end). A block the
@@ -426,6 +574,48 @@ impl JournalDamage {
             next_whole: self.next_whole,
         }
     }
+}
+
+/// Applies to `map` the whole batches at the start of `bytes` that continue `sequence`, checking
+/// each entry against the layer's `vblocks`. Returns the bytes they take and the last sequence
+/// number applied; what follows is a tail (a torn batch, debris or damage) or nothing.
+fn replay(
+    map: &mut ExtentMap,
+    bytes: &[u8],
+    mut sequence: u64,
+    vblocks: u64,
+    jpath: &Path,
+) -> Result<(usize, u64)> {
+    let mut pos = 0;
+    while let Some((batch, n)) = decode_batch(&bytes[pos..]).map_err(Error::format(jpath))? {
+        if batch.sequence != sequence + 1 {
+            break;
+        }
+        // A bad entry fails the whole batch before any of it is applied (a force-share reader
+        // keeps its map as it was).
+        for e in &batch.entries {
+            // Physical blocks are checked against the data file only in the final map (see
+            // `TopLayer::open`): a writable open truncates the data file after the highest block
+            // still mapped, so an older entry may rightly name a block that is gone.
+            let bad = e.vblock.checked_add(e.count).is_none_or(|end| end > vblocks)
+                || (e.kind == ExtentKind::Data && e.pblock.checked_add(e.count).is_none());
+            if bad {
+                return Err(Error::format(jpath)(mcow_format::FormatError::Invalid {
+                    field: "journal entry",
+                    reason: format!(
+                        "batch {} maps blocks {}+{} outside the layer",
+                        batch.sequence, e.vblock, e.count
+                    ),
+                }));
+            }
+        }
+        for e in &batch.entries {
+            map.insert(e.vblock, e.end(), Loc { layer: TOP, kind: e.kind, pblock: e.pblock });
+        }
+        pos += n;
+        sequence = batch.sequence;
+    }
+    Ok((pos, sequence))
 }
 
 /// Appends a mapping change, merging it into the previous one where they continue each other.

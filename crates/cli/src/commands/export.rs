@@ -37,7 +37,9 @@ pub struct ExportArgs {
     /// Output format.
     #[arg(short = 'O', long = "output-format", value_enum, default_value_t, value_name = "FORMAT")]
     pub format: ExportFormat,
-    /// Export even if another process is writing to the disk (the result may be inconsistent).
+    /// Export even if another process is writing to the disk: each block is one of its own
+    /// values (at least as of the writer's last flush), never another block's, but blocks may
+    /// come from different moments, so the whole may be inconsistent.
     #[arg(short = 'U', long)]
     pub force_share: bool,
 }

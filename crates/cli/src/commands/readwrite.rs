@@ -31,7 +31,8 @@ pub struct ReadArgs {
     /// Write the bytes to stdout instead of a hex dump.
     #[arg(long)]
     pub raw: bool,
-    /// Read even if another process is writing to the disk.
+    /// Read even if another process is writing to the disk: each block as one of its own values
+    /// (at least as of the writer's last flush), never another block's data.
     #[arg(short = 'U', long)]
     pub force_share: bool,
 }
