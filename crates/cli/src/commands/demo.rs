@@ -240,7 +240,8 @@ pub fn run(a: DemoArgs, _g: Global) -> Result<ExitCode> {
         let disk = mcow_engine::Disk::open(&demo.disk, mcow_engine::OpenOptions::default())
             .with_context(|| format!("opening disk {}", demo.disk.display()))?;
         let export = std::sync::Arc::new(crate::serve::DiskExport::new(std::sync::Arc::new(disk)));
-        crate::serve::serve_disks(vec![("vm".into(), export)], Some(a.tcp.clone()), None, |addrs| {
+        let config = mcow_nbd::ServerConfig::default();
+        crate::serve::serve_disks(vec![("vm".into(), export)], config, Some(a.tcp.clone()), None, |addrs| {
             for url in addrs {
                 println!("\nServing the disk over NBD at {url}/vm until Ctrl-C. Try:");
                 println!("  qemu-img info {url}/vm");

@@ -1,8 +1,13 @@
 //! The transmission phase of one connection: a few worker threads that take turns reading
-//! one request each (under a reader lock), run it against the export, and write its reply
+//! one request each (one reader at a time), run it against the export, and write its reply
 //! (under a writer lock). No request changes threads, so a request costs no hand-off between
 //! threads; requests still run in parallel, and a slow one (a flush, a fetch from a remote)
 //! does not hold up the others.
+//!
+//! Workers come and go with the load: the connection's own thread is always one; when a worker
+//! takes a request and no other is left to read the next one, it starts another (up to
+//! `workers_per_connection`); a worker other than the first that finds nothing to read for
+//! `worker_linger` ends. An idle connection holds one thread.
 //!
 //! Owns request scheduling, back-pressure (each worker holds at most one request, so a
 //! connection holds at most `workers` requests), reply assembly and the mapping of export
@@ -14,9 +19,10 @@
 
 use std::io::{self, BufReader, IoSlice, Read};
 use std::net::Shutdown;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, PoisonError};
+use std::thread::{self, Scope};
+use std::time::{Duration, Instant};
 
 use super::handshake::ConnError;
 use super::transport::{Transport, discard, read_exact_or_eof, write_all_vectored};
@@ -53,15 +59,73 @@ pub(crate) struct Stats {
     requests: AtomicU64,
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
+    /// Export errors returned to the client.
+    io_errors: AtomicU64,
 }
 
 impl Stats {
-    pub(crate) fn totals(&self) -> (u64, u64, u64) {
+    pub(crate) fn totals(&self) -> (u64, u64, u64, u64) {
         (
             self.requests.load(Ordering::Relaxed),
             self.bytes_read.load(Ordering::Relaxed),
             self.bytes_written.load(Ordering::Relaxed),
+            self.io_errors.load(Ordering::Relaxed),
         )
+    }
+}
+
+/// Whose turn it is to read the next request: at most one worker reads at a time. Unlike a
+/// mutex, a worker can give up waiting for its turn.
+#[derive(Default)]
+struct Turn {
+    state: Mutex<TurnState>,
+    freed: Condvar,
+}
+
+#[derive(Default)]
+struct TurnState {
+    taken: bool,
+    /// Workers waiting for the turn (so a freed turn wakes someone only if someone waits).
+    waiting: usize,
+}
+
+impl Turn {
+    /// Waits for the turn, forever or up to `timeout`; `None` if the time ran out.
+    fn take(&self, timeout: Option<Duration>) -> Option<TurnGuard<'_>> {
+        let mut st = lock(&self.state);
+        if st.taken {
+            let deadline = timeout.map(|t| Instant::now() + t);
+            st.waiting += 1;
+            while st.taken {
+                st = match deadline {
+                    None => self.freed.wait(st).unwrap_or_else(PoisonError::into_inner),
+                    Some(d) => {
+                        let left = d.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            st.waiting -= 1;
+                            return None;
+                        }
+                        self.freed.wait_timeout(st, left).unwrap_or_else(PoisonError::into_inner).0
+                    }
+                };
+            }
+            st.waiting -= 1;
+        }
+        st.taken = true;
+        Some(TurnGuard(self))
+    }
+}
+
+/// The turn to read; handed on when dropped.
+struct TurnGuard<'a>(&'a Turn);
+
+impl Drop for TurnGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = lock(&self.0.state);
+        st.taken = false;
+        if st.waiting > 0 {
+            self.0.freed.notify_one();
+        }
     }
 }
 
@@ -73,6 +137,9 @@ struct Job {
 
 /// State shared by the reader and the workers of one connection.
 struct Conn<'a, S> {
+    ctx: &'a Ctx,
+    peer: &'a str,
+    export_name: &'a str,
     export: &'a dyn Export,
     neg: &'a Negotiated,
     params: TransmissionParams,
@@ -83,6 +150,13 @@ struct Conn<'a, S> {
     /// The first error that ended the request stream.
     error: Mutex<Option<ConnError>>,
     stats: &'a Stats,
+    reader: Mutex<BufReader<S>>,
+    turn: Turn,
+    /// Workers running, the connection's own thread included.
+    workers: AtomicUsize,
+    /// Workers not running a request: waiting for the turn or reading.
+    idle: AtomicUsize,
+    max_workers: usize,
 }
 
 /// Maps an export's error to an NBD error value.
@@ -104,6 +178,7 @@ pub(crate) fn run<S: Transport>(
     stream: S,
     neg: Negotiated,
     stats: &Stats,
+    peer: &str,
 ) -> Result<(), ConnError> {
     stream.set_read_timeout_opt(None)?;
     let writer = stream.try_clone_stream()?;
@@ -117,6 +192,9 @@ pub(crate) fn run<S: Transport>(
         meta_contexts: neg.contexts.len(),
     };
     let conn = Conn {
+        ctx,
+        peer,
+        export_name: &entry.name,
         export: entry.export.as_ref(),
         neg: &neg,
         params,
@@ -125,59 +203,101 @@ pub(crate) fn run<S: Transport>(
         ended: AtomicBool::new(false),
         error: Mutex::new(None),
         stats,
+        reader: Mutex::new(BufReader::with_capacity(READ_BUFFER, stream)),
+        turn: Turn::default(),
+        workers: AtomicUsize::new(1),
+        idle: AtomicUsize::new(1),
+        max_workers: ctx.config.workers_per_connection.max(1),
     };
-    let reader = Mutex::new(BufReader::with_capacity(READ_BUFFER, stream));
-    let workers = ctx.config.workers_per_connection.max(1);
-    thread::scope(|scope| {
-        for i in 1..workers {
-            let spawned = thread::Builder::new()
-                .name(format!("nbd-worker-{i}"))
-                .spawn_scoped(scope, || conn.worker(&reader));
-            if let Err(e) = spawned {
-                tracing::warn!(error = %e, "started fewer workers than configured");
-                break;
-            }
-        }
-        // This thread is a worker too.
-        conn.worker(&reader);
-    });
+    // This thread is the first worker; it starts the others as the load needs them.
+    thread::scope(|scope| conn.worker(scope, true));
     match lock(&conn.error).take() {
         Some(e) => Err(e),
         None => Ok(()),
     }
 }
 
+/// Logs how many I/O errors the rate limit left out, if any (when a connection closes, so
+/// the count of a storm that ended is not lost).
+pub(crate) fn report_suppressed_io_errors(ctx: &Ctx) {
+    let n = ctx.shared.io_errors.take_suppressed();
+    if n > 0 {
+        tracing::warn!(suppressed = n, "more I/O errors were returned to NBD clients than were logged");
+    }
+}
+
 impl<S: Transport> Conn<'_, S> {
-    /// Takes turns with the other workers: reads one request under the reader lock, then runs
-    /// it and sends its reply, until the request stream ends.
-    fn worker<R: Read>(&self, reader: &Mutex<R>) {
+    /// Takes turns with the other workers: reads one request in its turn, then runs it and
+    /// sends its reply, until the request stream ends. The first worker (`first`) waits for
+    /// requests forever; the others end after `worker_linger` without one.
+    fn worker<'scope, 'env>(&'env self, scope: &'scope Scope<'scope, 'env>, first: bool) {
         let mut buf: Vec<u8> = Vec::new();
+        let linger = self.ctx.config.worker_linger;
         loop {
             let job = {
-                let mut r = lock(reader);
+                let Some(_turn) = self.turn.take((!first).then_some(linger)) else {
+                    return self.retire();
+                };
+                let mut r = lock(&self.reader);
                 if self.ended.load(Ordering::SeqCst) || self.broken.load(Ordering::SeqCst) {
-                    return;
+                    return self.retire();
+                }
+                if !first && r.buffer().is_empty() {
+                    match r.get_ref().wait_readable(linger) {
+                        Ok(true) => {}
+                        // Nothing to do for a while (or the socket failed: the reader will see it).
+                        Ok(false) | Err(_) => return self.retire(),
+                    }
                 }
                 match self.read_request(&mut *r) {
                     Ok(Some(job)) => job,
                     Ok(None) => {
                         self.ended.store(true, Ordering::SeqCst);
-                        return;
+                        return self.retire();
                     }
                     Err(e) => {
                         self.ended.store(true, Ordering::SeqCst);
                         lock(&self.error).get_or_insert(e);
-                        return;
+                        return self.retire();
                     }
                 }
             };
+            if self.idle.fetch_sub(1, Ordering::SeqCst) == 1 {
+                // No other worker will read the next request while this one runs.
+                self.hire(scope);
+            }
             if !self.broken.load(Ordering::SeqCst) {
                 self.execute(&job, &mut buf);
             }
+            self.idle.fetch_add(1, Ordering::SeqCst);
             if buf.capacity() > KEEP_BUFFER {
                 buf = Vec::new();
             }
         }
+    }
+
+    /// Starts one more worker, unless there are enough.
+    fn hire<'scope, 'env>(&'env self, scope: &'scope Scope<'scope, 'env>) {
+        let grown = self
+            .workers
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < self.max_workers).then_some(n + 1));
+        if grown.is_err() {
+            return;
+        }
+        self.idle.fetch_add(1, Ordering::SeqCst);
+        let spawned = thread::Builder::new().name("nbd-worker".into()).spawn_scoped(scope, move || {
+            self.worker(scope, false);
+        });
+        if let Err(e) = spawned {
+            self.retire();
+            tracing::warn!(error = %e, "cannot start another worker for an NBD connection");
+        }
+    }
+
+    /// A worker ends (it was idle).
+    fn retire(&self) {
+        self.idle.fetch_sub(1, Ordering::SeqCst);
+        self.workers.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Reads the next request to run. Requests that can be refused without the export are
@@ -317,9 +437,18 @@ impl<S: Transport> Conn<'_, S> {
         self.send(&mut [IoSlice::new(&out)]);
     }
 
+    /// Answers a request with the export's error, and logs it (at most a few lines a second
+    /// for the whole server; the next line logged says how many were left out).
     fn send_io_error(&self, req: &Request, err: &io::Error) {
-        tracing::debug!(command = %req.command, offset = req.offset, length = req.length, error = %err, "export error");
         let errno = errno_for(err);
+        self.stats.io_errors.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = self.ctx.shared.io_errors.admit() {
+            tracing::warn!(
+                peer = %self.peer, export = %self.export_name, command = %req.command, offset = req.offset,
+                length = req.length, errno = %proto::errno_name(errno), suppressed, error = %err,
+                "I/O error returned to the NBD client"
+            );
+        }
         let message = err.to_string();
         self.send_error_msg(req, errno, &message);
     }

@@ -18,6 +18,25 @@ pub(crate) trait Transport: Read + Write + Send + Sized + 'static {
     fn set_read_timeout_opt(&self, d: Option<Duration>) -> io::Result<()>;
     fn set_write_timeout_opt(&self, d: Option<Duration>) -> io::Result<()>;
     fn shutdown_how(&self, how: Shutdown) -> io::Result<()>;
+    /// Waits up to `timeout` for something to read (data, end of stream or an error); false
+    /// if nothing came.
+    fn wait_readable(&self, timeout: Duration) -> io::Result<bool>;
+}
+
+/// [`Transport::wait_readable`] for a socket.
+fn poll_readable(fd: impl AsFd, timeout: Duration) -> io::Result<bool> {
+    let timeout = rustix::event::Timespec {
+        tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+        tv_nsec: i64::from(timeout.subsec_nanos()),
+    };
+    let mut fds = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
+    loop {
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Ok(n) => return Ok(n > 0),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 impl Transport for TcpStream {
@@ -33,6 +52,9 @@ impl Transport for TcpStream {
     fn shutdown_how(&self, how: Shutdown) -> io::Result<()> {
         self.shutdown(how)
     }
+    fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
+        poll_readable(self, timeout)
+    }
 }
 
 impl Transport for UnixStream {
@@ -47,6 +69,9 @@ impl Transport for UnixStream {
     }
     fn shutdown_how(&self, how: Shutdown) -> io::Result<()> {
         self.shutdown(how)
+    }
+    fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
+        poll_readable(self, timeout)
     }
 }
 
