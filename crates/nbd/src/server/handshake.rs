@@ -203,13 +203,24 @@ impl<S: Transport> Handshake<'_, S> {
     }
 
     fn send_now(&mut self) -> Result<(), ConnError> {
-        let left = self.left()?;
-        self.stream.set_write_timeout_opt(Some(left))?;
         let out = std::mem::take(&mut self.out);
-        self.stream.write_all(&out).map_err(|e| match e.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ConnError::HandshakeTimeout,
-            _ => ConnError::Io(e),
-        })
+        let mut sent = 0;
+        while sent < out.len() {
+            // Every write is bounded by what is left, so a client reading a byte at a time
+            // cannot stretch negotiation either.
+            let left = self.left()?;
+            self.stream.set_write_timeout_opt(Some(left))?;
+            match self.stream.write(&out[sent..]) {
+                Ok(0) => return Err(ConnError::Io(io::ErrorKind::WriteZero.into())),
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    return Err(ConnError::HandshakeTimeout);
+                }
+                Err(e) => return Err(ConnError::Io(e)),
+            }
+        }
+        Ok(())
     }
 
     /// Handles one option whose header was read.
