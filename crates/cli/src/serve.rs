@@ -292,7 +292,7 @@ pub struct ServeArgs {
     /// Most NBD connections served at once, over every listener, negotiating or not (a VM with
     /// multi-conn may open several). A connection beyond it is closed at once, with a warning.
     /// Each connection holds one thread (up to 4 while requests keep it busy) and 3 open
-    /// files; mcow raises its open-file limit to fit, up to the hard limit.
+    /// files; mcow warns at start if its open-file limit is too low for N.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONNECTIONS,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections: u32,
@@ -530,25 +530,17 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
     result
 }
 
-/// Raises the soft limit on open files so `connections` connections fit (3 files each, and
-/// room for the disks' layer files), up to the hard limit; warns if even that is too low.
-fn raise_open_file_limit(connections: usize) {
-    use rustix::process::{Resource, getrlimit, setrlimit};
+/// Warns if the open-file limit leaves no room for `connections` connections (3 files each,
+/// and some for the disks' layer files). The engine raised the soft limit to the hard limit
+/// when it opened the disks.
+fn check_open_file_limit(connections: usize) {
     let want = (connections as u64).saturating_mul(3).saturating_add(1024);
-    let mut limit = getrlimit(Resource::Nofile);
-    let soft = limit.current.unwrap_or(u64::MAX);
-    if soft >= want {
-        return;
-    }
-    let hard = limit.maximum.unwrap_or(u64::MAX);
-    limit.current = Some(want.min(hard));
-    if let Err(e) = setrlimit(Resource::Nofile, limit) {
-        tracing::warn!(error = %e, soft, "cannot raise the open-file limit");
-    } else if hard < want {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(u64::MAX);
+    if limit < want {
         tracing::warn!(
-            limit = hard,
+            limit,
             connections,
-            "the open-file limit is lower than --max-connections needs (3 files each)"
+            "the open-file limit is lower than --max-connections needs (3 files per connection)"
         );
     }
 }
@@ -566,7 +558,7 @@ pub fn serve_disks(
     if tcp.is_none() && socket.is_none() {
         bail!("nothing to listen on: give --tcp or --socket");
     }
-    raise_open_file_limit(config.max_connections);
+    check_open_file_limit(config.max_connections);
     let mut server = Server::with_config(config);
     for (name, export) in exports {
         let desc = format!("mcow disk {}", export.disk.dir().display());

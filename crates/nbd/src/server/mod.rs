@@ -490,7 +490,9 @@ impl Server {
                     }
                     _ => {
                         // Typically out of file descriptors: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed; retrying");
+                        if let Some(suppressed) = self.shared.refusals.admit() {
+                            tracing::warn!(error = %e, suppressed, "accept failed; retrying");
+                        }
                         thread::sleep(Duration::from_millis(100));
                         continue;
                     }
