@@ -115,10 +115,6 @@ impl Transport for MemStream {
     fn shutdown_how(&self, _: Shutdown) -> io::Result<()> {
         Ok(())
     }
-    fn wait_readable(&self, _: Duration) -> io::Result<bool> {
-        // The whole input is there from the start.
-        Ok(true)
-    }
 }
 
 /// A prologue that negotiates structured replies, `base:allocation` and the extra

@@ -7,7 +7,8 @@
 //! Workers come and go with the load: the connection's own thread is always one; when a worker
 //! takes a request and no other is left to read the next one, it starts another (up to
 //! `workers_per_connection`); a worker other than the first that finds nothing to read for
-//! `worker_linger` ends. An idle connection holds one thread.
+//! `worker_linger` (the socket's read timeout while there are several) ends. An idle
+//! connection holds one thread.
 //!
 //! Owns request scheduling, back-pressure (each worker holds at most one request, so a
 //! connection holds at most `workers` requests), reply assembly and the mapping of export
@@ -25,7 +26,7 @@ use std::thread::{self, Scope};
 use std::time::{Duration, Instant};
 
 use super::handshake::ConnError;
-use super::transport::{Transport, discard, read_exact_or_eof, write_all_vectored};
+use super::transport::{Filled, Transport, discard, fill, write_all_vectored};
 use super::{Ctx, lock};
 use crate::export::Export;
 use crate::proto::{
@@ -129,6 +130,15 @@ impl Drop for TurnGuard<'_> {
     }
 }
 
+/// What a worker's turn to read gave.
+enum Next {
+    Job(Job),
+    /// No request began within the read timeout.
+    Idle,
+    /// The request stream ended.
+    End,
+}
+
 /// A request read by a worker.
 struct Job {
     req: Request,
@@ -152,8 +162,12 @@ struct Conn<'a, S> {
     stats: &'a Stats,
     reader: Mutex<BufReader<S>>,
     turn: Turn,
-    /// Workers running, the connection's own thread included.
-    workers: AtomicUsize,
+    /// Workers running, the connection's own thread included. While there is more than one,
+    /// the socket's read timeout is `worker_linger`, so a worker other than the first that
+    /// waits that long for a request can end; with one, reads wait for ever.
+    workers: Mutex<usize>,
+    /// `workers`, readable without the lock.
+    workers_now: AtomicUsize,
     /// Workers not running a request: waiting for the turn or reading.
     idle: AtomicUsize,
     max_workers: usize,
@@ -205,7 +219,8 @@ pub(crate) fn run<S: Transport>(
         stats,
         reader: Mutex::new(BufReader::with_capacity(READ_BUFFER, stream)),
         turn: Turn::default(),
-        workers: AtomicUsize::new(1),
+        workers: Mutex::new(1),
+        workers_now: AtomicUsize::new(1),
         idle: AtomicUsize::new(1),
         max_workers: ctx.config.workers_per_connection.max(1),
     };
@@ -229,7 +244,7 @@ pub(crate) fn report_suppressed_io_errors(ctx: &Ctx) {
 impl<S: Transport> Conn<'_, S> {
     /// Takes turns with the other workers: reads one request in its turn, then runs it and
     /// sends its reply, until the request stream ends. The first worker (`first`) waits for
-    /// requests forever; the others end after `worker_linger` without one.
+    /// requests for ever; the others end after `worker_linger` without one.
     fn worker<'scope, 'env>(&'env self, scope: &'scope Scope<'scope, 'env>, first: bool) {
         let mut buf: Vec<u8> = Vec::new();
         let linger = self.ctx.config.worker_linger;
@@ -242,16 +257,10 @@ impl<S: Transport> Conn<'_, S> {
                 if self.ended.load(Ordering::SeqCst) || self.broken.load(Ordering::SeqCst) {
                     return self.retire();
                 }
-                if !first && r.buffer().is_empty() {
-                    match r.get_ref().wait_readable(linger) {
-                        Ok(true) => {}
-                        // Nothing to do for a while (or the socket failed: the reader will see it).
-                        Ok(false) | Err(_) => return self.retire(),
-                    }
-                }
-                match self.read_request(&mut *r) {
-                    Ok(Some(job)) => job,
-                    Ok(None) => {
+                match self.read_request(&mut *r, !first) {
+                    Ok(Next::Job(job)) => job,
+                    Ok(Next::Idle) => return self.retire(),
+                    Ok(Next::End) => {
                         self.ended.store(true, Ordering::SeqCst);
                         return self.retire();
                     }
@@ -278,13 +287,21 @@ impl<S: Transport> Conn<'_, S> {
 
     /// Starts one more worker, unless there are enough.
     fn hire<'scope, 'env>(&'env self, scope: &'scope Scope<'scope, 'env>) {
-        let grown = self
-            .workers
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < self.max_workers).then_some(n + 1));
-        if grown.is_err() {
+        if self.workers_now.load(Ordering::SeqCst) >= self.max_workers {
             return;
         }
-        self.idle.fetch_add(1, Ordering::SeqCst);
+        {
+            let mut n = lock(&self.workers);
+            if *n >= self.max_workers {
+                return;
+            }
+            *n += 1;
+            self.workers_now.store(*n, Ordering::SeqCst);
+            if *n == 2 {
+                self.set_read_timeout(Some(self.ctx.config.worker_linger));
+            }
+            self.idle.fetch_add(1, Ordering::SeqCst);
+        }
         let spawned = thread::Builder::new().name("nbd-worker".into()).spawn_scoped(scope, move || {
             self.worker(scope, false);
         });
@@ -297,23 +314,39 @@ impl<S: Transport> Conn<'_, S> {
     /// A worker ends (it was idle).
     fn retire(&self) {
         self.idle.fetch_sub(1, Ordering::SeqCst);
-        self.workers.fetch_sub(1, Ordering::SeqCst);
+        let mut n = lock(&self.workers);
+        *n -= 1;
+        self.workers_now.store(*n, Ordering::SeqCst);
+        if *n == 1 {
+            self.set_read_timeout(None);
+        }
+    }
+
+    /// Sets the socket's read timeout (through the writer's handle: the reader's may be in a
+    /// read). A read already waiting keeps the timeout it started with.
+    fn set_read_timeout(&self, d: Option<Duration>) {
+        if let Err(e) = lock(&self.writer).set_read_timeout_opt(d) {
+            tracing::debug!(error = %e, "cannot set the read timeout");
+        }
     }
 
     /// Reads the next request to run. Requests that can be refused without the export are
-    /// answered here; `None` when the client disconnects (or sends DISC).
-    fn read_request<R: Read>(&self, r: &mut R) -> Result<Option<Job>, ConnError> {
+    /// answered here. `End` when the client disconnects (or sends DISC); `Idle` (only if
+    /// `may_idle`) when no request began within the read timeout.
+    fn read_request<R: Read>(&self, r: &mut R, may_idle: bool) -> Result<Next, ConnError> {
         loop {
             let mut hdr = [0u8; REQUEST_HEADER_LEN];
-            if !read_exact_or_eof(r, &mut hdr)? {
-                return Ok(None);
+            match fill(r, &mut hdr, may_idle)? {
+                Filled::Full => {}
+                Filled::Eof => return Ok(Next::End),
+                Filled::Idle => return Ok(Next::Idle),
             }
             // A bad magic means the stream is out of step; nothing after it can be trusted.
             let req = Request::decode(&hdr)?;
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             if req.command == Command::Disc {
                 tracing::debug!("client sent NBD_CMD_DISC");
-                return Ok(None);
+                return Ok(Next::End);
             }
             if let Err(e) = req.check(&self.params) {
                 tracing::debug!(command = %req.command, offset = req.offset, length = req.length, error = %e, "request refused");
@@ -325,9 +358,11 @@ impl<S: Transport> Conn<'_, S> {
             let mut payload = Vec::new();
             if req.command == Command::Write {
                 payload = vec![0u8; req.length as usize];
-                r.read_exact(&mut payload)?;
+                if fill(r, &mut payload, false)? != Filled::Full {
+                    return Err(ConnError::Io(io::ErrorKind::UnexpectedEof.into()));
+                }
             }
-            return Ok(Some(Job { req, payload }));
+            return Ok(Next::Job(Job { req, payload }));
         }
     }
 
