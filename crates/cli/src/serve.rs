@@ -15,7 +15,7 @@ use mcow_remote::Reference;
 
 use crate::paths::{Fetch, open_lazy};
 use mcow_nbd::proto::{NBD_STATE_HOLE, NBD_STATE_ZERO};
-use mcow_nbd::{BlockSizes, Export, Parts, Server, StatusExtent};
+use mcow_nbd::{BlockSizes, Export, Parts, Server, ServerConfig, StatusExtent};
 
 /// Our metadata context: which layer holds each extent, numbered like QEMU's
 /// `qemu:allocation-depth`: 0 = no layer, 1 = the writable top, 2 = the topmost sealed layer,
@@ -307,6 +307,49 @@ pub struct ServeArgs {
     /// trace), so the disk no longer needs its origin; complete layers move into the store.
     #[arg(long)]
     pub fetch_all: bool,
+    /// Most NBD connections served at once, over every listener, negotiating or not (a VM with
+    /// multi-conn may open several). A connection beyond it is closed at once, with a warning.
+    /// Each connection holds one thread (up to 4 while requests keep it busy) and 3 open
+    /// files; mcow warns at start if its open-file limit is too low for N.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+    /// Most connections still negotiating (before NBD_OPT_GO) at once: a smaller budget, so
+    /// clients that connect and never finish negotiating cannot fill --max-connections. A new
+    /// connection beyond it cuts the one negotiating longest.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_HANDSHAKES,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_handshakes: u32,
+    /// Seconds a client has to finish negotiating before it is cut (decimals allowed).
+    #[arg(long, value_name = "SECONDS", default_value = DEFAULT_HANDSHAKE_TIMEOUT, value_parser = parse_seconds)]
+    pub handshake_timeout: Duration,
+}
+
+/// `--max-connections`, `--max-handshakes` and `--handshake-timeout` defaults as the help
+/// shows them: the NBD server's own defaults (a unit test checks they agree).
+const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
+const DEFAULT_MAX_HANDSHAKES: u32 = 64;
+const DEFAULT_HANDSHAKE_TIMEOUT: &str = "10";
+
+/// A duration given in seconds, such as `10` or `0.5`.
+fn parse_seconds(s: &str) -> std::result::Result<Duration, String> {
+    let secs: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("{s:?} is not a positive number of seconds"))
+}
+
+impl ServeArgs {
+    /// The NBD server's limits as given.
+    fn server_config(&self) -> ServerConfig {
+        ServerConfig {
+            max_connections: self.max_connections as usize,
+            max_handshakes: self.max_handshakes as usize,
+            handshake_timeout: self.handshake_timeout,
+            ..ServerConfig::default()
+        }
+    }
 }
 
 /// Serve one disk and record the order in which its blocks are first read.
@@ -482,6 +525,7 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
     };
     let result = serve_disks(
         exports,
+        args.server_config(),
         tcp,
         args.socket.clone(),
         |addrs| {
@@ -530,12 +574,29 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
     result
 }
 
-/// Serves `exports` on the given TCP address and/or Unix socket until SIGINT or SIGTERM, then
-/// finishes in-flight requests, flushes every disk and returns. `ready` is called with the
-/// listening addresses once both listeners are bound; `cancel_fetches` if requests are still
-/// running `FETCH_GRACE` after the signal (it should make the fetches they wait for fail).
+/// Warns if the open-file limit leaves no room for `connections` connections (3 files each,
+/// and some for the disks' layer files). The engine raised the soft limit to the hard limit
+/// when it opened the disks.
+fn check_open_file_limit(connections: usize) {
+    let want = (connections as u64).saturating_mul(3).saturating_add(1024);
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(u64::MAX);
+    if limit < want {
+        tracing::warn!(
+            limit,
+            connections,
+            "the open-file limit is lower than --max-connections needs (3 files per connection)"
+        );
+    }
+}
+
+/// Serves `exports` on the given TCP address and/or Unix socket with the limits of `config`
+/// until SIGINT or SIGTERM, then finishes in-flight requests, flushes every disk and returns.
+/// `ready` is called with the listening addresses once both listeners are bound;
+/// `cancel_fetches` if requests are still running `FETCH_GRACE` after the signal (it should
+/// make the fetches they wait for fail).
 pub fn serve_disks(
     exports: Vec<(String, Arc<DiskExport>)>,
+    config: ServerConfig,
     tcp: Option<String>,
     socket: Option<PathBuf>,
     ready: impl FnOnce(&[String]),
@@ -544,7 +605,8 @@ pub fn serve_disks(
     if tcp.is_none() && socket.is_none() {
         bail!("nothing to listen on: give --tcp or --socket");
     }
-    let mut server = Server::new();
+    check_open_file_limit(config.max_connections);
+    let mut server = Server::with_config(config);
     for (name, export) in exports {
         let desc = format!("mcow disk {}", export.disk.dir().display());
         server.add_export(name.clone(), desc, export).with_context(|| format!("export {name}"))?;
@@ -610,6 +672,16 @@ mod tests {
     #[test]
     fn the_readahead_default_is_the_engines() {
         assert_eq!(crate::size::parse_size(DEFAULT_READAHEAD), Ok(FetchPolicy::DEFAULT_READAHEAD));
+    }
+
+    #[test]
+    fn the_connection_defaults_are_the_servers() {
+        let d = ServerConfig::default();
+        assert_eq!(DEFAULT_MAX_CONNECTIONS as usize, d.max_connections);
+        assert_eq!(DEFAULT_MAX_HANDSHAKES as usize, d.max_handshakes);
+        assert_eq!(parse_seconds(DEFAULT_HANDSHAKE_TIMEOUT), Ok(d.handshake_timeout));
+        assert_eq!(parse_seconds("0.25"), Ok(Duration::from_millis(250)));
+        assert!(parse_seconds("0").is_err() && parse_seconds("-1").is_err() && parse_seconds("x").is_err());
     }
 
     #[test]

@@ -659,3 +659,202 @@ fn force_share_reader_beside_a_writer_never_shows_another_offsets_data() {
     writer.stop();
     assert!(export_bytes(dir, "d") == want, "the disk itself differs from what the writer wrote");
 }
+
+/// A raw client on `sock` that negotiates `export` (NBD_OPT_GO, simple replies) and stays.
+fn negotiated(sock: &Path, export: &str) -> std::os::unix::net::UnixStream {
+    use mcow_nbd::proto::{self, ClientFlags, ClientOption, InfoRequest, OptionReplyHeader};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut greeting = [0u8; proto::GREETING_LEN];
+    s.read_exact(&mut greeting).expect("greeting");
+    s.write_all(&ClientFlags { fixed_newstyle: true, no_zeroes: true }.encode()).unwrap();
+    s.write_all(&ClientOption::Go(InfoRequest { name: export.into(), requests: vec![] }).encode()).unwrap();
+    loop {
+        let mut h = [0u8; proto::OPTION_REPLY_HEADER_LEN];
+        s.read_exact(&mut h).expect("option reply");
+        let h = OptionReplyHeader::decode(&h).unwrap();
+        assert_eq!(h.reply_type & proto::NBD_REP_FLAG_ERROR, 0, "GO refused: {h:?}");
+        let mut data = vec![0u8; h.length as usize];
+        s.read_exact(&mut data).unwrap();
+        if h.reply_type == proto::NBD_REP_ACK {
+            return s;
+        }
+    }
+}
+
+/// Threads of process `pid`, from /proc.
+fn threads_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("Threads:")).unwrap();
+    line["Threads:".len()..].trim().parse().unwrap()
+}
+
+/// Waits (up to `limit`) until `pid` has `want` threads; returns the last count seen.
+fn wait_threads(pid: u32, want: u64, limit: Duration) -> u64 {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let n = threads_of(pid);
+        if n == want || std::time::Instant::now() > deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// (11) Idle connections hold one thread each; busy ones more, for a while.
+#[test]
+fn idle_connections_hold_one_server_thread_each() {
+    // Tried: 40 raw clients negotiate and stay idle; then each sends 16 pipelined 64 KiB
+    // reads and reads the replies; then they are idle again, then leave. Must hold (threads
+    // of `mcow serve` from /proc/PID/status): idle, exactly one thread per connection over
+    // the count before; busy, at most 4 per connection; about a second after the last
+    // request, one per connection again; when they leave, the count before.
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let m = layered_disk(dir, "d");
+    let srv = Serve::start(dir, &["d"]);
+    let pid = srv.pid();
+    std::thread::sleep(Duration::from_millis(200));
+    let before = threads_of(pid);
+    const N: u64 = 40;
+    let mut conns: Vec<_> = (0..N).map(|_| negotiated(&srv.sock, "d")).collect();
+    assert_eq!(
+        wait_threads(pid, before + N, Duration::from_secs(5)),
+        before + N,
+        "threads at {N} idle connections"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(threads_of(pid), before + N, "idle connections started more threads");
+
+    let mut peak = 0;
+    for (c, s) in conns.iter_mut().enumerate() {
+        let mut batch = Vec::new();
+        for i in 0..16u64 {
+            let offset = (c as u64 * 16 + i) * K64 % SIZE;
+            let req = mcow_nbd::proto::Request {
+                flags: 0,
+                command: mcow_nbd::proto::Command::Read,
+                handle: i,
+                offset,
+                length: K64 as u32,
+            };
+            batch.extend(req.encode());
+        }
+        s.write_all(&batch).unwrap();
+        peak = peak.max(threads_of(pid));
+        for _ in 0..16 {
+            let mut hdr = [0u8; 16];
+            s.read_exact(&mut hdr).unwrap();
+            assert_eq!(&hdr[4..8], &[0, 0, 0, 0], "read failed");
+            let handle = u64::from_be_bytes(hdr[8..16].try_into().unwrap());
+            let offset = ((c as u64 * 16 + handle) * K64 % SIZE) as usize;
+            let mut data = vec![0u8; K64 as usize];
+            s.read_exact(&mut data).unwrap();
+            assert!(data == m[offset..offset + K64 as usize], "wrong data at {offset}");
+        }
+        peak = peak.max(threads_of(pid));
+    }
+    assert!(peak <= before + 4 * N, "{peak} threads for {N} connections");
+    eprintln!("threads: {before} before, {} with {N} idle connections, peak {peak} while busy", before + N);
+    assert_eq!(
+        wait_threads(pid, before + N, Duration::from_secs(10)),
+        before + N,
+        "extra workers did not end"
+    );
+    drop(conns);
+    assert_eq!(wait_threads(pid, before, Duration::from_secs(5)), before, "connection threads did not end");
+    srv.stop();
+}
+
+/// (12) `--max-connections`, `--max-handshakes`, `--handshake-timeout`: clients that never
+/// finish negotiating cannot lock out nbdinfo; a full server refuses with a warning.
+#[test]
+fn connection_limits_keep_room_for_real_clients_and_warn_when_full() {
+    // Tried: room for 4 connections, 1 negotiating, a 0.5 s handshake timeout; 2 clients
+    // negotiate and stay idle, 1 connects and sends nothing. Must hold: nbdinfo gets through
+    // at once (the silent client is cut for it, and logged); a client that negotiates too
+    // slowly is cut by the timeout; with 4 idle clients a new connection is closed at once and
+    // the server warns "too many NBD connections" (default log level); nbdinfo works again once
+    // one leaves.
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    layered_disk(dir, "d");
+    let srv = Serve::start(
+        dir,
+        &["d", "--max-connections", "4", "--max-handshakes", "1", "--handshake-timeout", "0.5"],
+    );
+    let mut idle = vec![negotiated(&srv.sock, "d"), negotiated(&srv.sock, "d")];
+    let mut silent = std::os::unix::net::UnixStream::connect(&srv.sock).unwrap();
+    silent.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut greeting = [0u8; 18];
+    silent.read_exact(&mut greeting).unwrap();
+    let size = tool_ok("nbdinfo", dir, &["--size", &srv.unix_uri("d")]);
+    assert_eq!(size.trim(), SIZE.to_string());
+    // (That the silent client was cut for nbdinfo, not by the timeout, the log shows below.)
+    let mut rest = Vec::new();
+    let _ = silent.read_to_end(&mut rest);
+    // A slow client, alone in negotiation: cut by the timeout.
+    let mut slow = std::os::unix::net::UnixStream::connect(&srv.sock).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let started = std::time::Instant::now();
+    let _ = slow.read_to_end(&mut rest);
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(400) && took < Duration::from_secs(3), "cut after {took:?}");
+
+    idle.push(negotiated(&srv.sock, "d"));
+    idle.push(negotiated(&srv.sock, "d"));
+    let mut refused = std::os::unix::net::UnixStream::connect(&srv.sock).unwrap();
+    refused.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = Vec::new();
+    match refused.read_to_end(&mut got) {
+        Ok(_) => assert!(got.is_empty(), "a 5th connection was greeted"),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+    }
+    drop(idle.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while tool_run("nbdinfo", dir, &["--size", &srv.unix_uri("d")]).code != 0 {
+        assert!(std::time::Instant::now() < deadline, "nbdinfo never got the freed place");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(idle);
+    let log = srv.stop_with_log();
+    assert!(log.contains("WARN") && log.contains("too many NBD connections; refusing a new one"), "{log}");
+    assert!(log.contains("limit=4"), "{log}");
+    assert!(log.contains("too many NBD connections negotiating at once"), "{log}");
+}
+
+/// (13) A read that fails in the disk (here a sealed block that no longer matches its hash)
+/// reaches the client as EIO and is logged at the default level, with its cause.
+#[test]
+fn a_failing_read_is_logged_at_warn_with_its_cause() {
+    // Tried: one byte of a sealed layer's first block flipped, then qemu-io reads that block
+    // through `mcow serve` (no RUST_LOG). Must hold: the read fails; the server's stderr has a
+    // WARN line "I/O error returned to the NBD client" naming the export, the offset and the
+    // engine's error; the server keeps serving the other blocks.
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    mcow_ok(dir, &["create", "d", "-s", "8M"]);
+    let mut m = vec![0u8; SIZE as usize];
+    put(dir, "d", &mut m, 0, 0x11, 2 * K64);
+    let digest = seal(dir, "d");
+    let store = std::path::PathBuf::from(info(dir, "d")["store"].as_str().unwrap().to_string());
+    let layer = store.join("blobs/sha256").join(digest.trim_start_matches("sha256:"));
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&layer).unwrap();
+    let at = mcow_format::HEADER_SIZE as u64 + 100;
+    let mut b = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, at).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[b[0] ^ 0xff], at).unwrap();
+    drop(f);
+    let srv = Serve::start(dir, &["d"]);
+    let r = qemu_io(&srv.unix_uri("d"), &["read 0 4k".to_string()], true);
+    let all = format!("{}{}", r.stdout, r.stderr);
+    assert!(all.contains("Input/output error") || all.contains("failed"), "the read did not fail: {all}");
+    qemu_io_ok(&srv.unix_uri("d"), &[format!("read -P 0x11 {K64} {K64}")], true);
+    let log = srv.stop_with_log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("I/O error returned to the NBD client"))
+        .unwrap_or_else(|| panic!("no warn line for the failed read:\n{log}"));
+    assert!(line.contains("WARN") && line.contains("export=d") && line.contains("offset=0"), "{line}");
+    assert!(line.contains("fails its checksum"), "the cause is missing: {line}");
+}

@@ -3,8 +3,8 @@
 //! Two rooms, one per concern:
 //! - [`proto`] is the wire codec: constants, option and request decoding, reply
 //!   encoding, over byte slices, with no I/O.
-//! - [`server`] is the transport: TCP and Unix listeners, a thread per connection, a
-//!   worker pool per connection, orderly shutdown.
+//! - [`server`] is the transport: TCP and Unix listeners, admission limits, a thread per
+//!   connection (up to a few while it has requests in flight), orderly shutdown.
 //!
 //! What is served is anything implementing [`Export`]; this crate knows nothing of the
 //! mcow engine. [`MemExport`] is an in-memory export for tests, fuzzing and examples.

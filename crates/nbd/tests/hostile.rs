@@ -415,3 +415,121 @@ fn a_client_that_never_reads_replies_does_not_block_others() {
     assert!(total < 64 << 20, "the server gave up before sending every reply");
     assert_healthy(&server);
 }
+
+/// Connects on the Unix socket and reads what the server sends first: `Some` with the
+/// connection if a greeting came, `None` if the server closed it at once (refused).
+fn greeted(server: &TestServer) -> Option<std::os::unix::net::UnixStream> {
+    let mut s = std::os::unix::net::UnixStream::connect(&server.socket).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut g = [0u8; proto::GREETING_LEN];
+    match s.read_exact(&mut g) {
+        Ok(()) => Some(s),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            None
+        }
+        Err(e) => panic!("neither a greeting nor a close: {e}"),
+    }
+}
+
+#[test]
+fn idle_and_half_open_clients_cannot_lock_out_a_new_client() {
+    // Tried: room for 6 connections, at most 2 of them negotiating, and a long handshake
+    // timeout (so only admission can help). 3 clients negotiate and stay idle; 2 connect and
+    // never send a byte. Must hold: nbdinfo still gets through (the half-open connection
+    // negotiating longest is cut for it), the other half-open one is left alone; once all 6
+    // places are taken by idle negotiated clients a new connection is closed at once, and
+    // when one of them leaves, nbdinfo gets through again.
+    let config = ServerConfig {
+        max_connections: 6,
+        max_handshakes: 2,
+        handshake_timeout: Duration::from_secs(60),
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start_with(config, standard_exports());
+    let mut idle: Vec<Raw> = (0..3).map(|_| Raw::go(&server, "mem", false, &[])).collect();
+    let mut first = greeted(&server).expect("room for a half-open client");
+    std::thread::sleep(Duration::from_millis(20));
+    let mut second = greeted(&server).expect("room for a second half-open client");
+    let size = run_ok(tool("nbdinfo").arg("--size").arg(server.unix_uri("mem")));
+    assert_eq!(size.trim(), (64u64 << 20).to_string());
+    let mut buf = [0u8; 1];
+    assert_eq!(first.read(&mut buf).expect("the cut connection reads EOF"), 0, "oldest half-open was cut");
+    second.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let e = second.read(&mut buf).expect_err("the newer half-open connection is still open");
+    assert!(matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut), "{e}");
+    // 3 idle + 1 half-open: 2 more idle clients fill the server.
+    idle.extend((0..2).map(|_| Raw::go(&server, "mem", false, &[])));
+    assert!(greeted(&server).is_none(), "a 7th connection must be refused at once");
+    // Every idle client is still served.
+    for (i, r) in idle.iter_mut().enumerate() {
+        r.request(Command::Read, 0, i as u64, 0, 512);
+        assert_eq!(r.simple_reply().error, 0);
+        assert_eq!(r.read_vec(512), vec![0; 512]);
+    }
+    drop(idle.pop());
+    // The server notices the departure when the connection's thread ends.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = tool("nbdinfo").arg("--size").arg(server.unix_uri("mem")).output().expect("nbdinfo");
+        if out.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nbdinfo never got the freed place");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(second);
+    assert_healthy(&server);
+}
+
+#[test]
+fn negotiation_cannot_outlast_the_handshake_timeout() {
+    // Tried, with a 400 ms handshake timeout: a client that sends nothing after the greeting,
+    // one that trickles the bytes of an option (one every 100 ms, each read well within the
+    // timeout), and one that sends options without ever reading the replies until the socket
+    // buffers are full. Must hold: each is closed by the server within a few timeouts, and
+    // other clients are served meanwhile.
+    let config = ServerConfig { handshake_timeout: Duration::from_millis(400), ..ServerConfig::default() };
+    let server = TestServer::start_with(config, standard_exports());
+    let started = Instant::now();
+    let mut silent = Raw::connect_fixed(&server);
+    let trickler = std::thread::spawn({
+        let mut r = Raw::connect_fixed(&server);
+        move || {
+            let opt = ClientOption::Info(InfoRequest { name: "x".repeat(100), requests: vec![] }).encode();
+            let t = Instant::now();
+            for b in opt {
+                if r.s.write_all(&[b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            r.expect_closed();
+            t.elapsed()
+        }
+    });
+    let flooder = std::thread::spawn({
+        let mut r = Raw::connect_fixed(&server);
+        move || {
+            let t = Instant::now();
+            let opt = ClientOption::List.encode();
+            r.s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+            // Replies (two exports, an ACK: about 100 bytes each time) pile up unread.
+            while r.s.write_all(&opt).is_ok() && t.elapsed() < Duration::from_secs(20) {}
+            r.expect_closed();
+            t.elapsed()
+        }
+    });
+    assert_healthy(&server);
+    silent.expect_closed();
+    assert!(started.elapsed() < Duration::from_secs(3), "silent client held {:?}", started.elapsed());
+    let t = trickler.join().unwrap();
+    assert!(t < Duration::from_secs(3), "trickling client held {t:?}");
+    let t = flooder.join().unwrap();
+    assert!(t < Duration::from_secs(5), "client not reading replies held {t:?}");
+    assert_healthy(&server);
+}

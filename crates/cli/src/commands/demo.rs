@@ -242,6 +242,7 @@ pub fn run(a: DemoArgs, _g: Global) -> Result<ExitCode> {
         let export = std::sync::Arc::new(crate::serve::DiskExport::new(std::sync::Arc::new(disk)));
         crate::serve::serve_disks(
             vec![("vm".into(), export)],
+            mcow_nbd::ServerConfig::default(),
             Some(a.tcp.clone()),
             None,
             |addrs| {

@@ -327,6 +327,22 @@ pub struct RequestError {
     pub reason: &'static str,
 }
 
+/// The name of an NBD error value, for logs.
+pub fn errno_name(errno: u32) -> &'static str {
+    match errno {
+        0 => "OK",
+        NBD_EPERM => "EPERM",
+        NBD_EIO => "EIO",
+        NBD_ENOMEM => "ENOMEM",
+        NBD_EINVAL => "EINVAL",
+        NBD_ENOSPC => "ENOSPC",
+        NBD_EOVERFLOW => "EOVERFLOW",
+        NBD_ENOTSUP => "ENOTSUP",
+        NBD_ESHUTDOWN => "ESHUTDOWN",
+        _ => "unknown error",
+    }
+}
+
 /// The name of an option code, for logs and messages.
 pub fn option_name(option: u32) -> &'static str {
     match option {

@@ -9,7 +9,7 @@ use std::io;
 use std::time::Instant;
 
 use super::transmission::{self, Negotiated, Stats};
-use super::transport::{Transport, discard};
+use super::transport::Transport;
 use super::{Ctx, ExportEntry};
 use crate::proto::{
     self, BlockSizes, ClientOption, InfoRequest, MetaContextQuery, NBD_FLAG_CAN_MULTI_CONN,
@@ -36,6 +36,8 @@ pub(crate) enum ConnError {
     UnknownExport(String),
     #[error("{0}")]
     BadExportName(proto::OptionError),
+    #[error("cut by the server during negotiation to make room for a new connection")]
+    Evicted,
 }
 
 /// Transmission flags for an export.
@@ -64,31 +66,34 @@ pub(crate) fn effective_block_sizes(b: BlockSizes, max_payload: u32) -> BlockSiz
     BlockSizes { minimum, preferred, maximum }
 }
 
-/// Runs one connection to completion; logs one line when it closes.
-pub(crate) fn run_connection<S: Transport>(ctx: &Ctx, mut stream: S, peer: &str) {
+/// Runs one connection to completion; logs one line when it closes. `enter` is called when
+/// negotiation is over, before the client is told so; if it says no (the server cut the
+/// connection meanwhile), the connection ends there.
+pub(crate) fn run_connection<S: Transport>(ctx: &Ctx, mut stream: S, peer: &str, enter: &dyn Fn() -> bool) {
     let started = Instant::now();
     let stats = Stats::default();
     let mut export_name = String::new();
-    let outcome = match negotiate(ctx, &mut stream) {
+    let outcome = match negotiate(ctx, &mut stream, enter) {
         Ok(Some(neg)) => {
             export_name.clone_from(&ctx.exports[neg.export].name);
-            transmission::run(ctx, stream, neg, &stats)
+            transmission::run(ctx, stream, neg, &stats, peer)
         }
         Ok(None) => Ok(()),
         Err(e) => Err(e),
     };
-    let (requests, bytes_read, bytes_written) = stats.totals();
+    let (requests, bytes_read, bytes_written, io_errors) = stats.totals();
     let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     match outcome {
         Ok(()) => tracing::info!(
-            %peer, export = %export_name, requests, bytes_read, bytes_written, duration_ms,
+            %peer, export = %export_name, requests, bytes_read, bytes_written, io_errors, duration_ms,
             "NBD connection closed"
         ),
         Err(e) => tracing::info!(
-            %peer, export = %export_name, requests, bytes_read, bytes_written, duration_ms, error = %e,
+            %peer, export = %export_name, requests, bytes_read, bytes_written, io_errors, duration_ms, error = %e,
             "NBD connection closed with error"
         ),
     }
+    transmission::report_suppressed_io_errors(ctx);
 }
 
 /// Selected metadata contexts and the export they were selected for.
@@ -109,11 +114,16 @@ struct Handshake<'a, S> {
 }
 
 /// Runs fixed newstyle negotiation. `Ok(None)` means the client left politely.
-fn negotiate<S: Transport>(ctx: &Ctx, stream: &mut S) -> Result<Option<Negotiated>, ConnError> {
+fn negotiate<S: Transport>(
+    ctx: &Ctx,
+    stream: &mut S,
+    enter: &dyn Fn() -> bool,
+) -> Result<Option<Negotiated>, ConnError> {
     let deadline = Instant::now() + ctx.config.handshake_timeout;
-    stream.write_all(&proto::encode_greeting(HANDSHAKE_FLAGS))?;
     let mut h =
         Handshake { ctx, stream, deadline, no_zeroes: false, structured: false, meta: None, out: Vec::new() };
+    h.out.extend_from_slice(&proto::encode_greeting(HANDSHAKE_FLAGS));
+    h.flush()?;
     let mut flags = [0u8; 4];
     h.read_exact(&mut flags)?;
     let client = proto::decode_client_flags(&flags, HANDSHAKE_FLAGS)?;
@@ -125,6 +135,11 @@ fn negotiate<S: Transport>(ctx: &Ctx, stream: &mut S) -> Result<Option<Negotiate
         h.read_exact(&mut hdr)?;
         let hdr = OptionHeader::decode(&hdr)?;
         let step = h.option(hdr)?;
+        if let Some(Some(_)) = step
+            && !enter()
+        {
+            return Err(ConnError::Evicted);
+        }
         h.flush()?;
         if let Some(neg) = step {
             return Ok(neg);
@@ -136,16 +151,38 @@ fn negotiate<S: Transport>(ctx: &Ctx, stream: &mut S) -> Result<Option<Negotiate
 type Step = Option<Option<Negotiated>>;
 
 impl<S: Transport> Handshake<'_, S> {
-    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), ConnError> {
+    /// Time left before the handshake deadline; an error once it passed.
+    fn left(&self) -> Result<std::time::Duration, ConnError> {
         let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(ConnError::HandshakeTimeout);
+        if left.is_zero() { Err(ConnError::HandshakeTimeout) } else { Ok(left) }
+    }
+
+    /// One read, bounded by the deadline (every read is, so a client trickling bytes cannot
+    /// stretch negotiation past it). 0 means the stream ended.
+    fn read_some(&mut self, buf: &mut [u8]) -> Result<usize, ConnError> {
+        loop {
+            let left = self.left()?;
+            self.stream.set_read_timeout_opt(Some(left))?;
+            match self.stream.read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    return Err(ConnError::HandshakeTimeout);
+                }
+                Err(e) => return Err(ConnError::Io(e)),
+            }
         }
-        self.stream.set_read_timeout_opt(Some(left))?;
-        self.stream.read_exact(buf).map_err(|e| match e.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ConnError::HandshakeTimeout,
-            _ => ConnError::Io(e),
-        })
+    }
+
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), ConnError> {
+        let mut filled = 0;
+        while filled < buf.len() {
+            match self.read_some(&mut buf[filled..])? {
+                0 => return Err(ConnError::Io(io::ErrorKind::UnexpectedEof.into())),
+                n => filled += n,
+            }
+        }
+        Ok(())
     }
 
     fn reply(&mut self, option: u32, r: OptionReply<'_>) {
@@ -156,10 +193,32 @@ impl<S: Transport> Handshake<'_, S> {
         self.reply(option, OptionReply::Error { code, message });
     }
 
+    /// Sends the replies gathered so far, bounded by the deadline too (a client that sends
+    /// options without reading the replies must not hold the connection past it).
     fn flush(&mut self) -> Result<(), ConnError> {
         if !self.out.is_empty() {
-            self.stream.write_all(&self.out)?;
-            self.out.clear();
+            self.send_now()?;
+        }
+        Ok(())
+    }
+
+    fn send_now(&mut self) -> Result<(), ConnError> {
+        let out = std::mem::take(&mut self.out);
+        let mut sent = 0;
+        while sent < out.len() {
+            // Every write is bounded by what is left, so a client reading a byte at a time
+            // cannot stretch negotiation either.
+            let left = self.left()?;
+            self.stream.set_write_timeout_opt(Some(left))?;
+            match self.stream.write(&out[sent..]) {
+                Ok(0) => return Err(ConnError::Io(io::ErrorKind::WriteZero.into())),
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    return Err(ConnError::HandshakeTimeout);
+                }
+                Err(e) => return Err(ConnError::Io(e)),
+            }
         }
         Ok(())
     }
@@ -247,12 +306,15 @@ impl<S: Transport> Handshake<'_, S> {
     }
 
     fn skip(&mut self, len: u32) -> Result<(), ConnError> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(ConnError::HandshakeTimeout);
+        let mut left = len as usize;
+        let mut scratch = vec![0u8; left.min(64 << 10)];
+        while left > 0 {
+            let want = left.min(scratch.len());
+            match self.read_some(&mut scratch[..want])? {
+                0 => return Err(ConnError::Io(io::ErrorKind::UnexpectedEof.into())),
+                n => left -= n,
+            }
         }
-        self.stream.set_read_timeout_opt(Some(left))?;
-        discard(self.stream, u64::from(len))?;
         Ok(())
     }
 
@@ -277,8 +339,7 @@ impl<S: Transport> Handshake<'_, S> {
         let idx = self.ctx.find(name).ok_or_else(|| ConnError::UnknownExport(name.to_string()))?;
         let neg = self.negotiated(idx);
         let flags = transmission_flags(neg.read_only, neg.structured);
-        self.flush()?;
-        self.stream.write_all(&proto::encode_export_name_reply(neg.size, flags, self.no_zeroes))?;
+        self.out.extend_from_slice(&proto::encode_export_name_reply(neg.size, flags, self.no_zeroes));
         Ok(Some(neg))
     }
 

@@ -1,5 +1,5 @@
-//! The NBD transport: listeners, one thread per connection, a small worker pool per
-//! connection, and orderly shutdown.
+//! The NBD transport: listeners, one thread per connection (more while it has requests in
+//! flight), admission of new connections, and orderly shutdown.
 //!
 //! This module owns sockets, threads, timeouts, limits and the policy of what the server
 //! offers (which transmission flags, which metadata contexts, which export a name maps
@@ -13,8 +13,17 @@
 //! connection's read side is shut so no new request is taken, requests already read are
 //! finished and answered, then each export is flushed and `serve_*` returns `Ok(())`.
 //! A stopped server stays stopped.
+//!
+//! Admission: [`ServerConfig::max_connections`] bounds the connections of the whole server
+//! (every listener), and [`ServerConfig::max_handshakes`], a smaller budget, those still
+//! negotiating, so clients that never finish negotiating (each cut after
+//! [`ServerConfig::handshake_timeout`]) cannot take the room of clients that do. A new
+//! connection when the handshake budget is full cuts the one negotiating longest; a new
+//! connection when the server is full is closed at once. Both are logged at warn, a few
+//! lines a second at most.
 
 mod handshake;
+mod ratelimit;
 mod transmission;
 pub(crate) mod transport;
 
@@ -30,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use crate::export::Export;
 use crate::proto::{BASE_ALLOCATION, MAX_STRING_LEN};
+use ratelimit::RateLimit;
 use transport::{Listener, Shut, Transport, WakeAddr, Waker};
 
 /// Limits and timeouts of a [`Server`].
@@ -41,12 +51,21 @@ pub struct ServerConfig {
     /// Largest option payload accepted during negotiation; larger ones are skipped and
     /// answered with `NBD_REP_ERR_TOO_BIG`. Default 64 KiB.
     pub max_option_len: u32,
-    /// Worker threads per connection running requests in parallel; each holds at most one
-    /// request, so this also bounds what a connection holds in flight. Default 4.
+    /// Most worker threads per connection running requests in parallel; each holds at most
+    /// one request, so this also bounds what a connection holds in flight. A connection starts
+    /// with one (its own thread) and starts more only while requests keep them busy. Default 4.
     pub workers_per_connection: usize,
-    /// Connections served at once; more are closed on accept. Default 256.
+    /// How long a worker other than a connection's first waits for a request before it ends
+    /// (so an idle connection holds one thread). Default 1 s.
+    pub worker_linger: Duration,
+    /// Connections served at once by the whole server (all listeners), negotiating or not;
+    /// more are closed on accept. Default 1024.
     pub max_connections: usize,
-    /// Time a client has to finish negotiation. Default 30 s.
+    /// Connections still negotiating at once, at most (capped to `max_connections`). When
+    /// a new connection would exceed it, the connection negotiating longest is cut. Default 64.
+    pub max_handshakes: usize,
+    /// Time a client has to finish negotiation (every read and write of it included).
+    /// Default 10 s.
     pub handshake_timeout: Duration,
     /// Time a reply write may make no progress because the client does not read; the
     /// connection is dropped after it. `None` waits forever. Default 60 s.
@@ -61,8 +80,10 @@ impl Default for ServerConfig {
             max_payload: 32 << 20,
             max_option_len: 64 << 10,
             workers_per_connection: 4,
-            max_connections: 256,
-            handshake_timeout: Duration::from_secs(30),
+            worker_linger: Duration::from_secs(1),
+            max_connections: 1024,
+            max_handshakes: 64,
+            handshake_timeout: Duration::from_secs(10),
             write_timeout: Some(Duration::from_secs(60)),
             shutdown_grace: Duration::from_secs(10),
         }
@@ -135,6 +156,12 @@ pub(crate) struct Shared {
     stopping: AtomicBool,
     wakers: Mutex<Vec<(u64, Waker)>>,
     next_waker: AtomicU64,
+    /// Live connections of every `serve_*` call.
+    conns: ConnRegistry,
+    /// Log lines for I/O errors returned to clients.
+    pub(crate) io_errors: RateLimit,
+    /// Log lines for connections refused or cut by admission.
+    refusals: RateLimit,
 }
 
 impl Shared {
@@ -185,37 +212,103 @@ impl ShutdownHandle {
     }
 }
 
-/// Live connections of one `serve_*` call, so shutdown can reach them.
+/// Live connections of a server, so admission can count them and shutdown reach them.
 #[derive(Default)]
 struct ConnRegistry {
-    conns: Mutex<HashMap<u64, Box<dyn Shut>>>,
+    conns: Mutex<Conns>,
     emptied: Condvar,
 }
 
+#[derive(Default)]
+struct Conns {
+    map: HashMap<u64, ConnEntry>,
+    /// Entries still negotiating.
+    negotiating: usize,
+    next_id: u64,
+}
+
+struct ConnEntry {
+    peer: String,
+    shut: Box<dyn Shut>,
+    /// When negotiation started; `None` once in transmission.
+    negotiating_since: Option<Instant>,
+}
+
+/// What admission decided for a new connection.
+enum Admission {
+    /// Admitted under this id.
+    Admitted(u64),
+    /// Admitted under this id after cutting the connection negotiating longest.
+    Evicted { id: u64, peer: String, negotiating_for: Duration },
+    /// The server is full.
+    Refused { open: usize },
+}
+
 impl ConnRegistry {
-    fn len(&self) -> usize {
-        lock(&self.conns).len()
+    /// Admits a new connection (as negotiating) if the limits allow, see [`Admission`].
+    fn admit(&self, peer: &str, shut: Box<dyn Shut>, config: &ServerConfig) -> Admission {
+        let mut c = lock(&self.conns);
+        if c.map.len() >= config.max_connections {
+            return Admission::Refused { open: c.map.len() };
+        }
+        let mut evicted = None;
+        if c.negotiating >= config.max_handshakes {
+            let oldest = c
+                .map
+                .iter()
+                .filter_map(|(id, e)| e.negotiating_since.map(|since| (since, *id)))
+                .min()
+                .map(|(_, id)| id);
+            if let Some(victim) = oldest.and_then(|id| c.map.remove(&id)) {
+                c.negotiating -= 1;
+                victim.shut.shut(Shutdown::Both);
+                let since = victim.negotiating_since.unwrap_or_else(Instant::now);
+                evicted = Some((victim.peer, since.elapsed()));
+            }
+        }
+        let id = c.next_id;
+        c.next_id += 1;
+        c.map.insert(id, ConnEntry { peer: peer.to_string(), shut, negotiating_since: Some(Instant::now()) });
+        c.negotiating += 1;
+        match evicted {
+            Some((peer, negotiating_for)) => Admission::Evicted { id, peer, negotiating_for },
+            None => Admission::Admitted(id),
+        }
     }
-    fn insert(&self, id: u64, s: Box<dyn Shut>) {
-        lock(&self.conns).insert(id, s);
+
+    /// Moves a connection from negotiating to transmission; false if it was cut meanwhile.
+    fn enter_transmission(&self, id: u64) -> bool {
+        let mut c = lock(&self.conns);
+        let was_negotiating = c.map.get_mut(&id).and_then(|e| e.negotiating_since.take()).is_some();
+        if was_negotiating {
+            c.negotiating -= 1;
+        }
+        was_negotiating
     }
+
     fn remove(&self, id: u64) {
         let mut c = lock(&self.conns);
-        c.remove(&id);
-        if c.is_empty() {
+        if let Some(e) = c.map.remove(&id)
+            && e.negotiating_since.is_some()
+        {
+            c.negotiating -= 1;
+        }
+        if c.map.is_empty() {
             self.emptied.notify_all();
         }
     }
+
     fn shutdown_all(&self, how: Shutdown) {
-        for s in lock(&self.conns).values() {
-            s.shut(how);
+        for e in lock(&self.conns).map.values() {
+            e.shut.shut(how);
         }
     }
+
     /// Waits until no connection is left or `timeout` passed; true if empty.
     fn wait_empty(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut c = lock(&self.conns);
-        while !c.is_empty() {
+        while !c.map.is_empty() {
             let now = Instant::now();
             if now >= deadline {
                 return false;
@@ -228,13 +321,13 @@ impl ConnRegistry {
 
 /// Removes a connection from the registry when its thread ends, however it ends.
 struct Registered {
-    registry: Arc<ConnRegistry>,
+    shared: Arc<Shared>,
     id: u64,
 }
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        self.registry.remove(self.id);
+        self.shared.conns.remove(self.id);
     }
 }
 
@@ -271,6 +364,7 @@ impl Server {
         config.max_payload = config.max_payload.max(512);
         config.workers_per_connection = config.workers_per_connection.max(1);
         config.max_connections = config.max_connections.max(1);
+        config.max_handshakes = config.max_handshakes.clamp(1, config.max_connections);
         Self { exports: Vec::new(), config, shared: Arc::new(Shared::default()) }
     }
 
@@ -361,7 +455,7 @@ impl Server {
     /// Runs one connection over an arbitrary stream on the calling thread (fuzzing).
     pub(crate) fn run_session<S: Transport>(&self, stream: S) {
         let ctx = self.ctx();
-        handshake::run_connection(&ctx, stream, "in-memory");
+        handshake::run_connection(&ctx, stream, "in-memory", &|| true);
     }
 
     fn ctx(&self) -> Ctx {
@@ -373,10 +467,9 @@ impl Server {
             return Err(ServerError::NoExports);
         }
         let ctx = Arc::new(self.ctx());
-        let registry = Arc::new(ConnRegistry::default());
+        let registry = &self.shared.conns;
         let waker_id = self.shared.register(waker);
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        let mut next_id = 0u64;
         let mut result = Ok(());
 
         while !self.shared.is_stopping() {
@@ -397,7 +490,9 @@ impl Server {
                     }
                     _ => {
                         // Typically out of file descriptors: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed; retrying");
+                        if let Some(suppressed) = self.shared.refusals.admit() {
+                            tracing::warn!(error = %e, suppressed, "accept failed; retrying");
+                        }
                         thread::sleep(Duration::from_millis(100));
                         continue;
                     }
@@ -407,10 +502,6 @@ impl Server {
                 break;
             }
             threads.retain(|t| !t.is_finished());
-            if registry.len() >= ctx.config.max_connections {
-                tracing::warn!(%peer, limit = ctx.config.max_connections, "too many connections; closing new one");
-                continue;
-            }
             let shut = match stream.try_clone_stream() {
                 Ok(s) => s,
                 Err(e) => {
@@ -418,14 +509,34 @@ impl Server {
                     continue;
                 }
             };
-            let id = next_id;
-            next_id += 1;
-            registry.insert(id, Box::new(shut));
-            let guard = Registered { registry: Arc::clone(&registry), id };
+            let id = match self.shared.conns.admit(&peer, Box::new(shut), &ctx.config) {
+                Admission::Admitted(id) => id,
+                Admission::Evicted { id, peer: cut, negotiating_for } => {
+                    if let Some(suppressed) = self.shared.refusals.admit() {
+                        tracing::warn!(
+                            %peer, cut = %cut, negotiating_ms = negotiating_for.as_millis(),
+                            limit = ctx.config.max_handshakes, suppressed,
+                            "too many NBD connections negotiating at once; cut the one negotiating longest"
+                        );
+                    }
+                    id
+                }
+                Admission::Refused { open } => {
+                    if let Some(suppressed) = self.shared.refusals.admit() {
+                        tracing::warn!(
+                            %peer, open, limit = ctx.config.max_connections, suppressed,
+                            "too many NBD connections; refusing a new one"
+                        );
+                    }
+                    continue;
+                }
+            };
+            let guard = Registered { shared: Arc::clone(&self.shared), id };
             let ctx = Arc::clone(&ctx);
             let spawned = thread::Builder::new().name(format!("nbd-conn-{id}")).spawn(move || {
-                let _guard = guard;
-                handshake::run_connection(&ctx, stream, &peer);
+                let shared = Arc::clone(&guard.shared);
+                handshake::run_connection(&ctx, stream, &peer, &|| shared.conns.enter_transmission(id));
+                drop(guard);
             });
             match spawned {
                 Ok(t) => threads.push(t),
@@ -444,6 +555,7 @@ impl Server {
         for t in threads {
             let _ = t.join();
         }
+        transmission::report_suppressed_io_errors(&ctx);
         for e in &ctx.exports {
             if let Err(err) = e.export.flush() {
                 tracing::error!(export = %e.name, error = %err, "flush at shutdown failed");

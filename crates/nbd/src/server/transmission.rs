@@ -1,8 +1,14 @@
 //! The transmission phase of one connection: a few worker threads that take turns reading
-//! one request each (under a reader lock), run it against the export, and write its reply
+//! one request each (one reader at a time), run it against the export, and write its reply
 //! (under a writer lock). No request changes threads, so a request costs no hand-off between
 //! threads; requests still run in parallel, and a slow one (a flush, a fetch from a remote)
 //! does not hold up the others.
+//!
+//! Workers come and go with the load: the connection's own thread is always one; when a worker
+//! takes a request and no other is left to read the next one, it starts another (up to
+//! `workers_per_connection`); a worker other than the first that finds nothing to read for
+//! `worker_linger` (the socket's read timeout while there are several) ends. An idle
+//! connection holds one thread.
 //!
 //! Owns request scheduling, back-pressure (each worker holds at most one request, so a
 //! connection holds at most `workers` requests), reply assembly and the mapping of export
@@ -14,12 +20,13 @@
 
 use std::io::{self, BufReader, IoSlice, Read};
 use std::net::Shutdown;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, PoisonError};
+use std::thread::{self, Scope};
+use std::time::{Duration, Instant};
 
 use super::handshake::ConnError;
-use super::transport::{Transport, discard, read_exact_or_eof, write_all_vectored};
+use super::transport::{Filled, Transport, discard, fill, write_all_vectored};
 use super::{Ctx, lock};
 use crate::export::Export;
 use crate::proto::{
@@ -53,16 +60,83 @@ pub(crate) struct Stats {
     requests: AtomicU64,
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
+    /// Export errors returned to the client.
+    io_errors: AtomicU64,
 }
 
 impl Stats {
-    pub(crate) fn totals(&self) -> (u64, u64, u64) {
+    pub(crate) fn totals(&self) -> (u64, u64, u64, u64) {
         (
             self.requests.load(Ordering::Relaxed),
             self.bytes_read.load(Ordering::Relaxed),
             self.bytes_written.load(Ordering::Relaxed),
+            self.io_errors.load(Ordering::Relaxed),
         )
     }
+}
+
+/// Whose turn it is to read the next request: at most one worker reads at a time. Unlike a
+/// mutex, a worker can give up waiting for its turn.
+#[derive(Default)]
+struct Turn {
+    state: Mutex<TurnState>,
+    freed: Condvar,
+}
+
+#[derive(Default)]
+struct TurnState {
+    taken: bool,
+    /// Workers waiting for the turn (so a freed turn wakes someone only if someone waits).
+    waiting: usize,
+}
+
+impl Turn {
+    /// Waits for the turn, forever or up to `timeout`; `None` if the time ran out.
+    fn take(&self, timeout: Option<Duration>) -> Option<TurnGuard<'_>> {
+        let mut st = lock(&self.state);
+        if st.taken {
+            let deadline = timeout.map(|t| Instant::now() + t);
+            st.waiting += 1;
+            while st.taken {
+                st = match deadline {
+                    None => self.freed.wait(st).unwrap_or_else(PoisonError::into_inner),
+                    Some(d) => {
+                        let left = d.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            st.waiting -= 1;
+                            return None;
+                        }
+                        self.freed.wait_timeout(st, left).unwrap_or_else(PoisonError::into_inner).0
+                    }
+                };
+            }
+            st.waiting -= 1;
+        }
+        st.taken = true;
+        Some(TurnGuard(self))
+    }
+}
+
+/// The turn to read; handed on when dropped.
+struct TurnGuard<'a>(&'a Turn);
+
+impl Drop for TurnGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = lock(&self.0.state);
+        st.taken = false;
+        if st.waiting > 0 {
+            self.0.freed.notify_one();
+        }
+    }
+}
+
+/// What a worker's turn to read gave.
+enum Next {
+    Job(Job),
+    /// No request began within the read timeout.
+    Idle,
+    /// The request stream ended.
+    End,
 }
 
 /// A request read by a worker.
@@ -73,6 +147,9 @@ struct Job {
 
 /// State shared by the reader and the workers of one connection.
 struct Conn<'a, S> {
+    ctx: &'a Ctx,
+    peer: &'a str,
+    export_name: &'a str,
     export: &'a dyn Export,
     neg: &'a Negotiated,
     params: TransmissionParams,
@@ -83,6 +160,17 @@ struct Conn<'a, S> {
     /// The first error that ended the request stream.
     error: Mutex<Option<ConnError>>,
     stats: &'a Stats,
+    reader: Mutex<BufReader<S>>,
+    turn: Turn,
+    /// Workers running, the connection's own thread included. While there is more than one,
+    /// the socket's read timeout is `worker_linger`, so a worker other than the first that
+    /// waits that long for a request can end; with one, reads wait for ever.
+    workers: Mutex<usize>,
+    /// `workers`, readable without the lock.
+    workers_now: AtomicUsize,
+    /// Workers not running a request: waiting for the turn or reading.
+    idle: AtomicUsize,
+    max_workers: usize,
 }
 
 /// Maps an export's error to an NBD error value.
@@ -104,6 +192,7 @@ pub(crate) fn run<S: Transport>(
     stream: S,
     neg: Negotiated,
     stats: &Stats,
+    peer: &str,
 ) -> Result<(), ConnError> {
     stream.set_read_timeout_opt(None)?;
     let writer = stream.try_clone_stream()?;
@@ -117,6 +206,9 @@ pub(crate) fn run<S: Transport>(
         meta_contexts: neg.contexts.len(),
     };
     let conn = Conn {
+        ctx,
+        peer,
+        export_name: &entry.name,
         export: entry.export.as_ref(),
         neg: &neg,
         params,
@@ -125,75 +217,136 @@ pub(crate) fn run<S: Transport>(
         ended: AtomicBool::new(false),
         error: Mutex::new(None),
         stats,
+        reader: Mutex::new(BufReader::with_capacity(READ_BUFFER, stream)),
+        turn: Turn::default(),
+        workers: Mutex::new(1),
+        workers_now: AtomicUsize::new(1),
+        idle: AtomicUsize::new(1),
+        max_workers: ctx.config.workers_per_connection.max(1),
     };
-    let reader = Mutex::new(BufReader::with_capacity(READ_BUFFER, stream));
-    let workers = ctx.config.workers_per_connection.max(1);
-    thread::scope(|scope| {
-        for i in 1..workers {
-            let spawned = thread::Builder::new()
-                .name(format!("nbd-worker-{i}"))
-                .spawn_scoped(scope, || conn.worker(&reader));
-            if let Err(e) = spawned {
-                tracing::warn!(error = %e, "started fewer workers than configured");
-                break;
-            }
-        }
-        // This thread is a worker too.
-        conn.worker(&reader);
-    });
+    // This thread is the first worker; it starts the others as the load needs them.
+    thread::scope(|scope| conn.worker(scope, true));
     match lock(&conn.error).take() {
         Some(e) => Err(e),
         None => Ok(()),
     }
 }
 
+/// Logs how many I/O errors the rate limit left out, if any (when a connection closes, so
+/// the count of a storm that ended is not lost).
+pub(crate) fn report_suppressed_io_errors(ctx: &Ctx) {
+    let n = ctx.shared.io_errors.take_suppressed();
+    if n > 0 {
+        tracing::warn!(suppressed = n, "more I/O errors were returned to NBD clients than were logged");
+    }
+}
+
 impl<S: Transport> Conn<'_, S> {
-    /// Takes turns with the other workers: reads one request under the reader lock, then runs
-    /// it and sends its reply, until the request stream ends.
-    fn worker<R: Read>(&self, reader: &Mutex<R>) {
+    /// Takes turns with the other workers: reads one request in its turn, then runs it and
+    /// sends its reply, until the request stream ends. The first worker (`first`) waits for
+    /// requests for ever; the others end after `worker_linger` without one.
+    fn worker<'scope, 'env>(&'env self, scope: &'scope Scope<'scope, 'env>, first: bool) {
         let mut buf: Vec<u8> = Vec::new();
+        let linger = self.ctx.config.worker_linger;
         loop {
             let job = {
-                let mut r = lock(reader);
+                let Some(_turn) = self.turn.take((!first).then_some(linger)) else {
+                    return self.retire();
+                };
+                let mut r = lock(&self.reader);
                 if self.ended.load(Ordering::SeqCst) || self.broken.load(Ordering::SeqCst) {
-                    return;
+                    return self.retire();
                 }
-                match self.read_request(&mut *r) {
-                    Ok(Some(job)) => job,
-                    Ok(None) => {
+                match self.read_request(&mut *r, !first) {
+                    Ok(Next::Job(job)) => job,
+                    Ok(Next::Idle) => return self.retire(),
+                    Ok(Next::End) => {
                         self.ended.store(true, Ordering::SeqCst);
-                        return;
+                        return self.retire();
                     }
                     Err(e) => {
                         self.ended.store(true, Ordering::SeqCst);
                         lock(&self.error).get_or_insert(e);
-                        return;
+                        return self.retire();
                     }
                 }
             };
+            if self.idle.fetch_sub(1, Ordering::SeqCst) == 1 {
+                // No other worker will read the next request while this one runs.
+                self.hire(scope);
+            }
             if !self.broken.load(Ordering::SeqCst) {
                 self.execute(&job, &mut buf);
             }
+            self.idle.fetch_add(1, Ordering::SeqCst);
             if buf.capacity() > KEEP_BUFFER {
                 buf = Vec::new();
             }
         }
     }
 
+    /// Starts one more worker, unless there are enough.
+    fn hire<'scope, 'env>(&'env self, scope: &'scope Scope<'scope, 'env>) {
+        if self.workers_now.load(Ordering::SeqCst) >= self.max_workers {
+            return;
+        }
+        {
+            let mut n = lock(&self.workers);
+            if *n >= self.max_workers {
+                return;
+            }
+            *n += 1;
+            self.workers_now.store(*n, Ordering::SeqCst);
+            if *n == 2 {
+                self.set_read_timeout(Some(self.ctx.config.worker_linger));
+            }
+            self.idle.fetch_add(1, Ordering::SeqCst);
+        }
+        let spawned = thread::Builder::new().name("nbd-worker".into()).spawn_scoped(scope, move || {
+            self.worker(scope, false);
+        });
+        if let Err(e) = spawned {
+            self.retire();
+            tracing::warn!(error = %e, "cannot start another worker for an NBD connection");
+        }
+    }
+
+    /// A worker ends (it was idle).
+    fn retire(&self) {
+        self.idle.fetch_sub(1, Ordering::SeqCst);
+        let mut n = lock(&self.workers);
+        *n -= 1;
+        self.workers_now.store(*n, Ordering::SeqCst);
+        if *n == 1 {
+            self.set_read_timeout(None);
+        }
+    }
+
+    /// Sets the socket's read timeout (through the writer's handle: the reader's may be in a
+    /// read). A read already waiting keeps the timeout it started with.
+    fn set_read_timeout(&self, d: Option<Duration>) {
+        if let Err(e) = lock(&self.writer).set_read_timeout_opt(d) {
+            tracing::debug!(error = %e, "cannot set the read timeout");
+        }
+    }
+
     /// Reads the next request to run. Requests that can be refused without the export are
-    /// answered here; `None` when the client disconnects (or sends DISC).
-    fn read_request<R: Read>(&self, r: &mut R) -> Result<Option<Job>, ConnError> {
+    /// answered here. `End` when the client disconnects (or sends DISC); `Idle` (only if
+    /// `may_idle`) when no request began within the read timeout.
+    fn read_request<R: Read>(&self, r: &mut R, may_idle: bool) -> Result<Next, ConnError> {
         loop {
             let mut hdr = [0u8; REQUEST_HEADER_LEN];
-            if !read_exact_or_eof(r, &mut hdr)? {
-                return Ok(None);
+            match fill(r, &mut hdr, may_idle)? {
+                Filled::Full => {}
+                Filled::Eof => return Ok(Next::End),
+                Filled::Idle => return Ok(Next::Idle),
             }
             // A bad magic means the stream is out of step; nothing after it can be trusted.
             let req = Request::decode(&hdr)?;
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             if req.command == Command::Disc {
                 tracing::debug!("client sent NBD_CMD_DISC");
-                return Ok(None);
+                return Ok(Next::End);
             }
             if let Err(e) = req.check(&self.params) {
                 tracing::debug!(command = %req.command, offset = req.offset, length = req.length, error = %e, "request refused");
@@ -205,9 +358,11 @@ impl<S: Transport> Conn<'_, S> {
             let mut payload = Vec::new();
             if req.command == Command::Write {
                 payload = vec![0u8; req.length as usize];
-                r.read_exact(&mut payload)?;
+                if fill(r, &mut payload, false)? != Filled::Full {
+                    return Err(ConnError::Io(io::ErrorKind::UnexpectedEof.into()));
+                }
             }
-            return Ok(Some(Job { req, payload }));
+            return Ok(Next::Job(Job { req, payload }));
         }
     }
 
@@ -317,9 +472,18 @@ impl<S: Transport> Conn<'_, S> {
         self.send(&mut [IoSlice::new(&out)]);
     }
 
+    /// Answers a request with the export's error, and logs it (at most a few lines a second
+    /// for the whole server; the next line logged says how many were left out).
     fn send_io_error(&self, req: &Request, err: &io::Error) {
-        tracing::debug!(command = %req.command, offset = req.offset, length = req.length, error = %err, "export error");
         let errno = errno_for(err);
+        self.stats.io_errors.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = self.ctx.shared.io_errors.admit() {
+            tracing::warn!(
+                peer = %self.peer, export = %self.export_name, command = %req.command, offset = req.offset,
+                length = req.length, errno = %proto::errno_name(errno), suppressed, error = %err,
+                "I/O error returned to the NBD client"
+            );
+        }
         let message = err.to_string();
         self.send_error_msg(req, errno, &message);
     }

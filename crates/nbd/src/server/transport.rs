@@ -146,27 +146,93 @@ pub(crate) fn write_all_vectored<W: Write>(w: &mut W, bufs: &mut [IoSlice<'_>]) 
     Ok(())
 }
 
-/// Reads and throws away exactly `len` bytes.
+/// Whether a read failed only because the socket's read timeout passed.
+pub(crate) fn timed_out(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+}
+
+/// How a read that may wait for a request to start ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Filled {
+    /// `buf` is full.
+    Full,
+    /// The stream ended cleanly before the first byte.
+    Eof,
+    /// The read timeout passed before the first byte (only when `may_idle`).
+    Idle,
+}
+
+/// Fills `buf` completely, waiting through read timeouts once a byte has come (so a request
+/// is never cut in two). Before the first byte a timeout gives `Idle` if `may_idle`, else it
+/// waits on; a stream that ends part-way is `UnexpectedEof`.
+pub(crate) fn fill<R: Read>(r: &mut R, buf: &mut [u8], may_idle: bool) -> io::Result<Filled> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) if filled == 0 => return Ok(Filled::Eof),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if timed_out(&e) => {
+                if filled == 0 && may_idle {
+                    return Ok(Filled::Idle);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Filled::Full)
+}
+
+/// Reads and throws away exactly `len` bytes (waiting through read timeouts).
 pub(crate) fn discard<R: Read>(r: &mut R, len: u64) -> io::Result<()> {
-    let copied = io::copy(&mut r.take(len), &mut io::sink())?;
-    if copied < len {
-        return Err(io::ErrorKind::UnexpectedEof.into());
+    let mut scratch = [0u8; 8192];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(scratch.len() as u64) as usize;
+        if fill(r, &mut scratch[..n], false)? != Filled::Full {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        left -= n as u64;
     }
     Ok(())
 }
 
-/// Fills `buf` completely. Returns `Ok(false)` on a clean end of stream before the first
-/// byte, and `UnexpectedEof` if the stream ends part-way.
-pub(crate) fn read_exact_or_eof<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<bool> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match r.read(&mut buf[filled..]) {
-            Ok(0) if filled == 0 => return Ok(false),
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Gives its steps in order: bytes, or a timeout.
+    struct Steps(Vec<Option<&'static [u8]>>);
+
+    impl Read for Steps {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.0.is_empty() {
+                return Ok(0);
+            }
+            match self.0.remove(0) {
+                Some(b) => {
+                    buf[..b.len()].copy_from_slice(b);
+                    Ok(b.len())
+                }
+                None => Err(io::ErrorKind::WouldBlock.into()),
+            }
         }
     }
-    Ok(true)
+
+    #[test]
+    fn a_timeout_ends_a_wait_only_before_the_first_byte() {
+        let mut buf = [0u8; 4];
+        // Before any byte: idle if allowed, else it waits on.
+        assert_eq!(fill(&mut Steps(vec![None, Some(b"ab")]), &mut buf[..2], true).unwrap(), Filled::Idle);
+        assert_eq!(fill(&mut Steps(vec![None, Some(b"ab")]), &mut buf[..2], false).unwrap(), Filled::Full);
+        // After one: never cut in two.
+        let mut r = Steps(vec![Some(b"a"), None, None, Some(b"bcd")]);
+        assert_eq!(fill(&mut r, &mut buf, true).unwrap(), Filled::Full);
+        assert_eq!(&buf, b"abcd");
+        assert_eq!(fill(&mut Steps(vec![]), &mut buf, true).unwrap(), Filled::Eof);
+        let e = fill(&mut Steps(vec![Some(b"a")]), &mut buf, true).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        discard(&mut Steps(vec![Some(b"xy"), None, Some(b"z")]), 3).unwrap();
+    }
 }
