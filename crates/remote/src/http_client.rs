@@ -527,14 +527,16 @@ pub fn stream_ranges_one_by_one(
     Ok(ranges.len() as u64)
 }
 
-/// `bytes START-END/TOTAL` (or `*` for the total) as (START, END).
-fn parse_content_range(method: &'static str, url: &str, cr: &str) -> Result<(u64, u64)> {
+/// `bytes START-END/TOTAL` (or `*` for the total) as (START, END). Public for the fuzz target
+/// (fuzz/fuzz_targets/content_range.rs). What it accepts has START <= END < u64::MAX, so the
+/// part's length END + 1 - START cannot overflow.
+pub fn parse_content_range(method: &'static str, url: &str, cr: &str) -> Result<(u64, u64)> {
     let bad = || RemoteError::Invalid(format!("{method} {url}: bad Content-Range {cr:?}"));
     let r = cr.trim().strip_prefix("bytes ").ok_or_else(bad)?;
     let (span, _) = r.split_once('/').ok_or_else(bad)?;
     let (a, b) = span.split_once('-').ok_or_else(bad)?;
     let (a, b): (u64, u64) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
-    if b < a {
+    if b < a || b == u64::MAX {
         return Err(bad());
     }
     Ok((a, b))

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use mcow_format::Digest;
+use mcow_format::{Digest, check_virtual_size};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{RemoteError, Result};
@@ -90,8 +90,22 @@ impl Trace {
         serde_json::to_vec(self).expect("trace serializes")
     }
 
+    /// Parses a trace and checks that some disk could have it: a valid block size, and blocks
+    /// within the largest virtual size, so that runs of them (`block + count`) cannot overflow.
     pub fn parse(bytes: &[u8]) -> Result<Trace> {
-        serde_json::from_slice(bytes).map_err(|e| RemoteError::Invalid(format!("bad trace: {e}")))
+        let bad = |e: &dyn std::fmt::Display| RemoteError::Invalid(format!("bad trace: {e}"));
+        let t: Trace = serde_json::from_slice(bytes).map_err(|e| bad(&e))?;
+        mcow_format::check_block_size(t.block_size).map_err(|e| bad(&e))?;
+        let bs = u64::from(t.block_size);
+        let fits = |b: u64| {
+            b.checked_add(1)
+                .and_then(|n| n.checked_mul(bs))
+                .is_some_and(|end| check_virtual_size(end).is_ok())
+        };
+        if let Some(b) = t.blocks.iter().find(|&&b| !fits(b)) {
+            return Err(bad(&format!("block {b} lies past the largest virtual size")));
+        }
+        Ok(t)
     }
 }
 
@@ -282,5 +296,24 @@ mod tests {
         let odd = desc("application/json", b"t");
         let e = DiskConfig::parse(&config_bytes(&[l0], Some(&odd)), &m).unwrap_err();
         assert!(e.to_string().contains("media type"), "{e}");
+    }
+
+    /// Tried: traces whose block numbers end past u64 when the serve's prefetch groups them
+    /// into runs (`start + count`, the shape the trace fuzz target checks), or whose block size
+    /// no disk has. Must hold: each is a clean `Invalid` error, and a trace of a real disk's
+    /// blocks still parses.
+    #[test]
+    fn refuses_traces_no_disk_could_have() {
+        let good = br#"{"block_size":65536,"blocks":[0,1,2,17,137438953471]}"#;
+        assert_eq!(Trace::parse(good).unwrap().blocks.len(), 5);
+        for bad in [
+            r#"{"block_size":65536,"blocks":[18446744073709551615,0]}"#,
+            r#"{"block_size":65536,"blocks":[137438953472]}"#,
+            r#"{"block_size":4096,"blocks":[3,18446744073709551614]}"#,
+            r#"{"block_size":0,"blocks":[]}"#,
+            r#"{"block_size":1000,"blocks":[1]}"#,
+        ] {
+            assert!(matches!(Trace::parse(bad.as_bytes()), Err(RemoteError::Invalid(_))), "{bad}");
+        }
     }
 }
