@@ -6,8 +6,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{RemoteError, Result};
-use crate::http_client::Sink;
 use crate::layout::ObjectStore;
+use crate::range::{RangeRead, Sink};
 
 pub struct DirStore {
     root: PathBuf,
@@ -38,23 +38,7 @@ impl DirStore {
     }
 }
 
-impl ObjectStore for DirStore {
-    fn describe(&self) -> String {
-        format!("file://{}", self.root.display())
-    }
-
-    fn exists(&self, key: &str) -> Result<bool> {
-        Ok(self.path(key).is_file())
-    }
-
-    fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        match fs::read(self.path(key)) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(RemoteError::io("read", self.path(key))(e)),
-        }
-    }
-
+impl RangeRead<str> for DirStore {
     fn stream_range(&self, key: &str, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<()> {
         let p = self.path(key);
         let f = File::open(&p).map_err(|e| match e.kind() {
@@ -82,6 +66,24 @@ impl ObjectStore for DirStore {
             done += n as u64;
         }
         Ok(())
+    }
+}
+
+impl ObjectStore for DirStore {
+    fn describe(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+
+    fn exists(&self, key: &str) -> Result<bool> {
+        Ok(self.path(key).is_file())
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        match fs::read(self.path(key)) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(RemoteError::io("read", self.path(key))(e)),
+        }
     }
 
     fn get_to(&self, key: &str, dest: &Path, progress: &mut dyn FnMut(u64)) -> Result<()> {

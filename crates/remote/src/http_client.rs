@@ -24,6 +24,7 @@ use std::time::Duration;
 use ureq::http::{Response, StatusCode};
 
 use crate::error::{RemoteError, Result};
+use crate::range::{MultiSink, Sink};
 use crate::retry::{Cancel, Pace, Paced, RetryPolicy, abandoned};
 
 /// Timeouts, the pace of bodies and retries of an HTTP backend.
@@ -196,10 +197,6 @@ pub fn retry_after(resp: &Response<ureq::Body>) -> Option<Duration> {
     header(resp, "retry-after")?.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
-/// Where streamed bytes go: consecutive pieces of the range, in order; `false` stops the
-/// transfer early (that is no error).
-pub type Sink<'a> = dyn FnMut(&[u8]) -> bool + 'a;
-
 /// Bytes read from a body before they are handed to a sink: large enough that a sink sees a
 /// few blocks at once, small enough that the first block is not held back long.
 const STREAM_CHUNK: usize = 256 << 10;
@@ -228,16 +225,6 @@ pub fn stream_range(
             !stopped
         })
     })
-}
-
-/// Collects a streamed range into memory (for small ranges: headers, indexes, tests).
-pub fn collect_range(len: u64, stream: impl FnOnce(&mut Sink<'_>) -> Result<()>) -> Result<Vec<u8>> {
-    let mut buf = Vec::with_capacity(len as usize);
-    stream(&mut |piece: &[u8]| {
-        buf.extend_from_slice(piece);
-        true
-    })?;
-    Ok(buf)
 }
 
 /// Streams exactly `len` bytes of a ranged answer for `offset` to `sink`. A 206 must say it
@@ -359,10 +346,6 @@ fn read_chunks(
     }
     Ok((false, got))
 }
-
-/// Where the bytes of several ranges go: the range's index and consecutive pieces of it;
-/// `false` stops the transfer early.
-pub type MultiSink<'a> = dyn FnMut(usize, &[u8]) -> bool + 'a;
 
 /// The `Range` header value asking for `ranges` (offset, length), all in one request.
 pub fn multi_range_header(ranges: &[(u64, u64)]) -> String {
@@ -505,26 +488,6 @@ pub fn stream_ranges(
         }
     }
     Ok(requests)
-}
-
-/// Several ranges asked for one at a time with `single(offset, len, sink)`, for stores that
-/// take one range per request. Returns the number of requests made.
-pub fn stream_ranges_one_by_one(
-    ranges: &[(u64, u64)],
-    sink: &mut MultiSink<'_>,
-    mut single: impl FnMut(u64, u64, &mut Sink<'_>) -> Result<()>,
-) -> Result<u64> {
-    let mut stopped = false;
-    for (i, &(o, l)) in ranges.iter().enumerate() {
-        single(o, l, &mut |piece: &[u8]| {
-            stopped = !sink(i, piece);
-            !stopped
-        })?;
-        if stopped {
-            return Ok(i as u64 + 1);
-        }
-    }
-    Ok(ranges.len() as u64)
 }
 
 /// `bytes START-END/TOTAL` (or `*` for the total) as (START, END).

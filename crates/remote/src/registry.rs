@@ -29,11 +29,12 @@ use ureq::http::{Request, Response, StatusCode};
 
 use crate::error::{RemoteError, Result};
 use crate::http_client::{
-    HttpClient, HttpConfig, MultiSink, ProgressReader, Sink, base64, body_to_file, header,
-    parse_www_authenticate, query_escape, read_body, status_error, stream_multi_range_body, stream_range,
-    stream_range_body, stream_ranges, transport_error,
+    HttpClient, HttpConfig, ProgressReader, base64, body_to_file, header, parse_www_authenticate,
+    query_escape, read_body, status_error, stream_multi_range_body, stream_range, stream_range_body,
+    stream_ranges, transport_error,
 };
 use crate::image::MANIFEST_MEDIA_TYPE;
+use crate::range::{MultiSink, RangeRead, Sink};
 use crate::remote::Remote;
 
 /// Environment variable holding the registry user name.
@@ -330,6 +331,40 @@ fn upload_url(base: &str, request_url: &str, location: &str, digest: &Digest) ->
     url
 }
 
+impl RangeRead<Digest> for Registry {
+    fn stream_range(&self, digest: &Digest, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<()> {
+        let url = self.blob_url(digest);
+        stream_range(&self.client, "registry ranged GET", offset, len, sink, |offset, len, sink| {
+            let range = format!("bytes={offset}-{}", offset + len - 1);
+            let resp = self.send("GET", &url, &[("range", &range)], Payload::None, &mut |_| {})?;
+            match resp.status() {
+                StatusCode::PARTIAL_CONTENT | StatusCode::OK => {
+                    stream_range_body(&self.client, "GET", &url, resp, offset, len, sink)
+                }
+                _ => Err(status_error("GET", &url, &format!("blob {digest}"), resp)),
+            }
+        })
+    }
+
+    fn stream_ranges(&self, digest: &Digest, ranges: &[(u64, u64)], sink: &mut MultiSink<'_>) -> Result<u64> {
+        let url = self.blob_url(digest);
+        stream_ranges(
+            ranges,
+            sink,
+            |header, done, sink| {
+                let resp = self.send("GET", &url, &[("range", header)], Payload::None, &mut |_| {})?;
+                match resp.status() {
+                    StatusCode::PARTIAL_CONTENT | StatusCode::OK => {
+                        stream_multi_range_body(&self.client, "GET", &url, resp, ranges, done, sink)
+                    }
+                    _ => Err(status_error("GET", &url, &format!("blob {digest}"), resp)),
+                }
+            },
+            |offset, len, sink| self.stream_range(digest, offset, len, sink),
+        )
+    }
+}
+
 impl Remote for Registry {
     fn describe(&self) -> String {
         format!("registry {}/{}", self.base, self.repository)
@@ -354,43 +389,6 @@ impl Remote for Registry {
 
     fn put_blob_bytes(&self, digest: &Digest, bytes: &[u8]) -> Result<()> {
         self.client.run("registry blob upload", || self.upload(digest, Payload::Bytes(bytes), &mut |_| {}))
-    }
-
-    fn stream_blob_range(&self, digest: &Digest, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<()> {
-        let url = self.blob_url(digest);
-        stream_range(&self.client, "registry ranged GET", offset, len, sink, |offset, len, sink| {
-            let range = format!("bytes={offset}-{}", offset + len - 1);
-            let resp = self.send("GET", &url, &[("range", &range)], Payload::None, &mut |_| {})?;
-            match resp.status() {
-                StatusCode::PARTIAL_CONTENT | StatusCode::OK => {
-                    stream_range_body(&self.client, "GET", &url, resp, offset, len, sink)
-                }
-                _ => Err(status_error("GET", &url, &format!("blob {digest}"), resp)),
-            }
-        })
-    }
-
-    fn stream_blob_ranges(
-        &self,
-        digest: &Digest,
-        ranges: &[(u64, u64)],
-        sink: &mut MultiSink<'_>,
-    ) -> Result<u64> {
-        let url = self.blob_url(digest);
-        stream_ranges(
-            ranges,
-            sink,
-            |header, done, sink| {
-                let resp = self.send("GET", &url, &[("range", header)], Payload::None, &mut |_| {})?;
-                match resp.status() {
-                    StatusCode::PARTIAL_CONTENT | StatusCode::OK => {
-                        stream_multi_range_body(&self.client, "GET", &url, resp, ranges, done, sink)
-                    }
-                    _ => Err(status_error("GET", &url, &format!("blob {digest}"), resp)),
-                }
-            },
-            |offset, len, sink| self.stream_blob_range(digest, offset, len, sink),
-        )
     }
 
     fn get_blob(&self, digest: &Digest) -> Result<Vec<u8>> {

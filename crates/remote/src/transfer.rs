@@ -16,8 +16,9 @@ use crate::image::{
     CONFIG_MEDIA_TYPE, Descriptor, DiskConfig, INDEX_DIGEST_ANNOTATION, LAYER_MEDIA_TYPE, LayerRecord,
     Manifest, TRACE_MEDIA_TYPE, Trace,
 };
+use crate::open_remote;
 use crate::reference::Reference;
-use crate::remote::{Remote, open_remote};
+use crate::remote::Remote;
 
 /// What a push did.
 #[derive(Debug, Clone)]
@@ -345,7 +346,7 @@ fn add_partial_layer(remote: &dyn Remote, store: &LayerStore, r: &LayerRecord) -
     let tail_len = match r.tail_len {
         Some(n) => n,
         None => {
-            let t = remote.get_blob_range(&r.digest, r.size - TRAILER_SIZE as u64, TRAILER_SIZE as u64)?;
+            let t = remote.get_range(&r.digest, r.size - TRAILER_SIZE as u64, TRAILER_SIZE as u64)?;
             let trailer =
                 Trailer::decode(&t).map_err(|e| RemoteError::Invalid(format!("layer {}: {e}", r.digest)))?;
             trailer.index_len() + TRAILER_SIZE as u64
@@ -358,7 +359,7 @@ fn add_partial_layer(remote: &dyn Remote, store: &LayerStore, r: &LayerRecord) -
     // are zero in any valid header, and its digest below proves the rebuilt one is the original.
     let ranges = [(0, HEADER_FIELDS_LEN as u64), (r.size - tail_len, tail_len)];
     let mut parts = [Vec::new(), Vec::new()];
-    remote.stream_blob_ranges(&r.digest, &ranges, &mut |i, piece| {
+    remote.stream_ranges(&r.digest, &ranges, &mut |i, piece| {
         parts[i].extend_from_slice(piece);
         true
     })?;
@@ -415,7 +416,7 @@ impl BlockSource for RemoteSource {
     ) -> std::io::Result<()> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(%layer, offset, len, "fetching");
-        self.remote.stream_blob_range(layer, offset, len, &mut |piece: &[u8]| {
+        self.remote.stream_range(layer, offset, len, &mut |piece: &[u8]| {
             self.fetched.fetch_add(piece.len() as u64, Ordering::Relaxed);
             sink(piece)
         })?;
@@ -429,7 +430,7 @@ impl BlockSource for RemoteSource {
         sink: &mut dyn FnMut(usize, &[u8]) -> bool,
     ) -> std::io::Result<()> {
         tracing::debug!(%layer, ranges = ranges.len(), "fetching ranges");
-        let requests = self.remote.stream_blob_ranges(layer, ranges, &mut |i, piece: &[u8]| {
+        let requests = self.remote.stream_ranges(layer, ranges, &mut |i, piece: &[u8]| {
             self.fetched.fetch_add(piece.len() as u64, Ordering::Relaxed);
             sink(i, piece)
         });

@@ -4,6 +4,7 @@ mod common;
 
 use common::*;
 use mcow_engine::{Disk, FetchPolicy, OpenOptions};
+use mcow_remote::RangeRead;
 use mcow_remote::layout::ObjectStore;
 use mcow_remote::{Reference, RemoteError, transfer};
 

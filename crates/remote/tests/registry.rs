@@ -18,7 +18,7 @@ use mcow_remote::http_client::HttpConfig;
 use mcow_remote::registry::{Credentials, Registry};
 use mcow_remote::retry::RetryPolicy;
 use mcow_remote::transfer::{self, RemoteSource};
-use mcow_remote::{Reference, Remote, RemoteError};
+use mcow_remote::{RangeRead, Reference, Remote, RemoteError};
 
 fn reference(text: &str) -> Reference {
     Reference::parse(text).unwrap()
@@ -94,12 +94,12 @@ fn push_pull_roundtrip_and_dedup() {
     let d = Digest::of(b"hello registry");
     remote.put_blob_bytes(&d, b"hello registry").unwrap();
     assert_eq!(remote.get_blob(&d).unwrap(), b"hello registry");
-    assert_eq!(remote.get_blob_range(&d, 6, 8).unwrap(), b"registry");
-    assert!(remote.get_blob_range(&d, 20, 4).is_err());
+    assert_eq!(remote.get_range(&d, 6, 8).unwrap(), b"registry");
+    assert!(remote.get_range(&d, 20, 4).is_err());
     // Several ranges in one request (the registry answers multipart/byteranges).
     let ranges = [(0, 5), (6, 3), (11, 3)];
     let mut got = vec![Vec::new(); 3];
-    let requests = remote.stream_blob_ranges(&d, &ranges, &mut |i, p| {
+    let requests = remote.stream_ranges(&d, &ranges, &mut |i, p| {
         got[i].extend_from_slice(p);
         true
     });
@@ -524,7 +524,7 @@ fn bearer_token_flow_through_a_token_proxy() {
         remote.put_blob(&d, &f, &mut |_| {}).unwrap();
         assert!(remote.has_blob(&d).unwrap());
         let whole = std::fs::read(&f).unwrap();
-        assert_eq!(remote.get_blob_range(&d, 4096, 65536).unwrap(), whole[4096..4096 + 65536]);
+        assert_eq!(remote.get_range(&d, 4096, 65536).unwrap(), whole[4096..4096 + 65536]);
         let out = t.path().join("dl");
         remote.get_blob_to(&d, &out, &mut |_| {}).unwrap();
         assert!(std::fs::read(&out).unwrap() == whole);

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use mcow_engine::{CreateOptions, Disk, FetchPolicy, OpenOptions, ops};
 use mcow_format::Digest;
+use mcow_remote::RangeRead;
 use mcow_remote::http_client::HttpConfig;
 use mcow_remote::layout::ObjectStore;
 use mcow_remote::retry::RetryPolicy;
