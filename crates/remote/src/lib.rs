@@ -9,8 +9,11 @@
 //! - `remote`: the `Remote` trait (blobs and manifests); `open_remote`, here in the crate root,
 //!   picks the backend a reference names;
 //! - `layout` (+ `file`): an OCI image layout over any object store, on a local directory;
-//! - `http` (+ `http_client`, the HTTP plumbing shared with `registry`): the layout served
-//!   read-only by any web server;
+//! - `http`: the layout served read-only by any web server;
+//! - `http_client`: the HTTP plumbing the `http`, `registry` and `s3` backends share, in
+//!   `client` (agent, configuration, error mapping), `ranges` (range requests), `multipart`
+//!   (multi-range answers, the `multipart/byteranges` parser) and `auth` (`WWW-Authenticate`,
+//!   `Basic`/`Bearer`);
 //! - `registry`: the OCI distribution API (registries such as Debian's docker-registry);
 //! - `s3`: S3-compatible object storage (SigV4-signed requests) as a layout's object store;
 //! - `retry`: how long remote operations may take: retries with jittered backoff for transient

@@ -29,9 +29,9 @@ use ureq::http::{Request, Response, StatusCode};
 
 use crate::error::{RemoteError, Result};
 use crate::http_client::{
-    HttpClient, HttpConfig, ProgressReader, base64, body_to_file, header, parse_www_authenticate,
-    query_escape, read_body, status_error, stream_multi_range_body, stream_range, stream_range_body,
-    stream_ranges, transport_error,
+    HttpClient, HttpConfig, ProgressReader, basic_authorization, bearer_authorization, body_to_file, header,
+    parse_www_authenticate, query_escape, read_body, status_error, stream_multi_range_body, stream_range,
+    stream_range_body, stream_ranges, transport_error,
 };
 use crate::image::MANIFEST_MEDIA_TYPE;
 use crate::range::{MultiSink, RangeRead, Sink};
@@ -69,7 +69,7 @@ impl Credentials {
     }
 
     fn basic(&self) -> String {
-        format!("Basic {}", base64(format!("{}:{}", self.user, self.password).as_bytes()))
+        basic_authorization(&self.user, &self.password)
     }
 }
 
@@ -220,7 +220,7 @@ impl Registry {
             let realm = c.param("realm").ok_or_else(|| {
                 RemoteError::Invalid(format!("{method} {url}: Bearer challenge without a realm"))
             })?;
-            format!("Bearer {}", self.fetch_token(realm, c.param("service"), c.param("scope"))?)
+            bearer_authorization(&self.fetch_token(realm, c.param("service"), c.param("scope"))?)
         } else if challenges.iter().any(|c| c.scheme == "basic") {
             match &self.credentials {
                 Some(c) if sent != Some(c.basic().as_str()) => c.basic(),

@@ -455,8 +455,10 @@ fn proxy_one(
     let mut body = vec![0u8; len];
     r.read_exact(&mut body)?;
     if target.starts_with("/token") {
-        let want =
-            format!("Basic {}", mcow_remote::http_client::base64(format!("{user}:{password}").as_bytes()));
+        let want = format!(
+            "Basic {}",
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("{user}:{password}"))
+        );
         if auth != want || !target.contains("scope=repository%3Amcow%2Fbearer%3A") {
             return respond(&client, "401 Unauthorized", "", "{\"details\":\"bad credentials\"}");
         }
