@@ -19,8 +19,9 @@
 //! - `retry`: how long remote operations may take: retries with jittered backoff for transient
 //!   failures under one time budget, the pace response bodies must keep, and the cancel that
 //!   ends a client's work at the end of a process;
-//! - `transfer`: push, pull, lazy pull, and `RemoteSource`, the engine's `BlockSource` that
-//!   fetches blocks of partial layers from a remote.
+//! - `transfer`: push, pull, lazy pull, `RemoteSource`, the engine's `BlockSource` that
+//!   fetches blocks of partial layers from a remote, and `Sources`, the caller's registry of
+//!   one source per origin (no process-global state).
 //!
 //! It does not own the layer format, block verification or caching (the engine checks every
 //! fetched block against its hash and keeps the good ones), nor any front end.
@@ -43,7 +44,7 @@ pub use error::{RemoteError, Result};
 pub use range::RangeRead;
 pub use reference::Reference;
 pub use remote::Remote;
-pub use transfer::{LazyOrigin, RemoteSource, open_lazy_disk, pull, push};
+pub use transfer::{LazyOrigin, RemoteSource, Sources, pull, push};
 
 /// Opens the backend a reference names.
 pub fn open_remote(reference: &Reference) -> Result<std::sync::Arc<dyn Remote>> {

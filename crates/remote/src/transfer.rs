@@ -1,10 +1,12 @@
 //! Moving disk images: push (sealed layers, config, manifest), pull (whole layers, checked),
-//! lazy pull (only each layer's header and index, checked against the pinned manifest), and
-//! `RemoteSource`, which fetches data blocks of partial layers on demand for the engine.
+//! lazy pull (only each layer's header and index, checked against the pinned manifest),
+//! `RemoteSource`, which fetches data blocks of partial layers on demand for the engine, and
+//! `Sources`, the registry (held by the caller) that gives the disks of one origin one source.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use mcow_engine::store::LayerStore;
 use mcow_engine::{BlockSource, CreateOptions, Disk, FetchPolicy, OpenOptions};
@@ -219,7 +221,7 @@ pub struct PullReport {
 /// Pulls the image at `reference` into a new disk at `dir` whose layers go to `store_dir`.
 /// In full, every layer is downloaded and checked against its digest; lazily, only each
 /// layer's header and index are fetched (checked against the config's digests) and data blocks
-/// come later, on demand (see [`open_lazy_disk`]).
+/// come later, on demand (see [`Sources::open_lazy_disk`]).
 pub fn pull(
     reference: &Reference,
     dir: &Path,
@@ -441,23 +443,57 @@ impl BlockSource for RemoteSource {
     }
 }
 
-/// One `RemoteSource` per origin in this process, so that disks pulled from the same image
-/// (several VMs on one base) share their open layers and fetch each block once.
-fn shared_source(reference: &str) -> Result<Arc<RemoteSource>> {
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
-    static SOURCES: OnceLock<Mutex<HashMap<String, Arc<RemoteSource>>>> = OnceLock::new();
-    let mut sources = SOURCES.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(s) = sources.get(reference) {
-        return Ok(s.clone());
-    }
-    let source = Arc::new(RemoteSource::new(open_remote(&Reference::parse(reference)?)?));
-    sources.insert(reference.to_string(), source.clone());
-    Ok(source)
+/// The remote sources of lazily pulled disks, one per origin (the reference in the disk's
+/// `remote.json`), so that disks pulled from the same image (several VMs on one base) share
+/// their open layers and fetch each block once. A front end makes one for its process (or for
+/// whatever should share) and opens every lazy disk through it ([`Sources::open_lazy_disk`]);
+/// disks opened through different `Sources` share nothing.
+#[derive(Default)]
+pub struct Sources {
+    by_origin: Mutex<HashMap<String, Arc<RemoteSource>>>,
 }
 
-/// What a disk opened with [`open_lazy_disk`] has fetched since it was opened. (Disks from
-/// the same origin share one source, so that each block is fetched once; this counts from the
+impl Sources {
+    pub fn new() -> Sources {
+        Sources::default()
+    }
+
+    /// The source of origin `reference`, opened on first use.
+    pub fn get(&self, reference: &str) -> Result<Arc<RemoteSource>> {
+        let mut sources = self.by_origin.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = sources.get(reference) {
+            return Ok(s.clone());
+        }
+        let source = Arc::new(RemoteSource::new(open_remote(&Reference::parse(reference)?)?));
+        sources.insert(reference.to_string(), source.clone());
+        Ok(source)
+    }
+
+    /// Opens a disk; if it was pulled lazily (it has a `remote.json`), missing blocks are
+    /// fetched from its origin as `policy` says, through this registry's source for that
+    /// origin. Returns what it fetched, for statistics.
+    pub fn open_lazy_disk(
+        &self,
+        dir: &Path,
+        opts: OpenOptions,
+        policy: FetchPolicy,
+    ) -> Result<(Disk, Option<FetchStats>)> {
+        let origin_path: PathBuf = dir.join(ORIGIN_FILE);
+        if !origin_path.exists() {
+            return Ok((Disk::open(dir, opts)?, None));
+        }
+        let text = std::fs::read(&origin_path).map_err(RemoteError::io("read", &origin_path))?;
+        let origin: LazyOrigin = serde_json::from_slice(&text)
+            .map_err(|e| RemoteError::Invalid(format!("{}: {e}", origin_path.display())))?;
+        let source = self.get(&origin.reference)?;
+        let start = source.stats();
+        let disk = Disk::open_with_source(dir, opts, source.clone(), policy)?;
+        Ok((disk, Some(FetchStats { source, start })))
+    }
+}
+
+/// What a disk opened with [`Sources::open_lazy_disk`] has fetched since it was opened. (Disks
+/// from the same origin opened through one [`Sources`] share one source, so that each block is fetched once; this counts from the
 /// moment this disk was opened.)
 #[derive(Clone)]
 pub struct FetchStats {
@@ -472,29 +508,9 @@ impl FetchStats {
         (b - self.start.0, r - self.start.1)
     }
 
-    /// Cancels the fetches of the disk's source (shared with the other disks of its origin in
-    /// this process; see [`RemoteSource::cancel`]).
+    /// Cancels the fetches of the disk's source (shared with the other disks of its origin
+    /// opened through the same [`Sources`]; see [`RemoteSource::cancel`]).
     pub fn cancel(&self) {
         self.source.cancel();
     }
-}
-
-/// Opens a disk; if it was pulled lazily (it has a `remote.json`), missing blocks are fetched
-/// from its origin as `policy` says. Returns what it fetched, for statistics.
-pub fn open_lazy_disk(
-    dir: &Path,
-    opts: OpenOptions,
-    policy: FetchPolicy,
-) -> Result<(Disk, Option<FetchStats>)> {
-    let origin_path: PathBuf = dir.join(ORIGIN_FILE);
-    if !origin_path.exists() {
-        return Ok((Disk::open(dir, opts)?, None));
-    }
-    let text = std::fs::read(&origin_path).map_err(RemoteError::io("read", &origin_path))?;
-    let origin: LazyOrigin = serde_json::from_slice(&text)
-        .map_err(|e| RemoteError::Invalid(format!("{}: {e}", origin_path.display())))?;
-    let source = shared_source(&origin.reference)?;
-    let start = source.stats();
-    let disk = Disk::open_with_source(dir, opts, source.clone(), policy)?;
-    Ok((disk, Some(FetchStats { source, start })))
 }
