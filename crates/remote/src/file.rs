@@ -49,11 +49,13 @@ impl RangeRead<str> for DirStore {
         })?;
         let size = f.metadata().map_err(RemoteError::io("stat", &p))?.len();
         if offset.checked_add(len).is_none_or(|end| end > size) {
-            return Err(RemoteError::Invalid(format!(
-                "{}: bytes {offset}..{} asked for, but the file has {size}",
-                p.display(),
-                offset.saturating_add(len)
-            )));
+            return Err(RemoteError::OutOfRange {
+                location: p.display().to_string(),
+                object: "file",
+                offset,
+                end: offset.saturating_add(len),
+                size,
+            });
         }
         let mut buf = vec![0u8; (1 << 20).min(len as usize)];
         let mut done = 0u64;
@@ -119,5 +121,32 @@ pub fn copy_with_progress(
         dst.write_all(&buf[..n])?;
         done += n as u64;
         progress(done);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A range past the end of a file is the typed `OutOfRange` (same message as before), and
+    /// an I/O failure keeps its `io::Error` as the source.
+    #[test]
+    fn ranges_past_the_end_and_io_errors_are_typed() {
+        let t = tempfile::tempdir().unwrap();
+        let store = DirStore::new(t.path());
+        store.put_bytes("obj", b"0123456789").unwrap();
+        assert_eq!(store.get_range("obj", 2, 8).unwrap(), b"23456789");
+        let e = store.get_range("obj", 4, 7).unwrap_err();
+        assert!(
+            matches!(e, RemoteError::OutOfRange { object: "file", offset: 4, end: 11, size: 10, .. }),
+            "{e:?}"
+        );
+        assert!(e.to_string().ends_with("obj: bytes 4..11 asked for, but the file has 10"), "{e}");
+        let e = store.put_file("x", &t.path().join("missing"), &mut |_| {}).unwrap_err();
+        let source = std::error::Error::source(&e).expect("an I/O error has its source");
+        assert_eq!(
+            source.downcast_ref::<std::io::Error>().map(|e| e.kind()),
+            Some(std::io::ErrorKind::NotFound)
+        );
     }
 }

@@ -66,20 +66,26 @@ pub fn stream_range_body(
         if let Some(total) = cr.rsplit_once('/').and_then(|(_, t)| t.trim().parse::<u64>().ok())
             && offset + len > total
         {
-            return Err(RemoteError::Invalid(format!(
-                "{method} {url}: bytes {offset}..{} asked for, but the object has {total}",
-                offset + len
-            )));
+            return Err(RemoteError::OutOfRange {
+                location: format!("{method} {url}"),
+                object: "object",
+                offset,
+                end: offset + len,
+                size: total,
+            });
         }
     } else {
         // 200: the whole object. Skip to the range and read only what is needed.
         if let Some(total) = content_length(&resp)
             && offset + len > total
         {
-            return Err(RemoteError::Invalid(format!(
-                "{method} {url}: bytes {offset}..{} asked for, but the object has {total}",
-                offset + len
-            )));
+            return Err(RemoteError::OutOfRange {
+                location: format!("{method} {url}"),
+                object: "object",
+                offset,
+                end: offset + len,
+                size: total,
+            });
         }
         tracing::warn!(url, offset, len, "server ignored the Range header; reading the whole body");
         skip = offset;
