@@ -4,7 +4,7 @@
 //! `HEAD`; writes fail with `RemoteError::ReadOnly`.
 //!
 //! Requests are retried under the backend's `RetryPolicy`, bodies held to its pace; timeouts,
-//! pace and retries can be tuned from the environment (see `http_client`). A 404 is a missing
+//! pace and retries can be tuned from the environment (see `http_client::client`). A 404 is a missing
 //! object.
 
 use std::path::Path;

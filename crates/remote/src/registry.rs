@@ -17,7 +17,7 @@
 //!
 //! Every request is retried under the backend's `RetryPolicy` (transport errors, 5xx, 429 and
 //! short or too slow bodies are transient); timeouts, the pace of bodies and retries can be
-//! tuned from the environment (see `http_client`). A 404 is `RemoteError::NotFound`.
+//! tuned from the environment (see `http_client::client`). A 404 is `RemoteError::NotFound`.
 
 use std::fs::File;
 use std::path::Path;

@@ -8,7 +8,7 @@
 //! streamed GET to a file, PUT from memory and streamed PUT from a file. They go through the
 //! same [`HttpClient`] as the other HTTP backends, so the same timeouts, pace of bodies, retry
 //! policy and cancel apply (tuned by the `MCOW_HTTP_*` and `MCOW_RETRY_*` variables, see
-//! `http_client`); every attempt is signed afresh. Keys and tags belong to `layout`; digests are
+//! `http_client::client`); every attempt is signed afresh. Keys and tags belong to `layout`; digests are
 //! checked by `transfer` and the engine, not here.
 //!
 //! Configuration (see [`S3Config::from_env`]):
