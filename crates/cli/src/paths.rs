@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use mcow_engine::{Disk, FetchPolicy, OpenOptions};
-use mcow_remote::transfer::FetchStats;
+use mcow_remote::transfer::{FetchStats, Sources};
 use mcow_remote::transfer::{LazyOrigin, ORIGIN_FILE};
 
 /// `path` made absolute and cleaned of `.` and `..` components (without touching the
@@ -26,13 +26,14 @@ pub fn default_store(disk: &Path) -> Result<PathBuf> {
 }
 
 /// How a disk pulled lazily (one with a `remote.json`) gets the blocks it does not hold yet.
-#[derive(Debug, Clone, Copy)]
-pub enum Fetch {
+#[derive(Clone, Copy)]
+pub enum Fetch<'a> {
     /// Never: the verb only looks at the disk's structure (info, map); nothing is fetched and
     /// the remote need not be reachable.
     Offline,
-    /// From the disk's origin, as the policy says.
-    Remote(FetchPolicy),
+    /// From the disk's origin, as the policy says, through the source `sources` holds for it
+    /// (shared with the other disks of that origin opened through the same `Sources`).
+    Remote(FetchPolicy, &'a Sources),
 }
 
 /// Opens a disk read-only (for info, map, export, read), with `force_share` like `-U`. A lazy
@@ -43,14 +44,16 @@ pub fn open_read_only(dir: &Path, force_share: bool) -> Result<Disk> {
 }
 
 /// Opens a disk, adding which disk and, where it helps, what to do. A lazy disk's missing
-/// blocks are fetched from its origin (with the default [`FetchPolicy`]).
+/// blocks are fetched from its origin (with the default [`FetchPolicy`], through a source of
+/// its own: the verbs that use this open one disk).
 pub fn open(dir: &Path, opts: OpenOptions) -> Result<Disk> {
-    Ok(open_lazy(dir, opts, Fetch::Remote(FetchPolicy::default()))?.0)
+    let sources = Sources::new();
+    Ok(open_lazy(dir, opts, Fetch::Remote(FetchPolicy::default(), &sources))?.0)
 }
 
 /// Opens a disk; if it was pulled lazily, its partial layers fetch as `fetch` says. Returns the
 /// remote source too (for its statistics) when there is one.
-pub fn open_lazy(dir: &Path, opts: OpenOptions, fetch: Fetch) -> Result<(Disk, Option<FetchStats>)> {
+pub fn open_lazy(dir: &Path, opts: OpenOptions, fetch: Fetch<'_>) -> Result<(Disk, Option<FetchStats>)> {
     let hint = |locked: bool| {
         if locked && opts.read_only {
             " (another process has it open for writing; -U/--force-share reads it anyway)"
@@ -62,7 +65,7 @@ pub fn open_lazy(dir: &Path, opts: OpenOptions, fetch: Fetch) -> Result<(Disk, O
         |e: anyhow::Error, locked: bool| e.context(format!("opening disk {}{}", dir.display(), hint(locked)));
     let lazy = dir.join(ORIGIN_FILE).exists();
     match fetch {
-        Fetch::Remote(policy) if lazy => mcow_remote::open_lazy_disk(dir, opts, policy).map_err(|e| {
+        Fetch::Remote(policy, sources) if lazy => sources.open_lazy_disk(dir, opts, policy).map_err(|e| {
             let locked = matches!(e, mcow_remote::RemoteError::Engine(mcow_engine::Error::Locked { .. }));
             fail(anyhow::Error::new(e), locked)
         }),

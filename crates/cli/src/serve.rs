@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use mcow_engine::{Disk, FetchPolicy, OpenOptions, RunKind, TOP};
-use mcow_remote::Reference;
+use mcow_remote::{Reference, Sources};
 
 use crate::paths::{Fetch, open_lazy};
 use mcow_nbd::proto::{NBD_STATE_HOLE, NBD_STATE_ZERO};
@@ -479,13 +479,15 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
     let mut recorder = None;
     let stop = Arc::new(AtomicBool::new(false));
     let mut background = Vec::new();
+    // One source per origin for all the disks served: disks of one image fetch each block once.
+    let sources = Sources::new();
     for spec in &args.disks {
         let t = resolve_target(spec, &args.cache)?;
         let opts = OpenOptions { read_only: args.read_only, verify: true, force_share: args.force_share };
         let (disk, source) = open_lazy(
             &t.dir,
             opts,
-            Fetch::Remote(FetchPolicy { window: args.fetch_window, readahead: args.readahead }),
+            Fetch::Remote(FetchPolicy { window: args.fetch_window, readahead: args.readahead }, &sources),
         )?;
         let disk = Arc::new(disk);
         let mut export = DiskExport::new(disk.clone());

@@ -34,8 +34,17 @@ pub enum RemoteError {
     Cancelled(String),
     #[error("{} is read-only", .0)]
     ReadOnly(String),
+    /// A range that runs past the end of the object (`object` says what kind it is: "file",
+    /// "object"), at `location`. Not transient: asking again gets the same answer.
+    #[error("{location}: bytes {offset}..{end} asked for, but the {object} has {size}")]
+    OutOfRange { location: String, object: &'static str, offset: u64, end: u64, size: u64 },
     #[error("{op} {}: {err}", path.display())]
-    Io { op: &'static str, path: PathBuf, err: std::io::Error },
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
     #[error(transparent)]
     Engine(#[from] mcow_engine::Error),
 }

@@ -6,8 +6,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{RemoteError, Result};
-use crate::http_client::Sink;
 use crate::layout::ObjectStore;
+use crate::range::{RangeRead, Sink};
 
 pub struct DirStore {
     root: PathBuf,
@@ -38,6 +38,39 @@ impl DirStore {
     }
 }
 
+impl RangeRead<str> for DirStore {
+    fn stream_range(&self, key: &str, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<()> {
+        let p = self.path(key);
+        let f = File::open(&p).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                RemoteError::NotFound { what: key.to_string(), location: self.describe() }
+            }
+            _ => RemoteError::io("open", &p)(e),
+        })?;
+        let size = f.metadata().map_err(RemoteError::io("stat", &p))?.len();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(RemoteError::OutOfRange {
+                location: p.display().to_string(),
+                object: "file",
+                offset,
+                end: offset.saturating_add(len),
+                size,
+            });
+        }
+        let mut buf = vec![0u8; (1 << 20).min(len as usize)];
+        let mut done = 0u64;
+        while done < len {
+            let n = buf.len().min((len - done) as usize);
+            f.read_exact_at(&mut buf[..n], offset + done).map_err(RemoteError::io("read", &p))?;
+            if !sink(&buf[..n]) {
+                break;
+            }
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
 impl ObjectStore for DirStore {
     fn describe(&self) -> String {
         format!("file://{}", self.root.display())
@@ -53,35 +86,6 @@ impl ObjectStore for DirStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(RemoteError::io("read", self.path(key))(e)),
         }
-    }
-
-    fn stream_range(&self, key: &str, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<()> {
-        let p = self.path(key);
-        let f = File::open(&p).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                RemoteError::NotFound { what: key.to_string(), location: self.describe() }
-            }
-            _ => RemoteError::io("open", &p)(e),
-        })?;
-        let size = f.metadata().map_err(RemoteError::io("stat", &p))?.len();
-        if offset.checked_add(len).is_none_or(|end| end > size) {
-            return Err(RemoteError::Invalid(format!(
-                "{}: bytes {offset}..{} asked for, but the file has {size}",
-                p.display(),
-                offset.saturating_add(len)
-            )));
-        }
-        let mut buf = vec![0u8; (1 << 20).min(len as usize)];
-        let mut done = 0u64;
-        while done < len {
-            let n = buf.len().min((len - done) as usize);
-            f.read_exact_at(&mut buf[..n], offset + done).map_err(RemoteError::io("read", &p))?;
-            if !sink(&buf[..n]) {
-                break;
-            }
-            done += n as u64;
-        }
-        Ok(())
     }
 
     fn get_to(&self, key: &str, dest: &Path, progress: &mut dyn FnMut(u64)) -> Result<()> {
@@ -117,5 +121,32 @@ pub fn copy_with_progress(
         dst.write_all(&buf[..n])?;
         done += n as u64;
         progress(done);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A range past the end of a file is the typed `OutOfRange` (same message as before), and
+    /// an I/O failure keeps its `io::Error` as the source.
+    #[test]
+    fn ranges_past_the_end_and_io_errors_are_typed() {
+        let t = tempfile::tempdir().unwrap();
+        let store = DirStore::new(t.path());
+        store.put_bytes("obj", b"0123456789").unwrap();
+        assert_eq!(store.get_range("obj", 2, 8).unwrap(), b"23456789");
+        let e = store.get_range("obj", 4, 7).unwrap_err();
+        assert!(
+            matches!(e, RemoteError::OutOfRange { object: "file", offset: 4, end: 11, size: 10, .. }),
+            "{e:?}"
+        );
+        assert!(e.to_string().ends_with("obj: bytes 4..11 asked for, but the file has 10"), "{e}");
+        let e = store.put_file("x", &t.path().join("missing"), &mut |_| {}).unwrap_err();
+        let source = std::error::Error::source(&e).expect("an I/O error has its source");
+        assert_eq!(
+            source.downcast_ref::<std::io::Error>().map(|e| e.kind()),
+            Some(std::io::ErrorKind::NotFound)
+        );
     }
 }

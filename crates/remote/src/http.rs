@@ -4,7 +4,7 @@
 //! `HEAD`; writes fail with `RemoteError::ReadOnly`.
 //!
 //! Requests are retried under the backend's `RetryPolicy`, bodies held to its pace; timeouts,
-//! pace and retries can be tuned from the environment (see `http_client`). A 404 is a missing
+//! pace and retries can be tuned from the environment (see `http_client::client`). A 404 is a missing
 //! object.
 
 use std::path::Path;
@@ -13,10 +13,11 @@ use ureq::http::{Request, Response, StatusCode};
 
 use crate::error::{RemoteError, Result};
 use crate::http_client::{
-    HttpClient, HttpConfig, MultiSink, Sink, body_to_file, read_body, status_error, stream_multi_range_body,
-    stream_range, stream_range_body, stream_ranges, transport_error,
+    HttpClient, HttpConfig, body_to_file, read_body, status_error, stream_multi_range_body, stream_range,
+    stream_range_body, stream_ranges, transport_error,
 };
 use crate::layout::ObjectStore;
+use crate::range::{MultiSink, RangeRead, Sink};
 
 /// Largest object `get` reads into memory (index.json, manifests, configs).
 const SMALL_OBJECT_LIMIT: u64 = 64 << 20;
@@ -55,6 +56,40 @@ impl HttpStore {
     }
 }
 
+impl RangeRead<str> for HttpStore {
+    fn stream_range(&self, key: &str, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<()> {
+        let url = self.url(key);
+        stream_range(&self.client, "HTTP ranged GET", offset, len, sink, |offset, len, sink| {
+            let range = format!("bytes={offset}-{}", offset + len - 1);
+            let resp = self.call("GET", &url, Some(&range))?;
+            match resp.status() {
+                StatusCode::PARTIAL_CONTENT | StatusCode::OK => {
+                    stream_range_body(&self.client, "GET", &url, resp, offset, len, sink)
+                }
+                _ => Err(status_error("GET", &url, key, resp)),
+            }
+        })
+    }
+
+    fn stream_ranges(&self, key: &str, ranges: &[(u64, u64)], sink: &mut MultiSink<'_>) -> Result<u64> {
+        let url = self.url(key);
+        stream_ranges(
+            ranges,
+            sink,
+            |header, done, sink| {
+                let resp = self.call("GET", &url, Some(header))?;
+                match resp.status() {
+                    StatusCode::PARTIAL_CONTENT | StatusCode::OK => {
+                        stream_multi_range_body(&self.client, "GET", &url, resp, ranges, done, sink)
+                    }
+                    _ => Err(status_error("GET", &url, key, resp)),
+                }
+            },
+            |offset, len, sink| self.stream_range(key, offset, len, sink),
+        )
+    }
+}
+
 impl ObjectStore for HttpStore {
     fn describe(&self) -> String {
         self.base.clone()
@@ -79,38 +114,6 @@ impl ObjectStore for HttpStore {
             match resp.status() {
                 StatusCode::OK => read_body(&self.client, "GET", &url, resp, SMALL_OBJECT_LIMIT).map(Some),
                 StatusCode::NOT_FOUND => Ok(None),
-                _ => Err(status_error("GET", &url, key, resp)),
-            }
-        })
-    }
-
-    fn stream_ranges(&self, key: &str, ranges: &[(u64, u64)], sink: &mut MultiSink<'_>) -> Result<u64> {
-        let url = self.url(key);
-        stream_ranges(
-            ranges,
-            sink,
-            |header, done, sink| {
-                let resp = self.call("GET", &url, Some(header))?;
-                match resp.status() {
-                    StatusCode::PARTIAL_CONTENT | StatusCode::OK => {
-                        stream_multi_range_body(&self.client, "GET", &url, resp, ranges, done, sink)
-                    }
-                    _ => Err(status_error("GET", &url, key, resp)),
-                }
-            },
-            |offset, len, sink| self.stream_range(key, offset, len, sink),
-        )
-    }
-
-    fn stream_range(&self, key: &str, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<()> {
-        let url = self.url(key);
-        stream_range(&self.client, "HTTP ranged GET", offset, len, sink, |offset, len, sink| {
-            let range = format!("bytes={offset}-{}", offset + len - 1);
-            let resp = self.call("GET", &url, Some(&range))?;
-            match resp.status() {
-                StatusCode::PARTIAL_CONTENT | StatusCode::OK => {
-                    stream_range_body(&self.client, "GET", &url, resp, offset, len, sink)
-                }
                 _ => Err(status_error("GET", &url, key, resp)),
             }
         })

@@ -9,27 +9,17 @@ use mcow_format::Digest;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{RemoteError, Result};
-use crate::http_client::{MultiSink, Sink, collect_range, stream_ranges_one_by_one};
 use crate::image::{Descriptor, MANIFEST_MEDIA_TYPE};
+use crate::range::{MultiSink, RangeRead, Sink};
 use crate::remote::Remote;
 
-/// Keyed object storage, the little a layout needs.
-pub trait ObjectStore: Send + Sync {
+/// Keyed object storage, the little a layout needs; byte ranges of objects (by key) through
+/// [`RangeRead`].
+pub trait ObjectStore: RangeRead<str> {
     fn describe(&self) -> String;
     fn exists(&self, key: &str) -> Result<bool>;
     /// Small objects; `Ok(None)` if missing.
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
-    /// Streams exactly `len` bytes at `offset` to `sink` (see `Remote::stream_blob_range`).
-    fn stream_range(&self, key: &str, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<()>;
-    /// Several ranges at once (see `Remote::stream_blob_ranges`): one at a time unless the
-    /// store can do better. Returns the number of requests made.
-    fn stream_ranges(&self, key: &str, ranges: &[(u64, u64)], sink: &mut MultiSink<'_>) -> Result<u64> {
-        stream_ranges_one_by_one(ranges, sink, |o, l, s| self.stream_range(key, o, l, s))
-    }
-    /// Exactly `len` bytes at `offset`, in memory.
-    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
-        collect_range(len, |sink| self.stream_range(key, offset, len, sink))
-    }
     fn get_to(&self, key: &str, dest: &Path, progress: &mut dyn FnMut(u64)) -> Result<()>;
     fn put_bytes(&self, key: &str, bytes: &[u8]) -> Result<()>;
     fn put_file(&self, key: &str, path: &Path, progress: &mut dyn FnMut(u64)) -> Result<()>;
@@ -76,6 +66,16 @@ impl<S: ObjectStore> Layout<S> {
     }
 }
 
+impl<S: ObjectStore> RangeRead<Digest> for Layout<S> {
+    fn stream_range(&self, digest: &Digest, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<()> {
+        self.store.stream_range(&Self::blob_key(digest), offset, len, sink)
+    }
+
+    fn stream_ranges(&self, digest: &Digest, ranges: &[(u64, u64)], sink: &mut MultiSink<'_>) -> Result<u64> {
+        self.store.stream_ranges(&Self::blob_key(digest), ranges, sink)
+    }
+}
+
 impl<S: ObjectStore> Remote for Layout<S> {
     fn describe(&self) -> String {
         self.store.describe()
@@ -91,19 +91,6 @@ impl<S: ObjectStore> Remote for Layout<S> {
 
     fn put_blob_bytes(&self, digest: &Digest, bytes: &[u8]) -> Result<()> {
         self.store.put_bytes(&Self::blob_key(digest), bytes)
-    }
-
-    fn stream_blob_range(&self, digest: &Digest, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<()> {
-        self.store.stream_range(&Self::blob_key(digest), offset, len, sink)
-    }
-
-    fn stream_blob_ranges(
-        &self,
-        digest: &Digest,
-        ranges: &[(u64, u64)],
-        sink: &mut MultiSink<'_>,
-    ) -> Result<u64> {
-        self.store.stream_ranges(&Self::blob_key(digest), ranges, sink)
     }
 
     fn get_blob(&self, digest: &Digest) -> Result<Vec<u8>> {

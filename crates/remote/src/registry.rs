@@ -17,7 +17,7 @@
 //!
 //! Every request is retried under the backend's `RetryPolicy` (transport errors, 5xx, 429 and
 //! short or too slow bodies are transient); timeouts, the pace of bodies and retries can be
-//! tuned from the environment (see `http_client`). A 404 is `RemoteError::NotFound`.
+//! tuned from the environment (see `http_client::client`). A 404 is `RemoteError::NotFound`.
 
 use std::fs::File;
 use std::path::Path;
@@ -29,11 +29,12 @@ use ureq::http::{Request, Response, StatusCode};
 
 use crate::error::{RemoteError, Result};
 use crate::http_client::{
-    HttpClient, HttpConfig, MultiSink, ProgressReader, Sink, base64, body_to_file, header,
+    HttpClient, HttpConfig, ProgressReader, basic_authorization, bearer_authorization, body_to_file, header,
     parse_www_authenticate, query_escape, read_body, status_error, stream_multi_range_body, stream_range,
     stream_range_body, stream_ranges, transport_error,
 };
 use crate::image::MANIFEST_MEDIA_TYPE;
+use crate::range::{MultiSink, RangeRead, Sink};
 use crate::remote::Remote;
 
 /// Environment variable holding the registry user name.
@@ -68,7 +69,7 @@ impl Credentials {
     }
 
     fn basic(&self) -> String {
-        format!("Basic {}", base64(format!("{}:{}", self.user, self.password).as_bytes()))
+        basic_authorization(&self.user, &self.password)
     }
 }
 
@@ -219,7 +220,7 @@ impl Registry {
             let realm = c.param("realm").ok_or_else(|| {
                 RemoteError::Invalid(format!("{method} {url}: Bearer challenge without a realm"))
             })?;
-            format!("Bearer {}", self.fetch_token(realm, c.param("service"), c.param("scope"))?)
+            bearer_authorization(&self.fetch_token(realm, c.param("service"), c.param("scope"))?)
         } else if challenges.iter().any(|c| c.scheme == "basic") {
             match &self.credentials {
                 Some(c) if sent != Some(c.basic().as_str()) => c.basic(),
@@ -330,6 +331,40 @@ fn upload_url(base: &str, request_url: &str, location: &str, digest: &Digest) ->
     url
 }
 
+impl RangeRead<Digest> for Registry {
+    fn stream_range(&self, digest: &Digest, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<()> {
+        let url = self.blob_url(digest);
+        stream_range(&self.client, "registry ranged GET", offset, len, sink, |offset, len, sink| {
+            let range = format!("bytes={offset}-{}", offset + len - 1);
+            let resp = self.send("GET", &url, &[("range", &range)], Payload::None, &mut |_| {})?;
+            match resp.status() {
+                StatusCode::PARTIAL_CONTENT | StatusCode::OK => {
+                    stream_range_body(&self.client, "GET", &url, resp, offset, len, sink)
+                }
+                _ => Err(status_error("GET", &url, &format!("blob {digest}"), resp)),
+            }
+        })
+    }
+
+    fn stream_ranges(&self, digest: &Digest, ranges: &[(u64, u64)], sink: &mut MultiSink<'_>) -> Result<u64> {
+        let url = self.blob_url(digest);
+        stream_ranges(
+            ranges,
+            sink,
+            |header, done, sink| {
+                let resp = self.send("GET", &url, &[("range", header)], Payload::None, &mut |_| {})?;
+                match resp.status() {
+                    StatusCode::PARTIAL_CONTENT | StatusCode::OK => {
+                        stream_multi_range_body(&self.client, "GET", &url, resp, ranges, done, sink)
+                    }
+                    _ => Err(status_error("GET", &url, &format!("blob {digest}"), resp)),
+                }
+            },
+            |offset, len, sink| self.stream_range(digest, offset, len, sink),
+        )
+    }
+}
+
 impl Remote for Registry {
     fn describe(&self) -> String {
         format!("registry {}/{}", self.base, self.repository)
@@ -354,43 +389,6 @@ impl Remote for Registry {
 
     fn put_blob_bytes(&self, digest: &Digest, bytes: &[u8]) -> Result<()> {
         self.client.run("registry blob upload", || self.upload(digest, Payload::Bytes(bytes), &mut |_| {}))
-    }
-
-    fn stream_blob_range(&self, digest: &Digest, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<()> {
-        let url = self.blob_url(digest);
-        stream_range(&self.client, "registry ranged GET", offset, len, sink, |offset, len, sink| {
-            let range = format!("bytes={offset}-{}", offset + len - 1);
-            let resp = self.send("GET", &url, &[("range", &range)], Payload::None, &mut |_| {})?;
-            match resp.status() {
-                StatusCode::PARTIAL_CONTENT | StatusCode::OK => {
-                    stream_range_body(&self.client, "GET", &url, resp, offset, len, sink)
-                }
-                _ => Err(status_error("GET", &url, &format!("blob {digest}"), resp)),
-            }
-        })
-    }
-
-    fn stream_blob_ranges(
-        &self,
-        digest: &Digest,
-        ranges: &[(u64, u64)],
-        sink: &mut MultiSink<'_>,
-    ) -> Result<u64> {
-        let url = self.blob_url(digest);
-        stream_ranges(
-            ranges,
-            sink,
-            |header, done, sink| {
-                let resp = self.send("GET", &url, &[("range", header)], Payload::None, &mut |_| {})?;
-                match resp.status() {
-                    StatusCode::PARTIAL_CONTENT | StatusCode::OK => {
-                        stream_multi_range_body(&self.client, "GET", &url, resp, ranges, done, sink)
-                    }
-                    _ => Err(status_error("GET", &url, &format!("blob {digest}"), resp)),
-                }
-            },
-            |offset, len, sink| self.stream_blob_range(digest, offset, len, sink),
-        )
     }
 
     fn get_blob(&self, digest: &Digest) -> Result<Vec<u8>> {

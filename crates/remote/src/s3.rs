@@ -8,7 +8,7 @@
 //! streamed GET to a file, PUT from memory and streamed PUT from a file. They go through the
 //! same [`HttpClient`] as the other HTTP backends, so the same timeouts, pace of bodies, retry
 //! policy and cancel apply (tuned by the `MCOW_HTTP_*` and `MCOW_RETRY_*` variables, see
-//! `http_client`); every attempt is signed afresh. Keys and tags belong to `layout`; digests are
+//! `http_client::client`); every attempt is signed afresh. Keys and tags belong to `layout`; digests are
 //! checked by `transfer` and the engine, not here.
 //!
 //! Configuration (see [`S3Config::from_env`]):
@@ -32,10 +32,11 @@ use ureq::{Body, SendBody};
 
 use crate::error::{RemoteError, Result};
 use crate::http_client::{
-    HttpClient, HttpConfig, ProgressReader, Sink, body_to_file, error_body, read_body, retry_after,
-    stream_range, stream_range_body,
+    HttpClient, HttpConfig, ProgressReader, body_to_file, error_body, read_body, retry_after, stream_range,
+    stream_range_body,
 };
 use crate::layout::ObjectStore;
+use crate::range::{RangeRead, Sink};
 
 /// The largest object a single PUT may create.
 pub const MAX_SINGLE_PUT: u64 = 5 << 30;
@@ -252,6 +253,26 @@ fn transport(verb: Verb, url: &str) -> impl FnOnce(ureq::Error) -> RemoteError {
     move |e| RemoteError::Transport { method: verb.name(), url, reason: e.to_string() }
 }
 
+impl RangeRead<str> for S3Store {
+    fn stream_range(&self, key: &str, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<()> {
+        let key = self.key(key);
+        let display = self.display_url(&key);
+        let what = format!("GET {display} bytes={offset}-{}", (offset + len).saturating_sub(1));
+        stream_range(&self.client, &what, offset, len, sink, |offset, len, sink| {
+            let range = format!("bytes={}-{}", offset, offset + len - 1);
+            let mut resp = self.send_get(&key, &display, Some(&range))?;
+            match resp.status().as_u16() {
+                206 => stream_range_body(&self.client, "GET", &display, resp, offset, len, sink),
+                200 => Err(RemoteError::Invalid(format!(
+                    "GET {display}: the server ignored the Range header ({range}) and sent the whole object"
+                ))),
+                404 => Err(self.not_found(&key)),
+                _ => Err(self.status_error(Verb::Get, &display, &mut resp)),
+            }
+        })
+    }
+}
+
 impl ObjectStore for S3Store {
     fn describe(&self) -> String {
         if self.prefix.is_empty() {
@@ -300,24 +321,6 @@ impl ObjectStore for S3Store {
                 _ => return Err(self.status_error(Verb::Get, &display, &mut resp)),
             }
             read_body(&self.client, "GET", &display, resp, MAX_SMALL_OBJECT).map(Some)
-        })
-    }
-
-    fn stream_range(&self, key: &str, offset: u64, len: u64, sink: &mut Sink<'_>) -> Result<()> {
-        let key = self.key(key);
-        let display = self.display_url(&key);
-        let what = format!("GET {display} bytes={offset}-{}", (offset + len).saturating_sub(1));
-        stream_range(&self.client, &what, offset, len, sink, |offset, len, sink| {
-            let range = format!("bytes={}-{}", offset, offset + len - 1);
-            let mut resp = self.send_get(&key, &display, Some(&range))?;
-            match resp.status().as_u16() {
-                206 => stream_range_body(&self.client, "GET", &display, resp, offset, len, sink),
-                200 => Err(RemoteError::Invalid(format!(
-                    "GET {display}: the server ignored the Range header ({range}) and sent the whole object"
-                ))),
-                404 => Err(self.not_found(&key)),
-                _ => Err(self.status_error(Verb::Get, &display, &mut resp)),
-            }
         })
     }
 

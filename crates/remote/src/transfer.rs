@@ -1,10 +1,12 @@
 //! Moving disk images: push (sealed layers, config, manifest), pull (whole layers, checked),
-//! lazy pull (only each layer's header and index, checked against the pinned manifest), and
-//! `RemoteSource`, which fetches data blocks of partial layers on demand for the engine.
+//! lazy pull (only each layer's header and index, checked against the pinned manifest),
+//! `RemoteSource`, which fetches data blocks of partial layers on demand for the engine, and
+//! `Sources`, the registry (held by the caller) that gives the disks of one origin one source.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use mcow_engine::store::LayerStore;
 use mcow_engine::{BlockSource, CreateOptions, Disk, FetchPolicy, OpenOptions};
@@ -16,8 +18,9 @@ use crate::image::{
     CONFIG_MEDIA_TYPE, Descriptor, DiskConfig, INDEX_DIGEST_ANNOTATION, LAYER_MEDIA_TYPE, LayerRecord,
     Manifest, TRACE_MEDIA_TYPE, Trace,
 };
+use crate::open_remote;
 use crate::reference::Reference;
-use crate::remote::{Remote, open_remote};
+use crate::remote::Remote;
 
 /// What a push did.
 #[derive(Debug, Clone)]
@@ -218,7 +221,7 @@ pub struct PullReport {
 /// Pulls the image at `reference` into a new disk at `dir` whose layers go to `store_dir`.
 /// In full, every layer is downloaded and checked against its digest; lazily, only each
 /// layer's header and index are fetched (checked against the config's digests) and data blocks
-/// come later, on demand (see [`open_lazy_disk`]).
+/// come later, on demand (see [`Sources::open_lazy_disk`]).
 pub fn pull(
     reference: &Reference,
     dir: &Path,
@@ -345,7 +348,7 @@ fn add_partial_layer(remote: &dyn Remote, store: &LayerStore, r: &LayerRecord) -
     let tail_len = match r.tail_len {
         Some(n) => n,
         None => {
-            let t = remote.get_blob_range(&r.digest, r.size - TRAILER_SIZE as u64, TRAILER_SIZE as u64)?;
+            let t = remote.get_range(&r.digest, r.size - TRAILER_SIZE as u64, TRAILER_SIZE as u64)?;
             let trailer =
                 Trailer::decode(&t).map_err(|e| RemoteError::Invalid(format!("layer {}: {e}", r.digest)))?;
             trailer.index_len() + TRAILER_SIZE as u64
@@ -358,7 +361,7 @@ fn add_partial_layer(remote: &dyn Remote, store: &LayerStore, r: &LayerRecord) -
     // are zero in any valid header, and its digest below proves the rebuilt one is the original.
     let ranges = [(0, HEADER_FIELDS_LEN as u64), (r.size - tail_len, tail_len)];
     let mut parts = [Vec::new(), Vec::new()];
-    remote.stream_blob_ranges(&r.digest, &ranges, &mut |i, piece| {
+    remote.stream_ranges(&r.digest, &ranges, &mut |i, piece| {
         parts[i].extend_from_slice(piece);
         true
     })?;
@@ -415,7 +418,7 @@ impl BlockSource for RemoteSource {
     ) -> std::io::Result<()> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(%layer, offset, len, "fetching");
-        self.remote.stream_blob_range(layer, offset, len, &mut |piece: &[u8]| {
+        self.remote.stream_range(layer, offset, len, &mut |piece: &[u8]| {
             self.fetched.fetch_add(piece.len() as u64, Ordering::Relaxed);
             sink(piece)
         })?;
@@ -429,7 +432,7 @@ impl BlockSource for RemoteSource {
         sink: &mut dyn FnMut(usize, &[u8]) -> bool,
     ) -> std::io::Result<()> {
         tracing::debug!(%layer, ranges = ranges.len(), "fetching ranges");
-        let requests = self.remote.stream_blob_ranges(layer, ranges, &mut |i, piece: &[u8]| {
+        let requests = self.remote.stream_ranges(layer, ranges, &mut |i, piece: &[u8]| {
             self.fetched.fetch_add(piece.len() as u64, Ordering::Relaxed);
             sink(i, piece)
         });
@@ -440,23 +443,57 @@ impl BlockSource for RemoteSource {
     }
 }
 
-/// One `RemoteSource` per origin in this process, so that disks pulled from the same image
-/// (several VMs on one base) share their open layers and fetch each block once.
-fn shared_source(reference: &str) -> Result<Arc<RemoteSource>> {
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
-    static SOURCES: OnceLock<Mutex<HashMap<String, Arc<RemoteSource>>>> = OnceLock::new();
-    let mut sources = SOURCES.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(s) = sources.get(reference) {
-        return Ok(s.clone());
-    }
-    let source = Arc::new(RemoteSource::new(open_remote(&Reference::parse(reference)?)?));
-    sources.insert(reference.to_string(), source.clone());
-    Ok(source)
+/// The remote sources of lazily pulled disks, one per origin (the reference in the disk's
+/// `remote.json`), so that disks pulled from the same image (several VMs on one base) share
+/// their open layers and fetch each block once. A front end makes one for its process (or for
+/// whatever should share) and opens every lazy disk through it ([`Sources::open_lazy_disk`]);
+/// disks opened through different `Sources` share nothing.
+#[derive(Default)]
+pub struct Sources {
+    by_origin: Mutex<HashMap<String, Arc<RemoteSource>>>,
 }
 
-/// What a disk opened with [`open_lazy_disk`] has fetched since it was opened. (Disks from
-/// the same origin share one source, so that each block is fetched once; this counts from the
+impl Sources {
+    pub fn new() -> Sources {
+        Sources::default()
+    }
+
+    /// The source of origin `reference`, opened on first use.
+    pub fn get(&self, reference: &str) -> Result<Arc<RemoteSource>> {
+        let mut sources = self.by_origin.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = sources.get(reference) {
+            return Ok(s.clone());
+        }
+        let source = Arc::new(RemoteSource::new(open_remote(&Reference::parse(reference)?)?));
+        sources.insert(reference.to_string(), source.clone());
+        Ok(source)
+    }
+
+    /// Opens a disk; if it was pulled lazily (it has a `remote.json`), missing blocks are
+    /// fetched from its origin as `policy` says, through this registry's source for that
+    /// origin. Returns what it fetched, for statistics.
+    pub fn open_lazy_disk(
+        &self,
+        dir: &Path,
+        opts: OpenOptions,
+        policy: FetchPolicy,
+    ) -> Result<(Disk, Option<FetchStats>)> {
+        let origin_path: PathBuf = dir.join(ORIGIN_FILE);
+        if !origin_path.exists() {
+            return Ok((Disk::open(dir, opts)?, None));
+        }
+        let text = std::fs::read(&origin_path).map_err(RemoteError::io("read", &origin_path))?;
+        let origin: LazyOrigin = serde_json::from_slice(&text)
+            .map_err(|e| RemoteError::Invalid(format!("{}: {e}", origin_path.display())))?;
+        let source = self.get(&origin.reference)?;
+        let start = source.stats();
+        let disk = Disk::open_with_source(dir, opts, source.clone(), policy)?;
+        Ok((disk, Some(FetchStats { source, start })))
+    }
+}
+
+/// What a disk opened with [`Sources::open_lazy_disk`] has fetched since it was opened. (Disks
+/// from the same origin opened through one [`Sources`] share one source, so that each block is fetched once; this counts from the
 /// moment this disk was opened.)
 #[derive(Clone)]
 pub struct FetchStats {
@@ -471,29 +508,9 @@ impl FetchStats {
         (b - self.start.0, r - self.start.1)
     }
 
-    /// Cancels the fetches of the disk's source (shared with the other disks of its origin in
-    /// this process; see [`RemoteSource::cancel`]).
+    /// Cancels the fetches of the disk's source (shared with the other disks of its origin
+    /// opened through the same [`Sources`]; see [`RemoteSource::cancel`]).
     pub fn cancel(&self) {
         self.source.cancel();
     }
-}
-
-/// Opens a disk; if it was pulled lazily (it has a `remote.json`), missing blocks are fetched
-/// from its origin as `policy` says. Returns what it fetched, for statistics.
-pub fn open_lazy_disk(
-    dir: &Path,
-    opts: OpenOptions,
-    policy: FetchPolicy,
-) -> Result<(Disk, Option<FetchStats>)> {
-    let origin_path: PathBuf = dir.join(ORIGIN_FILE);
-    if !origin_path.exists() {
-        return Ok((Disk::open(dir, opts)?, None));
-    }
-    let text = std::fs::read(&origin_path).map_err(RemoteError::io("read", &origin_path))?;
-    let origin: LazyOrigin = serde_json::from_slice(&text)
-        .map_err(|e| RemoteError::Invalid(format!("{}: {e}", origin_path.display())))?;
-    let source = shared_source(&origin.reference)?;
-    let start = source.stats();
-    let disk = Disk::open_with_source(dir, opts, source.clone(), policy)?;
-    Ok((disk, Some(FetchStats { source, start })))
 }

@@ -18,7 +18,7 @@ use mcow_remote::http_client::HttpConfig;
 use mcow_remote::registry::{Credentials, Registry};
 use mcow_remote::retry::RetryPolicy;
 use mcow_remote::transfer::{self, RemoteSource};
-use mcow_remote::{Reference, Remote, RemoteError};
+use mcow_remote::{RangeRead, Reference, Remote, RemoteError};
 
 fn reference(text: &str) -> Reference {
     Reference::parse(text).unwrap()
@@ -94,12 +94,12 @@ fn push_pull_roundtrip_and_dedup() {
     let d = Digest::of(b"hello registry");
     remote.put_blob_bytes(&d, b"hello registry").unwrap();
     assert_eq!(remote.get_blob(&d).unwrap(), b"hello registry");
-    assert_eq!(remote.get_blob_range(&d, 6, 8).unwrap(), b"registry");
-    assert!(remote.get_blob_range(&d, 20, 4).is_err());
+    assert_eq!(remote.get_range(&d, 6, 8).unwrap(), b"registry");
+    assert!(remote.get_range(&d, 20, 4).is_err());
     // Several ranges in one request (the registry answers multipart/byteranges).
     let ranges = [(0, 5), (6, 3), (11, 3)];
     let mut got = vec![Vec::new(); 3];
-    let requests = remote.stream_blob_ranges(&d, &ranges, &mut |i, p| {
+    let requests = remote.stream_ranges(&d, &ranges, &mut |i, p| {
         got[i].extend_from_slice(p);
         true
     });
@@ -126,7 +126,7 @@ fn lazy_pull_fetches_only_what_is_read_and_never_twice() {
     let dir = t.path().join("b/disk");
     {
         // Window 1: a read of a missing block fetches that block only.
-        let (d, src) = transfer::open_lazy_disk(&dir, ro(), EXACT).unwrap();
+        let (d, src) = transfer::Sources::new().open_lazy_disk(&dir, ro(), EXACT).unwrap();
         let src = src.expect("a lazy disk has a source");
         let mut blocks = Vec::new();
         for layer in 0..3 {
@@ -142,12 +142,12 @@ fn lazy_pull_fetches_only_what_is_read_and_never_twice() {
         assert_eq!(requests, blocks.len() as u64);
     }
     {
-        let (d, src) = transfer::open_lazy_disk(&dir, ro(), FetchPolicy::default()).unwrap();
+        let (d, src) = transfer::Sources::new().open_lazy_disk(&dir, ro(), FetchPolicy::default()).unwrap();
         assert!(read_all(&d) == bytes, "lazy disk differs");
         let (fetched, _) = src.unwrap().stats();
         assert!(fetched > 0 && fetched <= total, "{fetched}");
     }
-    let (d, src) = transfer::open_lazy_disk(&dir, ro(), FetchPolicy::default()).unwrap();
+    let (d, src) = transfer::Sources::new().open_lazy_disk(&dir, ro(), FetchPolicy::default()).unwrap();
     assert!(read_all(&d) == bytes);
     assert_eq!(src.unwrap().stats(), (0, 0), "everything was cached");
 }
@@ -161,7 +161,7 @@ fn tampered_blocks_and_manifests_are_refused() {
     let rep = transfer::push(&disk, &r, &mut |_, _| {}).unwrap();
     pull(&r, &t.path().join("b"), true);
 
-    let (d, _src) = transfer::open_lazy_disk(&t.path().join("b/disk"), ro(), EXACT).unwrap();
+    let (d, _src) = transfer::Sources::new().open_lazy_disk(&t.path().join("b/disk"), ro(), EXACT).unwrap();
     let top = layers(&disk)[2].0;
     let blocks = data_blocks_of(&d, 2);
     let (vb, pblock) = blocks[0];
@@ -233,7 +233,7 @@ fn lazy_pull_rebuilds_the_header_from_its_fields() {
     let rep = pull(&r, &t.path().join("c"), true);
     let partial = mcow_engine::store::LayerStore::new(t.path().join("c/layers")).partial_path(&base);
     assert!(std::fs::read(&partial).unwrap()[..HEADER_SIZE] == original[..HEADER_SIZE]);
-    let (d, _) = transfer::open_lazy_disk(&t.path().join("c/disk"), ro(), EXACT).unwrap();
+    let (d, _) = transfer::Sources::new().open_lazy_disk(&t.path().join("c/disk"), ro(), EXACT).unwrap();
     assert!(read_all(&d) == bytes, "lazy disk differs");
     // Per layer: the header's fields and the tail (extent index, hash table, trailer).
     let d = Disk::open(&disk, OpenOptions { read_only: true, verify: false, force_share: true }).unwrap();
@@ -341,8 +341,9 @@ fn basic_auth() {
     );
     assert!(read_all(&Disk::open(&work.join("full/disk"), ro()).unwrap()) == bytes);
     // The child read the lazy disk whole: every block is local now, no credentials needed.
-    let (lazy, src) =
-        transfer::open_lazy_disk(&work.join("lazy/disk"), ro(), FetchPolicy::default()).unwrap();
+    let (lazy, src) = transfer::Sources::new()
+        .open_lazy_disk(&work.join("lazy/disk"), ro(), FetchPolicy::default())
+        .unwrap();
     assert!(read_all(&lazy) == bytes);
     assert_eq!(src.unwrap().stats(), (0, 0));
 
@@ -379,7 +380,9 @@ fn auth_child() {
     assert_eq!(transfer::push(&disk, &r, &mut |_, _| {}).unwrap().uploaded, 3);
     pull(&r, &work.join("full"), false);
     pull(&r, &work.join("lazy"), true);
-    let (d, _) = transfer::open_lazy_disk(&work.join("lazy/disk"), ro(), FetchPolicy::default()).unwrap();
+    let (d, _) = transfer::Sources::new()
+        .open_lazy_disk(&work.join("lazy/disk"), ro(), FetchPolicy::default())
+        .unwrap();
     read_all(&d);
 }
 
@@ -455,8 +458,10 @@ fn proxy_one(
     let mut body = vec![0u8; len];
     r.read_exact(&mut body)?;
     if target.starts_with("/token") {
-        let want =
-            format!("Basic {}", mcow_remote::http_client::base64(format!("{user}:{password}").as_bytes()));
+        let want = format!(
+            "Basic {}",
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("{user}:{password}"))
+        );
         if auth != want || !target.contains("scope=repository%3Amcow%2Fbearer%3A") {
             return respond(&client, "401 Unauthorized", "", "{\"details\":\"bad credentials\"}");
         }
@@ -524,7 +529,7 @@ fn bearer_token_flow_through_a_token_proxy() {
         remote.put_blob(&d, &f, &mut |_| {}).unwrap();
         assert!(remote.has_blob(&d).unwrap());
         let whole = std::fs::read(&f).unwrap();
-        assert_eq!(remote.get_blob_range(&d, 4096, 65536).unwrap(), whole[4096..4096 + 65536]);
+        assert_eq!(remote.get_range(&d, 4096, 65536).unwrap(), whole[4096..4096 + 65536]);
         let out = t.path().join("dl");
         remote.get_blob_to(&d, &out, &mut |_| {}).unwrap();
         assert!(std::fs::read(&out).unwrap() == whole);
@@ -586,7 +591,7 @@ fn the_trace_is_listed_in_the_manifest_and_a_missing_one_is_not_an_error() {
         let rep = pull(&r, &dir, lazy);
         assert_eq!(rep.missing_trace, Some(trace_digest), "{name}");
         assert!(!dir.join("disk").join(transfer::TRACE_FILE).exists(), "{name}");
-        let (d, _) = transfer::open_lazy_disk(&dir.join("disk"), ro(), EXACT).unwrap();
+        let (d, _) = transfer::Sources::new().open_lazy_disk(&dir.join("disk"), ro(), EXACT).unwrap();
         assert!(read_all(&d) == bytes, "{name}: the disk's bytes differ");
     }
 }

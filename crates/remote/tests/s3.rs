@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 
 use mcow_engine::{CreateOptions, Disk, FetchPolicy, OpenOptions, ops};
 use mcow_format::Digest;
+use mcow_remote::RangeRead;
 use mcow_remote::http_client::HttpConfig;
 use mcow_remote::layout::ObjectStore;
 use mcow_remote::retry::RetryPolicy;
 use mcow_remote::s3::{S3Config, S3Store};
-use mcow_remote::transfer::open_lazy_disk;
+use mcow_remote::transfer::Sources;
 use mcow_remote::{Reference, RemoteError, pull, push};
 
 const KEY: &str = "AKIDMCOWTEST";
@@ -260,14 +261,16 @@ fn s3_push_pull_lazy_pull_and_errors_against_a_real_server() {
     let lp = pull(&pinned, &lazy, &tmp.path().join("store-lazy"), true, &mut |_, _| {}).unwrap();
     assert!(lp.bytes_fetched < report.bytes_uploaded / 4, "lazy pull fetched {}", lp.bytes_fetched);
     {
-        let (d, source) = open_lazy_disk(&lazy, OpenOptions::default(), FetchPolicy::default()).unwrap();
+        let (d, source) =
+            Sources::new().open_lazy_disk(&lazy, OpenOptions::default(), FetchPolicy::default()).unwrap();
         let source = source.expect("a lazily pulled disk has a remote source");
         assert!(read_all(&d) == model, "lazy read differs");
         let (bytes, requests) = source.stats();
         assert!(bytes > 0 && requests > 0, "{bytes} bytes in {requests} requests");
     }
     {
-        let (d, source) = open_lazy_disk(&lazy, OpenOptions::default(), FetchPolicy::default()).unwrap();
+        let (d, source) =
+            Sources::new().open_lazy_disk(&lazy, OpenOptions::default(), FetchPolicy::default()).unwrap();
         assert!(read_all(&d) == model, "second lazy read differs");
         assert_eq!(source.unwrap().stats(), (0, 0), "the second open fetched again");
     }
