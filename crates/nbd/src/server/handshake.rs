@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use super::transmission::{self, Negotiated, Stats};
 use super::transport::Transport;
-use super::{Ctx, ExportEntry};
+use super::{ConnError, Ctx, ExportEntry};
 use crate::proto::{
     self, BlockSizes, ClientOption, InfoRequest, MetaContextQuery, NBD_FLAG_CAN_MULTI_CONN,
     NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_HAS_FLAGS, NBD_FLAG_NO_ZEROES, NBD_FLAG_READ_ONLY, NBD_FLAG_SEND_CACHE,
@@ -22,23 +22,6 @@ use crate::proto::{
 
 /// Handshake flags this server offers.
 const HANDSHAKE_FLAGS: u16 = NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES;
-
-/// Why a connection ended early (logged, never returned to the server).
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum ConnError {
-    #[error("i/o: {0}")]
-    Io(#[from] io::Error),
-    #[error("protocol: {0}")]
-    Decode(#[from] proto::DecodeError),
-    #[error("negotiation took longer than the handshake timeout")]
-    HandshakeTimeout,
-    #[error("client asked for unknown export {0:?} with NBD_OPT_EXPORT_NAME")]
-    UnknownExport(String),
-    #[error("{0}")]
-    BadExportName(proto::OptionError),
-    #[error("cut by the server during negotiation to make room for a new connection")]
-    Evicted,
-}
 
 /// Transmission flags for an export.
 pub(crate) fn transmission_flags(read_only: bool, structured: bool) -> u16 {

@@ -42,6 +42,23 @@ use crate::proto::{BASE_ALLOCATION, MAX_STRING_LEN};
 use ratelimit::RateLimit;
 use transport::{Listener, Shut, Transport, WakeAddr, Waker};
 
+/// Why a connection ended early (logged, never returned to the server).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol: {0}")]
+    Decode(#[from] crate::proto::DecodeError),
+    #[error("negotiation took longer than the handshake timeout")]
+    HandshakeTimeout,
+    #[error("client asked for unknown export {0:?} with NBD_OPT_EXPORT_NAME")]
+    UnknownExport(String),
+    #[error("{0}")]
+    BadExportName(crate::proto::OptionError),
+    #[error("cut by the server during negotiation to make room for a new connection")]
+    Evicted,
+}
+
 /// Limits and timeouts of a [`Server`].
 #[derive(Debug, Clone)]
 pub struct ServerConfig {

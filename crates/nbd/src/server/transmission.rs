@@ -25,9 +25,8 @@ use std::sync::{Condvar, Mutex, PoisonError};
 use std::thread::{self, Scope};
 use std::time::{Duration, Instant};
 
-use super::handshake::ConnError;
 use super::transport::{Filled, Transport, discard, fill, write_all_vectored};
-use super::{Ctx, lock};
+use super::{ConnError, Ctx, lock};
 use crate::export::Export;
 use crate::proto::{
     self, Command, NBD_CMD_FLAG_FAST_ZERO, NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLAG_REQ_ONE,
