@@ -3,7 +3,7 @@
 //! Owns: opening a sealed layer file and checking its structure, reading its blocks with
 //! per-block hash verification, and the streaming writer that produces a new sealed layer in
 //! canonical form. Does not own: fetching the blocks a partial layer lacks (see `fetch`),
-//! combining layers (see `stack`), naming files (see `store`).
+//! combining layers (see `stack`), naming files (see `store`), keeping files open (see `pool`).
 
 use std::fs::File;
 use std::io::Write;
@@ -18,7 +18,7 @@ use mcow_format::{
 use crate::bitmap::AtomicBitmap;
 use crate::error::{Error, Result};
 use crate::fetch::{Fetcher, Want};
-use crate::store::FileSlot;
+use crate::pool::FileSlot;
 
 /// An open sealed layer. Its blocks are verified against their hashes the first time they are
 /// read (a bit per block remembers it), so later reads of the same block go straight to the file.

@@ -5,9 +5,12 @@
 //!   for crash and fault tests;
 //! - `bitmap`: the one atomic, sparse, bounds-checked bitmap for per-block flags;
 //! - `extent_map`: the interval map behind depth-independent addressing;
+//! - `pool` / `lock`: the bounded pool of open layer files, and byte-range (OFD) locks between
+//!   processes;
 //! - `layer` / `store` / `temp`: sealed layers (read with verification, written canonically),
 //!   the content-addressed directory that holds them, and the locked temporaries new files are
 //!   written to;
+//! - `readahead`: the pure policy that sizes a partial layer's fetches from the reads before;
 //! - `fetch`: partial (lazily fetched) layers: where missing blocks come from and how they are
 //!   fetched, checked and landed;
 //! - `stack`: sealed layers bottom to top, flattened into one map at open;
@@ -23,7 +26,10 @@ pub mod error;
 pub mod extent_map;
 pub mod fetch;
 pub mod layer;
+pub mod lock;
 pub mod ops;
+pub mod pool;
+pub mod readahead;
 pub mod sim;
 pub mod stack;
 pub mod storage;
