@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use mcow_engine::{Disk, FetchPolicy, OpenOptions, RunKind, TOP};
+use mcow_engine::{Disk, Engine, FetchPolicy, OpenOptions, RunKind, TOP};
 use mcow_remote::Reference;
 
 use crate::paths::{Fetch, open_lazy};
@@ -433,10 +433,14 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
     let mut recorder = None;
     let stop = Arc::new(AtomicBool::new(false));
     let mut background = Vec::new();
+    // One engine for every export: disks on the same layers share them (a block is fetched
+    // once), and their read-ahead threads are stopped together at exit.
+    let engine = Engine::default();
     for spec in &args.disks {
         let t = resolve_target(spec, &args.cache)?;
         let opts = OpenOptions { read_only: args.read_only, verify: true, force_share: args.force_share };
         let (disk, source) = open_lazy(
+            &engine,
             &t.dir,
             opts,
             Fetch::Remote(FetchPolicy { window: args.fetch_window, readahead: args.readahead }),
@@ -496,7 +500,7 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
         std::thread::sleep(Duration::from_millis(10));
     }
     let quiet = background.iter().all(|b| b.is_finished())
-        && mcow_engine::fetch::stop_background(until.saturating_duration_since(Instant::now()));
+        && engine.stop_background(until.saturating_duration_since(Instant::now()));
     if !quiet {
         tracing::warn!("fetches still running at exit; cancelling them");
         sources.iter().for_each(|s| s.cancel());
@@ -504,7 +508,7 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
     for b in background {
         let _ = b.join();
     }
-    if !mcow_engine::fetch::stop_background(FETCH_GRACE) {
+    if !engine.stop_background(FETCH_GRACE) {
         tracing::warn!("read-ahead fetches still running at exit");
     }
     if let (Some(path), Some(r)) = (trace_out, recorder) {

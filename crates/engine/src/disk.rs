@@ -13,8 +13,10 @@ use std::sync::Arc;
 
 use mcow_format::{Digest, DiskManifest, ExtentKind, chain_digest};
 
+use crate::context::Engine;
 use crate::error::{Error, Result};
 use crate::extent_map::{Loc, TOP};
+use crate::fetch::{BlockSource, FetchPolicy};
 use crate::layer::SealedLayer;
 use crate::stack::Stack;
 use crate::storage::{FileStorage, Storage};
@@ -180,26 +182,44 @@ impl Disk {
         write_atomic(&dir.join(MANIFEST_FILE), manifest.to_json().as_bytes())
     }
 
-    /// Opens a disk directory.
+    /// Opens a disk directory, in an engine of its own (see [`Disk::open_in`]).
     pub fn open(dir: &Path, opts: OpenOptions) -> Result<Disk> {
+        Disk::open_in(&Engine::default(), dir, opts)
+    }
+
+    /// Opens a disk directory in `engine`: disks opened in one engine share its file pool, the
+    /// layers they have in common and its background fetch threads.
+    pub fn open_in(engine: &Engine, dir: &Path, opts: OpenOptions) -> Result<Disk> {
         let manifest = read_manifest(dir)?;
-        Self::open_in(dir, opts, manifest.clone(), LayerStore::new(resolve_store(dir, &manifest)))
+        let store = LayerStore::in_engine(engine, resolve_store(dir, &manifest));
+        Self::open_store(dir, opts, manifest, store)
     }
 
     /// Opens a disk whose layers may be partial, fetching missing blocks from `source` as
-    /// `policy` says.
+    /// `policy` says, in an engine of its own (see [`Disk::open_with_source_in`]).
     pub fn open_with_source(
         dir: &Path,
         opts: OpenOptions,
-        source: std::sync::Arc<dyn crate::fetch::BlockSource>,
-        policy: crate::fetch::FetchPolicy,
+        source: Arc<dyn BlockSource>,
+        policy: FetchPolicy,
     ) -> Result<Disk> {
-        let manifest = read_manifest(dir)?;
-        let store = LayerStore::new(resolve_store(dir, &manifest)).with_source(source, policy);
-        Self::open_in(dir, opts, manifest, store)
+        Disk::open_with_source_in(&Engine::default(), dir, opts, source, policy)
     }
 
-    fn open_in(dir: &Path, opts: OpenOptions, manifest: DiskManifest, store: LayerStore) -> Result<Disk> {
+    /// [`Disk::open_with_source`] in `engine` (see [`Disk::open_in`]).
+    pub fn open_with_source_in(
+        engine: &Engine,
+        dir: &Path,
+        opts: OpenOptions,
+        source: Arc<dyn BlockSource>,
+        policy: FetchPolicy,
+    ) -> Result<Disk> {
+        let manifest = read_manifest(dir)?;
+        let store = LayerStore::in_engine(engine, resolve_store(dir, &manifest)).with_source(source, policy);
+        Self::open_store(dir, opts, manifest, store)
+    }
+
+    fn open_store(dir: &Path, opts: OpenOptions, manifest: DiskManifest, store: LayerStore) -> Result<Disk> {
         let stack =
             Stack::open(&store, &manifest.layers, manifest.virtual_size, manifest.block_size, opts.verify)?;
         let top_name = manifest.top.clone().ok_or_else(|| {
@@ -249,6 +269,10 @@ impl Disk {
     }
     pub fn store(&self) -> &LayerStore {
         &self.store
+    }
+    /// The engine the disk was opened in.
+    pub fn engine(&self) -> &Engine {
+        self.store.engine()
     }
     pub fn stack(&self) -> &Arc<Stack> {
         &self.stack

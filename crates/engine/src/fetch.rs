@@ -10,12 +10,12 @@
 //! implementations live in mcow-remote).
 
 use std::fs::File;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
 
 use mcow_format::{Digest, HEADER_SIZE};
 
+use crate::background::Background;
 use crate::error::{Error, Result};
 use crate::layer::{SealedLayer, read_exact_at};
 use crate::lock::{LockError, LockType, RangeLock};
@@ -97,6 +97,8 @@ pub(crate) struct Fetcher {
     /// reads ahead runs on a thread of its own holding it, so that the reader who started it
     /// goes on as soon as its own blocks are in.
     pub(crate) me: OnceLock<std::sync::Weak<SealedLayer>>,
+    /// The engine's background fetch threads, where read-ahead runs.
+    background: Arc<Background>,
     /// Set once this layer warned that its file has no byte-range locks.
     warned_unlocked: AtomicBool,
 }
@@ -172,52 +174,6 @@ pub(crate) enum Want {
     /// Exactly the missing blocks up to this end, shown by a disk or not (the background
     /// download of `fetch_all`).
     Exact(u64),
-}
-
-/// Fetches running on threads of their own (read-ahead), in this process.
-static BACKGROUND: AtomicUsize = AtomicUsize::new(0);
-/// Set by [`stop_background`]: no new background fetch starts.
-static STOPPING: AtomicBool = AtomicBool::new(false);
-
-/// Lets no new fetch start on a thread of its own (read-ahead) and waits up to `limit` for the
-/// running ones to finish, so that a process about to exit has landed every block it fetched.
-/// Returns false if some were still running. For the end of a process: reads that would start
-/// read-ahead afterwards fetch on their own thread instead.
-pub fn stop_background(limit: Duration) -> bool {
-    STOPPING.store(true, Ordering::SeqCst);
-    let start = Instant::now();
-    while BACKGROUND.load(Ordering::SeqCst) > 0 {
-        if start.elapsed() > limit {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    true
-}
-
-/// Runs `job` on a thread of its own, counted in [`BACKGROUND`]; false if no thread could be
-/// had.
-fn spawn_background(job: impl FnOnce() + Send + 'static) -> bool {
-    struct Running;
-    impl Drop for Running {
-        fn drop(&mut self) {
-            BACKGROUND.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-    // Counted before the check, so that `stop_background` cannot miss it.
-    BACKGROUND.fetch_add(1, Ordering::SeqCst);
-    if STOPPING.load(Ordering::SeqCst) {
-        BACKGROUND.fetch_sub(1, Ordering::SeqCst);
-        return false;
-    }
-    let spawned = std::thread::Builder::new().name("mcow-fetch".into()).spawn(move || {
-        let _running = Running;
-        job();
-    });
-    if spawned.is_err() {
-        BACKGROUND.fetch_sub(1, Ordering::SeqCst);
-    }
-    spawned.is_ok()
 }
 
 /// The ranges of blocks being fetched (readers of a block in flight wait for it to land;
@@ -507,7 +463,12 @@ impl SealedLayer {
     /// Makes this a partial layer whose missing blocks are fetched from `source` as `policy`
     /// says. Blocks already in the local file are found by their hashes, so nothing is fetched
     /// twice, across restarts too.
-    pub(crate) fn set_source(&mut self, source: Arc<dyn BlockSource>, policy: FetchPolicy) {
+    pub(crate) fn set_source(
+        &mut self,
+        source: Arc<dyn BlockSource>,
+        policy: FetchPolicy,
+        background: &Arc<Background>,
+    ) {
         self.verify = true; // a partial layer's local bytes are only trusted once checked
         self.fetch = Some(Fetcher {
             source,
@@ -515,6 +476,7 @@ impl SealedLayer {
             state: Mutex::new(FetchState::default()),
             writer: OnceLock::new(),
             me: OnceLock::new(),
+            background: background.clone(),
             warned_unlocked: AtomicBool::new(false),
         });
     }
@@ -647,7 +609,7 @@ impl SealedLayer {
                 && let Some(layer) = fetch.me.get().and_then(std::sync::Weak::upgrade)
             {
                 let me = std::thread::current().id();
-                let spawned = spawn_background(move || {
+                let spawned = fetch.background.spawn(move || {
                     let Some(fetch) = &layer.fetch else { return };
                     let mut claim = Claim::new(fetch, id, pipeline);
                     claim.starter = Some((me, pblock));
@@ -686,12 +648,12 @@ impl SealedLayer {
         if from >= self.trailer.block_count
             || self.is_verified(from)
             || !self.is_visible(from)
-            || STOPPING.load(Ordering::Relaxed)
+            || fetch.background.is_stopping()
         {
             return;
         }
         let Some(layer) = fetch.me.get().and_then(std::sync::Weak::upgrade) else { return };
-        spawn_background(move || {
+        fetch.background.spawn(move || {
             let mut scratch = vec![0u8; layer.block_size() as usize];
             if let Ok(f) = layer.file.get(&layer.path) {
                 let _ = layer.ensure_block(&f, from, &mut scratch, Want::Read(from + 1));

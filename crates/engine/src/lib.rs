@@ -3,6 +3,8 @@
 //! Modules, bottom up:
 //! - `storage` / `sim`: the byte-storage trait every layer goes through, and a simulated device
 //!   for crash and fault tests;
+//! - `context`: the engine context ([`Engine`]) disks are opened in: file pool, open layers,
+//!   background fetch threads (`background`), instead of process-wide state;
 //! - `bitmap`: the one atomic, sparse, bounds-checked bitmap for per-block flags;
 //! - `extent_map`: the interval map behind depth-independent addressing;
 //! - `pool` / `lock`: the bounded pool of open layer files, and byte-range (OFD) locks between
@@ -20,7 +22,9 @@
 //!
 //! It does not own the byte layouts (crate `mcow-format`) nor any front end (CLI, NBD).
 
+mod background;
 pub mod bitmap;
+pub mod context;
 pub mod disk;
 pub mod error;
 pub mod extent_map;
@@ -38,6 +42,7 @@ pub mod temp;
 pub mod top;
 
 pub use bitmap::AtomicBitmap;
+pub use context::{Engine, EngineConfig};
 pub use disk::{
     CreateOptions, DEFAULT_BLOCK_SIZE, Disk, Holder, OpenOptions, Run, RunKind, Segment, Segments,
 };

@@ -2,29 +2,15 @@
 //!
 //! Owns: how many layer files are open at once and which one is closed when the bound is
 //! reached; a layer's place in the pool ([`FileSlot`]) opens its file again on its next use.
-//! Does not own: what the files hold (see `layer`) or where they are (see `store`).
+//! Does not own: what the files hold (see `layer`), where they are (see `store`), or how large
+//! the bound is (the engine's configuration, see `context`).
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::path::Path;
-use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use crate::error::{Error, Result};
-
-/// Raises the soft open-file limit to the hard limit once, and returns the soft limit.
-fn open_file_limit() -> usize {
-    static LIMIT: OnceLock<usize> = OnceLock::new();
-    *LIMIT.get_or_init(|| {
-        use rustix::process::{Resource, getrlimit, setrlimit};
-        let mut lim = getrlimit(Resource::Nofile);
-        if lim.current != lim.maximum {
-            lim.current = lim.maximum;
-            let _ = setrlimit(Resource::Nofile, lim);
-        }
-        let cur = getrlimit(Resource::Nofile).current.unwrap_or(1 << 20);
-        usize::try_from(cur).unwrap_or(usize::MAX)
-    })
-}
 
 /// Bounds how many layer files are open at once. Below the bound (the usual case) a file stays
 /// open once opened and a read takes no lock but its layer's read lock; past it, the oldest
@@ -35,17 +21,9 @@ pub(crate) struct FilePool {
 }
 
 impl FilePool {
-    /// The one pool of the process: the open-file limit is per process, so every store (every
-    /// open disk) must draw on the same budget.
-    pub(crate) fn shared() -> Arc<FilePool> {
-        static POOL: OnceLock<Arc<FilePool>> = OnceLock::new();
-        POOL.get_or_init(|| Arc::new(FilePool::new())).clone()
-    }
-
-    fn new() -> FilePool {
-        // Leave room for sockets, tops, journals and the standard descriptors.
-        let cap = open_file_limit().saturating_sub(128).max(16);
-        FilePool { cap, opened: Mutex::new(VecDeque::new()) }
+    /// A pool that keeps at most `cap` files open (an engine's; see `context`).
+    pub(crate) fn new(cap: usize) -> FilePool {
+        FilePool { cap: cap.max(1), opened: Mutex::new(VecDeque::new()) }
     }
 
     fn register(&self, slot: &Arc<SlotState>) {

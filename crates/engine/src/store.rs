@@ -9,27 +9,40 @@
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Weak};
 
 use mcow_format::Digest;
 
+use crate::context::Engine;
 use crate::error::{Error, Result};
 use crate::fetch::{BlockSource, FetchPolicy};
 use crate::layer::{LayerIndex, SealedLayer};
-use crate::pool::{FilePool, FileSlot};
+use crate::pool::FileSlot;
 use crate::temp::{StaleTemp, TempFile, stale_temporaries};
 
 /// A directory of sealed layers.
 #[derive(Clone)]
 pub struct LayerStore {
     root: PathBuf,
-    pool: Arc<FilePool>,
+    engine: Engine,
     source: Option<(Arc<dyn BlockSource>, FetchPolicy)>,
 }
 
 impl LayerStore {
+    /// The store at `root`, in an engine of its own (see [`LayerStore::in_engine`]).
     pub fn new(root: impl Into<PathBuf>) -> LayerStore {
-        LayerStore { root: root.into(), pool: FilePool::shared(), source: None }
+        LayerStore::in_engine(&Engine::default(), root)
+    }
+
+    /// The store at `root`, opening its layers in `engine`: with its file pool, sharing the
+    /// layers open there, fetching in the background on its threads.
+    pub fn in_engine(engine: &Engine, root: impl Into<PathBuf>) -> LayerStore {
+        LayerStore { root: root.into(), engine: engine.clone(), source: None }
+    }
+
+    /// The engine the store opens its layers in.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
     }
 
     pub fn root(&self) -> &Path {
@@ -64,14 +77,14 @@ impl LayerStore {
     pub fn open_layer(&self, digest: &Digest, verify: bool) -> Result<(SealedLayer, LayerIndex)> {
         let path = self.layer_path(digest);
         if path.exists() {
-            return SealedLayer::open(&path, *digest, FileSlot::new(&self.pool), verify);
+            return SealedLayer::open(&path, *digest, FileSlot::new(self.engine.pool()), verify);
         }
         let partial = self.partial_path(digest);
         match &self.source {
             Some((source, policy)) if partial.exists() => {
                 let (mut layer, index) =
-                    SealedLayer::open(&partial, *digest, FileSlot::new(&self.pool), true)?;
-                layer.set_source(source.clone(), *policy);
+                    SealedLayer::open(&partial, *digest, FileSlot::new(self.engine.pool()), true)?;
+                layer.set_source(source.clone(), *policy, self.engine.background());
                 Ok((layer, index))
             }
             _ if partial.exists() => Err(Error::Invalid(format!(
@@ -82,14 +95,11 @@ impl LayerStore {
         }
     }
 
-    /// Like [`LayerStore::open_layer`], but a layer this process already has open (through
+    /// Like [`LayerStore::open_layer`], but a layer the store's engine already has open (through
     /// any store, with the same verification and the same block source) is shared rather than
     /// opened again: disks on the same layers then share one verified bitmap and one fetch state,
     /// so a block is checked once and a missing block is fetched once, whichever disk reads it.
     pub fn open_layer_shared(&self, digest: &Digest, verify: bool) -> Result<(Arc<SealedLayer>, LayerIndex)> {
-        use std::collections::HashMap;
-        type Key = (PathBuf, bool, usize);
-        static OPEN: OnceLock<Mutex<HashMap<Key, Weak<SealedLayer>>>> = OnceLock::new();
         let complete = self.layer_path(digest);
         let (path, source) = if complete.exists() {
             (complete, 0)
@@ -101,8 +111,7 @@ impl LayerStore {
         // disks made with `create --from`) name the same open layer.
         let path = std::fs::canonicalize(&path).or_else(|_| std::path::absolute(&path)).unwrap_or(path);
         let key = (path, verify, source);
-        let open = OPEN.get_or_init(Default::default);
-        let cached = open.lock().unwrap_or_else(|p| p.into_inner()).get(&key).and_then(Weak::upgrade);
+        let cached = self.engine.open_layers().get(&key).and_then(Weak::upgrade);
         if let Some(layer) = cached {
             let index = layer.read_index()?;
             return Ok((layer, index));
@@ -112,7 +121,7 @@ impl LayerStore {
         if let Some(fetch) = &layer.fetch {
             let _ = fetch.me.set(Arc::downgrade(&layer));
         }
-        let mut map = open.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.engine.open_layers();
         map.retain(|_, w| w.strong_count() > 0);
         map.insert(key, Arc::downgrade(&layer));
         Ok((layer, index))
@@ -164,7 +173,7 @@ impl LayerStore {
         temp.persisted();
         sync_dir(dir)?;
         // The structure must open (index rules, lengths) before anyone relies on it.
-        if let Err(e) = SealedLayer::open(&dest, *digest, FileSlot::new(&self.pool), true) {
+        if let Err(e) = SealedLayer::open(&dest, *digest, FileSlot::new(self.engine.pool()), true) {
             let _ = fs::remove_file(&dest);
             return Err(e);
         }

@@ -280,12 +280,14 @@ fn disks_on_the_same_partial_layers_fetch_each_block_once() {
     let tmp = tempfile::tempdir().unwrap();
     let (complete, expected) = build_complete(tmp.path());
     let first = build_partial(tmp.path(), &complete);
-    // A second disk (another VM) on the same partial layers, in the same store.
+    // A second disk (another VM) on the same partial layers, in the same store, opened in the
+    // same engine (as `serve` opens its exports).
     let second = second_disk(tmp.path(), &first);
     let src =
         Arc::new(DirSource { store: tmp.path().join("a/layers"), fetched: 0.into(), corrupt: false.into() });
-    let a = Disk::open_with_source(&first, OpenOptions::default(), src.clone(), EXACT).unwrap();
-    let b = Disk::open_with_source(&second, OpenOptions::default(), src.clone(), EXACT).unwrap();
+    let engine = mcow_engine::Engine::default();
+    let a = Disk::open_with_source_in(&engine, &first, OpenOptions::default(), src.clone(), EXACT).unwrap();
+    let b = Disk::open_with_source_in(&engine, &second, OpenOptions::default(), src.clone(), EXACT).unwrap();
     let mut all = vec![0u8; expected.len()];
     a.read(0, &mut all).unwrap();
     assert!(all == expected);
