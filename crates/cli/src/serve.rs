@@ -197,22 +197,8 @@ fn background_fetch(disk: Arc<Disk>, trace: Option<Vec<u64>>, all: bool, stop: A
     if !all {
         return;
     }
-    for layer in disk.stack().layers().iter().filter(|l| l.is_partial()) {
-        if let Err(e) = layer.fetch_all(&stop) {
-            tracing::warn!(layer = %layer.digest, error = %e, "background download failed");
-            continue;
-        }
-        if stop.load(Ordering::Relaxed) {
-            return;
-        }
-        match disk.store().complete_partial(&layer.digest) {
-            Ok(true) => tracing::info!(layer = %layer.digest, "layer is complete"),
-            Ok(false) => {
-                tracing::warn!(layer = %layer.digest, "layer fetched but does not hash to its digest")
-            }
-            Err(e) => tracing::warn!(layer = %layer.digest, error = %e, "completing the layer failed"),
-        }
-    }
+    let done = disk.fetch_rest(&stop);
+    tracing::info!(disk = %disk.dir().display(), ?done, "background download ended");
 }
 
 /// How long fetches from the origin may go on once the server is told to stop (requests in

@@ -137,6 +137,17 @@ impl Iterator for Segments<'_> {
     }
 }
 
+/// What [`Disk::fetch_rest`] did (each failure is also logged).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FetchRest {
+    /// Partial layers fetched whole and moved to the complete layers.
+    pub completed: usize,
+    /// Partial layers whose download or completion failed (they stay partial).
+    pub failed: usize,
+    /// Whether `stop` ended it early.
+    pub stopped: bool,
+}
+
 /// An open disk.
 pub struct Disk {
     dir: PathBuf,
@@ -450,6 +461,42 @@ impl Disk {
             }
         }
         Ok(())
+    }
+
+    /// Downloads the rest of this disk: every block its partial layers lack (hidden ones too),
+    /// layer by layer from the bottom, and moves each layer that is then whole into the store's
+    /// complete layers. A layer whose download fails is logged and left partial (its reads still
+    /// fetch what they need); the others go on. Returns between layers (or between fetches)
+    /// once `stop` is set.
+    pub fn fetch_rest(&self, stop: &std::sync::atomic::AtomicBool) -> FetchRest {
+        use std::sync::atomic::Ordering;
+        let mut done = FetchRest::default();
+        for layer in self.stack.layers().iter().filter(|l| l.is_partial()) {
+            if let Err(e) = layer.fetch_all(stop) {
+                tracing::warn!(layer = %layer.digest, error = %e, "background download failed");
+                done.failed += 1;
+                continue;
+            }
+            if stop.load(Ordering::Relaxed) {
+                done.stopped = true;
+                return done;
+            }
+            match self.store.complete_partial(&layer.digest) {
+                Ok(true) => {
+                    tracing::info!(layer = %layer.digest, "layer is complete");
+                    done.completed += 1;
+                }
+                Ok(false) => {
+                    tracing::warn!(layer = %layer.digest, "layer fetched but does not hash to its digest");
+                    done.failed += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(layer = %layer.digest, error = %e, "completing the layer failed");
+                    done.failed += 1;
+                }
+            }
+        }
+        done
     }
 
     /// Makes every completed write durable.

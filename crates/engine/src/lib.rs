@@ -44,7 +44,7 @@ pub mod top;
 pub use bitmap::AtomicBitmap;
 pub use context::{Engine, EngineConfig};
 pub use disk::{
-    CreateOptions, DEFAULT_BLOCK_SIZE, Disk, Holder, OpenOptions, Run, RunKind, Segment, Segments,
+    CreateOptions, DEFAULT_BLOCK_SIZE, Disk, FetchRest, Holder, OpenOptions, Run, RunKind, Segment, Segments,
 };
 pub use error::{Error, Result};
 pub use extent_map::TOP;
