@@ -93,12 +93,11 @@ pub(crate) struct Fetcher {
     windows: Windows,
     state: Mutex<FetchState>,
     writer: OnceLock<File>,
-    /// The layer itself, once it is shared (see `LayerStore::open_layer_shared`): a fetch that
-    /// reads ahead runs on a thread of its own holding it, so that the reader who started it
-    /// goes on as soon as its own blocks are in.
-    pub(crate) me: OnceLock<std::sync::Weak<SealedLayer>>,
-    /// The engine's background fetch threads, where read-ahead runs.
-    background: Arc<Background>,
+    /// The engine's background fetch threads, once the layer is shared (see
+    /// `LayerStore::open_layer_shared`): a fetch that reads ahead runs on one of them, holding
+    /// the layer's `Arc`, so that the reader who started it goes on as soon as its own blocks
+    /// are in. Without them, read-ahead is fetched by the reader.
+    background: Option<Arc<Background>>,
     /// Set once this layer warned that its file has no byte-range locks.
     warned_unlocked: AtomicBool,
 }
@@ -307,7 +306,7 @@ impl Drop for Claim<'_> {
 /// any size: whole blocks in a piece are checked where they lie, a block split across pieces
 /// is gathered first. The first block that fails its hash (or cannot be written) ends it.
 struct Lander<'a, 'b> {
-    layer: &'a SealedLayer,
+    layer: &'a Arc<SealedLayer>,
     fetch: &'a Fetcher,
     claim: &'a Claim<'a>,
     writer: &'a File,
@@ -322,7 +321,7 @@ struct Lander<'a, 'b> {
 
 impl<'a, 'b> Lander<'a, 'b> {
     fn new(
-        layer: &'a SealedLayer,
+        layer: &'a Arc<SealedLayer>,
         fetch: &'a Fetcher,
         claim: &'a Claim<'a>,
         first: u64,
@@ -463,22 +462,23 @@ impl SealedLayer {
     /// Makes this a partial layer whose missing blocks are fetched from `source` as `policy`
     /// says. Blocks already in the local file are found by their hashes, so nothing is fetched
     /// twice, across restarts too.
-    pub(crate) fn set_source(
-        &mut self,
-        source: Arc<dyn BlockSource>,
-        policy: FetchPolicy,
-        background: &Arc<Background>,
-    ) {
+    pub(crate) fn set_source(&mut self, source: Arc<dyn BlockSource>, policy: FetchPolicy) {
         self.verify = true; // a partial layer's local bytes are only trusted once checked
         self.fetch = Some(Fetcher {
             source,
             windows: Windows::new(policy, self.block_size()),
             state: Mutex::new(FetchState::default()),
             writer: OnceLock::new(),
-            me: OnceLock::new(),
-            background: background.clone(),
+            background: None,
             warned_unlocked: AtomicBool::new(false),
         });
+    }
+
+    /// Lets a partial layer read ahead on the threads of `background` (no-op for a complete one).
+    pub(crate) fn read_ahead_in(&mut self, background: &Arc<Background>) {
+        if let Some(fetch) = &mut self.fetch {
+            fetch.background = Some(background.clone());
+        }
     }
 
     /// True for a layer whose blocks may be fetched from a source.
@@ -518,7 +518,13 @@ impl SealedLayer {
     /// `want` says why the block is wanted: a read (covering blocks up to the given end), or a
     /// download of the blocks up to the given end, which fetches the missing ones and no
     /// others, whatever the streams (it is no read, so it neither starts nor grows a stream).
-    pub(crate) fn ensure_block(&self, f: &File, pblock: u64, block: &mut [u8], want: Want) -> Result<()> {
+    pub(crate) fn ensure_block(
+        self: &Arc<Self>,
+        f: &File,
+        pblock: u64,
+        block: &mut [u8],
+        want: Want,
+    ) -> Result<()> {
         let bs = self.block_size();
         let at = |p: u64| HEADER_SIZE as u64 + p * bs;
         let Some(fetch) = &self.fetch else {
@@ -606,10 +612,10 @@ impl SealedLayer {
                 Want::Exact(_) => end,
             };
             if end > need
-                && let Some(layer) = fetch.me.get().and_then(std::sync::Weak::upgrade)
+                && let Some(background) = &fetch.background
             {
-                let me = std::thread::current().id();
-                let spawned = fetch.background.spawn(move || {
+                let (layer, me) = (self.clone(), std::thread::current().id());
+                let spawned = background.spawn(move || {
                     let Some(fetch) = &layer.fetch else { return };
                     let mut claim = Claim::new(fetch, id, pipeline);
                     claim.starter = Some((me, pblock));
@@ -644,16 +650,13 @@ impl SealedLayer {
 
     /// Starts the next fetch of a deep-queue stream at `from` on a thread of its own, as a read
     /// of block `from` would (so with the stream's window, and only if `from` is missing).
-    fn fetch_next(&self, fetch: &Fetcher, from: u64) {
-        if from >= self.trailer.block_count
-            || self.is_verified(from)
-            || !self.is_visible(from)
-            || fetch.background.is_stopping()
-        {
+    fn fetch_next(self: &Arc<Self>, fetch: &Fetcher, from: u64) {
+        if from >= self.trailer.block_count || self.is_verified(from) || !self.is_visible(from) {
             return;
         }
-        let Some(layer) = fetch.me.get().and_then(std::sync::Weak::upgrade) else { return };
-        fetch.background.spawn(move || {
+        let Some(background) = fetch.background.as_ref().filter(|b| !b.is_stopping()) else { return };
+        let layer = self.clone();
+        background.spawn(move || {
             let mut scratch = vec![0u8; layer.block_size() as usize];
             if let Ok(f) = layer.file.get(&layer.path) {
                 let _ = layer.ensure_block(&f, from, &mut scratch, Want::Read(from + 1));
@@ -667,7 +670,7 @@ impl SealedLayer {
     /// holes), looks again and fetches only what is still missing from `target` on.
     #[allow(clippy::too_many_arguments)]
     fn fetch_claimed(
-        &self,
+        self: &Arc<Self>,
         f: &File,
         fetch: &Fetcher,
         claim: &Claim<'_>,
@@ -784,7 +787,7 @@ impl SealedLayer {
     /// range is in. A block that fails its hash ends the fetch (it and the blocks after it are
     /// not cached). Fills `block` with block `target`; fails only if `target` did not land.
     fn fetch_into(
-        &self,
+        self: &Arc<Self>,
         fetch: &Fetcher,
         claim: &Claim<'_>,
         first: u64,
@@ -825,7 +828,7 @@ impl SealedLayer {
     /// nothing else: for prefetching blocks known to be needed, such as a boot trace's. Blocks
     /// being fetched by someone else (this process or another) are left to that fetch. Best
     /// effort: what fails is fetched again when it is read.
-    pub fn fetch_runs(&self, runs: &[(u64, u64)]) -> Result<()> {
+    pub fn fetch_runs(self: &Arc<Self>, runs: &[(u64, u64)]) -> Result<()> {
         let Some(fetch) = &self.fetch else { return Ok(()) };
         let f = self.file.get(&self.path)?;
         let bs = self.block_size();
@@ -918,7 +921,7 @@ impl SealedLayer {
     /// Makes every stored block local and checked (fetching what a partial layer lacks), in
     /// order, until done or `stop` is set. Afterwards a partial layer's file is complete (see
     /// `LayerStore::complete_partial`).
-    pub fn fetch_all(&self, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
+    pub fn fetch_all(self: &Arc<Self>, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
         let f = self.file.get(&self.path)?;
         let mut block = vec![0u8; self.block_size() as usize];
         // Hidden blocks too, so exact ranges rather than reads; as large as read-ahead allows.

@@ -8,6 +8,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use mcow_format::{
     BLOCK_HASH_SIZE, BlockHash, BlockHashKind, Digest, ExtentKind, HEADER_SIZE, INDEX_ENTRY_SIZE, IndexEntry,
@@ -151,7 +152,7 @@ impl SealedLayer {
 
     /// Reads `buf.len()` bytes starting `offset` bytes into physical block `pblock`; the range
     /// may span consecutive physical blocks. Unverified blocks are read whole and checked first.
-    pub fn read(&self, pblock: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+    pub fn read(self: &Arc<Self>, pblock: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
         if buf.is_empty() {
             return Ok(());
         }
@@ -193,7 +194,7 @@ impl SealedLayer {
     /// Makes the blocks under `len` bytes from `offset` into physical block `pblock` local and
     /// checked, like [`SealedLayer::read`] but without copying them out: afterwards they may be
     /// read through the map. Blocks another reader fetched are not read back.
-    pub(crate) fn make_ready(&self, pblock: u64, offset: u64, len: u64) -> Result<()> {
+    pub(crate) fn make_ready(self: &Arc<Self>, pblock: u64, offset: u64, len: u64) -> Result<()> {
         if len == 0 {
             return Ok(());
         }

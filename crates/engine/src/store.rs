@@ -84,7 +84,7 @@ impl LayerStore {
             Some((source, policy)) if partial.exists() => {
                 let (mut layer, index) =
                     SealedLayer::open(&partial, *digest, FileSlot::new(self.engine.pool()), true)?;
-                layer.set_source(source.clone(), *policy, self.engine.background());
+                layer.set_source(source.clone(), *policy);
                 Ok((layer, index))
             }
             _ if partial.exists() => Err(Error::Invalid(format!(
@@ -116,11 +116,10 @@ impl LayerStore {
             let index = layer.read_index()?;
             return Ok((layer, index));
         }
-        let (layer, index) = self.open_layer(digest, verify)?;
+        let (mut layer, index) = self.open_layer(digest, verify)?;
+        // Shared, a partial layer reads ahead on the engine's background threads.
+        layer.read_ahead_in(self.engine.background());
         let layer = Arc::new(layer);
-        if let Some(fetch) = &layer.fetch {
-            let _ = fetch.me.set(Arc::downgrade(&layer));
-        }
         let mut map = self.engine.open_layers();
         map.retain(|_, w| w.strong_count() > 0);
         map.insert(key, Arc::downgrade(&layer));
