@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use crate::background::Background;
+use crate::fetch::PartialLayer;
 use crate::layer::SealedLayer;
 use crate::pool::FilePool;
 
@@ -45,6 +46,21 @@ impl Default for EngineConfig {
 /// identity of its block source (0 for none).
 pub(crate) type LayerKey = (PathBuf, bool, usize);
 
+/// A registry entry: the layer, without keeping it open.
+pub(crate) enum WeakLayer {
+    Complete(Weak<SealedLayer>),
+    Partial(Weak<PartialLayer>),
+}
+
+impl WeakLayer {
+    pub(crate) fn is_alive(&self) -> bool {
+        match self {
+            WeakLayer::Complete(w) => w.strong_count() > 0,
+            WeakLayer::Partial(w) => w.strong_count() > 0,
+        }
+    }
+}
+
 /// State shared by the disks opened in it: the file pool, the open layers, the background
 /// fetches. Cheap to clone (one `Arc`); disks opened with clones of one engine share it. A
 /// process that serves several disks makes one and, before it exits, calls
@@ -57,7 +73,7 @@ pub struct Engine {
 struct Inner {
     config: EngineConfig,
     pool: Arc<FilePool>,
-    open: Mutex<HashMap<LayerKey, Weak<SealedLayer>>>,
+    open: Mutex<HashMap<LayerKey, WeakLayer>>,
     background: Arc<Background>,
 }
 
@@ -100,7 +116,7 @@ impl Engine {
     }
 
     /// The registry of open layers (entries whose layer is gone are pruned as layers are added).
-    pub(crate) fn open_layers(&self) -> MutexGuard<'_, HashMap<LayerKey, Weak<SealedLayer>>> {
+    pub(crate) fn open_layers(&self) -> MutexGuard<'_, HashMap<LayerKey, WeakLayer>> {
         self.inner.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -17,10 +17,9 @@ use crate::context::Engine;
 use crate::error::{Error, Result};
 use crate::extent_map::{Loc, TOP};
 use crate::fetch::{BlockSource, FetchPolicy};
-use crate::layer::SealedLayer;
 use crate::stack::Stack;
 use crate::storage::{FileStorage, Storage};
-use crate::store::{LayerStore, write_atomic};
+use crate::store::{LayerStore, OpenLayer, write_atomic};
 use crate::top::{Debris, TopLayer, journal_path};
 
 /// Name of the manifest inside a disk directory.
@@ -524,7 +523,7 @@ impl Disk {
     }
 
     /// The sealed layer `i` (from the bottom).
-    pub fn layer(&self, i: usize) -> &Arc<SealedLayer> {
+    pub fn layer(&self, i: usize) -> &OpenLayer {
         &self.stack.layers()[i]
     }
 }

@@ -1,6 +1,6 @@
 //! Partial layers: fetching the blocks a lazily pulled layer does not hold yet.
 //!
-//! Owns: the `BlockSource` a partial layer fetches from (and `Offline`, which fetches nothing),
+//! Owns: [`PartialLayer`] (a sealed layer's structure plus its fetch state), the `BlockSource` a partial layer fetches from (and `Offline`, which fetches nothing),
 //! each partial layer's fetch state (ranges in flight, readers waiting for them, failures), the
 //! checking and caching of fetched blocks as they arrive, and which ranges it locks so that
 //! processes can share a cache. Does not own: how much one fetch asks for (the read-ahead
@@ -16,8 +16,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use mcow_format::{Digest, HEADER_SIZE};
 
 use crate::background::Background;
+use crate::bitmap::AtomicBitmap;
 use crate::error::{Error, Result};
-use crate::layer::{SealedLayer, read_exact_at};
+use crate::layer::{Blocks, SealedLayer, make_ready_blocks, read_blocks, read_exact_at};
 use crate::lock::{LockError, LockType, RangeLock};
 pub use crate::readahead::FetchPolicy;
 use crate::readahead::{Streams, Windows};
@@ -306,7 +307,7 @@ impl Drop for Claim<'_> {
 /// any size: whole blocks in a piece are checked where they lie, a block split across pieces
 /// is gathered first. The first block that fails its hash (or cannot be written) ends it.
 struct Lander<'a, 'b> {
-    layer: &'a Arc<SealedLayer>,
+    layer: &'a Arc<PartialLayer>,
     fetch: &'a Fetcher,
     claim: &'a Claim<'a>,
     writer: &'a File,
@@ -321,7 +322,7 @@ struct Lander<'a, 'b> {
 
 impl<'a, 'b> Lander<'a, 'b> {
     fn new(
-        layer: &'a Arc<SealedLayer>,
+        layer: &'a Arc<PartialLayer>,
         fetch: &'a Fetcher,
         claim: &'a Claim<'a>,
         first: u64,
@@ -458,32 +459,89 @@ fn try_lock_range<'a>(
     }
 }
 
-impl SealedLayer {
-    /// Makes this a partial layer whose missing blocks are fetched from `source` as `policy`
-    /// says. Blocks already in the local file are found by their hashes, so nothing is fetched
-    /// twice, across restarts too.
-    pub(crate) fn set_source(&mut self, source: Arc<dyn BlockSource>, policy: FetchPolicy) {
-        self.verify = true; // a partial layer's local bytes are only trusted once checked
-        self.fetch = Some(Fetcher {
+/// A partial (lazily fetched) layer: a sealed layer's structure and local file, whose missing
+/// blocks are fetched from a source, plus its fetch state and which of its blocks open disks
+/// show. Blocks already in the local file are found by their hashes, so nothing is fetched
+/// twice, across restarts too.
+pub struct PartialLayer {
+    layer: SealedLayer,
+    fetch: Fetcher,
+    /// Blocks that an open disk shows (not hidden by upper layers): the only ones reads may
+    /// fetch along with the block read. Set by `Stack::open`.
+    visible: AtomicBitmap,
+}
+
+/// The structure, file and verified blocks of the layer (a partial layer reads as a sealed one
+/// once its blocks are local).
+impl std::ops::Deref for PartialLayer {
+    type Target = SealedLayer;
+
+    fn deref(&self) -> &SealedLayer {
+        &self.layer
+    }
+}
+
+impl Blocks for Arc<PartialLayer> {
+    fn layer(&self) -> &SealedLayer {
+        &self.layer
+    }
+
+    fn wait_for_run(&self, first: u64, last: u64) -> Result<()> {
+        PartialLayer::wait_for_run(self, first, last)
+    }
+
+    fn ensure_block(&self, f: &File, pblock: u64, block: &mut [u8], end: u64) -> Result<()> {
+        PartialLayer::ensure_block(self, f, pblock, block, Want::Read(end))
+    }
+}
+
+impl PartialLayer {
+    /// Makes `layer` (opened from a partial file, with verification) a partial layer whose
+    /// missing blocks are fetched from `source` as `policy` says. With `background`, read-ahead
+    /// runs on its threads (see [`Fetcher`]); without, readers fetch it themselves.
+    pub(crate) fn new(
+        mut layer: SealedLayer,
+        source: Arc<dyn BlockSource>,
+        policy: FetchPolicy,
+        background: Option<Arc<Background>>,
+    ) -> PartialLayer {
+        layer.verify = true; // a partial layer's local bytes are only trusted once checked
+        let fetch = Fetcher {
             source,
-            windows: Windows::new(policy, self.block_size()),
+            windows: Windows::new(policy, layer.block_size()),
             state: Mutex::new(FetchState::default()),
             writer: OnceLock::new(),
-            background: None,
+            background,
             warned_unlocked: AtomicBool::new(false),
-        });
+        };
+        let visible = AtomicBitmap::new(layer.trailer.block_count);
+        PartialLayer { layer, fetch, visible }
     }
 
-    /// Lets a partial layer read ahead on the threads of `background` (no-op for a complete one).
-    pub(crate) fn read_ahead_in(&mut self, background: &Arc<Background>) {
-        if let Some(fetch) = &mut self.fetch {
-            fetch.background = Some(background.clone());
-        }
+    /// The sealed layer's structure and file.
+    pub fn sealed(&self) -> &SealedLayer {
+        &self.layer
     }
 
-    /// True for a layer whose blocks may be fetched from a source.
-    pub fn is_partial(&self) -> bool {
-        self.fetch.is_some()
+    /// Reads like [`SealedLayer::read`], fetching the blocks that are not local yet.
+    pub fn read(self: &Arc<Self>, pblock: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+        read_blocks(self, pblock, offset, buf)
+    }
+
+    /// Makes the blocks under `len` bytes from `offset` into physical block `pblock` local and
+    /// checked, without copying them out: afterwards they may be read through the map. Blocks
+    /// another reader fetched are not read back.
+    pub(crate) fn make_ready(self: &Arc<Self>, pblock: u64, offset: u64, len: u64) -> Result<()> {
+        make_ready_blocks(self, pblock, offset, len)
+    }
+
+    /// Bytes of the data region present in the local file: its allocated ranges, found with
+    /// `SEEK_DATA`/`SEEK_HOLE`. A partial file starts sparse and fetched blocks are written only
+    /// once they match their hashes, so allocation is what is local (a block torn by a crash
+    /// mid-write counts too, and is fetched again when read). Filesystems without `SEEK_DATA`
+    /// fall back to checking every block's hash.
+    pub fn local_bytes(&self) -> Result<u64> {
+        self.layer.allocated_bytes()
     }
 
     /// Before a read of blocks `first..=last` that fetches in flight hold (or that are local):
@@ -491,7 +549,7 @@ impl SealedLayer {
     /// per block (a fetch lands its blocks in order). Returns at once otherwise; the read then
     /// goes block by block as usual. Fails if the fetch that held the last block failed.
     pub(crate) fn wait_for_run(&self, first: u64, last: u64) -> Result<()> {
-        let Some(fetch) = &self.fetch else { return Ok(()) };
+        let fetch = &self.fetch;
         let state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
         if !state.is_in_flight(last) || !(first..last).all(|p| self.is_verified(p) || state.is_in_flight(p)) {
             return Ok(());
@@ -527,10 +585,7 @@ impl SealedLayer {
     ) -> Result<()> {
         let bs = self.block_size();
         let at = |p: u64| HEADER_SIZE as u64 + p * bs;
-        let Some(fetch) = &self.fetch else {
-            read_exact_at(f, block, at(pblock), &self.path)?;
-            return self.check_block(pblock, block);
-        };
+        let fetch = &self.fetch;
         let mut state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut started: Option<u64> = None; // a fetch this reader started on another thread
         loop {
@@ -616,7 +671,7 @@ impl SealedLayer {
             {
                 let (layer, me) = (self.clone(), std::thread::current().id());
                 let spawned = background.spawn(move || {
-                    let Some(fetch) = &layer.fetch else { return };
+                    let fetch = &layer.fetch;
                     let mut claim = Claim::new(fetch, id, pipeline);
                     claim.starter = Some((me, pblock));
                     let mut scratch = vec![0u8; layer.block_size() as usize];
@@ -829,7 +884,7 @@ impl SealedLayer {
     /// being fetched by someone else (this process or another) are left to that fetch. Best
     /// effort: what fails is fetched again when it is read.
     pub fn fetch_runs(self: &Arc<Self>, runs: &[(u64, u64)]) -> Result<()> {
-        let Some(fetch) = &self.fetch else { return Ok(()) };
+        let fetch = &self.fetch;
         let f = self.file.get(&self.path)?;
         let bs = self.block_size();
         let at = |p: u64| HEADER_SIZE as u64 + p * bs;
@@ -925,7 +980,7 @@ impl SealedLayer {
         let f = self.file.get(&self.path)?;
         let mut block = vec![0u8; self.block_size() as usize];
         // Hidden blocks too, so exact ranges rather than reads; as large as read-ahead allows.
-        let chunk = self.fetch.as_ref().map_or(1, |f| f.windows.max.max(f.windows.first));
+        let chunk = self.fetch.windows.max.max(self.fetch.windows.first);
         for pb in 0..self.trailer.block_count {
             if stop.load(Ordering::Relaxed) {
                 return Ok(());

@@ -13,8 +13,8 @@
 //!   the content-addressed directory that holds them, and the locked temporaries new files are
 //!   written to;
 //! - `readahead`: the pure policy that sizes a partial layer's fetches from the reads before;
-//! - `fetch`: partial (lazily fetched) layers: where missing blocks come from and how they are
-//!   fetched, checked and landed;
+//! - `fetch`: partial (lazily fetched) layers, a sealed layer plus its fetch state: where
+//!   missing blocks come from and how they are fetched, checked and landed;
 //! - `stack`: sealed layers bottom to top, flattened into one map at open;
 //! - `top`: the writable, crash-consistent top layer;
 //! - `disk`: a stack plus its top, the byte-level read/write path front ends use;
@@ -48,5 +48,6 @@ pub use disk::{
 };
 pub use error::{Error, Result};
 pub use extent_map::TOP;
-pub use fetch::{BlockSource, FetchPolicy, Offline};
+pub use fetch::{BlockSource, FetchPolicy, Offline, PartialLayer};
 pub use mcow_format::Digest;
+pub use store::OpenLayer;

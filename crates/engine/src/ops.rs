@@ -83,7 +83,7 @@ pub fn merge_with_source(
         for e in index {
             map.insert(e.vblock, e.end(), Loc { layer: k as u32, kind: e.kind, pblock: e.pblock });
         }
-        merged.push(std::sync::Arc::new(layer));
+        merged.push(layer);
     }
     for e in top.extents() {
         map.insert(e.start, e.end, e.loc);

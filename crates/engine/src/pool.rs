@@ -1,7 +1,7 @@
 //! The pool of open layer files, which keeps a deep stack within the process's open-file limit.
 //!
 //! Owns: how many layer files are open at once and which one is closed when the bound is
-//! reached; a layer's place in the pool ([`FileSlot`]) opens its file again on its next use.
+//! reached; a layer's place in the pool (`FileSlot`) opens its file again on its next use.
 //! Does not own: what the files hold (see `layer`), where they are (see `store`), or how large
 //! the bound is (the engine's configuration, see `context`).
 

@@ -2,7 +2,7 @@
 //! that came before it.
 //!
 //! Owns: the [`FetchPolicy`] a partial layer is opened with, the windows it comes to in blocks
-//! ([`Windows`]), and the recent streams of reads ([`Streams`]) with the rule that sizes the next
+//! (`Windows`), and the recent streams of reads (`Streams`) with the rule that sizes the next
 //! fetch from them (scattered reads fetch what they cover, sequential ones aligned windows that
 //! grow past a ramp, deep queues grow fast and take the gap behind them). Pure bookkeeping: no
 //! I/O, no locks, no clock. Does not own: claiming, fetching or landing blocks (see `fetch`).

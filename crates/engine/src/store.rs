@@ -2,20 +2,21 @@
 //! shape as an OCI image layout's blob directory.
 //!
 //! Owns: layer file paths, atomically adding a new layer (write to a locked temporary in `tmp/`,
-//! fsync, rename, fsync the directory; see `temp`), partial copies and their completion, and
-//! sharing the layers open in this process. Does not own: the content of layers (see `layer`),
+//! fsync, rename, fsync the directory; see `temp`), partial copies and their completion, opening a layer as
+//! complete or partial ([`OpenLayer`]) and sharing the layers open in the store's engine. Does not own: the content of layers (see `layer`),
 //! the pool of open layer files (see `pool`).
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use mcow_format::Digest;
 
-use crate::context::Engine;
+use crate::background::Background;
+use crate::context::{Engine, WeakLayer};
 use crate::error::{Error, Result};
-use crate::fetch::{BlockSource, FetchPolicy};
+use crate::fetch::{BlockSource, FetchPolicy, PartialLayer};
 use crate::layer::{LayerIndex, SealedLayer};
 use crate::pool::FileSlot;
 use crate::temp::{StaleTemp, TempFile, stale_temporaries};
@@ -73,19 +74,32 @@ impl LayerStore {
         self
     }
 
-    /// Opens and checks the sealed layer `digest` (see [`SealedLayer::open`]).
-    pub fn open_layer(&self, digest: &Digest, verify: bool) -> Result<(SealedLayer, LayerIndex)> {
+    /// Opens and checks the sealed layer `digest` (see [`SealedLayer::open`]): the complete
+    /// layer if the store has it, else its partial copy with the store's source. A partial layer
+    /// opened this way fetches its read-ahead itself (no background threads).
+    pub fn open_layer(&self, digest: &Digest, verify: bool) -> Result<(OpenLayer, LayerIndex)> {
+        self.open_layer_with(digest, verify, None)
+    }
+
+    fn open_layer_with(
+        &self,
+        digest: &Digest,
+        verify: bool,
+        background: Option<Arc<Background>>,
+    ) -> Result<(OpenLayer, LayerIndex)> {
         let path = self.layer_path(digest);
         if path.exists() {
-            return SealedLayer::open(&path, *digest, FileSlot::new(self.engine.pool()), verify);
+            let (layer, index) =
+                SealedLayer::open(&path, *digest, FileSlot::new(self.engine.pool()), verify)?;
+            return Ok((OpenLayer::Complete(Arc::new(layer)), index));
         }
         let partial = self.partial_path(digest);
         match &self.source {
             Some((source, policy)) if partial.exists() => {
-                let (mut layer, index) =
+                let (layer, index) =
                     SealedLayer::open(&partial, *digest, FileSlot::new(self.engine.pool()), true)?;
-                layer.set_source(source.clone(), *policy);
-                Ok((layer, index))
+                let layer = PartialLayer::new(layer, source.clone(), *policy, background);
+                Ok((OpenLayer::Partial(Arc::new(layer)), index))
             }
             _ if partial.exists() => Err(Error::Invalid(format!(
                 "layer {digest} is only partly in the store {} and no source to fetch the rest from was given",
@@ -99,7 +113,8 @@ impl LayerStore {
     /// any store, with the same verification and the same block source) is shared rather than
     /// opened again: disks on the same layers then share one verified bitmap and one fetch state,
     /// so a block is checked once and a missing block is fetched once, whichever disk reads it.
-    pub fn open_layer_shared(&self, digest: &Digest, verify: bool) -> Result<(Arc<SealedLayer>, LayerIndex)> {
+    /// A partial layer opened this way reads ahead on the engine's background threads.
+    pub fn open_layer_shared(&self, digest: &Digest, verify: bool) -> Result<(OpenLayer, LayerIndex)> {
         let complete = self.layer_path(digest);
         let (path, source) = if complete.exists() {
             (complete, 0)
@@ -111,18 +126,15 @@ impl LayerStore {
         // disks made with `create --from`) name the same open layer.
         let path = std::fs::canonicalize(&path).or_else(|_| std::path::absolute(&path)).unwrap_or(path);
         let key = (path, verify, source);
-        let cached = self.engine.open_layers().get(&key).and_then(Weak::upgrade);
+        let cached = self.engine.open_layers().get(&key).and_then(OpenLayer::upgrade);
         if let Some(layer) = cached {
             let index = layer.read_index()?;
             return Ok((layer, index));
         }
-        let (mut layer, index) = self.open_layer(digest, verify)?;
-        // Shared, a partial layer reads ahead on the engine's background threads.
-        layer.read_ahead_in(self.engine.background());
-        let layer = Arc::new(layer);
+        let (layer, index) = self.open_layer_with(digest, verify, Some(self.engine.background().clone()))?;
         let mut map = self.engine.open_layers();
-        map.retain(|_, w| w.strong_count() > 0);
-        map.insert(key, Arc::downgrade(&layer));
+        map.retain(|_, w| w.is_alive());
+        map.insert(key, layer.downgrade());
         Ok((layer, index))
     }
 
@@ -238,6 +250,108 @@ impl LayerStore {
         let temp = self.temp_file("layer")?;
         let file = temp.file().try_clone().map_err(Error::io("open", temp.path()))?;
         Ok(PendingLayer { temp, writer: Some(BufWriter::with_capacity(1 << 20, file)) })
+    }
+}
+
+/// An open sealed layer, as the store found it: complete (immutable, checked as read) or
+/// partial (its missing blocks fetched on demand). Derefs to the sealed layer's structure.
+#[derive(Clone)]
+pub enum OpenLayer {
+    Complete(Arc<SealedLayer>),
+    Partial(Arc<PartialLayer>),
+}
+
+impl std::ops::Deref for OpenLayer {
+    type Target = SealedLayer;
+
+    fn deref(&self) -> &SealedLayer {
+        match self {
+            OpenLayer::Complete(l) => l,
+            OpenLayer::Partial(p) => p.sealed(),
+        }
+    }
+}
+
+impl OpenLayer {
+    /// True for a layer whose blocks may be fetched from a source.
+    pub fn is_partial(&self) -> bool {
+        matches!(self, OpenLayer::Partial(_))
+    }
+
+    /// The partial layer, if it is one.
+    pub fn partial(&self) -> Option<&Arc<PartialLayer>> {
+        match self {
+            OpenLayer::Partial(p) => Some(p),
+            OpenLayer::Complete(_) => None,
+        }
+    }
+
+    /// Reads `buf.len()` bytes `offset` bytes into physical block `pblock` (see
+    /// [`SealedLayer::read`]); a partial layer fetches what is not local.
+    pub fn read(&self, pblock: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+        match self {
+            OpenLayer::Complete(l) => l.read(pblock, offset, buf),
+            OpenLayer::Partial(p) => p.read(pblock, offset, buf),
+        }
+    }
+
+    /// Makes the blocks of a range local and checked without copying them out.
+    pub(crate) fn make_ready(&self, pblock: u64, offset: u64, len: u64) -> Result<()> {
+        match self {
+            OpenLayer::Complete(l) => l.make_ready(pblock, offset, len),
+            OpenLayer::Partial(p) => p.make_ready(pblock, offset, len),
+        }
+    }
+
+    /// Bytes of the data region present locally (all of them for a complete layer).
+    pub fn local_bytes(&self) -> Result<u64> {
+        match self {
+            OpenLayer::Complete(l) => l.local_bytes(),
+            OpenLayer::Partial(p) => p.local_bytes(),
+        }
+    }
+
+    /// Fetches the missing blocks of `runs` (see `PartialLayer::fetch_runs`); nothing for a
+    /// complete layer.
+    pub fn fetch_runs(&self, runs: &[(u64, u64)]) -> Result<()> {
+        match self {
+            OpenLayer::Complete(_) => Ok(()),
+            OpenLayer::Partial(p) => p.fetch_runs(runs),
+        }
+    }
+
+    /// Makes every stored block local and checked, in order, until done or `stop` is set (see
+    /// `PartialLayer::fetch_all`; a complete layer checks the blocks not yet checked).
+    pub fn fetch_all(&self, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
+        match self {
+            OpenLayer::Partial(p) => p.fetch_all(stop),
+            OpenLayer::Complete(l) => {
+                let bs = l.block_size();
+                for pb in 0..l.trailer.block_count {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                    if !l.is_verified(pb) {
+                        l.make_ready(pb, 0, bs)?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn upgrade(w: &WeakLayer) -> Option<OpenLayer> {
+        match w {
+            WeakLayer::Complete(w) => w.upgrade().map(OpenLayer::Complete),
+            WeakLayer::Partial(w) => w.upgrade().map(OpenLayer::Partial),
+        }
+    }
+
+    fn downgrade(&self) -> WeakLayer {
+        match self {
+            OpenLayer::Complete(l) => WeakLayer::Complete(Arc::downgrade(l)),
+            OpenLayer::Partial(p) => WeakLayer::Partial(Arc::downgrade(p)),
+        }
     }
 }
 
