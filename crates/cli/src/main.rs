@@ -105,6 +105,18 @@ fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
+/// Raises the soft open-file limit to the hard limit: a deep stack keeps a file open per layer
+/// (up to the engine's pool size, which `EngineConfig::default` takes from the soft limit read
+/// after this), and serving several disks multiplies that. Failure leaves the limit as it was.
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current != lim.maximum {
+        lim.current = lim.maximum;
+        let _ = setrlimit(Resource::Nofile, lim);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -116,6 +128,7 @@ fn main() -> ExitCode {
         }
     };
     init_logging();
+    raise_open_file_limit();
     let g = cli.global;
     let result = match cli.command {
         Command::Create(a) => create::run(a, g),

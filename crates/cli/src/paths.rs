@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use mcow_engine::{Disk, FetchPolicy, OpenOptions};
+use mcow_engine::{Disk, Engine, FetchPolicy, OpenOptions};
 use mcow_remote::transfer::{FetchStats, Sources};
 use mcow_remote::transfer::{LazyOrigin, ORIGIN_FILE};
 
@@ -48,12 +48,17 @@ pub fn open_read_only(dir: &Path, force_share: bool) -> Result<Disk> {
 /// its own: the verbs that use this open one disk).
 pub fn open(dir: &Path, opts: OpenOptions) -> Result<Disk> {
     let sources = Sources::new();
-    Ok(open_lazy(dir, opts, Fetch::Remote(FetchPolicy::default(), &sources))?.0)
+    Ok(open_lazy(&Engine::default(), dir, opts, Fetch::Remote(FetchPolicy::default(), &sources))?.0)
 }
 
-/// Opens a disk; if it was pulled lazily, its partial layers fetch as `fetch` says. Returns the
-/// remote source too (for its statistics) when there is one.
-pub fn open_lazy(dir: &Path, opts: OpenOptions, fetch: Fetch<'_>) -> Result<(Disk, Option<FetchStats>)> {
+/// Opens a disk in `engine`; if it was pulled lazily, its partial layers fetch as `fetch` says.
+/// Returns the remote source too (for its statistics) when there is one.
+pub fn open_lazy(
+    engine: &Engine,
+    dir: &Path,
+    opts: OpenOptions,
+    fetch: Fetch<'_>,
+) -> Result<(Disk, Option<FetchStats>)> {
     let hint = |locked: bool| {
         if locked && opts.read_only {
             " (another process has it open for writing; -U/--force-share reads it anyway)"
@@ -65,15 +70,18 @@ pub fn open_lazy(dir: &Path, opts: OpenOptions, fetch: Fetch<'_>) -> Result<(Dis
         |e: anyhow::Error, locked: bool| e.context(format!("opening disk {}{}", dir.display(), hint(locked)));
     let lazy = dir.join(ORIGIN_FILE).exists();
     match fetch {
-        Fetch::Remote(policy, sources) if lazy => sources.open_lazy_disk(dir, opts, policy).map_err(|e| {
-            let locked = matches!(e, mcow_remote::RemoteError::Engine(mcow_engine::Error::Locked { .. }));
-            fail(anyhow::Error::new(e), locked)
-        }),
+        Fetch::Remote(policy, sources) if lazy => {
+            sources.open_lazy_disk(engine, dir, opts, policy).map_err(|e| {
+                let locked = matches!(e, mcow_remote::RemoteError::Engine(mcow_engine::Error::Locked { .. }));
+                fail(anyhow::Error::new(e), locked)
+            })
+        }
         _ => {
             let opened = if lazy {
-                Disk::open_with_source(dir, opts, Arc::new(mcow_engine::Offline), FetchPolicy::default())
+                let offline = Arc::new(mcow_engine::Offline);
+                Disk::open_with_source_in(engine, dir, opts, offline, FetchPolicy::default())
             } else {
-                Disk::open(dir, opts)
+                Disk::open_in(engine, dir, opts)
             };
             opened.map(|d| (d, None)).map_err(|e| {
                 let locked = matches!(e, mcow_engine::Error::Locked { .. });

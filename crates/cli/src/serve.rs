@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use mcow_engine::{Disk, FetchPolicy, OpenOptions, RunKind, TOP};
+use mcow_engine::{Disk, Engine, FetchPolicy, OpenOptions, RunKind, TOP};
 use mcow_remote::{Reference, Sources};
 
 use crate::paths::{Fetch, open_lazy};
@@ -197,22 +197,8 @@ fn background_fetch(disk: Arc<Disk>, trace: Option<Vec<u64>>, all: bool, stop: A
     if !all {
         return;
     }
-    for layer in disk.stack().layers().iter().filter(|l| l.is_partial()) {
-        if let Err(e) = layer.fetch_all(&stop) {
-            tracing::warn!(layer = %layer.digest, error = %e, "background download failed");
-            continue;
-        }
-        if stop.load(Ordering::Relaxed) {
-            return;
-        }
-        match disk.store().complete_partial(&layer.digest) {
-            Ok(true) => tracing::info!(layer = %layer.digest, "layer is complete"),
-            Ok(false) => {
-                tracing::warn!(layer = %layer.digest, "layer fetched but does not hash to its digest")
-            }
-            Err(e) => tracing::warn!(layer = %layer.digest, error = %e, "completing the layer failed"),
-        }
-    }
+    let done = disk.fetch_rest(&stop);
+    tracing::info!(disk = %disk.dir().display(), ?done, "background download ended");
 }
 
 /// How long fetches from the origin may go on once the server is told to stop (requests in
@@ -479,12 +465,15 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
     let mut recorder = None;
     let stop = Arc::new(AtomicBool::new(false));
     let mut background = Vec::new();
-    // One source per origin for all the disks served: disks of one image fetch each block once.
+    // One engine and one source per origin for every export: disks on the same layers share
+    // them (a block is fetched once), and their read-ahead threads are stopped together at exit.
+    let engine = Engine::default();
     let sources = Sources::new();
     for spec in &args.disks {
         let t = resolve_target(spec, &args.cache)?;
         let opts = OpenOptions { read_only: args.read_only, verify: true, force_share: args.force_share };
         let (disk, source) = open_lazy(
+            &engine,
             &t.dir,
             opts,
             Fetch::Remote(FetchPolicy { window: args.fetch_window, readahead: args.readahead }, &sources),
@@ -545,7 +534,7 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
         std::thread::sleep(Duration::from_millis(10));
     }
     let quiet = background.iter().all(|b| b.is_finished())
-        && mcow_engine::fetch::stop_background(until.saturating_duration_since(Instant::now()));
+        && engine.stop_background(until.saturating_duration_since(Instant::now()));
     if !quiet {
         tracing::warn!("fetches still running at exit; cancelling them");
         sources.iter().for_each(|s| s.cancel());
@@ -553,7 +542,7 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
     for b in background {
         let _ = b.join();
     }
-    if !mcow_engine::fetch::stop_background(FETCH_GRACE) {
+    if !engine.stop_background(FETCH_GRACE) {
         tracing::warn!("read-ahead fetches still running at exit");
     }
     if let (Some(path), Some(r)) = (trace_out, recorder) {
@@ -577,7 +566,7 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
 }
 
 /// Warns if the open-file limit leaves no room for `connections` connections (3 files each,
-/// and some for the disks' layer files). The engine raised the soft limit to the hard limit
+/// and some for the disks' layer files). main raised the soft limit to the hard limit
 /// when it opened the disks.
 fn check_open_file_limit(connections: usize) {
     let want = (connections as u64).saturating_mul(3).saturating_add(1024);

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use mcow_engine::layer::LayerWriter;
 use mcow_engine::stack::next_chain;
 use mcow_engine::store::LayerStore;
-use mcow_engine::{CreateOptions, Digest, Disk, OpenOptions};
+use mcow_engine::{CreateOptions, Digest, Disk, Engine, OpenOptions};
 use mcow_format::{HEADER_SIZE, chain_digest};
 
 const BLOCK: u32 = 64 * 1024;
@@ -192,6 +192,8 @@ impl Layout {
 // ---- building ----------------------------------------------------------------------------------
 
 struct Built {
+    /// The engine every disk of the run is opened in (one pool within the open-file limit).
+    engine: Engine,
     depth: usize,
     layout: Layout,
     disk_dir: PathBuf,
@@ -199,12 +201,12 @@ struct Built {
     extents: usize,
 }
 
-fn build(root: &Path, depth: usize, size: u64, contiguous: bool) -> Built {
+fn build(engine: &Engine, root: &Path, depth: usize, size: u64, contiguous: bool) -> Built {
     let t = Instant::now();
     let dir = root.join(format!("depth-{depth}"));
     let _ = std::fs::remove_dir_all(&dir);
     let store_dir = dir.join("store");
-    let store = LayerStore::new(&store_dir);
+    let store = LayerStore::in_engine(engine, &store_dir);
     let layout = Layout { depth: depth as u64, blocks: size / u64::from(BLOCK), contiguous };
     let mut buf = vec![0u8; BLOCK as usize];
     let mut chain = Digest::ZERO;
@@ -229,10 +231,10 @@ fn build(root: &Path, depth: usize, size: u64, contiguous: bool) -> Built {
         &CreateOptions { virtual_size: size, block_size: BLOCK, store: store_dir, layers: digests },
     )
     .expect("create disk");
-    let d = Disk::open(&disk_dir, ro()).expect("open disk");
+    let d = Disk::open_in(engine, &disk_dir, ro()).expect("open disk");
     assert_eq!(d.stack().depth(), depth);
     let extents = d.stack().extent_count();
-    Built { depth, layout, disk_dir, build_s: t.elapsed().as_secs_f64(), extents }
+    Built { engine: engine.clone(), depth, layout, disk_dir, build_s: t.elapsed().as_secs_f64(), extents }
 }
 
 fn ro() -> OpenOptions {
@@ -408,7 +410,7 @@ impl Open<'_> {
 }
 
 fn open(b: &Built) -> Disk {
-    Disk::open(&b.disk_dir, ro()).expect("open disk")
+    Disk::open_in(&b.engine, &b.disk_dir, ro()).expect("open disk")
 }
 
 /// Phase 1, once per depth and round: open time, then the first sequential pass on the fresh
@@ -522,9 +524,18 @@ fn main() {
         root.display()
     );
 
+    // As the mcow binary does: the soft open-file limit up to the hard one, then one engine
+    // whose file pool is sized from it.
+    {
+        use rustix::process::{Resource, getrlimit, setrlimit};
+        let mut lim = getrlimit(Resource::Nofile);
+        lim.current = lim.maximum;
+        let _ = setrlimit(Resource::Nofile, lim);
+    }
+    let engine = Engine::default();
     let mut built = Vec::new();
     for &d in &a.depths {
-        let b = build(&root, d, size, a.contiguous);
+        let b = build(&engine, &root, d, size, a.contiguous);
         println!("# built depth {:>5}: {:>6.1} s, {} runs in the flattened map", d, b.build_s, b.extents);
         built.push(b);
     }
@@ -540,7 +551,7 @@ fn main() {
         Disk::create(&addon, &opts).expect("create on the stack");
         let create_ms = t.elapsed().as_secs_f64() * 1e3;
         {
-            let d = Disk::open(&addon, OpenOptions::default()).expect("open");
+            let d = Disk::open_in(&b.engine, &addon, OpenOptions::default()).expect("open");
             d.write(0, &vec![0xa5; BLOCK as usize]).expect("write");
             d.flush().expect("flush");
         }
@@ -581,7 +592,7 @@ fn main() {
         })
         .collect();
     println!(
-        "# open-file limit (soft/hard, after the engine raised it): {}; descriptors open: {}",
+        "# open-file limit (soft/hard, after raising it): {}; descriptors open: {}",
         open_files_limit(),
         std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
     );

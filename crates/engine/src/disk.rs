@@ -13,12 +13,13 @@ use std::sync::Arc;
 
 use mcow_format::{Digest, DiskManifest, ExtentKind, chain_digest};
 
+use crate::context::Engine;
 use crate::error::{Error, Result};
 use crate::extent_map::{Loc, TOP};
-use crate::layer::SealedLayer;
+use crate::fetch::{BlockSource, FetchPolicy};
 use crate::stack::Stack;
 use crate::storage::{FileStorage, Storage};
-use crate::store::{LayerStore, write_atomic};
+use crate::store::{LayerStore, OpenLayer, write_atomic};
 use crate::top::{Debris, TopLayer, journal_path};
 
 /// Name of the manifest inside a disk directory.
@@ -135,6 +136,17 @@ impl Iterator for Segments<'_> {
     }
 }
 
+/// What [`Disk::fetch_rest`] did (each failure is also logged).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FetchRest {
+    /// Partial layers fetched whole and moved to the complete layers.
+    pub completed: usize,
+    /// Partial layers whose download or completion failed (they stay partial).
+    pub failed: usize,
+    /// Whether `stop` ended it early.
+    pub stopped: bool,
+}
+
 /// An open disk.
 pub struct Disk {
     dir: PathBuf,
@@ -180,26 +192,44 @@ impl Disk {
         write_atomic(&dir.join(MANIFEST_FILE), manifest.to_json().as_bytes())
     }
 
-    /// Opens a disk directory.
+    /// Opens a disk directory, in an engine of its own (see [`Disk::open_in`]).
     pub fn open(dir: &Path, opts: OpenOptions) -> Result<Disk> {
+        Disk::open_in(&Engine::default(), dir, opts)
+    }
+
+    /// Opens a disk directory in `engine`: disks opened in one engine share its file pool, the
+    /// layers they have in common and its background fetch threads.
+    pub fn open_in(engine: &Engine, dir: &Path, opts: OpenOptions) -> Result<Disk> {
         let manifest = read_manifest(dir)?;
-        Self::open_in(dir, opts, manifest.clone(), LayerStore::new(resolve_store(dir, &manifest)))
+        let store = LayerStore::in_engine(engine, resolve_store(dir, &manifest));
+        Self::open_store(dir, opts, manifest, store)
     }
 
     /// Opens a disk whose layers may be partial, fetching missing blocks from `source` as
-    /// `policy` says.
+    /// `policy` says, in an engine of its own (see [`Disk::open_with_source_in`]).
     pub fn open_with_source(
         dir: &Path,
         opts: OpenOptions,
-        source: std::sync::Arc<dyn crate::fetch::BlockSource>,
-        policy: crate::fetch::FetchPolicy,
+        source: Arc<dyn BlockSource>,
+        policy: FetchPolicy,
     ) -> Result<Disk> {
-        let manifest = read_manifest(dir)?;
-        let store = LayerStore::new(resolve_store(dir, &manifest)).with_source(source, policy);
-        Self::open_in(dir, opts, manifest, store)
+        Disk::open_with_source_in(&Engine::default(), dir, opts, source, policy)
     }
 
-    fn open_in(dir: &Path, opts: OpenOptions, manifest: DiskManifest, store: LayerStore) -> Result<Disk> {
+    /// [`Disk::open_with_source`] in `engine` (see [`Disk::open_in`]).
+    pub fn open_with_source_in(
+        engine: &Engine,
+        dir: &Path,
+        opts: OpenOptions,
+        source: Arc<dyn BlockSource>,
+        policy: FetchPolicy,
+    ) -> Result<Disk> {
+        let manifest = read_manifest(dir)?;
+        let store = LayerStore::in_engine(engine, resolve_store(dir, &manifest)).with_source(source, policy);
+        Self::open_store(dir, opts, manifest, store)
+    }
+
+    fn open_store(dir: &Path, opts: OpenOptions, manifest: DiskManifest, store: LayerStore) -> Result<Disk> {
         let stack =
             Stack::open(&store, &manifest.layers, manifest.virtual_size, manifest.block_size, opts.verify)?;
         let top_name = manifest.top.clone().ok_or_else(|| {
@@ -249,6 +279,10 @@ impl Disk {
     }
     pub fn store(&self) -> &LayerStore {
         &self.store
+    }
+    /// The engine the disk was opened in.
+    pub fn engine(&self) -> &Engine {
+        self.store.engine()
     }
     pub fn stack(&self) -> &Arc<Stack> {
         &self.stack
@@ -430,6 +464,42 @@ impl Disk {
         Ok(())
     }
 
+    /// Downloads the rest of this disk: every block its partial layers lack (hidden ones too),
+    /// layer by layer from the bottom, and moves each layer that is then whole into the store's
+    /// complete layers. A layer whose download fails is logged and left partial (its reads still
+    /// fetch what they need); the others go on. Returns between layers (or between fetches)
+    /// once `stop` is set.
+    pub fn fetch_rest(&self, stop: &std::sync::atomic::AtomicBool) -> FetchRest {
+        use std::sync::atomic::Ordering;
+        let mut done = FetchRest::default();
+        for layer in self.stack.layers().iter().filter(|l| l.is_partial()) {
+            if let Err(e) = layer.fetch_all(stop) {
+                tracing::warn!(layer = %layer.digest, error = %e, "background download failed");
+                done.failed += 1;
+                continue;
+            }
+            if stop.load(Ordering::Relaxed) {
+                done.stopped = true;
+                return done;
+            }
+            match self.store.complete_partial(&layer.digest) {
+                Ok(true) => {
+                    tracing::info!(layer = %layer.digest, "layer is complete");
+                    done.completed += 1;
+                }
+                Ok(false) => {
+                    tracing::warn!(layer = %layer.digest, "layer fetched but does not hash to its digest");
+                    done.failed += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(layer = %layer.digest, error = %e, "completing the layer failed");
+                    done.failed += 1;
+                }
+            }
+        }
+        done
+    }
+
     /// Makes every completed write durable.
     pub fn flush(&self) -> Result<()> {
         self.top.flush()
@@ -455,7 +525,7 @@ impl Disk {
     }
 
     /// The sealed layer `i` (from the bottom).
-    pub fn layer(&self, i: usize) -> &Arc<SealedLayer> {
+    pub fn layer(&self, i: usize) -> &OpenLayer {
         &self.stack.layers()[i]
     }
 }

@@ -1,22 +1,27 @@
 //! Partial layers: fetching the blocks a lazily pulled layer does not hold yet.
 //!
-//! Owns: the `BlockSource` a partial layer fetches from (and `Offline`, which fetches nothing),
-//! the `FetchPolicy` (how much one fetch asks for), each partial layer's fetch state (ranges in
-//! flight, sequential streams, read-ahead), the checking and caching of fetched blocks as they
-//! arrive, and the byte-range locks that let processes share a cache. Does not own: the layer
-//! file and reading complete layers (see `layer`), where partial files live and when they
-//! become complete (see `store`), or where bytes come from (`BlockSource` implementations live
-//! in mcow-remote).
+//! Owns: [`PartialLayer`] (a sealed layer's structure plus its fetch state), the `BlockSource` a partial layer fetches from (and `Offline`, which fetches nothing),
+//! each partial layer's fetch state (ranges in flight, readers waiting for them, failures), the
+//! checking and caching of fetched blocks as they arrive, and which ranges it locks so that
+//! processes can share a cache. Does not own: how much one fetch asks for (the read-ahead
+//! policy, see `readahead`; `FetchPolicy` is re-exported here), the locks themselves (see
+//! `lock`), the layer file and reading complete layers (see `layer`), where partial files live
+//! and when they become complete (see `store`), or where bytes come from (`BlockSource`
+//! implementations live in mcow-remote).
 
 use std::fs::File;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
 
 use mcow_format::{Digest, HEADER_SIZE};
 
+use crate::background::Background;
+use crate::bitmap::AtomicBitmap;
 use crate::error::{Error, Result};
-use crate::layer::{SealedLayer, read_exact_at};
+use crate::layer::{Blocks, SealedLayer, make_ready_blocks, read_blocks, read_exact_at};
+use crate::lock::{LockError, LockType, RangeLock};
+pub use crate::readahead::FetchPolicy;
+use crate::readahead::{Streams, Windows};
 
 /// Where the blocks of a sealed layer can be fetched from when its local file does not hold
 /// them yet (a registry, an HTTP server, object storage). The engine asks for byte ranges of the
@@ -81,59 +86,31 @@ impl BlockSource for Offline {
     }
 }
 
-/// How a partial layer fetches missing blocks: how many at once while reads follow one
-/// another, and how far fetches may run ahead of a long sequential run. (A read that follows
-/// no other fetches just the missing blocks it covers.)
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FetchPolicy {
-    /// The window of a run of reads that continue one another: a read that continues a run
-    /// fetches the missing blocks up to the next multiple of `window` blocks (or the blocks it
-    /// covers, if more), until read-ahead takes over. At least 1.
-    pub window: u64,
-    /// Bytes one fetch of a long sequential run of reads may ask for at most. Once a run has
-    /// fetched 4 MiB, its fetches grow with it (see `FetchState::window_for`), so a long run
-    /// costs few requests while a short one fetches what fixed windows would. Below `window`
-    /// blocks (0, say), `window` wins: no read-ahead.
-    pub readahead: u64,
-}
-
-impl FetchPolicy {
-    /// The default window: 4 blocks (256 KiB with 64 KiB blocks), so a run of small reads costs
-    /// a request per 4 blocks at most, and fetches at most 3 blocks past its end.
-    pub const DEFAULT_WINDOW: u64 = 4;
-    /// The default readahead: 16 MiB per request at most (see docs/BENCHMARKS.md, "Lazy
-    /// deployment", for what it costs and gains).
-    pub const DEFAULT_READAHEAD: u64 = 16 << 20;
-
-    /// The largest window of a stream, in blocks of `block_size` bytes.
-    fn max_window(&self, block_size: u64) -> u64 {
-        (self.readahead / block_size).max(self.window).max(1)
-    }
-}
-
-impl Default for FetchPolicy {
-    fn default() -> Self {
-        FetchPolicy { window: Self::DEFAULT_WINDOW, readahead: Self::DEFAULT_READAHEAD }
-    }
-}
-
 /// How a partial layer fetches: the source, the policy, what is being fetched right now and
 /// the recent sequential streams (see [`FetchState`]), and a writable handle on the local file.
 pub(crate) struct Fetcher {
     source: Arc<dyn BlockSource>,
-    /// First window and largest window, in blocks.
-    window: u64,
-    ramp: u64,
-    max_window: u64,
+    /// The read-ahead windows, in blocks.
+    windows: Windows,
     state: Mutex<FetchState>,
     writer: OnceLock<File>,
-    /// The layer itself, once it is shared (see `LayerStore::open_layer_shared`): a fetch that
-    /// reads ahead runs on a thread of its own holding it, so that the reader who started it
-    /// goes on as soon as its own blocks are in.
-    pub(crate) me: OnceLock<std::sync::Weak<SealedLayer>>,
+    /// The engine's background fetch threads, once the layer is shared (see
+    /// `LayerStore::open_layer_shared`): a fetch that reads ahead runs on one of them, holding
+    /// the layer's `Arc`, so that the reader who started it goes on as soon as its own blocks
+    /// are in. Without them, read-ahead is fetched by the reader.
+    background: Option<Arc<Background>>,
+    /// Set once this layer warned that its file has no byte-range locks.
+    warned_unlocked: AtomicBool,
 }
 
 impl Fetcher {
+    /// Warns, once per layer, that fetches go unlocked on this filesystem.
+    fn warn_unlocked(&self, e: &std::io::Error) {
+        if !self.warned_unlocked.swap(true, Ordering::Relaxed) {
+            tracing::warn!(error = %e, "no byte-range locks here; fetching unlocked");
+        }
+    }
+
     /// Waits, with the state lock given and returned, until block `p` is no longer in flight
     /// (landed, or given up); at once if it is not. If the fetch that held it failed, also
     /// returns that fetch's error: its readers fail with it rather than each trying again.
@@ -188,12 +165,6 @@ struct Failure {
     pending: usize,
 }
 
-/// How much a stream fetches with fixed windows before its fetches start to grow: 4 MiB. Runs
-/// of reads shorter than that (most files) fetch what fixed windows over them would; longer
-/// ones (a big file, a whole-disk copy) move to larger requests. Measured in
-/// docs/BENCHMARKS.md ("Lazy deployment").
-const READAHEAD_RAMP: u64 = 4 << 20;
-
 /// Why a block is wanted (see `SealedLayer::ensure_block`); each holds the end of the blocks
 /// wanted along with it.
 #[derive(Debug, Clone, Copy)]
@@ -203,75 +174,6 @@ pub(crate) enum Want {
     /// Exactly the missing blocks up to this end, shown by a disk or not (the background
     /// download of `fetch_all`).
     Exact(u64),
-}
-
-/// Fetches running on threads of their own (read-ahead), in this process.
-static BACKGROUND: AtomicUsize = AtomicUsize::new(0);
-/// Set by [`stop_background`]: no new background fetch starts.
-static STOPPING: AtomicBool = AtomicBool::new(false);
-
-/// Lets no new fetch start on a thread of its own (read-ahead) and waits up to `limit` for the
-/// running ones to finish, so that a process about to exit has landed every block it fetched.
-/// Returns false if some were still running. For the end of a process: reads that would start
-/// read-ahead afterwards fetch on their own thread instead.
-pub fn stop_background(limit: Duration) -> bool {
-    STOPPING.store(true, Ordering::SeqCst);
-    let start = Instant::now();
-    while BACKGROUND.load(Ordering::SeqCst) > 0 {
-        if start.elapsed() > limit {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    true
-}
-
-/// Runs `job` on a thread of its own, counted in [`BACKGROUND`]; false if no thread could be
-/// had.
-fn spawn_background(job: impl FnOnce() + Send + 'static) -> bool {
-    struct Running;
-    impl Drop for Running {
-        fn drop(&mut self) {
-            BACKGROUND.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-    // Counted before the check, so that `stop_background` cannot miss it.
-    BACKGROUND.fetch_add(1, Ordering::SeqCst);
-    if STOPPING.load(Ordering::SeqCst) {
-        BACKGROUND.fetch_sub(1, Ordering::SeqCst);
-        return false;
-    }
-    let spawned = std::thread::Builder::new().name("mcow-fetch".into()).spawn(move || {
-        let _running = Running;
-        job();
-    });
-    if spawned.is_err() {
-        BACKGROUND.fetch_sub(1, Ordering::SeqCst);
-    }
-    spawned.is_ok()
-}
-
-/// How fast the fetches of a deep-queue stream grow: each asks for one window plus 63 times what
-/// the stream fetched before it (so about 64 times as much as the one before), up to the
-/// read-ahead limit, which the second such fetch usually reaches. Its reads are already waiting,
-/// so little is guessed. Measured in docs/BENCHMARKS.md ("Lazy deployment"): 64 against 8 made a
-/// cold 43 MB copy 7% faster (one request fewer) and fetched no more for the few-files runs.
-const DEEP_GROWTH: u64 = 64;
-
-/// Streams followed at once per layer (say, a few files read side by side, or the threads of a
-/// parallel copy).
-const STREAMS: usize = 8;
-
-/// A run of fetches in ascending block order.
-#[derive(Debug, Clone, Copy)]
-struct Stream {
-    /// The first block and the end of the last fetch.
-    start: u64,
-    end: u64,
-    /// The window of the last fetch, and the blocks fetched in all.
-    window: u64,
-    fetched: u64,
-    last_use: u64,
 }
 
 /// The ranges of blocks being fetched (readers of a block in flight wait for it to land;
@@ -285,9 +187,8 @@ struct FetchState {
     next_claim: u64,
     /// Readers waiting for a block to land.
     waiting: Vec<Waiter>,
-    /// The recent streams, the least recently used replaced first.
-    streams: Vec<Stream>,
-    tick: u64,
+    /// The recent streams of reads, for the read-ahead policy.
+    streams: Streams,
     /// Fetches that failed, until each of their waiting readers has taken the error.
     failures: Vec<Failure>,
 }
@@ -312,65 +213,6 @@ impl FetchState {
             self.failures.swap_remove(i);
         }
         Some(error)
-    }
-
-    /// The stream a missing block continues: it lies in the stream's span or at most one window
-    /// (of the stream) past its end, so requests of one sequential reader that arrive a little
-    /// out of order (a client with many requests in flight) still count as that stream.
-    fn stream_of(&self, p: u64) -> Option<usize> {
-        self.streams.iter().position(|s| s.start <= p && p <= s.end + s.window)
-    }
-
-    /// The blocks to fetch from missing block `p` on, for a read that covers `own` blocks from
-    /// `p`. A read no stream leads to (a scattered read) gets just its own blocks. One that
-    /// continues a stream that has fetched less than `ramp` blocks gets the rest of its aligned
-    /// window of `first` blocks (so reads that continue one another fetch what a fixed window
-    /// over them would). Beyond `ramp`, `first` plus half of
-    /// what the stream fetched past `ramp`, at most `max`: a long run of reads asks for fewer,
-    /// larger ranges, while what a run fetches past its end stays within about half of what it
-    /// read past `ramp` (plus one first window). A stream whose reader is already waiting
-    /// beyond a fetch in flight (a deep queue) skips the ramp and grows by [`DEEP_GROWTH`], the
-    /// fetch also takes the blocks between that fetch and `p` (the second value: where that gap
-    /// starts), and each such fetch starts the next one when a quarter of it is in (see `Claim`).
-    /// Never less than `own`.
-    fn window_for(&self, p: u64, own: u64, first: u64, ramp: u64, max: u64) -> (u64, Option<u64>) {
-        let Some(i) = self.stream_of(p) else {
-            return (own, None);
-        };
-        let s = self.streams[i];
-        // The stream's reader is already past a fetch still in flight: it has more reads
-        // outstanding (a deep queue), so what lies ahead is being asked for, not guessed, and
-        // the blocks between that fetch and `p` will be asked for too.
-        let ahead =
-            self.in_flight.iter().filter(|&&(_, a, e)| s.start <= a && e <= p).map(|&(_, _, e)| e).max();
-        if let Some(gap) = ahead {
-            return ((first + (DEEP_GROWTH - 1) * s.fetched).min(max.max(first)).max(own), Some(gap));
-        }
-        if s.fetched >= ramp {
-            return ((first + (s.fetched - ramp) / 2).min(max.max(first)).max(own), None);
-        }
-        ((first - p % first).max(own), None)
-    }
-
-    /// Records a fetch of `count` blocks at `p` with window `window` in its stream (or a new
-    /// one).
-    fn record(&mut self, p: u64, count: u64, window: u64) {
-        self.tick += 1;
-        let new = Stream { start: p, end: p + count, window, fetched: count, last_use: self.tick };
-        match self.stream_of(p) {
-            Some(i) => {
-                let s = &mut self.streams[i];
-                s.end = s.end.max(p + count);
-                s.window = window;
-                s.fetched += count;
-                s.last_use = self.tick;
-            }
-            None if self.streams.len() < STREAMS => self.streams.push(new),
-            None => {
-                let oldest = (0..self.streams.len()).min_by_key(|&i| self.streams[i].last_use).unwrap_or(0);
-                self.streams[oldest] = new;
-            }
-        }
     }
 
     /// Wakes the readers waiting for a block in `blocks` (all readers if `None`).
@@ -465,7 +307,7 @@ impl Drop for Claim<'_> {
 /// any size: whole blocks in a piece are checked where they lie, a block split across pieces
 /// is gathered first. The first block that fails its hash (or cannot be written) ends it.
 struct Lander<'a, 'b> {
-    layer: &'a SealedLayer,
+    layer: &'a Arc<PartialLayer>,
     fetch: &'a Fetcher,
     claim: &'a Claim<'a>,
     writer: &'a File,
@@ -480,7 +322,7 @@ struct Lander<'a, 'b> {
 
 impl<'a, 'b> Lander<'a, 'b> {
     fn new(
-        layer: &'a SealedLayer,
+        layer: &'a Arc<PartialLayer>,
         fetch: &'a Fetcher,
         claim: &'a Claim<'a>,
         first: u64,
@@ -575,106 +417,131 @@ impl<'a, 'b> Lander<'a, 'b> {
     }
 }
 
-/// A write lock on a byte range of a partial layer file, held while its blocks are fetched, so
-/// that two processes serving from one cache do not fetch the same blocks at the same time (the
-/// second waits, then finds them local). An open file description lock: threads of one process
-/// share the writer handle and so never block each other (they coordinate through
-/// [`FetchState`]); the kernel drops the lock if the process dies. Unlocked on drop.
-struct RangeLock<'a> {
+/// Locks `[start, start + len)` of a partial layer file (through its writer) while its blocks
+/// are fetched, so that two processes serving from one cache do not fetch the same blocks at
+/// the same time (the second waits, then finds them local). Threads of one process share the
+/// writer handle and so never block each other (they coordinate through [`FetchState`]). Also
+/// says whether it had to wait. `None`: a filesystem without byte-range locks, where fetches
+/// go unlocked (processes may then fetch a block twice, never keep a wrong one).
+fn lock_range<'a>(
+    fetch: &Fetcher,
     file: &'a File,
     start: u64,
     len: u64,
+) -> std::io::Result<(Option<RangeLock<'a>>, bool)> {
+    match RangeLock::try_lock(file, LockType::Write, start, len) {
+        Ok(l) => return Ok((Some(l), false)),
+        Err(LockError::Held) => {}
+        Err(LockError::Unsupported(e)) => {
+            fetch.warn_unlocked(&e);
+            return Ok((None, false));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok((Some(RangeLock::lock_wait(file, LockType::Write, start, len)?), true))
 }
 
-impl<'a> RangeLock<'a> {
-    /// Locks `[start, start + len)` of `file`, waiting for other processes' locks on it; also
-    /// says whether it had to wait.
-    fn acquire(file: &'a File, start: u64, len: u64) -> std::io::Result<(RangeLock<'a>, bool)> {
-        let lock = RangeLock { file, start, len };
-        match lock.fcntl(libc::F_OFD_SETLK, libc::F_WRLCK) {
-            Ok(()) => return Ok((lock, false)),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => {}
-            // A filesystem without such locks: fetch unlocked (processes may then fetch a
-            // block twice, never keep a wrong one).
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOLCK | libc::EOPNOTSUPP)) => {
-                static WARNED: std::sync::Once = std::sync::Once::new();
-                WARNED
-                    .call_once(|| tracing::warn!(error = %e, "no byte-range locks here; fetching unlocked"));
-                return Ok((RangeLock { len: 0, ..lock }, false));
-            }
-            Err(e) => return Err(e),
+/// Like [`lock_range`] without waiting: `None` if another process holds part of the range (it
+/// is theirs to fetch); `Some(None)` on a filesystem without such locks.
+fn try_lock_range<'a>(
+    fetch: &Fetcher,
+    file: &'a File,
+    start: u64,
+    len: u64,
+) -> Option<Option<RangeLock<'a>>> {
+    match RangeLock::try_lock(file, LockType::Write, start, len) {
+        Ok(l) => Some(Some(l)),
+        Err(LockError::Unsupported(e)) => {
+            fetch.warn_unlocked(&e);
+            Some(None)
         }
-        loop {
-            match lock.fcntl(libc::F_OFD_SETLKW, libc::F_WRLCK) {
-                Ok(()) => return Ok((lock, true)),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Locks `[start, start + len)` of `file` if no other process holds part of it; `None` if
-    /// one does (or on a filesystem without such locks, a lock that holds nothing).
-    fn try_acquire(file: &'a File, start: u64, len: u64) -> Option<RangeLock<'a>> {
-        let lock = RangeLock { file, start, len };
-        match lock.fcntl(libc::F_OFD_SETLK, libc::F_WRLCK) {
-            Ok(()) => Some(lock),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOLCK | libc::EOPNOTSUPP)) => {
-                Some(RangeLock { len: 0, ..lock })
-            }
-            Err(_) => None,
-        }
-    }
-
-    fn fcntl(&self, cmd: libc::c_int, kind: libc::c_int) -> std::io::Result<()> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: all-zero is a valid `struct flock` (plain integers); the fields that matter
-        // are set below, and `l_pid` must be 0 for open file description locks.
-        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-        fl.l_type = kind as libc::c_short;
-        fl.l_whence = libc::SEEK_SET as libc::c_short;
-        fl.l_start = self.start as libc::off_t;
-        fl.l_len = self.len as libc::off_t;
-        // SAFETY: the descriptor is open for as long as `self.file` is borrowed, and `fl` is a
-        // valid, initialised `struct flock` that outlives the call, which only reads and
-        // writes it.
-        let r = unsafe { libc::fcntl(self.file.as_raw_fd(), cmd, &mut fl) };
-        if r == -1 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+        Err(_) => None,
     }
 }
 
-impl Drop for RangeLock<'_> {
-    fn drop(&mut self) {
-        if self.len == 0 {
-            return; // not held
-        }
-        if let Err(e) = self.fcntl(libc::F_OFD_SETLK, libc::F_UNLCK) {
-            tracing::warn!(error = %e, "unlocking a fetched range failed");
-        }
+/// A partial (lazily fetched) layer: a sealed layer's structure and local file, whose missing
+/// blocks are fetched from a source, plus its fetch state and which of its blocks open disks
+/// show. Blocks already in the local file are found by their hashes, so nothing is fetched
+/// twice, across restarts too.
+pub struct PartialLayer {
+    layer: SealedLayer,
+    fetch: Fetcher,
+    /// Blocks that an open disk shows (not hidden by upper layers): the only ones reads may
+    /// fetch along with the block read. Set by `Stack::open`.
+    visible: AtomicBitmap,
+}
+
+/// The structure, file and verified blocks of the layer (a partial layer reads as a sealed one
+/// once its blocks are local).
+impl std::ops::Deref for PartialLayer {
+    type Target = SealedLayer;
+
+    fn deref(&self) -> &SealedLayer {
+        &self.layer
     }
 }
 
-impl SealedLayer {
-    /// Makes this a partial layer whose missing blocks are fetched from `source` as `policy`
-    /// says. Blocks already in the local file are found by their hashes, so nothing is fetched
-    /// twice, across restarts too.
-    pub(crate) fn set_source(&mut self, source: Arc<dyn BlockSource>, policy: FetchPolicy) {
-        self.verify = true; // a partial layer's local bytes are only trusted once checked
-        let window = policy.window.max(1);
-        self.fetch = Some(Fetcher {
+impl Blocks for Arc<PartialLayer> {
+    fn layer(&self) -> &SealedLayer {
+        &self.layer
+    }
+
+    fn wait_for_run(&self, first: u64, last: u64) -> Result<()> {
+        PartialLayer::wait_for_run(self, first, last)
+    }
+
+    fn ensure_block(&self, f: &File, pblock: u64, block: &mut [u8], end: u64) -> Result<()> {
+        PartialLayer::ensure_block(self, f, pblock, block, Want::Read(end))
+    }
+}
+
+impl PartialLayer {
+    /// Makes `layer` (opened from a partial file, with verification) a partial layer whose
+    /// missing blocks are fetched from `source` as `policy` says. With `background`, read-ahead
+    /// runs on its threads (see [`Fetcher`]); without, readers fetch it themselves.
+    pub(crate) fn new(
+        mut layer: SealedLayer,
+        source: Arc<dyn BlockSource>,
+        policy: FetchPolicy,
+        background: Option<Arc<Background>>,
+    ) -> PartialLayer {
+        layer.verify = true; // a partial layer's local bytes are only trusted once checked
+        let fetch = Fetcher {
             source,
-            window,
-            ramp: READAHEAD_RAMP / self.block_size(),
-            max_window: policy.max_window(self.block_size()),
+            windows: Windows::new(policy, layer.block_size()),
             state: Mutex::new(FetchState::default()),
             writer: OnceLock::new(),
-            me: OnceLock::new(),
-        });
+            background,
+            warned_unlocked: AtomicBool::new(false),
+        };
+        let visible = AtomicBitmap::new(layer.trailer.block_count);
+        PartialLayer { layer, fetch, visible }
     }
 
-    /// True for a layer whose blocks may be fetched from a source.
-    pub fn is_partial(&self) -> bool {
-        self.fetch.is_some()
+    /// The sealed layer's structure and file.
+    pub fn sealed(&self) -> &SealedLayer {
+        &self.layer
+    }
+
+    /// Reads like [`SealedLayer::read`], fetching the blocks that are not local yet.
+    pub fn read(self: &Arc<Self>, pblock: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+        read_blocks(self, pblock, offset, buf)
+    }
+
+    /// Makes the blocks under `len` bytes from `offset` into physical block `pblock` local and
+    /// checked, without copying them out: afterwards they may be read through the map. Blocks
+    /// another reader fetched are not read back.
+    pub(crate) fn make_ready(self: &Arc<Self>, pblock: u64, offset: u64, len: u64) -> Result<()> {
+        make_ready_blocks(self, pblock, offset, len)
+    }
+
+    /// Bytes of the data region present in the local file: its allocated ranges, found with
+    /// `SEEK_DATA`/`SEEK_HOLE`. A partial file starts sparse and fetched blocks are written only
+    /// once they match their hashes, so allocation is what is local (a block torn by a crash
+    /// mid-write counts too, and is fetched again when read). Filesystems without `SEEK_DATA`
+    /// fall back to checking every block's hash.
+    pub fn local_bytes(&self) -> Result<u64> {
+        self.layer.allocated_bytes()
     }
 
     /// Before a read of blocks `first..=last` that fetches in flight hold (or that are local):
@@ -682,7 +549,7 @@ impl SealedLayer {
     /// per block (a fetch lands its blocks in order). Returns at once otherwise; the read then
     /// goes block by block as usual. Fails if the fetch that held the last block failed.
     pub(crate) fn wait_for_run(&self, first: u64, last: u64) -> Result<()> {
-        let Some(fetch) = &self.fetch else { return Ok(()) };
+        let fetch = &self.fetch;
         let state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
         if !state.is_in_flight(last) || !(first..last).all(|p| self.is_verified(p) || state.is_in_flight(p)) {
             return Ok(());
@@ -709,13 +576,16 @@ impl SealedLayer {
     /// `want` says why the block is wanted: a read (covering blocks up to the given end), or a
     /// download of the blocks up to the given end, which fetches the missing ones and no
     /// others, whatever the streams (it is no read, so it neither starts nor grows a stream).
-    pub(crate) fn ensure_block(&self, f: &File, pblock: u64, block: &mut [u8], want: Want) -> Result<()> {
+    pub(crate) fn ensure_block(
+        self: &Arc<Self>,
+        f: &File,
+        pblock: u64,
+        block: &mut [u8],
+        want: Want,
+    ) -> Result<()> {
         let bs = self.block_size();
         let at = |p: u64| HEADER_SIZE as u64 + p * bs;
-        let Some(fetch) = &self.fetch else {
-            read_exact_at(f, block, at(pblock), &self.path)?;
-            return self.check_block(pblock, block);
-        };
+        let fetch = &self.fetch;
         let mut state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut started: Option<u64> = None; // a fetch this reader started on another thread
         loop {
@@ -739,7 +609,7 @@ impl SealedLayer {
                 Want::Exact(end) => (end.saturating_sub(pblock).max(1), None),
                 Want::Read(end) => {
                     let own = end.saturating_sub(pblock).max(1);
-                    state.window_for(pblock, own, fetch.window, fetch.ramp, fetch.max_window)
+                    state.streams.window_for(&fetch.windows, pblock, own, &state.in_flight)
                 }
             };
             drop(state);
@@ -785,7 +655,7 @@ impl SealedLayer {
             state.next_claim += 1;
             state.in_flight.push((id, first, pblock + count));
             if let Want::Read(_) = want {
-                state.record(first, pblock + count - first, window);
+                state.streams.record(first, pblock + count - first, window);
             }
             drop(state);
             let end = pblock + count;
@@ -797,11 +667,11 @@ impl SealedLayer {
                 Want::Exact(_) => end,
             };
             if end > need
-                && let Some(layer) = fetch.me.get().and_then(std::sync::Weak::upgrade)
+                && let Some(background) = &fetch.background
             {
-                let me = std::thread::current().id();
-                let spawned = spawn_background(move || {
-                    let Some(fetch) = &layer.fetch else { return };
+                let (layer, me) = (self.clone(), std::thread::current().id());
+                let spawned = background.spawn(move || {
+                    let fetch = &layer.fetch;
                     let mut claim = Claim::new(fetch, id, pipeline);
                     claim.starter = Some((me, pblock));
                     let mut scratch = vec![0u8; layer.block_size() as usize];
@@ -835,16 +705,13 @@ impl SealedLayer {
 
     /// Starts the next fetch of a deep-queue stream at `from` on a thread of its own, as a read
     /// of block `from` would (so with the stream's window, and only if `from` is missing).
-    fn fetch_next(&self, fetch: &Fetcher, from: u64) {
-        if from >= self.trailer.block_count
-            || self.is_verified(from)
-            || !self.is_visible(from)
-            || STOPPING.load(Ordering::Relaxed)
-        {
+    fn fetch_next(self: &Arc<Self>, fetch: &Fetcher, from: u64) {
+        if from >= self.trailer.block_count || self.is_verified(from) || !self.is_visible(from) {
             return;
         }
-        let Some(layer) = fetch.me.get().and_then(std::sync::Weak::upgrade) else { return };
-        spawn_background(move || {
+        let Some(background) = fetch.background.as_ref().filter(|b| !b.is_stopping()) else { return };
+        let layer = self.clone();
+        background.spawn(move || {
             let mut scratch = vec![0u8; layer.block_size() as usize];
             if let Ok(f) = layer.file.get(&layer.path) {
                 let _ = layer.ensure_block(&f, from, &mut scratch, Want::Read(from + 1));
@@ -858,7 +725,7 @@ impl SealedLayer {
     /// holes), looks again and fetches only what is still missing from `target` on.
     #[allow(clippy::too_many_arguments)]
     fn fetch_claimed(
-        &self,
+        self: &Arc<Self>,
         f: &File,
         fetch: &Fetcher,
         claim: &Claim<'_>,
@@ -873,7 +740,7 @@ impl SealedLayer {
         let end = first + count;
         let writer = self.writer(fetch)?;
         let (lock, waited) =
-            RangeLock::acquire(writer, at(first), count * bs).map_err(Error::io("lock", &self.path))?;
+            lock_range(fetch, writer, at(first), count * bs).map_err(Error::io("lock", &self.path))?;
         if waited || self.hole_end(f, first) < end {
             if self.hole_end(f, target) == target {
                 read_exact_at(f, block, at(target), &self.path)?;
@@ -975,7 +842,7 @@ impl SealedLayer {
     /// range is in. A block that fails its hash ends the fetch (it and the blocks after it are
     /// not cached). Fills `block` with block `target`; fails only if `target` did not land.
     fn fetch_into(
-        &self,
+        self: &Arc<Self>,
         fetch: &Fetcher,
         claim: &Claim<'_>,
         first: u64,
@@ -1016,8 +883,8 @@ impl SealedLayer {
     /// nothing else: for prefetching blocks known to be needed, such as a boot trace's. Blocks
     /// being fetched by someone else (this process or another) are left to that fetch. Best
     /// effort: what fails is fetched again when it is read.
-    pub fn fetch_runs(&self, runs: &[(u64, u64)]) -> Result<()> {
-        let Some(fetch) = &self.fetch else { return Ok(()) };
+    pub fn fetch_runs(self: &Arc<Self>, runs: &[(u64, u64)]) -> Result<()> {
+        let fetch = &self.fetch;
         let f = self.file.get(&self.path)?;
         let bs = self.block_size();
         let at = |p: u64| HEADER_SIZE as u64 + p * bs;
@@ -1071,7 +938,7 @@ impl SealedLayer {
         // And lock them against other processes; a range one of them holds is theirs to fetch.
         let writer = self.writer(fetch)?;
         let mut locks = Vec::new();
-        claims.retain(|(_, first, count)| match RangeLock::try_acquire(writer, at(*first), count * bs) {
+        claims.retain(|(_, first, count)| match try_lock_range(fetch, writer, at(*first), count * bs) {
             Some(l) => {
                 locks.push(l);
                 true
@@ -1109,11 +976,11 @@ impl SealedLayer {
     /// Makes every stored block local and checked (fetching what a partial layer lacks), in
     /// order, until done or `stop` is set. Afterwards a partial layer's file is complete (see
     /// `LayerStore::complete_partial`).
-    pub fn fetch_all(&self, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
+    pub fn fetch_all(self: &Arc<Self>, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
         let f = self.file.get(&self.path)?;
         let mut block = vec![0u8; self.block_size() as usize];
         // Hidden blocks too, so exact ranges rather than reads; as large as read-ahead allows.
-        let chunk = self.fetch.as_ref().map_or(1, |f| f.max_window.max(f.window));
+        let chunk = self.fetch.windows.max.max(self.fetch.windows.first);
         for pb in 0..self.trailer.block_count {
             if stop.load(Ordering::Relaxed) {
                 return Ok(());

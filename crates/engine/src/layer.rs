@@ -1,9 +1,11 @@
 //! Sealed layers: reading one (header, trailer, index, verified blocks) and writing one.
 //!
 //! Owns: opening a sealed layer file and checking its structure, reading its blocks with
-//! per-block hash verification, and the streaming writer that produces a new sealed layer in
-//! canonical form. Does not own: fetching the blocks a partial layer lacks (see `fetch`),
-//! combining layers (see `stack`), naming files (see `store`).
+//! per-block hash verification (the read path is generic over `Blocks`, how unverified blocks
+//! are made good, so that a partial layer reuses it), and the streaming writer that produces a
+//! new sealed layer in canonical form. Does not own: partial layers and fetching the blocks they
+//! lack (see `fetch`, whose `PartialLayer` wraps a `SealedLayer`),
+//! combining layers (see `stack`), naming files (see `store`), keeping files open (see `pool`).
 
 use std::fs::File;
 use std::io::Write;
@@ -17,8 +19,7 @@ use mcow_format::{
 
 use crate::bitmap::AtomicBitmap;
 use crate::error::{Error, Result};
-use crate::fetch::{Fetcher, Want};
-use crate::store::FileSlot;
+use crate::pool::FileSlot;
 
 /// An open sealed layer. Its blocks are verified against their hashes the first time they are
 /// read (a bit per block remembers it), so later reads of the same block go straight to the file.
@@ -30,13 +31,8 @@ pub struct SealedLayer {
     pub(crate) hashes: Vec<BlockHash>,
     /// Blocks checked against their hashes (for a partial layer: also written locally first).
     pub(crate) verified: AtomicBitmap,
-    /// Blocks that an open disk in this process shows (not hidden by upper layers): the only
-    /// ones a partial layer's reads may fetch along with the block read. Set by `Stack::open`.
-    pub(crate) visible: AtomicBitmap,
     pub(crate) verify: bool,
     pub(crate) file: FileSlot,
-    /// For a partial (lazily fetched) layer: where missing blocks come from.
-    pub(crate) fetch: Option<Fetcher>,
 }
 
 /// What `SealedLayer::open` reads besides the layer itself: its extents, used once to build the
@@ -62,10 +58,8 @@ impl SealedLayer {
             trailer,
             hashes,
             verified: AtomicBitmap::new(blocks),
-            visible: AtomicBitmap::new(blocks),
             verify,
             file,
-            fetch: None,
         };
         Ok((layer, index))
     }
@@ -74,15 +68,21 @@ impl SealedLayer {
         u64::from(self.header.block_size)
     }
 
-    /// Bytes of the data region (stored blocks) present in the local file. For a complete layer,
-    /// all of them. For a partial layer, the allocated ranges of its data region, found with
+    /// Bytes of the data region (stored blocks) present in the local file: for a complete layer,
+    /// all of them. (For a partial layer, `PartialLayer::local_bytes`: the allocated ranges of its data region, found with
     /// `SEEK_DATA`/`SEEK_HOLE`: a partial file starts sparse and fetched blocks are written only
     /// once they match their hashes, so allocation is what is local (a block torn by a crash
     /// mid-write counts too, and is fetched again when read). Filesystems without `SEEK_DATA`
-    /// fall back to checking every block's hash.
+    /// fall back to checking every block's hash.)
     pub fn local_bytes(&self) -> Result<u64> {
+        Ok(self.trailer.block_count * self.block_size())
+    }
+
+    /// The allocated bytes of the data region of the local file (see
+    /// [`SealedLayer::local_bytes`] and `PartialLayer::local_bytes`).
+    pub(crate) fn allocated_bytes(&self) -> Result<u64> {
         let data_len = self.trailer.block_count * self.block_size();
-        if !self.is_partial() || data_len == 0 {
+        if data_len == 0 {
             return Ok(data_len);
         }
         let f = File::open(&self.path).map_err(Error::io("open", &self.path))?;
@@ -152,73 +152,14 @@ impl SealedLayer {
     /// Reads `buf.len()` bytes starting `offset` bytes into physical block `pblock`; the range
     /// may span consecutive physical blocks. Unverified blocks are read whole and checked first.
     pub fn read(&self, pblock: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let bs = self.block_size();
-        let first = pblock + offset / bs;
-        let last = pblock + (offset + buf.len() as u64 - 1) / bs;
-        if last >= self.trailer.block_count {
-            return Err(Error::Invalid(format!(
-                "{}: read of block {last} past the stored blocks",
-                self.path.display()
-            )));
-        }
-        if !self.verify || (first..=last).all(|b| self.is_verified(b)) {
-            return self.read_trusted(pblock, offset, buf);
-        }
-        // Slow path, once per block: check whole blocks, copy out the asked-for part.
-        if last > first {
-            self.wait_for_run(first, last)?;
-        }
-        let mut block = vec![0u8; bs as usize];
-        let f = self.file.get(&self.path)?;
-        let mut done = 0usize;
-        let mut at = pblock * bs + offset; // offset within the data region
-        while done < buf.len() {
-            let (pb, within) = (at / bs, (at % bs) as usize);
-            let n = (bs as usize - within).min(buf.len() - done);
-            if self.is_verified(pb) {
-                read_exact_at(&f, &mut buf[done..done + n], HEADER_SIZE as u64 + at, &self.path)?;
-            } else {
-                self.ensure_block(&f, pb, &mut block, Want::Read(last + 1))?;
-                buf[done..done + n].copy_from_slice(&block[within..within + n]);
-            }
-            done += n;
-            at += n as u64;
-        }
-        Ok(())
+        read_blocks(self, pblock, offset, buf)
     }
 
-    /// Makes the blocks under `len` bytes from `offset` into physical block `pblock` local and
-    /// checked, like [`SealedLayer::read`] but without copying them out: afterwards they may be
-    /// read through the map. Blocks another reader fetched are not read back.
+    /// Checks the blocks under `len` bytes from `offset` into physical block `pblock`, like
+    /// [`SealedLayer::read`] but without copying them out: afterwards they may be read through
+    /// the map.
     pub(crate) fn make_ready(&self, pblock: u64, offset: u64, len: u64) -> Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
-        let bs = self.block_size();
-        let first = pblock + offset / bs;
-        let last = pblock + (offset + len - 1) / bs;
-        if last >= self.trailer.block_count {
-            return Err(Error::Invalid(format!(
-                "{}: read of block {last} past the stored blocks",
-                self.path.display()
-            )));
-        }
-        if last > first {
-            self.wait_for_run(first, last)?;
-        }
-        let mut block = Vec::new();
-        for b in first..=last {
-            if self.is_verified(b) {
-                continue;
-            }
-            block.resize(bs as usize, 0);
-            let f = self.file.get(&self.path)?;
-            self.ensure_block(&f, b, &mut block, Want::Read(last + 1))?;
-        }
-        Ok(())
+        make_ready_blocks(self, pblock, offset, len)
     }
 
     /// Reads without checking hashes: for blocks already verified (or with verification off).
@@ -262,6 +203,107 @@ impl SealedLayer {
         self.mark_verified(pblock);
         Ok(())
     }
+}
+
+/// How the slow path of a read makes a layer's unverified blocks good: a complete layer checks
+/// its local bytes ([`SealedLayer`]), a partial one also fetches what is missing (see `fetch`).
+pub(crate) trait Blocks {
+    /// The layer's structure and file.
+    fn layer(&self) -> &SealedLayer;
+    /// Before a read of blocks `first..=last`: waits for fetches that hold them, if any.
+    fn wait_for_run(&self, first: u64, last: u64) -> Result<()>;
+    /// Fills `block` with stored block `pblock`, checked and recorded as verified, for a read
+    /// that covers the blocks up to `end`.
+    fn ensure_block(&self, f: &File, pblock: u64, block: &mut [u8], end: u64) -> Result<()>;
+}
+
+impl Blocks for SealedLayer {
+    fn layer(&self) -> &SealedLayer {
+        self
+    }
+
+    fn wait_for_run(&self, _first: u64, _last: u64) -> Result<()> {
+        Ok(())
+    }
+
+    fn ensure_block(&self, f: &File, pblock: u64, block: &mut [u8], _end: u64) -> Result<()> {
+        read_exact_at(f, block, HEADER_SIZE as u64 + pblock * self.block_size(), &self.path)?;
+        self.check_block(pblock, block)
+    }
+}
+
+/// Reads `buf.len()` bytes starting `offset` bytes into physical block `pblock`; the range
+/// may span consecutive physical blocks. Unverified blocks are read whole and checked first.
+pub(crate) fn read_blocks(b: &impl Blocks, pblock: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+    let layer = b.layer();
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let bs = layer.block_size();
+    let first = pblock + offset / bs;
+    let last = pblock + (offset + buf.len() as u64 - 1) / bs;
+    if last >= layer.trailer.block_count {
+        return Err(Error::Invalid(format!(
+            "{}: read of block {last} past the stored blocks",
+            layer.path.display()
+        )));
+    }
+    if !layer.verify || (first..=last).all(|b| layer.is_verified(b)) {
+        return layer.read_trusted(pblock, offset, buf);
+    }
+    // Slow path, once per block: check whole blocks, copy out the asked-for part.
+    if last > first {
+        b.wait_for_run(first, last)?;
+    }
+    let mut block = vec![0u8; bs as usize];
+    let f = layer.file.get(&layer.path)?;
+    let mut done = 0usize;
+    let mut at = pblock * bs + offset; // offset within the data region
+    while done < buf.len() {
+        let (pb, within) = (at / bs, (at % bs) as usize);
+        let n = (bs as usize - within).min(buf.len() - done);
+        if layer.is_verified(pb) {
+            read_exact_at(&f, &mut buf[done..done + n], HEADER_SIZE as u64 + at, &layer.path)?;
+        } else {
+            b.ensure_block(&f, pb, &mut block, last + 1)?;
+            buf[done..done + n].copy_from_slice(&block[within..within + n]);
+        }
+        done += n;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// Makes the blocks under `len` bytes from `offset` into physical block `pblock` local and
+/// checked, like [`read_blocks`] but without copying them out: afterwards they may be
+/// read through the map. Blocks another reader fetched are not read back.
+pub(crate) fn make_ready_blocks(b: &impl Blocks, pblock: u64, offset: u64, len: u64) -> Result<()> {
+    let layer = b.layer();
+    if len == 0 {
+        return Ok(());
+    }
+    let bs = layer.block_size();
+    let first = pblock + offset / bs;
+    let last = pblock + (offset + len - 1) / bs;
+    if last >= layer.trailer.block_count {
+        return Err(Error::Invalid(format!(
+            "{}: read of block {last} past the stored blocks",
+            layer.path.display()
+        )));
+    }
+    if last > first {
+        b.wait_for_run(first, last)?;
+    }
+    let mut block = Vec::new();
+    for p in first..=last {
+        if layer.is_verified(p) {
+            continue;
+        }
+        block.resize(bs as usize, 0);
+        let f = layer.file.get(&layer.path)?;
+        b.ensure_block(&f, p, &mut block, last + 1)?;
+    }
+    Ok(())
 }
 
 pub(crate) fn read_exact_at(f: &File, buf: &mut [u8], pos: u64, path: &Path) -> Result<()> {

@@ -3,13 +3,18 @@
 //! Modules, bottom up:
 //! - `storage` / `sim`: the byte-storage trait every layer goes through, and a simulated device
 //!   for crash and fault tests;
+//! - `context`: the engine context ([`Engine`]) disks are opened in: file pool, open layers,
+//!   background fetch threads (`background`), instead of process-wide state;
 //! - `bitmap`: the one atomic, sparse, bounds-checked bitmap for per-block flags;
 //! - `extent_map`: the interval map behind depth-independent addressing;
+//! - `pool` / `lock`: the bounded pool of open layer files, and byte-range (OFD) locks between
+//!   processes;
 //! - `layer` / `store` / `temp`: sealed layers (read with verification, written canonically),
 //!   the content-addressed directory that holds them, and the locked temporaries new files are
 //!   written to;
-//! - `fetch`: partial (lazily fetched) layers: where missing blocks come from and how they are
-//!   fetched, checked and landed;
+//! - `readahead`: the pure policy that sizes a partial layer's fetches from the reads before;
+//! - `fetch`: partial (lazily fetched) layers, a sealed layer plus its fetch state: where
+//!   missing blocks come from and how they are fetched, checked and landed;
 //! - `stack`: sealed layers bottom to top, flattened into one map at open;
 //! - `top`: the writable, crash-consistent top layer;
 //! - `disk`: a stack plus its top, the byte-level read/write path front ends use;
@@ -17,13 +22,18 @@
 //!
 //! It does not own the byte layouts (crate `mcow-format`) nor any front end (CLI, NBD).
 
+mod background;
 pub mod bitmap;
+pub mod context;
 pub mod disk;
 pub mod error;
 pub mod extent_map;
 pub mod fetch;
 pub mod layer;
+pub mod lock;
 pub mod ops;
+pub mod pool;
+pub mod readahead;
 pub mod sim;
 pub mod stack;
 pub mod storage;
@@ -32,10 +42,12 @@ pub mod temp;
 pub mod top;
 
 pub use bitmap::AtomicBitmap;
+pub use context::{Engine, EngineConfig};
 pub use disk::{
-    CreateOptions, DEFAULT_BLOCK_SIZE, Disk, Holder, OpenOptions, Run, RunKind, Segment, Segments,
+    CreateOptions, DEFAULT_BLOCK_SIZE, Disk, FetchRest, Holder, OpenOptions, Run, RunKind, Segment, Segments,
 };
 pub use error::{Error, Result};
 pub use extent_map::TOP;
-pub use fetch::{BlockSource, FetchPolicy, Offline};
+pub use fetch::{BlockSource, FetchPolicy, Offline, PartialLayer};
 pub use mcow_format::Digest;
+pub use store::OpenLayer;

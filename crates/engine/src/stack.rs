@@ -7,21 +7,18 @@
 //! depth and however fragmented the map. Does not own:
 //! the writable top (see `top`) or the byte-level read path (see `disk`).
 
-use std::sync::Arc;
-
 use mcow_format::{Digest, ExtentKind};
 
 use crate::bitmap::AtomicBitmap;
 use crate::error::{Error, Result};
 use crate::extent_map::{BlockTable, Extent, ExtentMap, FrozenMap, Loc, MAX_TABLE_LAYERS};
-use crate::layer::SealedLayer;
-use crate::store::LayerStore;
+use crate::store::{LayerStore, OpenLayer};
 
 /// Sealed layers plus their flattened map. Immutable once built, so it is shared freely.
 pub struct Stack {
     pub virtual_size: u64,
     pub block_size: u32,
-    layers: Vec<Arc<SealedLayer>>,
+    layers: Vec<OpenLayer>,
     map: FrozenMap,
     table: BlockTable,
     /// One bit per virtual block: its visible block has passed its hash check. Checked on the
@@ -87,9 +84,10 @@ impl Stack {
         // What this disk shows of each partial layer: reads fetch nothing else along with the
         // block they read.
         for e in map.iter() {
-            let layer = &layers[e.loc.layer as usize];
-            if e.loc.kind == ExtentKind::Data && layer.is_partial() {
-                layer.mark_visible(e.loc.pblock, e.end - e.start);
+            if e.loc.kind == ExtentKind::Data
+                && let Some(partial) = layers[e.loc.layer as usize].partial()
+            {
+                partial.mark_visible(e.loc.pblock, e.end - e.start);
             }
         }
         let blocks = virtual_size.div_ceil(u64::from(block_size));
@@ -119,7 +117,7 @@ impl Stack {
         self.chain
     }
 
-    pub fn layers(&self) -> &[Arc<SealedLayer>] {
+    pub fn layers(&self) -> &[OpenLayer] {
         &self.layers
     }
 

@@ -2,33 +2,48 @@
 //! shape as an OCI image layout's blob directory.
 //!
 //! Owns: layer file paths, atomically adding a new layer (write to a locked temporary in `tmp/`,
-//! fsync, rename, fsync the directory; see `temp`), and the pool of open layer files, which keeps a deep stack within the
-//! process's open-file limit. Does not own: the content of layers (see `layer`).
+//! fsync, rename, fsync the directory; see `temp`), partial copies and their completion, opening a layer as
+//! complete or partial ([`OpenLayer`]) and sharing the layers open in the store's engine. Does not own: the content of layers (see `layer`),
+//! the pool of open layer files (see `pool`).
 
-use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::sync::Arc;
 
 use mcow_format::Digest;
 
+use crate::background::Background;
+use crate::context::{Engine, WeakLayer};
 use crate::error::{Error, Result};
-use crate::fetch::{BlockSource, FetchPolicy};
+use crate::fetch::{BlockSource, FetchPolicy, PartialLayer};
 use crate::layer::{LayerIndex, SealedLayer};
+use crate::pool::FileSlot;
 use crate::temp::{StaleTemp, TempFile, stale_temporaries};
 
 /// A directory of sealed layers.
 #[derive(Clone)]
 pub struct LayerStore {
     root: PathBuf,
-    pool: Arc<FilePool>,
+    engine: Engine,
     source: Option<(Arc<dyn BlockSource>, FetchPolicy)>,
 }
 
 impl LayerStore {
+    /// The store at `root`, in an engine of its own (see [`LayerStore::in_engine`]).
     pub fn new(root: impl Into<PathBuf>) -> LayerStore {
-        LayerStore { root: root.into(), pool: FilePool::shared(), source: None }
+        LayerStore::in_engine(&Engine::default(), root)
+    }
+
+    /// The store at `root`, opening its layers in `engine`: with its file pool, sharing the
+    /// layers open there, fetching in the background on its threads.
+    pub fn in_engine(engine: &Engine, root: impl Into<PathBuf>) -> LayerStore {
+        LayerStore { root: root.into(), engine: engine.clone(), source: None }
+    }
+
+    /// The engine the store opens its layers in.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
     }
 
     pub fn root(&self) -> &Path {
@@ -59,19 +74,32 @@ impl LayerStore {
         self
     }
 
-    /// Opens and checks the sealed layer `digest` (see [`SealedLayer::open`]).
-    pub fn open_layer(&self, digest: &Digest, verify: bool) -> Result<(SealedLayer, LayerIndex)> {
+    /// Opens and checks the sealed layer `digest` (see [`SealedLayer::open`]): the complete
+    /// layer if the store has it, else its partial copy with the store's source. A partial layer
+    /// opened this way fetches its read-ahead itself (no background threads).
+    pub fn open_layer(&self, digest: &Digest, verify: bool) -> Result<(OpenLayer, LayerIndex)> {
+        self.open_layer_with(digest, verify, None)
+    }
+
+    fn open_layer_with(
+        &self,
+        digest: &Digest,
+        verify: bool,
+        background: Option<Arc<Background>>,
+    ) -> Result<(OpenLayer, LayerIndex)> {
         let path = self.layer_path(digest);
         if path.exists() {
-            return SealedLayer::open(&path, *digest, FileSlot::new(&self.pool), verify);
+            let (layer, index) =
+                SealedLayer::open(&path, *digest, FileSlot::new(self.engine.pool()), verify)?;
+            return Ok((OpenLayer::Complete(Arc::new(layer)), index));
         }
         let partial = self.partial_path(digest);
         match &self.source {
             Some((source, policy)) if partial.exists() => {
-                let (mut layer, index) =
-                    SealedLayer::open(&partial, *digest, FileSlot::new(&self.pool), true)?;
-                layer.set_source(source.clone(), *policy);
-                Ok((layer, index))
+                let (layer, index) =
+                    SealedLayer::open(&partial, *digest, FileSlot::new(self.engine.pool()), true)?;
+                let layer = PartialLayer::new(layer, source.clone(), *policy, background);
+                Ok((OpenLayer::Partial(Arc::new(layer)), index))
             }
             _ if partial.exists() => Err(Error::Invalid(format!(
                 "layer {digest} is only partly in the store {} and no source to fetch the rest from was given",
@@ -81,14 +109,12 @@ impl LayerStore {
         }
     }
 
-    /// Like [`LayerStore::open_layer`], but a layer this process already has open (through
+    /// Like [`LayerStore::open_layer`], but a layer the store's engine already has open (through
     /// any store, with the same verification and the same block source) is shared rather than
     /// opened again: disks on the same layers then share one verified bitmap and one fetch state,
     /// so a block is checked once and a missing block is fetched once, whichever disk reads it.
-    pub fn open_layer_shared(&self, digest: &Digest, verify: bool) -> Result<(Arc<SealedLayer>, LayerIndex)> {
-        use std::collections::HashMap;
-        type Key = (PathBuf, bool, usize);
-        static OPEN: OnceLock<Mutex<HashMap<Key, Weak<SealedLayer>>>> = OnceLock::new();
+    /// A partial layer opened this way reads ahead on the engine's background threads.
+    pub fn open_layer_shared(&self, digest: &Digest, verify: bool) -> Result<(OpenLayer, LayerIndex)> {
         let complete = self.layer_path(digest);
         let (path, source) = if complete.exists() {
             (complete, 0)
@@ -100,20 +126,15 @@ impl LayerStore {
         // disks made with `create --from`) name the same open layer.
         let path = std::fs::canonicalize(&path).or_else(|_| std::path::absolute(&path)).unwrap_or(path);
         let key = (path, verify, source);
-        let open = OPEN.get_or_init(Default::default);
-        let cached = open.lock().unwrap_or_else(|p| p.into_inner()).get(&key).and_then(Weak::upgrade);
+        let cached = self.engine.open_layers().get(&key).and_then(OpenLayer::upgrade);
         if let Some(layer) = cached {
             let index = layer.read_index()?;
             return Ok((layer, index));
         }
-        let (layer, index) = self.open_layer(digest, verify)?;
-        let layer = Arc::new(layer);
-        if let Some(fetch) = &layer.fetch {
-            let _ = fetch.me.set(Arc::downgrade(&layer));
-        }
-        let mut map = open.lock().unwrap_or_else(|p| p.into_inner());
-        map.retain(|_, w| w.strong_count() > 0);
-        map.insert(key, Arc::downgrade(&layer));
+        let (layer, index) = self.open_layer_with(digest, verify, Some(self.engine.background().clone()))?;
+        let mut map = self.engine.open_layers();
+        map.retain(|_, w| w.is_alive());
+        map.insert(key, layer.downgrade());
         Ok((layer, index))
     }
 
@@ -163,7 +184,7 @@ impl LayerStore {
         temp.persisted();
         sync_dir(dir)?;
         // The structure must open (index rules, lengths) before anyone relies on it.
-        if let Err(e) = SealedLayer::open(&dest, *digest, FileSlot::new(&self.pool), true) {
+        if let Err(e) = SealedLayer::open(&dest, *digest, FileSlot::new(self.engine.pool()), true) {
             let _ = fs::remove_file(&dest);
             return Err(e);
         }
@@ -232,6 +253,108 @@ impl LayerStore {
     }
 }
 
+/// An open sealed layer, as the store found it: complete (immutable, checked as read) or
+/// partial (its missing blocks fetched on demand). Derefs to the sealed layer's structure.
+#[derive(Clone)]
+pub enum OpenLayer {
+    Complete(Arc<SealedLayer>),
+    Partial(Arc<PartialLayer>),
+}
+
+impl std::ops::Deref for OpenLayer {
+    type Target = SealedLayer;
+
+    fn deref(&self) -> &SealedLayer {
+        match self {
+            OpenLayer::Complete(l) => l,
+            OpenLayer::Partial(p) => p.sealed(),
+        }
+    }
+}
+
+impl OpenLayer {
+    /// True for a layer whose blocks may be fetched from a source.
+    pub fn is_partial(&self) -> bool {
+        matches!(self, OpenLayer::Partial(_))
+    }
+
+    /// The partial layer, if it is one.
+    pub fn partial(&self) -> Option<&Arc<PartialLayer>> {
+        match self {
+            OpenLayer::Partial(p) => Some(p),
+            OpenLayer::Complete(_) => None,
+        }
+    }
+
+    /// Reads `buf.len()` bytes `offset` bytes into physical block `pblock` (see
+    /// [`SealedLayer::read`]); a partial layer fetches what is not local.
+    pub fn read(&self, pblock: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+        match self {
+            OpenLayer::Complete(l) => l.read(pblock, offset, buf),
+            OpenLayer::Partial(p) => p.read(pblock, offset, buf),
+        }
+    }
+
+    /// Makes the blocks of a range local and checked without copying them out.
+    pub(crate) fn make_ready(&self, pblock: u64, offset: u64, len: u64) -> Result<()> {
+        match self {
+            OpenLayer::Complete(l) => l.make_ready(pblock, offset, len),
+            OpenLayer::Partial(p) => p.make_ready(pblock, offset, len),
+        }
+    }
+
+    /// Bytes of the data region present locally (all of them for a complete layer).
+    pub fn local_bytes(&self) -> Result<u64> {
+        match self {
+            OpenLayer::Complete(l) => l.local_bytes(),
+            OpenLayer::Partial(p) => p.local_bytes(),
+        }
+    }
+
+    /// Fetches the missing blocks of `runs` (see `PartialLayer::fetch_runs`); nothing for a
+    /// complete layer.
+    pub fn fetch_runs(&self, runs: &[(u64, u64)]) -> Result<()> {
+        match self {
+            OpenLayer::Complete(_) => Ok(()),
+            OpenLayer::Partial(p) => p.fetch_runs(runs),
+        }
+    }
+
+    /// Makes every stored block local and checked, in order, until done or `stop` is set (see
+    /// `PartialLayer::fetch_all`; a complete layer checks the blocks not yet checked).
+    pub fn fetch_all(&self, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
+        match self {
+            OpenLayer::Partial(p) => p.fetch_all(stop),
+            OpenLayer::Complete(l) => {
+                let bs = l.block_size();
+                for pb in 0..l.trailer.block_count {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                    if !l.is_verified(pb) {
+                        l.make_ready(pb, 0, bs)?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn upgrade(w: &WeakLayer) -> Option<OpenLayer> {
+        match w {
+            WeakLayer::Complete(w) => w.upgrade().map(OpenLayer::Complete),
+            WeakLayer::Partial(w) => w.upgrade().map(OpenLayer::Partial),
+        }
+    }
+
+    fn downgrade(&self) -> WeakLayer {
+        match self {
+            OpenLayer::Complete(l) => WeakLayer::Complete(Arc::downgrade(l)),
+            OpenLayer::Partial(p) => WeakLayer::Partial(Arc::downgrade(p)),
+        }
+    }
+}
+
 /// A layer being written; dropped without `commit`, its temporary file is removed.
 pub struct PendingLayer {
     temp: TempFile,
@@ -294,79 +417,4 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     f.write_all(bytes).and_then(|_| f.sync_all()).map_err(Error::io("write", &tmp))?;
     fs::rename(&tmp, path).map_err(Error::io("rename", &tmp))?;
     sync_dir(path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))
-}
-
-/// Raises the soft open-file limit to the hard limit once, and returns the soft limit.
-fn open_file_limit() -> usize {
-    static LIMIT: OnceLock<usize> = OnceLock::new();
-    *LIMIT.get_or_init(|| {
-        use rustix::process::{Resource, getrlimit, setrlimit};
-        let mut lim = getrlimit(Resource::Nofile);
-        if lim.current != lim.maximum {
-            lim.current = lim.maximum;
-            let _ = setrlimit(Resource::Nofile, lim);
-        }
-        let cur = getrlimit(Resource::Nofile).current.unwrap_or(1 << 20);
-        usize::try_from(cur).unwrap_or(usize::MAX)
-    })
-}
-
-/// Bounds how many layer files are open at once. Below the bound (the usual case) a file stays
-/// open once opened and a read takes no lock but its layer's read lock; past it, the oldest
-/// opened file is closed and reopened on its next use.
-struct FilePool {
-    cap: usize,
-    opened: Mutex<VecDeque<Weak<SlotState>>>,
-}
-
-impl FilePool {
-    /// The one pool of the process: the open-file limit is per process, so every store (every
-    /// open disk) must draw on the same budget.
-    fn shared() -> Arc<FilePool> {
-        static POOL: OnceLock<Arc<FilePool>> = OnceLock::new();
-        POOL.get_or_init(|| Arc::new(FilePool::new())).clone()
-    }
-
-    fn new() -> FilePool {
-        // Leave room for sockets, tops, journals and the standard descriptors.
-        let cap = open_file_limit().saturating_sub(128).max(16);
-        FilePool { cap, opened: Mutex::new(VecDeque::new()) }
-    }
-
-    fn register(&self, slot: &Arc<SlotState>) {
-        let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
-        opened.push_back(Arc::downgrade(slot));
-        while opened.len() > self.cap {
-            if let Some(old) = opened.pop_front().and_then(|w| w.upgrade()) {
-                *old.file.write().unwrap_or_else(|p| p.into_inner()) = None;
-            }
-        }
-    }
-}
-
-struct SlotState {
-    file: RwLock<Option<Arc<File>>>,
-}
-
-/// One layer's place in the pool.
-pub(crate) struct FileSlot {
-    state: Arc<SlotState>,
-    pool: Arc<FilePool>,
-}
-
-impl FileSlot {
-    fn new(pool: &Arc<FilePool>) -> FileSlot {
-        FileSlot { state: Arc::new(SlotState { file: RwLock::new(None) }), pool: pool.clone() }
-    }
-
-    /// The open file, opening it (and maybe closing another) if needed.
-    pub(crate) fn get(&self, path: &Path) -> Result<Arc<File>> {
-        if let Some(f) = self.state.file.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            return Ok(f.clone());
-        }
-        let f = Arc::new(File::open(path).map_err(Error::io("open", path))?);
-        *self.state.file.write().unwrap_or_else(|p| p.into_inner()) = Some(f.clone());
-        self.pool.register(&self.state);
-        Ok(f)
-    }
 }

@@ -15,7 +15,6 @@
 use std::fs::{self, File};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 
@@ -33,19 +32,18 @@ pub struct TempFile {
 }
 
 impl TempFile {
-    /// Creates `dir/<prefix>-<pid>-<n>.tmp`, locked. `dir` must exist.
+    /// Creates `dir/<prefix>-<pid>-<n>.tmp`, locked, with the first `n` whose name is free.
+    /// `dir` must exist.
     pub fn create(dir: &Path, prefix: &str) -> Result<TempFile> {
-        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let mut n = 0u64;
         loop {
-            let name =
-                format!("{prefix}-{}-{}{SUFFIX}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
-            let path = dir.join(name);
-            let file = File::options()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .map_err(Error::io("create", &path))?;
+            let path = dir.join(format!("{prefix}-{}-{n}{SUFFIX}", std::process::id()));
+            n += 1;
+            let file = match File::options().read(true).write(true).create_new(true).open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(Error::io("create", &path)(e)),
+            };
             file.lock().map_err(Error::io("lock", &path))?;
             if same_file(&path, &file) {
                 return Ok(TempFile { path, file, keep: false });

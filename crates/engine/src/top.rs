@@ -638,12 +638,13 @@ pub fn journal_path(path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// A fresh random-enough identity binding a top to its journal (time, pid and a counter,
-/// hashed; uniqueness, not secrecy, is what matters).
+/// A fresh random-enough identity binding a top to its journal (time, pid and 64 random bits
+/// from std's randomly keyed hasher, which is keyed afresh on every call; hashed: uniqueness,
+/// not secrecy, is what matters).
 fn new_instance_id() -> [u8; 16] {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
+    use std::hash::BuildHasher;
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let seed = format!("{}:{}:{}", t.as_nanos(), std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+    let random = std::collections::hash_map::RandomState::new().hash_one(t.as_nanos());
+    let seed = format!("{}:{}:{random}", t.as_nanos(), std::process::id());
     Digest::of(seed.as_bytes()).0[..16].try_into().expect("16 bytes")
 }

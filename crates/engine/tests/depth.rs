@@ -81,7 +81,10 @@ fn depth_child_reader() {
     let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     assert_eq!((lim.current, lim.maximum), (Some(1024), Some(1024)), "the parent set the limit");
     let t = Instant::now();
-    let d = Disk::open(Path::new(&dir), OpenOptions { read_only: true, ..Default::default() }).unwrap();
+    // One engine for both disks below, as a process serving several disks has.
+    let engine = mcow_engine::Engine::default();
+    let d = Disk::open_in(&engine, Path::new(&dir), OpenOptions { read_only: true, ..Default::default() })
+        .unwrap();
     assert_eq!(d.stack().depth(), DEPTH as usize);
     let opened = t.elapsed();
     for b in 0..DEPTH {
@@ -91,8 +94,9 @@ fn depth_child_reader() {
     for b in (0..DEPTH).rev().step_by(3) {
         assert!(read_block(&d, b) == expected_with_top(b), "block {b} (second pass)");
     }
-    // A second disk open at the same time (say, two exports of one base) shares the limit.
-    let d2 = Disk::open(Path::new(&dir), OpenOptions { read_only: true, ..Default::default() })
+    // A second disk open at the same time in the same engine (say, two exports of one base)
+    // shares the limit.
+    let d2 = Disk::open_in(&engine, Path::new(&dir), OpenOptions { read_only: true, ..Default::default() })
         .unwrap_or_else(|e| panic!("a second open of the deep disk beside the first: {e}"));
     for b in (0..DEPTH).step_by(2) {
         assert!(read_block(&d2, b) == expected_with_top(b), "block {b} (second disk)");

@@ -152,6 +152,35 @@ fn lazy_reads_fetch_each_block_once_and_survive_a_restart() {
     }
 }
 
+/// `Disk::fetch_rest` (what `serve --fetch-all` runs). Tried: a partial disk asked first with
+/// `stop` already set, then without. Must hold: stopped, it fetches nothing and completes
+/// nothing; then it fetches exactly the stored bytes once, completes every layer (each is then
+/// in the store's complete layers), and the disk reads the original bytes.
+#[test]
+fn fetch_rest_downloads_every_partial_layer_and_completes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (complete, expected) = build_complete(tmp.path());
+    let partial = build_partial(tmp.path(), &complete);
+    let src =
+        Arc::new(DirSource { store: tmp.path().join("a/layers"), fetched: 0.into(), corrupt: false.into() });
+    let d = Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), FetchPolicy::default())
+        .unwrap();
+    let stored: u64 = d.stack().layers().iter().map(|l| l.trailer.block_count * 65536).sum();
+    let stopped = d.fetch_rest(&AtomicBool::new(true));
+    assert_eq!(stopped, mcow_engine::FetchRest { completed: 0, failed: 0, stopped: true });
+    assert_eq!(src.fetched.load(Ordering::Relaxed), 0, "a stopped download fetched");
+    let done = d.fetch_rest(&AtomicBool::new(false));
+    let depth = d.stack().depth();
+    assert_eq!(done, mcow_engine::FetchRest { completed: depth, failed: 0, stopped: false });
+    assert_eq!(src.fetched.load(Ordering::Relaxed), stored, "each stored byte fetched once");
+    for l in d.stack().layers() {
+        assert!(d.store().contains(&l.digest), "layer {} not complete", l.digest);
+    }
+    let mut all = vec![0u8; expected.len()];
+    d.read(0, &mut all).unwrap();
+    assert!(all == expected);
+}
+
 /// `Disk::read_mapped` (the NBD server's copy-free reads) on lazily fetched layers. Tried: four
 /// threads reading the whole disk through it in 256 KiB pieces, then a tampered source, then a
 /// write into the writable top. Must hold: the pieces are the disk's bytes and no block is
@@ -280,12 +309,14 @@ fn disks_on_the_same_partial_layers_fetch_each_block_once() {
     let tmp = tempfile::tempdir().unwrap();
     let (complete, expected) = build_complete(tmp.path());
     let first = build_partial(tmp.path(), &complete);
-    // A second disk (another VM) on the same partial layers, in the same store.
+    // A second disk (another VM) on the same partial layers, in the same store, opened in the
+    // same engine (as `serve` opens its exports).
     let second = second_disk(tmp.path(), &first);
     let src =
         Arc::new(DirSource { store: tmp.path().join("a/layers"), fetched: 0.into(), corrupt: false.into() });
-    let a = Disk::open_with_source(&first, OpenOptions::default(), src.clone(), EXACT).unwrap();
-    let b = Disk::open_with_source(&second, OpenOptions::default(), src.clone(), EXACT).unwrap();
+    let engine = mcow_engine::Engine::default();
+    let a = Disk::open_with_source_in(&engine, &first, OpenOptions::default(), src.clone(), EXACT).unwrap();
+    let b = Disk::open_with_source_in(&engine, &second, OpenOptions::default(), src.clone(), EXACT).unwrap();
     let mut all = vec![0u8; expected.len()];
     a.read(0, &mut all).unwrap();
     assert!(all == expected);

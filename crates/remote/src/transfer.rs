@@ -469,25 +469,26 @@ impl Sources {
         Ok(source)
     }
 
-    /// Opens a disk; if it was pulled lazily (it has a `remote.json`), missing blocks are
-    /// fetched from its origin as `policy` says, through this registry's source for that
-    /// origin. Returns what it fetched, for statistics.
+    /// Opens a disk in `engine`; if it was pulled lazily (it has a `remote.json`), missing
+    /// blocks are fetched from its origin as `policy` says, through this registry's source for
+    /// that origin. Returns what it fetched, for statistics.
     pub fn open_lazy_disk(
         &self,
+        engine: &mcow_engine::Engine,
         dir: &Path,
         opts: OpenOptions,
         policy: FetchPolicy,
     ) -> Result<(Disk, Option<FetchStats>)> {
         let origin_path: PathBuf = dir.join(ORIGIN_FILE);
         if !origin_path.exists() {
-            return Ok((Disk::open(dir, opts)?, None));
+            return Ok((Disk::open_in(engine, dir, opts)?, None));
         }
         let text = std::fs::read(&origin_path).map_err(RemoteError::io("read", &origin_path))?;
         let origin: LazyOrigin = serde_json::from_slice(&text)
             .map_err(|e| RemoteError::Invalid(format!("{}: {e}", origin_path.display())))?;
         let source = self.get(&origin.reference)?;
         let start = source.stats();
-        let disk = Disk::open_with_source(dir, opts, source.clone(), policy)?;
+        let disk = Disk::open_with_source_in(engine, dir, opts, source.clone(), policy)?;
         Ok((disk, Some(FetchStats { source, start })))
     }
 }

@@ -35,8 +35,9 @@ fn pull_full_and_lazy_from_nginx_and_refuse_pushes() {
         .unwrap();
     assert!(lazy.bytes_fetched * 20 < total, "{}", lazy.bytes_fetched);
     {
-        let (d, src) =
-            transfer::Sources::new().open_lazy_disk(&t.path().join("c/disk"), ro(), EXACT).unwrap();
+        let (d, src) = transfer::Sources::new()
+            .open_lazy_disk(&mcow_engine::Engine::default(), &t.path().join("c/disk"), ro(), EXACT)
+            .unwrap();
         let blocks = data_blocks_of(&d, 1);
         let mut buf = vec![0u8; 4096];
         for &(vb, _) in blocks.iter().take(3) {
@@ -47,7 +48,12 @@ fn pull_full_and_lazy_from_nginx_and_refuse_pushes() {
         assert!(read_all(&d) == bytes);
     }
     let (d, src) = transfer::Sources::new()
-        .open_lazy_disk(&t.path().join("c/disk"), ro(), FetchPolicy::default())
+        .open_lazy_disk(
+            &mcow_engine::Engine::default(),
+            &t.path().join("c/disk"),
+            ro(),
+            FetchPolicy::default(),
+        )
         .unwrap();
     assert!(read_all(&d) == bytes);
     assert_eq!(src.unwrap().stats(), (0, 0));

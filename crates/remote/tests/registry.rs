@@ -126,7 +126,9 @@ fn lazy_pull_fetches_only_what_is_read_and_never_twice() {
     let dir = t.path().join("b/disk");
     {
         // Window 1: a read of a missing block fetches that block only.
-        let (d, src) = transfer::Sources::new().open_lazy_disk(&dir, ro(), EXACT).unwrap();
+        let (d, src) = transfer::Sources::new()
+            .open_lazy_disk(&mcow_engine::Engine::default(), &dir, ro(), EXACT)
+            .unwrap();
         let src = src.expect("a lazy disk has a source");
         let mut blocks = Vec::new();
         for layer in 0..3 {
@@ -142,12 +144,16 @@ fn lazy_pull_fetches_only_what_is_read_and_never_twice() {
         assert_eq!(requests, blocks.len() as u64);
     }
     {
-        let (d, src) = transfer::Sources::new().open_lazy_disk(&dir, ro(), FetchPolicy::default()).unwrap();
+        let (d, src) = transfer::Sources::new()
+            .open_lazy_disk(&mcow_engine::Engine::default(), &dir, ro(), FetchPolicy::default())
+            .unwrap();
         assert!(read_all(&d) == bytes, "lazy disk differs");
         let (fetched, _) = src.unwrap().stats();
         assert!(fetched > 0 && fetched <= total, "{fetched}");
     }
-    let (d, src) = transfer::Sources::new().open_lazy_disk(&dir, ro(), FetchPolicy::default()).unwrap();
+    let (d, src) = transfer::Sources::new()
+        .open_lazy_disk(&mcow_engine::Engine::default(), &dir, ro(), FetchPolicy::default())
+        .unwrap();
     assert!(read_all(&d) == bytes);
     assert_eq!(src.unwrap().stats(), (0, 0), "everything was cached");
 }
@@ -161,7 +167,9 @@ fn tampered_blocks_and_manifests_are_refused() {
     let rep = transfer::push(&disk, &r, &mut |_, _| {}).unwrap();
     pull(&r, &t.path().join("b"), true);
 
-    let (d, _src) = transfer::Sources::new().open_lazy_disk(&t.path().join("b/disk"), ro(), EXACT).unwrap();
+    let (d, _src) = transfer::Sources::new()
+        .open_lazy_disk(&mcow_engine::Engine::default(), &t.path().join("b/disk"), ro(), EXACT)
+        .unwrap();
     let top = layers(&disk)[2].0;
     let blocks = data_blocks_of(&d, 2);
     let (vb, pblock) = blocks[0];
@@ -233,7 +241,9 @@ fn lazy_pull_rebuilds_the_header_from_its_fields() {
     let rep = pull(&r, &t.path().join("c"), true);
     let partial = mcow_engine::store::LayerStore::new(t.path().join("c/layers")).partial_path(&base);
     assert!(std::fs::read(&partial).unwrap()[..HEADER_SIZE] == original[..HEADER_SIZE]);
-    let (d, _) = transfer::Sources::new().open_lazy_disk(&t.path().join("c/disk"), ro(), EXACT).unwrap();
+    let (d, _) = transfer::Sources::new()
+        .open_lazy_disk(&mcow_engine::Engine::default(), &t.path().join("c/disk"), ro(), EXACT)
+        .unwrap();
     assert!(read_all(&d) == bytes, "lazy disk differs");
     // Per layer: the header's fields and the tail (extent index, hash table, trailer).
     let d = Disk::open(&disk, OpenOptions { read_only: true, verify: false, force_share: true }).unwrap();
@@ -342,7 +352,12 @@ fn basic_auth() {
     assert!(read_all(&Disk::open(&work.join("full/disk"), ro()).unwrap()) == bytes);
     // The child read the lazy disk whole: every block is local now, no credentials needed.
     let (lazy, src) = transfer::Sources::new()
-        .open_lazy_disk(&work.join("lazy/disk"), ro(), FetchPolicy::default())
+        .open_lazy_disk(
+            &mcow_engine::Engine::default(),
+            &work.join("lazy/disk"),
+            ro(),
+            FetchPolicy::default(),
+        )
         .unwrap();
     assert!(read_all(&lazy) == bytes);
     assert_eq!(src.unwrap().stats(), (0, 0));
@@ -381,7 +396,12 @@ fn auth_child() {
     pull(&r, &work.join("full"), false);
     pull(&r, &work.join("lazy"), true);
     let (d, _) = transfer::Sources::new()
-        .open_lazy_disk(&work.join("lazy/disk"), ro(), FetchPolicy::default())
+        .open_lazy_disk(
+            &mcow_engine::Engine::default(),
+            &work.join("lazy/disk"),
+            ro(),
+            FetchPolicy::default(),
+        )
         .unwrap();
     read_all(&d);
 }
@@ -591,7 +611,9 @@ fn the_trace_is_listed_in_the_manifest_and_a_missing_one_is_not_an_error() {
         let rep = pull(&r, &dir, lazy);
         assert_eq!(rep.missing_trace, Some(trace_digest), "{name}");
         assert!(!dir.join("disk").join(transfer::TRACE_FILE).exists(), "{name}");
-        let (d, _) = transfer::Sources::new().open_lazy_disk(&dir.join("disk"), ro(), EXACT).unwrap();
+        let (d, _) = transfer::Sources::new()
+            .open_lazy_disk(&mcow_engine::Engine::default(), &dir.join("disk"), ro(), EXACT)
+            .unwrap();
         assert!(read_all(&d) == bytes, "{name}: the disk's bytes differ");
     }
 }

@@ -261,16 +261,28 @@ fn s3_push_pull_lazy_pull_and_errors_against_a_real_server() {
     let lp = pull(&pinned, &lazy, &tmp.path().join("store-lazy"), true, &mut |_, _| {}).unwrap();
     assert!(lp.bytes_fetched < report.bytes_uploaded / 4, "lazy pull fetched {}", lp.bytes_fetched);
     {
-        let (d, source) =
-            Sources::new().open_lazy_disk(&lazy, OpenOptions::default(), FetchPolicy::default()).unwrap();
+        let (d, source) = Sources::new()
+            .open_lazy_disk(
+                &mcow_engine::Engine::default(),
+                &lazy,
+                OpenOptions::default(),
+                FetchPolicy::default(),
+            )
+            .unwrap();
         let source = source.expect("a lazily pulled disk has a remote source");
         assert!(read_all(&d) == model, "lazy read differs");
         let (bytes, requests) = source.stats();
         assert!(bytes > 0 && requests > 0, "{bytes} bytes in {requests} requests");
     }
     {
-        let (d, source) =
-            Sources::new().open_lazy_disk(&lazy, OpenOptions::default(), FetchPolicy::default()).unwrap();
+        let (d, source) = Sources::new()
+            .open_lazy_disk(
+                &mcow_engine::Engine::default(),
+                &lazy,
+                OpenOptions::default(),
+                FetchPolicy::default(),
+            )
+            .unwrap();
         assert!(read_all(&d) == model, "second lazy read differs");
         assert_eq!(source.unwrap().stats(), (0, 0), "the second open fetched again");
     }

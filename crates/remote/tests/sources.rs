@@ -30,12 +30,18 @@ fn disks_of_one_origin_share_a_source_within_one_sources_only() {
         serde_json::from_slice(&std::fs::read(t.path().join("b/disk").join(ORIGIN_FILE)).unwrap()).unwrap();
 
     let sources = Sources::new();
-    let (b, b_stats) = sources.open_lazy_disk(&t.path().join("b/disk"), ro(), EXACT).unwrap();
-    let (_c, c_stats) = sources.open_lazy_disk(&t.path().join("c/disk"), ro(), EXACT).unwrap();
+    let (b, b_stats) = sources
+        .open_lazy_disk(&mcow_engine::Engine::default(), &t.path().join("b/disk"), ro(), EXACT)
+        .unwrap();
+    let (_c, c_stats) = sources
+        .open_lazy_disk(&mcow_engine::Engine::default(), &t.path().join("c/disk"), ro(), EXACT)
+        .unwrap();
     let (b_stats, c_stats) = (b_stats.unwrap(), c_stats.unwrap());
     assert!(Arc::ptr_eq(&sources.get(&origin.reference).unwrap(), &sources.get(&origin.reference).unwrap()));
     // A disk of the same origin opened through another registry: a source of its own.
-    let (_c2, c2_stats) = Sources::new().open_lazy_disk(&t.path().join("c/disk"), ro(), EXACT).unwrap();
+    let (_c2, c2_stats) = Sources::new()
+        .open_lazy_disk(&mcow_engine::Engine::default(), &t.path().join("c/disk"), ro(), EXACT)
+        .unwrap();
     let c2_stats = c2_stats.unwrap();
 
     let (vb, _) = data_blocks_of(&b, 1)[0];

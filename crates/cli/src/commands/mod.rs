@@ -31,6 +31,12 @@ impl InspectArgs {
     /// fetched and its origin need not be reachable).
     pub fn open(&self) -> anyhow::Result<mcow_engine::Disk> {
         let opts = mcow_engine::OpenOptions { read_only: true, verify: true, force_share: self.force_share };
-        Ok(crate::paths::open_lazy(&self.disk, opts, crate::paths::Fetch::Offline)?.0)
+        Ok(crate::paths::open_lazy(
+            &mcow_engine::Engine::default(),
+            &self.disk,
+            opts,
+            crate::paths::Fetch::Offline,
+        )?
+        .0)
     }
 }

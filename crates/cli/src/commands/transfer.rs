@@ -78,7 +78,7 @@ pub fn run_push(a: PushArgs, g: Global) -> Result<ExitCode> {
     let reference = parse_reference(&a.reference)?;
     {
         let opts = OpenOptions { read_only: true, verify: true, force_share: true };
-        let (d, _) = open_lazy(&a.disk, opts, Fetch::Offline)?;
+        let (d, _) = open_lazy(&mcow_engine::Engine::default(), &a.disk, opts, Fetch::Offline)?;
         let changes = d.top().extents().len();
         if changes > 0 {
             eprintln!(

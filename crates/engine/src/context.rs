@@ -1,0 +1,135 @@
+//! The engine context: the state that disks opened together share, in one value the caller
+//! creates and passes on, instead of process-wide statics.
+//!
+//! Owns: the pool of open layer files (its size from [`EngineConfig`]), the registry of the
+//! layers open in this context (so that disks on the same layers share one verified bitmap and
+//! one fetch state), and the background fetch threads, which [`Engine::stop_background`] stops
+//! and joins. Does not own: raising the process's open-file limit (the binary decides that,
+//! before it makes its engine), opening disks or layers (see `disk`, `store`).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use crate::background::Background;
+use crate::fetch::PartialLayer;
+use crate::layer::SealedLayer;
+use crate::pool::FilePool;
+
+/// How an [`Engine`] is set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Layer files kept open at once at most; past it, the least recently opened one is closed
+    /// and reopened on its next use. At least 16.
+    pub max_open_files: usize,
+}
+
+impl EngineConfig {
+    /// Descriptors the default leaves to everything else (sockets, tops, journals, stdio).
+    pub const RESERVED_FILES: usize = 128;
+}
+
+impl Default for EngineConfig {
+    /// The process's current soft open-file limit less [`EngineConfig::RESERVED_FILES`]: the
+    /// limit is per process, so one engine per process should draw on it. (It reads the limit
+    /// and changes nothing; a binary that wants more raises it first.)
+    fn default() -> Self {
+        use rustix::process::{Resource, getrlimit};
+        let soft = getrlimit(Resource::Nofile).current.unwrap_or(1 << 20);
+        let soft = usize::try_from(soft).unwrap_or(usize::MAX);
+        EngineConfig { max_open_files: soft.saturating_sub(Self::RESERVED_FILES) }
+    }
+}
+
+/// What names an open layer in the registry: its canonical path, whether reads verify, and the
+/// identity of its block source (0 for none).
+pub(crate) type LayerKey = (PathBuf, bool, usize);
+
+/// A registry entry: the layer, without keeping it open.
+pub(crate) enum WeakLayer {
+    Complete(Weak<SealedLayer>),
+    Partial(Weak<PartialLayer>),
+}
+
+impl WeakLayer {
+    pub(crate) fn is_alive(&self) -> bool {
+        match self {
+            WeakLayer::Complete(w) => w.strong_count() > 0,
+            WeakLayer::Partial(w) => w.strong_count() > 0,
+        }
+    }
+}
+
+/// State shared by the disks opened in it: the file pool, the open layers, the background
+/// fetches. Cheap to clone (one `Arc`); disks opened with clones of one engine share it. A
+/// process that serves several disks makes one and, before it exits, calls
+/// [`Engine::stop_background`]. [`crate::Disk::open`] makes one of its own for its disk.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: EngineConfig,
+    pool: Arc<FilePool>,
+    open: Mutex<HashMap<LayerKey, WeakLayer>>,
+    background: Arc<Background>,
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig) -> Engine {
+        let config = EngineConfig { max_open_files: config.max_open_files.max(16) };
+        Engine {
+            inner: Arc::new(Inner {
+                config,
+                pool: Arc::new(FilePool::new(config.max_open_files)),
+                open: Mutex::new(HashMap::new()),
+                background: Arc::default(),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    /// Lets no new fetch start on a thread of its own (read-ahead) and waits up to `limit` for
+    /// the running ones to finish, then joins them, so that a process about to exit has landed
+    /// every block it fetched. Returns false if some were still running. Reads that would start
+    /// read-ahead afterwards fetch on their own thread instead.
+    pub fn stop_background(&self, limit: Duration) -> bool {
+        self.inner.background.stop(limit)
+    }
+
+    /// Whether two handles are the same engine.
+    pub fn same(&self, other: &Engine) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    pub(crate) fn pool(&self) -> &Arc<FilePool> {
+        &self.inner.pool
+    }
+
+    pub(crate) fn background(&self) -> &Arc<Background> {
+        &self.inner.background
+    }
+
+    /// The registry of open layers (entries whose layer is gone are pruned as layers are added).
+    pub(crate) fn open_layers(&self) -> MutexGuard<'_, HashMap<LayerKey, WeakLayer>> {
+        self.inner.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Default for Engine {
+    /// An engine with [`EngineConfig::default`].
+    fn default() -> Self {
+        Engine::new(EngineConfig::default())
+    }
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("config", &self.inner.config).finish_non_exhaustive()
+    }
+}
