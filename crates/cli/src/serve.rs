@@ -566,8 +566,8 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
 }
 
 /// Warns if the open-file limit leaves no room for `connections` connections (3 files each,
-/// and some for the disks' layer files). main raised the soft limit to the hard limit
-/// when it opened the disks.
+/// and some for the disks' layer files). `main` raised the soft limit to the hard limit at
+/// start.
 fn check_open_file_limit(connections: usize) {
     let want = (connections as u64).saturating_mul(3).saturating_add(1024);
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(u64::MAX);
