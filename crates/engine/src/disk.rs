@@ -180,7 +180,7 @@ impl Disk {
         mcow_format::check_block_size(opts.block_size).map_err(Error::format(dir))?;
         mcow_format::check_virtual_size(opts.virtual_size).map_err(Error::format(dir))?;
         if dir.join(MANIFEST_FILE).exists() {
-            return Err(Error::Invalid(format!("{} already holds a disk", dir.display())));
+            return Err(Error::DiskExists { dir: dir.to_path_buf() });
         }
         fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
         fs::create_dir_all(&opts.store).map_err(Error::io("create directory", &opts.store))?;
@@ -232,9 +232,7 @@ impl Disk {
     fn open_store(dir: &Path, opts: OpenOptions, manifest: DiskManifest, store: LayerStore) -> Result<Disk> {
         let stack =
             Stack::open(&store, &manifest.layers, manifest.virtual_size, manifest.block_size, opts.verify)?;
-        let top_name = manifest.top.clone().ok_or_else(|| {
-            Error::Invalid(format!("{}: the manifest names no writable top", dir.display()))
-        })?;
+        let top_name = manifest.top.clone().ok_or_else(|| Error::NoTop { dir: dir.to_path_buf() })?;
         let top = open_top(&dir.join(&top_name), opts)?;
         if !opts.read_only {
             // The top is locked: no seal or commit is under way here; what they left is debris.
@@ -550,8 +548,7 @@ pub(crate) fn replace_stack(
     old_top: TopLayer,
     layers: Vec<Digest>,
 ) -> Result<()> {
-    let old =
-        manifest.top.clone().ok_or_else(|| Error::Invalid(format!("{}: no writable top", dir.display())))?;
+    let old = manifest.top.clone().ok_or_else(|| Error::NoTop { dir: dir.to_path_buf() })?;
     let new_top = next_top_name(&old);
     // On failure (a full disk, say) nothing of the new top may stay behind, unless the new
     // manifest made it (the rename went through and only the directory sync failed).

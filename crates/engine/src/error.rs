@@ -40,6 +40,29 @@ pub enum Error {
         path.display()
     )]
     JournalCorrupt { path: PathBuf, offset: u64, good_batches: u64, next_whole: u64 },
+    /// A sealed layer the stack needs is not in the store (not even as a partial copy).
+    #[error("layer {digest} is not in the store {}", store.display())]
+    LayerMissing { digest: Digest, store: PathBuf },
+    /// A layer is in the store only as a partial copy, and the disk was opened without a
+    /// source to fetch its missing blocks from.
+    #[error(
+        "layer {digest} is only partly in the store {} and no source to fetch the rest from was given",
+        store.display()
+    )]
+    LayerPartial { digest: Digest, store: PathBuf },
+    /// A layer file of the other kind where one kind was expected (a top for a sealed layer, or
+    /// the reverse).
+    #[error("{}: not a {expected} (it is a {found})", path.display())]
+    WrongKind { path: PathBuf, expected: &'static str, found: &'static str },
+    /// A top's journal was made for another top (its instance or block size differ).
+    #[error("{}: journal belongs to another top layer", path.display())]
+    ForeignJournal { path: PathBuf },
+    /// A disk directory already holds a disk.
+    #[error("{} already holds a disk", dir.display())]
+    DiskExists { dir: PathBuf },
+    /// A disk's manifest names no writable top.
+    #[error("{}: the manifest names no writable top", dir.display())]
+    NoTop { dir: PathBuf },
     /// Another process has the top layer open.
     #[error("{}: in use by another process (the file is locked)", path.display())]
     Locked { path: PathBuf },
@@ -72,6 +95,10 @@ impl Error {
             Error::OutOfRange { .. } | Error::Invalid(_) => io::ErrorKind::InvalidInput,
             Error::ReadOnly => io::ErrorKind::PermissionDenied,
             Error::Locked { .. } => io::ErrorKind::WouldBlock,
+            Error::LayerMissing { .. } | Error::LayerPartial { .. } | Error::NoTop { .. } => {
+                io::ErrorKind::NotFound
+            }
+            Error::DiskExists { .. } => io::ErrorKind::AlreadyExists,
             _ => io::ErrorKind::InvalidData,
         }
     }
@@ -86,6 +113,8 @@ impl Error {
                 | Error::WrongParent { .. }
                 | Error::Mismatch { .. }
                 | Error::JournalCorrupt { .. }
+                | Error::WrongKind { .. }
+                | Error::ForeignJournal { .. }
         )
     }
 }

@@ -335,7 +335,11 @@ fn read_structure(f: &File, path: &Path) -> Result<(LayerHeader, Trailer, LayerI
     read_exact_at(f, &mut hb, 0, path)?;
     let header = LayerHeader::decode(&hb).map_err(Error::format(path))?;
     if header.kind != LayerKind::Sealed {
-        return Err(Error::Invalid(format!("{}: not a sealed layer (it is a writable top)", path.display())));
+        return Err(Error::WrongKind {
+            path: path.to_path_buf(),
+            expected: "sealed layer",
+            found: "writable top",
+        });
     }
     let mut tb = [0u8; TRAILER_SIZE];
     read_exact_at(f, &mut tb, len - TRAILER_SIZE as u64, path)?;

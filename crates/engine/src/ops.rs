@@ -49,8 +49,7 @@ pub fn merge_with_source(
     if let Some((source, policy)) = source {
         store = store.with_source(source, policy);
     }
-    let top_name =
-        manifest.top.clone().ok_or_else(|| Error::Invalid(format!("{}: no writable top", dir.display())))?;
+    let top_name = manifest.top.clone().ok_or_else(|| Error::NoTop { dir: dir.to_path_buf() })?;
     let top = crate::disk::open_top(&dir.join(top_name), OpenOptions::default())?;
     let chain = chain_digest(&manifest.layers);
     if top.header.parent != chain {

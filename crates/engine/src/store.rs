@@ -101,11 +101,8 @@ impl LayerStore {
                 let layer = PartialLayer::new(layer, source.clone(), *policy, background);
                 Ok((OpenLayer::Partial(Arc::new(layer)), index))
             }
-            _ if partial.exists() => Err(Error::Invalid(format!(
-                "layer {digest} is only partly in the store {} and no source to fetch the rest from was given",
-                self.root.display()
-            ))),
-            _ => Err(Error::Invalid(format!("layer {digest} is not in the store {}", self.root.display()))),
+            _ if partial.exists() => Err(Error::LayerPartial { digest: *digest, store: self.root.clone() }),
+            _ => Err(Error::LayerMissing { digest: *digest, store: self.root.clone() }),
         }
     }
 

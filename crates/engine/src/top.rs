@@ -200,10 +200,11 @@ impl TopLayer {
         data.read_at(&mut hb, 0).map_err(Error::io("read", path))?;
         let header = LayerHeader::decode(&hb).map_err(Error::format(path))?;
         if header.kind != LayerKind::Writable {
-            return Err(Error::Invalid(format!(
-                "{}: not a writable top (it is a sealed layer)",
-                path.display()
-            )));
+            return Err(Error::WrongKind {
+                path: path.to_path_buf(),
+                expected: "writable top",
+                found: "sealed layer",
+            });
         }
         let bs = u64::from(header.block_size);
         let jlen = journal.len().map_err(Error::io("stat", &jpath))?;
@@ -212,7 +213,7 @@ impl TopLayer {
         journal.read_at(&mut jbuf, 0).map_err(Error::io("read", &jpath))?;
         let jh = JournalHeader::decode(&jbuf).map_err(Error::format(&jpath))?;
         if jh.instance != header.instance || jh.block_size != header.block_size {
-            return Err(Error::Invalid(format!("{}: journal belongs to another top layer", jpath.display())));
+            return Err(Error::ForeignJournal { path: jpath.clone() });
         }
 
         // Replay every whole batch in sequence.

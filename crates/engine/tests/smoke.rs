@@ -154,3 +154,39 @@ fn segments_tile_a_range_and_name_what_holds_each_piece() {
     assert!(d.segments(63 * bs, bs + 1).is_err(), "a range past the end is refused");
     assert_eq!(d.segments(64 * bs, 0).unwrap().count(), 0);
 }
+
+/// Callers can match the common failures by kind, not by message. Tried: creating a disk where
+/// one is, opening a disk whose layer is gone from the store, and opening a sealed layer file
+/// as a top. Must hold: `DiskExists`, `LayerMissing` (with the digest) and `WrongKind`.
+#[test]
+fn common_failures_have_typed_errors() {
+    use mcow_engine::Error;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = create(tmp.path(), 1 << 20, 4096);
+    let again = Disk::create(
+        &dir,
+        &CreateOptions {
+            virtual_size: 1 << 20,
+            block_size: 4096,
+            store: tmp.path().join("layers"),
+            layers: vec![],
+        },
+    );
+    assert!(matches!(again, Err(Error::DiskExists { .. })), "{again:?}");
+    let d = Disk::open(&dir, OpenOptions::default()).unwrap();
+    d.write(0, &[1u8; 4096]).unwrap();
+    drop(d);
+    let digest = ops::merge(&dir, 0, &mut |_, _| {}).unwrap();
+    let layer = tmp.path().join("layers/blobs/sha256").join(digest.hex());
+    let top = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "mcow"))
+        .unwrap();
+    std::fs::copy(&layer, &top).unwrap();
+    let e = Disk::open(&dir, OpenOptions::default()).err().unwrap();
+    assert!(matches!(e, Error::WrongKind { expected: "writable top", .. }), "{e}");
+    std::fs::remove_file(&layer).unwrap();
+    let e = Disk::open(&dir, OpenOptions::default()).err().unwrap();
+    assert!(matches!(e, Error::LayerMissing { digest: d, .. } if d == digest), "{e}");
+}
