@@ -1,6 +1,9 @@
 //! The engine's one error type: a kind that callers can match, with the file, block or range it
-//! concerns. Each message includes its cause, so causes are not also chained as `source`. The
-//! CLI adds its own context with `anyhow`; the NBD adapter maps kinds to errno.
+//! concerns. Wrapped errors are chained as `source` (for callers that walk the chain or match
+//! the inner kind), and each message also includes its cause, so that a log line or a `check`
+//! report printing one error alone loses nothing; the CLI's printer skips a cause its message
+//! already ends with. The CLI adds its own context with `anyhow`; the NBD adapter maps kinds to
+//! errno.
 
 use std::io;
 use std::path::PathBuf;
@@ -14,10 +17,19 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// An I/O call failed.
     #[error("{op} {}: {err}", path.display())]
-    Io { op: &'static str, path: PathBuf, err: io::Error },
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        err: io::Error,
+    },
     /// A file's bytes break the format (truncated, bad magic, bad checksum, bad version...).
     #[error("{}: {err}", path.display())]
-    Format { path: PathBuf, err: FormatError },
+    Format {
+        path: PathBuf,
+        #[source]
+        err: FormatError,
+    },
     /// A stored block does not match its hash: the layer is corrupt.
     #[error("{}: block {pblock} fails its checksum (the layer is corrupt)", path.display())]
     BlockChecksum { path: PathBuf, pblock: u64 },

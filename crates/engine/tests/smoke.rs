@@ -190,3 +190,22 @@ fn common_failures_have_typed_errors() {
     let e = Disk::open(&dir, OpenOptions::default()).err().unwrap();
     assert!(matches!(e, Error::LayerMissing { digest: d, .. } if d == digest), "{e}");
 }
+
+/// Wrapped errors keep their cause as `source` (and in the message). Tried: opening a disk
+/// whose manifest is not JSON, and one whose directory is missing. Must hold: the format error
+/// and the I/O error are the `source` of the engine's error, and the message names them too.
+#[test]
+fn wrapped_errors_chain_their_cause() {
+    use std::error::Error as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let e = Disk::open(&tmp.path().join("none"), OpenOptions::default()).err().unwrap();
+    let io = e.source().and_then(|s| s.downcast_ref::<std::io::Error>()).expect("an io::Error source");
+    assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
+    assert!(e.to_string().contains(&io.to_string()), "{e}");
+    let dir = create(tmp.path(), 1 << 20, 4096);
+    std::fs::write(dir.join("disk.json"), b"not json").unwrap();
+    let e = Disk::open(&dir, OpenOptions::default()).err().unwrap();
+    let f =
+        e.source().and_then(|s| s.downcast_ref::<mcow_format::FormatError>()).expect("a FormatError source");
+    assert!(e.to_string().contains(&f.to_string()), "{e}");
+}
