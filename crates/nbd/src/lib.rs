@@ -1,6 +1,6 @@
 //! `mcow-nbd`: an NBD (Network Block Device) server library.
 //!
-//! Two rooms, one per concern:
+//! Two modules, one per concern:
 //! - [`proto`] is the wire codec: constants, option and request decoding, reply
 //!   encoding, over byte slices, with no I/O.
 //! - [`server`] is the transport: TCP and Unix listeners, admission limits, a thread per
