@@ -50,6 +50,13 @@ pub fn stream_range_body(
     len: u64,
     sink: &mut Sink<'_>,
 ) -> Result<()> {
+    let past_end = |size: u64| RemoteError::OutOfRange {
+        location: format!("{method} {url}"),
+        object: "object",
+        offset,
+        end: offset + len,
+        size,
+    };
     let mut skip = 0;
     if resp.status() == StatusCode::PARTIAL_CONTENT {
         let cr = header(&resp, "content-range").unwrap_or_default();
@@ -66,26 +73,14 @@ pub fn stream_range_body(
         if let Some(total) = cr.rsplit_once('/').and_then(|(_, t)| t.trim().parse::<u64>().ok())
             && offset + len > total
         {
-            return Err(RemoteError::OutOfRange {
-                location: format!("{method} {url}"),
-                object: "object",
-                offset,
-                end: offset + len,
-                size: total,
-            });
+            return Err(past_end(total));
         }
     } else {
         // 200: the whole object. Skip to the range and read only what is needed.
         if let Some(total) = content_length(&resp)
             && offset + len > total
         {
-            return Err(RemoteError::OutOfRange {
-                location: format!("{method} {url}"),
-                object: "object",
-                offset,
-                end: offset + len,
-                size: total,
-            });
+            return Err(past_end(total));
         }
         tracing::warn!(url, offset, len, "server ignored the Range header; reading the whole body");
         skip = offset;
