@@ -54,6 +54,12 @@ pub struct Global {
 struct Cli {
     #[command(flatten)]
     global: Global,
+    /// Reach the registry HOST[:PORT] of `oci://` references over plain HTTP, not HTTPS (by
+    /// default only loopback hosts are): for a registry inside a private network that serves no
+    /// TLS, as container runtimes' "insecure registries". Repeatable; without a port, every port
+    /// of HOST. MCOW_INSECURE_REGISTRIES adds a comma-separated list of the same.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]", global = true)]
+    insecure_registry: Vec<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -117,6 +123,19 @@ fn raise_open_file_limit() {
     }
 }
 
+/// The registries to reach over plain HTTP: `--insecure-registry` and MCOW_INSECURE_REGISTRIES.
+fn insecure_registries(flags: &[String]) -> anyhow::Result<mcow_remote::InsecureRegistries> {
+    use anyhow::Context;
+    let mut insecure = mcow_remote::InsecureRegistries::default();
+    if let Ok(list) = std::env::var("MCOW_INSECURE_REGISTRIES") {
+        insecure.add_list(&list).context("MCOW_INSECURE_REGISTRIES")?;
+    }
+    for f in flags {
+        insecure.add(f).context("--insecure-registry")?;
+    }
+    Ok(insecure)
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -129,6 +148,13 @@ fn main() -> ExitCode {
     };
     init_logging();
     raise_open_file_limit();
+    match insecure_registries(&cli.insecure_registry) {
+        Ok(insecure) => paths::set_insecure_registries(insecure),
+        Err(e) => {
+            eprintln!("mcow: {}", error_chain(&e));
+            return ExitCode::from(1);
+        }
+    }
     let g = cli.global;
     let result = match cli.command {
         Command::Create(a) => create::run(a, g),

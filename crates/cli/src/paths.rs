@@ -1,12 +1,14 @@
-//! Paths and opening disks, with the context every error message at this edge carries.
+//! Paths, references and opening disks, with the context every error message at this edge
+//! carries. Owns the process's list of insecure registries (set once by `main`).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context, Result};
 use mcow_engine::{Disk, Engine, FetchPolicy, OpenOptions};
 use mcow_remote::transfer::{FetchStats, Sources};
 use mcow_remote::transfer::{LazyOrigin, ORIGIN_FILE};
+use mcow_remote::{InsecureRegistries, Reference};
 
 /// `path` made absolute and cleaned of `.` and `..` components (without touching the
 /// filesystem, so it works for paths that do not exist yet).
@@ -23,6 +25,29 @@ pub fn parent_dir(path: &Path) -> Result<PathBuf> {
 /// The default layer store of a new disk: `layers` beside the disk directory.
 pub fn default_store(disk: &Path) -> Result<PathBuf> {
     Ok(parent_dir(disk)?.join("layers"))
+}
+
+/// The registries `oci://` reaches over plain HTTP: set once by `main` from
+/// `--insecure-registry` and `MCOW_INSECURE_REGISTRIES` before any verb runs, read-only after.
+static INSECURE: OnceLock<InsecureRegistries> = OnceLock::new();
+
+/// Sets the insecure registries (the first call wins; `main` makes the only one).
+pub fn set_insecure_registries(insecure: InsecureRegistries) {
+    let _ = INSECURE.set(insecure);
+}
+
+fn insecure_registries() -> &'static InsecureRegistries {
+    INSECURE.get_or_init(InsecureRegistries::default)
+}
+
+/// Parses a reference the way every verb does (with the insecure registries).
+pub fn parse_reference(text: &str) -> Result<Reference> {
+    Reference::parse_with(text, insecure_registries()).map_err(anyhow::Error::new)
+}
+
+/// A new set of remote sources that parses origins the way every verb does.
+pub fn new_sources() -> Sources {
+    Sources::with_insecure(insecure_registries().clone())
 }
 
 /// How a disk pulled lazily (one with a `remote.json`) gets the blocks it does not hold yet.
@@ -47,7 +72,7 @@ pub fn open_read_only(dir: &Path, force_share: bool) -> Result<Disk> {
 /// blocks are fetched from its origin (with the default [`FetchPolicy`], through a source of
 /// its own: the verbs that use this open one disk).
 pub fn open(dir: &Path, opts: OpenOptions) -> Result<Disk> {
-    let sources = Sources::new();
+    let sources = new_sources();
     Ok(open_lazy(&Engine::default(), dir, opts, Fetch::Remote(FetchPolicy::default(), &sources))?.0)
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use mcow_engine::{Disk, Engine, FetchPolicy, OpenOptions, RunKind, TOP};
-use mcow_remote::{Reference, Sources};
+use mcow_remote::Reference;
 
 use crate::paths::{Fetch, open_lazy};
 use mcow_nbd::proto::{NBD_STATE_HOLE, NBD_STATE_ZERO};
@@ -402,7 +402,7 @@ fn prepare_image(reference: &Reference, cache: &Path) -> Result<(PathBuf, u64)> 
     let pinned = if reference.digest.is_some() {
         reference.clone()
     } else {
-        Reference::parse(&format!("{reference}@{digest}")).context("pinning the reference")?
+        crate::paths::parse_reference(&format!("{reference}@{digest}")).context("pinning the reference")?
     };
     let report = mcow_remote::transfer::pull_image(
         remote.as_ref(),
@@ -441,7 +441,7 @@ fn resolve_target(spec: &str, cache: &Path) -> Result<Target> {
         }
     };
     if Reference::looks_like(what) {
-        let reference = Reference::parse(what).map_err(anyhow::Error::new)?;
+        let reference = crate::paths::parse_reference(what)?;
         let (dir, pulled_bytes) = prepare_image(&reference, cache)?;
         return Ok(Target { name: name.unwrap_or_else(|| image_name(&reference)), dir, pulled_bytes });
     }
@@ -468,7 +468,7 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
     // One engine and one source per origin for every export: disks on the same layers share
     // them (a block is fetched once), and their read-ahead threads are stopped together at exit.
     let engine = Engine::default();
-    let sources = Sources::new();
+    let sources = crate::paths::new_sources();
     for spec in &args.disks {
         let t = resolve_target(spec, &args.cache)?;
         let opts = OpenOptions { read_only: args.read_only, verify: true, force_share: args.force_share };

@@ -50,6 +50,20 @@ fn usage_errors_exit_1() {
     assert!(r.stderr.contains("opening disk nosuchdisk"), "{}", r.stderr);
 }
 
+/// A malformed `--insecure-registry` (a URL, a path) is refused before the verb runs: exit 1,
+/// the flag named in the message, and the verb's output (a new disk) never made.
+#[test]
+fn a_malformed_insecure_registry_is_refused_before_anything_happens() {
+    let t = tempfile::tempdir().unwrap();
+    for bad in ["http://10.0.0.1:5000", "10.0.0.1:5000/repo", ""] {
+        let r = mcow_in(t.path(), &["--insecure-registry", bad, "create", "d", "-s", "1M"]);
+        assert_eq!(r.code, 1, "{bad:?}: {}", r.stderr);
+        assert!(r.stderr.contains("--insecure-registry") && r.stderr.contains("HOST[:PORT]"), "{}", r.stderr);
+        assert!(!t.path().join("d").exists(), "{bad:?}: the disk was created anyway");
+    }
+    mcow_ok(t.path(), &["--insecure-registry", "10.0.0.1:5000", "create", "d", "-s", "1M"]);
+}
+
 #[test]
 fn create_read_write() {
     let t = tempfile::tempdir().unwrap();

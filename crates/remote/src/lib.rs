@@ -42,7 +42,7 @@ pub mod transfer;
 
 pub use error::{RemoteError, Result};
 pub use range::RangeRead;
-pub use reference::Reference;
+pub use reference::{InsecureRegistries, Reference};
 pub use remote::Remote;
 pub use transfer::{LazyOrigin, RemoteSource, Sources, pull, push};
 

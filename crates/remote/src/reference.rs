@@ -4,7 +4,7 @@
 //! - `http://HOST[:PORT]/PATH[:TAG]` (or `https://`) — the same layout served read-only by any
 //!   web server that answers range requests;
 //! - `oci://HOST[:PORT]/REPOSITORY[:TAG]` — an OCI distribution registry (plain HTTP for
-//!   loopback hosts, HTTPS otherwise);
+//!   loopback hosts and for hosts the caller lists in [`InsecureRegistries`], HTTPS otherwise);
 //! - `s3://BUCKET[/PREFIX][:TAG]` — the layout in S3-compatible object storage (endpoint from
 //!   `MCOW_S3_ENDPOINT`, credentials from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`).
 //!
@@ -49,15 +49,73 @@ impl fmt::Display for Reference {
     }
 }
 
+/// `host` without a trailing `:PORT`.
+fn host_name(host: &str) -> &str {
+    host.rsplit_once(':')
+        .map_or(host, |(h, p)| if !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()) { h } else { host })
+}
+
 fn is_loopback(host: &str) -> bool {
-    let h = host
-        .rsplit_once(':')
-        .map_or(host, |(h, p)| if p.chars().all(|c| c.is_ascii_digit()) { h } else { host });
+    let h = host_name(host);
     h == "localhost" || h.starts_with("127.") || h == "[::1]"
 }
 
+/// Registries that `oci://` reaches over plain HTTP although they are not on loopback, as
+/// container runtimes' "insecure registries": an explicit choice of the user (the CLI's
+/// `--insecure-registry HOST[:PORT]` and `MCOW_INSECURE_REGISTRIES`), for registries inside a
+/// private network that serve no TLS. An entry with a port matches that port only; an entry
+/// without one matches the host on any port. Names compare without case.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InsecureRegistries {
+    hosts: Vec<String>,
+}
+
+impl InsecureRegistries {
+    /// Adds one `HOST[:PORT]` entry (no scheme, no path).
+    pub fn add(&mut self, entry: &str) -> Result<()> {
+        let entry = entry.trim();
+        let bad = |reason: &str| RemoteError::Reference {
+            reference: entry.to_string(),
+            reason: format!("an insecure registry is HOST[:PORT]: {reason}"),
+        };
+        if entry.is_empty() {
+            return Err(bad("empty"));
+        }
+        if entry.contains("://") || entry.contains('/') || entry.contains('@') {
+            return Err(bad("no scheme, path or digest"));
+        }
+        if entry.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(bad("no spaces"));
+        }
+        self.hosts.push(entry.to_ascii_lowercase());
+        Ok(())
+    }
+
+    /// Adds the entries of a comma-separated list (empty items are skipped).
+    pub fn add_list(&mut self, list: &str) -> Result<()> {
+        list.split(',').filter(|e| !e.trim().is_empty()).try_for_each(|e| self.add(e))
+    }
+
+    /// True if `host` (`HOST[:PORT]` as written in an `oci://` reference) is listed.
+    pub fn allows(&self, host: &str) -> bool {
+        let host = host.to_ascii_lowercase();
+        let name = host_name(&host);
+        self.hosts.iter().any(|e| *e == host || (host_name(e) == e.as_str() && e == name))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty()
+    }
+}
+
 impl Reference {
+    /// Parses `text`; `oci://` uses plain HTTP for loopback hosts only.
     pub fn parse(text: &str) -> Result<Reference> {
+        Reference::parse_with(text, &InsecureRegistries::default())
+    }
+
+    /// Parses `text`; `oci://` uses plain HTTP for loopback hosts and for those `insecure` lists.
+    pub fn parse_with(text: &str, insecure: &InsecureRegistries) -> Result<Reference> {
         let err =
             |reason: &str| RemoteError::Reference { reference: text.to_string(), reason: reason.to_string() };
         let (rest, digest) = match text.rsplit_once('@') {
@@ -93,7 +151,7 @@ impl Reference {
                 if repo.is_empty() || host.is_empty() {
                     return Err(err("expected oci://HOST/REPOSITORY"));
                 }
-                let scheme = if is_loopback(host) { "http" } else { "https" };
+                let scheme = if is_loopback(host) || insecure.allows(host) { "http" } else { "https" };
                 Location::Registry {
                     base: format!("{scheme}://{host}"),
                     repository: repo.trim_end_matches('/').to_string(),
@@ -151,6 +209,30 @@ mod tests {
         let d = Digest::of(b"m");
         let r = Reference::parse(&format!("file://x:t@{d}")).unwrap();
         assert_eq!(r.digest, Some(d));
+    }
+
+    #[test]
+    fn insecure_registries_get_plain_http() {
+        let base = |r: Reference| match r.location {
+            Location::Registry { base, .. } => base,
+            other => panic!("{other:?}"),
+        };
+        let mut insecure = InsecureRegistries::default();
+        insecure.add_list("10.0.0.1:5000, Registry.LAN").unwrap();
+        let parse = |t: &str| base(Reference::parse_with(t, &insecure).unwrap());
+        assert_eq!(parse("oci://10.0.0.1:5000/a/b:v1"), "http://10.0.0.1:5000");
+        // The entry names a port: another port of that host keeps TLS.
+        assert_eq!(parse("oci://10.0.0.1:5001/a/b"), "https://10.0.0.1:5001");
+        assert_eq!(parse("oci://10.0.0.1/a/b"), "https://10.0.0.1");
+        // An entry without a port matches every port; names compare without case.
+        assert_eq!(parse("oci://registry.lan:443/a"), "http://registry.lan:443");
+        assert_eq!(parse("oci://REGISTRY.lan/a"), "http://REGISTRY.lan");
+        assert_eq!(parse("oci://other.lan/a"), "https://other.lan");
+        // Without the list, nothing changes.
+        assert_eq!(base(Reference::parse("oci://10.0.0.1:5000/a/b").unwrap()), "https://10.0.0.1:5000");
+        for bad in ["http://10.0.0.1:5000", "10.0.0.1/x", "", " ", "a b"] {
+            assert!(InsecureRegistries::default().add(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

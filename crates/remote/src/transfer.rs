@@ -19,7 +19,7 @@ use crate::image::{
     Manifest, TRACE_MEDIA_TYPE, Trace,
 };
 use crate::open_remote;
-use crate::reference::Reference;
+use crate::reference::{InsecureRegistries, Reference};
 use crate::remote::Remote;
 
 /// What a push did.
@@ -451,11 +451,18 @@ impl BlockSource for RemoteSource {
 #[derive(Default)]
 pub struct Sources {
     by_origin: Mutex<HashMap<String, Arc<RemoteSource>>>,
+    /// How origins' `oci://` references are parsed (which registries speak plain HTTP).
+    insecure: InsecureRegistries,
 }
 
 impl Sources {
     pub fn new() -> Sources {
         Sources::default()
+    }
+
+    /// Sources whose `oci://` origins on the hosts `insecure` lists are reached over plain HTTP.
+    pub fn with_insecure(insecure: InsecureRegistries) -> Sources {
+        Sources { insecure, ..Sources::default() }
     }
 
     /// The source of origin `reference`, opened on first use.
@@ -464,7 +471,8 @@ impl Sources {
         if let Some(s) = sources.get(reference) {
             return Ok(s.clone());
         }
-        let source = Arc::new(RemoteSource::new(open_remote(&Reference::parse(reference)?)?));
+        let source =
+            Arc::new(RemoteSource::new(open_remote(&Reference::parse_with(reference, &self.insecure)?)?));
         sources.insert(reference.to_string(), source.clone());
         Ok(source)
     }

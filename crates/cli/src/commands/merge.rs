@@ -51,7 +51,7 @@ fn merge(dir: &Path, n: usize, g: Global, label: &str, what: &str) -> Result<Exi
     // A lazily pulled disk fetches the missing blocks of the layers it merges from its origin.
     let source = match crate::paths::read_origin(dir)? {
         Some(origin) if n > 0 => {
-            let reference = mcow_remote::Reference::parse(&origin.reference)
+            let reference = crate::paths::parse_reference(&origin.reference)
                 .with_context(|| format!("the origin of disk {}", dir.display()))?;
             let remote = mcow_remote::open_remote(&reference)
                 .with_context(|| format!("opening the origin {reference} of disk {}", dir.display()))?;

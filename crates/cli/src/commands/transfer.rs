@@ -32,7 +32,7 @@ pub fn warn_missing_trace(reference: &Reference, trace: &mcow_engine::Digest) {
 }
 
 fn parse_reference(text: &str) -> Result<Reference> {
-    Reference::parse(text).map_err(anyhow::Error::new)
+    crate::paths::parse_reference(text)
 }
 
 /// Push a disk's sealed layers to remote storage as an image.
