@@ -245,35 +245,40 @@ pub fn pull_image(
     lazy: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<PullReport> {
-    // The trace first: a bad one fails the pull before any layer is fetched.
-    let trace = match image.trace() {
-        Some(t) => fetch_trace(remote, t)?,
-        None => None,
+    let get_trace = || match image.trace() {
+        Some(t) => fetch_trace(remote, t),
+        None => Ok(None),
     };
-    let missing_trace = image.trace().filter(|_| trace.is_none()).map(|t| t.digest);
     let store = LayerStore::new(store_dir);
     let total: u64 = image.config.layers.iter().map(|r| r.size).sum();
     let (mut done, mut fetched, mut local) = (0u64, 0u64, 0usize);
     let missing = |r: &&LayerRecord| !store.contains(&r.digest) && !store.partial_path(&r.digest).exists();
-    if lazy {
-        // Every layer's header and index at once: a lazy start costs one round of requests.
+    let panicked = || RemoteError::Invalid("a fetch thread panicked".into());
+    let trace = if lazy {
+        // Every layer's header and index, and the trace, at once: a lazy start costs one round
+        // of requests. A bad trace still fails the pull before the disk is made (the partial
+        // layers fetched beside it stay in the store, checked, as cache).
         let todo: Vec<&LayerRecord> = image.config.layers.iter().filter(missing).collect();
         local = image.config.layers.len() - todo.len();
-        let results: Vec<Result<u64>> = std::thread::scope(|scope| {
+        let (trace, results) = std::thread::scope(|scope| {
+            let trace = scope.spawn(get_trace);
             let handles: Vec<_> =
                 todo.iter().map(|r| scope.spawn(|| add_partial_layer(remote, &store, r))).collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| Err(RemoteError::Invalid("a fetch thread panicked".into())))
-                })
-                .collect()
+            let results: Vec<Result<u64>> =
+                handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(panicked()))).collect();
+            (trace.join().unwrap_or_else(|_| Err(panicked())), results)
         });
+        let trace = trace?;
         for r in results {
             fetched += r?;
         }
         progress(total, total);
-    }
+        trace
+    } else {
+        // The trace first: a bad one fails the pull before any layer is downloaded.
+        get_trace()?
+    };
+    let missing_trace = image.trace().filter(|_| trace.is_none()).map(|t| t.digest);
     for r in image.config.layers.iter().filter(|_| !lazy) {
         if store.contains(&r.digest) {
             local += 1;
