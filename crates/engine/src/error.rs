@@ -33,6 +33,17 @@ pub enum Error {
     /// A stored block does not match its hash: the layer is corrupt.
     #[error("{}: block {pblock} fails its checksum (the layer is corrupt)", path.display())]
     BlockChecksum { path: PathBuf, pblock: u64 },
+    /// A partial layer's index chunk list (beside its file) is missing, unreadable or does not
+    /// fit the layer.
+    #[error(
+        "{}: the index chunk list of this partial layer is unusable: {why} (remove the partial copy and pull again)",
+        path.display()
+    )]
+    ChunkList { path: PathBuf, why: String },
+    /// A chunk of a partial layer's block hash table could not be fetched, or did not match its
+    /// digest: the blocks whose hashes it holds cannot be checked, so they are not read.
+    #[error("{}: hash table chunk {chunk} is not available: {why}", path.display())]
+    HashChunk { path: PathBuf, chunk: usize, why: String },
     /// A layer's content does not hash to the digest it is named by.
     #[error("{}: content hashes to {actual}, but the layer is named {expected}", path.display())]
     LayerDigest { path: PathBuf, expected: Digest, actual: Digest },
@@ -121,6 +132,7 @@ impl Error {
             self,
             Error::Format { .. }
                 | Error::BlockChecksum { .. }
+                | Error::ChunkList { .. }
                 | Error::LayerDigest { .. }
                 | Error::WrongParent { .. }
                 | Error::Mismatch { .. }

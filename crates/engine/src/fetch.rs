@@ -2,8 +2,9 @@
 //!
 //! Owns: [`PartialLayer`] (a sealed layer's structure plus its fetch state), the `BlockSource` a partial layer fetches from (and `Offline`, which fetches nothing),
 //! each partial layer's fetch state (ranges in flight, readers waiting for them, failures), the
-//! checking and caching of fetched blocks as they arrive, and which ranges it locks so that
-//! processes can share a cache. Does not own: how much one fetch asks for (the read-ahead
+//! checking and caching of fetched blocks as they arrive, loading the hash table chunks of a
+//! layer pulled with index chunks before its blocks are checked (see `chunks`), and which
+//! ranges it locks so that processes can share a cache. Does not own: how much one fetch asks for (the read-ahead
 //! policy, see `readahead`; `FetchPolicy` is re-exported here), the locks themselves (see
 //! `lock`), the layer file and reading complete layers (see `layer`), where partial files live
 //! and when they become complete (see `store`), or where bytes come from (`BlockSource`
@@ -586,6 +587,16 @@ impl PartialLayer {
         let bs = self.block_size();
         let at = |p: u64| HEADER_SIZE as u64 + p * bs;
         let fetch = &self.fetch;
+        // The hashes of this block and of the rest of the read (or of its first window): this
+        // block's must be there, the others are best effort. A fetch stops at the first block
+        // whose hash is not known (see `missing_run`), so read-ahead past the chunks loaded
+        // waits for the next read, or for the background load of the rest of the hash table
+        // that follows the open (`load_hashes_in_background`).
+        let reach = match want {
+            Want::Exact(end) => end,
+            Want::Read(end) => end.max(pblock + fetch.windows.first),
+        };
+        self.load_hashes(pblock, reach.max(pblock + 1))?;
         let mut state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut started: Option<u64> = None; // a fetch this reader started on another thread
         loop {
@@ -645,6 +656,7 @@ impl PartialLayer {
                 let hole_from = self.hole_start(f, pblock).max(from);
                 while first > hole_from
                     && self.is_visible(first - 1)
+                    && self.hash_known(first - 1)
                     && !self.is_verified(first - 1)
                     && !state.is_in_flight(first - 1)
                 {
@@ -761,7 +773,8 @@ impl PartialLayer {
     }
 
     /// How many blocks from `pblock` on (which is missing) are missing from the local file, up
-    /// to `want`: the run ends at a block that is verified or that holds its right bytes, and,
+    /// to `want`: the run ends at a block that is verified or that holds its right bytes, at a
+    /// block whose hash is not loaded (it could not be checked), and,
     /// with `visible_only`, at a block no open disk shows (no read will ask for it). Holes
     /// of the sparse file are found with one `SEEK_DATA` per hole, not per block.
     fn missing_run(&self, f: &File, pblock: u64, want: u64, visible_only: bool) -> Result<u64> {
@@ -771,7 +784,7 @@ impl PartialLayer {
         let mut probe = Vec::new();
         let mut p = pblock + 1;
         while p < end {
-            if self.is_verified(p) || (visible_only && !self.is_visible(p)) {
+            if self.is_verified(p) || !self.hash_known(p) || (visible_only && !self.is_visible(p)) {
                 break;
             }
             if p >= hole_end {
@@ -889,13 +902,28 @@ impl PartialLayer {
         let bs = self.block_size();
         let at = |p: u64| HEADER_SIZE as u64 + p * bs;
         let mut probe = vec![0u8; bs as usize];
+        // The hashes of the runs' blocks first, all missing chunks in one request; a block whose
+        // hash could not be had is left for its read to try again.
+        if let Some(t) = self.hashes.chunked() {
+            let mut want: Vec<usize> = runs
+                .iter()
+                .filter(|&&(p, n)| n > 0 && p < self.trailer.block_count)
+                .flat_map(|&(p, n)| t.chunk_of(p)..=t.chunk_of((p + n).min(self.trailer.block_count) - 1))
+                .filter(|&c| !t.is_loaded(c))
+                .collect();
+            want.sort_unstable();
+            want.dedup();
+            for (c, why) in self.load_chunks(t, &want, false) {
+                tracing::warn!(layer = %self.digest, chunk = c, error = %why, "prefetch: hash chunk not loaded");
+            }
+        }
         // The missing sub-runs (a block already local, from before a restart, is kept).
         let mut missing: Vec<(u64, u64)> = Vec::new();
         for &(p, n) in runs {
             let end = (p + n).min(self.trailer.block_count);
             let mut q = p;
             while q < end {
-                if self.is_verified(q) {
+                if self.is_verified(q) || !self.hash_known(q) {
                     q += 1;
                     continue;
                 }
@@ -979,6 +1007,13 @@ impl PartialLayer {
     pub fn fetch_all(self: &Arc<Self>, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
         let f = self.file.get(&self.path)?;
         let mut block = vec![0u8; self.block_size() as usize];
+        // The hash chunks still missing, in one request (a chunk that fails fails the blocks
+        // under it below, when their hashes are loaded again).
+        if let Some(t) = self.hashes.chunked() {
+            for (c, why) in self.load_chunks(t, &t.missing(), false) {
+                tracing::warn!(layer = %self.digest, chunk = c, error = %why, "hash chunk not loaded");
+            }
+        }
         // Hidden blocks too, so exact ranges rather than reads; as large as read-ahead allows.
         let chunk = self.fetch.windows.max.max(self.fetch.windows.first);
         for pb in 0..self.trailer.block_count {
@@ -991,6 +1026,145 @@ impl PartialLayer {
             }
         }
         Ok(())
+    }
+
+    /// Makes the hashes of stored blocks `[first, end)` known where it can, fetching the hash
+    /// table chunks that hold them and are not loaded (one request for all; see
+    /// [`PartialLayer::load_chunks`]). Returns the end of the run of blocks from `first` whose
+    /// hashes are known; fails if `first`'s is not (its chunk could not be fetched or did not
+    /// match its digest). Nothing to do for a layer with its whole hash table.
+    pub(crate) fn load_hashes(&self, first: u64, end: u64) -> Result<u64> {
+        let Some(t) = self.hashes.chunked() else { return Ok(end) };
+        let end = end.min(self.trailer.block_count);
+        if first >= end {
+            return Ok(end);
+        }
+        let (c0, c1) = (t.chunk_of(first), t.chunk_of(end - 1));
+        let want: Vec<usize> = (c0..=c1).filter(|&c| !t.is_loaded(c)).collect();
+        let failed = if want.is_empty() { Vec::new() } else { self.load_chunks(t, &want, false) };
+        let Some(c) = (c0..=c1).find(|&c| !t.is_loaded(c)) else { return Ok(end) };
+        if c == c0 {
+            let why = failed
+                .into_iter()
+                .find(|f| f.0 == c0)
+                .map_or_else(|| "it was not loaded".to_string(), |(_, why)| why);
+            tracing::error!(layer = %self.digest, chunk = c0, error = %why, "hash table chunk not available");
+            return Err(Error::HashChunk { path: self.path.clone(), chunk: c0, why });
+        }
+        // Chunk c holds the hash of the first block after those of chunk c - 1.
+        Ok((first + 1..end).find(|&p| t.chunk_of(p) >= c).unwrap_or(end))
+    }
+
+    /// Loads the hash table chunks `chunks` (ascending, none loaded yet, as far as the caller
+    /// saw): each from the local file if its bytes there match its digest (another process, or
+    /// this one before a restart, fetched it), else fetched from the source, all of those in one
+    /// request. A fetched chunk is checked against its digest, written into the local file, and
+    /// only then usable; one that does not match is neither. Readers of one chunk wait for one
+    /// load (the chunk's lock, taken in ascending order, each released as soon as its chunk is
+    /// in). With `background`, chunks a reader is loading are left to it, and no lock is held:
+    /// a reader that needs a chunk the background request has not delivered yet fetches it
+    /// itself rather than wait for the request to get there (the first copy to land is kept;
+    /// both are the same checked bytes). Returns the chunks that failed, and why.
+    pub(crate) fn load_chunks(
+        &self,
+        t: &crate::chunks::ChunkedHashes,
+        chunks: &[usize],
+        background: bool,
+    ) -> Vec<(usize, String)> {
+        let mut failed = Vec::new();
+        let mut held = Vec::with_capacity(chunks.len());
+        for &c in chunks {
+            let guard = if background {
+                // Not held: a reader must never wait for the background request to reach its
+                // chunk (it fetches the chunk itself; the first copy to land is kept).
+                match t.loading[c].try_lock() {
+                    Ok(_) | Err(std::sync::TryLockError::Poisoned(_)) => None,
+                    Err(std::sync::TryLockError::WouldBlock) => continue, // a reader has it
+                }
+            } else {
+                Some(t.loading[c].lock().unwrap_or_else(|p| p.into_inner()))
+            };
+            if !t.is_loaded(c) {
+                held.push((c, guard));
+            }
+        }
+        if held.is_empty() {
+            return failed;
+        }
+        // Present locally already?
+        if let Ok(f) = self.file.get(&self.path) {
+            let mut bytes = Vec::new();
+            held.retain(|&(c, _)| {
+                let (at, len) = t.file_range(c);
+                bytes.resize(len as usize, 0);
+                !(read_exact_at(&f, &mut bytes, at, &self.path).is_ok() && t.install(c, &bytes))
+            });
+        }
+        if held.is_empty() {
+            return failed;
+        }
+        let writer = match self.writer(&self.fetch) {
+            Ok(w) => w,
+            Err(e) => return held.iter().map(|&(c, _)| (c, e.to_string())).collect(),
+        };
+        let ranges: Vec<(u64, u64)> = held.iter().map(|&(c, _)| t.file_range(c)).collect();
+        let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); held.len()];
+        let (chunk_ids, mut guards): (Vec<usize>, Vec<_>) = held.into_iter().unzip();
+        let mut done = vec![false; chunk_ids.len()];
+        let result = self.fetch.source.read_ranges(&self.digest, &ranges, &mut |i, piece: &[u8]| {
+            let want = ranges[i].1 as usize;
+            if done[i] || bufs[i].len() + piece.len() > want {
+                return true; // bytes past the range: the range fails below
+            }
+            bufs[i].extend_from_slice(piece);
+            if bufs[i].len() == want {
+                done[i] = true;
+                let c = chunk_ids[i];
+                use std::os::unix::fs::FileExt;
+                if t.is_loaded(c) {
+                    // A reader fetched it meanwhile (background only): nothing to do.
+                } else if !t.matches(c, &bufs[i]) {
+                    tracing::error!(layer = %self.digest, chunk = c, "fetched hash table chunk fails its digest: not cached");
+                    failed.push((c, "the fetched chunk does not match its digest".to_string()));
+                } else if let Err(e) = writer.write_all_at(&bufs[i], ranges[i].0) {
+                    failed.push((c, format!("writing it: {e}")));
+                } else {
+                    t.install(c, &bufs[i]);
+                }
+                bufs[i] = Vec::new();
+                guards[i] = None; // its readers go on
+            }
+            true
+        });
+        let why = match result {
+            Err(e) => e.to_string(),
+            Ok(()) => "the source ended before the chunk".to_string(),
+        };
+        for (i, &c) in chunk_ids.iter().enumerate() {
+            if !done[i] {
+                failed.push((c, why.clone()));
+            }
+        }
+        failed
+    }
+
+    /// Loads the hash table chunks not loaded yet on one of the engine's background threads, in
+    /// one request (see [`PartialLayer::load_chunks`]), so that only the first reads of a lazily
+    /// pulled layer wait for a chunk. Nothing when the layer has them all or has no background
+    /// threads. A failure is only logged: a read that needs the chunk loads it again.
+    pub(crate) fn load_hashes_in_background(self: &Arc<Self>) {
+        let Some(t) = self.hashes.chunked() else { return };
+        if t.all_loaded() {
+            return;
+        }
+        let Some(background) = self.fetch.background.as_ref().filter(|b| !b.is_stopping()) else { return };
+        let layer = self.clone();
+        background.spawn(move || {
+            let Some(t) = layer.hashes.chunked() else { return };
+            for (c, why) in layer.load_chunks(t, &t.missing(), true) {
+                tracing::debug!(layer = %layer.digest, chunk = c, error = %why, "background: hash chunk not loaded");
+            }
+        });
     }
 
     /// Records that an open disk shows stored blocks `[pblock, pblock + count)`.

@@ -18,6 +18,7 @@ use mcow_format::{
 };
 
 use crate::bitmap::AtomicBitmap;
+use crate::chunks::{ChunkedHashes, HashTable, IndexChunks};
 use crate::error::{Error, Result};
 use crate::pool::FileSlot;
 
@@ -28,7 +29,9 @@ pub struct SealedLayer {
     pub path: PathBuf,
     pub header: LayerHeader,
     pub trailer: Trailer,
-    pub(crate) hashes: Vec<BlockHash>,
+    /// The block hashes: whole, or per chunk as they are loaded (a partial layer pulled with
+    /// index chunks, see `chunks`).
+    pub(crate) hashes: HashTable,
     /// Blocks checked against their hashes (for a partial layer: also written locally first).
     pub(crate) verified: AtomicBitmap,
     pub(crate) verify: bool,
@@ -41,15 +44,19 @@ pub type LayerIndex = Vec<IndexEntry>;
 
 impl SealedLayer {
     /// Opens and checks a sealed layer: header, trailer, file length, index digest and index
-    /// rules. Costs a few reads and time proportional to the layer's extents and blocks.
+    /// rules. Costs a few reads and time proportional to the layer's extents and blocks. With
+    /// `chunks` (a partial layer pulled with index chunks), the index region is checked chunk by
+    /// chunk instead: the extent index's chunks must match, the hash table's chunks that match
+    /// are loaded, the others wait to be fetched.
     pub(crate) fn open(
         path: &Path,
         digest: Digest,
         file: FileSlot,
         verify: bool,
+        chunks: Option<IndexChunks>,
     ) -> Result<(SealedLayer, LayerIndex)> {
         let f = file.get(path)?;
-        let (header, trailer, index, hashes) = read_structure(&f, path)?;
+        let (header, trailer, index, hashes) = read_structure(&f, path, chunks)?;
         let blocks = trailer.block_count;
         let layer = SealedLayer {
             digest,
@@ -122,8 +129,16 @@ impl SealedLayer {
 
     /// Whether `block` (a whole stored block) matches the hash recorded for block `pblock`,
     /// without recording anything.
+    /// A block whose hash is not loaded yet (a partial layer's hash chunk not fetched) matches
+    /// nothing.
     pub fn block_matches(&self, pblock: u64, block: &[u8]) -> bool {
-        self.header.block_hash.of(block) == self.hashes[pblock as usize]
+        self.hashes.get(pblock).is_some_and(|h| self.header.block_hash.of(block) == *h)
+    }
+
+    /// Whether the hash of stored block `pblock` is known (always, but in a partial layer whose
+    /// hash chunk holding it is not loaded yet).
+    pub fn hash_known(&self, pblock: u64) -> bool {
+        self.hashes.get(pblock).is_some()
     }
 
     /// Size of the layer file in bytes.
@@ -134,7 +149,8 @@ impl SealedLayer {
     /// Re-reads this layer's extent index (for operations that merge layers).
     pub fn read_index(&self) -> Result<LayerIndex> {
         let f = self.file.get(&self.path)?;
-        Ok(read_structure(&f, &self.path)?.2)
+        let chunks = self.hashes.chunked().map(|c| c.list.clone());
+        Ok(read_structure(&f, &self.path, chunks)?.2)
     }
 
     /// Whether `pblock` was checked (and, in a partial layer, written). A thread that sees the
@@ -320,8 +336,13 @@ pub(crate) fn read_exact_at(f: &File, buf: &mut [u8], pos: u64, path: &Path) -> 
     })
 }
 
-/// Reads and checks the header, trailer, index and hash table of a sealed layer file.
-fn read_structure(f: &File, path: &Path) -> Result<(LayerHeader, Trailer, LayerIndex, Vec<BlockHash>)> {
+/// Reads and checks the header, trailer, index and hash table of a sealed layer file (with
+/// `chunks`, chunk by chunk: see [`SealedLayer::open`]).
+fn read_structure(
+    f: &File,
+    path: &Path,
+    chunks: Option<IndexChunks>,
+) -> Result<(LayerHeader, Trailer, LayerIndex, HashTable)> {
     let len = f.metadata().map_err(Error::io("stat", path))?.len();
     let min = (HEADER_SIZE + TRAILER_SIZE) as u64;
     if len < min {
@@ -349,7 +370,34 @@ fn read_structure(f: &File, path: &Path) -> Result<(LayerHeader, Trailer, LayerI
         return Err(Error::format(path)(mcow_format::FormatError::invalid_len(len, expect)));
     }
     let mut ib = vec![0u8; trailer.index_len() as usize];
-    read_exact_at(f, &mut ib, trailer.index_offset(header.block_size), path)?;
+    let index_offset = trailer.index_offset(header.block_size);
+    read_exact_at(f, &mut ib, index_offset, path)?;
+    let split = trailer.extent_count as usize * INDEX_ENTRY_SIZE;
+    if let Some(list) = chunks {
+        let bad = |why: String| Error::ChunkList { path: path.to_path_buf(), why };
+        list.check(ib.len() as u64).map_err(bad)?;
+        if list.extent_count != trailer.extent_count {
+            return Err(bad(format!(
+                "it says {} extents, the trailer {}",
+                list.extent_count, trailer.extent_count
+            )));
+        }
+        let table = ChunkedHashes::new(list, index_offset, ib.len() as u64);
+        for c in 0..table.list.digests.len() {
+            let (at, len) = table.list.range(c, ib.len() as u64);
+            let bytes = &ib[at as usize..(at + len) as usize];
+            if !table.install(c, bytes) && table.list.extent_chunks().contains(&c) {
+                return Err(bad(format!("chunk {c} of the extent index does not match its digest")));
+            }
+        }
+        // Once whole, the region must also be what the trailer names.
+        if table.all_loaded() && Digest::of(&ib) != trailer.index_digest {
+            return Err(bad("the chunks match but the index does not hash to the trailer's digest".into()));
+        }
+        let index = decode_index(&ib[..split]).map_err(Error::format(path))?;
+        validate_index(&index, header.block_count(), trailer.block_count).map_err(Error::format(path))?;
+        return Ok((header, trailer, index, HashTable::Chunked(table)));
+    }
     let actual = Digest::of(&ib);
     if actual != trailer.index_digest {
         return Err(Error::format(path)(mcow_format::FormatError::IndexDigestMismatch {
@@ -357,12 +405,11 @@ fn read_structure(f: &File, path: &Path) -> Result<(LayerHeader, Trailer, LayerI
             actual,
         }));
     }
-    let split = trailer.extent_count as usize * INDEX_ENTRY_SIZE;
     let index = decode_index(&ib[..split]).map_err(Error::format(path))?;
     validate_index(&index, header.block_count(), trailer.block_count).map_err(Error::format(path))?;
     let hashes = decode_block_hashes(&ib[split..]);
     debug_assert_eq!(hashes.len() * BLOCK_HASH_SIZE, ib.len() - split);
-    Ok((header, trailer, index, hashes))
+    Ok((header, trailer, index, HashTable::Whole(hashes)))
 }
 
 /// Writes a new sealed layer front to back through any `Write`, hashing as it goes. Extents

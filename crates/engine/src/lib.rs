@@ -9,6 +9,8 @@
 //! - `extent_map`: the interval map behind depth-independent addressing;
 //! - `pool` / `lock`: the bounded pool of open layer files, and byte-range (OFD) locks between
 //!   processes;
+//! - `chunks`: a layer's index cut into chunks with a digest each, so that a partial layer's
+//!   hash table is fetched and checked piece by piece;
 //! - `layer` / `store` / `temp`: sealed layers (read with verification, written canonically),
 //!   the content-addressed directory that holds them, and the locked temporaries new files are
 //!   written to;
@@ -24,6 +26,7 @@
 
 mod background;
 pub mod bitmap;
+pub mod chunks;
 pub mod context;
 pub mod disk;
 pub mod error;

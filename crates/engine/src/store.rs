@@ -2,7 +2,8 @@
 //! shape as an OCI image layout's blob directory.
 //!
 //! Owns: layer file paths, atomically adding a new layer (write to a locked temporary in `tmp/`,
-//! fsync, rename, fsync the directory; see `temp`), partial copies and their completion, opening a layer as
+//! fsync, rename, fsync the directory; see `temp`), partial copies (and the chunk lists of those
+//! pulled with index chunks) and their completion, opening a layer as
 //! complete or partial ([`OpenLayer`]) and sharing the layers open in the store's engine. Does not own: the content of layers (see `layer`),
 //! the pool of open layer files (see `pool`).
 
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use mcow_format::Digest;
 
 use crate::background::Background;
+use crate::chunks::IndexChunks;
 use crate::context::{Engine, WeakLayer};
 use crate::error::{Error, Result};
 use crate::fetch::{BlockSource, FetchPolicy, PartialLayer};
@@ -56,10 +58,33 @@ impl LayerStore {
     }
 
     /// Where a partial (lazily fetched) copy of the layer is kept: a file of the layer's full
-    /// length whose header, index, hash table and trailer are present and checked, and whose
-    /// data blocks arrive as they are read.
+    /// length whose header, index, hash table and trailer are present and checked (pulled with
+    /// index chunks: header, extent index and trailer, the hash table's chunks arriving like
+    /// blocks; see [`LayerStore::chunk_list_path`]), and whose data blocks arrive as they are
+    /// read.
     pub fn partial_path(&self, digest: &Digest) -> PathBuf {
         self.root.join("partial").join("sha256").join(digest.hex())
+    }
+
+    /// Where a partial copy pulled with index chunks keeps its chunk list (see
+    /// [`IndexChunks::to_text`]): beside the partial file, as `<hex>.chunks`.
+    pub fn chunk_list_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("partial").join("sha256").join(format!("{}.chunks", digest.hex()))
+    }
+
+    /// The chunk list of the partial copy of `digest`, if it has one.
+    fn read_chunk_list(&self, digest: &Digest) -> Result<Option<IndexChunks>> {
+        let path = self.chunk_list_path(digest);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("read", &path)(e)),
+        };
+        let list = IndexChunks::parse_text(&text).map_err(|why| Error::ChunkList {
+            path: self.partial_path(digest),
+            why: format!("{}: {why}", path.display()),
+        })?;
+        Ok(Some(list))
     }
 
     /// True if the complete layer is in the store.
@@ -90,16 +115,35 @@ impl LayerStore {
         let path = self.layer_path(digest);
         if path.exists() {
             let (layer, index) =
-                SealedLayer::open(&path, *digest, FileSlot::new(self.engine.pool()), verify)?;
+                SealedLayer::open(&path, *digest, FileSlot::new(self.engine.pool()), verify, None)?;
             return Ok((OpenLayer::Complete(Arc::new(layer)), index));
         }
         let partial = self.partial_path(digest);
         match &self.source {
             Some((source, policy)) if partial.exists() => {
-                let (layer, index) =
-                    SealedLayer::open(&partial, *digest, FileSlot::new(self.engine.pool()), true)?;
-                let layer = PartialLayer::new(layer, source.clone(), *policy, background);
-                Ok((OpenLayer::Partial(Arc::new(layer)), index))
+                let chunks = self.read_chunk_list(digest)?;
+                let chunked = chunks.is_some();
+                let opened =
+                    SealedLayer::open(&partial, *digest, FileSlot::new(self.engine.pool()), true, chunks);
+                let (layer, index) = match opened {
+                    // Without its chunk list, a partial copy whose hash table is not whole
+                    // cannot be checked.
+                    Err(Error::Format {
+                        err: mcow_format::FormatError::IndexDigestMismatch { .. }, ..
+                    }) if !chunked => {
+                        return Err(Error::ChunkList {
+                            path: partial,
+                            why: format!(
+                                "its index does not hash to its digest and it has no chunk list ({} is missing)",
+                                self.chunk_list_path(digest).display()
+                            ),
+                        });
+                    }
+                    r => r?,
+                };
+                let layer = Arc::new(PartialLayer::new(layer, source.clone(), *policy, background));
+                layer.load_hashes_in_background();
+                Ok((OpenLayer::Partial(layer), index))
             }
             _ if partial.exists() => Err(Error::LayerPartial { digest: *digest, store: self.root.clone() }),
             _ => Err(Error::LayerMissing { digest: *digest, store: self.root.clone() }),
@@ -181,21 +225,121 @@ impl LayerStore {
         temp.persisted();
         sync_dir(dir)?;
         // The structure must open (index rules, lengths) before anyone relies on it.
-        if let Err(e) = SealedLayer::open(&dest, *digest, FileSlot::new(self.engine.pool()), true) {
+        if let Err(e) = SealedLayer::open(&dest, *digest, FileSlot::new(self.engine.pool()), true, None) {
             let _ = fs::remove_file(&dest);
             return Err(e);
         }
         Ok(dest)
     }
 
-    /// If the partial copy of `digest` now hashes to its digest (every block fetched), moves it
-    /// to the complete layers; returns whether it did.
+    /// Adds a partial copy of layer `digest`, `len` bytes long, pulled with index chunks: its
+    /// header (4096 bytes), its trailer (128 bytes), and some chunks of its index region
+    /// (`(chunk, bytes)`), which must include every chunk of the extent index. Checked: the
+    /// header decodes, the trailer's counts give exactly `len` and agree with `chunks`, its index
+    /// digest equals `index_digest`, and each chunk matches its digest in `chunks`. The chunk
+    /// list is written beside the partial file (atomically, before the partial file is renamed
+    /// into place), so that a later open can check the chunks present and load the others.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_partial_chunked(
+        &self,
+        digest: &Digest,
+        len: u64,
+        header: &[u8],
+        trailer: &[u8],
+        chunks: &IndexChunks,
+        pieces: &[(usize, Vec<u8>)],
+        index_digest: &Digest,
+    ) -> Result<PathBuf> {
+        use mcow_format::{HEADER_SIZE, LayerHeader, TRAILER_SIZE, Trailer};
+        let dest = self.partial_path(digest);
+        let bad = |why: String| Error::Invalid(format!("layer {digest}: {why}"));
+        let h = LayerHeader::decode(header).map_err(|e| bad(format!("header: {e}")))?;
+        let t = Trailer::decode(trailer).map_err(|e| bad(format!("trailer: {e}")))?;
+        if t.file_len(h.block_size) != len || trailer.len() != TRAILER_SIZE {
+            return Err(bad(format!(
+                "trailer implies {} bytes, the blob has {len}",
+                t.file_len(h.block_size)
+            )));
+        }
+        if t.index_digest != *index_digest {
+            return Err(bad(format!("index digest is {}, expected {index_digest}", t.index_digest)));
+        }
+        let region_len = t.index_len();
+        chunks.check(region_len).map_err(|why| bad(format!("index chunks: {why}")))?;
+        if chunks.extent_count != t.extent_count {
+            return Err(bad(format!(
+                "index chunks say {} extents, the trailer {}",
+                chunks.extent_count, t.extent_count
+            )));
+        }
+        let index_offset = t.index_offset(h.block_size);
+        for (c, bytes) in pieces {
+            let ok = *c < chunks.digests.len()
+                && bytes.len() as u64 == chunks.range(*c, region_len).1
+                && Digest::of(bytes) == chunks.digests[*c];
+            if !ok {
+                return Err(bad(format!("index chunk {c} does not match its digest")));
+            }
+        }
+        if let Some(c) = chunks.extent_chunks().find(|c| !pieces.iter().any(|p| p.0 == *c)) {
+            return Err(bad(format!("index chunk {c} (extents) is missing")));
+        }
+        let dir = dest.parent().expect("partial path has a parent");
+        fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
+        // The chunk list first: a partial file is never without it.
+        let mut list_temp = self.temp_file("chunks")?;
+        let list_path = list_temp.path().to_path_buf();
+        use std::os::unix::fs::FileExt;
+        list_temp
+            .file()
+            .write_all_at(chunks.to_text().as_bytes(), 0)
+            .and_then(|_| list_temp.file().sync_all())
+            .map_err(Error::io("write", &list_path))?;
+        let sidecar = self.chunk_list_path(digest);
+        fs::rename(&list_path, &sidecar).map_err(Error::io("rename", &list_path))?;
+        list_temp.persisted();
+        let mut temp = self.temp_file("partial")?;
+        let (tmp_path, f) = (temp.path().to_path_buf(), temp.file());
+        let written = f
+            .set_len(len)
+            .and_then(|_| f.write_all_at(&header[..HEADER_SIZE], 0))
+            .and_then(|_| {
+                pieces.iter().try_for_each(|(c, bytes)| {
+                    f.write_all_at(bytes, index_offset + chunks.range(*c, region_len).0)
+                })
+            })
+            .and_then(|_| f.write_all_at(trailer, len - TRAILER_SIZE as u64))
+            .and_then(|_| f.sync_all());
+        written.map_err(Error::io("write", &tmp_path))?;
+        fs::rename(&tmp_path, &dest).map_err(Error::io("rename", &tmp_path))?;
+        temp.persisted();
+        sync_dir(dir)?;
+        // The structure must open (index rules, lengths) before anyone relies on it.
+        let file = FileSlot::new(self.engine.pool());
+        if let Err(e) = SealedLayer::open(&dest, *digest, file, true, Some(chunks.clone())) {
+            let _ = fs::remove_file(&dest);
+            let _ = fs::remove_file(&sidecar);
+            return Err(e);
+        }
+        Ok(dest)
+    }
+
+    /// If the partial copy of `digest` now hashes to its digest (every block and index chunk
+    /// fetched), moves it to the complete layers (and removes its chunk list); returns whether
+    /// it did.
     pub fn complete_partial(&self, digest: &Digest) -> Result<bool> {
         let partial = self.partial_path(digest);
         if hash_file(&partial)? != *digest {
             return Ok(false);
         }
         self.move_in(&partial, digest)?;
+        let sidecar = self.chunk_list_path(digest);
+        match fs::remove_file(&sidecar) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(path = %sidecar.display(), error = %e, "could not remove the chunk list")
+            }
+            _ => {}
+        }
         Ok(true)
     }
 

@@ -5,7 +5,8 @@
 
 use std::collections::BTreeMap;
 
-use mcow_format::{Digest, check_virtual_size};
+use mcow_engine::chunks::IndexChunks;
+use mcow_format::{Digest, TRAILER_SIZE, check_virtual_size};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{RemoteError, Result};
@@ -60,6 +61,32 @@ pub struct LayerRecord {
     /// agrees.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tail_len: Option<u64>,
+    /// The layer's index region (extent index, then block hash table) cut into chunks with a
+    /// digest each, so that a lazy pull fetches the extent index's chunks only and the hash
+    /// table later, chunk by chunk, each checked (see [`IndexChunksRecord`]). Needs `tail_len`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_chunks: Option<IndexChunksRecord>,
+}
+
+/// The `index_chunks` of a [`LayerRecord`]: chunks of `size` bytes (the last one shorter) of
+/// the layer's index region, the SHA-256 of each, and the layer's extent count (which says
+/// which chunks hold the extent index, before the trailer is fetched).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexChunksRecord {
+    pub size: u64,
+    pub extent_count: u64,
+    pub digests: Vec<Digest>,
+}
+
+impl IndexChunksRecord {
+    pub fn from_chunks(c: &IndexChunks) -> IndexChunksRecord {
+        IndexChunksRecord { size: c.size, extent_count: c.extent_count, digests: c.digests.clone() }
+    }
+
+    pub fn to_chunks(&self) -> IndexChunks {
+        IndexChunks { size: self.size, extent_count: self.extent_count, digests: self.digests.clone() }
+    }
 }
 
 /// The config blob of a disk image.
@@ -198,6 +225,19 @@ impl DiskConfig {
                 ));
             }
         }
+        for r in &c.layers {
+            let Some(chunks) = &r.index_chunks else { continue };
+            let region = r.tail_len.and_then(|t| t.checked_sub(TRAILER_SIZE as u64));
+            let Some(region) = region else {
+                return Err(RemoteError::Invalid(format!(
+                    "the image config's layer {} has index chunks but no (or too short a) tail length",
+                    r.digest
+                )));
+            };
+            chunks.to_chunks().check(region).map_err(|why| {
+                RemoteError::Invalid(format!("the image config's index chunks of layer {}: {why}", r.digest))
+            })?;
+        }
         mcow_format::check_block_size(c.block_size).map_err(|e| RemoteError::Invalid(e.to_string()))?;
         mcow_format::check_virtual_size(c.virtual_size).map_err(|e| RemoteError::Invalid(e.to_string()))?;
         Ok(c)
@@ -224,6 +264,7 @@ mod tests {
             header_digest: Digest::of(b"h"),
             index_digest: Digest::of(b"i"),
             tail_len: None,
+            index_chunks: None,
         }
     }
 
@@ -296,6 +337,47 @@ mod tests {
         let odd = desc("application/json", b"t");
         let e = DiskConfig::parse(&config_bytes(&[l0], Some(&odd)), &m).unwrap_err();
         assert!(e.to_string().contains("media type"), "{e}");
+    }
+
+    /// Tried: configs whose layer records carry index chunks: a right one, one without a tail
+    /// length, one with a digest too few, one with a chunk size that is not a power of two, one
+    /// with more extents than the index holds, and one with an unknown field in the chunks.
+    /// Must hold: the right one parses back equal; each other is refused with a message that
+    /// says why.
+    #[test]
+    fn index_chunks_must_fit_the_layers_tail() {
+        let l0 = desc(LAYER_MEDIA_TYPE, b"l0");
+        let m = Manifest::parse(&manifest(vec![l0.clone()])).unwrap();
+        let region = 3 * 16384 + 1024; // 4 chunks of 16 KiB (10 extents, 1558 hashes)
+        let good = IndexChunksRecord {
+            size: 16384,
+            extent_count: 10,
+            digests: (0..4u8).map(|i| Digest::of(&[i])).collect(),
+        };
+        let with = |tail: Option<u64>, chunks: IndexChunksRecord| {
+            let mut r = record(&l0);
+            r.tail_len = tail;
+            r.index_chunks = Some(chunks);
+            DiskConfig { virtual_size: 1 << 20, block_size: 65536, layers: vec![r], trace: None }.to_bytes()
+        };
+        let tail = Some(region + TRAILER_SIZE as u64);
+        let c = DiskConfig::parse(&with(tail, good.clone()), &m).unwrap();
+        assert_eq!(c.layers[0].index_chunks.as_ref(), Some(&good));
+        let short = IndexChunksRecord { digests: good.digests[..3].to_vec(), ..good.clone() };
+        let odd = IndexChunksRecord { size: 20000, ..good.clone() };
+        let crowded = IndexChunksRecord { extent_count: region / 32 + 1, ..good.clone() };
+        for (bytes, says) in [
+            (with(None, good.clone()), "no (or too short a) tail length"),
+            (with(tail, short), "3 chunk digests"),
+            (with(tail, odd), "not a power of two"),
+            (with(tail, crowded), "extents do not fit"),
+        ] {
+            let e = DiskConfig::parse(&bytes, &m).unwrap_err();
+            assert!(e.to_string().contains(says), "{e}");
+        }
+        let text = String::from_utf8(with(tail, good)).unwrap().replace("\"size\"", "\"extra\":1,\"size\"");
+        let e = DiskConfig::parse(text.as_bytes(), &m).unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
     }
 
     /// Tried: traces whose block numbers end past u64 when the serve's prefetch groups them

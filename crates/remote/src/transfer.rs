@@ -1,5 +1,6 @@
 //! Moving disk images: push (sealed layers, config, manifest), pull (whole layers, checked),
-//! lazy pull (only each layer's header and index, checked against the pinned manifest),
+//! lazy pull (only each layer's header and index, or with index chunks only its extent index,
+//! checked against the pinned manifest),
 //! `RemoteSource`, which fetches data blocks of partial layers on demand for the engine, and
 //! `Sources`, the registry (held by the caller) that gives the disks of one origin one source.
 
@@ -8,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use mcow_engine::chunks::{IndexChunks, MIN_CHUNK_SIZE};
 use mcow_engine::store::LayerStore;
 use mcow_engine::{BlockSource, CreateOptions, Disk, FetchPolicy, OpenOptions};
 use mcow_format::{Digest, HEADER_FIELDS_LEN, HEADER_SIZE, TRAILER_SIZE, Trailer};
@@ -15,8 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{RemoteError, Result};
 use crate::image::{
-    CONFIG_MEDIA_TYPE, Descriptor, DiskConfig, INDEX_DIGEST_ANNOTATION, LAYER_MEDIA_TYPE, LayerRecord,
-    Manifest, TRACE_MEDIA_TYPE, Trace,
+    CONFIG_MEDIA_TYPE, Descriptor, DiskConfig, INDEX_DIGEST_ANNOTATION, IndexChunksRecord, LAYER_MEDIA_TYPE,
+    LayerRecord, Manifest, TRACE_MEDIA_TYPE, Trace,
 };
 use crate::open_remote;
 use crate::reference::{InsecureRegistries, Reference};
@@ -63,12 +65,30 @@ pub fn push_with_trace(
             .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut header, 0))
             .map_err(RemoteError::io("read", &layer.path))?;
         let size = layer.file_len();
+        // Index chunks for a layer whose index is longer than one chunk (a shorter one is
+        // fetched whole at once anyway, and without them the config stays readable by readers
+        // that predate them).
+        let index_len = layer.trailer.index_len();
+        let index_chunks = if index_len > MIN_CHUNK_SIZE {
+            let mut region = vec![0u8; index_len as usize];
+            std::fs::File::open(&layer.path)
+                .and_then(|f| {
+                    let at = layer.trailer.index_offset(layer.header.block_size);
+                    std::os::unix::fs::FileExt::read_exact_at(&f, &mut region, at)
+                })
+                .map_err(RemoteError::io("read", &layer.path))?;
+            let chunks = IndexChunks::of(&region, layer.trailer.extent_count);
+            Some(IndexChunksRecord::from_chunks(&chunks))
+        } else {
+            None
+        };
         records.push(LayerRecord {
             digest: layer.digest,
             size,
             header_digest: Digest::of(&header),
             index_digest: layer.trailer.index_digest,
-            tail_len: Some(layer.trailer.index_len() + TRAILER_SIZE as u64),
+            tail_len: Some(index_len + TRAILER_SIZE as u64),
+            index_chunks,
         });
         descs.push(Descriptor {
             media_type: LAYER_MEDIA_TYPE.into(),
@@ -341,12 +361,33 @@ fn fetch_trace(remote: &dyn Remote, t: &Descriptor) -> Result<Option<Vec<u8>>> {
     Ok(Some(bytes))
 }
 
+/// The header rebuilt from its fields (`fields`, the first bytes of a header), checked against
+/// the config's header digest.
+fn rebuilt_header(r: &LayerRecord, mut fields: Vec<u8>) -> Result<Vec<u8>> {
+    if fields.len() != HEADER_FIELDS_LEN {
+        return Err(RemoteError::Invalid(format!("layer {}: a range came back short", r.digest)));
+    }
+    fields.resize(HEADER_SIZE, 0);
+    let actual = Digest::of(&fields);
+    if actual != r.header_digest {
+        return Err(RemoteError::DigestMismatch {
+            what: format!("header of layer {}", r.digest),
+            expected: r.header_digest,
+            actual,
+        });
+    }
+    Ok(fields)
+}
+
 /// Fetches a layer's header fields, trailer and index, checks them, and adds a partial copy to the
 /// store. Returns the bytes fetched.
 fn add_partial_layer(remote: &dyn Remote, store: &LayerStore, r: &LayerRecord) -> Result<u64> {
     let min = (HEADER_SIZE + TRAILER_SIZE) as u64;
     if r.size < min {
         return Err(RemoteError::Invalid(format!("layer {} is {} bytes, too small", r.digest, r.size)));
+    }
+    if let (Some(chunks), Some(tail_len)) = (&r.index_chunks, r.tail_len) {
+        return add_partial_chunked(remote, store, r, &chunks.to_chunks(), tail_len);
     }
     // The header and the tail at once when the config says how long the tail is; otherwise the
     // trailer first, to learn it.
@@ -370,22 +411,70 @@ fn add_partial_layer(remote: &dyn Remote, store: &LayerStore, r: &LayerRecord) -
         parts[i].extend_from_slice(piece);
         true
     })?;
-    let [mut header, tail] = parts;
-    if header.len() as u64 != ranges[0].1 || tail.len() as u64 != tail_len {
+    let [header, tail] = parts;
+    if tail.len() as u64 != tail_len {
         return Err(RemoteError::Invalid(format!("layer {}: a range came back short", r.digest)));
     }
-    header.resize(HEADER_SIZE, 0);
-    let actual = Digest::of(&header);
-    if actual != r.header_digest {
-        return Err(RemoteError::DigestMismatch {
-            what: format!("header of layer {}", r.digest),
-            expected: r.header_digest,
-            actual,
-        });
-    }
+    let header = rebuilt_header(r, header)?;
     let fetched =
         HEADER_FIELDS_LEN as u64 + tail_len + if r.tail_len.is_none() { TRAILER_SIZE as u64 } else { 0 };
     store.add_partial(&r.digest, r.size, &header, &tail, &r.index_digest)?;
+    Ok(fetched)
+}
+
+/// [`add_partial_layer`] for a layer whose config record has index chunks: one request with
+/// the header's fields, the chunks that hold the extent index, and the trailer (the hash
+/// table's other chunks are fetched later, as reads need them). The store checks the trailer
+/// and every chunk against the config (see `LayerStore::add_partial_chunked`).
+fn add_partial_chunked(
+    remote: &dyn Remote,
+    store: &LayerStore,
+    r: &LayerRecord,
+    chunks: &IndexChunks,
+    tail_len: u64,
+) -> Result<u64> {
+    let bad = |why: &str| RemoteError::Invalid(format!("layer {}: {why}", r.digest));
+    if tail_len > r.size - HEADER_SIZE as u64 || tail_len < TRAILER_SIZE as u64 {
+        return Err(bad("its index does not fit the blob"));
+    }
+    let region_len = tail_len - TRAILER_SIZE as u64;
+    let index_offset = r.size - tail_len;
+    let ext = chunks.extent_chunks();
+    let ext_len = (ext.end as u64 * chunks.size).min(region_len);
+    // The extent chunks and the trailer as one range when they meet.
+    let mut ranges = vec![(0, HEADER_FIELDS_LEN as u64)];
+    if ext_len == region_len {
+        ranges.push((index_offset, tail_len));
+    } else {
+        if ext_len > 0 {
+            ranges.push((index_offset, ext_len));
+        }
+        ranges.push((r.size - TRAILER_SIZE as u64, TRAILER_SIZE as u64));
+    }
+    let mut parts = vec![Vec::new(); ranges.len()];
+    remote.stream_ranges(&r.digest, &ranges, &mut |i, piece| {
+        parts[i].extend_from_slice(piece);
+        true
+    })?;
+    if parts.iter().zip(&ranges).any(|(p, r)| p.len() as u64 != r.1) {
+        return Err(bad("a range came back short"));
+    }
+    let fetched: u64 = ranges.iter().map(|r| r.1).sum();
+    let mut parts = parts.into_iter();
+    let header = rebuilt_header(r, parts.next().expect("the header's range"))?;
+    let mut index = parts.flatten().collect::<Vec<u8>>();
+    let trailer = index.split_off(index.len() - TRAILER_SIZE);
+    let t = Trailer::decode(&trailer).map_err(|e| bad(&format!("trailer: {e}")))?;
+    if t.index_len() + TRAILER_SIZE as u64 != tail_len {
+        return Err(bad("its trailer disagrees with the image config's tail length"));
+    }
+    let pieces: Vec<(usize, Vec<u8>)> = ext
+        .map(|c| {
+            let (at, len) = chunks.range(c, region_len);
+            (c, index[at as usize..(at + len) as usize].to_vec())
+        })
+        .collect();
+    store.add_partial_chunked(&r.digest, r.size, &header, &trailer, chunks, &pieces, &r.index_digest)?;
     Ok(fetched)
 }
 

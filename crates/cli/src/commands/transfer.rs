@@ -134,7 +134,10 @@ pub fn run_push(a: PushArgs, g: Global) -> Result<ExitCode> {
     With --lazy, only each layer's header and index are fetched (checked against the manifest); \
     the disk records its origin in DIR/remote.json, and data blocks are fetched when first read \
     (by `mcow serve`, export, read, ...), each checked against its hash and kept in the local \
-    partial copy (STORE/partial/sha256/<hex>). `mcow info` shows how much is local.\n\n\
+    partial copy (STORE/partial/sha256/<hex>). `mcow info` shows how much is local. For a layer \
+    pushed with index chunks (one whose index is over 16 KiB), only the extent index is fetched \
+    now and its block hash table later, chunk by chunk (each checked), as reads need it; the \
+    chunk list is kept beside the partial copy (<hex>.chunks).\n\n\
     JSON output (--output json): an object with reference, disk, store, manifest_digest, \
     layers, layers_local (already in the store), bytes_fetched and lazy.")]
 #[command(after_help = REFERENCE_HELP)]
