@@ -1030,29 +1030,27 @@ impl PartialLayer {
 
     /// Makes the hashes of stored blocks `[first, end)` known where it can, fetching the hash
     /// table chunks that hold them and are not loaded (one request for all; see
-    /// [`PartialLayer::load_chunks`]). Returns the end of the run of blocks from `first` whose
-    /// hashes are known; fails if `first`'s is not (its chunk could not be fetched or did not
-    /// match its digest). Nothing to do for a layer with its whole hash table.
-    pub(crate) fn load_hashes(&self, first: u64, end: u64) -> Result<u64> {
-        let Some(t) = self.hashes.chunked() else { return Ok(end) };
+    /// [`PartialLayer::load_chunks`]). Fails if the hash of `first` is still not known (its
+    /// chunk could not be fetched or did not match its digest); the others are best effort.
+    /// Nothing to do for a layer with its whole hash table.
+    pub(crate) fn load_hashes(&self, first: u64, end: u64) -> Result<()> {
+        let Some(t) = self.hashes.chunked() else { return Ok(()) };
         let end = end.min(self.trailer.block_count);
         if first >= end {
-            return Ok(end);
+            return Ok(());
         }
         let (c0, c1) = (t.chunk_of(first), t.chunk_of(end - 1));
         let want: Vec<usize> = (c0..=c1).filter(|&c| !t.is_loaded(c)).collect();
         let failed = if want.is_empty() { Vec::new() } else { self.load_chunks(t, &want, false) };
-        let Some(c) = (c0..=c1).find(|&c| !t.is_loaded(c)) else { return Ok(end) };
-        if c == c0 {
-            let why = failed
-                .into_iter()
-                .find(|f| f.0 == c0)
-                .map_or_else(|| "it was not loaded".to_string(), |(_, why)| why);
-            tracing::error!(layer = %self.digest, chunk = c0, error = %why, "hash table chunk not available");
-            return Err(Error::HashChunk { path: self.path.clone(), chunk: c0, why });
+        if t.is_loaded(c0) {
+            return Ok(());
         }
-        // Chunk c holds the hash of the first block after those of chunk c - 1.
-        Ok((first + 1..end).find(|&p| t.chunk_of(p) >= c).unwrap_or(end))
+        let why = failed
+            .into_iter()
+            .find(|f| f.0 == c0)
+            .map_or_else(|| "it was not loaded".to_string(), |(_, why)| why);
+        tracing::error!(layer = %self.digest, chunk = c0, error = %why, "hash table chunk not available");
+        Err(Error::HashChunk { path: self.path.clone(), chunk: c0, why })
     }
 
     /// Loads the hash table chunks `chunks` (ascending, none loaded yet, as far as the caller
