@@ -557,6 +557,7 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
             export = %name,
             disk = %dir.display(),
             bytes_fetched = pulled + fetched,
+            // (with the hash table chunks of layers pulled with index chunks)
             blocks_bytes_fetched = fetched,
             requests,
             "served; fetched from the origin"

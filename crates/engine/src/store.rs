@@ -298,6 +298,7 @@ impl LayerStore {
         let sidecar = self.chunk_list_path(digest);
         fs::rename(&list_path, &sidecar).map_err(Error::io("rename", &list_path))?;
         list_temp.persisted();
+        sync_dir(dir)?; // durable before the partial file's name is
         let mut temp = self.temp_file("partial")?;
         let (tmp_path, f) = (temp.path().to_path_buf(), temp.file());
         let written = f

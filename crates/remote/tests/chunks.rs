@@ -243,10 +243,12 @@ fn tampered_chunks_fail_their_reads_or_the_pull() {
 }
 
 /// Tried: a lazily pulled layer (`file://`) with one hash table chunk fetched by a read, opened
-/// again; then its chunk list overwritten with garbage, then removed. Must hold: the reopened
-/// layer finds the fetched chunk and block in its file (a read in the same chunk fetches only
-/// its block, the first block nothing); the garbage list and the missing one each fail the open
-/// with a `ChunkList` error that names the problem; with the list back, it opens and reads.
+/// again; then that chunk's bytes in the partial file damaged (a torn write), and the layer
+/// opened again; then its chunk list overwritten with garbage, then removed. Must hold: the
+/// reopened layer finds the fetched chunk and block in its file (a read in the same chunk
+/// fetches only its block, the first block nothing); the damaged chunk is fetched again and the
+/// block under it is not; the garbage list and the missing one each fail the open with a
+/// `ChunkList` error that names the problem; with the list back, it opens and reads.
 #[test]
 fn a_partial_layer_reopens_with_its_chunks_and_refuses_a_bad_chunk_list() {
     let t = tempfile::tempdir().unwrap();
@@ -254,7 +256,7 @@ fn a_partial_layer_reopens_with_its_chunks_and_refuses_a_bad_chunk_list() {
     let r = Reference::parse(&format!("file://{}:v1", t.path().join("images").display())).unwrap();
     transfer::push(&disk, &r, &mut |_, _| {}).unwrap();
     transfer::pull(&r, &t.path().join("b/disk"), &t.path().join("b/layers"), true, &mut |_, _| {}).unwrap();
-    let base = layer_shapes(&disk)[0].0;
+    let (base, _, base_index, _, _) = layer_shapes(&disk)[0];
     let layers = t.path().join("b/layers");
     let remote = mcow_remote::open_remote(&r).unwrap();
     let block = |p: u64| bytes[(p * CBS) as usize..][..CBS as usize].to_vec();
@@ -273,6 +275,19 @@ fn a_partial_layer_reopens_with_its_chunks_and_refuses_a_bad_chunk_list() {
         layer.read(2101, 0, &mut buf).unwrap();
         assert!(buf == block(2101));
         assert_eq!(src.stats(), (CBS, 1), "the chunk is local: the block only");
+    }
+    {
+        // A chunk torn by a crash (its bytes in the file are off) is fetched again; the blocks
+        // under it that are local stay.
+        use std::os::unix::fs::FileExt;
+        let partial = LayerStore::new(&layers).partial_path(&base);
+        let f = std::fs::OpenOptions::new().write(true).open(&partial).unwrap();
+        f.write_all_at(b"torn", base_index + 4 * MIN_CHUNK_SIZE + 10).unwrap();
+        let src = Arc::new(RemoteSource::new(remote.clone()));
+        let layer = open_base(&layers, &base, src.clone());
+        layer.read(2100, 0, &mut buf).unwrap();
+        assert!(buf == block(2100));
+        assert_eq!(src.stats(), (MIN_CHUNK_SIZE, 1), "the chunk again, not the block");
     }
     let store = LayerStore::new(&layers).with_source(Arc::new(RemoteSource::new(remote.clone())), EXACT);
     let list = store.chunk_list_path(&base);
