@@ -183,8 +183,9 @@ impl ChunkedHashes {
         ((self.list.extents_len() + p * BLOCK_HASH_SIZE as u64) / self.list.size) as usize
     }
 
-    /// The first stored block whose hash chunk `c` holds.
-    fn first_block(&self, c: usize) -> u64 {
+    /// The first stored block whose hash chunk `c` holds (for `c` past the last chunk: past the
+    /// last block).
+    pub(crate) fn first_block(&self, c: usize) -> u64 {
         let start = (c as u64 * self.list.size).max(self.list.extents_len());
         (start - self.list.extents_len()) / BLOCK_HASH_SIZE as u64
     }
@@ -225,10 +226,16 @@ impl ChunkedHashes {
         if !self.matches(c, bytes) {
             return false;
         }
+        let _ = self.loaded[c].set(self.hashes_in(c, bytes));
+        true
+    }
+
+    /// The block hashes held by `bytes`, chunk `c`'s bytes (which the caller has checked), from
+    /// block [`ChunkedHashes::first_block`] on.
+    pub(crate) fn hashes_in(&self, c: usize, bytes: &[u8]) -> Vec<BlockHash> {
         let start = c as u64 * self.list.size;
         let skip = self.list.extents_len().saturating_sub(start).min(bytes.len() as u64) as usize;
-        let _ = self.loaded[c].set(decode_block_hashes(&bytes[skip..]));
-        true
+        decode_block_hashes(&bytes[skip..])
     }
 }
 

@@ -596,6 +596,12 @@ impl PartialLayer {
             Want::Exact(end) => end,
             Want::Read(end) => end.max(pblock + fetch.windows.first),
         };
+        if let Some(t) = self.hashes.chunked()
+            && !t.is_loaded(t.chunk_of(pblock))
+        {
+            let (Want::Read(own) | Want::Exact(own)) = want;
+            self.load_chunk_with_blocks(f, t, pblock, own.max(pblock + 1))?;
+        }
         self.load_hashes(pblock, reach.max(pblock + 1))?;
         let mut state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut started: Option<u64> = None; // a fetch this reader started on another thread
@@ -1051,6 +1057,94 @@ impl PartialLayer {
             .map_or_else(|| "it was not loaded".to_string(), |(_, why)| why);
         tracing::error!(layer = %self.digest, chunk = c0, error = %why, "hash table chunk not available");
         Err(Error::HashChunk { path: self.path.clone(), chunk: c0, why })
+    }
+
+    /// For a read of `pblock` (and the blocks up to `end`) whose hash chunk is not loaded: the
+    /// chunk and the read's first blocks in one request, so that such a first read costs one
+    /// round trip, not two. The chunk is checked against its digest as it arrives (a bad one
+    /// ends the request and fails the read, nothing kept); the blocks are checked against their
+    /// hashes in it once they are in, and the good ones are written and marked verified before
+    /// the chunk is written and loaded (so no other reader of this process fetches them
+    /// meanwhile: readers of the chunk wait for its lock). Only the read's own blocks from
+    /// `pblock` on that are in a hole of the local file and whose hashes the chunk holds, at
+    /// most the largest window, are asked for (no read-ahead: that waits for the chunks); a
+    /// block that does not arrive or does not match is left to the read's usual fetch.
+    fn load_chunk_with_blocks(
+        &self,
+        f: &File,
+        t: &crate::chunks::ChunkedHashes,
+        pblock: u64,
+        end: u64,
+    ) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let c = t.chunk_of(pblock);
+        let _guard = t.loading[c].lock().unwrap_or_else(|p| p.into_inner());
+        if t.is_loaded(c) {
+            return Ok(());
+        }
+        let (chunk_at, chunk_len) = t.file_range(c);
+        let mut chunk = vec![0u8; chunk_len as usize];
+        if read_exact_at(f, &mut chunk, chunk_at, &self.path).is_ok() && t.install(c, &chunk) {
+            return Ok(()); // another process (or this one, before a restart) fetched it
+        }
+        let bs = self.block_size();
+        let limit = end
+            .min(pblock + self.fetch.windows.max.max(1))
+            .min(t.first_block(c + 1))
+            .min(self.trailer.block_count);
+        let count = self.hole_end(f, pblock).min(limit).saturating_sub(pblock);
+        let mut ranges = vec![(chunk_at, chunk_len)];
+        if count > 0 {
+            ranges.push((HEADER_SIZE as u64 + pblock * bs, count * bs));
+        }
+        chunk.clear();
+        let mut blocks = Vec::with_capacity((count * bs) as usize);
+        let mut bad_chunk = false;
+        let result = self.fetch.source.read_ranges(&self.digest, &ranges, &mut |i, piece: &[u8]| {
+            let (buf, want) = if i == 0 { (&mut chunk, chunk_len) } else { (&mut blocks, count * bs) };
+            let n = piece.len().min((want as usize).saturating_sub(buf.len()));
+            buf.extend_from_slice(&piece[..n]);
+            if i == 0 && chunk.len() as u64 == chunk_len && !t.matches(c, &chunk) {
+                bad_chunk = true;
+                return false; // no use for the blocks
+            }
+            true
+        });
+        let fail = |why: String| {
+            tracing::error!(layer = %self.digest, chunk = c, error = %why, "hash table chunk not available");
+            Err(Error::HashChunk { path: self.path.clone(), chunk: c, why })
+        };
+        if bad_chunk {
+            return fail("the fetched chunk does not match its digest".into());
+        }
+        if chunk.len() as u64 != chunk_len {
+            return fail(match result {
+                Err(e) => e.to_string(),
+                Ok(()) => "the source ended before the chunk".into(),
+            });
+        }
+        // The chunk is good: land the blocks that match, then the chunk.
+        let hashes = t.hashes_in(c, &chunk);
+        let first = t.first_block(c);
+        let writer = self.writer(&self.fetch)?;
+        for (k, block) in blocks.chunks_exact(bs as usize).enumerate() {
+            let p = pblock + k as u64;
+            let good =
+                hashes.get((p - first) as usize).is_some_and(|h| self.header.block_hash.of(block) == *h);
+            if !good {
+                tracing::error!(layer = %self.digest, pblock = p, "fetched block fails its checksum: not cached");
+                break;
+            }
+            if !self.is_verified(p) {
+                writer
+                    .write_all_at(block, HEADER_SIZE as u64 + p * bs)
+                    .map_err(Error::io("write", &self.path))?;
+                self.mark_verified(p);
+            }
+        }
+        writer.write_all_at(&chunk, chunk_at).map_err(Error::io("write", &self.path))?;
+        t.install(c, &chunk);
+        Ok(())
     }
 
     /// Loads the hash table chunks `chunks` (ascending, none loaded yet, as far as the caller

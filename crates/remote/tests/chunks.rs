@@ -104,7 +104,7 @@ fn file_bytes(path: &Path, at: u64, len: u64) -> Vec<u8> {
 /// chunks (6 and 3); the lazy start fetched exactly the header fields, extent chunks and
 /// trailers (far less than the tails); the partial file has the rest of its hash table as a
 /// hole and its chunk list beside it; the first read of a block fetches its chunk (16 KiB) and
-/// the block, the next read in that chunk the block only; every byte read equals the local
+/// the block in one request (a multipart answer), the next read in that chunk the block only; every byte read equals the local
 /// disk's; both layers then complete to their digests, and their chunk lists are gone.
 #[test]
 fn chunked_lazy_start_fetches_only_the_extents_then_completes() {
@@ -140,10 +140,10 @@ fn chunked_lazy_start_fetches_only_the_extents_then_completes() {
         let mut buf = vec![0u8; CBS as usize];
         layer.read(2000, 0, &mut buf).unwrap();
         assert!(buf == bytes[(2000 * CBS) as usize..][..CBS as usize]);
-        assert_eq!(src.stats(), (MIN_CHUNK_SIZE + CBS, 2), "the chunk, then the block");
+        assert_eq!(src.stats(), (MIN_CHUNK_SIZE + CBS, 1), "the chunk and the block, in one request");
         layer.read(2001, 0, &mut buf).unwrap();
         assert!(buf == bytes[(2001 * CBS) as usize..][..CBS as usize]);
-        assert_eq!(src.stats(), (MIN_CHUNK_SIZE + 2 * CBS, 3), "the block only");
+        assert_eq!(src.stats(), (MIN_CHUNK_SIZE + 2 * CBS, 2), "the block only");
     }
 
     let (d, _) = transfer::Sources::new()
@@ -171,11 +171,15 @@ fn chunked_lazy_start_fetches_only_the_extents_then_completes() {
 
 /// Tried: an image in a `file://` layout served by nginx, pulled lazily; then a byte flipped in
 /// the served copy of the base layer inside its hash table chunk 4, and a disk opened (its
-/// background chunk fetch fails on that chunk); then the byte restored; then a byte flipped in
+/// background chunk fetch fails on that chunk); then the byte restored; then (a new pull) a
+/// byte flipped in data block 2400, read on a layer opened without background threads; then
+/// a byte flipped in
 /// the second layer's extent index and a new lazy pull. Must hold: reads before the tamper equal
 /// the local disk; with it, a read of a block under chunk 4 fails with an I/O error of kind
 /// InvalidData (EIO over NBD) and caches neither the chunk nor the block, while blocks under
-/// other chunks read right; once restored the same read succeeds; the pull with a tampered
+/// other chunks read right; once restored the same read succeeds; a bad data block fetched in
+/// one request with its good chunk fails its read and is not kept (the chunk is), and reads
+/// right once restored; the pull with a tampered
 /// extents chunk fails, leaving neither a disk nor that layer's partial file or chunk list.
 #[test]
 fn tampered_chunks_fail_their_reads_or_the_pull() {
@@ -227,6 +231,34 @@ fn tampered_chunks_fail_their_reads_or_the_pull() {
     assert!(buf == bytes[(2100 * CBS) as usize..][..CBS as usize]);
     drop(d);
 
+    // A bad block in the request that also brings its (good) chunk: the chunk is kept, the
+    // block is not, and its read fails.
+    pull("d").unwrap();
+    let block_at = (4096 + 2400 * CBS + 77) as usize;
+    let mut bad = original.clone();
+    bad[block_at] ^= 0x01;
+    std::fs::write(blob(&base), &bad).unwrap();
+    let src = Arc::new(RemoteSource::new(mcow_remote::open_remote(&r).unwrap()));
+    let layer = open_base(&t.path().join("d/layers"), &base, src.clone());
+    let e = layer.read(2400, 0, &mut buf).unwrap_err();
+    assert!(matches!(e, mcow_engine::Error::BlockChecksum { pblock: 2400, .. }), "{e:?}");
+    // Chunk and block in one request, then the block alone again (the usual fetch, which fails).
+    assert_eq!(src.stats(), (MIN_CHUNK_SIZE + 2 * CBS, 2));
+    let partial = LayerStore::new(t.path().join("d/layers")).partial_path(&base);
+    let chunk4 = base_index + 4 * MIN_CHUNK_SIZE;
+    assert!(
+        file_bytes(&partial, chunk4, MIN_CHUNK_SIZE)
+            == original[chunk4 as usize..][..MIN_CHUNK_SIZE as usize]
+    );
+    assert!(
+        file_bytes(&partial, 4096 + 2400 * CBS, CBS).iter().all(|&b| b == 0),
+        "the bad block is not kept"
+    );
+    std::fs::write(blob(&base), &original).unwrap();
+    layer.read(2400, 0, &mut buf).unwrap();
+    assert!(buf == bytes[(2400 * CBS) as usize..][..CBS as usize]);
+    drop(layer);
+
     // The extent index: the pull itself fails.
     let (top, _, top_index, _, _) = shapes[1];
     let original = std::fs::read(blob(&top)).unwrap();
@@ -264,6 +296,7 @@ fn a_partial_layer_reopens_with_its_chunks_and_refuses_a_bad_chunk_list() {
     {
         let src = Arc::new(RemoteSource::new(remote.clone()));
         open_base(&layers, &base, src.clone()).read(2100, 0, &mut buf).unwrap();
+        // (A file:// source reads two ranges as two requests.)
         assert_eq!(src.stats(), (MIN_CHUNK_SIZE + CBS, 2));
     }
     {
@@ -309,7 +342,8 @@ fn a_partial_layer_reopens_with_its_chunks_and_refuses_a_bad_chunk_list() {
 /// Tried: four threads reading four blocks under one hash table chunk at the same moment, on a
 /// freshly pulled layer opened without background threads. Must hold: each gets its block, and
 /// the chunk was fetched once (the others waited for that fetch): the chunk's bytes plus four
-/// blocks, in five requests.
+/// blocks, in five requests (a `file://` source counts each range of the first read's request,
+/// chunk and block, as one).
 #[test]
 fn readers_of_one_chunk_wait_for_one_fetch() {
     let t = tempfile::tempdir().unwrap();
