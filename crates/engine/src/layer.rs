@@ -135,8 +135,8 @@ impl SealedLayer {
         self.hashes.get(pblock).is_some_and(|h| self.header.block_hash.of(block) == *h)
     }
 
-    /// Whether the hash of stored block `pblock` is known (always, but in a partial layer whose
-    /// hash chunk holding it is not loaded yet).
+    /// Whether the hash of stored block `pblock` is known: always, except in a partial layer
+    /// whose hash table chunk that holds it is not loaded yet.
     pub fn hash_known(&self, pblock: u64) -> bool {
         self.hashes.get(pblock).is_some()
     }
@@ -194,8 +194,9 @@ impl SealedLayer {
         let f = self.file.get(&self.path).ok()?;
         // SAFETY: the bytes read through the map do not change while they are read: mcow
         // never rewrites, truncates or replaces a sealed layer file in place (new layers get
-        // new names); in a partial layer, a block is written (once, when fetched and checked)
-        // before it is marked verified (a Release store after the write returned), and the map
+        // new names); in a partial layer, a block is written (when fetched and checked; two
+        // fetches that race write the same checked bytes, so its content never changes once
+        // it is right) before it is marked verified (a Release store after the write returned), and the map
         // is read only for blocks seen verified (an Acquire load), so the write happens before
         // the read on every thread. Its
         // length was checked against the trailer at open, so the whole range exists. Another
