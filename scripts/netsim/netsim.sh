@@ -35,6 +35,7 @@
 #   netsim.sh addr reg|nginx [--cache]   HOST:PORT a compute host must use: REGADDR:5000 /
 #                              REGADDR:8080, or with --cache the rack's cache CACHEADDR:5000/:8080.
 #   netsim.sh exec NODE CMD... Runs CMD in a namespace (NODE: reg, rack, h1..hN) = ip netns exec.
+#                              It execs, so `netsim.sh exec h1 SERVER & pid=$!` is the server's pid.
 #   netsim.sh ns NODE          The namespace's name (PREFIX-NODE).
 #   netsim.sh egress           Bytes PREFIX-reg has sent on the uplink so far (its tx_bytes:
 #                              every byte the registry side sent, headers and TCP/IP included).
@@ -53,6 +54,8 @@
 #   cache       CACHEADDR = NET.255.1/32 on PREFIX-rack's lo, routed from each host via its link
 #   Routes: each host to REGADDR's /30 and to CACHEADDR via the rack; the registry to each host's
 #   /30 via the rack; the rack forwards (net.ipv4.ip_forward=1 in its namespace only).
+# The namespaces separate the network only: every host sees the same filesystem, so give each
+# host its own cache and layer-store directories (and each server its own Unix socket path).
 # The registry's traffic to the hosts crosses the uplink: tbf shapes it on PREFIX-reg's up0
 # (registry egress) and on PREFIX-rack's up0 (the other way). Needs root, iproute2 (ip, tc),
 # docker-registry, nginx (nginx-light has the slice module), curl and /usr/bin/python3.

@@ -122,7 +122,8 @@ fn in_ns(ns: &str, program: &Path, args: &[&str]) -> String {
 // 429 by the delay proxy, and booted. Must hold: the guest boots completely (markers, the app's
 // checksum, its write); the proxy injected exactly two 429s and the serve retried past them; the
 // registry side sent fewer bytes over the link than the image's blobs hold (lazy), and at least
-// the block bytes the serve says it fetched (the counter sees the traffic).
+// the block bytes the serve says it fetched (the counter sees the traffic); `down` removes the
+// namespaces.
 #[test]
 fn boot_over_a_shaped_link_with_throttled_registry() {
     for t in [
@@ -222,4 +223,12 @@ fn boot_over_a_shaped_link_with_throttled_registry() {
     assert!(injected.iter().all(|l| l.contains("/blobs/sha256:")), "{injected:?}");
     let retries = log.lines().filter(|l| l.contains("transient failure") && l.contains("429")).count();
     assert_eq!(retries, 2, "the serve did not retry each 429 once:\n{log}");
+
+    // `down` leaves nothing behind: no namespace of this prefix (their links and qdiscs go with
+    // them), no server.
+    let (prefix, pids) = (sim.prefix.clone(), sim.state.join("pids"));
+    drop(sim);
+    let left = tool_ok("ip", Path::new("/"), &["netns", "list"]);
+    assert!(!left.lines().any(|l| l.starts_with(&format!("{prefix}-"))), "namespaces left:\n{left}");
+    assert_eq!(std::fs::read_dir(&pids).unwrap().count(), 0, "pid files left in {}", pids.display());
 }
