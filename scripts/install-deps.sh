@@ -35,6 +35,12 @@ if ! command -v qemu-system-x86_64 >/dev/null; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
 fi
+# QEMU's http block driver (block-curl.so), for scripts/bench-net.sh's qemu-http case: from the
+# same backports release as qemu-system-x86 (the modules must match the binary's version).
+if [ ! -e /usr/lib/x86_64-linux-gnu/qemu/block-curl.so ]; then
+  echo "installing: qemu-block-extra (bookworm-backports)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-block-extra >/dev/null
+fi
 # The guest's kernel and busybox are not installed: scripts/vm-assets.sh downloads them
 # (apt-get download) into target/vm-assets.
 for tool in qemu-system-x86_64 qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit docker-registry nginx htpasswd skopeo ip tc; do
