@@ -21,7 +21,10 @@
 #   scripts/vm-assets.sh (vmmode=ro: the disk is read-only under a tmpfs overlay), the drive
 #   read-only. Exits 0 only if the console shows DEB-PY-SHA256 (equal to DEB_EXPECT_PY if that is
 #   set), DEB-NGINX-OK and MCOW-VM-DONE id=0 ok; prints the marker lines and the seconds from
-#   starting qemu to DEB-APPS-DONE.
+#   starting qemu to DEB-APPS-DONE. NBD_URI may be any QEMU drive file name (a local image, an
+#   http:// URL); DEB_FORMAT is its format (default raw), DEB_WRAP a command prefix for qemu
+#   (e.g. `ip netns exec NS`), and DEB_MARKER_FILE receives the time of DEB-APPS-DONE (epoch
+#   seconds) after a good boot.
 # The guest program /opt/mcow/run.sh (run by the initramfs in a chroot of the disk) prints:
 #   DEB-PY-SHA256 <hex>   python3 importing json, hashlib, sqlite3, email, zlib, decimal, csv:
 #                         sha256 of a deterministic computation with each
@@ -186,10 +189,11 @@ boot() { # NBD_URI CONSOLE_FILE
   [ -s "$ASSETS/initrd-debian.cpio.gz" ] || bash "$ROOT/scripts/vm-assets.sh" "$ASSETS" >/dev/null
   m=$(mktemp /tmp/mcow-deb-marker.XXXXXX); rm -f "$m"
   t0=$(now)
-  timeout 300 qemu-system-x86_64 -accel tcg -m 512 -smp 1 -nographic -no-reboot -nodefaults -serial stdio \
+  # shellcheck disable=SC2086 # DEB_WRAP is a command prefix: split on purpose
+  ${DEB_WRAP:-} timeout 300 qemu-system-x86_64 -accel tcg -m 512 -smp 1 -nographic -no-reboot -nodefaults -serial stdio \
     -kernel "$ASSETS/vmlinux" -initrd "$ASSETS/initrd-debian.cpio.gz" \
     -append 'console=ttyS0 panic=-1 quiet vmid=0 vmmode=ro' \
-    -drive "file=$uri,format=raw,if=virtio,readonly=on" 2>&1 \
+    -drive "file=$uri,format=${DEB_FORMAT:-raw},if=virtio,readonly=on" 2>&1 \
     | while IFS= read -r l; do case $l in *DEB-APPS-DONE*) [ -e "$m" ] || now > "$m";; esac; printf '%s\n' "$l"; done > "$con" || true
   tr -d '\r' < "$con" | grep -a -o -E '(MCOW-VM|DEB-).*' || true
   local sha ok=1
@@ -201,6 +205,7 @@ boot() { # NBD_URI CONSOLE_FILE
   [ -e "$m" ] || { echo "boot: no DEB-APPS-DONE line" >&2; ok=0; }
   [ "$ok" = 1 ] || { rm -f "$m"; echo "boot failed; console in $con" >&2; return 1; }
   BOOT_DONE_AT=$(cat "$m")
+  [ -z "${DEB_MARKER_FILE:-}" ] || echo "$BOOT_DONE_AT" > "$DEB_MARKER_FILE"
   BOOT_SECS=$(awk -v a="$t0" -v b="$BOOT_DONE_AT" 'BEGIN{printf "%.2f", b-a}')
   rm -f "$m"
   echo "boot: all markers; DEB-APPS-DONE $BOOT_SECS s after starting qemu"
