@@ -2,7 +2,9 @@
 # Installs the real components the tests drive: qemu-img/qemu-io/qemu-nbd (qemu-utils),
 # libnbd's tools (nbdinfo, nbdcopy, nbdfuse, nbdsh), nbdkit, the OCI registry docker-registry,
 # nginx, htpasswd (for the registry's basic auth), skopeo (copies images between registries and
-# OCI layouts) and the S3 server s3s-fs (built with cargo).
+# OCI layouts), iproute2 (ip, tc: the network harness scripts/netsim), mmdebstrap (Debian root
+# filesystems for scripts/debian-image.sh), QEMU's http block driver (bench-net) and the S3
+# server s3s-fs (built with cargo).
 # Idempotent: installs only what is missing. Needs root (CI and developers' machines are root).
 set -euo pipefail
 
@@ -15,6 +17,8 @@ command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v nginx >/dev/null || need+=(nginx-light)
 command -v htpasswd >/dev/null || need+=(apache2-utils)
 command -v skopeo >/dev/null || need+=(skopeo)
+{ command -v ip && command -v tc; } >/dev/null || need+=(iproute2)
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -33,9 +37,15 @@ if ! command -v qemu-system-x86_64 >/dev/null; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
 fi
+# QEMU's http block driver (block-curl.so), for scripts/bench-net.sh's qemu-http case: from the
+# same backports release as qemu-system-x86 (the modules must match the binary's version).
+if [ ! -e /usr/lib/x86_64-linux-gnu/qemu/block-curl.so ]; then
+  echo "installing: qemu-block-extra (bookworm-backports)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-block-extra >/dev/null
+fi
 # The guest's kernel and busybox are not installed: scripts/vm-assets.sh downloads them
 # (apt-get download) into target/vm-assets.
-for tool in qemu-system-x86_64 qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit docker-registry nginx htpasswd skopeo; do
+for tool in qemu-system-x86_64 qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit docker-registry nginx htpasswd skopeo ip tc mmdebstrap; do
   command -v "$tool" >/dev/null || { echo "missing $tool after install" >&2; exit 1; }
 done
 # s3s-fs: a real S3-compatible server (it checks SigV4) for crates/remote/tests/s3.rs.

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Guest assets for the VM demo, test and benchmark: a stock Debian cloud kernel (as an ELF
 # vmlinux, which QEMU boots directly through its PVH note) and a busybox initramfs whose /init
-# mounts /dev/vda, runs /opt/app2/bin/hello from it, writes /vm-wrote.txt and powers off.
+# mounts /dev/vda, runs /opt/app2/bin/hello from it, writes /vm-wrote.txt and powers off; and a
+# second initramfs for the Debian image of scripts/debian-image.sh (described at its end).
 #
 # Usage: scripts/vm-assets.sh [DIR]        (default: target/vm-assets)
-# Leaves in DIR: vmlinux, initrd.cpio.gz, busybox (static, for the guest's root filesystem).
+# Leaves in DIR: vmlinux, initrd.cpio.gz, initrd-debian.cpio.gz, busybox (static, for the guest's
+# root filesystem).
 # The .debs (linux-image-<cloud version>, busybox-static) are fetched with `apt-get download`
 # into DIR/debs once and never installed. Needs: apt-get, dpkg, lz4, python3, gzip.
 #
@@ -79,4 +81,57 @@ chmod +x initrd/init
 (cd initrd && find . | ../busybox cpio -o -H newc 2>/dev/null | gzip -1 > ../initrd.cpio.gz.tmp)
 mv initrd.cpio.gz.tmp initrd.cpio.gz
 rm -rf initrd
-echo "vm-assets: $DIR/vmlinux ($KVER), $DIR/initrd.cpio.gz, $DIR/busybox"
+
+# initrd-debian.cpio.gz: boots a Debian root filesystem (scripts/debian-image.sh). Its /init
+# loads the same virtio modules (ext4 and what it needs, jbd2, mbcache, crc16 and crc32c, are
+# built into this kernel), mounts /dev/vda, mounts proc, sys and dev inside it, runs
+# /opt/mcow/run.sh in a chroot of it and powers off. Kernel parameters:
+#   vmid=N        printed in every marker line
+#   vmmode=ro|rw  ro (default): /dev/vda mounted read-only, under an overlay whose upper layer
+#                 is a tmpfs (the guest's writes, e.g. nginx's logs, stay in RAM; the disk gets
+#                 none); rw: /dev/vda mounted read-write
+# Console marker lines: MCOW-VM-BOOTED id=N, MCOW-VM-MOUNTED id=N, then what run.sh prints, then
+# MCOW-VM-RUN id=N rc=RC (run.sh's exit status) and MCOW-VM-DONE id=N ok|fail (ok: run.sh
+# exited 0 and everything unmounted cleanly).
+rm -rf initrd && mkdir -p initrd/{bin,dev,proc,sys,mnt,ro,rw,lib/modules}
+cp busybox initrd/bin/
+for m in virtio/virtio_ring virtio/virtio virtio/virtio_pci_modern_dev virtio/virtio_pci_legacy_dev virtio/virtio_pci block/virtio_blk; do
+  cp "$M/$m.ko" initrd/lib/modules/
+done
+cp kpkg/lib/modules/"$KVER"/kernel/fs/overlayfs/overlay.ko initrd/lib/modules/
+cat > initrd/init <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk overlay; do insmod /lib/modules/$m.ko; done
+i=0; while [ ! -b /dev/vda ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
+id=${vmid:-0}; mode=${vmmode:-ro}
+echo "MCOW-VM-BOOTED id=$id"
+ok=fail mounted=0
+if [ "$mode" = rw ]; then
+  mount -t ext4 -o rw /dev/vda /mnt && mounted=1
+else
+  mount -t ext4 -o ro /dev/vda /ro && mount -t tmpfs -o mode=755 tmpfs /rw && mkdir /rw/up /rw/work \
+    && mount -t overlay -o lowerdir=/ro,upperdir=/rw/up,workdir=/rw/work overlay /mnt && mounted=1
+fi
+if [ $mounted = 1 ]; then
+  echo "MCOW-VM-MOUNTED id=$id"
+  mount -t proc proc /mnt/proc; mount -t sysfs sys /mnt/sys; mount -o bind /dev /mnt/dev
+  chroot /mnt /bin/sh /opt/mcow/run.sh
+  rc=$?
+  echo "MCOW-VM-RUN id=$id rc=$rc"
+  umount /mnt/dev; umount /mnt/sys; umount /mnt/proc
+  if umount /mnt && [ $rc -eq 0 ]; then ok=ok; fi
+  if [ "$mode" != rw ]; then umount /rw && umount /ro || ok=fail; fi
+else
+  echo "MCOW-VM-MOUNT-FAILED id=$id"
+fi
+echo "MCOW-VM-DONE id=$id $ok"
+poweroff -f
+INIT
+chmod +x initrd/init
+(cd initrd && find . | ../busybox cpio -o -H newc 2>/dev/null | gzip -1 > ../initrd-debian.cpio.gz.tmp)
+mv initrd-debian.cpio.gz.tmp initrd-debian.cpio.gz
+rm -rf initrd
+echo "vm-assets: $DIR/vmlinux ($KVER), $DIR/initrd.cpio.gz, $DIR/initrd-debian.cpio.gz, $DIR/busybox"

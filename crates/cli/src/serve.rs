@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use mcow_engine::{Disk, Engine, FetchPolicy, OpenOptions, RunKind, TOP};
-use mcow_remote::Reference;
+use mcow_remote::{Reference, Sources};
 
 use crate::paths::{Fetch, open_lazy};
 use mcow_nbd::proto::{NBD_STATE_HOLE, NBD_STATE_ZERO};
@@ -383,15 +383,22 @@ fn image_name(reference: &Reference) -> String {
 /// Makes the image at `reference` servable from `cache`: fetches its manifest, then reuses
 /// `CACHE/disks/<name>-<short digest>` if an earlier serve made it, or pulls the image lazily
 /// there (pinned to the manifest just fetched, so the disk and its name agree even if the tag
-/// moves). Layers go to `CACHE/layers`, where blocks fetched before are kept.
-fn prepare_image(reference: &Reference, cache: &Path) -> Result<(PathBuf, u64)> {
+/// moves). Layers go to `CACHE/layers`, where blocks fetched before are kept. The remote opened
+/// here becomes the disk's source in `sources` (its connections are open already).
+fn prepare_image(reference: &Reference, cache: &Path, sources: &Sources) -> Result<(PathBuf, u64)> {
     let remote = mcow_remote::open_remote(reference).with_context(|| format!("opening {reference}"))?;
     let image = mcow_remote::transfer::fetch_image(remote.as_ref(), reference)
         .with_context(|| format!("fetching the manifest of {reference}"))?;
     let digest = image.manifest_digest;
     let dir = cache.join("disks").join(format!("{}-{}", image_name(reference), digest.short()));
+    // The origin a lazy pull of this reference records (pinned to the manifest).
+    let pinned_text =
+        if reference.digest.is_some() { reference.to_string() } else { format!("{reference}@{digest}") };
     if dir.join(mcow_engine::disk::MANIFEST_FILE).exists() {
         tracing::info!(%reference, manifest = %digest, disk = %dir.display(), "reusing the cached disk");
+        if crate::paths::read_origin(&dir)?.is_some_and(|o| o.reference == pinned_text) {
+            sources.adopt(&pinned_text, remote);
+        }
         return Ok((dir, 0));
     }
     if dir.exists() {
@@ -399,11 +406,7 @@ fn prepare_image(reference: &Reference, cache: &Path) -> Result<(PathBuf, u64)> 
         std::fs::remove_dir_all(&dir)
             .with_context(|| format!("removing the incomplete {}", dir.display()))?;
     }
-    let pinned = if reference.digest.is_some() {
-        reference.clone()
-    } else {
-        crate::paths::parse_reference(&format!("{reference}@{digest}")).context("pinning the reference")?
-    };
+    let pinned = crate::paths::parse_reference(&pinned_text).context("pinning the reference")?;
     let report = mcow_remote::transfer::pull_image(
         remote.as_ref(),
         &pinned,
@@ -422,6 +425,7 @@ fn prepare_image(reference: &Reference, cache: &Path) -> Result<(PathBuf, u64)> 
         layers_local = report.layers_local, bytes_fetched = report.bytes_fetched,
         "pulled lazily into the cache"
     );
+    sources.adopt(&pinned.to_string(), remote);
     Ok((dir, report.bytes_fetched))
 }
 
@@ -431,7 +435,7 @@ fn dir_name(dir: &Path) -> String {
 }
 
 /// Turns one `[NAME=]DISK|REF` argument into a disk directory to serve.
-fn resolve_target(spec: &str, cache: &Path) -> Result<Target> {
+fn resolve_target(spec: &str, cache: &Path, sources: &Sources) -> Result<Target> {
     let (name, what) = if Reference::looks_like(spec) {
         (None, spec)
     } else {
@@ -442,7 +446,7 @@ fn resolve_target(spec: &str, cache: &Path) -> Result<Target> {
     };
     if Reference::looks_like(what) {
         let reference = crate::paths::parse_reference(what)?;
-        let (dir, pulled_bytes) = prepare_image(&reference, cache)?;
+        let (dir, pulled_bytes) = prepare_image(&reference, cache, sources)?;
         return Ok(Target { name: name.unwrap_or_else(|| image_name(&reference)), dir, pulled_bytes });
     }
     let dir = PathBuf::from(what);
@@ -470,7 +474,7 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
     let engine = Engine::default();
     let sources = crate::paths::new_sources();
     for spec in &args.disks {
-        let t = resolve_target(spec, &args.cache)?;
+        let t = resolve_target(spec, &args.cache, &sources)?;
         let opts = OpenOptions { read_only: args.read_only, verify: true, force_share: args.force_share };
         let (disk, source) = open_lazy(
             &engine,

@@ -571,6 +571,14 @@ impl Sources {
         Ok(source)
     }
 
+    /// Makes `remote`, already open on origin `reference` (as a lazy disk's `remote.json` names
+    /// it), the source of that origin, unless there is one: the disks pulled through it then
+    /// fetch over the connections the pull opened (a new one costs a round trip or two).
+    pub fn adopt(&self, reference: &str, remote: Arc<dyn Remote>) {
+        let mut sources = self.by_origin.lock().unwrap_or_else(|p| p.into_inner());
+        sources.entry(reference.to_string()).or_insert_with(|| Arc::new(RemoteSource::new(remote)));
+    }
+
     /// Opens a disk in `engine`; if it was pulled lazily (it has a `remote.json`), missing
     /// blocks are fetched from its origin as `policy` says, through this registry's source for
     /// that origin. Returns what it fetched, for statistics.

@@ -153,11 +153,31 @@ impl Serve {
     /// [`Serve::start_env`] with another verb that serves (`trace`).
     #[allow(dead_code)]
     pub fn start_verb(cwd: &Path, verb: &str, args: &[&str], env: &[(&str, &str)]) -> Serve {
+        Serve::start_wrapped(&[], cwd, verb, args, env)
+    }
+
+    /// [`Serve::start_verb`] run through `wrapper` (a command that execs its arguments, such as
+    /// `ip netns exec NS`, so that the child is still the server: signals reach it).
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        cwd: &Path,
+        verb: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Serve {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let sock = cwd.join(format!("nbd{n}.sock"));
         assert!(sock.as_os_str().len() < 100, "socket path too long for AF_UNIX: {}", sock.display());
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mcow"))
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(tool(program));
+                c.args(rest).arg(env!("CARGO_BIN_EXE_mcow"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_mcow")),
+        };
+        let mut child = cmd
             .arg(verb)
             .arg("-k")
             .arg(&sock)

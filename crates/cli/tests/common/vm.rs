@@ -20,6 +20,8 @@ pub fn require(name: &str) -> PathBuf {
             "qemu-system-x86 from bookworm-backports (scripts/install-deps.sh does it; the bookworm one removes qemu-utils)"
         }
         "docker-registry" => "docker-registry",
+        "nginx" => "nginx-light",
+        "ip" | "tc" => "iproute2",
         "skopeo" => "skopeo",
         "nbdfuse" => "libnbd-bin",
         "mkfs.ext4" | "debugfs" => "e2fsprogs",
