@@ -25,9 +25,9 @@
 #         whose request line matches REGEX with 429 (Retry-After: 1) and closes the connection.
 #       --cache: a caching nginx in PREFIX-rack on CACHEADDR:5000 (registry) and CACHEADDR:8080
 #         (files), behind the shaped uplink. Registry blobs (/v2/NAME/blobs/sha256:...) and files
-#         are cached in 1 MiB slices (proxy_cache + slice, one fetch per slice even when many
-#         hosts ask at once: proxy_cache_lock); everything else (/v2/, manifests, uploads) passes
-#         through uncached. Requests with several ranges bypass the cache (passed through).
+#         are cached (keyed by exact range, or in 1 MiB slices: NETSIM_CACHE_MODE, see
+#         blob_cache below; one origin fetch per key even when many hosts ask at once:
+#         proxy_cache_lock); everything else (/v2/, manifests, uploads) passes through uncached.
 #   netsim.sh down             Stops every process started by `up` (and anything else still
 #                              running inside the PREFIX-* namespaces), deletes the namespaces
 #                              (which removes the links and the tc qdiscs) and the cache. Safe
@@ -48,6 +48,7 @@
 #   NETSIM_NET     the first two octets of the addresses (default 10.231).
 #   NETSIM_STATE   state directory: pid files, logs, configs, cache (default /tmp/netsim-PREFIX).
 #   NETSIM_CACHE_MAX  max_size of the rack's cache (default 50g).
+#   NETSIM_CACHE_MODE range (default) or slice: how the rack's cache keys blobs (blob_cache).
 # Addresses (NET = NETSIM_NET), only inside the namespaces, no default route anywhere:
 #   uplink      PREFIX-reg up0 NET.0.1/30 (REGADDR)  <->  PREFIX-rack up0 NET.0.2/30
 #   host I      PREFIX-rack hI NET.I.1/30            <->  PREFIX-hI eth0 NET.I.2/30   (I <= 250)
@@ -131,8 +132,46 @@ nginx_temps() { # DIR
   echo "uwsgi_temp_path $1/tmp/uwsgi; scgi_temp_path $1/tmp/scgi;"
 }
 
-# The rack's cache: one server per origin, blobs/files cached in 1 MiB slices keyed by URI and
-# slice, concurrent misses of one slice wait for the first (proxy_cache_lock).
+# How the rack's cache keys what it stores (NETSIM_CACHE_MODE):
+#   range (default)  each answer is cached under its URI and exact Range header (single or
+#                    several ranges, or none), and fetched from the origin with that same Range:
+#                    hosts running the same image ask the same ranges (same reads, same
+#                    windows, same trace batches), so the origin sends each once; a range that
+#                    differs in any byte is a miss of its own.
+#   slice            1 MiB slices (nginx's slice module): any single range is served from the
+#                    slices it touches, fetched whole; requests with several ranges pass through
+#                    uncached (the slice module serves one range only).
+# Either way, concurrent misses of one key wait for the first (proxy_cache_lock).
+blob_cache() { # UPSTREAM: the location body that caches blobs or files from it
+  local mode=${NETSIM_CACHE_MODE:-range}
+  case $mode in
+    range) cat <<EOF
+      proxy_cache netsim;
+      proxy_cache_key \$uri|\$http_range;
+      proxy_cache_valid 200 206 7d;
+      proxy_cache_lock on; proxy_cache_lock_timeout 600s; proxy_cache_lock_age 600s;
+      proxy_set_header Range \$http_range;
+      proxy_set_header Host \$http_host; proxy_set_header Connection "";
+      proxy_pass http://$1;
+EOF
+    ;;
+    slice) cat <<EOF
+      if (\$multirange) { rewrite ^ /.pass\$uri last; }
+      slice 1m;
+      proxy_cache netsim;
+      proxy_cache_key \$uri\$slice_range;
+      proxy_cache_valid 200 206 7d;
+      proxy_cache_lock on; proxy_cache_lock_timeout 600s; proxy_cache_lock_age 600s;
+      proxy_set_header Range \$slice_range;
+      proxy_set_header Host \$http_host; proxy_set_header Connection "";
+      proxy_pass http://$1;
+EOF
+    ;;
+    *) die "NETSIM_CACHE_MODE is range or slice, not $mode" ;;
+  esac
+}
+
+# The rack's cache: one server per origin (see blob_cache for how blobs are kept).
 cache_conf() {
   local d=$STATE/cache
   nginx_common "$d"
@@ -151,15 +190,7 @@ http {
   server {
     listen $CACHEADDR:5000;
     location ~ ^/v2/.+/blobs/sha256:[0-9a-f]+\$ {
-      if (\$multirange) { rewrite ^ /.pass\$uri last; }
-      slice 1m;
-      proxy_cache netsim;
-      proxy_cache_key \$uri\$slice_range;
-      proxy_cache_valid 200 206 7d;
-      proxy_cache_lock on; proxy_cache_lock_timeout 600s; proxy_cache_lock_age 600s;
-      proxy_set_header Range \$slice_range;
-      proxy_set_header Host \$http_host; proxy_set_header Connection "";
-      proxy_pass http://reg;
+$(blob_cache reg)
     }
     location ^~ /.pass/ {
       internal;
@@ -177,15 +208,7 @@ http {
   server {
     listen $CACHEADDR:8080;
     location / {
-      if (\$multirange) { rewrite ^ /.pass\$uri last; }
-      slice 1m;
-      proxy_cache netsim;
-      proxy_cache_key \$uri\$slice_range;
-      proxy_cache_valid 200 206 7d;
-      proxy_cache_lock on; proxy_cache_lock_timeout 600s; proxy_cache_lock_age 600s;
-      proxy_set_header Range \$slice_range;
-      proxy_set_header Host \$http_host; proxy_set_header Connection "";
-      proxy_pass http://www;
+$(blob_cache www)
     }
     location ^~ /.pass/ {
       internal;

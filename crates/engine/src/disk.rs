@@ -335,9 +335,38 @@ impl Disk {
         Ok(Segments { disk: self, pos: offset, end: offset + len })
     }
 
+    /// Before the first piece of a read that partial layers must fetch: fetches that piece and
+    /// every later one of `[from, end)` that needs fetching at once, each on a thread of its
+    /// own, so that a read spanning several layers (or several runs of one) costs one round
+    /// trip to the origin rather than one per piece. Errors are left to the read, which makes
+    /// each piece ready again in order and reports what still fails.
+    fn fetch_pieces_at_once(&self, from: u64, end: u64) {
+        let Ok(segments) = self.segments(from, end - from) else { return };
+        let todo: Vec<(Segment, Loc)> = segments
+            .filter_map(|s| match s.holder {
+                Holder::Layer(l) if self.stack.may_fetch(s.vblock, l, s.within, s.len) => Some((s, l)),
+                _ => None,
+            })
+            .collect();
+        if todo.len() < 2 {
+            return;
+        }
+        let ready = |(s, l): &(Segment, Loc)| {
+            let _ = self.stack.ready_run(s.vblock, *l, s.within, s.len);
+        };
+        std::thread::scope(|scope| {
+            for piece in &todo[1..] {
+                scope.spawn(move || ready(piece));
+            }
+            ready(&todo[0]);
+        });
+    }
+
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let end = offset + buf.len() as u64;
         let mut segments = self.segments(offset, buf.len() as u64)?;
+        let mut fetched_at_once = false;
         while let Some(s) = segments.next() {
             let out = &mut buf[(s.offset - offset) as usize..][..s.len as usize];
             match s.holder {
@@ -346,7 +375,13 @@ impl Disk {
                         segments.again(&s); // the top changed under us: resolve again
                     }
                 }
-                Holder::Layer(l) => self.stack.read_run(s.vblock, l, s.within, out)?,
+                Holder::Layer(l) => {
+                    if !fetched_at_once && self.stack.may_fetch(s.vblock, l, s.within, s.len) {
+                        fetched_at_once = true;
+                        self.fetch_pieces_at_once(s.offset, end);
+                    }
+                    self.stack.read_run(s.vblock, l, s.within, out)?
+                }
                 Holder::Zero { .. } | Holder::Hole { .. } => out.fill(0),
             }
         }
@@ -360,13 +395,20 @@ impl Disk {
     pub fn read_mapped(&self, offset: u64, len: usize, send: &mut dyn FnMut(&[&[u8]])) -> Result<bool> {
         static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
         let mut parts: Vec<&[u8]> = Vec::new();
+        let mut fetched_at_once = false;
         for s in self.segments(offset, len as u64)? {
             match s.holder {
                 Holder::Top => return Ok(false),
-                Holder::Layer(l) => match self.stack.mapped_run(s.vblock, l, s.within, s.len as usize)? {
-                    Some(slice) => parts.push(slice),
-                    None => return Ok(false),
-                },
+                Holder::Layer(l) => {
+                    if !fetched_at_once && self.stack.may_fetch(s.vblock, l, s.within, s.len) {
+                        fetched_at_once = true;
+                        self.fetch_pieces_at_once(s.offset, offset + len as u64);
+                    }
+                    match self.stack.mapped_run(s.vblock, l, s.within, s.len as usize)? {
+                        Some(slice) => parts.push(slice),
+                        None => return Ok(false),
+                    }
+                }
                 Holder::Zero { .. } | Holder::Hole { .. } => {
                     let mut left = s.len as usize;
                     while left > 0 {

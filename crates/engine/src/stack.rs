@@ -188,19 +188,41 @@ impl Stack {
     /// slice of the layer's map, after making them local and checked as [`Stack::read_run`]
     /// would; `None` when the layer is not mapped.
     pub fn mapped_run(&self, vblock: u64, loc: Loc, offset: u64, len: usize) -> Result<Option<&[u8]>> {
-        let layer = &self.layers[loc.layer as usize];
         let Some(map) = &self.maps[loc.layer as usize] else { return Ok(None) };
         if len == 0 {
             return Ok(Some(&[]));
         }
+        self.ready_run(vblock, loc, offset, len as u64)?;
+        let start = (loc.pblock * u64::from(self.block_size) + offset) as usize;
+        Ok(Some(&map[start..start + len]))
+    }
+
+    /// The virtual blocks under `len` (> 0) bytes from `offset` into virtual block `vblock`.
+    fn blocks_of(&self, vblock: u64, offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
         let bs = u64::from(self.block_size);
-        let blocks = vblock + offset / bs..=vblock + (offset + len as u64 - 1) / bs;
+        vblock + offset / bs..=vblock + (offset + len - 1) / bs
+    }
+
+    /// Makes the run at `loc` (`len` bytes from `offset` into virtual block `vblock`) local and
+    /// checked without reading it out, fetching what a partial layer lacks.
+    pub(crate) fn ready_run(&self, vblock: u64, loc: Loc, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let blocks = self.blocks_of(vblock, offset, len);
         if !self.checked(loc, blocks.clone()) {
-            layer.make_ready(loc.pblock, offset, len as u64)?;
+            self.layers[loc.layer as usize].make_ready(loc.pblock, offset, len)?;
             self.mark_checked(blocks);
         }
-        let start = (loc.pblock * bs + offset) as usize;
-        Ok(Some(&map[start..start + len]))
+        Ok(())
+    }
+
+    /// Whether reading the run at `loc` would fetch: its layer is partial and not all of its
+    /// blocks there are checked yet (they may be local all the same; then nothing is fetched).
+    pub(crate) fn may_fetch(&self, vblock: u64, loc: Loc, offset: u64, len: u64) -> bool {
+        len > 0
+            && self.layers[loc.layer as usize].is_partial()
+            && !self.checked(loc, self.blocks_of(vblock, offset, len))
     }
 
     /// Reads what the stack holds at virtual block `vblock`, `offset` bytes in, into `buf`

@@ -852,3 +852,47 @@ fn prefetching_runs_fetches_just_their_missing_blocks_in_one_request() {
     d.read(2 * bs as u64, &mut b).unwrap();
     assert_eq!(count().1, 3, "block 2 was not prefetched");
 }
+
+// One read that spans pieces of several partial layers (blocks 0..5 of the 3-layer disk
+// alternate between its layers): the pieces are fetched at once, not one after another, so the
+// read costs one round trip to the origin instead of one per piece. The source holds every
+// request for 100 ms and records how many were in flight together: at least 3 (one per layer),
+// and the bytes read are the disk's.
+#[test]
+fn a_read_across_several_partial_layers_fetches_its_pieces_at_once() {
+    let t = tempfile::tempdir().unwrap();
+    let (complete, all) = build_complete(t.path());
+    let partial = build_partial(t.path(), &complete);
+    let (now, max) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (n, m) = (now.clone(), max.clone());
+    let src = hook_source(t.path(), move |i, _| {
+        if i == 0 {
+            let k = n.fetch_add(1, Ordering::SeqCst) + 1;
+            m.fetch_max(k, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            n.fetch_sub(1, Ordering::SeqCst);
+        }
+        true
+    });
+    let d = Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), EXACT).unwrap();
+    let layers: std::collections::HashSet<u32> = d
+        .segments(0, 5 * 65536)
+        .unwrap()
+        .filter_map(|s| match s.holder {
+            mcow_engine::disk::Holder::Layer(l) => Some(l.layer),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(layers.len(), 3, "the range must span all three layers for this test to mean anything");
+    // Both read paths: copying reads, and mapped reads (the NBD server's) on a second range.
+    let mut buf = vec![0u8; 5 * 65536];
+    d.read(0, &mut buf).unwrap();
+    assert_eq!(buf, all[..buf.len()]);
+    assert!(max.load(Ordering::SeqCst) >= 3, "pieces fetched one after another: max {max:?} in flight");
+    max.store(0, Ordering::SeqCst);
+    let (from, len) = (20 * 65536, 5 * 65536);
+    let mut got = Vec::new();
+    assert!(d.read_mapped(from as u64, len, &mut |parts| got = parts.concat()).unwrap());
+    assert_eq!(got, all[from..from + len]);
+    assert!(max.load(Ordering::SeqCst) >= 3, "mapped read: max {max:?} in flight");
+}
