@@ -151,6 +151,10 @@ impl Fetcher {
     }
 }
 
+/// How long after the open the background load of a layer's hash table waits at most for the
+/// first fetched blocks to land (see `PartialLayer::load_hashes_in_background`).
+const HASHES_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// A reader waiting for a block to land: the block, the claim it waits for, the thread to wake.
 struct Waiter {
     block: u64,
@@ -192,6 +196,9 @@ struct FetchState {
     streams: Streams,
     /// Fetches that failed, until each of their waiting readers has taken the error.
     failures: Vec<Failure>,
+    /// Whether a fetched block has landed since the open: the background load of the hash
+    /// table waits for the first (see `load_hashes_in_background`).
+    landed_any: bool,
 }
 
 impl FetchState {
@@ -284,6 +291,7 @@ impl<'a> Claim<'a> {
     /// Blocks `blocks` (the next ones of the claim) were checked and written.
     fn landed(&self, blocks: std::ops::Range<u64>) {
         let mut state = self.fetch.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.landed_any = true;
         if let Some(i) = state.in_flight.iter().position(|r| r.0 == self.id) {
             state.in_flight[i].1 = blocks.end;
             if state.in_flight[i].1 >= state.in_flight[i].2 {
@@ -1242,8 +1250,11 @@ impl PartialLayer {
 
     /// Loads the hash table chunks not loaded yet on one of the engine's background threads, in
     /// one request (see [`PartialLayer::load_chunks`]), so that only the first reads of a lazily
-    /// pulled layer wait for a chunk. Nothing when the layer has them all or has no background
-    /// threads. A failure is only logged: a read that needs the chunk loads it again.
+    /// pulled layer wait for a chunk. The request starts once the layer's first fetched blocks
+    /// have landed (or [`HASHES_AFTER`] after the open, if nothing is read): on a slow link it
+    /// would otherwise share the link with the first read, which carries its own chunk. Nothing
+    /// when the layer has them all or has no background threads. A failure is only logged: a
+    /// read that needs the chunk loads it again.
     pub(crate) fn load_hashes_in_background(self: &Arc<Self>) {
         let Some(t) = self.hashes.chunked() else { return };
         if t.all_loaded() {
@@ -1253,6 +1264,14 @@ impl PartialLayer {
         let layer = self.clone();
         background.spawn(move || {
             let Some(t) = layer.hashes.chunked() else { return };
+            let since = std::time::Instant::now();
+            while since.elapsed() < HASHES_AFTER {
+                let landed = layer.fetch.state.lock().unwrap_or_else(|p| p.into_inner()).landed_any;
+                if landed || layer.fetch.background.as_ref().is_some_and(|b| b.is_stopping()) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
             for (c, why) in layer.load_chunks(t, &t.missing(), true) {
                 tracing::debug!(layer = %layer.digest, chunk = c, error = %why, "background: hash chunk not loaded");
             }
