@@ -366,3 +366,50 @@ fn a_retry_after_is_waited_for_within_the_budget() {
     assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(2), "{took:?}");
     assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
+
+// Ranged fetches reuse their connection: a lazy disk on nginx reads 12 scattered blocks one
+// after another (one single-range GET each) and prefetches runs in two multi-range GETs; every
+// answer is read to its end, so the HTTP client keeps the connection and nginx's log shows all
+// of those requests on one or two TCP connections (a new connection per fetch costs a TCP
+// handshake, one round trip more, on every read of a lazy disk). The bytes must still be right.
+#[test]
+fn ranged_fetches_reuse_their_connection() {
+    let t = tempfile::tempdir().unwrap();
+    let (disk, bytes) = build_disk(&t.path().join("a"));
+    let www = t.path().join("www");
+    let file_ref = Reference::parse(&format!("file://{}:v1", www.join("images").display())).unwrap();
+    transfer::push(&disk, &file_ref, &mut |_, _| {}).unwrap();
+    let ngx_dir = t.path().join("ngx");
+    let ngx = Nginx::start(&ngx_dir, &www);
+    let r = Reference::parse(&format!("http://127.0.0.1:{}/images:v1", ngx.port)).unwrap();
+    transfer::pull(&r, &t.path().join("c/disk"), &t.path().join("c/layers"), true, &mut |_, _| {}).unwrap();
+    let before = Nginx::access_log(&ngx_dir).len();
+    let (d, src) = transfer::Sources::new()
+        .open_lazy_disk(&mcow_engine::Engine::default(), &t.path().join("c/disk"), ro(), EXACT)
+        .unwrap();
+    let blocks: Vec<(u64, u64)> = (0..3).flat_map(|l| data_blocks_of(&d, l)).collect();
+    assert!(blocks.len() >= 24, "the test needs blocks to read: {}", blocks.len());
+    let mut buf = vec![0u8; 4096];
+    for &(vb, _) in blocks.iter().step_by(2).take(12) {
+        d.read(vb * BS, &mut buf).unwrap();
+        assert_eq!(buf, bytes[(vb * BS) as usize..][..4096]);
+    }
+    let rest: Vec<(u64, u64)> = blocks.iter().skip(1).step_by(2).map(|&(vb, _)| (vb, 1)).collect();
+    let (a, b) = rest.split_at(rest.len() / 2);
+    d.prefetch_runs(a).unwrap();
+    d.prefetch_runs(b).unwrap();
+    let log: Vec<String> = Nginx::access_log(&ngx_dir)[before..].to_vec();
+    let (_, requests) = src.unwrap().stats();
+    // (Whole-disk reads fetch pieces of several layers at once, on connections of their own.)
+    assert!(read_all(&d) == bytes);
+    assert!(requests >= 14, "12 reads and 2 prefetches, at least: {requests}");
+    assert!(log.iter().any(|l| l.contains(',')), "a multi-range request among them:\n{}", log.join("\n"));
+    let conns: std::collections::BTreeSet<&str> = log.iter().filter_map(|l| l.split(' ').next()).collect();
+    assert!(
+        conns.len() <= 2,
+        "{} requests came on {} connections:\n{}",
+        log.len(),
+        conns.len(),
+        log.join("\n")
+    );
+}

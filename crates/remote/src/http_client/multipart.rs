@@ -70,6 +70,19 @@ pub fn stream_multi_range_body(
             )));
         }
     }
+    if status == StatusCode::PARTIAL_CONTENT {
+        // What follows the last part (the closing delimiter's line end) and the body's end: the
+        // HTTP client keeps the connection for the next request only once it has seen the end.
+        // Bounded, so that a body with more than it should have is dropped, not read.
+        let mut rest = [0u8; 1024];
+        let mut left = rest.len();
+        while left > 0 {
+            match std::io::Read::read(&mut reader, &mut rest[..left]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left -= n,
+            }
+        }
+    }
     Ok(())
 }
 

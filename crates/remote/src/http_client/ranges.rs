@@ -95,7 +95,19 @@ pub fn stream_range_body(
             )));
         }
     }
-    stream_body(method, url, &mut reader, offset, len, sink)
+    let mut stopped = false;
+    stream_body(method, url, &mut reader, offset, len, &mut |piece: &[u8]| {
+        stopped = !sink(piece);
+        !stopped
+    })?;
+    if skip == 0 && !stopped {
+        // The answer's bytes are all read; one more read sees its end, which is what lets the
+        // HTTP client keep the connection for the next request. Without it every ranged fetch
+        // opened a new connection: a TCP handshake (one round trip more) per fetch.
+        let mut probe = [0u8; 64];
+        let _ = reader.read(&mut probe);
+    }
+    Ok(())
 }
 
 /// Feeds the next `len` bytes of `reader` to `sink` in pieces of up to [`STREAM_CHUNK`] bytes.

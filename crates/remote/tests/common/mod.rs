@@ -214,7 +214,8 @@ impl Nginx {
                 "daemon off; master_process on; worker_processes 1;\n\
                  pid {d}/nginx.pid; error_log {d}/logs/error.log warn;\n\
                  events {{ worker_connections 256; }}\n\
-                 http {{\n  access_log off;\n  client_body_temp_path {d}/tmp/body; proxy_temp_path {d}/tmp/proxy;\n  \
+                 http {{\n  log_format conn '$connection $status \"$request\" $http_range';\n  \
+                 access_log {d}/logs/access.log conn;\n  client_body_temp_path {d}/tmp/body; proxy_temp_path {d}/tmp/proxy;\n  \
                  fastcgi_temp_path {d}/tmp/fastcgi; uwsgi_temp_path {d}/tmp/uwsgi; scgi_temp_path {d}/tmp/scgi;\n  \
                  default_type application/octet-stream; sendfile on;\n  \
                  server {{ listen 127.0.0.1:{port}; root {r}; location / {{ }} }}\n}}\n",
@@ -233,6 +234,18 @@ impl Nginx {
             "nginx would not start; log:\n{}",
             std::fs::read_to_string(dir.join("logs/error.log")).unwrap_or_default()
         );
+    }
+}
+
+impl Nginx {
+    /// The access log so far: one line per request, `CONNECTION STATUS "REQUEST" RANGE`, where
+    /// CONNECTION is nginx's serial number of the TCP connection it came on.
+    pub fn access_log(dir: &Path) -> Vec<String> {
+        std::fs::read_to_string(dir.join("logs/access.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
     }
 }
 
