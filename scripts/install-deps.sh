@@ -25,23 +25,22 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-# qemu-system-x86 (the VM test and demo) from bookworm-backports, beside qemu-utils 10: the
-# bookworm package (7.2) would remove qemu-utils. The backports source reuses the existing entry.
-if ! command -v qemu-system-x86_64 >/dev/null; then
-  echo "installing: qemu-system-x86 (bookworm-backports)"
+# qemu-system-x86 (the VM test and demo) and qemu-block-extra (QEMU's http block driver,
+# block-curl.so, for scripts/bench-net.sh's qemu-http case) from bookworm-backports, beside
+# qemu-utils 10: the bookworm package (7.2) would remove qemu-utils, and the modules must match
+# the binary's version. The backports source reuses the existing entry.
+backports=()
+command -v qemu-system-x86_64 >/dev/null || backports+=(qemu-system-x86)
+[ -e /usr/lib/x86_64-linux-gnu/qemu/block-curl.so ] || backports+=(qemu-block-extra)
+if [ ${#backports[@]} -gt 0 ]; then
+  echo "installing: ${backports[*]} (bookworm-backports)"
   export DEBIAN_FRONTEND=noninteractive
   if [ ! -e /etc/apt/sources.list.d/bookworm-backports.sources ]; then
     awk 'BEGIN{RS="";ORS="\n\n"} /Suites: bookworm bookworm-updates/' /etc/apt/sources.list.d/debian.sources \
       | sed 's/^Suites: .*/Suites: bookworm-backports/' > /etc/apt/sources.list.d/bookworm-backports.sources
   fi
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
-fi
-# QEMU's http block driver (block-curl.so), for scripts/bench-net.sh's qemu-http case: from the
-# same backports release as qemu-system-x86 (the modules must match the binary's version).
-if [ ! -e /usr/lib/x86_64-linux-gnu/qemu/block-curl.so ]; then
-  echo "installing: qemu-block-extra (bookworm-backports)"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-block-extra >/dev/null
+  apt-get install -y -qq --no-install-recommends -t bookworm-backports "${backports[@]}" >/dev/null
 fi
 # The guest's kernel and busybox are not installed: scripts/vm-assets.sh downloads them
 # (apt-get download) into target/vm-assets.
