@@ -49,12 +49,25 @@ PY
 fi
 KVER=$(cat kver)
 
-rm -rf initrd && mkdir -p initrd/{bin,dev,proc,sys,mnt,lib/modules}
-cp busybox initrd/bin/
 M=kpkg/lib/modules/$KVER/kernel/drivers
-for m in virtio/virtio_ring virtio/virtio virtio/virtio_pci_modern_dev virtio/virtio_pci_legacy_dev virtio/virtio_pci block/virtio_blk; do
-  cp "$M/$m.ko" initrd/lib/modules/
-done
+# initrd_skeleton DIR...: a fresh initrd/ with busybox, the virtio modules and the directories
+# named; pack_initrd NAME: initrd/init made executable, initrd/ packed into NAME, then removed.
+initrd_skeleton() {
+  rm -rf initrd && mkdir -p initrd/lib/modules
+  for d in "$@"; do mkdir -p "initrd/$d"; done
+  cp busybox initrd/bin/
+  for m in virtio/virtio_ring virtio/virtio virtio/virtio_pci_modern_dev virtio/virtio_pci_legacy_dev virtio/virtio_pci block/virtio_blk; do
+    cp "$M/$m.ko" initrd/lib/modules/
+  done
+}
+pack_initrd() {
+  chmod +x initrd/init
+  (cd initrd && find . | ../busybox cpio -o -H newc 2>/dev/null | gzip -1 > "../$1.tmp")
+  mv "$1.tmp" "$1"
+  rm -rf initrd
+}
+
+initrd_skeleton bin dev proc sys mnt
 cat > initrd/init <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -77,10 +90,7 @@ fi
 echo "MCOW-VM-DONE id=$id $ok"
 poweroff -f
 INIT
-chmod +x initrd/init
-(cd initrd && find . | ../busybox cpio -o -H newc 2>/dev/null | gzip -1 > ../initrd.cpio.gz.tmp)
-mv initrd.cpio.gz.tmp initrd.cpio.gz
-rm -rf initrd
+pack_initrd initrd.cpio.gz
 
 # initrd-debian.cpio.gz: boots a Debian root filesystem (scripts/debian-image.sh). Its /init
 # loads the same virtio modules (ext4 and what it needs, jbd2, mbcache, crc16 and crc32c, are
@@ -93,11 +103,7 @@ rm -rf initrd
 # Console marker lines: MCOW-VM-BOOTED id=N, MCOW-VM-MOUNTED id=N, then what run.sh prints, then
 # MCOW-VM-RUN id=N rc=RC (run.sh's exit status) and MCOW-VM-DONE id=N ok|fail (ok: run.sh
 # exited 0 and everything unmounted cleanly).
-rm -rf initrd && mkdir -p initrd/{bin,dev,proc,sys,mnt,ro,rw,lib/modules}
-cp busybox initrd/bin/
-for m in virtio/virtio_ring virtio/virtio virtio/virtio_pci_modern_dev virtio/virtio_pci_legacy_dev virtio/virtio_pci block/virtio_blk; do
-  cp "$M/$m.ko" initrd/lib/modules/
-done
+initrd_skeleton bin dev proc sys mnt ro rw
 cp kpkg/lib/modules/"$KVER"/kernel/fs/overlayfs/overlay.ko initrd/lib/modules/
 cat > initrd/init <<'INIT'
 #!/bin/busybox sh
@@ -130,8 +136,5 @@ fi
 echo "MCOW-VM-DONE id=$id $ok"
 poweroff -f
 INIT
-chmod +x initrd/init
-(cd initrd && find . | ../busybox cpio -o -H newc 2>/dev/null | gzip -1 > ../initrd-debian.cpio.gz.tmp)
-mv initrd-debian.cpio.gz.tmp initrd-debian.cpio.gz
-rm -rf initrd
+pack_initrd initrd-debian.cpio.gz
 echo "vm-assets: $DIR/vmlinux ($KVER), $DIR/initrd.cpio.gz, $DIR/initrd-debian.cpio.gz, $DIR/busybox"
