@@ -1,8 +1,8 @@
 //! The mcow on-disk format, as plain types with encode and decode functions.
 //!
 //! This crate owns the byte layout of every structure mcow writes: the layer header, the extent
-//! index, the per-block hash table, the sealed-layer trailer, the writable top's journal records
-//! and the JSON disk manifest. It performs no I/O and knows nothing of files, stacks or caching:
+//! index, the per-block hash table, the sealed-layer trailer, the writable top's journal records,
+//! the JSON disk manifest, and compressed layer blobs (frames, frame table). It performs no I/O and knows nothing of files, stacks or caching:
 //! callers hand it byte slices. `docs/FORMAT.md` is the specification; this crate is its
 //! reference implementation. All integers are little-endian.
 //!
@@ -12,6 +12,7 @@
 mod block_hash;
 mod digest;
 mod error;
+mod frames;
 mod header;
 mod index;
 mod journal;
@@ -21,6 +22,9 @@ mod trailer;
 pub use block_hash::{BLOCK_HASH_SIZE, BlockHash, BlockHashKind, decode_block_hashes};
 pub use digest::{Digest, DigestParseError, Sha256Stream, chain_digest};
 pub use error::FormatError;
+pub use frames::{
+    BlobLayout, DEFAULT_LEVEL, FRAME_ENTRY_SIZE, FRAMES_FILE_HEADER, FrameDecoder, FrameEncoder, FrameTable, FramesFile, LEVELS,
+};
 pub use header::{
     HEADER_FIELDS_LEN, HEADER_SIZE, KNOWN_INCOMPAT_FEATURES, LayerHeader, LayerKind, MAX_BLOCK_SIZE,
     MIN_BLOCK_SIZE, check_block_size, check_virtual_size,
