@@ -73,9 +73,13 @@ impl FrameTable {
         if bytes.len() != need {
             return Err(FormatError::Truncated { what: "frame table", got: bytes.len(), need });
         }
-        let offsets: Vec<u64> = (0..bytes.len()).step_by(FRAME_ENTRY_SIZE).map(|at| le_u64(bytes, at)).collect();
+        let offsets: Vec<u64> =
+            (0..bytes.len()).step_by(FRAME_ENTRY_SIZE).map(|at| le_u64(bytes, at)).collect();
         if offsets[0] != HEADER_SIZE as u64 {
-            return Err(FormatError::invalid("frame table", format!("first frame at {}, not {HEADER_SIZE}", offsets[0])));
+            return Err(FormatError::invalid(
+                "frame table",
+                format!("first frame at {}, not {HEADER_SIZE}", offsets[0]),
+            ));
         }
         for (p, w) in offsets.windows(2).enumerate() {
             let len = w[1].checked_sub(w[0]);
@@ -126,7 +130,12 @@ impl BlobLayout {
     /// The layout, if the lengths are consistent: the layer's data region a whole number of
     /// blocks, and room in the blob for a header, at least one byte per frame, the table and
     /// the tail.
-    pub fn new(block_size: u32, layer_len: u64, tail_len: u64, blob_len: u64) -> Result<BlobLayout, FormatError> {
+    pub fn new(
+        block_size: u32,
+        layer_len: u64,
+        tail_len: u64,
+        blob_len: u64,
+    ) -> Result<BlobLayout, FormatError> {
         let bad = |why: String| FormatError::invalid("compressed blob", why);
         let data = layer_len
             .checked_sub(HEADER_SIZE as u64)
@@ -141,7 +150,9 @@ impl BlobLayout {
             .and_then(|n| n.checked_add(FrameTable::encoded_len(block_count)))
             .and_then(|n| n.checked_add(tail_len));
         if min.is_none_or(|m| blob_len < m) {
-            return Err(bad(format!("blob of {blob_len} bytes is too short for {block_count} frames and a tail")));
+            return Err(bad(format!(
+                "blob of {blob_len} bytes is too short for {block_count} frames and a tail"
+            )));
         }
         Ok(BlobLayout { block_size, block_count, layer_len, tail_len, blob_len })
     }
@@ -218,7 +229,8 @@ pub struct FrameDecoder {
 
 impl FrameDecoder {
     pub fn new() -> Result<FrameDecoder, FormatError> {
-        let dctx = zstd::bulk::Decompressor::new().map_err(|e| FormatError::invalid("frame", e.to_string()))?;
+        let dctx =
+            zstd::bulk::Decompressor::new().map_err(|e| FormatError::invalid("frame", e.to_string()))?;
         Ok(FrameDecoder { dctx })
     }
 
@@ -278,14 +290,21 @@ impl FramesFile {
     /// digest it records and meet [`FrameTable::decode`]'s rules.
     pub fn decode(b: &[u8], block_size: u32) -> Result<FramesFile, FormatError> {
         if b.len() < FRAMES_FILE_HEADER {
-            return Err(FormatError::Truncated { what: "frames file", got: b.len(), need: FRAMES_FILE_HEADER });
+            return Err(FormatError::Truncated {
+                what: "frames file",
+                got: b.len(),
+                need: FRAMES_FILE_HEADER,
+            });
         }
         if &b[..8] != FRAMES_MAGIC {
             return Err(FormatError::BadMagic { what: "frames file" });
         }
         let version = crate::le_u32(b, 8);
         if version != FRAMES_VERSION {
-            return Err(FormatError::invalid("frames file", format!("version {version}, this build reads 1")));
+            return Err(FormatError::invalid(
+                "frames file",
+                format!("version {version}, this build reads 1"),
+            ));
         }
         let blob = Digest(b[16..48].try_into().expect("32 bytes"));
         let blob_len = le_u64(b, 48);
@@ -294,7 +313,10 @@ impl FramesFile {
         let table_bytes = &b[FRAMES_FILE_HEADER..];
         let actual = Digest::of(table_bytes);
         if actual != table_digest {
-            return Err(FormatError::invalid("frames file", format!("table hashes to {actual}, recorded {table_digest}")));
+            return Err(FormatError::invalid(
+                "frames file",
+                format!("table hashes to {actual}, recorded {table_digest}"),
+            ));
         }
         let table = FrameTable::decode(table_bytes, block_count, block_size)?;
         Ok(FramesFile { blob, blob_len, table })
@@ -371,7 +393,8 @@ mod tests {
 
     #[test]
     fn frames_file_round_trips_and_detects_tampering() {
-        let f = FramesFile { blob: Digest::of(b"blob"), blob_len: 9999, table: FrameTable::from_lengths([5, 6]) };
+        let f =
+            FramesFile { blob: Digest::of(b"blob"), blob_len: 9999, table: FrameTable::from_lengths([5, 6]) };
         let b = f.encode();
         assert_eq!(FramesFile::decode(&b, BS).unwrap(), f);
         let mut t = b.clone();

@@ -23,7 +23,8 @@ pub use block_hash::{BLOCK_HASH_SIZE, BlockHash, BlockHashKind, decode_block_has
 pub use digest::{Digest, DigestParseError, Sha256Stream, chain_digest};
 pub use error::FormatError;
 pub use frames::{
-    BlobLayout, DEFAULT_LEVEL, FRAME_ENTRY_SIZE, FRAMES_FILE_HEADER, FrameDecoder, FrameEncoder, FrameTable, FramesFile, LEVELS,
+    BlobLayout, DEFAULT_LEVEL, FRAME_ENTRY_SIZE, FRAMES_FILE_HEADER, FrameDecoder, FrameEncoder, FrameTable,
+    FramesFile, LEVELS,
 };
 pub use header::{
     HEADER_FIELDS_LEN, HEADER_SIZE, KNOWN_INCOMPAT_FEATURES, LayerHeader, LayerKind, MAX_BLOCK_SIZE,
