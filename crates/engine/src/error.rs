@@ -44,6 +44,14 @@ pub enum Error {
     /// digest: the blocks whose hashes it holds cannot be checked, so they are not read.
     #[error("{}: hash table chunk {chunk} is not available: {why}", path.display())]
     HashChunk { path: PathBuf, chunk: usize, why: String },
+    /// A compressed blob of a layer cannot be used: its lengths or frame table are not the ones
+    /// its image names or break the rules of docs/FORMAT.md ("Compressed layer blobs"), or the
+    /// layer rebuilt from it is not the named one.
+    #[error("compressed blob of layer {layer}: {why}")]
+    CompressedBlob { layer: Digest, why: String },
+    /// A frame of a compressed blob does not decode to its block.
+    #[error("compressed blob of layer {layer}: the frame of block {pblock} is refused: {why}")]
+    CompressedFrame { layer: Digest, pblock: u64, why: String },
     /// A layer's content does not hash to the digest it is named by.
     #[error("{}: content hashes to {actual}, but the layer is named {expected}", path.display())]
     LayerDigest { path: PathBuf, expected: Digest, actual: Digest },

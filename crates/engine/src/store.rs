@@ -3,7 +3,7 @@
 //!
 //! Owns: layer file paths, atomically adding a new layer (write to a locked temporary in `tmp/`,
 //! fsync, rename, fsync the directory; see `temp`), partial copies (and the chunk lists of those
-//! pulled with index chunks) and their completion, opening a layer as
+//! pulled with index chunks, and the frame tables of those pulled from compressed blobs) and their completion, opening a layer as
 //! complete or partial ([`OpenLayer`]) and sharing the layers open in the store's engine. Does not own: the content of layers (see `layer`),
 //! the pool of open layer files (see `pool`).
 
@@ -12,7 +12,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use mcow_format::Digest;
+use mcow_format::{BlobLayout, Digest, FramesFile};
 
 use crate::background::Background;
 use crate::chunks::IndexChunks;
@@ -70,6 +70,62 @@ impl LayerStore {
     /// [`IndexChunks::to_text`]): beside the partial file, as `<hex>.chunks`.
     pub fn chunk_list_path(&self, digest: &Digest) -> PathBuf {
         self.root.join("partial").join("sha256").join(format!("{}.chunks", digest.hex()))
+    }
+
+    /// Where a partial copy pulled from a compressed blob keeps that blob's frame table (see
+    /// [`FramesFile`]): beside the partial file, as `<hex>.frames`.
+    pub fn frames_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("partial").join("sha256").join(format!("{}.frames", digest.hex()))
+    }
+
+    /// Checks that `frames` can be the frame table of the partial copy of layer `digest` (`len`
+    /// bytes, a `tail_len`-byte tail, `block_count` blocks of `block_size`): as many frames as
+    /// blocks, and a table that fits the blob's length (see [`BlobLayout::check_table`]).
+    fn check_frames(
+        digest: &Digest,
+        frames: &FramesFile,
+        block_size: u32,
+        len: u64,
+        tail_len: u64,
+        block_count: u64,
+    ) -> Result<()> {
+        let bad = |why: String| Error::CompressedBlob { layer: *digest, why };
+        if frames.table.block_count() != block_count {
+            return Err(bad(format!(
+                "its frame table has {} frames, the layer {block_count} blocks",
+                frames.table.block_count()
+            )));
+        }
+        BlobLayout::new(block_size, len, tail_len, frames.blob_len)
+            .and_then(|layout| layout.check_table(&frames.table))
+            .map_err(|e| bad(e.to_string()))
+    }
+
+    /// Writes a sidecar of a partial copy (its chunk list or frame table) at `path` atomically:
+    /// a temporary in `tmp/`, fsync, rename, fsync the directory, so that it is durable before
+    /// the partial file's name is.
+    fn write_sidecar(&self, path: &Path, bytes: &[u8], prefix: &str) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut temp = self.temp_file(prefix)?;
+        let tmp_path = temp.path().to_path_buf();
+        temp.file()
+            .write_all_at(bytes, 0)
+            .and_then(|_| temp.file().sync_all())
+            .map_err(Error::io("write", &tmp_path))?;
+        fs::rename(&tmp_path, path).map_err(Error::io("rename", &tmp_path))?;
+        temp.persisted();
+        sync_dir(path.parent().expect("a sidecar has a parent"))
+    }
+
+    /// Writes the frame table of a partial copy about to be added (or, without one, removes a
+    /// frame table left beside an earlier partial copy of the same layer, which would name
+    /// another blob).
+    fn put_frames(&self, digest: &Digest, frames: Option<&FramesFile>) -> Result<()> {
+        let path = self.frames_path(digest);
+        match frames {
+            Some(f) => self.write_sidecar(&path, &f.encode(), "frames"),
+            None => remove_if_present(&path),
+        }
     }
 
     /// The chunk list of the partial copy of `digest`, if it has one.
@@ -184,6 +240,9 @@ impl LayerStore {
     /// header decodes as a sealed layer's, the trailer's counts give exactly `len`, the index
     /// hashes to the trailer's index digest, which must equal `index_digest` (from a pinned
     /// manifest). Data blocks are then fetched on demand (see [`LayerStore::with_source`]).
+    /// With `frames` (a layer pulled from a compressed blob) the blob's frame table, checked
+    /// against the layer, is written beside the partial file ([`LayerStore::frames_path`])
+    /// before the partial file is renamed into place.
     pub fn add_partial(
         &self,
         digest: &Digest,
@@ -191,6 +250,7 @@ impl LayerStore {
         header: &[u8],
         tail: &[u8],
         index_digest: &Digest,
+        frames: Option<&FramesFile>,
     ) -> Result<PathBuf> {
         use mcow_format::{HEADER_SIZE, LayerHeader, TRAILER_SIZE, Trailer};
         let dest = self.partial_path(digest);
@@ -211,6 +271,9 @@ impl LayerStore {
         if actual != t.index_digest || actual != *index_digest {
             return Err(bad(format!("index digest is {actual}, expected {index_digest}")));
         }
+        if let Some(frames) = frames {
+            Self::check_frames(digest, frames, h.block_size, len, tail.len() as u64, t.block_count)?;
+        }
         let mut temp = self.temp_file("partial")?;
         let (tmp_path, f) = (temp.path().to_path_buf(), temp.file());
         use std::os::unix::fs::FileExt;
@@ -221,12 +284,15 @@ impl LayerStore {
             .map_err(Error::io("write", &tmp_path))?;
         let dir = dest.parent().expect("partial path has a parent");
         fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
+        // The frame table first: a partial file of a compressed blob is never without it.
+        self.put_frames(digest, frames)?;
         fs::rename(&tmp_path, &dest).map_err(Error::io("rename", &tmp_path))?;
         temp.persisted();
         sync_dir(dir)?;
         // The structure must open (index rules, lengths) before anyone relies on it.
         if let Err(e) = SealedLayer::open(&dest, *digest, FileSlot::new(self.engine.pool()), true, None) {
             let _ = fs::remove_file(&dest);
+            let _ = fs::remove_file(self.frames_path(digest));
             return Err(e);
         }
         Ok(dest)
@@ -238,7 +304,8 @@ impl LayerStore {
     /// header decodes, the trailer's counts give exactly `len` and agree with `chunks`, its index
     /// digest equals `index_digest`, and each chunk matches its digest in `chunks`. The chunk
     /// list is written beside the partial file (atomically, before the partial file is renamed
-    /// into place), so that a later open can check the chunks present and load the others.
+    /// into place), so that a later open can check the chunks present and load the others;
+    /// so is the frame table, with `frames`, as in [`LayerStore::add_partial`].
     #[allow(clippy::too_many_arguments)]
     pub fn add_partial_chunked(
         &self,
@@ -249,6 +316,7 @@ impl LayerStore {
         chunks: &IndexChunks,
         pieces: &[(usize, Vec<u8>)],
         index_digest: &Digest,
+        frames: Option<&FramesFile>,
     ) -> Result<PathBuf> {
         use mcow_format::{HEADER_SIZE, LayerHeader, TRAILER_SIZE, Trailer};
         let dest = self.partial_path(digest);
@@ -284,21 +352,17 @@ impl LayerStore {
         if let Some(c) = chunks.extent_chunks().find(|c| !pieces.iter().any(|p| p.0 == *c)) {
             return Err(bad(format!("index chunk {c} (extents) is missing")));
         }
+        if let Some(frames) = frames {
+            let tail_len = region_len + TRAILER_SIZE as u64;
+            Self::check_frames(digest, frames, h.block_size, len, tail_len, t.block_count)?;
+        }
         let dir = dest.parent().expect("partial path has a parent");
         fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
-        // The chunk list first: a partial file is never without it.
-        let mut list_temp = self.temp_file("chunks")?;
-        let list_path = list_temp.path().to_path_buf();
-        use std::os::unix::fs::FileExt;
-        list_temp
-            .file()
-            .write_all_at(chunks.to_text().as_bytes(), 0)
-            .and_then(|_| list_temp.file().sync_all())
-            .map_err(Error::io("write", &list_path))?;
+        // The chunk list and frame table first: a partial file is never without them.
         let sidecar = self.chunk_list_path(digest);
-        fs::rename(&list_path, &sidecar).map_err(Error::io("rename", &list_path))?;
-        list_temp.persisted();
-        sync_dir(dir)?; // durable before the partial file's name is
+        self.write_sidecar(&sidecar, chunks.to_text().as_bytes(), "chunks")?;
+        self.put_frames(digest, frames)?;
+        use std::os::unix::fs::FileExt;
         let mut temp = self.temp_file("partial")?;
         let (tmp_path, f) = (temp.path().to_path_buf(), temp.file());
         let written = f
@@ -320,26 +384,25 @@ impl LayerStore {
         if let Err(e) = SealedLayer::open(&dest, *digest, file, true, Some(chunks.clone())) {
             let _ = fs::remove_file(&dest);
             let _ = fs::remove_file(&sidecar);
+            let _ = fs::remove_file(self.frames_path(digest));
             return Err(e);
         }
         Ok(dest)
     }
 
     /// If the partial copy of `digest` now hashes to its digest (every block and index chunk
-    /// fetched), moves it to the complete layers (and removes its chunk list); returns whether
-    /// it did.
+    /// fetched), moves it to the complete layers (and removes its chunk list and frame table);
+    /// returns whether it did.
     pub fn complete_partial(&self, digest: &Digest) -> Result<bool> {
         let partial = self.partial_path(digest);
         if hash_file(&partial)? != *digest {
             return Ok(false);
         }
         self.move_in(&partial, digest)?;
-        let sidecar = self.chunk_list_path(digest);
-        match fs::remove_file(&sidecar) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                tracing::warn!(path = %sidecar.display(), error = %e, "could not remove the chunk list")
+        for sidecar in [self.chunk_list_path(digest), self.frames_path(digest)] {
+            if let Err(e) = remove_if_present(&sidecar) {
+                tracing::warn!(path = %sidecar.display(), error = %e, "could not remove a partial copy's sidecar")
             }
-            _ => {}
         }
         Ok(true)
     }
@@ -357,7 +420,7 @@ impl LayerStore {
     }
 
     /// Renames a checked file of this store's filesystem to its content-addressed name.
-    fn move_in(&self, from: &Path, digest: &Digest) -> Result<PathBuf> {
+    pub(crate) fn move_in(&self, from: &Path, digest: &Digest) -> Result<PathBuf> {
         let dest = self.layer_path(digest);
         let dir = dest.parent().expect("blob path has a parent");
         fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
@@ -532,8 +595,16 @@ impl PendingLayer {
     }
 }
 
+/// Removes a file; one that is not there is fine.
+fn remove_if_present(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io("remove", path)(e)),
+        _ => Ok(()),
+    }
+}
+
 /// SHA-256 of a whole file, read in 1 MiB steps.
-fn hash_file(path: &Path) -> Result<Digest> {
+pub fn hash_file(path: &Path) -> Result<Digest> {
     use std::io::Read;
     let mut f = File::open(path).map_err(Error::io("open", path))?;
     let mut hasher = mcow_format::Sha256Stream::new();

@@ -79,7 +79,9 @@ fn build_partial(dir: &Path, complete: &Path) -> PathBuf {
         let len = bytes.len() as u64;
         let t = Trailer::decode(&bytes[bytes.len() - TRAILER_SIZE..]).unwrap();
         let tail_at = t.index_offset(l.header.block_size) as usize;
-        store.add_partial(&l.digest, len, &bytes[..HEADER_SIZE], &bytes[tail_at..], &t.index_digest).unwrap();
+        store
+            .add_partial(&l.digest, len, &bytes[..HEADER_SIZE], &bytes[tail_at..], &t.index_digest, None)
+            .unwrap();
     }
     disk_like(src.manifest(), &dir.join("b/disk"), &dir.join("b/layers"))
 }
@@ -291,14 +293,21 @@ fn a_partial_layer_without_a_source_is_a_clear_error_and_bad_tails_are_refused()
     let store = LayerStore::new(tmp.path().join("c"));
     let wrong = Digest::of(b"not the index");
     let err = store
-        .add_partial(&l.digest, bytes.len() as u64, &bytes[..HEADER_SIZE], &bytes[tail_at..], &wrong)
+        .add_partial(&l.digest, bytes.len() as u64, &bytes[..HEADER_SIZE], &bytes[tail_at..], &wrong, None)
         .unwrap_err();
     assert!(err.to_string().contains("index digest"), "{err}");
     let mut tampered = bytes[tail_at..].to_vec();
     tampered[0] ^= 1;
     assert!(
         store
-            .add_partial(&l.digest, bytes.len() as u64, &bytes[..HEADER_SIZE], &tampered, &t.index_digest)
+            .add_partial(
+                &l.digest,
+                bytes.len() as u64,
+                &bytes[..HEADER_SIZE],
+                &tampered,
+                &t.index_digest,
+                None
+            )
             .is_err()
     );
     assert!(!store.partial_path(&l.digest).exists(), "nothing is left behind");
