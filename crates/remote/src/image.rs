@@ -1,12 +1,13 @@
 //! An mcow disk image as an OCI artifact: an image manifest whose config describes the disk and
 //! whose layers are the sealed layer files, bottom first, then the image's trace blob (if any),
-//! so that every blob the image needs is reachable from the manifest. Media types and fields
-//! are specified in docs/FORMAT.md ("Disk images in registries").
+//! so that every blob the image needs is reachable from the manifest. A layer travels as its
+//! file or as a compressed blob (its record then names the layer by `diff_id`). Media types and
+//! fields are specified in docs/FORMAT.md ("Disk images in registries").
 
 use std::collections::BTreeMap;
 
 use mcow_engine::chunks::IndexChunks;
-use mcow_format::{Digest, TRAILER_SIZE, check_virtual_size};
+use mcow_format::{BlobLayout, Digest, TRAILER_SIZE, check_virtual_size};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{RemoteError, Result};
@@ -15,6 +16,8 @@ pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+jso
 pub const ARTIFACT_TYPE: &str = "application/vnd.mcow.disk.v1";
 pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.mcow.disk.config.v1+json";
 pub const LAYER_MEDIA_TYPE: &str = "application/vnd.mcow.layer.v1";
+/// Media type of a layer pushed as a compressed blob (see [`LayerRecord::diff_id`]).
+pub const COMPRESSED_LAYER_MEDIA_TYPE: &str = "application/vnd.mcow.layer.v1+zstd";
 /// Media type of a trace blob (see [`Trace`]).
 pub const TRACE_MEDIA_TYPE: &str = "application/vnd.mcow.trace.v1+json";
 /// Annotation on each layer descriptor: the digest of the layer's index (see FORMAT.md).
@@ -49,6 +52,8 @@ pub struct Manifest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LayerRecord {
+    /// The blob's digest and size: the layer file's, or for a layer pushed compressed, its
+    /// compressed blob's (the layer's own are then `diff_id` and `diff_size`).
     pub digest: Digest,
     pub size: u64,
     /// SHA-256 of the layer's first 4096 bytes (its header).
@@ -66,6 +71,75 @@ pub struct LayerRecord {
     /// table later, chunk by chunk, each checked (see [`IndexChunksRecord`]). Needs `tail_len`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index_chunks: Option<IndexChunksRecord>,
+    /// For a layer pushed as a compressed blob (all three of these or none, and only with
+    /// `tail_len`): the layer's own digest, its name in a store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff_id: Option<Digest>,
+    /// The layer's own length (the blob's is `size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff_size: Option<u64>,
+    /// SHA-256 of the compressed blob's frame table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frame_table_digest: Option<Digest>,
+}
+
+/// What a [`LayerRecord`] of a compressed blob says about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compressed {
+    pub diff_id: Digest,
+    pub diff_size: u64,
+    pub frame_table_digest: Digest,
+    pub tail_len: u64,
+}
+
+impl LayerRecord {
+    /// The layer's digest, its name in a store and in a disk's stack: `diff_id` for a
+    /// compressed blob, else the blob's digest.
+    pub fn layer_digest(&self) -> Digest {
+        self.diff_id.unwrap_or(self.digest)
+    }
+
+    /// The layer's length: `diff_size` for a compressed blob, else the blob's size.
+    pub fn layer_size(&self) -> u64 {
+        self.diff_size.unwrap_or(self.size)
+    }
+
+    /// The compressed blob's fields, if the record is of one (and complete: see
+    /// [`DiskConfig::parse`], which refuses a record with only some of them).
+    pub fn compressed(&self) -> Option<Compressed> {
+        match (self.diff_id, self.diff_size, self.frame_table_digest, self.tail_len) {
+            (Some(diff_id), Some(diff_size), Some(frame_table_digest), Some(tail_len)) => {
+                Some(Compressed { diff_id, diff_size, frame_table_digest, tail_len })
+            }
+            _ => None,
+        }
+    }
+
+    /// The media type of the manifest descriptor of this record's blob.
+    pub fn media_type(&self) -> &'static str {
+        if self.diff_id.is_some() { COMPRESSED_LAYER_MEDIA_TYPE } else { LAYER_MEDIA_TYPE }
+    }
+
+    /// Checks the compressed blob's fields: all three or none, only with `tail_len`, and
+    /// lengths that fit a blob of `size` bytes (see [`BlobLayout::new`]).
+    fn check_compressed(&self, block_size: u32) -> std::result::Result<(), String> {
+        let present = [self.diff_id.is_some(), self.diff_size.is_some(), self.frame_table_digest.is_some()];
+        if present == [false; 3] {
+            return Ok(());
+        }
+        if present != [true; 3] {
+            return Err("has some of diff_id, diff_size and frame_table_digest but not all three".into());
+        }
+        let Some(c) = self.compressed() else {
+            return Err("is of a compressed blob but has no tail length".into());
+        };
+        BlobLayout::new(block_size, c.diff_size, c.tail_len, self.size).map(|_| ()).map_err(|e| {
+            format!(
+                "diff_size {} and tail_len {} do not fit a blob of {} bytes: {e}",
+                c.diff_size, c.tail_len, self.size
+            )
+        })
+    }
 }
 
 /// The `index_chunks` of a [`LayerRecord`]: chunks of `size` bytes (the last one shorter) of
@@ -180,7 +254,9 @@ impl Manifest {
             )));
         }
         // Disk layers, then at most one trace, last.
-        if m.disk_layers().iter().any(|l| l.media_type != LAYER_MEDIA_TYPE) {
+        let is_layer =
+            |l: &Descriptor| l.media_type == LAYER_MEDIA_TYPE || l.media_type == COMPRESSED_LAYER_MEDIA_TYPE;
+        if !m.disk_layers().iter().all(is_layer) {
             let what = if m.disk_layers().iter().any(|l| l.media_type == TRACE_MEDIA_TYPE) {
                 "the image lists a trace that is not its last layer entry".to_string()
             } else {
@@ -206,6 +282,20 @@ impl DiskConfig {
             && c.layers.iter().zip(layers).all(|(r, d)| r.digest == d.digest && r.size == d.size);
         if !agree {
             return Err(RemoteError::Invalid("the image config and manifest list different layers".into()));
+        }
+        mcow_format::check_block_size(c.block_size).map_err(|e| RemoteError::Invalid(e.to_string()))?;
+        for (r, d) in c.layers.iter().zip(layers) {
+            let bad = |why: &str| {
+                RemoteError::Invalid(format!("the image config's record of layer {}: {why}", r.digest))
+            };
+            r.check_compressed(c.block_size).map_err(|why| bad(&why))?;
+            if r.media_type() != d.media_type {
+                return Err(bad(&format!(
+                    "it is {} a compressed blob, but the manifest's media type is {:?}",
+                    if r.diff_id.is_some() { "of" } else { "not of" },
+                    d.media_type
+                )));
+            }
         }
         if let Some(t) = &c.trace
             && t.media_type != TRACE_MEDIA_TYPE
@@ -238,7 +328,6 @@ impl DiskConfig {
                 RemoteError::Invalid(format!("the image config's index chunks of layer {}: {why}", r.digest))
             })?;
         }
-        mcow_format::check_block_size(c.block_size).map_err(|e| RemoteError::Invalid(e.to_string()))?;
         mcow_format::check_virtual_size(c.virtual_size).map_err(|e| RemoteError::Invalid(e.to_string()))?;
         Ok(c)
     }
@@ -265,6 +354,9 @@ mod tests {
             index_digest: Digest::of(b"i"),
             tail_len: None,
             index_chunks: None,
+            diff_id: None,
+            diff_size: None,
+            frame_table_digest: None,
         }
     }
 
@@ -378,6 +470,56 @@ mod tests {
         let text = String::from_utf8(with(tail, good)).unwrap().replace("\"size\"", "\"extra\":1,\"size\"");
         let e = DiskConfig::parse(text.as_bytes(), &m).unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
+    }
+
+    /// Tried: configs with a record of a compressed blob: a right one (and its manifest entry
+    /// of the `+zstd` media type), one with `diff_id` but no `frame_table_digest`, one without a
+    /// tail length, one whose `diff_size` leaves a data region that is not whole blocks, one whose
+    /// blob is too short for its frames, and both media type mismatches (a compressed record
+    /// under a plain layer entry, a plain record under a `+zstd` entry). Must hold: the right one
+    /// parses, names the layer by `diff_id` with the layer's length; each other is refused with a
+    /// message that says what disagrees.
+    #[test]
+    fn compressed_records_must_be_whole_and_agree_with_the_manifest() {
+        let tail = 128 + 32 + 2 * 32; // one extent, two blocks
+        let diff_size = 4096 + 2 * 65536 + tail;
+        let blob = Descriptor { size: 4096 + 2 * 30 + 24 + tail, ..desc(COMPRESSED_LAYER_MEDIA_TYPE, b"z") };
+        let plain = desc(LAYER_MEDIA_TYPE, b"p");
+        let good = LayerRecord {
+            tail_len: Some(tail),
+            diff_id: Some(Digest::of(b"layer")),
+            diff_size: Some(diff_size),
+            frame_table_digest: Some(Digest::of(b"table")),
+            ..record(&blob)
+        };
+        let parse = |d: &Descriptor, r: LayerRecord| {
+            let m = Manifest::parse(&manifest(vec![d.clone()])).unwrap();
+            let c = DiskConfig { virtual_size: 1 << 20, block_size: 65536, layers: vec![r], trace: None };
+            DiskConfig::parse(&c.to_bytes(), &m)
+        };
+        let c = parse(&blob, good.clone()).unwrap();
+        let r = &c.layers[0];
+        assert_eq!((r.layer_digest(), r.layer_size()), (Digest::of(b"layer"), diff_size));
+        assert_eq!(r.compressed().map(|c| c.frame_table_digest), Some(Digest::of(b"table")));
+        let p = parse(&plain, record(&plain)).unwrap();
+        assert_eq!((p.layers[0].layer_digest(), p.layers[0].compressed()), (plain.digest, None));
+
+        let blob_as_plain = Descriptor { media_type: LAYER_MEDIA_TYPE.into(), ..blob.clone() };
+        for (d, r, says) in [
+            (&blob, LayerRecord { frame_table_digest: None, ..good.clone() }, "not all three"),
+            (&blob, LayerRecord { tail_len: None, ..good.clone() }, "no tail length"),
+            (&blob, LayerRecord { diff_size: Some(diff_size + 1), ..good.clone() }, "not whole blocks"),
+            (
+                &Descriptor { size: 4096 + 24 + tail, ..blob.clone() },
+                LayerRecord { size: 4096 + 24 + tail, ..good.clone() },
+                "too short",
+            ),
+            (&blob_as_plain, good.clone(), "media type"),
+            (&blob, LayerRecord { tail_len: Some(tail), ..record(&blob) }, "media type"),
+        ] {
+            let e = parse(d, r.clone()).unwrap_err();
+            assert!(e.to_string().contains(says), "{r:?}: {e}");
+        }
     }
 
     /// Tried: traces whose block numbers end past u64 when the serve's prefetch groups them

@@ -1,6 +1,7 @@
-//! Moving disk images: push (sealed layers, config, manifest), pull (whole layers, checked),
-//! lazy pull (only each layer's header and index, or with index chunks only its extent index,
-//! checked against the pinned manifest),
+//! Moving disk images: push (sealed layers, as their files or compressed blobs, config,
+//! manifest), pull (whole layers, checked; a compressed blob rebuilt into its layer), lazy pull
+//! (only each layer's header and index, or with index chunks only its extent index, and from a
+//! compressed blob its frame table, checked against the pinned manifest),
 //! `RemoteSource`, which fetches data blocks of partial layers on demand for the engine, and
 //! `Sources`, the registry (held by the caller) that gives the disks of one origin one source.
 
@@ -12,13 +13,15 @@ use std::sync::{Arc, Mutex};
 use mcow_engine::chunks::{IndexChunks, MIN_CHUNK_SIZE};
 use mcow_engine::store::LayerStore;
 use mcow_engine::{BlockSource, CreateOptions, Disk, FetchPolicy, OpenOptions};
-use mcow_format::{Digest, HEADER_FIELDS_LEN, HEADER_SIZE, TRAILER_SIZE, Trailer};
+use mcow_format::{
+    BlobLayout, Digest, FrameTable, FramesFile, HEADER_FIELDS_LEN, HEADER_SIZE, TRAILER_SIZE, Trailer,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{RemoteError, Result};
 use crate::image::{
-    CONFIG_MEDIA_TYPE, Descriptor, DiskConfig, INDEX_DIGEST_ANNOTATION, IndexChunksRecord, LAYER_MEDIA_TYPE,
-    LayerRecord, Manifest, TRACE_MEDIA_TYPE, Trace,
+    CONFIG_MEDIA_TYPE, Descriptor, DiskConfig, INDEX_DIGEST_ANNOTATION, IndexChunksRecord, LayerRecord,
+    Manifest, TRACE_MEDIA_TYPE, Trace,
 };
 use crate::open_remote;
 use crate::reference::{InsecureRegistries, Reference};
@@ -31,35 +34,77 @@ pub struct PushReport {
     pub layers: usize,
     /// Layers uploaded (the others were already there).
     pub uploaded: usize,
+    /// Bytes of the blobs uploaded (compressed, for a compressed push).
     pub bytes_uploaded: u64,
+    /// Bytes of the image's layers, as they are in a store.
+    pub layer_bytes: u64,
+    /// Bytes of the image's layer blobs at the remote: `layer_bytes` unless compressed.
+    pub blob_bytes: u64,
+    /// The zstd level the layers were compressed at, if they were.
+    pub compressed: Option<i32>,
+}
+
+/// How to push (see [`push_with`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PushOptions<'a> {
+    /// A trace of first reads (a [`Trace`] file, as `mcow trace` writes) to push with the
+    /// image, for lazy serving to prefetch in that order.
+    pub trace: Option<&'a Path>,
+    /// Upload each layer as a compressed blob at this zstd level (`mcow_format::LEVELS`;
+    /// `mcow_format::DEFAULT_LEVEL` is the usual choice) instead of as its file. Readers
+    /// before compressed blobs cannot pull such an image.
+    pub compress: Option<i32>,
 }
 
 /// Pushes the sealed layers of the disk at `dir` (not its writable top) as an image.
 /// `progress(done, total)` counts layer bytes.
 pub fn push(dir: &Path, reference: &Reference, progress: &mut dyn FnMut(u64, u64)) -> Result<PushReport> {
-    push_with_trace(dir, reference, None, progress)
+    push_with(dir, reference, &PushOptions::default(), progress)
 }
 
-/// [`push`], with a trace of first reads (a [`Trace`] file, as `mcow trace` writes) pushed
-/// with the image, for lazy serving to prefetch in that order.
+/// [`push`], with a trace of first reads (see [`PushOptions::trace`]).
 pub fn push_with_trace(
     dir: &Path,
     reference: &Reference,
     trace: Option<&Path>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<PushReport> {
+    push_with(dir, reference, &PushOptions { trace, compress: None }, progress)
+}
+
+/// [`push`] as `opts` says: with a trace, compressed. A compressed layer is encoded into a
+/// temporary of the disk's store (`LayerStore::compress_layer`), and uploaded unless the remote
+/// has that blob already (the encoding is deterministic, so pushing the same layer at the same
+/// level again finds it).
+pub fn push_with(
+    dir: &Path,
+    reference: &Reference,
+    opts: &PushOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<PushReport> {
+    if let Some(level) = opts.compress
+        && !mcow_format::LEVELS.contains(&level)
+    {
+        return Err(RemoteError::Invalid(format!(
+            "compression level {level} is not in {}..={}",
+            mcow_format::LEVELS.start(),
+            mcow_format::LEVELS.end()
+        )));
+    }
     let remote = open_remote(reference)?;
     let disk = Disk::open(dir, OpenOptions { read_only: true, verify: false, force_share: true })?;
     let store = disk.store().clone();
+    if let Some(layer) = disk.stack().layers().iter().find(|l| !store.contains(&l.digest)) {
+        return Err(RemoteError::Invalid(format!(
+            "layer {} is only partly local: pull it in full before pushing",
+            layer.digest
+        )));
+    }
+    let total: u64 = disk.stack().layers().iter().map(|l| l.file_len()).sum();
     let mut records = Vec::new();
     let mut descs = Vec::new();
+    let (mut done, mut uploaded, mut bytes_uploaded, mut blob_bytes) = (0u64, 0usize, 0u64, 0u64);
     for layer in disk.stack().layers() {
-        if !store.contains(&layer.digest) {
-            return Err(RemoteError::Invalid(format!(
-                "layer {} is only partly local: pull it in full before pushing",
-                layer.digest
-            )));
-        }
         let mut header = vec![0u8; HEADER_SIZE];
         std::fs::File::open(&layer.path)
             .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut header, 0))
@@ -82,38 +127,48 @@ pub fn push_with_trace(
         } else {
             None
         };
-        records.push(LayerRecord {
-            digest: layer.digest,
-            size,
+        // The blob to upload: the layer file, or its compressed blob (a temporary of the
+        // store, removed once uploaded).
+        let blob = opts.compress.map(|level| store.compress_layer(&layer.digest, level)).transpose()?;
+        let (blob_path, blob_digest, blob_size) = match &blob {
+            None => (layer.path.clone(), layer.digest, size),
+            Some(b) => (b.file.path().to_path_buf(), b.digest, b.len),
+        };
+        let record = LayerRecord {
+            digest: blob_digest,
+            size: blob_size,
             header_digest: Digest::of(&header),
             index_digest: layer.trailer.index_digest,
             tail_len: Some(index_len + TRAILER_SIZE as u64),
             index_chunks,
-        });
+            diff_id: blob.as_ref().map(|_| layer.digest),
+            diff_size: blob.as_ref().map(|_| size),
+            frame_table_digest: blob.as_ref().map(|b| b.frame_table_digest),
+        };
         descs.push(Descriptor {
-            media_type: LAYER_MEDIA_TYPE.into(),
-            digest: layer.digest,
-            size,
+            media_type: record.media_type().into(),
+            digest: blob_digest,
+            size: blob_size,
             annotations: [(INDEX_DIGEST_ANNOTATION.to_string(), layer.trailer.index_digest.to_string())]
                 .into(),
         });
-    }
-    let total: u64 = records.iter().map(|r| r.size).sum();
-    let (mut done, mut uploaded, mut bytes_uploaded) = (0u64, 0usize, 0u64);
-    for (r, layer) in records.iter().zip(disk.stack().layers()) {
-        if remote.has_blob(&r.digest)? {
-            tracing::info!(layer = %r.digest, "already in {}", remote.describe());
+        if remote.has_blob(&blob_digest)? {
+            tracing::info!(layer = %layer.digest, blob = %blob_digest, "already in {}", remote.describe());
         } else {
+            // Progress in layer bytes: a compressed blob's bytes count for their share.
             let base = done;
-            remote.put_blob(&r.digest, &layer.path, &mut |n| progress(base + n, total))?;
+            let scale = |n: u64| (u128::from(n) * u128::from(size) / u128::from(blob_size.max(1))) as u64;
+            remote.put_blob(&blob_digest, &blob_path, &mut |n| progress(base + scale(n), total))?;
             uploaded += 1;
-            bytes_uploaded += r.size;
+            bytes_uploaded += blob_size;
         }
-        done += r.size;
+        records.push(record);
+        blob_bytes += blob_size;
+        done += size;
         progress(done, total);
     }
     let m = disk.manifest();
-    let trace = match trace {
+    let trace = match opts.trace {
         None => None,
         Some(path) => {
             let bytes = std::fs::read(path).map_err(RemoteError::io("read", path))?;
@@ -164,6 +219,9 @@ pub fn push_with_trace(
         layers: m.layers.len(),
         uploaded,
         bytes_uploaded,
+        layer_bytes: total,
+        blob_bytes,
+        compressed: opts.compress,
     })
 }
 
@@ -272,7 +330,11 @@ pub fn pull_image(
     let store = LayerStore::new(store_dir);
     let total: u64 = image.config.layers.iter().map(|r| r.size).sum();
     let (mut done, mut fetched, mut local) = (0u64, 0u64, 0usize);
-    let missing = |r: &&LayerRecord| !store.contains(&r.digest) && !store.partial_path(&r.digest).exists();
+    let missing = |r: &&LayerRecord| {
+        let digest = r.layer_digest();
+        !store.contains(&digest) && !store.partial_path(&digest).exists()
+    };
+    let block_size = image.config.block_size;
     let panicked = || RemoteError::Invalid("a fetch thread panicked".into());
     let trace = if lazy {
         // Every layer's header and index, and the trace, at once: a lazy start costs one round
@@ -282,8 +344,10 @@ pub fn pull_image(
         local = image.config.layers.len() - todo.len();
         let (trace, results) = std::thread::scope(|scope| {
             let trace = scope.spawn(get_trace);
-            let handles: Vec<_> =
-                todo.iter().map(|r| scope.spawn(|| add_partial_layer(remote, &store, r))).collect();
+            let handles: Vec<_> = todo
+                .iter()
+                .map(|r| scope.spawn(|| add_partial_layer(remote, &store, r, block_size)))
+                .collect();
             let results: Vec<Result<u64>> =
                 handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(panicked()))).collect();
             (trace.join().unwrap_or_else(|_| Err(panicked())), results)
@@ -300,7 +364,7 @@ pub fn pull_image(
     };
     let missing_trace = image.trace().filter(|_| trace.is_none()).map(|t| t.digest);
     for r in image.config.layers.iter().filter(|_| !lazy) {
-        if store.contains(&r.digest) {
+        if store.contains(&r.layer_digest()) {
             local += 1;
         } else {
             // Locked while it is written, removed if this fails, and found stale by the next
@@ -308,14 +372,38 @@ pub fn pull_image(
             let mut tmp = store.temp_file(&format!("pull-{}", r.digest.short()))?;
             let base = done;
             remote.get_blob_to(&r.digest, tmp.path(), &mut |n| progress(base + n, total))?;
-            store.adopt(tmp.path(), &r.digest)?;
-            tmp.persisted();
+            match r.compressed() {
+                None => {
+                    store.adopt(tmp.path(), &r.digest)?;
+                    tmp.persisted();
+                }
+                Some(c) => {
+                    // The blob must be the pushed one; the layer rebuilt from it must be the
+                    // layer. The blob itself is not kept (dropped with `tmp`).
+                    let actual = mcow_engine::store::hash_file(tmp.path())?;
+                    if actual != r.digest {
+                        return Err(RemoteError::DigestMismatch {
+                            what: format!("compressed blob of layer {}", c.diff_id),
+                            expected: r.digest,
+                            actual,
+                        });
+                    }
+                    store.adopt_compressed(
+                        tmp.path(),
+                        &c.diff_id,
+                        c.diff_size,
+                        block_size,
+                        c.tail_len,
+                        &c.frame_table_digest,
+                    )?;
+                }
+            }
             fetched += r.size;
         }
         done += r.size;
         progress(done, total);
     }
-    let layers: Vec<Digest> = image.config.layers.iter().map(|r| r.digest).collect();
+    let layers: Vec<Digest> = image.config.layers.iter().map(LayerRecord::layer_digest).collect();
     Disk::create(
         dir,
         &CreateOptions {
@@ -365,13 +453,13 @@ fn fetch_trace(remote: &dyn Remote, t: &Descriptor) -> Result<Option<Vec<u8>>> {
 /// the config's header digest.
 fn rebuilt_header(r: &LayerRecord, mut fields: Vec<u8>) -> Result<Vec<u8>> {
     if fields.len() != HEADER_FIELDS_LEN {
-        return Err(RemoteError::Invalid(format!("layer {}: a range came back short", r.digest)));
+        return Err(RemoteError::Invalid(format!("layer {}: a range came back short", r.layer_digest())));
     }
     fields.resize(HEADER_SIZE, 0);
     let actual = Digest::of(&fields);
     if actual != r.header_digest {
         return Err(RemoteError::DigestMismatch {
-            what: format!("header of layer {}", r.digest),
+            what: format!("header of layer {}", r.layer_digest()),
             expected: r.header_digest,
             actual,
         });
@@ -379,46 +467,122 @@ fn rebuilt_header(r: &LayerRecord, mut fields: Vec<u8>) -> Result<Vec<u8>> {
     Ok(fields)
 }
 
-/// Fetches a layer's header fields, trailer and index, checks them, and adds a partial copy to the
-/// store. Returns the bytes fetched.
-fn add_partial_layer(remote: &dyn Remote, store: &LayerStore, r: &LayerRecord) -> Result<u64> {
+/// Fetches ranges of a layer, given as offsets in the layer (`ranges`: the header's fields
+/// first, then ranges of the tail, ascending), in one request, each checked to be whole. From a
+/// compressed blob (see FORMAT.md, "Compressed layer blobs") the header's range is the blob's
+/// first bytes, the tail's ranges lie at the blob's end, and the frame table, just before the
+/// tail, comes in the same request (as part of the first tail range when that range starts the
+/// tail): it is checked against the config (digest, rules, lengths) and returned as the
+/// partial copy's frames file. Returns the parts in the order of `ranges` and the bytes fetched.
+fn fetch_layer_ranges(
+    remote: &dyn Remote,
+    r: &LayerRecord,
+    block_size: u32,
+    ranges: &[(u64, u64)],
+) -> Result<(Vec<Vec<u8>>, Option<FramesFile>, u64)> {
+    let bad = |why: String| RemoteError::Invalid(format!("layer {}: {why}", r.layer_digest()));
+    let Some(c) = r.compressed() else {
+        let parts = fetch_ranges(remote, &r.digest, ranges)
+            .map_err(|e| e.unwrap_or_else(|| bad("a range came back short".into())))?;
+        return Ok((parts, None, ranges.iter().map(|r| r.1).sum()));
+    };
+    let layout =
+        BlobLayout::new(block_size, c.diff_size, c.tail_len, r.size).map_err(|e| bad(e.to_string()))?;
+    let table_len = FrameTable::encoded_len(layout.block_count);
+    let to_blob = |at: u64| at - layout.layer_tail_offset() + layout.blob_tail_offset();
+    let mut blob_ranges: Vec<(u64, u64)> = ranges
+        .iter()
+        .enumerate()
+        .map(|(i, &(at, len))| (if i == 0 { at } else { to_blob(at) }, len))
+        .collect();
+    // The table as its own range, or joined to the first tail range when that starts the tail.
+    let joined = ranges.get(1).is_some_and(|&(at, _)| at == layout.layer_tail_offset());
+    if joined {
+        blob_ranges[1] = (layout.table_offset(), table_len + blob_ranges[1].1);
+    } else {
+        blob_ranges.insert(1, (layout.table_offset(), table_len));
+    }
+    let mut parts = fetch_ranges(remote, &r.digest, &blob_ranges)
+        .map_err(|e| e.unwrap_or_else(|| bad("a range came back short".into())))?;
+    let fetched = blob_ranges.iter().map(|r| r.1).sum();
+    let table = if joined {
+        let rest = parts[1].split_off(table_len as usize);
+        std::mem::replace(&mut parts[1], rest)
+    } else {
+        parts.remove(1)
+    };
+    let actual = Digest::of(&table);
+    if actual != c.frame_table_digest {
+        return Err(RemoteError::DigestMismatch {
+            what: format!("frame table of layer {}", c.diff_id),
+            expected: c.frame_table_digest,
+            actual,
+        });
+    }
+    let table = FrameTable::decode(&table, layout.block_count, block_size)
+        .and_then(|t| layout.check_table(&t).map(|()| t))
+        .map_err(|e| bad(format!("compressed blob {}: {e}", r.digest)))?;
+    Ok((parts, Some(FramesFile { blob: r.digest, blob_len: r.size, table }), fetched))
+}
+
+/// Fetches `ranges` of blob `digest` in one request. `Err(None)`: a range came back short.
+fn fetch_ranges(
+    remote: &dyn Remote,
+    digest: &Digest,
+    ranges: &[(u64, u64)],
+) -> std::result::Result<Vec<Vec<u8>>, Option<RemoteError>> {
+    let mut parts = vec![Vec::new(); ranges.len()];
+    remote
+        .stream_ranges(digest, ranges, &mut |i, piece| {
+            parts[i].extend_from_slice(piece);
+            true
+        })
+        .map_err(Some)?;
+    if parts.iter().zip(ranges).any(|(p, r)| p.len() as u64 != r.1) {
+        return Err(None);
+    }
+    Ok(parts)
+}
+
+/// Fetches a layer's header fields, trailer and index (and, from a compressed blob, its frame
+/// table), checks them, and adds a partial copy to the store, named by the layer's digest and of
+/// the layer's length. Returns the bytes fetched.
+fn add_partial_layer(
+    remote: &dyn Remote,
+    store: &LayerStore,
+    r: &LayerRecord,
+    block_size: u32,
+) -> Result<u64> {
+    let (digest, len) = (r.layer_digest(), r.layer_size());
     let min = (HEADER_SIZE + TRAILER_SIZE) as u64;
-    if r.size < min {
-        return Err(RemoteError::Invalid(format!("layer {} is {} bytes, too small", r.digest, r.size)));
+    if len < min {
+        return Err(RemoteError::Invalid(format!("layer {digest} is {len} bytes, too small")));
     }
     if let (Some(chunks), Some(tail_len)) = (&r.index_chunks, r.tail_len) {
-        return add_partial_chunked(remote, store, r, &chunks.to_chunks(), tail_len);
+        return add_partial_chunked(remote, store, r, &chunks.to_chunks(), tail_len, block_size);
     }
     // The header and the tail at once when the config says how long the tail is; otherwise the
-    // trailer first, to learn it.
+    // trailer first, to learn it (a compressed blob's record always has it).
     let tail_len = match r.tail_len {
         Some(n) => n,
         None => {
             let t = remote.get_range(&r.digest, r.size - TRAILER_SIZE as u64, TRAILER_SIZE as u64)?;
             let trailer =
-                Trailer::decode(&t).map_err(|e| RemoteError::Invalid(format!("layer {}: {e}", r.digest)))?;
+                Trailer::decode(&t).map_err(|e| RemoteError::Invalid(format!("layer {digest}: {e}")))?;
             trailer.index_len() + TRAILER_SIZE as u64
         }
     };
-    if tail_len > r.size - HEADER_SIZE as u64 || tail_len < TRAILER_SIZE as u64 {
-        return Err(RemoteError::Invalid(format!("layer {}: its index does not fit the blob", r.digest)));
+    if tail_len > len - HEADER_SIZE as u64 || tail_len < TRAILER_SIZE as u64 {
+        return Err(RemoteError::Invalid(format!("layer {digest}: its index does not fit the blob")));
     }
     // The header's fields and the tail in one request (two ranges). The header's other bytes
     // are zero in any valid header, and its digest below proves the rebuilt one is the original.
-    let ranges = [(0, HEADER_FIELDS_LEN as u64), (r.size - tail_len, tail_len)];
-    let mut parts = [Vec::new(), Vec::new()];
-    remote.stream_ranges(&r.digest, &ranges, &mut |i, piece| {
-        parts[i].extend_from_slice(piece);
-        true
-    })?;
-    let [header, tail] = parts;
-    if tail.len() as u64 != tail_len {
-        return Err(RemoteError::Invalid(format!("layer {}: a range came back short", r.digest)));
-    }
+    let ranges = [(0, HEADER_FIELDS_LEN as u64), (len - tail_len, tail_len)];
+    let (parts, frames, fetched) = fetch_layer_ranges(remote, r, block_size, &ranges)?;
+    let [header, tail]: [Vec<u8>; 2] = parts.try_into().expect("two ranges");
     let header = rebuilt_header(r, header)?;
-    let fetched =
-        HEADER_FIELDS_LEN as u64 + tail_len + if r.tail_len.is_none() { TRAILER_SIZE as u64 } else { 0 };
-    store.add_partial(&r.digest, r.size, &header, &tail, &r.index_digest)?;
+    let fetched = fetched + if r.tail_len.is_none() { TRAILER_SIZE as u64 } else { 0 };
+    store.add_partial(&digest, len, &header, &tail, &r.index_digest, frames.as_ref())?;
     Ok(fetched)
 }
 
@@ -432,13 +596,15 @@ fn add_partial_chunked(
     r: &LayerRecord,
     chunks: &IndexChunks,
     tail_len: u64,
+    block_size: u32,
 ) -> Result<u64> {
-    let bad = |why: &str| RemoteError::Invalid(format!("layer {}: {why}", r.digest));
-    if tail_len > r.size - HEADER_SIZE as u64 || tail_len < TRAILER_SIZE as u64 {
+    let (digest, len) = (r.layer_digest(), r.layer_size());
+    let bad = |why: &str| RemoteError::Invalid(format!("layer {digest}: {why}"));
+    if tail_len > len - HEADER_SIZE as u64 || tail_len < TRAILER_SIZE as u64 {
         return Err(bad("its index does not fit the blob"));
     }
     let region_len = tail_len - TRAILER_SIZE as u64;
-    let index_offset = r.size - tail_len;
+    let index_offset = len - tail_len;
     let ext = chunks.extent_chunks();
     let ext_len = (ext.end as u64 * chunks.size).min(region_len);
     // The extent chunks and the trailer as one range when they meet.
@@ -449,17 +615,9 @@ fn add_partial_chunked(
         if ext_len > 0 {
             ranges.push((index_offset, ext_len));
         }
-        ranges.push((r.size - TRAILER_SIZE as u64, TRAILER_SIZE as u64));
+        ranges.push((len - TRAILER_SIZE as u64, TRAILER_SIZE as u64));
     }
-    let mut parts = vec![Vec::new(); ranges.len()];
-    remote.stream_ranges(&r.digest, &ranges, &mut |i, piece| {
-        parts[i].extend_from_slice(piece);
-        true
-    })?;
-    if parts.iter().zip(&ranges).any(|(p, r)| p.len() as u64 != r.1) {
-        return Err(bad("a range came back short"));
-    }
-    let fetched: u64 = ranges.iter().map(|r| r.1).sum();
+    let (parts, frames, fetched) = fetch_layer_ranges(remote, r, block_size, &ranges)?;
     let mut parts = parts.into_iter();
     let header = rebuilt_header(r, parts.next().expect("the header's range"))?;
     let mut index = parts.flatten().collect::<Vec<u8>>();
@@ -474,7 +632,16 @@ fn add_partial_chunked(
             (c, index[at as usize..(at + len) as usize].to_vec())
         })
         .collect();
-    store.add_partial_chunked(&r.digest, r.size, &header, &trailer, chunks, &pieces, &r.index_digest)?;
+    store.add_partial_chunked(
+        &digest,
+        len,
+        &header,
+        &trailer,
+        chunks,
+        &pieces,
+        &r.index_digest,
+        frames.as_ref(),
+    )?;
     Ok(fetched)
 }
 

@@ -44,8 +44,12 @@ fn parse_reference(text: &str) -> Result<Reference> {
     DISK's writable top is NOT pushed: seal it first (`mcow seal DISK`) if its writes should be \
     part of the image; push warns when the top holds changes. Every layer must be complete \
     locally (a disk pulled with --lazy must be read in full, or pulled again without --lazy).\n\n\
+    With --compress, each layer travels as a compressed blob (each stored block one zstd frame, \
+    with a frame table, so lazy pulls still fetch single blocks); pulls rebuild the identical \
+    layer. mcow versions before compressed blobs cannot pull such an image.\n\n\
     JSON output (--output json): an object with reference, manifest_digest, layers, uploaded, \
-    bytes_uploaded and already_there.\n\n\
+    bytes_uploaded, already_there, layer_bytes, blob_bytes (the image's layer blobs at the \
+    remote: compressed with --compress) and compress (the level, or null).\n\n\
     Example:\n  mcow seal vm1 && mcow push vm1 file:///srv/images/vm:v1")]
 #[command(after_help = REFERENCE_HELP)]
 pub struct PushArgs {
@@ -59,10 +63,25 @@ pub struct PushArgs {
     /// (skopeo copies, registry garbage collection) keep it with the image.
     #[arg(long, value_name = "FILE")]
     pub trace: Option<PathBuf>,
+    /// Upload each layer as a compressed blob (one zstd frame per stored block) at zstd level
+    /// LEVEL, 1 (fastest) to 19 (smallest); 3 if no level is given. Images pushed so cannot be
+    /// pulled by mcow versions before compressed blobs.
+    #[arg(
+        long,
+        value_name = "LEVEL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = DEFAULT_LEVEL_TEXT,
+        value_parser = clap::value_parser!(i32).range(1..=19)
+    )]
+    pub compress: Option<i32>,
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     pub output: OutputFormat,
 }
+
+/// `mcow_format::DEFAULT_LEVEL` as `--compress` takes it (a test checks that they agree).
+const DEFAULT_LEVEL_TEXT: &str = "3";
 
 #[derive(Debug, Serialize)]
 struct PushJson {
@@ -72,6 +91,9 @@ struct PushJson {
     uploaded: usize,
     bytes_uploaded: u64,
     already_there: usize,
+    layer_bytes: u64,
+    blob_bytes: u64,
+    compress: Option<i32>,
 }
 
 pub fn run_push(a: PushArgs, g: Global) -> Result<ExitCode> {
@@ -91,11 +113,10 @@ pub fn run_push(a: PushArgs, g: Global) -> Result<ExitCode> {
         }
     }
     let mut progress = Progress::new(g, "pushing");
+    let opts = mcow_remote::transfer::PushOptions { trace: a.trace.as_deref(), compress: a.compress };
     let report =
-        mcow_remote::transfer::push_with_trace(&a.disk, &reference, a.trace.as_deref(), &mut |d, t| {
-            progress.update(d, t)
-        })
-        .with_context(|| format!("pushing disk {} to {reference}", a.disk.display()))?;
+        mcow_remote::transfer::push_with(&a.disk, &reference, &opts, &mut |d, t| progress.update(d, t))
+            .with_context(|| format!("pushing disk {} to {reference}", a.disk.display()))?;
     progress.finish();
     let already = report.layers - report.uploaded;
     match a.output {
@@ -106,6 +127,9 @@ pub fn run_push(a: PushArgs, g: Global) -> Result<ExitCode> {
             uploaded: report.uploaded,
             bytes_uploaded: report.bytes_uploaded,
             already_there: already,
+            layer_bytes: report.layer_bytes,
+            blob_bytes: report.blob_bytes,
+            compress: report.compressed,
         })?,
         OutputFormat::Human => {
             println!("Pushed {} to {reference}", a.disk.display());
@@ -119,9 +143,28 @@ pub fn run_push(a: PushArgs, g: Global) -> Result<ExitCode> {
                 report.bytes_uploaded,
                 already
             );
+            if let Some(level) = report.compressed {
+                println!(
+                    "compressed (zstd level {level}): layers {} as blobs of {} ({:.1}% of the size)",
+                    human_size(report.layer_bytes),
+                    human_size(report.blob_bytes),
+                    100.0 * report.blob_bytes as f64 / report.layer_bytes.max(1) as f64
+                );
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    /// `--compress` without a level means the format's default level.
+    #[test]
+    fn the_default_compression_level_is_the_formats() {
+        assert_eq!(super::DEFAULT_LEVEL_TEXT.parse::<i32>().unwrap(), mcow_format::DEFAULT_LEVEL);
+        assert_eq!(*mcow_format::LEVELS.start(), 1);
+        assert_eq!(*mcow_format::LEVELS.end(), 19);
+    }
 }
 
 /// Pull a disk image into a new disk.
@@ -138,6 +181,10 @@ pub fn run_push(a: PushArgs, g: Global) -> Result<ExitCode> {
     pushed with index chunks (one whose index is over 16 KiB), only the extent index is fetched \
     now and its block hash table later, chunk by chunk (each checked), as reads need it; the \
     chunk list is kept beside the partial copy (<hex>.chunks).\n\n\
+    A layer pushed compressed (`mcow push --compress`) is downloaded as its compressed blob, \
+    rebuilt into the layer and checked against the layer's digest (the blob is not kept); with \
+    --lazy, the blob's frame table is fetched with the index, checked, and kept beside the \
+    partial copy (<hex>.frames), and blocks are fetched as their frames.\n\n\
     JSON output (--output json): an object with reference, disk, store, manifest_digest, \
     layers, layers_local (already in the store), bytes_fetched and lazy.")]
 #[command(after_help = REFERENCE_HELP)]
