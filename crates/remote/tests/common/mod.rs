@@ -288,15 +288,32 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Text-like bytes (one numbered line, repeated): zstd shrinks them many times.
+pub fn text(seed: u64, len: usize) -> Vec<u8> {
+    let line = format!("mcow test data {seed}: the quick brown fox jumps over the lazy dog\n");
+    line.bytes().cycle().take(len).collect()
+}
+
 /// Writes one layer's worth of data (distinct per `seed`), zero markers from the second layer
 /// on, then seals it.
 pub fn add_layer(disk: &Path, seed: u64) {
+    add_layer_with(disk, seed, false)
+}
+
+/// [`add_layer`]; with `mixed`, every other write is [`text`] (compressible) rather than
+/// [`pattern`] (noise, which does not compress).
+fn add_layer_with(disk: &Path, seed: u64, mixed: bool) {
     let _g = fork_lock();
     let d = Disk::open(disk, OpenOptions::default()).unwrap();
     let l = seed % 3;
     for k in 0..8u64 {
         let off = (k * 12 + l * 3) * BS + 500 + seed % 7;
-        d.write(off, &pattern(seed * 100 + k, 100_000)).unwrap();
+        let data = if mixed && k % 2 == 0 {
+            text(seed * 100 + k, 100_000)
+        } else {
+            pattern(seed * 100 + k, 100_000)
+        };
+        d.write(off, &data).unwrap();
     }
     if seed > 0 {
         // Zero markers over data of the layers below.
@@ -310,6 +327,16 @@ pub fn add_layer(disk: &Path, seed: u64) {
 
 /// A 3-layer disk at `dir/disk` (layers in `dir/layers`), with its bytes.
 pub fn build_disk(dir: &Path) -> (PathBuf, Vec<u8>) {
+    build_disk_with(dir, false)
+}
+
+/// [`build_disk`] whose layers are half text (compressible) and half noise, so that a
+/// compressed push has frames of both kinds (zstd frames, and blocks stored as they are).
+pub fn build_compressible_disk(dir: &Path) -> (PathBuf, Vec<u8>) {
+    build_disk_with(dir, true)
+}
+
+fn build_disk_with(dir: &Path, mixed: bool) -> (PathBuf, Vec<u8>) {
     let disk = dir.join("disk");
     let g = fork_lock();
     Disk::create(
@@ -324,7 +351,7 @@ pub fn build_disk(dir: &Path) -> (PathBuf, Vec<u8>) {
     .unwrap();
     drop(g);
     for seed in 0..3 {
-        add_layer(&disk, seed);
+        add_layer_with(&disk, seed, mixed);
     }
     let bytes = read_all(&Disk::open(&disk, OpenOptions::default()).unwrap());
     (disk, bytes)
@@ -355,4 +382,36 @@ pub fn data_blocks_of(d: &Disk, layer: u32) -> Vec<(u64, u64)> {
         }
     }
     out
+}
+
+/// The files in a store's `blobs/sha256` (as digests), sorted, and whether its `tmp/` is empty:
+/// what a pull left behind.
+pub fn store_contents(store: &Path) -> (Vec<String>, bool) {
+    let list = |p: PathBuf| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(p)
+            .map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    (list(store.join("blobs/sha256")), list(store.join("tmp")).is_empty())
+}
+
+/// Tried by the compressed round trips: an image pushed with `push --compress` at level 3.
+/// Checks what every backend must show of it: each manifest layer entry is a compressed blob
+/// whose config record names the source layer by `diff_id` (with its length), and the blobs
+/// are smaller in all than the layers (the data is half text).
+pub fn check_compressed_image(remote: &dyn mcow_remote::Remote, r: &mcow_remote::Reference, disk: &Path) {
+    let image = mcow_remote::transfer::fetch_image(remote, r).unwrap();
+    let src = layers(disk);
+    assert_eq!(image.config.layers.len(), src.len());
+    for ((rec, desc), (digest, len)) in image.config.layers.iter().zip(image.manifest.disk_layers()).zip(&src)
+    {
+        assert_eq!(desc.media_type, mcow_remote::image::COMPRESSED_LAYER_MEDIA_TYPE);
+        assert_eq!((rec.layer_digest(), rec.layer_size()), (*digest, *len));
+        assert_ne!(rec.digest, *digest, "the blob is named by its own digest");
+    }
+    let blobs: u64 = image.config.layers.iter().map(|r| r.size).sum();
+    let layers: u64 = src.iter().map(|l| l.1).sum();
+    assert!(blobs < layers * 3 / 4, "blobs of {blobs} bytes for layers of {layers}");
 }
