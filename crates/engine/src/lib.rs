@@ -14,8 +14,8 @@
 //! - `layer` / `store` / `temp`: sealed layers (read with verification, written canonically),
 //!   the content-addressed directory that holds them, and the locked temporaries new files are
 //!   written to;
-//! - `compressed`: a local layer encoded as the compressed blob a push uploads, and a layer
-//!   rebuilt from a downloaded one;
+//! - `blob`: a local layer encoded as the compressed blob a push uploads, and a layer rebuilt
+//!   from a downloaded one;
 //! - `readahead`: the pure policy that sizes a partial layer's fetches from the reads before;
 //! - `fetch`: partial (lazily fetched) layers, a sealed layer plus its fetch state: where
 //!   missing blocks come from and how they are fetched, checked and landed;
@@ -28,8 +28,8 @@
 
 mod background;
 pub mod bitmap;
+pub mod blob;
 pub mod chunks;
-pub mod compressed;
 pub mod context;
 pub mod disk;
 pub mod error;
@@ -48,7 +48,7 @@ pub mod temp;
 pub mod top;
 
 pub use bitmap::AtomicBitmap;
-pub use compressed::CompressedBlob;
+pub use blob::CompressedBlob;
 pub use context::{Engine, EngineConfig};
 pub use disk::{
     CreateOptions, DEFAULT_BLOCK_SIZE, Disk, FetchRest, Holder, OpenOptions, Run, RunKind, Segment, Segments,

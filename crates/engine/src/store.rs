@@ -72,10 +72,13 @@ impl LayerStore {
         self.root.join("partial").join("sha256").join(format!("{}.chunks", digest.hex()))
     }
 
-    /// Where a partial copy pulled from a compressed blob keeps that blob's frame table (see
-    /// [`FramesFile`]): beside the partial file, as `<hex>.frames`.
+    /// Where a partial copy pulled from a compressed blob keeps its frame table (which blob its
+    /// blocks come from and where each block's frame lies in it, see
+    /// [`mcow_format::FramesFile`]): beside the partial file, as `<hex>.frames`.
     pub fn frames_path(&self, digest: &Digest) -> PathBuf {
-        self.root.join("partial").join("sha256").join(format!("{}.frames", digest.hex()))
+        let mut p = self.partial_path(digest).into_os_string();
+        p.push(".frames");
+        PathBuf::from(p)
     }
 
     /// Checks that `frames` can be the frame table of the partial copy of layer `digest` (`len`

@@ -1,4 +1,4 @@
-//! Compressed layer blobs on the layer store's side (docs/FORMAT.md, "Compressed layer blobs"):
+//! Compressed layer blobs as a whole, on the layer store's side (docs/FORMAT.md, "Compressed layer blobs"):
 //! encoding a complete local layer as the blob a push uploads, and rebuilding a layer from a
 //! downloaded blob before it is adopted under its own digest.
 //!
