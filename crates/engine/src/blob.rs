@@ -1,6 +1,6 @@
-//! Compressed layer blobs as a whole, on the layer store's side (docs/FORMAT.md, "Compressed layer blobs"):
-//! encoding a complete local layer as the blob a push uploads, and rebuilding a layer from a
-//! downloaded blob before it is adopted under its own digest.
+//! Compressed layer blobs as a whole, on the layer store's side (docs/FORMAT.md, "Compressed
+//! layer blobs"): encoding a complete local layer as the blob a push uploads, and rebuilding a
+//! layer from a downloaded blob before it is adopted under its own digest.
 //!
 //! Owns: the two conversions, their use of threads and their memory bound (a few MiB in
 //! flight, whatever the layer's size). Does not own: the blob's layout, the frame table's rules
