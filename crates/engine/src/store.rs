@@ -3,7 +3,8 @@
 //!
 //! Owns: layer file paths, atomically adding a new layer (write to a locked temporary in `tmp/`,
 //! fsync, rename, fsync the directory; see `temp`), partial copies (and the chunk lists of those
-//! pulled with index chunks) and their completion, opening a layer as
+//! pulled with index chunks, the frame tables of those pulled from compressed blobs) and their
+//! completion, opening a layer as
 //! complete or partial ([`OpenLayer`]) and sharing the layers open in the store's engine. Does not own: the content of layers (see `layer`),
 //! the pool of open layer files (see `pool`).
 
@@ -16,6 +17,7 @@ use mcow_format::Digest;
 
 use crate::background::Background;
 use crate::chunks::IndexChunks;
+use crate::compressed::FramedSource;
 use crate::context::{Engine, WeakLayer};
 use crate::error::{Error, Result};
 use crate::fetch::{BlockSource, FetchPolicy, PartialLayer};
@@ -70,6 +72,15 @@ impl LayerStore {
     /// [`IndexChunks::to_text`]): beside the partial file, as `<hex>.chunks`.
     pub fn chunk_list_path(&self, digest: &Digest) -> PathBuf {
         self.root.join("partial").join("sha256").join(format!("{}.chunks", digest.hex()))
+    }
+
+    /// Where a partial copy pulled from a compressed blob keeps its frame table (which blob its
+    /// blocks come from and where each block's frame lies in it, see
+    /// [`mcow_format::FramesFile`]): beside the partial file, as `<hex>.frames`.
+    pub fn frames_path(&self, digest: &Digest) -> PathBuf {
+        let mut p = self.partial_path(digest).into_os_string();
+        p.push(".frames");
+        PathBuf::from(p)
     }
 
     /// The chunk list of the partial copy of `digest`, if it has one.
@@ -141,7 +152,18 @@ impl LayerStore {
                     }
                     r => r?,
                 };
-                let layer = Arc::new(PartialLayer::new(layer, source.clone(), *policy, background));
+                // Pulled from a compressed blob: its blocks come from the blob's frames.
+                let source = match crate::compressed::load_frames(&self.frames_path(digest), &layer)? {
+                    Some((frames, layout)) => {
+                        let framed =
+                            FramedSource::new(source.clone(), *digest, frames, layout).map_err(|e| {
+                                Error::FramesFile { path: self.frames_path(digest), why: e.to_string() }
+                            })?;
+                        Arc::new(framed) as Arc<dyn BlockSource>
+                    }
+                    None => source.clone(),
+                };
+                let layer = Arc::new(PartialLayer::new(layer, source, *policy, background));
                 layer.load_hashes_in_background();
                 Ok((OpenLayer::Partial(layer), index))
             }
