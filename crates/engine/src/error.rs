@@ -40,6 +40,13 @@ pub enum Error {
         path.display()
     )]
     ChunkList { path: PathBuf, why: String },
+    /// A partial layer's frame table (its `.frames` file, beside it: the layer was pulled from a
+    /// compressed blob) is unreadable or does not fit the layer: its blocks cannot be fetched.
+    #[error(
+        "{}: the frame table of this partial layer is unusable: {why} (remove the partial copy and pull again)",
+        path.display()
+    )]
+    FramesFile { path: PathBuf, why: String },
     /// A chunk of a partial layer's block hash table could not be fetched, or did not match its
     /// digest: the blocks whose hashes it holds cannot be checked, so they are not read.
     #[error("{}: hash table chunk {chunk} is not available: {why}", path.display())]
@@ -141,6 +148,7 @@ impl Error {
             Error::Format { .. }
                 | Error::BlockChecksum { .. }
                 | Error::ChunkList { .. }
+                | Error::FramesFile { .. }
                 | Error::LayerDigest { .. }
                 | Error::WrongParent { .. }
                 | Error::Mismatch { .. }

@@ -19,6 +19,8 @@
 //! - `readahead`: the pure policy that sizes a partial layer's fetches from the reads before;
 //! - `fetch`: partial (lazily fetched) layers, a sealed layer plus its fetch state: where
 //!   missing blocks come from and how they are fetched, checked and landed;
+//! - `compressed`: the source of a partial layer pulled from a compressed blob, which fetches
+//!   its blocks as the blob's zstd frames and decodes them;
 //! - `stack`: sealed layers bottom to top, flattened into one map at open;
 //! - `top`: the writable, crash-consistent top layer;
 //! - `disk`: a stack plus its top, the byte-level read/write path front ends use;
@@ -30,6 +32,7 @@ mod background;
 pub mod bitmap;
 pub mod blob;
 pub mod chunks;
+pub mod compressed;
 pub mod context;
 pub mod disk;
 pub mod error;

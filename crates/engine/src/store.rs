@@ -3,7 +3,8 @@
 //!
 //! Owns: layer file paths, atomically adding a new layer (write to a locked temporary in `tmp/`,
 //! fsync, rename, fsync the directory; see `temp`), partial copies (and the chunk lists of those
-//! pulled with index chunks, and the frame tables of those pulled from compressed blobs) and their completion, opening a layer as
+//! pulled with index chunks, the frame tables of those pulled from compressed blobs) and their
+//! completion, opening a layer as
 //! complete or partial ([`OpenLayer`]) and sharing the layers open in the store's engine. Does not own: the content of layers (see `layer`),
 //! the pool of open layer files (see `pool`).
 
@@ -16,6 +17,7 @@ use mcow_format::{BlobLayout, Digest, FramesFile};
 
 use crate::background::Background;
 use crate::chunks::IndexChunks;
+use crate::compressed::FramedSource;
 use crate::context::{Engine, WeakLayer};
 use crate::error::{Error, Result};
 use crate::fetch::{BlockSource, FetchPolicy, PartialLayer};
@@ -200,7 +202,18 @@ impl LayerStore {
                     }
                     r => r?,
                 };
-                let layer = Arc::new(PartialLayer::new(layer, source.clone(), *policy, background));
+                // Pulled from a compressed blob: its blocks come from the blob's frames.
+                let source = match crate::compressed::load_frames(&self.frames_path(digest), &layer)? {
+                    Some((frames, layout)) => {
+                        let framed =
+                            FramedSource::new(source.clone(), *digest, frames, layout).map_err(|e| {
+                                Error::FramesFile { path: self.frames_path(digest), why: e.to_string() }
+                            })?;
+                        Arc::new(framed) as Arc<dyn BlockSource>
+                    }
+                    None => source.clone(),
+                };
+                let layer = Arc::new(PartialLayer::new(layer, source, *policy, background));
                 layer.load_hashes_in_background();
                 Ok((OpenLayer::Partial(layer), index))
             }

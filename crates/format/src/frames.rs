@@ -54,9 +54,10 @@ impl FrameTable {
         FrameTable { offsets }
     }
 
-    /// Bytes of the encoded table of a layer of `block_count` stored blocks.
+    /// Bytes of the encoded table of a layer of `block_count` stored blocks (saturating: a
+    /// count no table can have gives `u64::MAX`, which no length meets, rather than overflow).
     pub fn encoded_len(block_count: u64) -> u64 {
-        (block_count + 1) * FRAME_ENTRY_SIZE as u64
+        block_count.saturating_add(1).saturating_mul(FRAME_ENTRY_SIZE as u64)
     }
 
     pub fn encode(&self) -> Vec<u8> {
