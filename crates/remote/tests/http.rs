@@ -413,3 +413,50 @@ fn ranged_fetches_reuse_their_connection() {
         log.join("\n")
     );
 }
+
+/// Tried: a disk (half text, half noise) pushed compressed to a `file://` layout, the
+/// directory served by nginx, pulled from it in full and lazily (read in full twice). Must
+/// hold: the image's layers are compressed blobs smaller than the layers; the full pull fetches
+/// the blobs' bytes and makes the source's layers (same digests, same disk bytes) and nothing
+/// else in its store; the lazy pull fetches less than a twentieth of the blobs, reads every byte
+/// right, and its second open fetches nothing.
+#[test]
+fn compressed_images_pull_full_and_lazy_from_nginx() {
+    let t = tempfile::tempdir().unwrap();
+    let (disk, bytes) = build_compressible_disk(&t.path().join("a"));
+    let www = t.path().join("www");
+    let file_ref = Reference::parse(&format!("file://{}:v1", www.join("images").display())).unwrap();
+    let opts = transfer::PushOptions { trace: None, compress: Some(mcow_format::DEFAULT_LEVEL) };
+    let rep = transfer::push_with(&disk, &file_ref, &opts, &mut |_, _| {}).unwrap();
+    let ngx = Nginx::start(&t.path().join("ngx"), &www);
+    let r = Reference::parse(&format!("http://127.0.0.1:{}/images:v1", ngx.port)).unwrap();
+    let remote = mcow_remote::open_remote(&r).unwrap();
+    check_compressed_image(remote.as_ref(), &r, &disk);
+
+    let full =
+        transfer::pull(&r, &t.path().join("b/disk"), &t.path().join("b/layers"), false, &mut |_, _| {})
+            .unwrap();
+    assert_eq!((full.layers, full.bytes_fetched), (3, rep.blob_bytes));
+    assert_eq!(layers(&t.path().join("b/disk")), layers(&disk));
+    assert!(read_all(&Disk::open(&t.path().join("b/disk"), ro()).unwrap()) == bytes);
+    let mut want: Vec<String> = layers(&disk).iter().map(|l| l.0.hex()).collect();
+    want.sort();
+    assert_eq!(store_contents(&t.path().join("b/layers")), (want, true));
+
+    let lazy = transfer::pull(&r, &t.path().join("c/disk"), &t.path().join("c/layers"), true, &mut |_, _| {})
+        .unwrap();
+    assert!(lazy.bytes_fetched * 20 < rep.blob_bytes, "{} of {}", lazy.bytes_fetched, rep.blob_bytes);
+    for round in 0..2 {
+        let (d, src) = transfer::Sources::new()
+            .open_lazy_disk(
+                &mcow_engine::Engine::default(),
+                &t.path().join("c/disk"),
+                ro(),
+                FetchPolicy::default(),
+            )
+            .unwrap();
+        assert!(read_all(&d) == bytes, "round {round}: the lazy disk differs");
+        let (fetched, _) = src.unwrap().stats();
+        assert!(if round == 0 { fetched > 0 } else { fetched == 0 }, "round {round}: {fetched}");
+    }
+}

@@ -17,7 +17,7 @@ use mcow_remote::http_client::HttpConfig;
 use mcow_remote::layout::ObjectStore;
 use mcow_remote::retry::RetryPolicy;
 use mcow_remote::s3::{S3Config, S3Store};
-use mcow_remote::transfer::Sources;
+use mcow_remote::transfer::{PushOptions, Sources, push_with};
 use mcow_remote::{Reference, RemoteError, pull, push};
 
 const KEY: &str = "AKIDMCOWTEST";
@@ -180,6 +180,59 @@ fn read_all(d: &Disk) -> Vec<u8> {
     buf
 }
 
+/// The disk's sealed layers (digest, length), bottom first.
+fn layer_list(dir: &Path) -> Vec<(Digest, u64)> {
+    let d = Disk::open(dir, OpenOptions { read_only: true, verify: false, force_share: true }).unwrap();
+    d.stack().layers().iter().map(|l| (l.digest, l.file_len())).collect()
+}
+
+/// Tried (inside the one S3 test, its environment set): the three-layer disk pushed compressed
+/// under another tag, pushed again, pulled in full into a fresh store and lazily (read in full,
+/// twice). Must hold: the compressed push uploads three blobs, under a quarter of the bytes of
+/// the uncompressed push (`plain`); the second uploads nothing and gives the same manifest; the
+/// full pull makes the source's layers (digests, lengths, bytes) and keeps nothing else; the
+/// lazy disk reads every byte right and its second open fetches nothing.
+fn compressed_round_trip(src: &Path, model: &[u8], plain: &mcow_remote::transfer::PushReport, tmp: &Path) {
+    let r = Reference::parse("s3://mcow/images/demo:zstd").unwrap();
+    let opts = PushOptions { trace: None, compress: Some(mcow_format::DEFAULT_LEVEL) };
+    let z = push_with(src, &r, &opts, &mut |_, _| {}).unwrap();
+    assert_eq!((z.layers, z.uploaded, z.layer_bytes), (3, 3, plain.bytes_uploaded));
+    assert!(z.bytes_uploaded < plain.bytes_uploaded / 4, "{} of {}", z.bytes_uploaded, plain.bytes_uploaded);
+    let again = push_with(src, &r, &opts, &mut |_, _| {}).unwrap();
+    assert_eq!((again.uploaded, again.manifest_digest), (0, z.manifest_digest));
+
+    let full = tmp.join("zfull");
+    let pulled = pull(&r, &full, &tmp.join("store-zfull"), false, &mut |_, _| {}).unwrap();
+    assert_eq!(pulled.bytes_fetched, z.blob_bytes);
+    assert_eq!(layer_list(&full), layer_list(src));
+    assert!(read_all(&Disk::open(&full, OpenOptions::default()).unwrap()) == model, "full pull differs");
+    let mut kept: Vec<String> = std::fs::read_dir(tmp.join("store-zfull/blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    kept.sort();
+    let mut want: Vec<String> = layer_list(src).iter().map(|l| l.0.hex()).collect();
+    want.sort();
+    assert_eq!(kept, want, "the store keeps the layers, nothing else");
+    assert_eq!(std::fs::read_dir(tmp.join("store-zfull/tmp")).unwrap().count(), 0);
+
+    let lazy = tmp.join("zlazy");
+    pull(&r, &lazy, &tmp.join("store-zlazy"), true, &mut |_, _| {}).unwrap();
+    for round in 0..2 {
+        let (d, source) = Sources::new()
+            .open_lazy_disk(
+                &mcow_engine::Engine::default(),
+                &lazy,
+                OpenOptions::default(),
+                FetchPolicy::default(),
+            )
+            .unwrap();
+        assert!(read_all(&d) == model, "round {round}: the lazy disk differs");
+        let (bytes, _) = source.unwrap().stats();
+        assert!(if round == 0 { bytes > 0 } else { bytes == 0 }, "round {round}: {bytes}");
+    }
+}
+
 #[test]
 fn s3_push_pull_lazy_pull_and_errors_against_a_real_server() {
     let tmp = tempfile::tempdir().unwrap();
@@ -286,6 +339,8 @@ fn s3_push_pull_lazy_pull_and_errors_against_a_real_server() {
         assert!(read_all(&d) == model, "second lazy read differs");
         assert_eq!(source.unwrap().stats(), (0, 0), "the second open fetched again");
     }
+
+    compressed_round_trip(&src, &model, &report, tmp.path());
 
     // A pin that is not the tag's manifest: not found.
     let bogus = Reference::parse(&format!("s3://mcow/images/demo:v1@{}", Digest::of(b"nope"))).unwrap();
