@@ -169,6 +169,59 @@ fn chunked_lazy_start_fetches_only_the_extents_then_completes() {
     assert!(all == bytes);
 }
 
+/// Tried: the two-layer image of many hash table chunks pushed compressed to docker-registry,
+/// pulled lazily, read whole through a lazy open and downloaded (`fetch_rest`). Must hold: the
+/// config records both index chunks and the compressed blob; the lazy start fetches exactly
+/// the header fields, frame table, extent chunks and trailer of each layer (the table in the
+/// same range as the extent chunks); the partial copies keep their chunk lists and frame tables;
+/// every byte reads right; both layers complete to their digests, and their chunk lists and
+/// frame tables are gone.
+#[test]
+fn chunked_lazy_start_from_compressed_blobs_then_completes() {
+    let t = tempfile::tempdir().unwrap();
+    let reg = RegistryServer::start(&t.path().join("reg"), None);
+    let (disk, bytes) = build_chunky_disk(&t.path().join("a"));
+    let r = Reference::parse(&format!("oci://{}/mcow/chunkz:v1", reg.host())).unwrap();
+    let opts = transfer::PushOptions { trace: None, compress: Some(mcow_format::DEFAULT_LEVEL) };
+    transfer::push_with(&disk, &r, &opts, &mut |_, _| {}).unwrap();
+    let shapes = layer_shapes(&disk);
+    let remote = mcow_remote::open_remote(&r).unwrap();
+    let image = transfer::fetch_image(remote.as_ref(), &r).unwrap();
+    let mut tables = 0;
+    for (rec, s) in image.config.layers.iter().zip(&shapes) {
+        assert!(rec.index_chunks.is_some(), "{rec:?}");
+        assert_eq!(rec.compressed().map(|c| c.diff_id), Some(s.0));
+        let blocks = (s.2 - mcow_format::HEADER_SIZE as u64) / CBS;
+        tables += mcow_format::FrameTable::encoded_len(blocks);
+    }
+
+    let rep = transfer::pull(&r, &t.path().join("b/disk"), &t.path().join("b/layers"), true, &mut |_, _| {})
+        .unwrap();
+    assert_eq!(rep.bytes_fetched, start_bytes(&shapes) + tables);
+    let store = LayerStore::new(t.path().join("b/layers"));
+    for s in &shapes {
+        assert!(store.chunk_list_path(&s.0).is_file() && store.frames_path(&s.0).is_file());
+        assert_eq!(std::fs::metadata(store.partial_path(&s.0)).unwrap().len(), s.1);
+    }
+    let (d, _) = transfer::Sources::new()
+        .open_lazy_disk(
+            &mcow_engine::Engine::default(),
+            &t.path().join("b/disk"),
+            ro(),
+            FetchPolicy::default(),
+        )
+        .unwrap();
+    let mut all = vec![0u8; CSIZE as usize];
+    d.read(0, &mut all).unwrap();
+    assert!(all == bytes, "the lazy disk reads what the local one does");
+    let done = d.fetch_rest(&AtomicBool::new(false));
+    assert_eq!((done.completed, done.failed), (2, 0));
+    for s in &shapes {
+        assert!(store.contains(&s.0) && !store.partial_path(&s.0).exists());
+        assert!(!store.chunk_list_path(&s.0).exists() && !store.frames_path(&s.0).exists());
+    }
+}
+
 /// Tried: an image in a `file://` layout served by nginx, pulled lazily; then a byte flipped in
 /// the served copy of the base layer inside its hash table chunk 4, and a disk opened (its
 /// background chunk fetch fails on that chunk); then the byte restored; then (a new pull) a
