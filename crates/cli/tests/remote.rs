@@ -210,6 +210,46 @@ fn push_pull_lazy_and_serve() {
 }
 
 /// Writes, seal and commit on a lazy disk fetch what they need.
+/// Tried: `push --compress` of a 3-layer disk (as JSON, then again in human form), a level out
+/// of range, then pulls of the compressed image in full and lazily. Must hold: the push reports
+/// the level, the layers' size and blobs a small part of it, and uploads exactly the blobs;
+/// the second push uploads nothing (same manifest) and prints the compressed size and ratio;
+/// `--compress=0` is refused naming the range; the full pull makes the same layers (digests in
+/// `info`) and content, the lazy one starts with no data local and exports the same content.
+#[test]
+fn push_compressed_then_pull_in_full_and_lazily() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let model = three_layer_disk(dir, "d");
+    let reference = format!("file://{}/repo:z", dir.display());
+    let p = json(dir, &["push", "d", &reference, "--compress", "--output", "json"]);
+    assert_eq!((p["compress"].as_i64(), p["uploaded"].as_u64()), (Some(3), Some(3)));
+    let (layer_bytes, blob_bytes) = (p["layer_bytes"].as_u64().unwrap(), p["blob_bytes"].as_u64().unwrap());
+    assert!(layer_bytes > 3 * MIB && blob_bytes * 10 < layer_bytes, "{p}");
+    assert_eq!(p["bytes_uploaded"].as_u64(), Some(blob_bytes));
+    let manifest = p["manifest_digest"].as_str().unwrap().to_string();
+    let out = mcow_ok(dir, &["push", "-q", "d", &reference, "--compress=3"]);
+    assert!(out.contains(&manifest) && out.contains("3 layers, 0 uploaded"), "{out}");
+    assert!(out.contains("compressed (zstd level 3): layers") && out.contains("% of the size"), "{out}");
+    let r = mcow_in(dir, &["push", "d", &reference, "--compress=0"]);
+    assert!(r.code != 0 && r.stderr.contains("1..=19"), "{}{}", r.stdout, r.stderr);
+
+    let digests = |info: &Value| -> Vec<String> {
+        layers(info).iter().map(|l| l["digest"].as_str().unwrap().to_string()).collect()
+    };
+    let full = json(dir, &["pull", &reference, "full/d", "--output", "json"]);
+    assert_eq!(full["bytes_fetched"].as_u64(), Some(blob_bytes));
+    let src = json(dir, &["info", "d", "--output", "json"]);
+    assert_eq!(digests(&json(dir, &["info", "full/d", "--output", "json"])), digests(&src));
+    assert!(export_bytes(dir, "full/d") == model, "full pull differs from the original");
+
+    json(dir, &["pull", &reference, "lazy/d", "--lazy", "--output", "json"]);
+    let info = json(dir, &["info", "lazy/d", "--output", "json"]);
+    assert_eq!(digests(&info), digests(&src));
+    assert!(layers(&info).iter().all(|l| l["local_bytes"].as_u64() == Some(0)), "{info}");
+    assert!(export_bytes(dir, "lazy/d") == model, "lazy pull differs from the original");
+}
+
 #[test]
 fn lazy_disk_write_seal_commit() {
     let t = tempfile::tempdir().unwrap();
