@@ -89,7 +89,9 @@ fn add_partial(bytes: &[u8]) {
     let store = LayerStore::new(scratch_dir().join("partial-store"));
     let digest = Digest::of(bytes);
     let tail = &bytes[len - tail_len as usize..];
-    if let Ok(path) = store.add_partial(&digest, len as u64, &bytes[..HEADER_SIZE], tail, &t.index_digest) {
+    if let Ok(path) =
+        store.add_partial(&digest, len as u64, &bytes[..HEADER_SIZE], tail, &t.index_digest, None)
+    {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), len as u64);
         std::fs::remove_file(&path).unwrap();
     }
