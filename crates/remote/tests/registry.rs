@@ -166,13 +166,15 @@ fn compressed_push_pull_roundtrip_and_dedup() {
 /// the bottom layer is not its blob's table's, and a bottom layer blob with one byte of a zstd
 /// frame flipped. Must hold: each full pull fails with an error that names the layer and what
 /// failed (the frame table; the frame of a block, or the rebuilt layer's digest), makes no
-/// disk, and leaves the store without layers and without temporaries.
+/// disk, and leaves the store without layers and without temporaries. Lazily, the first fails
+/// the pull with no partial copy or frame table left; with the second, the read of the flipped
+/// block fails (an I/O error, or its checksum) and another block of that layer reads right.
 #[test]
 fn hostile_compressed_blobs_fail_the_full_pull_and_leave_nothing() {
     use mcow_format::{BlobLayout, FrameTable};
     let t = tempfile::tempdir().unwrap();
     let reg = RegistryServer::start(&t.path().join("reg"), None);
-    let (disk, _) = build_compressible_disk(&t.path().join("a"));
+    let (disk, bytes) = build_compressible_disk(&t.path().join("a"));
     let r = reference(&format!("oci://{}/mcow/h:v1", reg.host()));
     transfer::push_with(&disk, &r, &compressed(), &mut |_, _| {}).unwrap();
     let remote = Registry::new(&reg.base_url(), "mcow/h");
@@ -224,6 +226,32 @@ fn hostile_compressed_blobs_fail_the_full_pull_and_leave_nothing() {
         assert!(!dir.join("disk/disk.json").exists(), "case {n}: a disk was made");
         assert_eq!(store_contents(&dir.join("layers")), (vec![], true), "case {n}: the store kept something");
     }
+
+    // Lazily: the other frame table fails the pull and leaves no partial copy; the flipped
+    // frame is found only when its block is read (that read fails, the others do not).
+    let lazy = t.path().join("lazy0");
+    let r0 = reference(&format!("oci://{}/mcow/h:bad0", reg.host()));
+    let e = transfer::pull(&r0, &lazy.join("disk"), &lazy.join("layers"), true, &mut |_, _| {}).unwrap_err();
+    assert!(e.to_string().contains("frame table"), "{e}");
+    let store = mcow_engine::store::LayerStore::new(lazy.join("layers"));
+    assert!(!store.partial_path(&c.diff_id).exists() && !store.frames_path(&c.diff_id).exists());
+    assert!(!lazy.join("disk/disk.json").exists());
+    let lazy = t.path().join("lazy1");
+    pull(&reference(&format!("oci://{}/mcow/h:bad1", reg.host())), &lazy, true);
+    let (d, _) = transfer::Sources::new()
+        .open_lazy_disk(&mcow_engine::Engine::default(), &lazy.join("disk"), ro(), EXACT)
+        .unwrap();
+    let blocks = data_blocks_of(&d, 0);
+    let (vb, _) = *blocks.iter().find(|b| b.1 == p).expect("the flipped block is the bottom layer's");
+    let mut buf = vec![0u8; BS as usize];
+    let e = d.read(vb * BS, &mut buf).unwrap_err();
+    // A frame that no longer decodes fails the fetch (an I/O error); one that decodes to other
+    // bytes fails the block's hash.
+    let named = matches!(e, mcow_engine::Error::BlockChecksum { pblock, .. } if pblock == p);
+    assert!(named || matches!(e, mcow_engine::Error::Io { .. }), "{e:?}");
+    let (other, _) = *blocks.iter().find(|b| b.1 != p).unwrap();
+    d.read(other * BS, &mut buf).unwrap();
+    assert!(buf == bytes[(other * BS) as usize..][..BS as usize]);
 }
 
 /// Tried: the compressed image of `compressed_push_pull_roundtrip_and_dedup` pulled lazily.
