@@ -141,7 +141,9 @@ impl LayerStore {
                     }
                     r => r?,
                 };
-                let layer = Arc::new(PartialLayer::new(layer, source.clone(), *policy, background));
+                let layer = PartialLayer::new(layer, source.clone(), *policy, background);
+                // Blocks other layers of this store hold are copied rather than fetched.
+                let layer = Arc::new(layer.with_reuse(self.engine.block_index(&self.root)));
                 layer.load_hashes_in_background();
                 Ok((OpenLayer::Partial(layer), index))
             }
