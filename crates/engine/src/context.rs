@@ -129,6 +129,16 @@ impl Engine {
             .clone()
     }
 
+    /// Layer `digest` of the store at `root` is now complete at `path`: if the store's block
+    /// index was built already, its blocks are added (else the build will find them).
+    pub(crate) fn layer_added(&self, root: &Path, digest: &mcow_format::Digest, path: &Path) {
+        let root = std::fs::canonicalize(root).or_else(|_| std::path::absolute(root)).unwrap_or(root.into());
+        let index = self.inner.reuse.lock().unwrap_or_else(|p| p.into_inner()).get(&root).cloned();
+        if let Some(index) = index {
+            index.add_complete(digest, path);
+        }
+    }
+
     /// The blocks partial layers opened in this engine copied from other local layers of their
     /// store instead of fetching them (block reuse), over all stores.
     pub fn reuse_stats(&self) -> ReuseStats {

@@ -3,7 +3,7 @@
 //!
 //! Owns: [`BlockIndex`], one store's index of local blocks by block hash (built in memory at the
 //! first fetch from the hash tables of the store's complete and partial layers, then kept up to
-//! date with the blocks this process lands), reading a candidate block out of its layer file and
+//! date with the blocks and layers this process adds), reading a candidate block out of its layer file and
 //! checking it against the hash wanted, dropping a candidate that turns out wrong, and the counts
 //! of blocks reused ([`ReuseStats`]). Does not own: landing a reused block (exactly like a
 //! fetched one, see `fetch`), where layer files live (see `store`), or keeping one index per
@@ -141,7 +141,7 @@ fn key(hash: &BlockHash) -> u64 {
 /// (`blobs/sha256/*`: every stored block; `partial/sha256/*`: the blocks whose data region is
 /// not a hole, under the hash table chunks present and matching their digests), reading each
 /// layer's header, trailer and hash table (32 bytes per stored block), never its data; blocks
-/// landed in this process are added as they land. About 16 bytes per indexed block (an 8-byte
+/// landed and layers added to the store in this process are added as they come. About 16 bytes per indexed block (an 8-byte
 /// hash prefix and an 8-byte place) plus the hash map's slack. Held in memory only: a new
 /// process builds it again.
 pub(crate) struct BlockIndex {
@@ -302,6 +302,28 @@ impl BlockIndex {
             if let Some(h) = layer.hashes.get(p) {
                 State::insert(group, id, p, h);
             }
+        }
+    }
+
+    /// Adds the blocks of layer `digest`, now complete at `path` in the store (adopted, written,
+    /// or a partial copy completed), if the index was built already (else the build finds it).
+    pub(crate) fn add_complete(&self, digest: &Digest, path: &Path) {
+        if !self.state().built {
+            return;
+        }
+        let found = match local_hashes(path, None) {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(path = %path.display(), error = %e, "block index: new layer not indexed");
+                return;
+            }
+        };
+        let mut state = self.state();
+        let Some(id) = state.layer_id(digest, path, path.to_path_buf(), &self.pool) else { return };
+        let group = state.group(found.kind, found.block_size);
+        for (p, h) in &found.blocks {
+            State::insert(group, id, *p, h);
         }
     }
 

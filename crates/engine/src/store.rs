@@ -365,6 +365,7 @@ impl LayerStore {
         fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
         fs::rename(from, &dest).map_err(Error::io("rename", from))?;
         sync_dir(dir)?;
+        self.engine.layer_added(&self.root, digest, &dest);
         Ok(dest)
     }
 
@@ -529,6 +530,7 @@ impl PendingLayer {
             fs::rename(&path, &dest).map_err(Error::io("rename", &path))?;
             self.temp.persisted();
             sync_dir(dir)?;
+            store.engine.layer_added(&store.root, digest, &dest);
         }
         Ok(dest)
     }

@@ -353,3 +353,34 @@ fn chunked_layers_reuse_the_blocks_whose_hashes_are_there() {
     assert_eq!(origin.counts().1, fetched * BS4, "data bytes fetched");
     assert_eq!(engine.reuse_stats().blocks, N4 - fetched);
 }
+
+/// Tried: only the new layer (partial) in the store; its disk reads block 0 (which builds the
+/// store's block index, with nothing to reuse), then the old layer is adopted into the store
+/// (`LayerStore::adopt`, as a full pull does), then the disk reads the rest.
+/// Must hold: block 0 is fetched; after the adoption only the 4 other changed blocks are
+/// fetched and the 59 others are copied from the adopted layer; the disk reads right.
+#[test]
+fn a_layer_added_after_the_index_was_built_is_found() {
+    let s = setup(true);
+    let local = s.dir.path().join("local");
+    let old_file = local.join("blobs/sha256").join(s.old.hex());
+    let kept = s.dir.path().join("old.layer");
+    std::fs::rename(&old_file, &kept).unwrap();
+    let disk = disk_on(s.dir.path(), "new", &s.new);
+    let engine = Engine::default();
+    let d = open(&engine, &disk, &s.origin, WIDE);
+    let expected = content(true);
+    let mut first = vec![0u8; BS as usize];
+    d.read(0, &mut first).unwrap();
+    assert!(first[..] == expected[..BS as usize]);
+    assert_eq!(s.origin.counts().1, BS);
+    let store = d.store().clone();
+    let tmp = store.tmp_path().join("adopted");
+    std::fs::create_dir_all(store.tmp_path()).unwrap();
+    std::fs::copy(&kept, &tmp).unwrap();
+    store.adopt(&tmp, &s.old).unwrap();
+    assert!(read_all(&d) == expected, "the new disk reads wrong");
+    let k = CHANGED.len() as u64;
+    assert_eq!(s.origin.counts().1, (1 + k) * BS, "bytes fetched");
+    assert_eq!(engine.reuse_stats().blocks, N - 1 - k);
+}
