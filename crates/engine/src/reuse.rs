@@ -391,6 +391,9 @@ fn local_hashes(path: &Path, chunk_list: Option<&Path>) -> std::io::Result<Optio
         // Only the chunks that are there and match their digests.
         let region_len = trailer.index_len();
         list.check(region_len).map_err(std::io::Error::other)?;
+        if list.extent_count != trailer.extent_count {
+            return Err(std::io::Error::other("the chunk list does not fit the trailer"));
+        }
         let table = ChunkedHashes::new(list, index_at, region_len);
         let mut bytes = Vec::new();
         for c in 0..table.list.digests.len() {
