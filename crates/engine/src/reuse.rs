@@ -3,9 +3,9 @@
 //!
 //! Owns: [`BlockIndex`], one store's index of local blocks by block hash (built in memory at the
 //! first fetch from the hash tables of the store's complete and partial layers, then kept up to
-//! date with the blocks and layers this process adds), reading a candidate block out of its layer file and
-//! checking it against the hash wanted, dropping a candidate that turns out wrong, and the counts
-//! of blocks reused ([`ReuseStats`]). Does not own: landing a reused block (exactly like a
+//! date with the blocks and layers this process adds), reading a candidate block out of its
+//! layer file and checking it against the hash wanted, dropping a candidate that turns out
+//! wrong, and the counts of blocks reused ([`ReuseStats`]). Does not own: landing a reused block (exactly like a
 //! fetched one, see `fetch`), where layer files live (see `store`), or keeping one index per
 //! store (the engine context, see `context`). Nothing here is trusted: a candidate is only used
 //! once its bytes hash to what the layer that wants it expects, so a lost or stale index costs
@@ -112,12 +112,13 @@ impl State {
             return;
         }
         group.places.entry(key(hash)).or_insert((u64::from(id) << BLOCK_BITS) | pblock);
-        if !group.layers.contains(&id) {
+        if group.layers.last() != Some(&id) && !group.layers.contains(&id) {
             group.layers.push(id);
         }
     }
 
-    /// The place of a block with `hash` in a layer other than `not`.
+    /// The place of a block with `hash` in a layer other than `not` (none if the one place known
+    /// for its key is in `not` itself).
     fn find(
         &self,
         kind: BlockHashKind,
