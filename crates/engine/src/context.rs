@@ -4,8 +4,9 @@
 //! Owns: the pool of open layer files (its size from [`EngineConfig`]), the registry of the
 //! layers open in this context (so that disks on the same layers share one verified bitmap and
 //! one fetch state), the background fetch threads, which [`Engine::stop_background`] stops
-//! and joins, and one block index per store for block reuse (see `reuse`). Does not own: raising the process's open-file limit (the binary decides that,
-//! before it makes its engine), opening disks or layers (see `disk`, `store`).
+//! and joins, and one block index per store for block reuse (see `reuse`). Does not own:
+//! raising the process's open-file limit (the binary decides that, before it makes its engine),
+//! opening disks or layers (see `disk`, `store`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -122,7 +123,7 @@ impl Engine {
     /// The block index of the store at `root` (one per store and engine, built at its first
     /// use; see `reuse`).
     pub(crate) fn block_index(&self, root: &Path) -> Arc<BlockIndex> {
-        let root = std::fs::canonicalize(root).or_else(|_| std::path::absolute(root)).unwrap_or(root.into());
+        let root = canonical(root);
         let mut map = self.inner.reuse.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(root.clone())
             .or_insert_with(|| Arc::new(BlockIndex::new(root, self.inner.pool.clone())))
@@ -132,7 +133,7 @@ impl Engine {
     /// Layer `digest` of the store at `root` is now complete at `path`: if the store's block
     /// index was built already, its blocks are added (else the build will find them).
     pub(crate) fn layer_added(&self, root: &Path, digest: &mcow_format::Digest, path: &Path) {
-        let root = std::fs::canonicalize(root).or_else(|_| std::path::absolute(root)).unwrap_or(root.into());
+        let root = canonical(root);
         let index = self.inner.reuse.lock().unwrap_or_else(|p| p.into_inner()).get(&root).cloned();
         if let Some(index) = index {
             index.add_complete(digest, path);
@@ -153,6 +154,11 @@ impl Engine {
     pub(crate) fn open_layers(&self) -> MutexGuard<'_, HashMap<LayerKey, WeakLayer>> {
         self.inner.open.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// `path` made canonical where it can be (so that two spellings of one store name one index).
+fn canonical(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).or_else(|_| std::path::absolute(path)).unwrap_or(path.into())
 }
 
 impl Default for Engine {
