@@ -219,7 +219,9 @@ const DEFAULT_READAHEAD: &str = "16M";
     qemu:allocation-depth), FUA, flush, trim, write-zeroes (fast) and multi-conn.\n\n\
     A disk pulled with `mcow pull --lazy` fetches the blocks it does not hold yet from its \
     origin as they are read (see --fetch-window and --readahead), checks each against its hash \
-    and keeps it.\n\n\
+    and keeps it. A block that another layer of its store already holds (same hash: an image \
+    rebuilt on a new base, a new version of a base layer) is copied from there, checked the same \
+    way, instead of fetched.\n\n\
     Instead of a disk directory, a reference to an image (file://, http(s)://, oci://, s3://; \
     see `mcow pull --help`) serves that image on demand: it is pulled lazily into the cache \
     (--cache: the disk in CACHE/disks/<name>-<manifest short digest>, layers in CACHE/layers) and \
@@ -239,7 +241,8 @@ const DEFAULT_READAHEAD: &str = "16M";
     MCOW_HTTP_CONNECT_TIMEOUT_MS (default 5000) a connect. Readers waiting for a block of a \
     fetch that failed get its error. At SIGINT/SIGTERM, fetches still running 2 s later are \
     cancelled (their reads fail), so mcow exits within a few seconds whatever the origin does.\n\n\
-    At exit, the bytes fetched for each disk are logged (RUST_LOG=info).\n\n\
+    At exit, the bytes fetched for each disk, and the blocks copied from other local layers \
+    instead, are logged (RUST_LOG=info).\n\n\
     Examples:\n  mcow serve vm1\n  qemu-io -f raw nbd://127.0.0.1:10809/vm1\n  \
     mcow serve -k /tmp/nbd.sock os=base app=vm1\n  nbdinfo --map 'nbd+unix:///os?socket=/tmp/nbd.sock'\n  \
     mcow serve --cache /var/cache/mcow vm=oci://registry:5000/images/vm:v1")]
@@ -567,6 +570,12 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
             "served; fetched from the origin"
         );
     }
+    let reused = engine.reuse_stats();
+    tracing::info!(
+        blocks_reused = reused.blocks,
+        bytes_reused = reused.bytes,
+        "served; copied from other local layers instead of fetched"
+    );
     result
 }
 

@@ -3,12 +3,13 @@
 //!
 //! Owns: the pool of open layer files (its size from [`EngineConfig`]), the registry of the
 //! layers open in this context (so that disks on the same layers share one verified bitmap and
-//! one fetch state), and the background fetch threads, which [`Engine::stop_background`] stops
-//! and joins. Does not own: raising the process's open-file limit (the binary decides that,
-//! before it makes its engine), opening disks or layers (see `disk`, `store`).
+//! one fetch state), the background fetch threads, which [`Engine::stop_background`] stops
+//! and joins, and one block index per store for block reuse (see `reuse`). Does not own:
+//! raising the process's open-file limit (the binary decides that, before it makes its engine),
+//! opening disks or layers (see `disk`, `store`).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use crate::background::Background;
 use crate::fetch::PartialLayer;
 use crate::layer::SealedLayer;
 use crate::pool::FilePool;
+use crate::reuse::{BlockIndex, ReuseStats};
 
 /// How an [`Engine`] is set up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +77,8 @@ struct Inner {
     pool: Arc<FilePool>,
     open: Mutex<HashMap<LayerKey, WeakLayer>>,
     background: Arc<Background>,
+    /// The block index of each store (by canonical root) that partial layers were opened in.
+    reuse: Mutex<HashMap<PathBuf, Arc<BlockIndex>>>,
 }
 
 impl Engine {
@@ -86,6 +90,7 @@ impl Engine {
                 pool: Arc::new(FilePool::new(config.max_open_files)),
                 open: Mutex::new(HashMap::new()),
                 background: Arc::default(),
+                reuse: Mutex::default(),
             }),
         }
     }
@@ -115,10 +120,45 @@ impl Engine {
         &self.inner.background
     }
 
+    /// The block index of the store at `root` (one per store and engine, built at its first
+    /// use; see `reuse`).
+    pub(crate) fn block_index(&self, root: &Path) -> Arc<BlockIndex> {
+        let root = canonical(root);
+        let mut map = self.inner.reuse.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(root.clone())
+            .or_insert_with(|| Arc::new(BlockIndex::new(root, self.inner.pool.clone())))
+            .clone()
+    }
+
+    /// Layer `digest` of the store at `root` is now complete at `path`: if the store's block
+    /// index was built already, its blocks are added (else the build will find them).
+    pub(crate) fn layer_added(&self, root: &Path, digest: &mcow_format::Digest, path: &Path) {
+        let root = canonical(root);
+        let index = self.inner.reuse.lock().unwrap_or_else(|p| p.into_inner()).get(&root).cloned();
+        if let Some(index) = index {
+            index.add_complete(digest, path);
+        }
+    }
+
+    /// The blocks partial layers opened in this engine copied from other local layers of their
+    /// store instead of fetching them (block reuse), over all stores.
+    pub fn reuse_stats(&self) -> ReuseStats {
+        let map = self.inner.reuse.lock().unwrap_or_else(|p| p.into_inner());
+        map.values().map(|i| i.stats()).fold(ReuseStats::default(), |a, s| ReuseStats {
+            blocks: a.blocks + s.blocks,
+            bytes: a.bytes + s.bytes,
+        })
+    }
+
     /// The registry of open layers (entries whose layer is gone are pruned as layers are added).
     pub(crate) fn open_layers(&self) -> MutexGuard<'_, HashMap<LayerKey, WeakLayer>> {
         self.inner.open.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// `path` made canonical where it can be (so that two spellings of one store name one index).
+fn canonical(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).or_else(|_| std::path::absolute(path)).unwrap_or(path.into())
 }
 
 impl Default for Engine {

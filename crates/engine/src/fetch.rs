@@ -4,7 +4,8 @@
 //! each partial layer's fetch state (ranges in flight, readers waiting for them, failures), the
 //! checking and caching of fetched blocks as they arrive, loading the hash table chunks of a
 //! layer pulled with index chunks before its blocks are checked (see `chunks`), and which
-//! ranges it locks so that processes can share a cache. Does not own: how much one fetch asks for (the read-ahead
+//! ranges it locks so that processes can share a cache, and where a fetch copies blocks another
+//! local layer holds instead of fetching them (the index of those is `reuse`'s). Does not own: how much one fetch asks for (the read-ahead
 //! policy, see `readahead`; `FetchPolicy` is re-exported here), the locks themselves (see
 //! `lock`), the layer file and reading complete layers (see `layer`), where partial files live
 //! and when they become complete (see `store`), or where bytes come from (`BlockSource`
@@ -23,6 +24,7 @@ use crate::layer::{Blocks, SealedLayer, make_ready_blocks, read_blocks, read_exa
 use crate::lock::{LockError, LockType, RangeLock};
 pub use crate::readahead::FetchPolicy;
 use crate::readahead::{Streams, Windows};
+use crate::reuse::BlockIndex;
 
 /// Where the blocks of a sealed layer can be fetched from when its local file does not hold
 /// them yet (a registry, an HTTP server, object storage). The engine asks for byte ranges of the
@@ -102,6 +104,9 @@ pub(crate) struct Fetcher {
     background: Option<Arc<Background>>,
     /// Set once this layer warned that its file has no byte-range locks.
     warned_unlocked: AtomicBool,
+    /// The block index of the layer's store: blocks another local layer holds are copied from
+    /// there instead of fetched (see `reuse`). None: everything missing is fetched.
+    reuse: Option<Arc<BlockIndex>>,
 }
 
 impl Fetcher {
@@ -409,6 +414,9 @@ impl<'a, 'b> Lander<'a, 'b> {
             for p in landed.clone() {
                 layer.mark_verified(p);
             }
+            if let Some(index) = &self.fetch.reuse {
+                index.add_landed(layer, landed.clone());
+            }
             if let Some((t, block)) = &mut self.target
                 && landed.contains(t)
             {
@@ -522,9 +530,17 @@ impl PartialLayer {
             writer: OnceLock::new(),
             background,
             warned_unlocked: AtomicBool::new(false),
+            reuse: None,
         };
         let visible = AtomicBitmap::new(layer.trailer.block_count);
         PartialLayer { layer, fetch, visible }
+    }
+
+    /// Makes the layer copy the blocks that other local layers of its store hold (same hash)
+    /// from there rather than fetch them, finding them through `index` (see `reuse`).
+    pub(crate) fn with_reuse(mut self, index: Arc<BlockIndex>) -> PartialLayer {
+        self.fetch.reuse = Some(index);
+        self
     }
 
     /// The sealed layer's structure and file.
@@ -881,8 +897,12 @@ impl PartialLayer {
         let offset = HEADER_SIZE as u64 + first * bs;
         let mut lander = Lander::new(self, fetch, claim, first, count)?;
         lander.target = Some((target, block));
-        let result =
-            fetch.source.read_range(&self.digest, offset, count * bs, &mut |piece: &[u8]| lander.feed(piece));
+        let result = match &fetch.reuse {
+            Some(index) => self.fetch_reusing(index, fetch, &mut lander),
+            None => fetch
+                .source
+                .read_range(&self.digest, offset, count * bs, &mut |piece: &[u8]| lander.feed(piece)),
+        };
         let (next, failure) = (lander.next, lander.failure.take());
         let landed = next - first;
         if let Err(e) = &result {
@@ -903,6 +923,68 @@ impl PartialLayer {
         Err(Error::io("fetch", &self.path)(result.err().unwrap_or_else(|| {
             std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the source ended before the block read")
         })))
+    }
+
+    /// Lands the blocks of `lander`'s range in order, as [`PartialLayer::fetch_into`] would, but
+    /// copies each block that another local layer of the store holds from there (see
+    /// `BlockIndex::copy`; it lands like a fetched block, checked the same way) and fetches only
+    /// the runs between such blocks, one request per run. Stops at the first block that does
+    /// not land; an error is the failed request's.
+    fn fetch_reusing(
+        &self,
+        index: &BlockIndex,
+        fetch: &Fetcher,
+        lander: &mut Lander<'_, '_>,
+    ) -> std::io::Result<()> {
+        let bs = self.block_size();
+        let mut local = vec![0u8; bs as usize];
+        while lander.next < lander.end && lander.failure.is_none() {
+            let p = lander.next;
+            if index.copy(self, p, &mut local).is_some() {
+                if !self.land_reused(index, lander, &local) {
+                    break;
+                }
+                continue;
+            }
+            let mut q = p + 1;
+            while q < lander.end && !index.has_candidate(self, q) {
+                q += 1;
+            }
+            let offset = HEADER_SIZE as u64 + p * bs;
+            fetch
+                .source
+                .read_range(&self.digest, offset, (q - p) * bs, &mut |piece: &[u8]| lander.feed(piece))?;
+            if lander.next < q {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the first blocks of `lander`'s range that other local layers of the store hold
+    /// (see [`PartialLayer::fetch_reusing`]), landing them; the rest is left to fetch.
+    fn reuse_prefix(&self, index: &BlockIndex, lander: &mut Lander<'_, '_>) {
+        let bs = self.block_size();
+        let mut local = vec![0u8; bs as usize];
+        while lander.next < lander.end && lander.failure.is_none() {
+            if index.copy(self, lander.next, &mut local).is_none() || !self.land_reused(index, lander, &local)
+            {
+                break;
+            }
+        }
+    }
+
+    /// Lands `block`, a checked copy of `lander`'s next block from another local layer, like a
+    /// fetched block, counting it as reused (before it lands, so that a reader it wakes sees
+    /// the count); false if it did not land.
+    fn land_reused(&self, index: &BlockIndex, lander: &mut Lander<'_, '_>, block: &[u8]) -> bool {
+        let p = lander.next;
+        index.count_reused(block.len() as u64, 1);
+        if lander.feed(block) && lander.next > p {
+            return true;
+        }
+        index.count_reused(block.len() as u64, -1);
+        false
     }
 
     /// Makes the stored blocks of `runs` (first block, count) local and checked, fetching what
@@ -954,7 +1036,16 @@ impl PartialLayer {
                 q += len;
             }
         }
-        // Claim them, less what is in flight.
+        // Claim them, less what is in flight; with block reuse, a claim starts a new run before a
+        // block another local layer holds (after one it does not), so that what each claim can
+        // reuse is its first blocks (see `reuse_prefix`). (The index is built before the state
+        // is locked: building reads files.)
+        let reuse = fetch.reuse.as_deref().filter(|index| {
+            index.ensure_built();
+            index.may_hold_blocks_of(self)
+        });
+        let starts_reuse =
+            |e: u64| reuse.is_some_and(|i| i.has_candidate(self, e) && !i.has_candidate(self, e - 1));
         let mut claims: Vec<(Claim<'_>, u64, u64)> = Vec::new();
         {
             let mut state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -966,7 +1057,7 @@ impl PartialLayer {
                         continue;
                     }
                     let mut e = q + 1;
-                    while e < p + n && !state.is_in_flight(e) && !self.is_verified(e) {
+                    while e < p + n && !state.is_in_flight(e) && !self.is_verified(e) && !starts_reuse(e) {
                         e += 1;
                     }
                     let id = state.next_claim;
@@ -990,15 +1081,25 @@ impl PartialLayer {
         if claims.is_empty() {
             return Ok(());
         }
-        let ranges: Vec<(u64, u64)> =
-            claims.iter().map(|(_, first, count)| (at(*first), count * bs)).collect();
         let mut landers = Vec::with_capacity(claims.len());
         for (claim, first, count) in &claims {
             landers.push(Lander::new(self, fetch, claim, *first, *count)?);
         }
+        if let Some(index) = reuse {
+            for l in &mut landers {
+                self.reuse_prefix(index, l);
+            }
+        }
+        // What is left of each claim, in one request.
+        let live: Vec<usize> = (0..landers.len()).filter(|&i| landers[i].next < landers[i].end).collect();
+        let ranges: Vec<(u64, u64)> =
+            live.iter().map(|&i| (at(landers[i].next), (landers[i].end - landers[i].next) * bs)).collect();
+        if ranges.is_empty() {
+            return Ok(());
+        }
         // A range that goes wrong (a bad block) ends alone; the others go on.
         let result = fetch.source.read_ranges(&self.digest, &ranges, &mut |i, piece: &[u8]| {
-            let l = &mut landers[i];
+            let l = &mut landers[live[i]];
             if l.failure.is_none() && l.next < l.end {
                 l.feed(piece);
             }
@@ -1100,7 +1201,10 @@ impl PartialLayer {
             .min(pblock + self.fetch.windows.max.max(1))
             .min(t.first_block(c + 1))
             .min(self.trailer.block_count);
-        let count = self.hole_end(f, pblock).min(limit).saturating_sub(pblock);
+        // (None when another local layer might hold them: they are looked for once the chunk,
+        // and so their hashes, are in; see `reuse`.)
+        let reusable = self.fetch.reuse.as_ref().is_some_and(|index| index.may_hold_blocks_of(self));
+        let count = if reusable { 0 } else { self.hole_end(f, pblock).min(limit).saturating_sub(pblock) };
         let mut ranges = vec![(chunk_at, chunk_len)];
         if count > 0 {
             ranges.push((HEADER_SIZE as u64 + pblock * bs, count * bs));

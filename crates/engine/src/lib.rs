@@ -21,6 +21,8 @@
 //!   missing blocks come from and how they are fetched, checked and landed;
 //! - `compressed`: the source of a partial layer pulled from a compressed blob, which fetches
 //!   its blocks as the blob's zstd frames and decodes them;
+//! - `reuse`: one store's index of local blocks by hash, so that a partial layer copies a block
+//!   another layer holds instead of fetching it;
 //! - `stack`: sealed layers bottom to top, flattened into one map at open;
 //! - `top`: the writable, crash-consistent top layer;
 //! - `disk`: a stack plus its top, the byte-level read/write path front ends use;
@@ -43,6 +45,7 @@ pub mod lock;
 pub mod ops;
 pub mod pool;
 pub mod readahead;
+pub mod reuse;
 pub mod sim;
 pub mod stack;
 pub mod storage;
@@ -60,4 +63,5 @@ pub use error::{Error, Result};
 pub use extent_map::TOP;
 pub use fetch::{BlockSource, FetchPolicy, Offline, PartialLayer};
 pub use mcow_format::Digest;
+pub use reuse::ReuseStats;
 pub use store::OpenLayer;

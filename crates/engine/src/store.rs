@@ -213,7 +213,9 @@ impl LayerStore {
                     }
                     None => source.clone(),
                 };
-                let layer = Arc::new(PartialLayer::new(layer, source, *policy, background));
+                let layer = PartialLayer::new(layer, source, *policy, background);
+                // Blocks other layers of this store hold are copied rather than fetched.
+                let layer = Arc::new(layer.with_reuse(self.engine.block_index(&self.root)));
                 layer.load_hashes_in_background();
                 Ok((OpenLayer::Partial(layer), index))
             }
@@ -442,6 +444,7 @@ impl LayerStore {
         fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
         fs::rename(from, &dest).map_err(Error::io("rename", from))?;
         sync_dir(dir)?;
+        self.engine.layer_added(&self.root, digest, &dest);
         Ok(dest)
     }
 
@@ -606,6 +609,7 @@ impl PendingLayer {
             fs::rename(&path, &dest).map_err(Error::io("rename", &path))?;
             self.temp.persisted();
             sync_dir(dir)?;
+            store.engine.layer_added(&store.root, digest, &dest);
         }
         Ok(dest)
     }
