@@ -2,8 +2,8 @@
 //! and configs in `tests/golden/` must keep parsing, and pushing the same disks must keep
 //! writing them byte for byte (the manifest's digest is what users pin). Each case pushes a disk
 //! made by fixed writes to an OCI layout (`file://`), compares the manifest and config it wrote
-//! with the golden files, parses the golden files, and pulls the image back in full to check it
-//! reads the same. `MCOW_BLESS=1` rewrites the golden files (only for a deliberate format change,
+//! with the golden files, parses the golden files, and pulls the image back in full (and, for the
+//! compressed case, lazily) to check it reads the same. `MCOW_BLESS=1` rewrites the golden files (only for a deliberate format change,
 //! with a new version or feature bit: see FORMAT.md).
 
 use std::path::{Path, PathBuf};
@@ -66,9 +66,10 @@ fn documents(layout: &Path, tag: &str) -> (Vec<u8>, Vec<u8>) {
     (manifest, config)
 }
 
-/// Pushes the disk of `blocks` blocks (with `trace` if given) and checks the documents against
-/// the golden case `case`; then pulls it back and compares the bytes.
-fn check_case(case: &str, blocks: u64, trace: Option<&str>) {
+/// Pushes the disk of `blocks` blocks (with `trace` if given, compressed at `compress` if given)
+/// and checks the documents against the golden case `case`; then pulls it back (in full, and
+/// lazily when compressed) and compares the bytes.
+fn check_case(case: &str, blocks: u64, trace: Option<&str>, compress: Option<i32>) {
     let t = tempfile::tempdir().unwrap();
     let bytes = make_disk(t.path(), blocks);
     let layout = t.path().join("layout");
@@ -78,7 +79,8 @@ fn check_case(case: &str, blocks: u64, trace: Option<&str>) {
         std::fs::write(&p, text).unwrap();
         p
     });
-    transfer::push_with_trace(&t.path().join("disk"), &r, trace_file.as_deref(), &mut |_, _| {}).unwrap();
+    let opts = transfer::PushOptions { trace: trace_file.as_deref(), compress };
+    transfer::push_with(&t.path().join("disk"), &r, &opts, &mut |_, _| {}).unwrap();
     let (manifest, config) = documents(&layout, case);
     let gold = golden_dir(case);
     if std::env::var_os("MCOW_BLESS").is_some() {
@@ -107,23 +109,49 @@ fn check_case(case: &str, blocks: u64, trace: Option<&str>) {
     let mut all = vec![0u8; bytes.len()];
     d.read(0, &mut all).unwrap();
     assert!(all == bytes, "{case}: the pulled disk reads differently");
+    if compress.is_some() {
+        let sources = transfer::Sources::new();
+        transfer::pull(&r, &t.path().join("lazy/disk"), &t.path().join("lazy/layers"), true, &mut |_, _| {})
+            .unwrap();
+        let engine = mcow_engine::Engine::default();
+        let (d, _) = sources
+            .open_lazy_disk(
+                &engine,
+                &t.path().join("lazy/disk"),
+                OpenOptions { read_only: true, verify: true, force_share: false },
+                mcow_engine::FetchPolicy::default(),
+            )
+            .unwrap();
+        let mut all = vec![0u8; bytes.len()];
+        d.read(0, &mut all).unwrap();
+        assert!(all == bytes, "{case}: the lazily pulled disk reads differently");
+    }
 }
 
 #[test]
 fn plain_image_documents_are_unchanged() {
-    check_case("plain", 16, None);
+    check_case("plain", 16, None, None);
 }
 
 #[test]
 fn image_documents_with_a_trace_are_unchanged() {
-    check_case("trace", 16, Some(r#"{"block_size":4096,"blocks":[3,0,6]}"#));
+    check_case("trace", 16, Some(r#"{"block_size":4096,"blocks":[3,0,6]}"#), None);
 }
 
 #[test]
 fn image_documents_with_index_chunks_are_unchanged() {
     // 1,536 blocks: the base layer's index region (512 stored blocks of hashes plus extents) is
     // over 16 KiB, so its config record has index chunks.
-    check_case("chunks", 1536, None);
+    check_case("chunks", 1536, None, None);
     let config = std::fs::read(golden_dir("chunks").join("config.json")).unwrap();
     assert!(String::from_utf8_lossy(&config).contains("index_chunks"), "the case must exercise index chunks");
+}
+
+#[test]
+fn compressed_image_documents_are_unchanged() {
+    // The config names each compressed blob by digest, so this also pins the blobs' bytes (zstd
+    // level 3 with the zstd version in Cargo.lock: see FORMAT.md, "Compressed layer blobs").
+    check_case("compressed", 16, None, Some(mcow_format::DEFAULT_LEVEL));
+    let config = std::fs::read(golden_dir("compressed").join("config.json")).unwrap();
+    assert!(String::from_utf8_lossy(&config).contains("frame_table_digest"), "the case must be compressed");
 }
