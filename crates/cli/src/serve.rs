@@ -298,7 +298,7 @@ pub struct ServeArgs {
     pub fetch_all: bool,
     /// Most NBD connections served at once, over every listener, negotiating or not (a VM with
     /// multi-conn may open several). A connection beyond it is closed at once, with a warning.
-    /// Each connection holds one thread (up to 4 while requests keep it busy) and 3 open
+    /// Each connection holds one thread (up to 32 while requests keep it busy) and 3 open
     /// files; mcow warns at start if its open-file limit is too low for N.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONNECTIONS,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
@@ -313,6 +313,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECONDS", default_value = DEFAULT_HANDSHAKE_TIMEOUT, value_parser = parse_seconds)]
     pub handshake_timeout: Duration,
 }
+
+/// Worker threads per connection at most (the NBD server's default is 4). Each runs one
+/// request, so this is also how many requests of one connection run at once: enough that a
+/// client with a deep queue keeps writing while flushes wait for their sync round, and that
+/// flushes in flight together share one round (group commit in the writable top).
+const WORKERS_PER_CONNECTION: usize = 32;
 
 /// `--max-connections`, `--max-handshakes` and `--handshake-timeout` defaults as the help
 /// shows them: the NBD server's own defaults (a unit test checks they agree).
@@ -336,6 +342,7 @@ impl ServeArgs {
             max_connections: self.max_connections as usize,
             max_handshakes: self.max_handshakes as usize,
             handshake_timeout: self.handshake_timeout,
+            workers_per_connection: WORKERS_PER_CONNECTION,
             ..ServerConfig::default()
         }
     }

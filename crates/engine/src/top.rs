@@ -4,7 +4,9 @@
 //! are first written; a block already in the top is overwritten in place. The journal is a
 //! header followed by batches of mapping changes (block N now lives at physical block P, or
 //! reads as zero, or is discarded). A flush makes data durable first, then appends one batch
-//! and makes it durable; a batch is the commit point. After a crash, replaying every whole
+//! and makes it durable; a batch is the commit point. Flushes are grouped into rounds that
+//! hold no lock while they sync, so writes go on meanwhile, and every flush that arrives while
+//! a round runs is served by the next one (see [`TopLayer::flush`]). After a crash, replaying every whole
 //! batch gives a map whose blocks were all durable before the batch was written, so every
 //! flushed write reads back; a torn last batch is ignored. A damaged batch with a whole one
 //! behind it is corruption: a writable open refuses it rather than cut committed batches away. A physical block freed by a zero or
@@ -42,7 +44,8 @@
 //! what lies below the top (the caller passes a function that reads it), nor file opening.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use mcow_format::{
     BlockHashKind, Digest, ExtentKind, HEADER_SIZE, IndexEntry, JOURNAL_HEADER_SIZE, JournalBatch,
@@ -79,8 +82,20 @@ struct Alloc {
     free: Vec<u64>,
     /// Blocks freed by changes not yet durable in the journal.
     freed_pending: Vec<u64>,
-    /// Mapping changes since the last durable batch, in order.
+    /// Mapping changes not yet taken by a flush round, in order.
     pending: Vec<IndexEntry>,
+}
+
+/// Flush rounds (group commit). One round at a time makes the data file durable and appends
+/// and syncs one batch; a flush is done once a round that started after it was called has
+/// succeeded, so flushes arriving while a round runs share the next one.
+struct Rounds {
+    /// Rounds started, and the number of the last one that succeeded.
+    started: u64,
+    done: u64,
+    running: bool,
+    /// Where the next batch goes and its sequence number less one; only the running round
+    /// changes them.
     journal_len: u64,
     sequence: u64,
 }
@@ -118,6 +133,11 @@ pub struct TopLayer {
     follow: Option<Mutex<Follow>>,
     map: RwLock<ExtentMap>,
     alloc: Mutex<Alloc>,
+    rounds: Mutex<Rounds>,
+    round_ended: Condvar,
+    /// Set after every write to the data file, cleared by a round just before it syncs the data
+    /// file: a round with nothing written since the last data sync skips that sync.
+    data_dirty: AtomicBool,
     debris: Debris,
     damage: Option<JournalDamage>,
 }
@@ -303,14 +323,16 @@ impl TopLayer {
             read_only,
             follow,
             map: RwLock::new(map),
-            alloc: Mutex::new(Alloc {
-                next_pblock,
-                free,
-                freed_pending: Vec::new(),
-                pending: Vec::new(),
+            alloc: Mutex::new(Alloc { next_pblock, free, freed_pending: Vec::new(), pending: Vec::new() }),
+            rounds: Mutex::new(Rounds {
+                started: 0,
+                done: 0,
+                running: false,
                 journal_len: pos as u64,
                 sequence,
             }),
+            round_ended: Condvar::new(),
+            data_dirty: AtomicBool::new(false),
             debris,
             damage,
         })
@@ -503,6 +525,8 @@ impl TopLayer {
             a.free.push(pblock);
             return Err(Error::io("write", &self.path)(e));
         }
+        // Before the entry is pending: a round that takes the entry also syncs its data.
+        self.data_dirty.store(true, Ordering::SeqCst);
         self.map_write().insert(vblock, vblock + 1, Loc { layer: TOP, kind: ExtentKind::Data, pblock });
         push_entry(&mut a.pending, IndexEntry { vblock, count: 1, kind: ExtentKind::Data, pblock });
         Ok(())
@@ -514,6 +538,7 @@ impl TopLayer {
             Some(e) if e.loc.kind == ExtentKind::Data => {
                 let pos = HEADER_SIZE as u64 + e.loc.pblock * self.bs + offset as u64;
                 self.data.write_at(data, pos).map_err(Error::io("write", &self.path))?;
+                self.data_dirty.store(true, Ordering::SeqCst);
                 Ok(true)
             }
             _ => Ok(false),
@@ -538,26 +563,89 @@ impl TopLayer {
         Ok(())
     }
 
-    /// Makes every completed write durable: data first, then one journal batch.
+    /// Makes every write and marker completed before the call durable.
+    ///
+    /// Flushes are grouped: at most one round runs at a time, and a flush called while one runs
+    /// waits for the next, which covers it (and every other flush that arrived meanwhile). A
+    /// round takes the pending mapping changes (under the allocator lock, briefly), then without
+    /// any lock makes the data file durable (skipped if nothing was written to it since the
+    /// last data sync), appends the changes as one batch and makes the journal durable (skipped
+    /// if there are none). Writes go on meanwhile; their changes wait for the next round. Blocks
+    /// freed by the round's changes become reusable once its batch is durable.
     pub fn flush(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
-        let mut a = lock(&self.alloc);
-        self.data.sync().map_err(Error::io("sync", &self.path))?;
-        if a.pending.is_empty() {
+        let mut r = lock(&self.rounds);
+        // The first round started from now on covers this call.
+        let needed = r.started + 1;
+        // Done as soon as such a round succeeded, even if the next one already runs.
+        while r.running && r.done < needed {
+            r = self.round_ended.wait(r).unwrap_or_else(|p| p.into_inner());
+        }
+        if r.done >= needed {
             return Ok(());
         }
+        // No round runs, and none that covers this call succeeded: run one. (Waiters whose
+        // round failed come here too and try again themselves.)
+        r.started += 1;
+        r.running = true;
+        let (journal_len, sequence) = (r.journal_len, r.sequence);
+        drop(r);
+        let result = self.round(journal_len, sequence);
+        let mut r = lock(&self.rounds);
+        r.running = false;
+        if let Ok((journal_len, sequence)) = result {
+            (r.journal_len, r.sequence) = (journal_len, sequence);
+            r.done = r.started;
+        }
+        drop(r);
+        self.round_ended.notify_all();
+        result.map(|_| ())
+    }
+
+    /// One flush round (see [`TopLayer::flush`]) appending at `journal_len` after batch
+    /// `sequence`; returns where the journal then ends and its last sequence number. On failure
+    /// the changes it took are pending again, so a later flush writes them.
+    fn round(&self, journal_len: u64, sequence: u64) -> Result<(u64, u64)> {
+        let (entries, freed) = {
+            let mut a = lock(&self.alloc);
+            (std::mem::take(&mut a.pending), std::mem::take(&mut a.freed_pending))
+        };
+        // Every taken entry's data write set the flag before the entry became pending, so
+        // either this sync covers it or an earlier one did.
+        let wrote_data = self.data_dirty.swap(false, Ordering::SeqCst);
+        let give_back = |entries: Vec<IndexEntry>, freed: Vec<u64>| {
+            let mut a = lock(&self.alloc);
+            let later = std::mem::replace(&mut a.pending, entries);
+            for e in later {
+                push_entry(&mut a.pending, e);
+            }
+            let later = std::mem::replace(&mut a.freed_pending, freed);
+            a.freed_pending.extend(later);
+        };
+        if wrote_data && let Err(e) = self.data.sync() {
+            self.data_dirty.store(true, Ordering::SeqCst);
+            give_back(entries, freed);
+            return Err(Error::io("sync", &self.path)(e));
+        }
+        if entries.is_empty() {
+            debug_assert!(freed.is_empty());
+            return Ok((journal_len, sequence));
+        }
         let jpath = journal_path(&self.path);
-        let batch = encode_batch(&JournalBatch { sequence: a.sequence + 1, entries: a.pending.clone() });
-        self.journal.write_at(&batch, a.journal_len).map_err(Error::io("write", &jpath))?;
-        self.journal.sync().map_err(Error::io("sync", &jpath))?;
-        a.journal_len += batch.len() as u64;
-        a.sequence += 1;
-        a.pending.clear();
-        let freed = std::mem::take(&mut a.freed_pending);
-        a.free.extend(freed);
-        Ok(())
+        let batch = JournalBatch { sequence: sequence + 1, entries };
+        let bytes = encode_batch(&batch);
+        let written = match self.journal.write_at(&bytes, journal_len) {
+            Ok(()) => self.journal.sync().map_err(Error::io("sync", &jpath)),
+            Err(e) => Err(Error::io("write", &jpath)(e)),
+        };
+        if let Err(e) = written {
+            give_back(batch.entries, freed);
+            return Err(e);
+        }
+        lock(&self.alloc).free.extend(freed);
+        Ok((journal_len + bytes.len() as u64, sequence + 1))
     }
 
     /// Bytes of the data file and journal.

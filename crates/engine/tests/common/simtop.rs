@@ -106,6 +106,18 @@ pub struct Hook {
     /// Random tears tried per device and moment.
     pub tears: usize,
     pub enabled: std::sync::atomic::AtomicBool,
+    /// If set, a sync (of either device; the first after `skip` more) stops after its crash
+    /// images are taken, until the test lets it go: how a test acts while a flush is inside
+    /// its sync.
+    pub gate: Mutex<Option<Gate>>,
+}
+
+/// A one-shot pause inside a sync: the syncing thread sends the device's name on `paused`,
+/// then waits for `go`.
+pub struct Gate {
+    pub skip: usize,
+    pub paused: std::sync::mpsc::Sender<&'static str>,
+    pub go: std::sync::mpsc::Receiver<()>,
 }
 
 impl Hook {
@@ -154,7 +166,22 @@ impl Storage for Hooked {
         self.dev.set_len(len)
     }
     fn sync(&self) -> io::Result<()> {
-        self.hook.capture(&format!("before {} sync", self.name));
+        let thread = std::thread::current();
+        self.hook.capture(&format!("before {} sync (thread {})", self.name, thread.name().unwrap_or("-")));
+        let gate = {
+            let mut g = self.hook.gate.lock().unwrap();
+            match &mut *g {
+                Some(Gate { skip, .. }) if *skip > 0 => {
+                    *skip -= 1;
+                    None
+                }
+                g => g.take(),
+            }
+        };
+        if let Some(g) = gate {
+            g.paused.send(self.name).unwrap();
+            g.go.recv().unwrap();
+        }
         self.dev.sync()
     }
 }
@@ -209,6 +236,8 @@ pub struct Model {
     /// A mapping change (copy-up or marker) happened since the last flush, so a flush will
     /// write a journal batch.
     pub map_dirty: bool,
+    /// A write happened since the last flush, so a flush will sync the data file.
+    pub data_dirty: bool,
 }
 
 impl Model {
@@ -219,7 +248,36 @@ impl Model {
             hist: cur.iter().map(|b| vec![b.clone()]).collect(),
             cur,
             map_dirty: false,
+            data_dirty: false,
         }
+    }
+
+    /// A model whose flushed baseline is `blocks`.
+    pub fn at(blocks: Vec<Vec<u8>>) -> Model {
+        Model {
+            flushed: blocks.clone(),
+            hist: blocks.iter().map(|b| vec![b.clone()]).collect(),
+            cur: blocks,
+            map_dirty: false,
+            data_dirty: false,
+        }
+    }
+
+    /// Where each block's history stands now (for [`Model::flushed_since`]).
+    pub fn mark(&self) -> Vec<usize> {
+        self.hist.iter().map(Vec::len).collect()
+    }
+
+    /// A flush called at `mark` succeeded while steps went on: each block's value at the mark
+    /// is the durable baseline, and the values it took since are still only possible.
+    pub fn flushed_since(&mut self, mark: &[usize]) {
+        for (b, h) in self.hist.iter_mut().enumerate() {
+            h.drain(..mark[b] - 1);
+            self.flushed[b] = h[0].clone();
+        }
+        // Conservative: the steps since the mark may or may not have been covered.
+        self.map_dirty = true;
+        self.data_dirty = true;
     }
 
     pub fn blocks(&self) -> u64 {
@@ -233,6 +291,7 @@ impl Model {
                 let in_top = matches!(top.lookup(*vb), Ok(e) if e.loc.kind == ExtentKind::Data);
                 top.write(*vb, *within, data, &below)?;
                 self.map_dirty |= !in_top;
+                self.data_dirty = true;
                 let b = &mut self.cur[*vb as usize];
                 b[*within..*within + data.len()].copy_from_slice(data);
                 self.hist[*vb as usize].push(b.clone());
@@ -254,6 +313,7 @@ impl Model {
         self.flushed = self.cur.clone();
         self.hist = self.cur.iter().map(|b| vec![b.clone()]).collect();
         self.map_dirty = false;
+        self.data_dirty = false;
     }
 
     /// Checks recovered content against the crash rule (see the module comment).
@@ -298,6 +358,7 @@ impl SimTop {
             rng: Mutex::new(Rng::new(seed)),
             tears,
             enabled: false.into(),
+            gate: Mutex::new(None),
         });
         let top = TopLayer::create(
             Box::new(Hooked { dev: data, name: "data", hook: hook.clone() }),
