@@ -18,6 +18,8 @@
 # Cases of `boot` (BENCH_NET_CASES selects some):
 #   mcow-cold    mcow serve --cache EMPTY vm=oci://REG/mcow/deb:v1 (lazy, no trace)
 #   mcow-trace   the same image pushed with a boot trace (prefetched in the background)
+#   mcow-zstd, mcow-zstd-trace  mcow-cold and mcow-trace with the image pushed with --compress
+#                (compressed blobs, zstd level 3; the cache holds the layers uncompressed)
 #   mcow-warm    mcow serve with the cache of an earlier cold boot (the manifest is fetched again)
 #   mcow-pull    mcow pull (whole layers), then mcow serve of the local disk
 #   curl-raw     curl of the flat raw image (2 GiB, zeros included), then boot from the file
@@ -83,6 +85,14 @@ prepare() {
     touch "$P/done"
   fi
   [ -e "$P/chain-done" ] || { qcow2_chain; touch "$P/chain-done"; }
+  if [ ! -e "$P/zstd-done" ]; then
+    # The same image with compressed blobs (deb:zstd, deb:zstd-traced).
+    netsim up unshaped 1 --reg-data "$W/reg-data" --www "$W/www" >/dev/null
+    netsim exec reg "$MCOW" -q push --compress "$W/img/web" oci://127.0.0.1:5000/mcow/deb:zstd >/dev/null
+    netsim exec reg "$MCOW" -q push --compress "$W/img/web" oci://127.0.0.1:5000/mcow/deb:zstd-traced --trace "$P/boot.trace" >/dev/null
+    netsim down >/dev/null
+    touch "$P/zstd-done"
+  fi
   GUEST_BYTES=$($PY - "$P/boot-reads.log" <<'PY'
 import re, sys
 rs = sorted((int(o, 16), int(o, 16) + int(c, 16)) for o, c in
@@ -173,6 +183,8 @@ run_case() {
   case $c in
     mcow-cold) rm -rf "$h/cache" ;;
     mcow-trace) rm -rf "$h/cache-t" ;;
+    mcow-zstd) rm -rf "$h/cache-z" ;;
+    mcow-zstd-trace) rm -rf "$h/cache-zt" ;;
     mcow-pull) rm -rf "$h/pulled" "$h/layers" ;;
     curl-raw | curl-qcow2) rm -f "$h/disk.raw" "$h/disk.qcow2" ;;
   esac
@@ -181,6 +193,8 @@ run_case() {
   case $c in
     mcow-cold) serve_boot "$node" "$h/cache" "$reg" v1 "$con" ;;
     mcow-trace) serve_boot "$node" "$h/cache-t" "$reg" traced "$con" ;;
+    mcow-zstd) serve_boot "$node" "$h/cache-z" "$reg" zstd "$con" ;;
+    mcow-zstd-trace) serve_boot "$node" "$h/cache-zt" "$reg" zstd-traced "$con" ;;
     mcow-warm) serve_boot "$node" "$W/warm-cache" "$reg" v1 "$con" ;;
     mcow-pull)
       netsim exec "$node" "$MCOW" -q --insecure-registry "$reg" pull "oci://$reg/mcow/deb:v1" "$h/pulled" >/dev/null
@@ -223,6 +237,10 @@ for prof in dict.fromkeys(r[0] for r in rows):
         print(f"  {c:12} {s:8.2f} {b / 1e6:9.1f} {b / guest:8.2f}   (n={n})")
     def ratio(a, b):
         return f"{m[a][0] / m[b][0]:.2f}" if a in m and b in m else "-"
+    for z, u in (("mcow-zstd", "mcow-cold"), ("mcow-zstd-trace", "mcow-trace")):
+        if z in m and u in m:
+            print(f"  {z}: time /{u} {ratio(z, u)}  bytes /{u} {m[z][1] / m[u][1]:.2f}"
+                  + (f"  bytes /nbdkit-curl {m[z][1] / m['nbdkit-curl'][1]:.2f}" if "nbdkit-curl" in m else ""))
     for cold in ("mcow-cold", "mcow-trace"):
         print(f"  {cold}: /warm {ratio(cold, 'mcow-warm')}  /pull {ratio(cold, 'mcow-pull')}  "
               f"/curl-raw {ratio(cold, 'curl-raw')}  /curl-qcow2 {ratio(cold, 'curl-qcow2')}  "

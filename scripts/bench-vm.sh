@@ -8,6 +8,8 @@
 #               which the serve prefetches in the background
 #   mcow-http, mcow-http-trace  the same two images as an OCI layout on the nginx that serves
 #               nbdkit-curl (mcow serve disk=http://127.0.0.1:PORT/images:TAG)
+#   mcow-zstd, mcow-zstd-trace  like mcow-cold and mcow-trace, with the image pushed with
+#               --compress (one zstd frame per block; the cache holds the layers uncompressed)
 #   nbdkit-curl nbdkit --filter=stats curl url=http://127.0.0.1:PORT/disk.raw      (nginx)
 #   local-raw   qemu-nbd --read-only on the same raw image as a local file
 # The guest is the demo's (scripts/demo-vm.sh build), booted read-only (vmmode=ro) in every
@@ -74,6 +76,11 @@ rm -f "$W/t.sock"
 "$MCOW" trace -k "$W/t.sock" --out "$W/boot.trace" "disk=$W/img/app2" 2>"$W/trace.log" & tp=$!
 wait_sock "$W/t.sock"; boot "$W/t.sock" "$(date +%s.%N)" "$W/console-trace.log" >/dev/null; stop $tp
 "$MCOW" push "$W/img/app2" "$TREF" --trace "$W/boot.trace" >/dev/null
+# Both again with compressed blobs, for the mcow-zstd cases.
+ZREF=oci://127.0.0.1:$RP/mcow/vmz:v1
+ZTREF=oci://127.0.0.1:$RP/mcow/vmz:traced
+"$MCOW" push --compress "$W/img/app2" "$ZREF" >/dev/null
+"$MCOW" push --compress "$W/img/app2" "$ZTREF" --trace "$W/boot.trace" >/dev/null
 # The same two images as an OCI layout served by the same nginx as nbdkit-curl's raw file, for
 # the mcow-http cases: the same server on both sides.
 rm -rf "$W/ngx/www/images"
@@ -86,9 +93,11 @@ HTREF=http://127.0.0.1:$NP/images:traced
 run_case() { # CASE ROUND -> "secs bytes wire" (wire: body bytes nginx sent, or - )
   local s=$W/s.sock t0 secs bytes wire=- p; rm -f "$s"
   case $1 in
-    mcow-cold|mcow-warm|mcow-trace|mcow-http|mcow-http-trace)
+    mcow-cold|mcow-warm|mcow-trace|mcow-http|mcow-http-trace|mcow-zstd|mcow-zstd-trace)
       local ref=$REF cache=$W/cache
       [ "$1" = mcow-trace ] && ref=$TREF cache=$W/cache-trace
+      [ "$1" = mcow-zstd ] && ref=$ZREF cache=$W/cache-zstd
+      [ "$1" = mcow-zstd-trace ] && ref=$ZTREF cache=$W/cache-zstd-trace
       [ "$1" = mcow-http ] && ref=$HREF cache=$W/cache-http
       [ "$1" = mcow-http-trace ] && ref=$HTREF cache=$W/cache-http-trace
       [ "$1" = mcow-warm ] || rm -rf "$cache"
@@ -114,14 +123,14 @@ run_case() { # CASE ROUND -> "secs bytes wire" (wire: body bytes nginx sent, or 
   echo "$secs $bytes $wire"
 }
 
-cases=(mcow-cold mcow-warm mcow-trace mcow-http mcow-http-trace nbdkit-curl local-raw)
+cases=(mcow-cold mcow-warm mcow-trace mcow-http mcow-http-trace mcow-zstd mcow-zstd-trace nbdkit-curl local-raw)
 : > "$W/results"
 # One boot first, not counted: the first boot of a run is slower whatever serves it.
 run_case local-raw 0 >/dev/null
 for r in $(seq "$ROUNDS"); do
   # a new order each round (seeded by the round, so runs repeat it), so that no case always
   # follows the same other one; a warm boot always follows its cold boot
-  read -ra order <<<"$(python3 -c "import random; r = random.Random($r); o = ['mcow', 'nbdkit-curl', 'local-raw', 'mcow-trace', 'mcow-http', 'mcow-http-trace']; r.shuffle(o); print(*o)")"
+  read -ra order <<<"$(python3 -c "import random; r = random.Random($r); o = ['mcow', 'nbdkit-curl', 'local-raw', 'mcow-trace', 'mcow-http', 'mcow-http-trace', 'mcow-zstd', 'mcow-zstd-trace']; r.shuffle(o); print(*o)")"
   for c in "${order[@]}"; do
     if [ "$c" = mcow ]; then
       for m in mcow-cold mcow-warm; do v=$(run_case "$m" "$r"); echo "$r $m $v" | tee -a "$W/results"; done
@@ -142,10 +151,13 @@ for c in "${cases[@]}"; do
 done
 awk -v cs="$S_mcow_cold" -v ns="$S_nbdkit_curl" -v cb="$B_mcow_cold" -v nb="$B_nbdkit_curl" -v ws="$S_mcow_warm" -v ls="$S_local_raw" \
     -v ts="$S_mcow_trace" -v tb="$B_mcow_trace" -v hs="$S_mcow_http" -v hb="$B_mcow_http" \
-    -v hts="$S_mcow_http_trace" -v htb="$B_mcow_http_trace" 'BEGIN{
+    -v hts="$S_mcow_http_trace" -v htb="$B_mcow_http_trace" \
+    -v zs="$S_mcow_zstd" -v zb="$B_mcow_zstd" -v zts="$S_mcow_zstd_trace" -v ztb="$B_mcow_zstd_trace" 'BEGIN{
   printf "cold/nbdkit-curl bytes %.2fx (target <= 1.2x), time %.2fx (target <= 1.0x)\n", cb/nb, cs/ns
   printf "cold with trace/nbdkit-curl bytes %.2fx, time %.2fx\n", tb/nb, ts/ns
   printf "cold from nginx/nbdkit-curl bytes %.2fx, time %.2fx\n", hb/nb, hs/ns
   printf "cold from nginx with trace/nbdkit-curl bytes %.2fx, time %.2fx\n", htb/nb, hts/ns
+  printf "compressed cold/nbdkit-curl bytes %.2fx (target <= 0.6x); time/uncompressed cold %.2fx (target <= 1.0x)\n", zb/nb, zs/cs
+  printf "compressed cold with trace/nbdkit-curl bytes %.2fx; time/uncompressed with trace %.2fx\n", ztb/nb, zts/ts
   printf "warm/local-raw time %.2fx (target <= 1.1x)\n", ws/ls }'
 echo "date: $(date -u +%Y-%m-%dT%H:%MZ); machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r), $(qemu-system-x86_64 --version | head -1)"
