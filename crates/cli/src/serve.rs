@@ -298,7 +298,8 @@ pub struct ServeArgs {
     pub fetch_all: bool,
     /// Most NBD connections served at once, over every listener, negotiating or not (a VM with
     /// multi-conn may open several). A connection beyond it is closed at once, with a warning.
-    /// Each connection holds one thread (up to 32 while requests keep it busy) and 3 open
+    /// Each connection holds one thread (up to 4 while requests keep it busy, and one more for
+    /// each flush waiting for its sync, up to 32 more) and 3 open
     /// files; mcow warns at start if its open-file limit is too low for N.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONNECTIONS,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
@@ -314,11 +315,13 @@ pub struct ServeArgs {
     pub handshake_timeout: Duration,
 }
 
-/// Worker threads per connection at most (the NBD server's default is 4). Each runs one
-/// request, so this is also how many requests of one connection run at once: enough that a
-/// client with a deep queue keeps writing while flushes wait for their sync round, and that
+/// Worker threads per connection running requests other than flushes (the NBD server's
+/// default). More threads only contend for the 2 cores of a small host (random 4 KiB writes
+/// without flushes: 0.79x nbdkit with 32, about 1.0x with 4 to 16; docs/BENCHMARKS.md). A
+/// worker in a flush does not count (the server's `flush_workers_per_connection`, 32), so a
+/// client with a deep queue keeps writing while flushes wait for their sync round, and
 /// flushes in flight together share one round (group commit in the writable top).
-const WORKERS_PER_CONNECTION: usize = 32;
+const WORKERS_PER_CONNECTION: usize = 4;
 
 /// `--max-connections`, `--max-handshakes` and `--handshake-timeout` defaults as the help
 /// shows them: the NBD server's own defaults (a unit test checks they agree).

@@ -32,6 +32,7 @@ pub struct MemExport {
     extra_context: Option<String>,
     fast_zero: bool,
     fail_range: Option<Range<u64>>,
+    flush_delay: std::time::Duration,
     chunks: Mutex<BTreeMap<u64, Box<[u8]>>>,
     flushes: AtomicU64,
 }
@@ -46,6 +47,7 @@ impl MemExport {
             extra_context: None,
             fast_zero: true,
             fail_range: None,
+            flush_delay: std::time::Duration::ZERO,
             chunks: Mutex::new(BTreeMap::new()),
             flushes: AtomicU64::new(0),
         }
@@ -90,6 +92,12 @@ impl MemExport {
     }
 
     /// How many times `flush` was called.
+    /// Makes every flush take `delay` (a slow sync), for tests of what a server does meanwhile.
+    pub fn with_flush_delay(mut self, delay: std::time::Duration) -> Self {
+        self.flush_delay = delay;
+        self
+    }
+
     pub fn flush_count(&self) -> u64 {
         self.flushes.load(Ordering::SeqCst)
     }
@@ -229,6 +237,7 @@ impl Export for MemExport {
     }
 
     fn flush(&self) -> io::Result<()> {
+        std::thread::sleep(self.flush_delay);
         self.flushes.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }

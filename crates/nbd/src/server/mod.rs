@@ -72,6 +72,10 @@ pub struct ServerConfig {
     /// one request, so this also bounds what a connection holds in flight. A connection starts
     /// with one (its own thread) and starts more only while requests keep them busy. Default 4.
     pub workers_per_connection: usize,
+    /// Workers running a flush do not count against `workers_per_connection`, up to this many
+    /// of them: a connection may then run that many more threads, each waiting for a flush,
+    /// while the others go on with the requests behind the flushes. Default 32.
+    pub flush_workers_per_connection: usize,
     /// How long a worker other than a connection's first waits for a request before it ends
     /// (so an idle connection holds one thread). Default 1 s.
     pub worker_linger: Duration,
@@ -97,6 +101,7 @@ impl Default for ServerConfig {
             max_payload: 32 << 20,
             max_option_len: 64 << 10,
             workers_per_connection: 4,
+            flush_workers_per_connection: 32,
             worker_linger: Duration::from_secs(1),
             max_connections: 1024,
             max_handshakes: 64,

@@ -6,12 +6,14 @@
 //!
 //! Workers come and go with the load: the connection's own thread is always one; when a worker
 //! takes a request and no other is left to read the next one, it starts another (up to
-//! `workers_per_connection`); a worker other than the first that finds nothing to read for
+//! `workers_per_connection`, not counting workers running a flush, up to
+//! `flush_workers_per_connection` of them: a flush mostly waits for a sync, and the requests
+//! behind it should not); a worker other than the first that finds nothing to read for
 //! `worker_linger` (the socket's read timeout while there are several) ends. An idle
 //! connection holds one thread.
 //!
 //! Owns request scheduling, back-pressure (each worker holds at most one request, so a
-//! connection holds at most `workers` requests), reply assembly and the mapping of export
+//! connection holds at most `workers` requests, flushes included), reply assembly and the mapping of export
 //! errors to NBD error values. Does not own negotiation ([`super::handshake`]) nor byte
 //! layouts ([`crate::proto`]).
 //!
@@ -169,7 +171,13 @@ struct Conn<'a, S> {
     workers_now: AtomicUsize,
     /// Workers not running a request: waiting for the turn or reading.
     idle: AtomicUsize,
+    /// Workers running a flush (mostly waiting for a sync): they do not count against
+    /// `max_workers`, up to `max_flushing` of them, so that flushes waiting for the export's
+    /// sync do not stall the writes queued behind them (and flushes in flight together can
+    /// share one sync in an export that groups them).
+    flushing: AtomicUsize,
     max_workers: usize,
+    max_flushing: usize,
 }
 
 /// Maps an export's error to an NBD error value.
@@ -221,7 +229,9 @@ pub(crate) fn run<S: Transport>(
         workers: Mutex::new(1),
         workers_now: AtomicUsize::new(1),
         idle: AtomicUsize::new(1),
+        flushing: AtomicUsize::new(0),
         max_workers: ctx.config.workers_per_connection.max(1),
+        max_flushing: ctx.config.flush_workers_per_connection,
     };
     // This thread is the first worker; it starts the others as the load needs them.
     thread::scope(|scope| conn.worker(scope, true));
@@ -270,12 +280,19 @@ impl<S: Transport> Conn<'_, S> {
                     }
                 }
             };
+            let flush = job.req.command == Command::Flush;
+            if flush {
+                self.flushing.fetch_add(1, Ordering::SeqCst);
+            }
             if self.idle.fetch_sub(1, Ordering::SeqCst) == 1 {
                 // No other worker will read the next request while this one runs.
                 self.hire(scope);
             }
             if !self.broken.load(Ordering::SeqCst) {
                 self.execute(&job, &mut buf);
+            }
+            if flush {
+                self.flushing.fetch_sub(1, Ordering::SeqCst);
             }
             self.idle.fetch_add(1, Ordering::SeqCst);
             if buf.capacity() > KEEP_BUFFER {
@@ -284,14 +301,16 @@ impl<S: Transport> Conn<'_, S> {
         }
     }
 
-    /// Starts one more worker, unless there are enough.
+    /// Starts one more worker, unless there are enough (workers in a flush aside, up to
+    /// `max_flushing`).
     fn hire<'scope, 'env>(&'env self, scope: &'scope Scope<'scope, 'env>) {
-        if self.workers_now.load(Ordering::SeqCst) >= self.max_workers {
+        let limit = || self.max_workers + self.flushing.load(Ordering::SeqCst).min(self.max_flushing);
+        if self.workers_now.load(Ordering::SeqCst) >= limit() {
             return;
         }
         {
             let mut n = lock(&self.workers);
-            if *n >= self.max_workers {
+            if *n >= limit() {
                 return;
             }
             *n += 1;
