@@ -3,8 +3,9 @@
 # libnbd's tools (nbdinfo, nbdcopy, nbdfuse, nbdsh), nbdkit, the OCI registry docker-registry,
 # nginx, htpasswd (for the registry's basic auth), skopeo (copies images between registries and
 # OCI layouts), iproute2 (ip, tc: the network harness scripts/netsim), mmdebstrap (Debian root
-# filesystems for scripts/debian-image.sh), QEMU's http block driver (bench-net) and the S3
-# server s3s-fs (built with cargo).
+# filesystems for scripts/debian-image.sh), PostgreSQL (postgres, initdb, pgbench, pg_amcheck
+# and the amcheck extension: crates/cli/tests/postgres.rs, scripts/bench-pgbench.sh), QEMU's
+# http block driver (bench-net) and the S3 server s3s-fs (built with cargo).
 # Idempotent: installs only what is missing. Needs root (CI and developers' machines are root).
 set -euo pipefail
 
@@ -19,6 +20,13 @@ command -v htpasswd >/dev/null || need+=(apache2-utils)
 command -v skopeo >/dev/null || need+=(skopeo)
 { command -v ip && command -v tc; } >/dev/null || need+=(iproute2)
 command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+pg_missing() { ! compgen -G '/usr/lib/postgresql/*/bin/pgbench' >/dev/null; }
+if pg_missing; then
+  need+=(postgresql)
+  # The tests start their own servers: no "main" cluster (nor a server on port 5432) from the package.
+  mkdir -p /etc/postgresql-common/createcluster.d
+  echo 'create_main_cluster = false' > /etc/postgresql-common/createcluster.d/mcow-no-main-cluster.conf
+fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -47,5 +55,6 @@ fi
 for tool in qemu-system-x86_64 qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit docker-registry nginx htpasswd skopeo ip tc mmdebstrap; do
   command -v "$tool" >/dev/null || { echo "missing $tool after install" >&2; exit 1; }
 done
+if pg_missing; then echo "missing PostgreSQL (/usr/lib/postgresql/*/bin/pgbench) after install" >&2; exit 1; fi
 # s3s-fs: a real S3-compatible server (it checks SigV4) for crates/remote/tests/s3.rs.
 command -v s3s-fs >/dev/null || cargo install --locked s3s-fs@0.14.1 --features binary
