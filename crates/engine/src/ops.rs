@@ -492,7 +492,10 @@ pub struct DiskInfo {
     pub chain: Digest,
     pub layers: Vec<LayerInfo>,
     pub top_stored_blocks: u64,
+    /// The top's data file: apparent size, and the space it takes (`st_blocks` x 512; less
+    /// where freed blocks were punched out).
     pub top_file_bytes: u64,
+    pub top_allocated_bytes: u64,
     pub top_journal_bytes: u64,
     pub map_extents: usize,
 }
@@ -514,6 +517,7 @@ pub struct LayerInfo {
 /// Collects the summary of an open disk.
 pub fn info(disk: &Disk) -> DiskInfo {
     let (data, journal) = disk.top().file_sizes();
+    let (allocated, _) = disk.top().allocated_sizes();
     DiskInfo {
         virtual_size: disk.size(),
         block_size: disk.block_size(),
@@ -536,6 +540,7 @@ pub fn info(disk: &Disk) -> DiskInfo {
             .collect(),
         top_stored_blocks: disk.top().stored_blocks(),
         top_file_bytes: data,
+        top_allocated_bytes: allocated,
         top_journal_bytes: journal,
         map_extents: disk.stack().extent_count(),
     }
