@@ -374,6 +374,14 @@ pub fn check(dir: &Path, force_share: bool, progress: Progress) -> Result<CheckR
                 if d.unused_blocks > 0 {
                     report.debris.push(format!("top data file has {} unused blocks", d.unused_blocks));
                 }
+                // Beside a running writer (force-share) it may be a compaction under way.
+                let temp = crate::top::journal_temp_path(disk.top().path());
+                if !force_share && temp.exists() {
+                    report.debris.push(format!(
+                        "{}: a journal an interrupted compaction was writing (the next writable open removes it)",
+                        temp.display()
+                    ));
+                }
             }
             Err(e @ Error::Locked { .. }) => return Err(e),
             Err(e) => report.errors.push(e.to_string()),

@@ -136,6 +136,9 @@ fn a_leftover_temporary_journal_is_removed_by_a_writable_open_only() {
     let ro = Disk::open(&dir, OpenOptions { read_only: true, ..Default::default() }).unwrap();
     drop(ro);
     assert!(temp.exists(), "a read-only open changes nothing");
+    let report = mcow_engine::ops::check(&dir, false, &mut |_, _| {}).unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(report.debris.iter().any(|d| d.contains("top-1.mcow.journal.tmp")), "{:?}", report.debris);
     let d = open_rw(&dir);
     assert!(!temp.exists(), "a writable open removes the debris");
     drop(d);
