@@ -367,6 +367,9 @@ impl TopLayer {
             if data_len > keep {
                 data.set_len(keep).map_err(Error::io("truncate", path))?;
             }
+            // Free blocks whose punch a crash cut off (or that a punch never reached): give
+            // their space back too. Nothing maps them.
+            punch_blocks(data.as_ref(), bs, path, &free);
         }
         let follow = follow.then(|| {
             Mutex::new(Follow {
@@ -798,21 +801,7 @@ impl TopLayer {
     /// Punches the space of freed physical blocks out of the data file (a hint: errors are
     /// logged). Their unmapping is durable, so no replayed map points at them.
     fn punch(&self, freed: &[u64]) {
-        let mut blocks = freed.to_vec();
-        blocks.sort_unstable();
-        let mut i = 0;
-        while i < blocks.len() {
-            let mut n = 1;
-            while i + n < blocks.len() && blocks[i + n] == blocks[i] + n as u64 {
-                n += 1;
-            }
-            let at = HEADER_SIZE as u64 + blocks[i] * self.bs;
-            if let Err(e) = self.data.punch_hole(at, n as u64 * self.bs) {
-                tracing::debug!(path = %self.path.display(), error = %e, "cannot punch freed blocks");
-                return;
-            }
-            i += n;
-        }
+        punch_blocks(self.data.as_ref(), self.bs, &self.path, freed);
     }
 
     /// Rewrites the journal as its durable map if it has grown past the thresholds (see
@@ -930,6 +919,26 @@ fn replay(
         sequence = batch.sequence;
     }
     Ok((pos, sequence))
+}
+
+/// Punches physical `blocks` (any order) out of `data`, one call per run of consecutive ones; a
+/// hint, so the first error (e.g. a filesystem without hole punching) is logged and ends it.
+fn punch_blocks(data: &dyn Storage, bs: u64, path: &Path, blocks: &[u64]) {
+    let mut blocks = blocks.to_vec();
+    blocks.sort_unstable();
+    let mut i = 0;
+    while i < blocks.len() {
+        let mut n = 1;
+        while i + n < blocks.len() && blocks[i + n] == blocks[i] + n as u64 {
+            n += 1;
+        }
+        let at = HEADER_SIZE as u64 + blocks[i] * bs;
+        if let Err(e) = data.punch_hole(at, n as u64 * bs) {
+            tracing::debug!(path = %path.display(), error = %e, "cannot punch freed blocks");
+            return;
+        }
+        i += n;
+    }
 }
 
 /// Appends a mapping change, merging it into the previous one where they continue each other.

@@ -198,6 +198,8 @@ struct SimDir {
     /// Set from the creation of a temporary journal to the end of the directory sync: the
     /// steps of a compaction, which a round takes after its batch is durable.
     switching: Mutex<bool>,
+    /// Makes the next directory sync fail.
+    fail_dir_sync: Mutex<bool>,
 }
 
 #[derive(Clone)]
@@ -289,6 +291,9 @@ impl JournalFiles for Files {
         Ok(())
     }
     fn sync_dir(&self) -> io::Result<()> {
+        if std::mem::take(&mut *self.0.fail_dir_sync.lock().unwrap()) {
+            return Err(io::Error::from_raw_os_error(5));
+        }
         self.0.capture("before directory sync");
         let mut n = self.0.names.lock().unwrap();
         n.durable_journal = n.journal.clone();
@@ -342,6 +347,7 @@ fn a_crash_at_any_step_of_a_compaction_finds_the_old_journal_or_the_new_one() {
         names: Mutex::new(Names { journal: journal.clone(), temp: None, durable_journal: journal.clone() }),
         images: Mutex::new(Vec::new()),
         switching: Mutex::new(false),
+        fail_dir_sync: Mutex::new(false),
     });
     let dev = |dev: &SimStorage, name| -> Box<dyn Storage> {
         Box::new(Dev { dev: dev.clone(), dir: dir.clone(), name })
@@ -419,4 +425,101 @@ fn a_crash_at_any_step_of_a_compaction_finds_the_old_journal_or_the_new_one() {
     drop(top);
     let img = TopLayer::open(Box::new(data.clone()), Box::new(names.journal.clone()), path, true).unwrap();
     assert_eq!(read_top(&img, blocks), flushed);
+}
+
+/// A punch that a crash cut off: blocks freed by a durable discard whose space was never given
+/// back (simulated by writing them again behind the engine's back) are punched by the next
+/// writable open, and the disk reads the same.
+#[test]
+fn a_writable_open_punches_free_blocks_a_crash_left_allocated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bs = u64::from(BS);
+    let dir = create_disk(tmp.path(), "d", 64 * bs, BS);
+    let data_file = top_path(&dir);
+    let allocated = || std::fs::metadata(&data_file).unwrap().blocks() * 512;
+    let d = open_rw(&dir);
+    d.write(0, &pattern(3, (64 * bs) as usize)).unwrap();
+    d.discard(0, 48 * bs).unwrap();
+    d.flush().unwrap();
+    let model = read_all(&d);
+    drop(d);
+    // Fill the punched blocks 0..48 again, as if their punch had not reached the disk.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&data_file).unwrap();
+        f.write_all_at(&vec![0x77; (48 * bs) as usize], 4096).unwrap();
+        f.sync_all().unwrap();
+    }
+    let before = allocated();
+    assert!(before >= 64 * bs, "{before}");
+    let d = open_rw(&dir);
+    assert!(allocated() <= before - 48 * bs, "allocated {before} -> {} after the open", allocated());
+    assert_reads(&d, &model, "after the open");
+    drop(d);
+    assert_check_clean(&dir);
+}
+
+/// A compaction whose directory sync fails: the flush still succeeds (its batch is durable in
+/// the old journal and the new one), and the next round syncs the directory before it appends
+/// to the new journal, so a crash after that round, with only what is durable, shows it.
+#[test]
+fn a_failed_directory_sync_is_retried_before_the_next_batch() {
+    let blocks = 8u64;
+    let (data, journal) = (SimStorage::new(), SimStorage::new());
+    let dir = Arc::new(SimDir {
+        data: data.clone(),
+        names: Mutex::new(Names { journal: journal.clone(), temp: None, durable_journal: journal.clone() }),
+        images: Mutex::new(Vec::new()),
+        switching: Mutex::new(false),
+        fail_dir_sync: Mutex::new(false),
+    });
+    let dev = |dev: &SimStorage, name| -> Box<dyn Storage> {
+        Box::new(Dev { dev: dev.clone(), dir: dir.clone(), name })
+    };
+    let path = Path::new(SIM_PATH);
+    let top = TopLayer::create(
+        dev(&data, "data"),
+        dev(&journal, "journal"),
+        path,
+        BS,
+        blocks * u64::from(BS),
+        Digest::ZERO,
+    )
+    .unwrap()
+    .attach_journal_files(Box::new(Files(dir.clone())))
+    .unwrap();
+    top.set_compaction(0, 1);
+    let mut tag = 0;
+    while top.compactions() == 0 {
+        tag += 1;
+        *dir.fail_dir_sync.lock().unwrap() = true;
+        top.write(tag % blocks, 0, &pattern(tag, BS as usize), &below).unwrap();
+        top.flush().expect("a flush whose compaction fails to sync the directory still succeeds");
+        assert!(tag < 100, "no compaction");
+    }
+    *dir.fail_dir_sync.lock().unwrap() = false;
+    let names = dir.names.lock().unwrap().clone();
+    assert_ne!(
+        names.journal.file_id().unwrap(),
+        names.durable_journal.file_id().unwrap(),
+        "rename not durable yet"
+    );
+    top.set_compaction(u64::MAX, 1);
+    top.write(0, 0, &pattern(1000, BS as usize), &below).unwrap();
+    top.flush().unwrap();
+    let want = read_top(&top, blocks);
+    let names = dir.names.lock().unwrap().clone();
+    assert_eq!(
+        names.journal.file_id().unwrap(),
+        names.durable_journal.file_id().unwrap(),
+        "the rename is durable"
+    );
+    let img = TopLayer::open(
+        Box::new(data.crashed(CrashMode::DropUnsynced)),
+        Box::new(names.durable_journal.crashed(CrashMode::DropUnsynced)),
+        path,
+        false,
+    )
+    .unwrap();
+    assert_eq!(read_top(&img, blocks), want, "the last flush survives a crash");
 }
