@@ -20,7 +20,7 @@ use crate::fetch::{BlockSource, FetchPolicy};
 use crate::stack::Stack;
 use crate::storage::{FileStorage, Storage};
 use crate::store::{LayerStore, OpenLayer, write_atomic};
-use crate::top::{Debris, TopLayer, journal_path};
+use crate::top::{Debris, JournalFiles, TopLayer, journal_path, journal_temp_path};
 
 /// Name of the manifest inside a disk directory.
 pub const MANIFEST_FILE: &str = "disk.json";
@@ -613,6 +613,7 @@ pub(crate) fn replace_stack(
 }
 
 fn remove_top_files(path: &Path) {
+    let _ = fs::remove_file(journal_temp_path(path));
     let _ = fs::remove_file(journal_path(path));
     let _ = fs::remove_file(path);
 }
@@ -689,11 +690,48 @@ pub(crate) fn open_top(path: &Path, opts: OpenOptions) -> Result<TopLayer> {
     }
     let journal = open(&jpath)?;
     let storage = |f: File| -> Box<dyn Storage> { Box::new(FileStorage(f)) };
+    let files = Box::new(HostJournalFiles { top: path.to_path_buf() });
     if opts.read_only && opts.force_share {
         // A writer may be running beside us: follow its journal (see `top`'s module doc).
-        return TopLayer::open_shared(storage(data), storage(journal), path);
+        return TopLayer::open_shared(storage(data), storage(journal), path)?.attach_journal_files(files);
     }
-    TopLayer::open(storage(data), storage(journal), path, opts.read_only)
+    TopLayer::open(storage(data), storage(journal), path, opts.read_only)?.attach_journal_files(files)
+}
+
+/// A top's journal files on the host filesystem (see [`JournalFiles`]).
+struct HostJournalFiles {
+    top: PathBuf,
+}
+
+impl JournalFiles for HostJournalFiles {
+    fn create_temp(&self) -> std::io::Result<Box<dyn Storage>> {
+        let f = FsOpen::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(journal_temp_path(&self.top))?;
+        Ok(Box::new(FileStorage(f)))
+    }
+    fn rename_temp(&self) -> std::io::Result<()> {
+        fs::rename(journal_temp_path(&self.top), journal_path(&self.top))
+    }
+    fn sync_dir(&self) -> std::io::Result<()> {
+        File::open(self.top.parent().unwrap_or(Path::new(".")))?.sync_all()
+    }
+    fn remove_temp(&self) -> std::io::Result<()> {
+        match fs::remove_file(journal_temp_path(&self.top)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        }
+    }
+    fn current_id(&self) -> std::io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(fs::metadata(journal_path(&self.top))?.ino())
+    }
+    fn open_current(&self) -> std::io::Result<Box<dyn Storage>> {
+        Ok(Box::new(FileStorage(File::open(journal_path(&self.top))?)))
+    }
 }
 
 /// `path` made absolute and cleaned of `.` and `..` components, without touching the

@@ -374,6 +374,14 @@ pub fn check(dir: &Path, force_share: bool, progress: Progress) -> Result<CheckR
                 if d.unused_blocks > 0 {
                     report.debris.push(format!("top data file has {} unused blocks", d.unused_blocks));
                 }
+                // Beside a running writer (force-share) it may be a compaction under way.
+                let temp = crate::top::journal_temp_path(disk.top().path());
+                if !force_share && temp.exists() {
+                    report.debris.push(format!(
+                        "{}: a journal an interrupted compaction was writing (the next writable open removes it)",
+                        temp.display()
+                    ));
+                }
             }
             Err(e @ Error::Locked { .. }) => return Err(e),
             Err(e) => report.errors.push(e.to_string()),
@@ -492,7 +500,10 @@ pub struct DiskInfo {
     pub chain: Digest,
     pub layers: Vec<LayerInfo>,
     pub top_stored_blocks: u64,
+    /// The top's data file: apparent size, and the space it takes (`st_blocks` x 512; less
+    /// where freed blocks were punched out).
     pub top_file_bytes: u64,
+    pub top_allocated_bytes: u64,
     pub top_journal_bytes: u64,
     pub map_extents: usize,
 }
@@ -514,6 +525,7 @@ pub struct LayerInfo {
 /// Collects the summary of an open disk.
 pub fn info(disk: &Disk) -> DiskInfo {
     let (data, journal) = disk.top().file_sizes();
+    let (allocated, _) = disk.top().allocated_sizes();
     DiskInfo {
         virtual_size: disk.size(),
         block_size: disk.block_size(),
@@ -536,6 +548,7 @@ pub fn info(disk: &Disk) -> DiskInfo {
             .collect(),
         top_stored_blocks: disk.top().stored_blocks(),
         top_file_bytes: data,
+        top_allocated_bytes: allocated,
         top_journal_bytes: journal,
         map_extents: disk.stack().extent_count(),
     }

@@ -160,6 +160,20 @@ impl Storage for SimStorage {
         Ok(())
     }
 
+    /// Writes zeros over the range (a crash may keep or lose them, like any unsynced write).
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = offset.saturating_add(len).min(self.lock().current.len() as u64);
+        if end > offset {
+            self.write_at(&vec![0u8; (end - offset) as usize], offset)?;
+        }
+        Ok(())
+    }
+
+    /// The handle's shared state, which clones share.
+    fn file_id(&self) -> io::Result<u64> {
+        Ok(Arc::as_ptr(&self.0) as usize as u64)
+    }
+
     fn sync(&self) -> io::Result<()> {
         let mut s = self.lock();
         if std::mem::take(&mut s.fail_sync) {

@@ -19,6 +19,23 @@ pub trait Storage: Send + Sync {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
+    /// Gives back the space of `len` bytes at `offset`, which then read as zeros; the length is
+    /// unchanged. Like a write, durable only after the next sync. The default writes nothing
+    /// and reports that it could not (callers treat it as a hint).
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+    /// Bytes of space the storage takes on its device (for a file, what `st_blocks` counts);
+    /// `len` where that is unknown.
+    fn allocated(&self) -> io::Result<u64> {
+        self.len()
+    }
+    /// Names the file behind this handle, so that one can tell whether a path still leads to
+    /// it (the inode number for a host file). Zero where there is no such notion.
+    fn file_id(&self) -> io::Result<u64> {
+        Ok(0)
+    }
 }
 
 /// A file on the host filesystem.
@@ -39,5 +56,18 @@ impl Storage for FileStorage {
     }
     fn sync(&self) -> io::Result<()> {
         self.0.sync_data()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::{FallocateFlags, fallocate};
+        fallocate(&self.0, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len)
+            .map_err(io::Error::from)
+    }
+    fn allocated(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self.0.metadata()?.blocks() * 512)
+    }
+    fn file_id(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self.0.metadata()?.ino())
     }
 }

@@ -40,11 +40,29 @@
 //! filesystems, not promised by network ones). Other opens pay nothing: no writer can run
 //! beside them.
 //!
+//! # Compaction
+//!
+//! The journal would grow with every mapping change for the life of the top. When it holds much
+//! more than the live map (see [`TopLayer::set_compaction`]), a flush round, once its batch is
+//! durable, writes a fresh journal beside it (same header, then the durable map as batches from
+//! sequence 1), syncs it, renames it over the journal and syncs the directory: a crash finds
+//! the old journal or the new one, both whole. A force-share reader notices the rename (the
+//! journal's path leads to another file) and replays the new file from its start; the check
+//! after its read includes that, and the writer reuses a block only after the rename. A
+//! leftover temporary journal is debris that a writable open removes.
+//!
+//! # Space
+//!
+//! Blocks freed by a zero or discard also get their space punched out of the data file, once
+//! the batch that frees them is durable and before they can be reused, so trimming a disk
+//! shrinks its top's allocated size.
+//!
 //! Owns: allocation, copy-up of a partly written block, the journal and recovery. Does not own:
 //! what lies below the top (the caller passes a function that reads it), nor file opening.
 
+use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use mcow_format::{
@@ -55,6 +73,33 @@ use mcow_format::{
 use crate::error::{Error, Result};
 use crate::extent_map::{Extent, ExtentMap, Loc, TOP};
 use crate::storage::Storage;
+
+/// Entries per batch in a compacted journal (the format allows up to 2^20).
+const SNAPSHOT_BATCH_ENTRIES: usize = 1 << 16;
+
+/// Default compaction thresholds: the journal is rewritten once it is past this many bytes and
+/// more than [`COMPACT_RATIO`] times the size of a compacted one.
+pub const COMPACT_MIN_BYTES: u64 = 1 << 20;
+pub const COMPACT_RATIO: u64 = 4;
+
+/// The directory operations around a top's journal: a writer replaces its journal with a
+/// compacted one through them, and a force-share reader notices that it was replaced. The
+/// journal is `<top>.journal` and the temporary one beside it `<top>.journal.tmp`
+/// ([`journal_temp_path`]) for host files.
+pub trait JournalFiles: Send + Sync {
+    /// Creates the temporary journal, empty (replacing a leftover one).
+    fn create_temp(&self) -> io::Result<Box<dyn Storage>>;
+    /// Renames the temporary journal over the journal (atomic, not yet durable).
+    fn rename_temp(&self) -> io::Result<()>;
+    /// Makes the directory's entries (the rename) durable.
+    fn sync_dir(&self) -> io::Result<()>;
+    /// Removes a leftover temporary journal; fine if there is none.
+    fn remove_temp(&self) -> io::Result<()>;
+    /// [`Storage::file_id`] of the file the journal's name leads to now.
+    fn current_id(&self) -> io::Result<u64>;
+    /// Opens, read-only, the file the journal's name leads to now.
+    fn open_current(&self) -> io::Result<Box<dyn Storage>>;
+}
 
 /// What opening a top found beyond its last good batch: debris of writes that never reached a
 /// durable flush. Harmless; a writable open removes it.
@@ -94,10 +139,20 @@ struct Rounds {
     started: u64,
     done: u64,
     running: bool,
-    /// Where the next batch goes and its sequence number less one; only the running round
-    /// changes them.
+    /// The journal as the rounds know it; the running round has it out.
+    state: Option<RoundState>,
+}
+
+/// What only the running round changes.
+struct RoundState {
+    /// Where the next batch goes and its sequence number less one.
     journal_len: u64,
     sequence: u64,
+    /// The map as the durable journal holds it (what a compaction writes).
+    committed: ExtentMap,
+    /// A compaction renamed the journal but could not sync the directory: the next round does
+    /// that before it appends anything.
+    dir_unsynced: bool,
 }
 
 /// What a force-share reader has applied of a journal that a writer may be appending to.
@@ -110,6 +165,8 @@ struct Follow {
     /// The bytes after `pos` when the journal was last read: a batch being appended, debris of
     /// a crash, or damage. Empty in the common case.
     tail: Vec<u8>,
+    /// [`Storage::file_id`] of the journal file this reader has open.
+    journal_id: u64,
     /// Counts changes of `pos` and `tail`, so a read can tell that its map moved under it.
     generation: u64,
 }
@@ -124,7 +181,13 @@ struct Seen {
 /// A writable top layer over two storages (data and journal).
 pub struct TopLayer {
     data: Box<dyn Storage>,
-    journal: Box<dyn Storage>,
+    /// Replaced by a compaction (writer) or when a reader sees that it was (force-share).
+    journal: RwLock<Box<dyn Storage>>,
+    /// Set by [`TopLayer::attach_journal_files`]; without it the journal is never compacted.
+    files: Option<Box<dyn JournalFiles>>,
+    compact_min: AtomicU64,
+    compact_ratio: AtomicU64,
+    compactions: AtomicU64,
     path: PathBuf,
     pub header: LayerHeader,
     bs: u64,
@@ -304,6 +367,9 @@ impl TopLayer {
             if data_len > keep {
                 data.set_len(keep).map_err(Error::io("truncate", path))?;
             }
+            // Free blocks whose punch a crash cut off (or that a punch never reached): give
+            // their space back too. Nothing maps them.
+            punch_blocks(data.as_ref(), bs, path, &free);
         }
         let follow = follow.then(|| {
             Mutex::new(Follow {
@@ -311,12 +377,18 @@ impl TopLayer {
                 pos: pos as u64,
                 sequence,
                 tail: jbuf[pos..].to_vec(),
+                journal_id: 0,
                 generation: 0,
             })
         });
+        let committed = if read_only { ExtentMap::new() } else { map.clone() };
         Ok(TopLayer {
             data,
-            journal,
+            journal: RwLock::new(journal),
+            files: None,
+            compact_min: AtomicU64::new(COMPACT_MIN_BYTES),
+            compact_ratio: AtomicU64::new(COMPACT_RATIO),
+            compactions: AtomicU64::new(0),
             path: path.to_path_buf(),
             header,
             bs,
@@ -328,8 +400,7 @@ impl TopLayer {
                 started: 0,
                 done: 0,
                 running: false,
-                journal_len: pos as u64,
-                sequence,
+                state: Some(RoundState { journal_len: pos as u64, sequence, committed, dir_unsynced: false }),
             }),
             round_ended: Condvar::new(),
             data_dirty: AtomicBool::new(false),
@@ -338,8 +409,39 @@ impl TopLayer {
         })
     }
 
+    /// Gives the top the directory operations around its journal: a writer then compacts its
+    /// journal (and here removes a leftover temporary one), a force-share reader follows a
+    /// journal that a writer replaced.
+    pub fn attach_journal_files(mut self, files: Box<dyn JournalFiles>) -> Result<TopLayer> {
+        let jpath = journal_path(&self.path);
+        if !self.read_only {
+            files.remove_temp().map_err(Error::io("remove", &journal_temp_path(&self.path)))?;
+        }
+        if let Some(f) = &self.follow {
+            lock(f).journal_id = self.journal_read().file_id().map_err(Error::io("stat", &jpath))?;
+        }
+        self.files = Some(files);
+        Ok(self)
+    }
+
+    /// Sets when a flush compacts the journal: once it is at least `min_bytes` long and more
+    /// than `ratio` times as long as a compacted journal of the same map would be.
+    pub fn set_compaction(&self, min_bytes: u64, ratio: u64) {
+        self.compact_min.store(min_bytes, Ordering::Relaxed);
+        self.compact_ratio.store(ratio, Ordering::Relaxed);
+    }
+
+    /// Compactions this open has made.
+    pub fn compactions(&self) -> u64 {
+        self.compactions.load(Ordering::Relaxed)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    fn journal_read(&self) -> RwLockReadGuard<'_, Box<dyn Storage>> {
+        self.journal.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// What the open found beyond the last durable state.
@@ -422,13 +524,34 @@ impl TopLayer {
         let jpath = journal_path(&self.path);
         let mut f = lock(follow);
         loop {
-            let len = self.journal.len().map_err(Error::io("stat", &jpath))?;
+            if let Some(files) = &self.files {
+                let now = files.current_id().map_err(Error::io("stat", &jpath))?;
+                if now != f.journal_id {
+                    // A writer compacted the journal: replay the new one from its start.
+                    let journal = files.open_current().map_err(Error::io("open", &jpath))?;
+                    let mut header = vec![0u8; JOURNAL_HEADER_SIZE];
+                    if journal.read_at(&mut header, 0).is_err() || header != f.header {
+                        return Err(Error::Invalid(format!(
+                            "{}: the journal was replaced by another one while a force-share reader had it open; open the disk again",
+                            jpath.display()
+                        )));
+                    }
+                    f.journal_id = journal.file_id().map_err(Error::io("stat", &jpath))?;
+                    *self.journal.write().unwrap_or_else(|p| p.into_inner()) = journal;
+                    *self.map_write() = ExtentMap::new();
+                    (f.pos, f.sequence) = (JOURNAL_HEADER_SIZE as u64, 0);
+                    f.tail.clear();
+                    f.generation += 1;
+                    continue;
+                }
+            }
+            let len = self.journal_read().len().map_err(Error::io("stat", &jpath))?;
             let seen_end = f.pos + f.tail.len() as u64;
             if len == seen_end && self.tail_unchanged(&f, &jpath)? {
                 return Ok(Seen { generation: f.generation, len });
             }
             let mut header = vec![0u8; JOURNAL_HEADER_SIZE];
-            let header_read = match self.journal.read_at(&mut header, 0) {
+            let header_read = match self.journal_read().read_at(&mut header, 0) {
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => false,
                 r => r.map(|()| true).map_err(Error::io("read", &jpath))?,
             };
@@ -447,7 +570,8 @@ impl TopLayer {
                 f.generation += 1;
             }
             let mut bytes = vec![0u8; (len.max(f.pos) - f.pos) as usize];
-            match self.journal.read_at(&mut bytes, f.pos) {
+            let read = self.journal_read().read_at(&mut bytes, f.pos);
+            match read {
                 // It shrank since the length was read: look again.
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => continue,
                 r => r.map_err(Error::io("read", &jpath))?,
@@ -467,7 +591,8 @@ impl TopLayer {
             return Ok(true);
         }
         let mut now = vec![0u8; f.tail.len()];
-        match self.journal.read_at(&mut now, f.pos) {
+        let read = self.journal_read().read_at(&mut now, f.pos);
+        match read {
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
             r => r.map(|()| now == f.tail).map_err(Error::io("read", jpath)),
         }
@@ -480,7 +605,12 @@ impl TopLayer {
         if f.generation != seen.generation {
             return Ok(false);
         }
-        let len = self.journal.len().map_err(Error::io("stat", &jpath))?;
+        if let Some(files) = &self.files
+            && files.current_id().map_err(Error::io("stat", &jpath))? != f.journal_id
+        {
+            return Ok(false);
+        }
+        let len = self.journal_read().len().map_err(Error::io("stat", &jpath))?;
         Ok(len == seen.len && self.tail_unchanged(&f, &jpath)?)
     }
 
@@ -590,24 +720,31 @@ impl TopLayer {
         // round failed come here too and try again themselves.)
         r.started += 1;
         r.running = true;
-        let (journal_len, sequence) = (r.journal_len, r.sequence);
+        let mut state = r.state.take().expect("only the running round has the state out");
         drop(r);
-        let result = self.round(journal_len, sequence);
+        let result = self.round(&mut state);
         let mut r = lock(&self.rounds);
+        r.state = Some(state);
         r.running = false;
-        if let Ok((journal_len, sequence)) = result {
-            (r.journal_len, r.sequence) = (journal_len, sequence);
+        if result.is_ok() {
             r.done = r.started;
         }
         drop(r);
         self.round_ended.notify_all();
-        result.map(|_| ())
+        result
     }
 
-    /// One flush round (see [`TopLayer::flush`]) appending at `journal_len` after batch
-    /// `sequence`; returns where the journal then ends and its last sequence number. On failure
-    /// the changes it took are pending again, so a later flush writes them.
-    fn round(&self, journal_len: u64, sequence: u64) -> Result<(u64, u64)> {
+    /// One flush round (see [`TopLayer::flush`]) appending to the journal as `st` has it, then
+    /// punching out the blocks it freed and compacting the journal if it is due. On failure the
+    /// changes it took are pending again, so a later flush writes them.
+    fn round(&self, st: &mut RoundState) -> Result<()> {
+        if st.dir_unsynced
+            && let Some(files) = &self.files
+        {
+            let dir = self.path.parent().unwrap_or(Path::new("."));
+            files.sync_dir().map_err(Error::io("sync", dir))?;
+            st.dir_unsynced = false;
+        }
         let (entries, freed) = {
             let mut a = lock(&self.alloc);
             (std::mem::take(&mut a.pending), std::mem::take(&mut a.freed_pending))
@@ -631,26 +768,103 @@ impl TopLayer {
         }
         if entries.is_empty() {
             debug_assert!(freed.is_empty());
-            return Ok((journal_len, sequence));
+            return Ok(());
         }
         let jpath = journal_path(&self.path);
-        let batch = JournalBatch { sequence: sequence + 1, entries };
+        let batch = JournalBatch { sequence: st.sequence + 1, entries };
         let bytes = encode_batch(&batch);
-        let written = match self.journal.write_at(&bytes, journal_len) {
-            Ok(()) => self.journal.sync().map_err(Error::io("sync", &jpath)),
-            Err(e) => Err(Error::io("write", &jpath)(e)),
+        let written = {
+            let journal = self.journal_read();
+            match journal.write_at(&bytes, st.journal_len) {
+                Ok(()) => journal.sync().map_err(Error::io("sync", &jpath)),
+                Err(e) => Err(Error::io("write", &jpath)(e)),
+            }
         };
         if let Err(e) = written {
             give_back(batch.entries, freed);
             return Err(e);
         }
+        st.journal_len += bytes.len() as u64;
+        st.sequence += 1;
+        for e in &batch.entries {
+            st.committed.insert(e.vblock, e.end(), Loc { layer: TOP, kind: e.kind, pblock: e.pblock });
+        }
+        // The flush is done. Before the freed blocks can be reused: give their space back.
+        self.punch(&freed);
+        if let Err(e) = self.compact(st) {
+            tracing::warn!(journal = %jpath.display(), error = %e, "journal compaction failed; keeping the journal");
+        }
         lock(&self.alloc).free.extend(freed);
-        Ok((journal_len + bytes.len() as u64, sequence + 1))
+        Ok(())
+    }
+
+    /// Punches the space of freed physical blocks out of the data file (a hint: errors are
+    /// logged). Their unmapping is durable, so no replayed map points at them.
+    fn punch(&self, freed: &[u64]) {
+        punch_blocks(self.data.as_ref(), self.bs, &self.path, freed);
+    }
+
+    /// Rewrites the journal as its durable map if it has grown past the thresholds (see
+    /// "Compaction" in the module doc): temporary journal written and synced, renamed over the
+    /// journal, directory synced.
+    fn compact(&self, st: &mut RoundState) -> Result<()> {
+        let Some(files) = &self.files else { return Ok(()) };
+        let entries = st.committed.len();
+        let snapshot = JOURNAL_HEADER_SIZE as u64
+            + entries as u64 * 32
+            + entries.div_ceil(SNAPSHOT_BATCH_ENTRIES) as u64 * 20;
+        let ratio = self.compact_ratio.load(Ordering::Relaxed);
+        if st.journal_len < self.compact_min.load(Ordering::Relaxed)
+            || st.journal_len <= ratio.saturating_mul(snapshot)
+        {
+            return Ok(());
+        }
+        let tpath = journal_temp_path(&self.path);
+        let entries: Vec<IndexEntry> = st
+            .committed
+            .iter()
+            .map(|e| IndexEntry {
+                vblock: e.start,
+                count: e.end - e.start,
+                kind: e.loc.kind,
+                pblock: e.loc.pblock,
+            })
+            .collect();
+        let jh = JournalHeader { instance: self.header.instance, block_size: self.header.block_size };
+        let mut bytes = jh.encode().to_vec();
+        let mut sequence = 0;
+        for chunk in entries.chunks(SNAPSHOT_BATCH_ENTRIES) {
+            sequence += 1;
+            bytes.extend(encode_batch(&JournalBatch { sequence, entries: chunk.to_vec() }));
+        }
+        let temp = files.create_temp().map_err(Error::io("create", &tpath))?;
+        let written = temp.write_at(&bytes, 0).and_then(|()| temp.sync()).and_then(|()| files.rename_temp());
+        if let Err(e) = written {
+            let _ = files.remove_temp();
+            return Err(Error::io("write", &tpath)(e));
+        }
+        // The name leads to the new journal now: append there from here on.
+        *self.journal.write().unwrap_or_else(|p| p.into_inner()) = temp;
+        st.journal_len = bytes.len() as u64;
+        st.sequence = sequence;
+        self.compactions.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(journal = %self.path.display(), bytes = bytes.len(), "journal compacted");
+        if let Err(e) = files.sync_dir() {
+            st.dir_unsynced = true;
+            return Err(Error::io("sync", self.path.parent().unwrap_or(Path::new(".")))(e));
+        }
+        Ok(())
     }
 
     /// Bytes of the data file and journal.
     pub fn file_sizes(&self) -> (u64, u64) {
-        (self.data.len().unwrap_or(0), self.journal.len().unwrap_or(0))
+        (self.data.len().unwrap_or(0), self.journal_read().len().unwrap_or(0))
+    }
+
+    /// Bytes of space the data file and journal take on their device (see
+    /// [`Storage::allocated`]).
+    pub fn allocated_sizes(&self) -> (u64, u64) {
+        (self.data.allocated().unwrap_or(0), self.journal_read().allocated().unwrap_or(0))
     }
 }
 
@@ -707,6 +921,26 @@ fn replay(
     Ok((pos, sequence))
 }
 
+/// Punches physical `blocks` (any order) out of `data`, one call per run of consecutive ones; a
+/// hint, so the first error (e.g. a filesystem without hole punching) is logged and ends it.
+fn punch_blocks(data: &dyn Storage, bs: u64, path: &Path, blocks: &[u64]) {
+    let mut blocks = blocks.to_vec();
+    blocks.sort_unstable();
+    let mut i = 0;
+    while i < blocks.len() {
+        let mut n = 1;
+        while i + n < blocks.len() && blocks[i + n] == blocks[i] + n as u64 {
+            n += 1;
+        }
+        let at = HEADER_SIZE as u64 + blocks[i] * bs;
+        if let Err(e) = data.punch_hole(at, n as u64 * bs) {
+            tracing::debug!(path = %path.display(), error = %e, "cannot punch freed blocks");
+            return;
+        }
+        i += n;
+    }
+}
+
 /// Appends a mapping change, merging it into the previous one where they continue each other.
 fn push_entry(list: &mut Vec<IndexEntry>, e: IndexEntry) {
     if let Some(last) = list.last_mut()
@@ -724,6 +958,13 @@ fn push_entry(list: &mut Vec<IndexEntry>, e: IndexEntry) {
 pub fn journal_path(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(".journal");
+    PathBuf::from(s)
+}
+
+/// Where a compaction writes the new journal before renaming it over the journal.
+pub fn journal_temp_path(path: &Path) -> PathBuf {
+    let mut s = journal_path(path).into_os_string();
+    s.push(".tmp");
     PathBuf::from(s)
 }
 

@@ -173,6 +173,18 @@ fn random_ops_reader_sees_only_each_blocks_own_values() {
 /// reused under it); and the reader did read while the writer reused blocks.
 #[test]
 fn concurrent_writer_never_leaks_another_blocks_data() {
+    concurrent_writer(false);
+}
+
+/// The same with a writer that compacts its journal after almost every flush: the reader keeps
+/// following it through the renames (replaying each new journal) and still never shows another
+/// block's data.
+#[test]
+fn concurrent_writer_compacting_its_journal_never_leaks_another_blocks_data() {
+    concurrent_writer(true);
+}
+
+fn concurrent_writer(compact: bool) {
     const BS: usize = 4096;
     const BLOCKS: u64 = 16;
     let tmp = tempfile::tempdir().unwrap();
@@ -183,6 +195,9 @@ fn concurrent_writer_never_leaks_another_blocks_data() {
         w.write(b * BS as u64, &records(b, 0, BS)).unwrap();
     }
     w.flush().unwrap();
+    if compact {
+        w.top().set_compaction(0, 1);
+    }
     let r = Disk::open(&dir, SHARED).unwrap();
     let stop = AtomicBool::new(false);
     let (reads, flushes) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -220,6 +235,9 @@ fn concurrent_writer_never_leaks_another_blocks_data() {
         reads > 20 && flushes > 20,
         "too little happened to test anything: {reads} reads, {flushes} flushes"
     );
+    if compact {
+        assert!(w.top().compactions() > 20, "only {} compactions", w.top().compactions());
+    }
     // The writer's final state, flushed, is what the reader then shows.
     w.flush().unwrap();
     assert_eq!(read(&r, 0, BLOCKS as usize * BS), read(&w, 0, BLOCKS as usize * BS));

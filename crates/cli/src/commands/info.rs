@@ -15,13 +15,15 @@ use crate::paths::read_origin;
 #[derive(Debug, clap::Args)]
 #[command(long_about = "Show a disk's virtual size, block size, layer store, chain digest, each sealed \
     layer (digest, file size, stored blocks, extents), its writable top (stored blocks, data file \
-    bytes, journal bytes) and the number of extents in the flattened map of its sealed layers.\n\n\
+    size and the space it takes on the host, which shrinks when the guest discards or trims \
+    blocks, journal bytes) and the number of extents in the flattened map of its sealed \
+    layers.\n\n\
     Layers are listed top first with their depth: depth 0 is the writable top, 1 the topmost \
     sealed layer, N the bottom one (the same depths `mcow map` reports).\n\n\
     JSON output (--output json) is an object with the keys disk, virtual_size, block_size, \
     store, chain_digest, layer_count, layers (bottom first; each with depth, digest, file_bytes, \
-    stored_blocks, extents), top (file, stored_blocks, file_bytes, journal_bytes) and \
-    map_extents. Sizes are in bytes.\n\n\
+    stored_blocks, extents), top (file, stored_blocks, file_bytes, allocated_bytes: st_blocks x \
+    512 of the data file, journal_bytes) and map_extents. Sizes are in bytes.\n\n\
     A disk pulled with `mcow pull --lazy` (or served from a reference) also shows its origin \
     (the reference and manifest digest it fetches missing blocks from) and, per layer, how much \
     of its stored data is local; in JSON, origin and origin_manifest (null for other disks) and, \
@@ -69,6 +71,8 @@ pub struct TopInfo {
     pub file: String,
     pub stored_blocks: u64,
     pub file_bytes: u64,
+    /// Space the data file takes on its device (st_blocks x 512).
+    pub allocated_bytes: u64,
     pub journal_bytes: u64,
 }
 
@@ -111,6 +115,7 @@ pub fn collect(disk: &Disk) -> Info {
             file: disk.top().path().display().to_string(),
             stored_blocks: i.top_stored_blocks,
             file_bytes: i.top_file_bytes,
+            allocated_bytes: i.top_allocated_bytes,
             journal_bytes: i.top_journal_bytes,
         },
         map_extents: i.map_extents,
@@ -160,10 +165,11 @@ pub fn write_human(info: &Info, w: &mut dyn Write) -> std::io::Result<()> {
     writeln!(w, "writable top (depth 0): {}", info.top.file)?;
     writeln!(
         w,
-        "  stored blocks: {} ({}), data file: {}, journal: {}",
+        "  stored blocks: {} ({}), data file: {} ({} allocated), journal: {}",
         info.top.stored_blocks,
         human_size(info.top.stored_blocks * bs),
         human_size(info.top.file_bytes),
+        human_size(info.top.allocated_bytes),
         human_size(info.top.journal_bytes)
     )?;
     writeln!(w, "flattened map extents: {}", info.map_extents)

@@ -165,6 +165,9 @@ impl Storage for Hooked {
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.dev.set_len(len)
     }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.dev.punch_hole(offset, len)
+    }
     fn sync(&self) -> io::Result<()> {
         let thread = std::thread::current();
         self.hook.capture(&format!("before {} sync (thread {})", self.name, thread.name().unwrap_or("-")));
