@@ -430,15 +430,7 @@ impl Disk {
         }
         self.check_range(offset, data.len() as u64)?;
         let below = |vblock: u64, buf: &mut [u8]| self.stack.read_block(vblock, 0, buf);
-        let mut done = 0usize;
-        while done < data.len() {
-            let pos = offset + done as u64;
-            let (vblock, within) = (pos / self.bs, (pos % self.bs) as usize);
-            let n = (self.bs as usize - within).min(data.len() - done);
-            self.top.write(vblock, within, &data[done..done + n], &below)?;
-            done += n;
-        }
-        Ok(())
+        self.top.write(offset / self.bs, (offset % self.bs) as usize, data, &below)
     }
 
     /// Makes `[offset, offset+len)` read as zeros. Whole blocks become markers (no data is

@@ -129,6 +129,9 @@ struct Alloc {
     freed_pending: Vec<u64>,
     /// Mapping changes not yet taken by a flush round, in order.
     pending: Vec<IndexEntry>,
+    /// Virtual blocks `[start, end)` that writes have allocated and are filling, not yet
+    /// mapped: other writes and markers on them wait (on `TopLayer::filled`).
+    filling: Vec<(u64, u64)>,
 }
 
 /// Flush rounds (group commit). One round at a time makes the data file durable and appends
@@ -196,6 +199,8 @@ pub struct TopLayer {
     follow: Option<Mutex<Follow>>,
     map: RwLock<ExtentMap>,
     alloc: Mutex<Alloc>,
+    /// Signalled when a write's reserved blocks are mapped (or given back).
+    filled: Condvar,
     rounds: Mutex<Rounds>,
     round_ended: Condvar,
     /// Set after every write to the data file, cleared by a round just before it syncs the data
@@ -395,7 +400,14 @@ impl TopLayer {
             read_only,
             follow,
             map: RwLock::new(map),
-            alloc: Mutex::new(Alloc { next_pblock, free, freed_pending: Vec::new(), pending: Vec::new() }),
+            alloc: Mutex::new(Alloc {
+                next_pblock,
+                free,
+                freed_pending: Vec::new(),
+                pending: Vec::new(),
+                filling: Vec::new(),
+            }),
+            filled: Condvar::new(),
             rounds: Mutex::new(Rounds {
                 started: 0,
                 done: 0,
@@ -614,9 +626,15 @@ impl TopLayer {
         Ok(len == seen.len && self.tail_unchanged(&f, &jpath)?)
     }
 
-    /// Writes `data` at `offset` within virtual block `vblock` (not past its end). A block the
-    /// top already stores is written in place; otherwise a new block is allocated and filled
-    /// from `below` (what the block reads as under the top) before `data` is laid over it.
+    /// Writes `data` at `offset` bytes into virtual block `vblock`; it may run on over the
+    /// following blocks. Blocks the top already stores are written in place, consecutive ones
+    /// that lie consecutively in the data file with one write. The others are allocated, as
+    /// one contiguous run of physical blocks where the free list does not offer blocks, and
+    /// filled: a block the data covers whole straight from `data` (consecutive ones with one
+    /// write, no copy), a partly covered one from `below` (what the block reads as under the
+    /// top) with `data` laid over it. The allocator lock is held only to pick the blocks and,
+    /// after they are written, to map them: the copy-up and the data writes run without it,
+    /// the blocks reserved meanwhile so that another write or marker on them waits.
     pub fn write(
         &self,
         vblock: u64,
@@ -627,52 +645,146 @@ impl TopLayer {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        debug_assert!(offset + data.len() <= self.bs as usize);
-        if self.write_in_place(vblock, offset, data)? {
+        if data.is_empty() {
             return Ok(());
         }
-        let mut a = lock(&self.alloc);
-        // Another writer may have allocated the block while we waited.
-        if self.write_in_place(vblock, offset, data)? {
-            return Ok(());
+        let w = Span { first: vblock, offset, data, bs: self.bs as usize };
+        let last = w.last();
+        let mut b = vblock;
+        while b <= last {
+            b += match self.write_in_place(&w, b, last)? {
+                0 => self.write_new(&w, b, last, below)?,
+                n => n,
+            };
         }
-        let mut block = vec![0u8; self.bs as usize];
-        let covered = offset == 0 && data.len() == block.len();
-        let hidden = self.map_read().get(vblock).is_some(); // zero or discarded in the top
-        if !covered && !hidden {
-            below(vblock, &mut block)?;
-        }
-        block[offset..offset + data.len()].copy_from_slice(data);
-        let pblock = match a.free.pop() {
-            Some(p) => p,
-            None => {
-                a.next_pblock += 1;
-                a.next_pblock - 1
-            }
-        };
-        if let Err(e) = self.data.write_at(&block, HEADER_SIZE as u64 + pblock * self.bs) {
-            // The block is unreferenced: give it back. The map is unchanged.
-            a.free.push(pblock);
-            return Err(Error::io("write", &self.path)(e));
-        }
-        // Before the entry is pending: a round that takes the entry also syncs its data.
-        self.data_dirty.store(true, Ordering::SeqCst);
-        self.map_write().insert(vblock, vblock + 1, Loc { layer: TOP, kind: ExtentKind::Data, pblock });
-        push_entry(&mut a.pending, IndexEntry { vblock, count: 1, kind: ExtentKind::Data, pblock });
         Ok(())
     }
 
-    fn write_in_place(&self, vblock: u64, offset: usize, data: &[u8]) -> Result<bool> {
+    /// Writes the blocks from `b` on (up to `last`) that the top stores, as long as they lie
+    /// consecutively in the data file, in one write. Returns how many; 0 if it does not store
+    /// `b`. The map lock is held during the write, so the blocks cannot be freed under it.
+    fn write_in_place(&self, w: &Span, b: u64, last: u64) -> Result<u64> {
         let map = self.map_read();
-        match map.get(vblock) {
-            Some(e) if e.loc.kind == ExtentKind::Data => {
-                let pos = HEADER_SIZE as u64 + e.loc.pblock * self.bs + offset as u64;
-                self.data.write_at(data, pos).map_err(Error::io("write", &self.path))?;
-                self.data_dirty.store(true, Ordering::SeqCst);
-                Ok(true)
-            }
-            _ => Ok(false),
+        let Some(e) = map.get(b).filter(|e| e.loc.kind == ExtentKind::Data) else { return Ok(0) };
+        let end = e.end.min(last + 1);
+        let (bytes, within) = w.bytes(b, end);
+        let pos = HEADER_SIZE as u64 + e.loc.pblock * self.bs + within as u64;
+        self.data.write_at(bytes, pos).map_err(Error::io("write", &self.path))?;
+        self.data_dirty.store(true, Ordering::SeqCst);
+        Ok(end - b)
+    }
+
+    /// Allocates and fills the blocks from `b` on (up to `last`) that the top does not store.
+    /// Returns how many it wrote: 0 if `b` turned out to be stored by then (the caller writes
+    /// it in place).
+    fn write_new(
+        &self,
+        w: &Span,
+        b: u64,
+        last: u64,
+        below: &dyn Fn(u64, &mut [u8]) -> Result<()>,
+    ) -> Result<u64> {
+        let mut a = lock(&self.alloc);
+        // Wait for other writes filling these blocks: the first of them decides which physical
+        // block holds each.
+        while a.filling.iter().any(|&(s, e)| s <= last && b < e) {
+            a = self.filled.wait(a).unwrap_or_else(|p| p.into_inner());
         }
+        // Which of the blocks are still not stored, and which the top hides (zero or
+        // discarded there: no copy-up from below).
+        let (end, hidden) = {
+            let map = self.map_read();
+            let mut hidden = Vec::new();
+            let mut v = b;
+            while v <= last {
+                match map.get(v) {
+                    Some(e) if e.loc.kind == ExtentKind::Data => break,
+                    Some(e) => {
+                        let to = e.end.min(last + 1);
+                        hidden.push((v, to));
+                        v = to;
+                    }
+                    None => v = map.next_mapped(v).map_or(last + 1, |n| n.min(last + 1)),
+                }
+            }
+            (v, hidden)
+        };
+        if end == b {
+            return Ok(0);
+        }
+        let n = end - b;
+        // Free blocks first (ascending, so that runs freed together come back contiguous),
+        // then a contiguous run at the end of the data file.
+        let mut pblocks: Vec<u64> = Vec::with_capacity(n as usize);
+        while (pblocks.len() as u64) < n
+            && let Some(p) = a.free.pop()
+        {
+            pblocks.push(p);
+        }
+        pblocks.sort_unstable();
+        let fresh = n - pblocks.len() as u64;
+        pblocks.extend(a.next_pblock..a.next_pblock + fresh);
+        a.next_pblock += fresh;
+        a.filling.push((b, end));
+        drop(a);
+
+        let result = self.fill(w, b, &pblocks, &hidden, below);
+        let mut a = lock(&self.alloc);
+        a.filling.retain(|&r| r != (b, end));
+        self.filled.notify_all();
+        if let Err(e) = result {
+            // The blocks are unreferenced: give them back. The map is unchanged.
+            a.free.extend(pblocks);
+            return Err(e);
+        }
+        // Before the entries are pending: a round that takes them also syncs their data.
+        self.data_dirty.store(true, Ordering::SeqCst);
+        let mut map = self.map_write();
+        for (v, p, count) in runs(b, &pblocks) {
+            map.insert(v, v + count, Loc { layer: TOP, kind: ExtentKind::Data, pblock: p });
+            push_entry(&mut a.pending, IndexEntry { vblock: v, count, kind: ExtentKind::Data, pblock: p });
+        }
+        Ok(n)
+    }
+
+    /// Writes new blocks `b..` into the physical blocks `pblocks` (one each): whole ones
+    /// straight from the span's data, each run that is consecutive in the file in one write;
+    /// a partly covered one (only the span's first or last can be) copied up first.
+    fn fill(
+        &self,
+        w: &Span,
+        b: u64,
+        pblocks: &[u64],
+        hidden: &[(u64, u64)],
+        below: &dyn Fn(u64, &mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        let pos = |v: u64| HEADER_SIZE as u64 + pblocks[(v - b) as usize] * self.bs;
+        let copy_up = |v: u64| -> Result<()> {
+            let mut block = vec![0u8; self.bs as usize];
+            if !hidden.iter().any(|&(s, e)| s <= v && v < e) {
+                below(v, &mut block)?;
+            }
+            let (bytes, within) = w.bytes(v, v + 1);
+            block[within..within + bytes.len()].copy_from_slice(bytes);
+            self.data.write_at(&block, pos(v)).map_err(Error::io("write", &self.path))
+        };
+        let (mut whole_start, mut whole_end) = (b, b + pblocks.len() as u64);
+        if !w.covers(whole_start) {
+            copy_up(whole_start)?;
+            whole_start += 1;
+        }
+        if whole_end > whole_start && !w.covers(whole_end - 1) {
+            copy_up(whole_end - 1)?;
+            whole_end -= 1;
+        }
+        for (v, _, count) in runs(b, pblocks) {
+            let (s, e) = (v.max(whole_start), (v + count).min(whole_end));
+            if s < e {
+                let (bytes, _) = w.bytes(s, e);
+                self.data.write_at(bytes, pos(s)).map_err(Error::io("write", &self.path))?;
+            }
+        }
+        Ok(())
     }
 
     /// Marks whole blocks `[start, end)` as zero or discarded; blocks they held are freed.
@@ -682,6 +794,10 @@ impl TopLayer {
         }
         debug_assert_ne!(kind, ExtentKind::Data);
         let mut a = lock(&self.alloc);
+        // A write filling some of these blocks goes first, as if it had completed before.
+        while a.filling.iter().any(|&(s, e)| s < end && start < e) {
+            a = self.filled.wait(a).unwrap_or_else(|p| p.into_inner());
+        }
         let mut map = self.map_write();
         for e in map.overlapping(start, end) {
             if e.loc.kind == ExtentKind::Data {
@@ -942,6 +1058,49 @@ fn punch_blocks(data: &dyn Storage, bs: u64, path: &Path, blocks: &[u64]) {
 }
 
 /// Appends a mapping change, merging it into the previous one where they continue each other.
+/// A write's data laid over the virtual blocks it touches: it starts `offset` bytes into
+/// block `first`.
+struct Span<'a> {
+    first: u64,
+    offset: usize,
+    data: &'a [u8],
+    bs: usize,
+}
+
+impl Span<'_> {
+    /// The last block the (non-empty) data touches.
+    fn last(&self) -> u64 {
+        self.first + ((self.offset + self.data.len() - 1) / self.bs) as u64
+    }
+
+    /// The data that falls in blocks `[from, to)`, and where in block `from` it starts.
+    fn bytes(&self, from: u64, to: u64) -> (&[u8], usize) {
+        let (lo, hi) = ((from - self.first) as usize * self.bs, (to - self.first) as usize * self.bs);
+        let start = lo.max(self.offset);
+        let end = hi.min(self.offset + self.data.len());
+        (&self.data[start - self.offset..end - self.offset], start - lo)
+    }
+
+    /// Whether the data covers block `v` whole.
+    fn covers(&self, v: u64) -> bool {
+        let lo = (v - self.first) as usize * self.bs;
+        lo >= self.offset && lo + self.bs <= self.offset + self.data.len()
+    }
+}
+
+/// Virtual blocks `b..` placed in `pblocks` (one each) as runs: (first virtual block, first
+/// physical block, count), each consecutive in both.
+fn runs(b: u64, pblocks: &[u64]) -> Vec<(u64, u64, u64)> {
+    let mut out: Vec<(u64, u64, u64)> = Vec::new();
+    for (i, &p) in pblocks.iter().enumerate() {
+        match out.last_mut() {
+            Some((_, p0, n)) if *p0 + *n == p => *n += 1,
+            _ => out.push((b + i as u64, p, 1)),
+        }
+    }
+    out
+}
+
 fn push_entry(list: &mut Vec<IndexEntry>, e: IndexEntry) {
     if let Some(last) = list.last_mut()
         && last.kind == e.kind

@@ -197,18 +197,10 @@ pub enum Step {
     Marker { start: u64, end: u64, kind: ExtentKind },
 }
 
-/// Splits a byte-range write into per-block steps.
+/// A byte-range write as one step (the top splits it over the blocks it touches).
 pub fn write_steps(off: u64, data: &[u8]) -> Vec<Step> {
-    let mut out = Vec::new();
-    let mut done = 0usize;
-    while done < data.len() {
-        let pos = off + done as u64;
-        let (vb, within) = (pos / BS as u64, (pos % BS as u64) as usize);
-        let n = (BS - within).min(data.len() - done);
-        out.push(Step::Write { vb, within, data: data[done..done + n].to_vec() });
-        done += n;
-    }
-    out
+    let (vb, within) = (off / BS as u64, (off % BS as u64) as usize);
+    vec![Step::Write { vb, within, data: data.to_vec() }]
 }
 
 /// Splits zeroing `[off, off+len)` of a disk of `size` bytes into steps, as `Disk::write_zeroes`.
@@ -291,13 +283,25 @@ impl Model {
     pub fn apply(&mut self, top: &TopLayer, step: &Step) -> Result<()> {
         match step {
             Step::Write { vb, within, data } => {
-                let in_top = matches!(top.lookup(*vb), Ok(e) if e.loc.kind == ExtentKind::Data);
+                // The blocks the write touches, and the piece of `data` for each.
+                let mut pieces = Vec::new();
+                let (mut at, mut done) = (*within, 0usize);
+                while done < data.len() {
+                    let n = (BS - at).min(data.len() - done);
+                    pieces.push((*vb + pieces.len() as u64, at, &data[done..done + n]));
+                    (at, done) = (0, done + n);
+                }
+                let all_in_top = pieces
+                    .iter()
+                    .all(|&(b, _, _)| matches!(top.lookup(b), Ok(e) if e.loc.kind == ExtentKind::Data));
                 top.write(*vb, *within, data, &below)?;
-                self.map_dirty |= !in_top;
+                self.map_dirty |= !all_in_top;
                 self.data_dirty = true;
-                let b = &mut self.cur[*vb as usize];
-                b[*within..*within + data.len()].copy_from_slice(data);
-                self.hist[*vb as usize].push(b.clone());
+                for (b, at, piece) in pieces {
+                    let block = &mut self.cur[b as usize];
+                    block[at..at + piece.len()].copy_from_slice(piece);
+                    self.hist[b as usize].push(block.clone());
+                }
             }
             Step::Marker { start, end, kind } => {
                 top.set_marker(*start, *end, *kind)?;

@@ -143,7 +143,15 @@ enum Next {
 /// A request read by a worker.
 struct Job {
     req: Request,
-    payload: Vec<u8>,
+}
+
+/// The first `len` bytes of `buf`, grown to that length if shorter (only the growth is zeroed;
+/// what earlier requests left there stays until overwritten).
+fn grown(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    &mut buf[..len]
 }
 
 /// State shared by the reader and the workers of one connection.
@@ -266,7 +274,7 @@ impl<S: Transport> Conn<'_, S> {
                 if self.ended.load(Ordering::SeqCst) || self.broken.load(Ordering::SeqCst) {
                     return self.retire();
                 }
-                match self.read_request(&mut *r, !first) {
+                match self.read_request(&mut *r, !first, &mut buf) {
                     Ok(Next::Job(job)) => job,
                     Ok(Next::Idle) => return self.retire(),
                     Ok(Next::End) => {
@@ -351,7 +359,9 @@ impl<S: Transport> Conn<'_, S> {
     /// Reads the next request to run. Requests that can be refused without the export are
     /// answered here. `End` when the client disconnects (or sends DISC); `Idle` (only if
     /// `may_idle`) when no request began within the read timeout.
-    fn read_request<R: Read>(&self, r: &mut R, may_idle: bool) -> Result<Next, ConnError> {
+    /// A write's payload is read into `buf` (the worker's buffer, reused from request to
+    /// request: no allocation or zeroing per write).
+    fn read_request<R: Read>(&self, r: &mut R, may_idle: bool, buf: &mut Vec<u8>) -> Result<Next, ConnError> {
         loop {
             let mut hdr = [0u8; REQUEST_HEADER_LEN];
             match fill(r, &mut hdr, may_idle)? {
@@ -373,17 +383,17 @@ impl<S: Transport> Conn<'_, S> {
                 self.send_error(&req, e);
                 continue;
             }
-            let mut payload = Vec::new();
             if req.command == Command::Write {
-                payload = vec![0u8; req.length as usize];
-                if fill(r, &mut payload, false)? != Filled::Full {
+                let payload = grown(buf, req.length as usize);
+                if fill(r, payload, false)? != Filled::Full {
                     return Err(ConnError::Io(io::ErrorKind::UnexpectedEof.into()));
                 }
             }
-            return Ok(Next::Job(Job { req, payload }));
+            return Ok(Next::Job(Job { req }));
         }
     }
 
+    /// Runs `job`; a write's payload is the start of `buf` (see `read_request`).
     fn execute(&self, job: &Job, buf: &mut Vec<u8>) {
         let req = &job.req;
         let e = self.export;
@@ -392,7 +402,7 @@ impl<S: Transport> Conn<'_, S> {
         let result = match req.command {
             Command::Read => return self.read(req, buf),
             Command::BlockStatus => return self.block_status(req),
-            Command::Write => e.write(req.offset, &job.payload, fua).map(|()| {
+            Command::Write => e.write(req.offset, &buf[..req.length as usize], fua).map(|()| {
                 self.stats.bytes_written.fetch_add(len, Ordering::Relaxed);
             }),
             Command::Flush => e.flush(),
@@ -429,12 +439,8 @@ impl<S: Transport> Conn<'_, S> {
             }
         }
         // `read` fills all of `buf` or fails (and then none of it is sent), so what an earlier
-        // read of this worker left there needs no zeroing first.
-        if buf.len() < len {
-            buf.resize(len, 0);
-        } else {
-            buf.truncate(len);
-        }
+        // request of this worker left there needs no zeroing first.
+        let buf = grown(buf, len);
         if let Err(err) = self.export.read(req.offset, buf) {
             return self.send_io_error(req, &err);
         }
