@@ -584,7 +584,10 @@ fn main() {
             let mut buf = vec![0u8; SEQ_CHUNK];
             let _ = seq_reads(&disk, &b.layout, 0..disk.size().div_ceil(SEQ_CHUNK as u64), &mut buf); // verify all
             let files = if a.breakdown {
-                (0..b.depth).map(|l| std::fs::File::open(&disk.layer(l).path).expect("open layer")).collect()
+                {
+                    let stack = disk.stack();
+                    (0..b.depth).map(|l| std::fs::File::open(&stack.layers()[l].path).expect("open layer")).collect()
+                }
             } else {
                 Vec::new()
             };

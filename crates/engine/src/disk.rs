@@ -9,17 +9,18 @@
 
 use std::fs::{self, File, OpenOptions as FsOpen};
 use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
-use mcow_format::{Digest, DiskManifest, ExtentKind, chain_digest};
+use mcow_format::{Digest, DiskManifest, ExtentKind, chain_digest, frozen_placeholder};
 
 use crate::context::Engine;
 use crate::error::{Error, Result};
 use crate::extent_map::{Loc, TOP};
 use crate::fetch::{BlockSource, FetchPolicy};
-use crate::stack::Stack;
+use crate::stack::{Stack, next_chain};
 use crate::storage::{FileStorage, Storage};
-use crate::store::{LayerStore, OpenLayer, write_atomic};
+use crate::store::{LayerStore, write_atomic};
 use crate::top::{Debris, JournalFiles, TopLayer, journal_path, journal_temp_path};
 
 /// Name of the manifest inside a disk directory.
@@ -99,6 +100,7 @@ impl Segment {
 /// The segments of a disk range, in order (see [`Disk::segments`]).
 pub struct Segments<'a> {
     disk: &'a Disk,
+    view: Arc<View>,
     pos: u64,
     end: u64,
 }
@@ -119,7 +121,7 @@ impl Iterator for Segments<'_> {
         }
         let bs = self.disk.bs;
         let (vblock, within) = (self.pos / bs, self.pos % bs);
-        let (loc, run_end) = self.disk.resolve(vblock, self.end.div_ceil(bs));
+        let (loc, run_end) = self.view.resolve(vblock, self.end.div_ceil(bs));
         let len = (run_end * bs).min(self.end) - self.pos;
         let holder = match loc {
             None => Holder::Hole { layer: None },
@@ -150,13 +152,107 @@ pub struct FetchRest {
 /// An open disk.
 pub struct Disk {
     dir: PathBuf,
-    manifest: DiskManifest,
     store: LayerStore,
-    stack: Arc<Stack>,
-    top: TopLayer,
+    /// What the disk is made of now; replaced whole by a snapshot and when a frozen top has
+    /// been sealed. Every operation works on the view it loaded when it began.
+    view: RwLock<Arc<View>>,
     size: u64,
     bs: u64,
-    read_only: bool,
+    opts: OpenOptions,
+    /// Held by a snapshot and by the sealing of a frozen top: one change of the view at a time.
+    changing: Mutex<()>,
+}
+
+/// A disk's parts at one moment: its manifest, the stack of sealed layers, the tops that
+/// snapshots froze and that are not sealed yet, and the writable top. Reads consult the top,
+/// then the frozen tops newest first, then the stack.
+pub struct View {
+    /// The manifest as last written.
+    pub manifest: DiskManifest,
+    /// The sealed layers.
+    pub stack: Arc<Stack>,
+    /// Frozen tops, oldest first (as in the manifest).
+    pub frozen: Vec<Arc<TopLayer>>,
+    /// The writable top.
+    pub top: Arc<TopLayer>,
+}
+
+impl View {
+    /// The top and the frozen tops, in the order reads consult them.
+    fn tops(&self) -> impl Iterator<Item = &Arc<TopLayer>> {
+        std::iter::once(&self.top).chain(self.frozen.iter().rev())
+    }
+
+    /// Where block `vblock` lives and where that run ends (looking no further than `limit`):
+    /// the top's map first, then each frozen top's (none but while a snapshot is sealed), then
+    /// the stack's per-block table. Two lookups, whatever the depth.
+    fn resolve(&self, vblock: u64, limit: u64) -> (Option<Loc>, u64) {
+        let mut limit = limit;
+        for top in self.tops() {
+            match top.lookup(vblock) {
+                Ok(e) => return (Some(e.loc), e.end.min(limit)),
+                Err(next) => limit = next.unwrap_or(limit).min(limit),
+            }
+        }
+        self.stack.lookup(vblock, limit)
+    }
+
+    /// Reads from the top (or frozen top) that holds `vblock` as data. False if none does any
+    /// more (the caller resolves again).
+    fn read_top(&self, vblock: u64, within: u64, out: &mut [u8]) -> Result<bool> {
+        for top in self.tops() {
+            match top.lookup(vblock) {
+                Ok(e) if e.loc.kind == ExtentKind::Data => return top.read_data(vblock, within, out),
+                Ok(_) => return Ok(false),
+                Err(_) => {}
+            }
+        }
+        Ok(false)
+    }
+
+    /// What block `vblock` reads as under the writable top (for a copy-up).
+    fn read_below_top(&self, vblock: u64, buf: &mut [u8]) -> Result<()> {
+        'again: loop {
+            for top in self.frozen.iter().rev() {
+                match top.lookup(vblock) {
+                    Ok(e) if e.loc.kind == ExtentKind::Data => {
+                        if top.read_data(vblock, 0, buf)? {
+                            return Ok(());
+                        }
+                        continue 'again; // a write still in flight to it moved the block
+                    }
+                    Ok(_) => {
+                        buf.fill(0);
+                        return Ok(());
+                    }
+                    Err(_) => {}
+                }
+            }
+            return self.stack.read_block(vblock, 0, buf);
+        }
+    }
+
+    /// The parent a top above all of this view's tops records (FORMAT.md, "Parents of
+    /// unsealed tops").
+    fn parent_above_top(&self) -> Digest {
+        next_chain(&self.top.header.parent, &frozen_placeholder(&self.top.header.instance))
+    }
+}
+
+/// What [`Disk::snapshot`] did.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The frozen top (a file name in the disk directory), to be sealed by
+    /// [`Disk::seal_frozen`].
+    pub frozen: String,
+    /// The new writable top.
+    pub top: String,
+    /// How long the call took (creating the new top and writing the manifest); writes go on
+    /// meanwhile, to the old top, until the switch.
+    pub took: Duration,
+    /// How long the switch to the new top held the view locked (writes that began then waited
+    /// that long at most).
+    pub switch: Duration,
 }
 
 /// Parameters of a new disk.
@@ -233,47 +329,63 @@ impl Disk {
         let stack =
             Stack::open(&store, &manifest.layers, manifest.virtual_size, manifest.block_size, opts.verify)?;
         let top_name = manifest.top.clone().ok_or_else(|| Error::NoTop { dir: dir.to_path_buf() })?;
-        let top = open_top(&dir.join(&top_name), opts)?;
+        // The frozen tops, oldest first, then the top; each checked against the parent the tops
+        // below it give it.
+        let mut expected = manifest.top_base.unwrap_or_else(|| stack.chain());
+        let mut frozen = Vec::with_capacity(manifest.frozen.len());
+        for name in manifest.frozen.iter().chain(std::iter::once(&top_name)) {
+            let top = open_top(&dir.join(name), opts)?;
+            if top.header.parent != expected {
+                return Err(Error::WrongParent {
+                    path: top.path().to_path_buf(),
+                    recorded: top.header.parent,
+                    actual: expected,
+                });
+            }
+            if top.header.block_size != manifest.block_size || top.header.virtual_size != manifest.virtual_size
+            {
+                return Err(Error::Mismatch {
+                    path: top.path().to_path_buf(),
+                    what: "block or virtual size",
+                    found: top.header.virtual_size,
+                    expected: manifest.virtual_size,
+                });
+            }
+            expected = next_chain(&top.header.parent, &frozen_placeholder(&top.header.instance));
+            frozen.push(Arc::new(top));
+        }
+        let top = frozen.pop().expect("the top was opened");
         if !opts.read_only {
-            // The top is locked: no seal or commit is under way here; what they left is debris.
+            // The top is locked: no seal, commit or snapshot is under way here; what they left
+            // is debris.
             for p in leftovers(dir, &manifest) {
                 if fs::remove_file(&p).is_ok() {
-                    tracing::info!(path = %p.display(), "removed a file left by an interrupted seal or commit");
+                    tracing::info!(path = %p.display(), "removed a file left by an interrupted seal, commit or snapshot");
                 }
             }
-        }
-        if top.header.parent != stack.chain() {
-            return Err(Error::WrongParent {
-                path: top.path().to_path_buf(),
-                recorded: top.header.parent,
-                actual: stack.chain(),
-            });
-        }
-        if top.header.block_size != manifest.block_size || top.header.virtual_size != manifest.virtual_size {
-            return Err(Error::Mismatch {
-                path: top.path().to_path_buf(),
-                what: "block or virtual size",
-                found: top.header.virtual_size,
-                expected: manifest.virtual_size,
-            });
         }
         Ok(Disk {
             dir: dir.to_path_buf(),
             size: manifest.virtual_size,
             bs: u64::from(manifest.block_size),
-            manifest,
+            view: RwLock::new(Arc::new(View { manifest, stack: Arc::new(stack), frozen, top })),
             store,
-            stack: Arc::new(stack),
-            top,
-            read_only: opts.read_only,
+            opts,
+            changing: Mutex::new(()),
         })
+    }
+
+    /// The disk's parts as they are now (see [`View`]).
+    pub fn view(&self) -> Arc<View> {
+        self.view.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
-    pub fn manifest(&self) -> &DiskManifest {
-        &self.manifest
+    /// The manifest as last written.
+    pub fn manifest(&self) -> DiskManifest {
+        self.view().manifest.clone()
     }
     pub fn store(&self) -> &LayerStore {
         &self.store
@@ -282,11 +394,17 @@ impl Disk {
     pub fn engine(&self) -> &Engine {
         self.store.engine()
     }
-    pub fn stack(&self) -> &Arc<Stack> {
-        &self.stack
+    /// The sealed layers.
+    pub fn stack(&self) -> Arc<Stack> {
+        self.view().stack.clone()
     }
-    pub fn top(&self) -> &TopLayer {
-        &self.top
+    /// The writable top.
+    pub fn top(&self) -> Arc<TopLayer> {
+        self.view().top.clone()
+    }
+    /// How many tops snapshots froze that are not sealed yet.
+    pub fn frozen_tops(&self) -> usize {
+        self.view().frozen.len()
     }
     pub fn size(&self) -> u64 {
         self.size
@@ -295,18 +413,18 @@ impl Disk {
         self.bs as u32
     }
     pub fn is_read_only(&self) -> bool {
-        self.read_only
+        self.opts.read_only
     }
 
     /// What the top's open found beyond its last flush (see [`Debris`]).
     pub fn debris(&self) -> Debris {
-        self.top.debris()
+        self.view().top.debris()
     }
 
     /// Corruption of the top's journal that a read-only open found (see
     /// [`TopLayer::corruption`]); a writable open fails instead.
     pub fn journal_corruption(&self) -> Option<Error> {
-        self.top.corruption()
+        self.view().tops().find_map(|t| t.corruption())
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
@@ -317,12 +435,10 @@ impl Disk {
     }
 
     /// Where block `vblock` lives and where that run ends (looking no further than `limit`):
-    /// the top's map first, then the stack's per-block table. Two lookups, whatever the depth.
+    /// the top's map first, then the stack's per-block table. Two lookups, whatever the depth
+    /// (and one more for each frozen top while a snapshot is sealed).
     pub fn resolve(&self, vblock: u64, limit: u64) -> (Option<Loc>, u64) {
-        match self.top.lookup(vblock) {
-            Ok(e) => (Some(e.loc), e.end.min(limit)),
-            Err(next_top) => self.stack.lookup(vblock, next_top.unwrap_or(limit).min(limit)),
-        }
+        self.view().resolve(vblock, limit)
     }
 
     /// The pieces of `[offset, offset+len)` and what holds each, in order: the top's map first,
@@ -330,9 +446,12 @@ impl Disk {
     /// the range reaches past the end of the disk.
     pub fn segments(&self, offset: u64, len: u64) -> Result<Segments<'_>> {
         self.check_range(offset, len)?;
+        let view = self.view();
         // A force-share open first applies what a writer beside it has flushed since.
-        self.top.refresh()?;
-        Ok(Segments { disk: self, pos: offset, end: offset + len })
+        for top in view.tops() {
+            top.refresh()?;
+        }
+        Ok(Segments { disk: self, view, pos: offset, end: offset + len })
     }
 
     /// Before the first piece of a read that partial layers must fetch: fetches that piece and
@@ -342,9 +461,10 @@ impl Disk {
     /// each piece ready again in order and reports what still fails.
     fn fetch_pieces_at_once(&self, from: u64, end: u64) {
         let Ok(segments) = self.segments(from, end - from) else { return };
+        let stack = segments.view.stack.clone();
         let todo: Vec<(Segment, Loc)> = segments
             .filter_map(|s| match s.holder {
-                Holder::Layer(l) if self.stack.may_fetch(s.vblock, l, s.within, s.len) => Some((s, l)),
+                Holder::Layer(l) if stack.may_fetch(s.vblock, l, s.within, s.len) => Some((s, l)),
                 _ => None,
             })
             .collect();
@@ -352,7 +472,7 @@ impl Disk {
             return;
         }
         let ready = |(s, l): &(Segment, Loc)| {
-            let _ = self.stack.ready_run(s.vblock, *l, s.within, s.len);
+            let _ = stack.ready_run(s.vblock, *l, s.within, s.len);
         };
         std::thread::scope(|scope| {
             for piece in &todo[1..] {
@@ -366,21 +486,22 @@ impl Disk {
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let end = offset + buf.len() as u64;
         let mut segments = self.segments(offset, buf.len() as u64)?;
+        let view = segments.view.clone();
         let mut fetched_at_once = false;
         while let Some(s) = segments.next() {
             let out = &mut buf[(s.offset - offset) as usize..][..s.len as usize];
             match s.holder {
                 Holder::Top => {
-                    if !self.top.read_data(s.vblock, s.within, out)? {
+                    if !view.read_top(s.vblock, s.within, out)? {
                         segments.again(&s); // the top changed under us: resolve again
                     }
                 }
                 Holder::Layer(l) => {
-                    if !fetched_at_once && self.stack.may_fetch(s.vblock, l, s.within, s.len) {
+                    if !fetched_at_once && view.stack.may_fetch(s.vblock, l, s.within, s.len) {
                         fetched_at_once = true;
                         self.fetch_pieces_at_once(s.offset, end);
                     }
-                    self.stack.read_run(s.vblock, l, s.within, out)?
+                    view.stack.read_run(s.vblock, l, s.within, out)?
                 }
                 Holder::Zero { .. } | Holder::Hole { .. } => out.fill(0),
             }
@@ -394,17 +515,19 @@ impl Disk {
     /// top, a layer that is not mapped); [`Disk::read`] then does.
     pub fn read_mapped(&self, offset: u64, len: usize, send: &mut dyn FnMut(&[&[u8]])) -> Result<bool> {
         static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        let segments = self.segments(offset, len as u64)?;
+        let view = segments.view.clone();
         let mut parts: Vec<&[u8]> = Vec::new();
         let mut fetched_at_once = false;
-        for s in self.segments(offset, len as u64)? {
+        for s in segments {
             match s.holder {
                 Holder::Top => return Ok(false),
                 Holder::Layer(l) => {
-                    if !fetched_at_once && self.stack.may_fetch(s.vblock, l, s.within, s.len) {
+                    if !fetched_at_once && view.stack.may_fetch(s.vblock, l, s.within, s.len) {
                         fetched_at_once = true;
                         self.fetch_pieces_at_once(s.offset, offset + len as u64);
                     }
-                    match self.stack.mapped_run(s.vblock, l, s.within, s.len as usize)? {
+                    match view.stack.mapped_run(s.vblock, l, s.within, s.len as usize)? {
                         Some(slice) => parts.push(slice),
                         None => return Ok(false),
                     }
@@ -425,19 +548,20 @@ impl Disk {
 
     /// Writes `data` at `offset`. The first write to a block copies it up into the top.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        if self.read_only {
+        if self.opts.read_only {
             return Err(Error::ReadOnly);
         }
         self.check_range(offset, data.len() as u64)?;
-        let below = |vblock: u64, buf: &mut [u8]| self.stack.read_block(vblock, 0, buf);
-        self.top.write(offset / self.bs, (offset % self.bs) as usize, data, &below)
+        let view = self.view();
+        let below = |vblock: u64, buf: &mut [u8]| view.read_below_top(vblock, buf);
+        view.top.write(offset / self.bs, (offset % self.bs) as usize, data, &below)
     }
 
     /// Makes `[offset, offset+len)` read as zeros. Whole blocks become markers (no data is
     /// stored): `Discarded` (a hole) if `may_trim`, else `Zero`; partial blocks at the edges
     /// are written with zeros.
     pub fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> Result<()> {
-        if self.read_only {
+        if self.opts.read_only {
             return Err(Error::ReadOnly);
         }
         self.check_range(offset, len)?;
@@ -455,7 +579,7 @@ impl Disk {
         let tail_start = (last_whole * self.bs).min(self.size);
         self.write_zero_bytes(offset, head_end - offset)?;
         let kind = if may_trim { ExtentKind::Discarded } else { ExtentKind::Zero };
-        self.top.set_marker(first_whole, last_whole, kind)?;
+        self.view().top.set_marker(first_whole, last_whole, kind)?;
         self.write_zero_bytes(tail_start, end.max(tail_start) - tail_start)
     }
 
@@ -478,7 +602,8 @@ impl Disk {
     /// Best effort: what fails is fetched when it is read.
     pub fn prefetch_runs(&self, runs: &[(u64, u64)]) -> Result<()> {
         let blocks = self.size.div_ceil(self.bs);
-        let mut per_layer: Vec<Vec<(u64, u64)>> = vec![Vec::new(); self.stack.layers().len()];
+        let stack = self.stack();
+        let mut per_layer: Vec<Vec<(u64, u64)>> = vec![Vec::new(); stack.layers().len()];
         for &(vblock, count) in runs {
             let at = |b: u64| (b.min(blocks) * self.bs).min(self.size);
             let (start, end) = (at(vblock), at(vblock.saturating_add(count)));
@@ -488,7 +613,7 @@ impl Disk {
                 }
             }
         }
-        for (layer, runs) in self.stack.layers().iter().zip(&per_layer) {
+        for (layer, runs) in stack.layers().iter().zip(&per_layer) {
             if !runs.is_empty() && layer.is_partial() {
                 layer.fetch_runs(runs)?;
             }
@@ -504,7 +629,8 @@ impl Disk {
     pub fn fetch_rest(&self, stop: &std::sync::atomic::AtomicBool) -> FetchRest {
         use std::sync::atomic::Ordering;
         let mut done = FetchRest::default();
-        for layer in self.stack.layers().iter().filter(|l| l.is_partial()) {
+        let stack = self.stack();
+        for layer in stack.layers().iter().filter(|l| l.is_partial()) {
             if let Err(e) = layer.fetch_all(stop) {
                 tracing::warn!(layer = %layer.digest, error = %e, "background download failed");
                 done.failed += 1;
@@ -532,9 +658,114 @@ impl Disk {
         done
     }
 
-    /// Makes every completed write durable.
+    /// Freezes the writable top and starts a new, empty one above it, without copying anything
+    /// (FORMAT.md, "Snapshots of a running disk"): the new top is created and the manifest
+    /// written while writes go on to the old top, then the disk switches to the new top at
+    /// once. Writes completed before the switch are in the frozen top, which
+    /// [`Disk::seal_frozen`] then seals into a layer; reads see the same disk throughout.
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        if self.opts.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let started = Instant::now();
+        let _changing = lock(&self.changing);
+        let view = self.view();
+        let old = view.manifest.top.clone().ok_or_else(|| Error::NoTop { dir: self.dir.clone() })?;
+        let new = next_top_name(&old);
+        let path = self.dir.join(&new);
+        // On failure nothing of the new top may stay behind, unless the new manifest names it
+        // (the rename went through and only the directory sync failed).
+        let undo = |e: Error| {
+            if read_manifest(&self.dir).ok().and_then(|m| m.top).as_deref() != Some(new.as_str()) {
+                remove_top_files(&path);
+                let _ = fs::remove_file(self.dir.join(MANIFEST_FILE).with_extension("tmp"));
+            }
+            e
+        };
+        create_top(&self.dir, &new, view.manifest.block_size, self.size, view.parent_above_top())
+            .map_err(undo)?;
+        let top = open_top(&path, self.opts).map_err(undo)?;
+        let mut manifest = view.manifest.clone();
+        manifest.frozen.push(old.clone());
+        manifest.top = Some(new.clone());
+        write_atomic(&self.dir.join(MANIFEST_FILE), manifest.to_json().as_bytes()).map_err(undo)?;
+        let mut frozen = view.frozen.clone();
+        frozen.push(view.top.clone());
+        let next = Arc::new(View { manifest, stack: view.stack.clone(), frozen, top: Arc::new(top) });
+        let switch_started = Instant::now();
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) = next;
+        let switch = switch_started.elapsed();
+        tracing::info!(disk = %self.dir.display(), frozen = %old, top = %new, ?switch, "snapshot: top frozen");
+        Ok(Snapshot { frozen: old, top: new, took: started.elapsed(), switch })
+    }
+
+    /// Seals the oldest frozen top into a layer on top of the stack, exactly as `seal` would
+    /// seal it, and returns the layer's digest (None if no top is frozen): waits for writes
+    /// still running on it to end, flushes it, writes the layer, opens the longer stack, writes
+    /// the manifest (step 3 in FORMAT.md, "Snapshots of a running disk"), switches the disk to
+    /// it and removes the frozen top's files. Reads and writes go on meanwhile.
+    pub fn seal_frozen(&self, progress: crate::ops::Progress) -> Result<Option<Digest>> {
+        if self.opts.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let _changing = lock(&self.changing);
+        let view = self.view();
+        let Some(frozen) = view.frozen.first().cloned() else { return Ok(None) };
+        let name = view.manifest.frozen[0].clone();
+        // It is held by the view and here; any other holder is an older view that an operation
+        // began with, and a write among them may still land in it. They end soon (a copy-up
+        // waits at most for a fetch).
+        while Arc::strong_count(&frozen) > 2 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        frozen.flush()?;
+        let layers = view.manifest.layers.clone();
+        let mut map = crate::extent_map::ExtentMap::new();
+        for e in frozen.extents() {
+            map.insert(e.start, e.end, e.loc);
+        }
+        let read = |vblock: u64, _: Loc, buf: &mut [u8]| -> Result<()> {
+            if frozen.read_data(vblock, 0, buf)? {
+                return Ok(());
+            }
+            Err(Error::Invalid("a frozen top changed while it was sealed".into()))
+        };
+        let parent = chain_digest(&layers);
+        let digest =
+            crate::ops::write_layer(&self.store, &view.manifest, &map, parent, layers.is_empty(), &read, progress)?;
+        let mut manifest = view.manifest.clone();
+        manifest.layers.push(digest);
+        manifest.frozen.remove(0);
+        manifest.top_base = Some(next_chain(&frozen.header.parent, &frozen_placeholder(&frozen.header.instance)));
+        let stack = Stack::open(
+            &self.store,
+            &manifest.layers,
+            manifest.virtual_size,
+            manifest.block_size,
+            self.opts.verify,
+        )?;
+        write_atomic(&self.dir.join(MANIFEST_FILE), manifest.to_json().as_bytes())?;
+        let next = Arc::new(View {
+            manifest,
+            stack: Arc::new(stack),
+            frozen: view.frozen[1..].to_vec(),
+            top: view.top.clone(),
+        });
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) = next;
+        drop(view);
+        remove_top_files(&self.dir.join(&name));
+        tracing::info!(disk = %self.dir.display(), frozen = %name, layer = %digest, "snapshot: frozen top sealed");
+        Ok(Some(digest))
+    }
+
+    /// Makes every completed write durable (in the top, and in frozen tops not sealed yet:
+    /// writes may have completed there just before a snapshot).
     pub fn flush(&self) -> Result<()> {
-        self.top.flush()
+        let view = self.view();
+        for top in &view.frozen {
+            top.flush()?;
+        }
+        view.top.flush()
     }
 
     /// The runs covering `[offset, offset+len)`, neighbours from the same layer and of the same
@@ -556,17 +787,17 @@ impl Disk {
         Ok(runs)
     }
 
-    /// The sealed layer `i` (from the bottom).
-    pub fn layer(&self, i: usize) -> &OpenLayer {
-        &self.stack.layers()[i]
-    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Closing a writable disk flushes it, as closing an image in QEMU does; errors are logged.
 impl Drop for Disk {
     fn drop(&mut self) {
-        if !self.read_only
-            && let Err(e) = self.top.flush()
+        if !self.opts.read_only
+            && let Err(e) = self.flush()
         {
             tracing::error!(disk = %self.dir.display(), error = %e, "flush on close failed");
         }
@@ -598,6 +829,9 @@ pub(crate) fn replace_stack(
     let mut manifest = manifest.clone();
     manifest.layers = layers;
     manifest.top = Some(new_top.clone());
+    // The new top is on the new layers: no snapshot's placeholder is left in its parent.
+    manifest.top_base = None;
+    debug_assert!(manifest.frozen.is_empty(), "frozen tops are sealed before a merge");
     write_atomic(&dir.join(MANIFEST_FILE), manifest.to_json().as_bytes()).map_err(undo)?;
     drop(old_top);
     remove_top_files(&dir.join(&old));
@@ -616,14 +850,14 @@ fn remove_top_files(path: &Path) {
 /// be running on the disk.
 pub fn leftovers(dir: &Path, manifest: &DiskManifest) -> Vec<PathBuf> {
     let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
-    let named = manifest.top.as_deref().unwrap_or("");
+    let named: Vec<&str> = manifest.top.iter().chain(&manifest.frozen).map(String::as_str).collect();
     let mut out: Vec<PathBuf> = entries
         .filter_map(|e| e.ok())
         .filter(|e| {
             let name = e.file_name();
             let name = name.to_string_lossy();
             let top = name.strip_suffix(".journal").unwrap_or(&name);
-            name == "disk.tmp" || (top.starts_with("top-") && top.ends_with(".mcow") && top != named)
+            name == "disk.tmp" || (top.starts_with("top-") && top.ends_with(".mcow") && !named.contains(&top))
         })
         .map(|e| e.path())
         .collect();

@@ -44,14 +44,26 @@ pub fn merge_with_source(
     source: Option<(std::sync::Arc<dyn crate::fetch::BlockSource>, crate::fetch::FetchPolicy)>,
     progress: Progress,
 ) -> Result<Digest> {
-    let manifest = crate::disk::read_manifest(dir)?;
+    let mut manifest = crate::disk::read_manifest(dir)?;
+    if !manifest.frozen.is_empty() {
+        // Tops a snapshot froze are sealed first, in order, as a server would have.
+        let disk = match &source {
+            Some((source, policy)) => Disk::open_with_source(dir, OpenOptions::default(), source.clone(), *policy)?,
+            None => Disk::open(dir, OpenOptions::default())?,
+        };
+        while disk.seal_frozen(&mut |_, _| {})?.is_some() {}
+        drop(disk);
+        manifest = crate::disk::read_manifest(dir)?;
+    }
     let mut store = LayerStore::new(crate::disk::resolve_store(dir, &manifest));
     if let Some((source, policy)) = source {
         store = store.with_source(source, policy);
     }
     let top_name = manifest.top.clone().ok_or_else(|| Error::NoTop { dir: dir.to_path_buf() })?;
     let top = crate::disk::open_top(&dir.join(top_name), OpenOptions::default())?;
-    let chain = chain_digest(&manifest.layers);
+    // The top's parent: the chain digest of the layers, unless a snapshot's frozen top was
+    // sealed under it since (FORMAT.md, "Parents of unsealed tops").
+    let chain = manifest.top_base.unwrap_or_else(|| chain_digest(&manifest.layers));
     if top.header.parent != chain {
         return Err(Error::WrongParent {
             path: top.path().to_path_buf(),
@@ -107,7 +119,7 @@ pub fn merge_with_source(
 /// Writes the runs of `map` as a new sealed layer into `store`, reading data through `read`.
 /// On an empty base, zero and discarded runs hide nothing and are left out; all-zero blocks are
 /// never stored.
-fn write_layer(
+pub(crate) fn write_layer(
     store: &LayerStore,
     manifest: &mcow_format::DiskManifest,
     map: &ExtentMap,

@@ -306,7 +306,8 @@ fn lazy_reads_of_a_compressed_layer_fetch_its_frames_once_and_complete_it() {
     let second = disk_on(&root, "disk2", &layer);
     let a = Disk::open_with_source_in(&engine, &dir, OpenOptions::default(), src.clone(), EXACT).unwrap();
     let b = Disk::open_with_source_in(&engine, &second, OpenOptions::default(), src.clone(), EXACT).unwrap();
-    let (la, lb) = (&a.stack().layers()[0], &b.stack().layers()[0]);
+    let (sa, sb) = (a.stack(), b.stack());
+    let (la, lb) = (&sa.layers()[0], &sb.layers()[0]);
     assert!(Arc::ptr_eq(la.partial().unwrap(), lb.partial().unwrap()), "the disks do not share the layer");
     assert!(common::read_all(&a) == layer.disk && common::read_all(&b) == layer.disk);
     assert_eq!(src.served(), frame_bytes, "a restart or a second disk fetched again");

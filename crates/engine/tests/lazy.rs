@@ -83,7 +83,7 @@ fn build_partial(dir: &Path, complete: &Path) -> PathBuf {
             .add_partial(&l.digest, len, &bytes[..HEADER_SIZE], &bytes[tail_at..], &t.index_digest, None)
             .unwrap();
     }
-    disk_like(src.manifest(), &dir.join("b/disk"), &dir.join("b/layers"))
+    disk_like(&src.manifest(), &dir.join("b/disk"), &dir.join("b/layers"))
 }
 
 /// A second disk, `dir/b/disk2`, on the same (partial) layers as `first`, in the same store.
@@ -286,7 +286,8 @@ fn a_partial_layer_without_a_source_is_a_clear_error_and_bad_tails_are_refused()
     // A tail whose index does not match the pinned digest is refused.
     let src =
         Disk::open(&complete, OpenOptions { read_only: true, verify: true, force_share: true }).unwrap();
-    let l = &src.stack().layers()[0];
+    let stack = src.stack();
+    let l = &stack.layers()[0];
     let bytes = std::fs::read(&l.path).unwrap();
     let t = Trailer::decode(&bytes[bytes.len() - TRAILER_SIZE..]).unwrap();
     let tail_at = t.index_offset(l.header.block_size) as usize;

@@ -85,7 +85,8 @@ fn import_with_parent_stores_only_differences_and_exports_identically() {
     ops::import_raw(&v2_raw, &opts(&v2, Some(&base)), &mut |_, _| {}).unwrap();
     let d = Disk::open(&v2, OpenOptions::default()).unwrap();
     assert_eq!(d.stack().depth(), 2);
-    let top_layer = &d.stack().layers()[1];
+    let stack = d.stack();
+    let top_layer = &stack.layers()[1];
     assert_eq!(top_layer.trailer.block_count, 1, "only the changed block is stored");
     let out = tmp.path().join("out.raw");
     ops::export_raw(&d, &out, &mut |_, _| {}).unwrap();

@@ -35,7 +35,7 @@ pub use journal::{
     JOURNAL_HEADER_SIZE, JOURNAL_VERSION, JournalBatch, JournalHeader, batch_encoded_len, decode_batch,
     encode_batch, find_whole_batch,
 };
-pub use manifest::{DiskManifest, MANIFEST_FORMAT, MANIFEST_VERSION};
+pub use manifest::{DiskManifest, MANIFEST_FORMAT, MANIFEST_VERSION, frozen_placeholder};
 pub use trailer::{TRAILER_SIZE, Trailer};
 
 /// The layer format version this crate writes. It also reads version 1, whose only difference

@@ -28,6 +28,23 @@ pub struct DiskManifest {
     /// File name of the writable top inside the disk directory (its journal is `<top>.journal`);
     /// `None` for a read-only stack with no top.
     pub top: Option<String>,
+    /// Tops frozen by snapshots and not sealed yet, oldest first: they lie between `layers` and
+    /// `top` (FORMAT.md, "Snapshots of a running disk"). Written only when not empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frozen: Vec<String>,
+    /// The parent the lowest unsealed top records, where it is not the chain digest of
+    /// `layers` (a frozen top below it was sealed since). Written only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_base: Option<Digest>,
+}
+
+/// What a top above frozen top `F` counts `F` as in its parent: `sha256("mcow-frozen-top" ||
+/// instance(F))`. Its parent is then `sha256(parent(F) || placeholder(F))`.
+pub fn frozen_placeholder(instance: &[u8; 16]) -> Digest {
+    let mut buf = Vec::with_capacity(31);
+    buf.extend_from_slice(b"mcow-frozen-top");
+    buf.extend_from_slice(instance);
+    Digest::of(&buf)
 }
 
 impl DiskManifest {
@@ -46,6 +63,8 @@ impl DiskManifest {
             store,
             layers,
             top,
+            frozen: Vec::new(),
+            top_base: None,
         }
     }
 
@@ -69,10 +88,13 @@ impl DiskManifest {
         }
         header::check_block_size(m.block_size)?;
         header::check_virtual_size(m.virtual_size)?;
-        if let Some(top) = &m.top
-            && (top.is_empty() || top.contains('/') || top.starts_with('.'))
-        {
-            return Err(FormatError::Manifest(format!("top {top:?} must be a plain file name")));
+        for top in m.top.iter().chain(&m.frozen) {
+            if top.is_empty() || top.contains('/') || top.starts_with('.') {
+                return Err(FormatError::Manifest(format!("top {top:?} must be a plain file name")));
+            }
+        }
+        if !m.frozen.is_empty() && m.top.is_none() {
+            return Err(FormatError::Manifest("frozen tops without a top".into()));
         }
         Ok(m)
     }
@@ -92,6 +114,12 @@ mod tests {
             Some("top-1.mcow".into()),
         );
         assert_eq!(DiskManifest::from_json(m.to_json().as_bytes()).unwrap(), m);
+        // The snapshot fields are left out unless used, so older readers still read the rest.
+        assert!(!m.to_json().contains("frozen") && !m.to_json().contains("top_base"));
+        let mut s = m.clone();
+        s.frozen = vec!["top-1.mcow".into()];
+        s.top_base = Some(Digest::of(b"b"));
+        assert_eq!(DiskManifest::from_json(s.to_json().as_bytes()).unwrap(), s);
     }
 
     #[test]
@@ -105,6 +133,9 @@ mod tests {
         assert!(DiskManifest::from_json(bad.to_json().as_bytes()).is_err());
         let mut bad = good.clone();
         bad.block_size = 1000;
+        assert!(DiskManifest::from_json(bad.to_json().as_bytes()).is_err());
+        let mut bad = good.clone();
+        bad.frozen = vec!["../t".into()];
         assert!(DiskManifest::from_json(bad.to_json().as_bytes()).is_err());
         assert!(DiskManifest::from_json(b"{").is_err());
         assert!(DiskManifest::from_json(br#"{"format":"mcow-disk"}"#).is_err());

@@ -88,7 +88,8 @@ pub fn run(a: ImportArgs, g: Global) -> Result<ExitCode> {
     drop(converted); // removes the temporary raw file
 
     let disk = open_read_only(&a.disk, false)?;
-    let layer = disk.layer(disk.stack().depth() - 1);
+    let stack = disk.stack();
+    let layer = &stack.layers()[stack.depth() - 1];
     let blocks = layer.trailer.block_count;
     let bytes = blocks * u64::from(disk.block_size());
     println!("{digest}");
