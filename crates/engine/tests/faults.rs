@@ -2,7 +2,8 @@
 //! workload) and failed syncs (`fail_next_sync`, at every flush), on the data file and on the
 //! journal. At each failure the test asserts:
 //! - the failing call returns the device's error (ENOSPC or EIO), and the live top still reads
-//!   exactly as the model says (the failed step changed nothing, everything before it is there);
+//!   exactly as the model says (everything before the failed step is there; each block the
+//!   failed step touches reads as before or as written, see `Model::apply`);
 //! - crash images taken at that moment open and satisfy the crash rule (`common/simtop.rs`);
 //! - after `heal()` a flush succeeds, and a crash right after it (every unsynced write lost)
 //!   reopens to exactly the model;
@@ -79,7 +80,7 @@ fn run(ops: &[Option<Vec<Step>>], fault: Fault, flush_right_after_heal: bool) ->
         let want = if matches!(fault, Fault::WritesAfter { .. }) { 28 } else { 5 };
         assert_eq!(errno, Some(want), "{fault:?} op {i}: the device's error is passed on");
         let label = format!("{fault:?} failed at op {i}");
-        // The failed step changed nothing; everything before it reads back.
+        // Everything before the failed step reads back; its own blocks as the model recorded.
         assert!(read_blocks(top, model.blocks()).unwrap() == model.cur, "{label}: live content");
         // A crash now is consistent.
         st.hook.enabled.store(true, std::sync::atomic::Ordering::Relaxed);

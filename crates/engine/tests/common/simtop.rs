@@ -294,14 +294,29 @@ impl Model {
                 let all_in_top = pieces
                     .iter()
                     .all(|&(b, _, _)| matches!(top.lookup(b), Ok(e) if e.loc.kind == ExtentKind::Data));
-                top.write(*vb, *within, data, &below)?;
+                let written = top.write(*vb, *within, data, &below);
                 self.map_dirty |= !all_in_top;
                 self.data_dirty = true;
                 for (b, at, piece) in pieces {
-                    let block = &mut self.cur[b as usize];
-                    block[at..at + piece.len()].copy_from_slice(piece);
-                    self.hist[b as usize].push(block.clone());
+                    let mut new = self.cur[b as usize].clone();
+                    new[at..at + piece.len()].copy_from_slice(piece);
+                    if written.is_err() {
+                        // A failed write leaves each block it touches as it was or as written
+                        // (never a mix of blocks, never another block's data); which one is
+                        // what the model follows from here.
+                        let live = read_block(top, b).expect("read after a failed write");
+                        assert!(
+                            live == self.cur[b as usize] || live == new,
+                            "block {b} after a failed write is neither its old nor its new content"
+                        );
+                        if live == self.cur[b as usize] {
+                            continue;
+                        }
+                    }
+                    self.cur[b as usize] = new.clone();
+                    self.hist[b as usize].push(new);
                 }
+                written?;
             }
             Step::Marker { start, end, kind } => {
                 top.set_marker(*start, *end, *kind)?;
