@@ -116,6 +116,23 @@ pub fn probe_format(path: &Path) -> Result<String> {
     }
 }
 
+/// The virtual size of the image `path` of format `format`, from `qemu-img info`.
+pub fn virtual_size(path: &Path, format: &str) -> Result<u64> {
+    let what = format!("reading the size of {}", path.display());
+    let args = [
+        OsStr::new("info"),
+        OsStr::new("--output=json"),
+        OsStr::new("-f"),
+        OsStr::new(format),
+        path.as_os_str(),
+    ];
+    let v: serde_json::Value =
+        serde_json::from_slice(&run(&args, &what)?).context("parsing the output of qemu-img info")?;
+    v.get("virtual-size")
+        .and_then(serde_json::Value::as_u64)
+        .with_context(|| format!("{what}: qemu-img info reported no virtual size"))
+}
+
 /// Recognizes common image formats by their magic numbers.
 fn sniff_magic(path: &Path) -> Result<Option<&'static str>> {
     let mut head = [0u8; 512];

@@ -77,17 +77,16 @@ pub fn run(a: ExportArgs, g: Global) -> Result<ExitCode> {
                 .with_context(|| format!("exporting disk {} to {}", a.disk.display(), a.out.display()))?;
         }
         ExportFormat::Qcow2 => {
-            // One display for both steps: the raw export is its first half, qemu-img's
-            // conversion (its own -p progress, read back) the second.
+            // One display for both steps, over the disk's size: the raw export is its first
+            // half, qemu-img's conversion (its own -p progress, read back) the second.
             let raw = TempFile::new_in(&dir, &file_stem(&a.out), "export");
-            ops::export_raw(&disk, raw.path(), &mut |d, t| progress.update(d, t.saturating_mul(2)))
-                .with_context(|| {
-                    format!("exporting disk {} to {}", a.disk.display(), raw.path().display())
-                })?;
+            ops::export_raw(&disk, raw.path(), &mut |d, t| progress.update(d / 2, t)).with_context(|| {
+                format!("exporting disk {} to {}", a.disk.display(), raw.path().display())
+            })?;
             drop(disk);
             let mut report = |d: u64, t: u64| {
-                let half = (u128::from(size) * u128::from(d) / u128::from(t.max(1))) as u64;
-                progress.update(size + half, size.saturating_mul(2));
+                let converted = (u128::from(size) * u128::from(d) / u128::from(t.max(1))) as u64;
+                progress.update(size / 2 + converted / 2, size);
             };
             let shown = Progress::shown(g).then_some(&mut report as &mut dyn FnMut(u64, u64));
             qemu::convert(raw.path().as_os_str(), Some("raw"), part.path(), "qcow2", shown)?;

@@ -31,11 +31,11 @@ use crate::size::parse_size_u32;
     that image holds itself (`qemu-img map` of the image opened without its backing file): its \
     data, and its zero clusters as zero markers that hide what the images below hold there \
     (on the bottom layer they hide nothing and are left out). Each qcow2 image is converted \
-    alone to a temporary raw file beside DISK, one at a time, removed afterwards. A block the image holds only in part \
-    (clusters or subclusters smaller than the block size) is stored whole. The images must be \
-    qcow2 (the bottom one may be raw) and of one virtual size; a missing backing file, another \
-    format or another size is refused before anything is written. Prints the layers' digests, \
-    bottom first.")]
+    alone to a temporary raw file beside DISK, one at a time, removed afterwards. A block the \
+    image holds only in part (clusters or subclusters smaller than the block size) is stored \
+    whole. The images must be qcow2 (the bottom one may be raw) and of one virtual size; a \
+    missing backing file, another format or another size is refused before anything is \
+    written. Prints the layers' digests, bottom first.")]
 pub struct ImportArgs {
     /// The image file to import.
     pub src: PathBuf,
@@ -78,8 +78,9 @@ pub fn run(a: ImportArgs, g: Global) -> Result<ExitCode> {
         let parent = parent_dir(&a.disk)?;
         std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
         let tmp = TempFile::new_in(&parent, &file_stem(&a.disk), "import");
+        let size = if Progress::shown(g) { qemu::virtual_size(&a.src, &format)? } else { 0 };
         let mut progress = Progress::new(g, &format!("converting from {format}"));
-        let mut report = |d: u64, t: u64| progress.update(d, t);
+        let mut report = |d: u64, t: u64| progress.update(scale(size, d, t), size);
         let shown = Progress::shown(g).then_some(&mut report as &mut dyn FnMut(u64, u64));
         qemu::convert(a.src.as_os_str(), Some(&format), tmp.path(), "raw", shown)?;
         progress.finish();
@@ -197,7 +198,7 @@ fn import_chain(
             std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
             let tmp = TempFile::new_in(parent, &file_stem(&a.disk), "import");
             let mut progress = Progress::new(g, &format!("converting {}/{n}", k + 1));
-            let mut report = |d: u64, t: u64| progress.update(d, t);
+            let mut report = |d: u64, t: u64| progress.update(scale(size, d, t), size);
             let shown = Progress::shown(g).then_some(&mut report as &mut dyn FnMut(u64, u64));
             qemu::convert(&qemu::alone(m)?, None, tmp.path(), "raw", shown).with_context(what)?;
             progress.finish();
@@ -209,4 +210,9 @@ fn import_chain(
         progress.finish();
     }
     import.finish(&a.disk).with_context(|| format!("creating disk {}", a.disk.display()))
+}
+
+/// `done` of `total` (qemu-img's progress) as a share of `size` bytes.
+fn scale(size: u64, done: u64, total: u64) -> u64 {
+    (u128::from(size) * u128::from(done) / u128::from(total.max(1))) as u64
 }
