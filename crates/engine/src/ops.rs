@@ -520,7 +520,11 @@ pub fn layer_content(disk: &Disk, layer: LayerId) -> Result<LayerContent<'_>> {
                 })
                 .collect()
         }
-        LayerId::Top => disk.top().extents(),
+        LayerId::Top => {
+            // A force-share reader first catches up with the writer's flushed batches.
+            disk.top().refresh()?;
+            disk.top().extents()
+        }
     };
     Ok(LayerContent { disk, layer, runs })
 }
