@@ -12,6 +12,7 @@ mod commands;
 mod output;
 mod paths;
 mod progress;
+mod qcow2;
 mod qemu;
 mod serve;
 mod size;
