@@ -1,4 +1,5 @@
-//! Whole-disk operations: seal, commit, flatten (one merge mechanism), import, export, check.
+//! Whole-disk operations: seal, commit, flatten (one merge mechanism, [`merge`]; [`seal`] is
+//! its common case), import, export, check.
 //!
 //! Owns: turning ranges of a disk into new sealed layers, reading raw images in and writing
 //! them out, and the full consistency check. Does not own: the read/write path (see `disk`) or
@@ -25,8 +26,17 @@ pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 /// Reads virtual block `vblock`, found at a location, into a whole-block buffer.
 type BlockReader<'a> = dyn Fn(u64, Loc, &mut [u8]) -> Result<()> + 'a;
 
+/// Seals the disk at `dir`: its writable top becomes a new sealed layer on top of its stack,
+/// and the disk gets a fresh, empty top. Returns the new layer's digest. The disk must not be
+/// open (the seal takes the top's lock); other disks may be created on the new layer
+/// ([`CreateOptions::layers`]). This is [`merge`] of no sealed layers, so it costs the size of
+/// the top, whatever the depth of the stack.
+pub fn seal(dir: &Path, progress: Progress) -> Result<Digest> {
+    merge(dir, 0, progress)
+}
+
 /// Merges the writable top and the `n` topmost sealed layers of the disk at `dir` into one new
-/// sealed layer, which replaces them; the disk gets a fresh, empty top. `n = 0` is `seal`,
+/// sealed layer, which replaces them; the disk gets a fresh, empty top. `n = 0` is [`seal`],
 /// `n = depth` is `flatten`. Returns the new layer's digest.
 ///
 /// Only the top and the `n` merged layers are opened: sealing on a stack of any depth costs
@@ -157,14 +167,23 @@ pub fn is_zero(buf: &[u8]) -> bool {
 }
 
 /// Where an import's new disk goes and what it sits on.
+#[derive(Debug, Clone)]
 pub struct ImportOptions<'a> {
     /// The new disk's directory.
     pub dir: &'a Path,
     /// Layer store for the new layer (ignored with a parent: the parent's store is used).
     pub store: PathBuf,
+    /// The new disk's block size (ignored with a parent: the parent's is used).
     pub block_size: u32,
     /// Store only the blocks that differ from this disk's sealed layers.
     pub parent: Option<&'a Path>,
+}
+
+impl<'a> ImportOptions<'a> {
+    /// A new disk at `dir`, its layer in `store`, with the default block size and no parent.
+    pub fn new(dir: &'a Path, store: impl Into<PathBuf>) -> ImportOptions<'a> {
+        ImportOptions { dir, store: store.into(), block_size: crate::disk::DEFAULT_BLOCK_SIZE, parent: None }
+    }
 }
 
 /// Imports a raw image file as a new sealed layer and creates a disk at `opts.dir` on it.
@@ -287,9 +306,13 @@ pub fn export_raw(disk: &Disk, out: &Path, progress: Progress) -> Result<()> {
 /// What `check` found. Errors mean corruption; debris is harmless leftovers of a crash.
 #[derive(Debug, Default)]
 pub struct CheckReport {
+    /// Corruption found, one message each.
     pub errors: Vec<String>,
+    /// Leftovers of a crash found (harmless), one message each.
     pub debris: Vec<String>,
+    /// Sealed layers of the stack checked (complete or partial).
     pub layers_checked: usize,
+    /// Blocks checked against their hashes.
     pub blocks_checked: u64,
     /// Layers found only as partial (lazily fetched) copies, bottom first.
     pub partial: Vec<PartialLayerCheck>,
@@ -299,6 +322,7 @@ pub struct CheckReport {
 /// blocks; blocks not yet fetched are not errors.
 #[derive(Debug, Clone)]
 pub struct PartialLayerCheck {
+    /// The layer.
     pub digest: Digest,
     /// Stored blocks present locally and matching their hashes.
     pub blocks_local: u64,
@@ -495,25 +519,37 @@ fn check_partial_layer(
 /// Summary of a disk, for `info`.
 #[derive(Debug, Clone)]
 pub struct DiskInfo {
+    /// The disk's size in bytes.
     pub virtual_size: u64,
+    /// Its block size in bytes.
     pub block_size: u32,
+    /// The chain digest of its sealed layers.
     pub chain: Digest,
+    /// Its sealed layers, bottom first.
     pub layers: Vec<LayerInfo>,
+    /// Blocks stored in the writable top.
     pub top_stored_blocks: u64,
-    /// The top's data file: apparent size, and the space it takes (`st_blocks` x 512; less
-    /// where freed blocks were punched out).
+    /// The top's data file: apparent size.
     pub top_file_bytes: u64,
+    /// The space the top's data file takes (`st_blocks` x 512; less where freed blocks were
+    /// punched out).
     pub top_allocated_bytes: u64,
+    /// The top's journal's size.
     pub top_journal_bytes: u64,
+    /// Runs in the stack's flattened map.
     pub map_extents: usize,
 }
 
 /// One sealed layer, for `info`.
 #[derive(Debug, Clone)]
 pub struct LayerInfo {
+    /// The layer.
     pub digest: Digest,
+    /// Its file's length.
     pub file_bytes: u64,
+    /// The blocks it stores.
     pub stored_blocks: u64,
+    /// The entries of its extent index.
     pub extents: u64,
     /// True for a partial (lazily fetched) copy.
     pub partial: bool,
