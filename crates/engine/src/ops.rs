@@ -1,5 +1,5 @@
-//! Whole-disk operations: seal, commit, flatten (one merge mechanism), import (of one image or
-//! of a chain of images), export, check.
+//! Whole-disk operations: seal, commit, flatten (one merge mechanism, [`merge`]; [`seal`] is
+//! its common case), import (of one image or of a chain of images), export, check.
 //!
 //! Owns: turning ranges of a disk into new sealed layers, reading raw images in and writing
 //! them out, and the full consistency check. Does not own: the read/write path (see `disk`) or
@@ -26,8 +26,17 @@ pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 /// Reads virtual block `vblock`, found at a location, into a whole-block buffer.
 type BlockReader<'a> = dyn Fn(u64, Loc, &mut [u8]) -> Result<()> + 'a;
 
+/// Seals the disk at `dir`: its writable top becomes a new sealed layer on top of its stack,
+/// and the disk gets a fresh, empty top. Returns the new layer's digest. The disk must not be
+/// open (the seal takes the top's lock); other disks may be created on the new layer
+/// ([`CreateOptions::layers`]). This is [`merge`] of no sealed layers, so it costs the size of
+/// the top, whatever the depth of the stack.
+pub fn seal(dir: &Path, progress: Progress) -> Result<Digest> {
+    merge(dir, 0, progress)
+}
+
 /// Merges the writable top and the `n` topmost sealed layers of the disk at `dir` into one new
-/// sealed layer, which replaces them; the disk gets a fresh, empty top. `n = 0` is `seal`,
+/// sealed layer, which replaces them; the disk gets a fresh, empty top. `n = 0` is [`seal`],
 /// `n = depth` is `flatten`. Returns the new layer's digest.
 ///
 /// Only the top and the `n` merged layers are opened: sealing on a stack of any depth costs
@@ -158,14 +167,23 @@ pub fn is_zero(buf: &[u8]) -> bool {
 }
 
 /// Where an import's new disk goes and what it sits on.
+#[derive(Debug, Clone)]
 pub struct ImportOptions<'a> {
     /// The new disk's directory.
     pub dir: &'a Path,
     /// Layer store for the new layer (ignored with a parent: the parent's store is used).
     pub store: PathBuf,
+    /// The new disk's block size (ignored with a parent: the parent's is used).
     pub block_size: u32,
     /// Store only the blocks that differ from this disk's sealed layers.
     pub parent: Option<&'a Path>,
+}
+
+impl<'a> ImportOptions<'a> {
+    /// A new disk at `dir`, its layer in `store`, with the default block size and no parent.
+    pub fn new(dir: &'a Path, store: impl Into<PathBuf>) -> ImportOptions<'a> {
+        ImportOptions { dir, store: store.into(), block_size: crate::disk::DEFAULT_BLOCK_SIZE, parent: None }
+    }
 }
 
 /// Imports a raw image file as a new sealed layer and creates a disk at `opts.dir` on it.
@@ -253,8 +271,11 @@ pub fn import_raw(src: &Path, opts: &ImportOptions, progress: Progress) -> Resul
 /// image does not hold fall through to the image below.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeldRange {
+    /// Where the range starts, in bytes.
     pub offset: u64,
+    /// Its length in bytes.
     pub length: u64,
+    /// Zeros recorded, rather than data stored.
     pub zero: bool,
 }
 
@@ -477,7 +498,9 @@ pub fn export_raw(disk: &Disk, out: &Path, progress: Progress) -> Result<()> {
 /// One layer of a disk: a sealed layer (index from the bottom) or the writable top.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerId {
+    /// The sealed layer with this index, from the bottom.
     Sealed(usize),
+    /// The writable top.
     Top,
 }
 
@@ -487,6 +510,7 @@ pub enum LayerId {
 pub struct LayerContent<'a> {
     disk: &'a Disk,
     layer: LayerId,
+    /// The layer's runs, in order.
     pub runs: Vec<crate::extent_map::Extent>,
 }
 
@@ -532,9 +556,13 @@ pub fn layer_content(disk: &Disk, layer: LayerId) -> Result<LayerContent<'_>> {
 /// What `check` found. Errors mean corruption; debris is harmless leftovers of a crash.
 #[derive(Debug, Default)]
 pub struct CheckReport {
+    /// Corruption found, one message each.
     pub errors: Vec<String>,
+    /// Leftovers of a crash found (harmless), one message each.
     pub debris: Vec<String>,
+    /// Sealed layers of the stack checked (complete or partial).
     pub layers_checked: usize,
+    /// Blocks checked against their hashes.
     pub blocks_checked: u64,
     /// Layers found only as partial (lazily fetched) copies, bottom first.
     pub partial: Vec<PartialLayerCheck>,
@@ -544,6 +572,7 @@ pub struct CheckReport {
 /// blocks; blocks not yet fetched are not errors.
 #[derive(Debug, Clone)]
 pub struct PartialLayerCheck {
+    /// The layer.
     pub digest: Digest,
     /// Stored blocks present locally and matching their hashes.
     pub blocks_local: u64,
@@ -740,25 +769,37 @@ fn check_partial_layer(
 /// Summary of a disk, for `info`.
 #[derive(Debug, Clone)]
 pub struct DiskInfo {
+    /// The disk's size in bytes.
     pub virtual_size: u64,
+    /// Its block size in bytes.
     pub block_size: u32,
+    /// The chain digest of its sealed layers.
     pub chain: Digest,
+    /// Its sealed layers, bottom first.
     pub layers: Vec<LayerInfo>,
+    /// Blocks stored in the writable top.
     pub top_stored_blocks: u64,
-    /// The top's data file: apparent size, and the space it takes (`st_blocks` x 512; less
-    /// where freed blocks were punched out).
+    /// The top's data file: apparent size.
     pub top_file_bytes: u64,
+    /// The space the top's data file takes (`st_blocks` x 512; less where freed blocks were
+    /// punched out).
     pub top_allocated_bytes: u64,
+    /// The top's journal's size.
     pub top_journal_bytes: u64,
+    /// Runs in the stack's flattened map.
     pub map_extents: usize,
 }
 
 /// One sealed layer, for `info`.
 #[derive(Debug, Clone)]
 pub struct LayerInfo {
+    /// The layer.
     pub digest: Digest,
+    /// Its file's length.
     pub file_bytes: u64,
+    /// The blocks it stores.
     pub stored_blocks: u64,
+    /// The entries of its extent index.
     pub extents: u64,
     /// True for a partial (lazily fetched) copy.
     pub partial: bool,

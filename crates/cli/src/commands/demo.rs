@@ -117,8 +117,7 @@ impl Builder<'_> {
         let d = self.disk.take().expect("disk is open");
         d.flush().context("flushing")?;
         drop(d);
-        let digest =
-            ops::merge(dir, 0, &mut |_, _| {}).with_context(|| format!("sealing {}", dir.display()))?;
+        let digest = ops::seal(dir, &mut |_, _| {}).with_context(|| format!("sealing {}", dir.display()))?;
         self.disk = Some(open(dir)?);
         Ok(digest)
     }

@@ -1,5 +1,5 @@
 //! `mcow seal`, `mcow commit`, `mcow flatten`: merging the top and sealed layers into one new
-//! sealed layer (`ops::merge`).
+//! sealed layer (`ops::seal`, `ops::merge`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -76,8 +76,13 @@ fn merge(dir: &Path, n: usize, g: Global, label: &str, what: &str) -> Result<Exi
         _ => None,
     };
     let mut progress = Progress::new(g, label);
-    let digest = ops::merge_with_source(dir, n, source, &mut |d, t| progress.update(d, t))
-        .with_context(|| format!("{what} disk {}", dir.display()))?;
+    let mut update = |d, t| progress.update(d, t);
+    let digest = if n == 0 {
+        ops::seal(dir, &mut update)
+    } else {
+        ops::merge_with_source(dir, n, source, &mut update)
+    }
+    .with_context(|| format!("{what} disk {}", dir.display()))?;
     progress.finish();
     println!("{digest}");
     Ok(ExitCode::SUCCESS)

@@ -58,6 +58,10 @@ fn parse_reference(text: &str) -> Result<Reference> {
     the remote already holds it (layers are named by content, so images sharing a base share its \
     blob), then the image config and manifest, tagged. Prints the manifest digest and what was \
     uploaded.\n\n\
+    To an oci:// registry, a blob that another repository of the same registry holds is mounted \
+    from there (a cross-repository mount: nothing is uploaded). Which repositories hold which \
+    blobs is remembered in the layer store (blob-locations.json) by every push and pull through \
+    a registry; a lazily pulled disk's origin is tried too.\n\n\
     DISK's writable top is NOT pushed: seal it first (`mcow seal DISK`) if its writes should be \
     part of the image; push warns when the top holds changes. Every layer must be complete \
     locally (a disk pulled with --lazy must be read in full, or pulled again without --lazy).\n\n\
@@ -65,7 +69,7 @@ fn parse_reference(text: &str) -> Result<Reference> {
     with a frame table, so lazy pulls still fetch single blocks); pulls rebuild the identical \
     layer. mcow versions before compressed blobs cannot pull such an image.\n\n\
     JSON output (--output json): an object with reference, manifest_digest, layers, uploaded, \
-    bytes_uploaded, already_there, layer_bytes, blob_bytes (the image's layer blobs at the \
+    mounted, bytes_uploaded, already_there, layer_bytes, blob_bytes (the image's layer blobs at the \
     remote: compressed with --compress) and compress (the level, or null).\n\n\
     Example:\n  mcow seal vm1 && mcow push vm1 file:///srv/images/vm:v1", retry_help!()))]
 #[command(after_help = REFERENCE_HELP)]
@@ -106,6 +110,7 @@ struct PushJson {
     manifest_digest: String,
     layers: usize,
     uploaded: usize,
+    mounted: usize,
     bytes_uploaded: u64,
     already_there: usize,
     layer_bytes: u64,
@@ -147,13 +152,14 @@ pub fn run_push(a: PushArgs, g: Global) -> Result<ExitCode> {
         mcow_remote::transfer::push_with(&a.disk, &reference, &opts, &mut |d, t| progress.update(d, t))
             .with_context(|| format!("pushing disk {} to {reference}", a.disk.display()))?;
     progress.finish();
-    let already = report.layers - report.uploaded;
+    let already = report.layers - report.uploaded - report.mounted;
     match a.output {
         OutputFormat::Json => print_json(&PushJson {
             reference: reference.to_string(),
             manifest_digest: report.manifest_digest.to_string(),
             layers: report.layers,
             uploaded: report.uploaded,
+            mounted: report.mounted,
             bytes_uploaded: report.bytes_uploaded,
             already_there: already,
             layer_bytes: report.layer_bytes,
@@ -164,13 +170,18 @@ pub fn run_push(a: PushArgs, g: Global) -> Result<ExitCode> {
             println!("Pushed {} to {reference}", a.disk.display());
             println!("manifest: {}", report.manifest_digest);
             println!(
-                "{} layer{}, {} uploaded ({}, {} bytes), {} already there",
+                "{} layer{}, {} uploaded ({}, {} bytes), {} already there{}",
                 report.layers,
                 if report.layers == 1 { "" } else { "s" },
                 report.uploaded,
                 human_size(report.bytes_uploaded),
                 report.bytes_uploaded,
-                already
+                already,
+                if report.mounted > 0 {
+                    format!(", {} mounted from other repositories of the registry", report.mounted)
+                } else {
+                    String::new()
+                }
             );
             if let Some(level) = report.compressed {
                 println!(
