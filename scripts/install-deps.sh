@@ -2,7 +2,8 @@
 # Installs the real components the tests drive: qemu-img/qemu-io/qemu-nbd (qemu-utils),
 # libnbd's tools (nbdinfo, nbdcopy, nbdfuse, nbdsh), nbdkit, the OCI registry docker-registry,
 # nginx, htpasswd (for the registry's basic auth), skopeo (copies images between registries and
-# OCI layouts), iproute2 (ip, tc: the network harness scripts/netsim), mmdebstrap (Debian root
+# OCI layouts), iproute2 (ip, tc: the network harness scripts/netsim), man-db (man -l renders
+# `mcow man`'s pages in crates/cli/tests/conventions.rs), mmdebstrap (Debian root
 # filesystems for scripts/debian-image.sh), PostgreSQL (postgres, initdb, pgbench, pg_amcheck
 # and the amcheck extension: crates/cli/tests/postgres.rs, scripts/bench-pgbench.sh), QEMU's
 # http block driver (bench-net) and the S3 server s3s-fs (built with cargo).
@@ -20,6 +21,7 @@ command -v htpasswd >/dev/null || need+=(apache2-utils)
 command -v skopeo >/dev/null || need+=(skopeo)
 { command -v ip && command -v tc; } >/dev/null || need+=(iproute2)
 command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+command -v man >/dev/null || need+=(man-db)
 pg_missing() { ! compgen -G '/usr/lib/postgresql/*/bin/pgbench' >/dev/null; }
 if pg_missing; then
   need+=(postgresql)

@@ -12,6 +12,7 @@ mod commands;
 mod output;
 mod paths;
 mod progress;
+mod qcow2;
 mod qemu;
 mod serve;
 mod size;
@@ -19,10 +20,10 @@ mod size;
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::commands::{
-    check, create, demo, export, import, info, map, merge, readwrite::ReadArgs, readwrite::WriteArgs,
+    check, create, demo, docs, export, import, info, map, merge, readwrite::ReadArgs, readwrite::WriteArgs,
     transfer,
 };
 
@@ -82,6 +83,8 @@ enum Command {
     Demo(demo::DemoArgs),
     Serve(serve::ServeArgs),
     Trace(serve::TraceArgs),
+    Completions(docs::CompletionsArgs),
+    Man(docs::ManArgs),
 }
 
 fn init_logging() {
@@ -173,9 +176,13 @@ fn main() -> ExitCode {
         Command::Demo(a) => demo::run(a, g),
         Command::Serve(a) => serve::run(&a).map(|()| ExitCode::SUCCESS),
         Command::Trace(a) => serve::run_traced(&a.serve, Some(&a.out)).map(|()| ExitCode::SUCCESS),
+        Command::Completions(a) => docs::run_completions(a, Cli::command()),
+        Command::Man(a) => docs::run_man(a, Cli::command()),
     };
     match result {
         Ok(code) => code,
+        // The reader of stdout wanted no more (`mcow map d | head -1`): not a failure.
+        Err(e) if output::closed_stdout(&e) => ExitCode::SUCCESS,
         Err(e) => {
             let _ = std::io::stdout().flush();
             eprintln!("mcow: {}", error_chain(&e));

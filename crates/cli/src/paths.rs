@@ -91,8 +91,9 @@ pub fn open_lazy(
             ""
         }
     };
-    let fail =
-        |e: anyhow::Error, locked: bool| e.context(format!("opening disk {}{}", dir.display(), hint(locked)));
+    let fail = |e: anyhow::Error, locked: bool| {
+        with_disk_hint(e.context(format!("opening disk {}{}", dir.display(), hint(locked))), dir)
+    };
     let lazy = dir.join(ORIGIN_FILE).exists();
     match fetch {
         Fetch::Remote(policy, sources) if lazy => {
@@ -114,6 +115,38 @@ pub fn open_lazy(
             })
         }
     }
+}
+
+/// `e`, a failure to use `path` as a disk, with a hint on top when `path` is a file.
+pub fn with_disk_hint(e: anyhow::Error, path: &Path) -> anyhow::Error {
+    match not_a_disk_hint(path) {
+        Some(h) => e.context(h),
+        None => e,
+    }
+}
+
+/// What to say when `path`, given as a disk, is a file: a disk is a directory, and an image
+/// file (qcow2 above all, which `qemu-img` users will reach for) is made into one by import.
+fn not_a_disk_hint(path: &Path) -> Option<String> {
+    use std::io::Read;
+    if !path.is_file() {
+        return None;
+    }
+    let mut magic = [0u8; 4];
+    let qcow2 =
+        std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && magic == *b"QFI\xfb";
+    let p = path.display();
+    Some(if qcow2 {
+        format!(
+            "{p} is a qcow2 image, not an mcow disk (a disk is a directory): \
+             `mcow import {p} DISK` makes a disk of it"
+        )
+    } else {
+        format!(
+            "{p} is a file, not an mcow disk (a disk is a directory): \
+             `mcow import {p} DISK` makes a disk of an image file"
+        )
+    })
 }
 
 /// The origin of a disk pulled lazily (its `remote.json`), or `None` for any other disk.

@@ -1,9 +1,21 @@
 //! Parsing sizes (`64M`, `1.5G`, `4096`) and byte values (`0x5a`, `90`) from the command line.
 
-/// Parses a size the way `qemu-img` does: a number with an optional fraction and an optional
-/// suffix `k`/`K`, `M`, `G`, `T`, `P`, `E` (powers of 1024; lower case accepted) or `b`/`B`
-/// (bytes). The result must be a whole number of bytes. Hex (`0x...`) is accepted for plain
-/// byte counts, which helps with offsets.
+/// The size syntax as `--help` (through `concat!`) and the size errors both say it: one text,
+/// so the two cannot list different suffixes.
+macro_rules! size_syntax {
+    () => {
+        "a number with an optional fraction and an optional suffix K, M, G, T, P or E (powers of \
+         1024; lower case and KiB, MiB, ... accepted; B for bytes), e.g. 64M, 1.5G, 512K, or a \
+         plain byte count (also 0x hex)"
+    };
+}
+pub(crate) use size_syntax;
+
+/// [`size_syntax!`] as a constant, for messages.
+pub const SIZE_SYNTAX: &str = size_syntax!();
+
+/// Parses a size the way `qemu-img` does ([`SIZE_SYNTAX`]). The result must be a whole number
+/// of bytes. Hex (`0x...`) is accepted for plain byte counts, which helps with offsets.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     if t.is_empty() {
@@ -22,7 +34,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "t" | "T" | "TiB" => 40,
         "p" | "P" | "PiB" => 50,
         "e" | "E" | "EiB" => 60,
-        _ => return Err(format!("invalid size {s:?}: unknown suffix {suffix:?} (use K, M, G, T, P or E)")),
+        _ => return Err(format!("invalid size {s:?}: unknown suffix {suffix:?}; a size is {SIZE_SYNTAX}")),
     };
     let (int, frac) = match num.split_once('.') {
         Some((i, f)) => (i, f),
@@ -86,6 +98,25 @@ mod tests {
         assert!(parse_size("").is_err());
         assert!(parse_size("M").is_err());
         assert!(parse_size("99999999999E").is_err());
+    }
+
+    /// Every suffix the syntax text names is accepted, in both cases and as KiB..., and the
+    /// error for an unknown one carries that same text.
+    #[test]
+    fn the_syntax_text_and_the_parser_agree() {
+        // The suffixes as the text lists them: "suffix K, M, G, T, P or E (".
+        let list = SIZE_SYNTAX.split_once("suffix ").unwrap().1.split_once(" (").unwrap().0;
+        let named: Vec<&str> = list.split([',', ' ']).filter(|w| !w.is_empty() && *w != "or").collect();
+        assert_eq!(named, ["K", "M", "G", "T", "P", "E"], "{SIZE_SYNTAX}");
+        for (i, suffix) in named.iter().enumerate() {
+            let shift = 10 * (i as u32 + 1);
+            for s in [suffix.to_string(), suffix.to_lowercase(), format!("{suffix}iB")] {
+                assert_eq!(parse_size(&format!("1{s}")), Ok(1u64 << shift), "1{s}");
+            }
+        }
+        assert_eq!(parse_size("7B"), Ok(7));
+        let e = parse_size("12Q").unwrap_err();
+        assert!(e.contains(SIZE_SYNTAX), "{e}");
     }
 
     #[test]

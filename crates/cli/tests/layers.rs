@@ -104,7 +104,7 @@ fn map_depths_and_layers_on_a_three_layer_stack() {
         e(3 * K64, K64, 0, true, false, Some("top")),
         e(4 * K64, K64, 3, true, false, Some(&l1)), // the bottom layer
         e(5 * K64, K64, 2, true, false, Some(&l2)),
-        e(6 * K64, 10 * K64, 4, false, true, None), // no layer: depth = layers + 1
+        e(6 * K64, 10 * K64, 3, false, true, None), // no layer: the bottom's depth, as qemu-img
     ]);
     assert_eq!(map, expected, "{}", serde_json::to_string_pretty(&map).unwrap());
 
@@ -131,7 +131,7 @@ fn map_depths_and_layers_on_a_three_layer_stack() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     let map_e = mcow_in(dir, &["map", "e", "--output", "json"]).json();
     assert_eq!(map_e[1], e(K64, K64, 2, true, false, Some(&l2)));
-    assert_eq!(map_e[3], e(3 * K64, K64, 4, false, true, None));
+    assert_eq!(map_e[3], e(3 * K64, K64, 3, false, true, None));
     let a = mcow_ok(dir, &["read", "e", "64K", "16", "--raw"]);
     assert_eq!(a.as_bytes(), &[0x22; 16]);
     assert_eq!(mcow_in(dir, &["create", "e", "--from", "d"]).code, 1, "e already holds a disk");

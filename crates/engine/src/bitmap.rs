@@ -36,6 +36,7 @@ impl AtomicBitmap {
         self.len
     }
 
+    /// True if the bitmap has no bits.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -4,7 +4,7 @@
 //!
 //! Owns: the chunk list ([`IndexChunks`]: chunk size, extent count, digests), how push sizes the
 //! chunks, the text form of the chunk list a partial layer keeps beside its file, and
-//! [`HashTable`], a layer's block hashes either whole or per chunk, each chunk usable only once
+//! `HashTable`, a layer's block hashes either whole or per chunk, each chunk usable only once
 //! its bytes matched their digest. Does not own: fetching chunks (see `fetch`) or where the
 //! chunk list file lives (see `store`).
 
@@ -29,8 +29,11 @@ const FILE_MAGIC: &str = "mcow-index-chunks 1";
 /// lazy pull knows which chunks it needs before it has the trailer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IndexChunks {
+    /// The length of each chunk but the last, in bytes.
     pub size: u64,
+    /// The entries of the layer's extent index (the region's first part).
     pub extent_count: u64,
+    /// The SHA-256 of each chunk, in order.
     pub digests: Vec<Digest>,
 }
 

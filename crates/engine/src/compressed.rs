@@ -6,7 +6,7 @@
 //! one request (the header as it is, data blocks as the run of their frames, the tail shifted
 //! to the blob's end), decoding each frame into one block as its bytes arrive and streaming the
 //! blocks on; and loading a partial layer's `.frames` file and checking it against the layer
-//! ([`load_frames`]). Does not own: checking the decoded blocks against their hashes (the
+//! (`load_frames`). Does not own: checking the decoded blocks against their hashes (the
 //! engine does that for every source, see `fetch`), where the `.frames` file lives and when it
 //! is written or removed (see `store`), or the table's encoding and rules (crate mcow-format).
 
@@ -71,7 +71,7 @@ pub struct FramedSource {
 
 impl FramedSource {
     /// The source of layer `layer` fetching from the blob `frames` names through `inner`;
-    /// `layout` must be the blob's (see [`load_frames`]), which `frames.table` must fit.
+    /// `layout` must be the blob's (see `load_frames`), which `frames.table` must fit.
     pub fn new(
         inner: Arc<dyn BlockSource>,
         layer: Digest,

@@ -82,6 +82,7 @@ struct Inner {
 }
 
 impl Engine {
+    /// An engine configured by `config` (at least 16 open files).
     pub fn new(config: EngineConfig) -> Engine {
         let config = EngineConfig { max_open_files: config.max_open_files.max(16) };
         Engine {
@@ -95,6 +96,7 @@ impl Engine {
         }
     }
 
+    /// The configuration in force.
     pub fn config(&self) -> &EngineConfig {
         &self.inner.config
     }

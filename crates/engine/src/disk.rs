@@ -20,7 +20,7 @@ use crate::extent_map::{Loc, TOP};
 use crate::fetch::{BlockSource, FetchPolicy};
 use crate::stack::{Stack, next_chain};
 use crate::storage::{FileStorage, Storage};
-use crate::store::{LayerStore, write_atomic};
+use crate::store::{LayerStore, OpenLayer, write_atomic};
 use crate::top::{Debris, JournalFiles, TopLayer, journal_path, journal_temp_path};
 
 /// Name of the manifest inside a disk directory.
@@ -38,6 +38,7 @@ pub struct OpenOptions {
 }
 
 impl Default for OpenOptions {
+    /// Read-write, every sealed block verified at its first read, exclusive.
     fn default() -> Self {
         OpenOptions { read_only: false, verify: true, force_share: false }
     }
@@ -46,6 +47,7 @@ impl Default for OpenOptions {
 /// What a run of the disk is, for block status and `map`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunKind {
+    /// Reads as stored data.
     Data,
     /// Reads as zeros, allocated in some layer.
     Zero,
@@ -57,9 +59,13 @@ pub enum RunKind {
 /// the bottom, `Some(TOP)` for the writable top, `None` where no layer holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Run {
+    /// Where the run starts on the disk, in bytes.
     pub offset: u64,
+    /// Its length in bytes.
     pub length: u64,
+    /// What it reads as.
     pub kind: RunKind,
+    /// The layer that says so (see above).
     pub layer: Option<u32>,
 }
 
@@ -67,12 +73,15 @@ pub struct Run {
 /// that reads, mapped reads, prefetch and block status all work on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segment {
-    /// Where the piece starts on the disk, in bytes, and its length.
+    /// Where the piece starts on the disk, in bytes.
     pub offset: u64,
+    /// Its length in bytes.
     pub len: u64,
-    /// The virtual block the piece starts in, and how many bytes into it.
+    /// The virtual block the piece starts in.
     pub vblock: u64,
+    /// How many bytes into that block it starts.
     pub within: u64,
+    /// What holds it.
     pub holder: Holder,
 }
 
@@ -85,9 +94,15 @@ pub enum Holder {
     /// physical block `loc.pblock`.
     Layer(Loc),
     /// Zeros recorded in `layer` (a sealed layer's index, or [`TOP`]).
-    Zero { layer: u32 },
+    Zero {
+        /// The layer that records them.
+        layer: u32,
+    },
     /// Zeros that nothing stores: discarded in `layer`, or never written (`None`).
-    Hole { layer: Option<u32> },
+    Hole {
+        /// The layer that discarded them, if any.
+        layer: Option<u32>,
+    },
 }
 
 impl Segment {
@@ -258,7 +273,9 @@ pub struct Snapshot {
 /// Parameters of a new disk.
 #[derive(Debug, Clone)]
 pub struct CreateOptions {
+    /// The disk's size in bytes (a multiple of 512).
     pub virtual_size: u64,
+    /// The block size: a power of two from 4 KiB to 2 MiB ([`DEFAULT_BLOCK_SIZE`] is usual).
     pub block_size: u32,
     /// The layer store (created if missing).
     pub store: PathBuf,
@@ -268,6 +285,19 @@ pub struct CreateOptions {
 
 /// The default block size: 64 KiB.
 pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
+
+impl CreateOptions {
+    /// A disk of `virtual_size` bytes with its layers in `store`: [`DEFAULT_BLOCK_SIZE`]
+    /// blocks, no sealed layers (set `layers` to start from some).
+    pub fn new(virtual_size: u64, store: impl Into<PathBuf>) -> CreateOptions {
+        CreateOptions {
+            virtual_size,
+            block_size: DEFAULT_BLOCK_SIZE,
+            store: store.into(),
+            layers: Vec::new(),
+        }
+    }
+}
 
 impl Disk {
     /// Creates a new disk directory with an empty top on `layers`. Cost is independent of the
@@ -380,13 +410,15 @@ impl Disk {
         self.view.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The disk's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
-    /// The manifest as last written.
+    /// The manifest (`disk.json`) as last written.
     pub fn manifest(&self) -> DiskManifest {
         self.view().manifest.clone()
     }
+    /// The layer store the disk's sealed layers are in.
     pub fn store(&self) -> &LayerStore {
         &self.store
     }
@@ -394,7 +426,7 @@ impl Disk {
     pub fn engine(&self) -> &Engine {
         self.store.engine()
     }
-    /// The sealed layers.
+    /// The sealed layers and their flattened map.
     pub fn stack(&self) -> Arc<Stack> {
         self.view().stack.clone()
     }
@@ -402,16 +434,23 @@ impl Disk {
     pub fn top(&self) -> Arc<TopLayer> {
         self.view().top.clone()
     }
+    /// The sealed layer `i` (from the bottom) of the stack as it is now.
+    pub fn layer(&self, i: usize) -> OpenLayer {
+        self.stack().layers()[i].clone()
+    }
     /// How many tops snapshots froze that are not sealed yet.
     pub fn frozen_tops(&self) -> usize {
         self.view().frozen.len()
     }
+    /// The disk's size in bytes.
     pub fn size(&self) -> u64 {
         self.size
     }
+    /// The disk's block size in bytes.
     pub fn block_size(&self) -> u32 {
         self.bs as u32
     }
+    /// True if the disk was opened read-only.
     pub fn is_read_only(&self) -> bool {
         self.opts.read_only
     }

@@ -17,8 +17,11 @@ pub const TOP: u32 = u32::MAX;
 /// layer says about it, and for data the first physical block in that layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Loc {
+    /// The layer: its index from the bottom of the stack, or [`TOP`].
     pub layer: u32,
+    /// What the layer says about the run: data, zeros or discarded.
     pub kind: ExtentKind,
+    /// For data, the physical block in the layer that holds the run's first block.
     pub pblock: u64,
 }
 
@@ -35,8 +38,11 @@ impl Loc {
 /// One run of blocks `[start, end)` at `loc`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
+    /// The first virtual block.
     pub start: u64,
+    /// The virtual block after the last.
     pub end: u64,
+    /// Where the first block is (the others follow it).
     pub loc: Loc,
 }
 
@@ -47,14 +53,17 @@ pub struct ExtentMap {
 }
 
 impl ExtentMap {
+    /// An empty map.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// The number of runs.
     pub fn len(&self) -> usize {
         self.map.len()
     }
 
+    /// True if no block is mapped.
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
@@ -150,10 +159,12 @@ pub struct FrozenMap {
 }
 
 impl FrozenMap {
+    /// The number of runs.
     pub fn len(&self) -> usize {
         self.runs.len()
     }
 
+    /// True if no block is mapped.
     pub fn is_empty(&self) -> bool {
         self.runs.is_empty()
     }
@@ -170,6 +181,7 @@ impl FrozenMap {
         Err(self.runs.get(i).map(|r| r.start))
     }
 
+    /// The runs, in block order.
     pub fn iter(&self) -> impl Iterator<Item = &Extent> {
         self.runs.iter()
     }

@@ -25,9 +25,13 @@ use crate::pool::FileSlot;
 /// An open sealed layer. Its blocks are verified against their hashes the first time they are
 /// read (a bit per block remembers it), so later reads of the same block go straight to the file.
 pub struct SealedLayer {
+    /// The layer's name: the SHA-256 of its bytes.
     pub digest: Digest,
+    /// Its file.
     pub path: PathBuf,
+    /// Its header.
     pub header: LayerHeader,
+    /// Its trailer (where the index is, and its digest).
     pub trailer: Trailer,
     /// The block hashes: whole, or per chunk as they are loaded (a partial layer pulled with
     /// index chunks, see `chunks`).
@@ -71,6 +75,7 @@ impl SealedLayer {
         Ok((layer, index))
     }
 
+    /// The layer's block size in bytes.
     pub fn block_size(&self) -> u64 {
         u64::from(self.header.block_size)
     }
@@ -426,6 +431,8 @@ pub struct LayerWriter<W: Write> {
 }
 
 impl<W: Write> LayerWriter<W> {
+    /// Starts a sealed layer of a disk of `virtual_size` bytes in `block_size` blocks, made on
+    /// the stack whose chain digest is `parent`, writing its header to `out`.
     pub fn new(mut out: W, block_size: u32, virtual_size: u64, parent: Digest) -> std::io::Result<Self> {
         let header = LayerHeader {
             kind: LayerKind::Sealed,

@@ -29,6 +29,52 @@
 //! - `ops`: whole-disk operations (seal, commit, flatten, import, export, check).
 //!
 //! It does not own the byte layouts (crate `mcow-format`) nor any front end (CLI, NBD).
+//!
+//! # Example
+//!
+//! A disk with one sealed layer, and a second disk on that layer with a top of its own:
+//!
+//! ```
+//! use mcow_engine::{CreateOptions, Disk, OpenOptions, ops};
+//!
+//! # fn main() -> mcow_engine::Result<()> {
+//! let dir = tempfile::tempdir().expect("a temporary directory");
+//! let (base, store) = (dir.path().join("base"), dir.path().join("layers"));
+//!
+//! // A 16 MiB disk (64 KiB blocks) whose sealed layers go to the store `layers`.
+//! Disk::create(&base, &CreateOptions::new(16 << 20, &store))?;
+//! let disk = Disk::open(&base, OpenOptions::default())?;
+//! disk.write(1 << 20, b"hello, layers")?;
+//! disk.flush()?; // durable from here on
+//! drop(disk); // sealing takes the disk's lock
+//!
+//! // Freeze the writable top into a sealed layer, named by its content.
+//! let layer = ops::seal(&base, &mut |_done, _total| {})?;
+//!
+//! // Another disk on that layer: opening it flattens its stack into one map.
+//! let vm = dir.path().join("vm");
+//! Disk::create(&vm, &CreateOptions { layers: vec![layer], ..CreateOptions::new(16 << 20, &store) })?;
+//! let disk = Disk::open(&vm, OpenOptions::default())?;
+//! assert_eq!(disk.stack().depth(), 1);
+//! let mut buf = [0u8; 13];
+//! disk.read(1 << 20, &mut buf)?;
+//! assert_eq!(&buf, b"hello, layers");
+//!
+//! // Its writes go to its own top; the sealed layer, shared by both disks, stays as it was.
+//! disk.write(1 << 20, b"HELLO")?;
+//! disk.read(1 << 20, &mut buf)?;
+//! assert_eq!(&buf, b"HELLO, layers");
+//! let base = Disk::open(&base, OpenOptions { read_only: true, ..OpenOptions::default() })?;
+//! base.read(1 << 20, &mut buf)?;
+//! assert_eq!(&buf, b"hello, layers");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Disks opened with [`Disk::open`] each get an [`Engine`] of their own; open them with
+//! [`Disk::open_in`] in one engine to share open layer files and fetch threads.
+
+#![warn(missing_docs)]
 
 mod background;
 pub mod bitmap;

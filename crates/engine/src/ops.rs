@@ -1,4 +1,5 @@
-//! Whole-disk operations: seal, commit, flatten (one merge mechanism), import, export, check.
+//! Whole-disk operations: seal, commit, flatten (one merge mechanism, [`merge`]; [`seal`] is
+//! its common case), import (of one image or of a chain of images), export, check.
 //!
 //! Owns: turning ranges of a disk into new sealed layers, reading raw images in and writing
 //! them out, and the full consistency check. Does not own: the read/write path (see `disk`) or
@@ -25,8 +26,17 @@ pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 /// Reads virtual block `vblock`, found at a location, into a whole-block buffer.
 type BlockReader<'a> = dyn Fn(u64, Loc, &mut [u8]) -> Result<()> + 'a;
 
+/// Seals the disk at `dir`: its writable top becomes a new sealed layer on top of its stack,
+/// and the disk gets a fresh, empty top. Returns the new layer's digest. The disk must not be
+/// open (the seal takes the top's lock); other disks may be created on the new layer
+/// ([`CreateOptions::layers`]). This is [`merge`] of no sealed layers, so it costs the size of
+/// the top, whatever the depth of the stack.
+pub fn seal(dir: &Path, progress: Progress) -> Result<Digest> {
+    merge(dir, 0, progress)
+}
+
 /// Merges the writable top and the `n` topmost sealed layers of the disk at `dir` into one new
-/// sealed layer, which replaces them; the disk gets a fresh, empty top. `n = 0` is `seal`,
+/// sealed layer, which replaces them; the disk gets a fresh, empty top. `n = 0` is [`seal`],
 /// `n = depth` is `flatten`. Returns the new layer's digest.
 ///
 /// Only the top and the `n` merged layers are opened: sealing on a stack of any depth costs
@@ -169,14 +179,23 @@ pub fn is_zero(buf: &[u8]) -> bool {
 }
 
 /// Where an import's new disk goes and what it sits on.
+#[derive(Debug, Clone)]
 pub struct ImportOptions<'a> {
     /// The new disk's directory.
     pub dir: &'a Path,
     /// Layer store for the new layer (ignored with a parent: the parent's store is used).
     pub store: PathBuf,
+    /// The new disk's block size (ignored with a parent: the parent's is used).
     pub block_size: u32,
     /// Store only the blocks that differ from this disk's sealed layers.
     pub parent: Option<&'a Path>,
+}
+
+impl<'a> ImportOptions<'a> {
+    /// A new disk at `dir`, its layer in `store`, with the default block size and no parent.
+    pub fn new(dir: &'a Path, store: impl Into<PathBuf>) -> ImportOptions<'a> {
+        ImportOptions { dir, store: store.into(), block_size: crate::disk::DEFAULT_BLOCK_SIZE, parent: None }
+    }
 }
 
 /// Imports a raw image file as a new sealed layer and creates a disk at `opts.dir` on it.
@@ -259,6 +278,198 @@ pub fn import_raw(src: &Path, opts: &ImportOptions, progress: Progress) -> Resul
     Ok(digest)
 }
 
+/// A byte range that an image of a chain holds itself: data it stores (`zero: false`), or
+/// zeros it records (`zero: true`), which hide what the images below hold there. Ranges an
+/// image does not hold fall through to the image below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldRange {
+    /// Where the range starts, in bytes.
+    pub offset: u64,
+    /// Its length in bytes.
+    pub length: u64,
+    /// Zeros recorded, rather than data stored.
+    pub zero: bool,
+}
+
+impl HeldRange {
+    fn end(&self) -> u64 {
+        self.offset + self.length
+    }
+}
+
+/// Imports a chain of images (for instance a qcow2 backing chain), bottom first, as a stack of
+/// sealed layers, one per image, each storing only what its image holds: [`ChainImport::push`]
+/// once per image, then [`ChainImport::finish`] creates the disk on them. Dropped unfinished,
+/// it removes the layers it added to the store (not those the store already had).
+pub struct ChainImport {
+    store: LayerStore,
+    virtual_size: u64,
+    block_size: u32,
+    layers: Vec<Digest>,
+    stack: std::sync::Arc<Stack>,
+    /// Layers this import put into the store (they were not there before).
+    added: Vec<Digest>,
+}
+
+impl ChainImport {
+    /// A chain import of images of `virtual_size` bytes into `store`, at `block_size`.
+    pub fn new(store: impl Into<PathBuf>, virtual_size: u64, block_size: u32) -> Result<ChainImport> {
+        let store: PathBuf = store.into();
+        mcow_format::check_virtual_size(virtual_size).map_err(Error::format(&store))?;
+        mcow_format::check_block_size(block_size).map_err(Error::format(&store))?;
+        Ok(ChainImport {
+            stack: std::sync::Arc::new(Stack::empty(virtual_size, block_size)),
+            store: LayerStore::new(store),
+            virtual_size,
+            block_size,
+            layers: Vec::new(),
+            added: Vec::new(),
+        })
+    }
+
+    /// Adds the next image up as a new sealed layer on the ones pushed so far. `own` is a raw
+    /// file of what the image alone reads as (its data at its offsets; shorter files read as
+    /// zeros past their end); `held` lists, in order and without overlaps, the ranges the
+    /// image holds. A block the image holds only in part is stored whole, the rest of it read
+    /// from the layers below. Blocks that read as zeros become zero markers (on the bottom
+    /// layer they hide nothing and are left out); blocks the image does not hold are not in
+    /// the layer. Returns the layer's digest.
+    pub fn push(&mut self, own: &Path, held: &[HeldRange], progress: Progress) -> Result<Digest> {
+        let size = self.virtual_size;
+        let mut prev_end = 0u64;
+        for r in held {
+            if r.offset < prev_end || r.end() > size {
+                return Err(Error::Invalid(format!(
+                    "the held ranges of {} are out of order or past the end ({}+{})",
+                    own.display(),
+                    r.offset,
+                    r.length
+                )));
+            }
+            prev_end = r.end();
+        }
+        let file = File::open(own).map_err(Error::io("open", own))?;
+        let own_len = file.metadata().map_err(Error::io("stat", own))?.len();
+        let read_own = |buf: &mut [u8], pos: u64| -> Result<()> {
+            let n = own_len.saturating_sub(pos).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..n], pos).map_err(Error::io("read", own))?;
+            buf[n..].fill(0);
+            Ok(())
+        };
+        let bs = u64::from(self.block_size);
+        let blocks = size.div_ceil(bs);
+        let empty_base = self.layers.is_empty();
+        let mut pending = self.store.begin_layer()?;
+        let tmp = pending.path().to_path_buf();
+        let werr = |e: std::io::Error| Error::io("write", &tmp)(e);
+        let mut w = LayerWriter::new(pending.take_writer(), self.block_size, size, self.stack.chain())
+            .map_err(werr)?;
+        let mut block = vec![0u8; bs as usize];
+        let held: Vec<HeldRange> = held.iter().copied().filter(|r| r.length > 0).collect();
+        let (mut i, mut b) = (0usize, 0u64);
+        while i < held.len() {
+            let r = held[i];
+            b = b.max(r.offset / bs);
+            let start = b * bs;
+            let end = (start + bs).min(size);
+            // A zero range over whole blocks: one marker.
+            if r.zero && r.offset <= start && r.end() >= end {
+                let last = if r.end() >= size { blocks } else { r.end() / bs };
+                if !empty_base {
+                    w.push_marker(b, last - b, ExtentKind::Zero).map_err(werr)?;
+                }
+                b = last;
+                if r.end() <= b * bs {
+                    i += 1;
+                }
+                progress((b * bs).min(size), size);
+                continue;
+            }
+            // The ranges of this image in block b: what they cover is theirs, the rest is
+            // what the layers below hold.
+            let covered: u64 = held[i..]
+                .iter()
+                .take_while(|h| h.offset < end)
+                .map(|h| h.end().min(end) - h.offset.max(start))
+                .sum();
+            if covered < end - start {
+                self.stack.read_block(b, 0, &mut block)?;
+            } else {
+                block.fill(0);
+            }
+            for h in held[i..].iter().take_while(|h| h.offset < end) {
+                let (from, to) = (h.offset.max(start), h.end().min(end));
+                let part = &mut block[(from - start) as usize..(to - start) as usize];
+                if h.zero {
+                    part.fill(0);
+                } else {
+                    read_own(part, from)?;
+                }
+            }
+            if is_zero(&block) {
+                if !empty_base {
+                    w.push_marker(b, 1, ExtentKind::Zero).map_err(werr)?;
+                }
+            } else {
+                w.push_block(b, &block).map_err(werr)?;
+            }
+            while i < held.len() && held[i].end() <= end {
+                i += 1;
+            }
+            b += 1;
+            if b.is_multiple_of(64) {
+                progress(end, size);
+            }
+        }
+        progress(size, size);
+        let (out, digest, _) = w.finish().map_err(werr)?;
+        let had = self.store.layer_path(&digest).exists();
+        pending.commit(&self.store, out, &digest)?;
+        if !had {
+            self.added.push(digest);
+        }
+        self.layers.push(digest);
+        self.stack = std::sync::Arc::new(Stack::open(
+            &self.store,
+            &self.layers,
+            self.virtual_size,
+            self.block_size,
+            true,
+        )?);
+        Ok(digest)
+    }
+
+    /// Creates the disk at `dir` on the layers pushed (with an empty writable top). Returns
+    /// the layers' digests, bottom first.
+    pub fn finish(mut self, dir: &Path) -> Result<Vec<Digest>> {
+        if self.layers.is_empty() {
+            return Err(Error::Invalid("a chain import needs at least one image".into()));
+        }
+        Disk::create(
+            dir,
+            &CreateOptions {
+                virtual_size: self.virtual_size,
+                block_size: self.block_size,
+                store: self.store.root().to_path_buf(),
+                layers: self.layers.clone(),
+            },
+        )?;
+        self.added.clear();
+        Ok(std::mem::take(&mut self.layers))
+    }
+}
+
+impl Drop for ChainImport {
+    fn drop(&mut self) {
+        for d in &self.added {
+            let path = self.store.layer_path(d);
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove a layer of an unfinished import");
+            }
+        }
+    }
+}
+
 /// The next offset at or after `pos` holding data in a sparse file (`len` if none), or `None`
 /// where the filesystem cannot say.
 fn next_data(file: &File, pos: u64, len: u64) -> Option<u64> {
@@ -296,12 +507,74 @@ pub fn export_raw(disk: &Disk, out: &Path, progress: Progress) -> Result<()> {
     f.sync_all().map_err(Error::io("sync", out))
 }
 
+/// One layer of a disk: a sealed layer (index from the bottom) or the writable top.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerId {
+    /// The sealed layer with this index, from the bottom.
+    Sealed(usize),
+    /// The writable top.
+    Top,
+}
+
+/// What one layer of a disk holds itself (not what shows through it from below): its runs in
+/// order, in blocks, each data, zero or discarded; [`LayerContent::read`] reads its data. For
+/// exporting a disk layer by layer.
+pub struct LayerContent<'a> {
+    disk: &'a Disk,
+    layer: LayerId,
+    /// The layer's runs, in order.
+    pub runs: Vec<crate::extent_map::Extent>,
+}
+
+impl LayerContent<'_> {
+    /// Reads the whole virtual block `vblock` of the data run `run` (one of [`Self::runs`]).
+    /// A partial layer fetches what it lacks.
+    pub fn read(&self, run: &crate::extent_map::Extent, vblock: u64, buf: &mut [u8]) -> Result<()> {
+        debug_assert!(run.loc.kind == ExtentKind::Data && (run.start..run.end).contains(&vblock));
+        match self.layer {
+            LayerId::Sealed(i) => self.disk.layer(i).read(run.loc.advance(vblock - run.start).pblock, 0, buf),
+            LayerId::Top => match self.disk.top().read_data(vblock, 0, buf)? {
+                true => Ok(()),
+                false => Err(Error::Invalid("the top changed while it was read".into())),
+            },
+        }
+    }
+}
+
+/// The content of one layer of `disk`.
+pub fn layer_content(disk: &Disk, layer: LayerId) -> Result<LayerContent<'_>> {
+    let runs = match layer {
+        LayerId::Sealed(i) => {
+            let idx = u32::try_from(i).map_err(|_| Error::Invalid("too many layers".into()))?;
+            let index = disk.layer(i).read_index()?;
+            index
+                .iter()
+                .map(|e| crate::extent_map::Extent {
+                    start: e.vblock,
+                    end: e.end(),
+                    loc: Loc { layer: idx, kind: e.kind, pblock: e.pblock },
+                })
+                .collect()
+        }
+        LayerId::Top => {
+            // A force-share reader first catches up with the writer's flushed batches.
+            disk.top().refresh()?;
+            disk.top().extents()
+        }
+    };
+    Ok(LayerContent { disk, layer, runs })
+}
+
 /// What `check` found. Errors mean corruption; debris is harmless leftovers of a crash.
 #[derive(Debug, Default)]
 pub struct CheckReport {
+    /// Corruption found, one message each.
     pub errors: Vec<String>,
+    /// Leftovers of a crash found (harmless), one message each.
     pub debris: Vec<String>,
+    /// Sealed layers of the stack checked (complete or partial).
     pub layers_checked: usize,
+    /// Blocks checked against their hashes.
     pub blocks_checked: u64,
     /// Layers found only as partial (lazily fetched) copies, bottom first.
     pub partial: Vec<PartialLayerCheck>,
@@ -311,6 +584,7 @@ pub struct CheckReport {
 /// blocks; blocks not yet fetched are not errors.
 #[derive(Debug, Clone)]
 pub struct PartialLayerCheck {
+    /// The layer.
     pub digest: Digest,
     /// Stored blocks present locally and matching their hashes.
     pub blocks_local: u64,
@@ -507,25 +781,37 @@ fn check_partial_layer(
 /// Summary of a disk, for `info`.
 #[derive(Debug, Clone)]
 pub struct DiskInfo {
+    /// The disk's size in bytes.
     pub virtual_size: u64,
+    /// Its block size in bytes.
     pub block_size: u32,
+    /// The chain digest of its sealed layers.
     pub chain: Digest,
+    /// Its sealed layers, bottom first.
     pub layers: Vec<LayerInfo>,
+    /// Blocks stored in the writable top.
     pub top_stored_blocks: u64,
-    /// The top's data file: apparent size, and the space it takes (`st_blocks` x 512; less
-    /// where freed blocks were punched out).
+    /// The top's data file: apparent size.
     pub top_file_bytes: u64,
+    /// The space the top's data file takes (`st_blocks` x 512; less where freed blocks were
+    /// punched out).
     pub top_allocated_bytes: u64,
+    /// The top's journal's size.
     pub top_journal_bytes: u64,
+    /// Runs in the stack's flattened map.
     pub map_extents: usize,
 }
 
 /// One sealed layer, for `info`.
 #[derive(Debug, Clone)]
 pub struct LayerInfo {
+    /// The layer.
     pub digest: Digest,
+    /// Its file's length.
     pub file_bytes: u64,
+    /// The blocks it stores.
     pub stored_blocks: u64,
+    /// The entries of its extent index.
     pub extents: u64,
     /// True for a partial (lazily fetched) copy.
     pub partial: bool,

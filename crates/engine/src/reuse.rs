@@ -1,7 +1,7 @@
 //! Block reuse: before a partial layer fetches a block, it looks for a block with the same hash
 //! that another layer of its store already holds locally, and copies that one instead.
 //!
-//! Owns: [`BlockIndex`], one store's index of local blocks by block hash (built in memory at the
+//! Owns: `BlockIndex`, one store's index of local blocks by block hash (built in memory at the
 //! first fetch from the hash tables of the store's complete and partial layers, then kept up to
 //! date with the blocks and layers this process adds), reading a candidate block out of its
 //! layer file and checking it against the hash wanted, dropping a candidate that turns out
@@ -30,7 +30,9 @@ use crate::pool::{FilePool, FileSlot};
 /// fetching them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReuseStats {
+    /// Blocks copied.
     pub blocks: u64,
+    /// Their bytes.
     pub bytes: u64,
 }
 

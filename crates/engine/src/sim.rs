@@ -30,7 +30,12 @@ pub enum CrashMode {
     /// Every unsynced write is lost.
     DropUnsynced,
     /// Unsynced writes survive in order up to the `n`th, which is torn after `cut` bytes.
-    TearAt { n: usize, cut: usize },
+    TearAt {
+        /// The unsynced write torn (0 = the first).
+        n: usize,
+        /// Bytes of it that survive.
+        cut: usize,
+    },
 }
 
 /// A handle to one simulated file; clones share it.
@@ -38,6 +43,7 @@ pub enum CrashMode {
 pub struct SimStorage(Arc<Mutex<State>>);
 
 impl SimStorage {
+    /// An empty simulated file.
     pub fn new() -> Self {
         Self::default()
     }

@@ -16,7 +16,9 @@ use crate::store::{LayerStore, OpenLayer};
 
 /// Sealed layers plus their flattened map. Immutable once built, so it is shared freely.
 pub struct Stack {
+    /// The disk's size in bytes.
     pub virtual_size: u64,
+    /// The block size of every layer.
     pub block_size: u32,
     layers: Vec<OpenLayer>,
     map: FrozenMap,
@@ -117,10 +119,12 @@ impl Stack {
         self.chain
     }
 
+    /// The layers, bottom first.
     pub fn layers(&self) -> &[OpenLayer] {
         &self.layers
     }
 
+    /// The number of layers.
     pub fn depth(&self) -> usize {
         self.layers.len()
     }
@@ -141,6 +145,7 @@ impl Stack {
         self.table.memory()
     }
 
+    /// The runs of the flattened map, in block order.
     pub fn extents(&self) -> impl Iterator<Item = &Extent> {
         self.map.iter()
     }

@@ -15,7 +15,9 @@ pub trait Storage: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Writes all of `buf` at `offset`, extending the storage if needed.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// The storage's length in bytes.
     fn len(&self) -> io::Result<u64>;
+    /// Truncates or extends (with zeros) the storage to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;

@@ -50,6 +50,7 @@ impl LayerStore {
         &self.engine
     }
 
+    /// The store's directory.
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -160,7 +161,7 @@ impl LayerStore {
         self
     }
 
-    /// Opens and checks the sealed layer `digest` (see [`SealedLayer::open`]): the complete
+    /// Opens and checks the sealed layer `digest` (see `SealedLayer::open`): the complete
     /// layer if the store has it, else its partial copy with the store's source. A partial layer
     /// opened this way fetches its read-ahead itself (no background threads).
     pub fn open_layer(&self, digest: &Digest, verify: bool) -> Result<(OpenLayer, LayerIndex)> {
@@ -481,7 +482,9 @@ impl LayerStore {
 /// partial (its missing blocks fetched on demand). Derefs to the sealed layer's structure.
 #[derive(Clone)]
 pub enum OpenLayer {
+    /// A complete layer of `blobs/sha256/`.
     Complete(Arc<SealedLayer>),
+    /// A partial copy of `partial/sha256/`.
     Partial(Arc<PartialLayer>),
 }
 
@@ -586,6 +589,7 @@ pub struct PendingLayer {
 }
 
 impl PendingLayer {
+    /// The temporary file the layer is written to.
     pub fn path(&self) -> &Path {
         self.temp.path()
     }

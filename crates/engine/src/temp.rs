@@ -52,6 +52,7 @@ impl TempFile {
         }
     }
 
+    /// The temporary's path.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -85,7 +86,9 @@ fn same_file(path: &Path, file: &File) -> bool {
 /// A temporary whose writer is gone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StaleTemp {
+    /// Its path.
     pub path: PathBuf,
+    /// Its length.
     pub bytes: u64,
 }
 

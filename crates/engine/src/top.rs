@@ -80,6 +80,7 @@ const SNAPSHOT_BATCH_ENTRIES: usize = 1 << 16;
 /// Default compaction thresholds: the journal is rewritten once it is past this many bytes and
 /// more than [`COMPACT_RATIO`] times the size of a compacted one.
 pub const COMPACT_MIN_BYTES: u64 = 1 << 20;
+/// See [`COMPACT_MIN_BYTES`].
 pub const COMPACT_RATIO: u64 = 4;
 
 /// The directory operations around a top's journal: a writer replaces its journal with a
@@ -192,6 +193,7 @@ pub struct TopLayer {
     compact_ratio: AtomicU64,
     compactions: AtomicU64,
     path: PathBuf,
+    /// The data file's header (its parent is the chain digest of the stack below).
     pub header: LayerHeader,
     bs: u64,
     read_only: bool,
@@ -448,6 +450,7 @@ impl TopLayer {
         self.compactions.load(Ordering::Relaxed)
     }
 
+    /// The data file's path.
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -210,3 +210,75 @@ fn wrapped_errors_chain_their_cause() {
         e.source().and_then(|s| s.downcast_ref::<mcow_format::FormatError>()).expect("a FormatError source");
     assert!(e.to_string().contains(&f.to_string()), "{e}");
 }
+
+/// A chain import from two "images" (raw files of what each holds alone, plus the ranges it
+/// holds). Tried: a bottom image with data and a zero range, an upper one holding parts of
+/// blocks (data over part of one, zeros over half of another), a whole zero block and a new
+/// block; then an import dropped unfinished, and held ranges out of order. Must hold: the disk
+/// reads as the upper image over the lower; the bottom layer stores its data and no zero
+/// markers; the upper layer stores each partly held block whole (the rest read from below), a
+/// zero marker for the zero block and nothing where it holds nothing; an unfinished import
+/// leaves no layer in the store; out-of-order ranges are refused.
+#[test]
+fn chain_import_stacks_what_each_image_holds() {
+    use mcow_engine::ops::{ChainImport, HeldRange};
+    let tmp = tempfile::tempdir().unwrap();
+    let bs = 4096u64;
+    let size = 16 * bs;
+    let held = |offset: u64, length: u64, zero: bool| HeldRange { offset, length, zero };
+    let mut model = vec![0u8; size as usize];
+    // Bottom: 1s over blocks 0..4; zeros recorded over blocks 8..10 (hiding nothing).
+    let mut low = vec![0u8; size as usize];
+    low[..4 * bs as usize].fill(1);
+    model[..4 * bs as usize].fill(1);
+    let low_path = tmp.path().join("low.raw");
+    std::fs::write(&low_path, &low).unwrap();
+    // Upper: zeros over the first half of block 1, 2s over bytes 100..200 of block 2, zeros
+    // over block 3, 3s over block 12 (a file shorter than the disk: the rest reads as zeros).
+    let mut up = vec![0u8; 13 * bs as usize];
+    up[(2 * bs + 100) as usize..(2 * bs + 200) as usize].fill(2);
+    up[12 * bs as usize..].fill(3);
+    let up_path = tmp.path().join("up.raw");
+    std::fs::write(&up_path, &up).unwrap();
+    model[bs as usize..(bs + 2048) as usize].fill(0);
+    model[(2 * bs + 100) as usize..(2 * bs + 200) as usize].fill(2);
+    model[3 * bs as usize..4 * bs as usize].fill(0);
+    model[12 * bs as usize..13 * bs as usize].fill(3);
+
+    let store = tmp.path().join("layers");
+    let mut import = ChainImport::new(&store, size, bs as u32).unwrap();
+    import.push(&low_path, &[held(0, 4 * bs, false), held(8 * bs, 2 * bs, true)], &mut |_, _| {}).unwrap();
+    let upper = [
+        held(bs, 2048, true),
+        held(2 * bs + 100, 100, false),
+        held(3 * bs, bs, true),
+        held(12 * bs, bs, false),
+    ];
+    import.push(&up_path, &upper, &mut |_, _| {}).unwrap();
+    let dir = tmp.path().join("d");
+    let layers = import.finish(&dir).unwrap();
+    assert_eq!(layers.len(), 2);
+    let d = Disk::open(&dir, OpenOptions::default()).unwrap();
+    assert_eq!(read(&d, 0, size as usize), model);
+    let low_index = d.layer(0).read_index().unwrap();
+    assert_eq!(low_index.len(), 1, "bottom: one data run, no zero marker: {low_index:?}");
+    assert_eq!((low_index[0].vblock, low_index[0].count), (0, 4));
+    let up_index: Vec<_> =
+        d.layer(1).read_index().unwrap().iter().map(|e| (e.vblock, e.count, e.kind)).collect();
+    use mcow_format::ExtentKind::{Data, Zero};
+    assert_eq!(up_index, vec![(1, 2, Data), (3, 1, Zero), (12, 1, Data)]);
+    drop(d);
+
+    // Unfinished: the layer it added goes again.
+    let other = tmp.path().join("other");
+    let mut import = ChainImport::new(&other, size, bs as u32).unwrap();
+    let digest = import.push(&up_path, &upper, &mut |_, _| {}).unwrap();
+    let blob = mcow_engine::store::LayerStore::new(&other).layer_path(&digest);
+    assert!(blob.exists());
+    drop(import);
+    assert!(!blob.exists(), "an unfinished chain import leaves no layer");
+
+    let mut import = ChainImport::new(&other, size, bs as u32).unwrap();
+    let bad = [held(2 * bs, bs, false), held(bs, bs, false)];
+    assert!(import.push(&up_path, &bad, &mut |_, _| {}).is_err());
+}

@@ -13,6 +13,10 @@ pub enum RemoteError {
     Reference { reference: String, reason: String },
     #[error("{what} not found at {location}")]
     NotFound { what: String, location: String },
+    /// There is no OCI image layout at `location` (`file://`, `http://`, `s3://`) to read an
+    /// image from; `reason` says what is there instead (a directory that does not exist).
+    #[error("no OCI image layout at {location}: {reason}")]
+    NoLayout { location: String, reason: String },
     /// An answer we did not want; `retry_after` is the server's `Retry-After` (in seconds) when
     /// it sent one.
     #[error("{method} {url}: HTTP {status}{}", if body.is_empty() { String::new() } else { format!(": {body}") })]
@@ -79,7 +83,7 @@ impl RemoteError {
 impl From<RemoteError> for std::io::Error {
     fn from(e: RemoteError) -> std::io::Error {
         let kind = match &e {
-            RemoteError::NotFound { .. } => std::io::ErrorKind::NotFound,
+            RemoteError::NotFound { .. } | RemoteError::NoLayout { .. } => std::io::ErrorKind::NotFound,
             RemoteError::Io { err, .. } => err.kind(),
             RemoteError::Transport { .. } => std::io::ErrorKind::TimedOut,
             RemoteError::Cancelled(_) => std::io::ErrorKind::ConnectionAborted,

@@ -83,7 +83,12 @@ impl ObjectStore for DirStore {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         match fs::read(self.path(key)) {
             Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            // A path through a file is as missing as one through nothing.
+            Err(e)
+                if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(RemoteError::io("read", self.path(key))(e)),
         }
     }
@@ -102,6 +107,15 @@ impl ObjectStore for DirStore {
     fn put_file(&self, key: &str, path: &Path, progress: &mut dyn FnMut(u64)) -> Result<()> {
         let mut src = File::open(path).map_err(RemoteError::io("open", path))?;
         self.write_atomic(key, |f| copy_with_progress(&mut src, f, progress))
+    }
+
+    fn why_no_layout(&self) -> String {
+        match fs::metadata(&self.root) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => "the directory does not exist".into(),
+            Err(e) => format!("cannot read the directory: {e}"),
+            Ok(m) if !m.is_dir() => "it is not a directory".into(),
+            Ok(_) => "the directory has no index.json (no image was pushed there)".into(),
+        }
     }
 }
 

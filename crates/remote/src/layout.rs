@@ -23,6 +23,11 @@ pub trait ObjectStore: RangeRead<str> {
     fn get_to(&self, key: &str, dest: &Path, progress: &mut dyn FnMut(u64)) -> Result<()>;
     fn put_bytes(&self, key: &str, bytes: &[u8]) -> Result<()>;
     fn put_file(&self, key: &str, path: &Path, progress: &mut dyn FnMut(u64)) -> Result<()>;
+    /// Why this store holds no layout, for the error when its `index.json` is missing (a local
+    /// directory says when it does not exist).
+    fn why_no_layout(&self) -> String {
+        "it has no index.json (no image was pushed there)".into()
+    }
     /// See `Remote::cancel`.
     fn cancel(&self) {}
 }
@@ -53,10 +58,25 @@ impl<S: ObjectStore> Layout<S> {
         format!("blobs/sha256/{}", d.hex())
     }
 
-    fn index(&self) -> Result<ImageIndex> {
+    /// The index, or `None` if there is no `index.json`.
+    fn read_index(&self) -> Result<Option<ImageIndex>> {
         match self.store.get("index.json")? {
             Some(b) => serde_json::from_slice(&b)
+                .map(Some)
                 .map_err(|e| RemoteError::Invalid(format!("{}: bad index.json: {e}", self.store.describe()))),
+            None => Ok(None),
+        }
+    }
+
+    /// The error for reading from a store without a layout.
+    fn no_layout(&self) -> RemoteError {
+        RemoteError::NoLayout { location: self.store.describe(), reason: self.store.why_no_layout() }
+    }
+
+    /// The index; an empty one if there is no `index.json` yet (for writing).
+    fn index(&self) -> Result<ImageIndex> {
+        match self.read_index()? {
+            Some(index) => Ok(index),
             None => Ok(ImageIndex {
                 schema_version: 2,
                 media_type: Some("application/vnd.oci.image.index.v1+json".into()),
@@ -123,19 +143,34 @@ impl<S: ObjectStore> Remote for Layout<S> {
 
     fn get_manifest(&self, tag: &str, digest: Option<&Digest>) -> Result<Vec<u8>> {
         let d = match digest {
-            Some(d) => *d,
+            Some(d) => {
+                return match self.get_blob(d) {
+                    Err(RemoteError::NotFound { .. }) if !self.store.exists("index.json")? => {
+                        Err(self.no_layout())
+                    }
+                    r => r,
+                };
+            }
             None => {
-                let index = self.index()?;
-                index
-                    .manifests
-                    .iter()
-                    .rev()
-                    .find(|m| m.annotations.get(REF_NAME).map(String::as_str) == Some(tag))
-                    .map(|m| m.digest)
-                    .ok_or_else(|| RemoteError::NotFound {
-                        what: format!("tag {tag}"),
-                        location: self.store.describe(),
-                    })?
+                let index = self.read_index()?.ok_or_else(|| self.no_layout())?;
+                let tag_of = |m: &Descriptor| m.annotations.get(REF_NAME).cloned();
+                match index.manifests.iter().rev().find(|m| tag_of(m).as_deref() == Some(tag)) {
+                    Some(m) => m.digest,
+                    None => {
+                        let mut tags: Vec<String> = index.manifests.iter().filter_map(tag_of).collect();
+                        tags.sort();
+                        tags.dedup();
+                        let there = if tags.is_empty() {
+                            " (it has no tags)".to_string()
+                        } else {
+                            format!(" (its tags: {})", tags.join(", "))
+                        };
+                        return Err(RemoteError::NotFound {
+                            what: format!("tag {tag}"),
+                            location: format!("{}{there}", self.store.describe()),
+                        });
+                    }
+                }
             }
         };
         self.get_blob(&d)

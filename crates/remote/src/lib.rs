@@ -19,6 +19,8 @@
 //! - `retry`: how long remote operations may take: retries with jittered backoff for transient
 //!   failures under one time budget, the pace response bodies must keep, and the cancel that
 //!   ends a client's work at the end of a process;
+//! - `locations`: which registry repositories hold each blob, remembered per layer store, so
+//!   that pushes mount blobs across repositories instead of uploading them;
 //! - `transfer`: push, pull, lazy pull, `RemoteSource`, the engine's `BlockSource` that
 //!   fetches blocks of partial layers from a remote, and `Sources`, the caller's registry of
 //!   one source per origin (no process-global state).
@@ -32,6 +34,7 @@ pub mod http;
 pub mod http_client;
 pub mod image;
 pub mod layout;
+pub mod locations;
 pub mod range;
 pub mod reference;
 pub mod registry;

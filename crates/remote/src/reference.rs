@@ -122,7 +122,10 @@ impl Reference {
             Some((r, d)) => (r, Some(d.parse::<Digest>().map_err(|e| err(&e.to_string()))?)),
             None => (text, None),
         };
-        let (scheme, body) = rest.split_once("://").ok_or_else(|| err("expected SCHEME://…"))?;
+        let (scheme, body) = rest.split_once("://").ok_or_else(|| err(&no_scheme_hint(text)))?;
+        if scheme == "docker" {
+            return Err(err(&docker_hint(text)));
+        }
         // A tag follows the last ':' when what follows has no '/'.
         let (body, tag) = match body.rsplit_once(':') {
             Some((b, t))
@@ -169,10 +172,41 @@ impl Reference {
         Ok(Reference { location, tag, digest, text: text.to_string() })
     }
 
-    /// True if `text` looks like a reference rather than a local path.
+    /// True if `text` looks like a reference rather than a local path (`docker://` too, so that
+    /// parsing it says what to write instead).
     pub fn looks_like(text: &str) -> bool {
-        ["file://", "http://", "https://", "oci://", "s3://"].iter().any(|s| text.starts_with(s))
+        ["file://", "http://", "https://", "oci://", "s3://", "docker://"].iter().any(|s| text.starts_with(s))
     }
+}
+
+/// The reason for a reference with `docker://` (skopeo's and containers' registry transport).
+fn docker_hint(text: &str) -> String {
+    let body = &text["docker://".len()..];
+    let first = body.split('/').next().unwrap_or_default();
+    // As container tools read it: a first component with a dot or a port, or localhost, is a
+    // registry host; otherwise the name is Docker Hub's.
+    if body.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost") {
+        format!("docker:// is skopeo's name for a registry; here it is oci://: oci://{body}")
+    } else {
+        "docker:// is skopeo's name for a registry; here it is oci://HOST[:PORT]/REPOSITORY[:TAG], \
+         with the registry's host named"
+            .to_string()
+    }
+}
+
+/// The reason for a reference without `SCHEME://`, with a hint for forms other tools use.
+fn no_scheme_hint(text: &str) -> String {
+    let mut reason = "expected SCHEME://… (file://, http://, https://, oci:// or s3://)".to_string();
+    if let Some(path) = text.strip_prefix("oci:") {
+        // skopeo's `oci:PATH[:TAG]` is an image layout in a directory.
+        reason
+            .push_str(&format!("; skopeo's oci:PATH (an image layout in a directory) is file://{path} here"));
+    } else if let Some((host, _)) = text.split_once('/')
+        && (host.contains('.') || host.contains(':') || host == "localhost")
+    {
+        reason.push_str(&format!("; for a registry: oci://{text}"));
+    }
+    reason
 }
 
 #[cfg(test)]
@@ -241,5 +275,22 @@ mod tests {
         {
             assert!(Reference::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    /// Tried: the forms skopeo and docker users type. Must hold: each is refused with the
+    /// reference this syntax wants instead (or what to name, for a Docker Hub short name).
+    #[test]
+    fn other_tools_forms_get_a_hint() {
+        let reason = |t: &str| Reference::parse(t).unwrap_err().to_string();
+        let r = reason("docker://127.0.0.1:5000/mcow/vm:v1");
+        assert!(r.contains("here it is oci://: oci://127.0.0.1:5000/mcow/vm:v1"), "{r}");
+        let r = reason("docker://ubuntu:24.04");
+        assert!(r.contains("oci://HOST[:PORT]/REPOSITORY[:TAG]"), "{r}");
+        assert!(Reference::looks_like("docker://x/y"));
+        let r = reason("registry.lan:5000/mcow/vm:v1");
+        assert!(r.contains("for a registry: oci://registry.lan:5000/mcow/vm:v1"), "{r}");
+        let r = reason("oci:/srv/layout:v1");
+        assert!(r.contains("is file:///srv/layout:v1 here"), "{r}");
+        assert!(!reason("just-a-name").contains("for a registry"));
     }
 }

@@ -6,6 +6,13 @@
 //! the whole blob (monolithic upload, streamed from the file), and `PUT`/`GET
 //! /v2/<repo>/manifests/<tag|digest>` with the OCI image manifest media type.
 //!
+//! **Cross-repository mounts.** A blob another repository of the same registry is said to
+//! hold is first asked for with `POST /v2/<repo>/blobs/uploads/?mount=<digest>&from=<other>`:
+//! `201 Created` means the registry linked it, nothing is sent; `202 Accepted` opens an
+//! ordinary upload session, which the blob is then sent to (or, when another repository is
+//! left to try, which is ended with `DELETE <Location>`); a mount request refused outright (a
+//! 4xx, such as no right to read the other repository) leaves a plain upload.
+//!
 //! **Authentication.** On a `401` the client answers the registry's `WWW-Authenticate`
 //! challenge and repeats the request once:
 //! - `Bearer realm=…,service=…,scope=…`: a token is fetched from the realm (with the basic
@@ -284,39 +291,103 @@ impl Registry {
             .ok_or_else(|| RemoteError::Invalid(format!("GET {url}: the token answer holds no token")))
     }
 
-    /// Starts an upload and returns the URL to `PUT` the blob to (digest included).
-    fn start_upload(&self, digest: &Digest) -> Result<String> {
-        let url = self.url("blobs/uploads/");
+    /// Starts an upload of blob `digest`: a plain `POST`, or with `mount` a request to mount
+    /// it from that repository of the registry (a cross-repository mount).
+    fn start_upload(&self, digest: &Digest, mount: Option<&str>) -> Result<Started> {
+        let mut url = self.url("blobs/uploads/");
+        if let Some(from) = mount {
+            url.push_str(&format!(
+                "?mount={}&from={}",
+                query_escape(&digest.to_string()),
+                query_escape(from)
+            ));
+        }
         let resp = self.send("POST", &url, &[], Payload::Bytes(&[]), &mut |_| {})?;
-        if resp.status() != StatusCode::ACCEPTED {
-            return Err(status_error("POST", &url, "upload", resp));
+        match resp.status() {
+            StatusCode::CREATED if mount.is_some() => return Ok(Started::Mounted),
+            StatusCode::ACCEPTED => {}
+            _ => return Err(status_error("POST", &url, &format!("upload of {digest}"), resp)),
         }
         let loc = header(&resp, "location")
             .ok_or_else(|| RemoteError::Invalid(format!("POST {url}: the upload answer has no Location")))?;
-        Ok(upload_url(&self.base, &url, &loc, digest))
+        Ok(Started::Session(session_url(&self.base, &url, &loc)))
     }
 
-    /// One upload attempt: POST, then PUT of the whole body.
-    fn upload(&self, digest: &Digest, payload: Payload<'_>, progress: &mut dyn FnMut(u64)) -> Result<()> {
-        let put = self.start_upload(digest)?;
+    /// Ends an upload session we will not use (a refused mount's, when another repository is
+    /// to be tried). Best effort: the registry purges abandoned sessions anyway.
+    fn cancel_upload(&self, session: &str) {
+        match self.send("DELETE", session, &[], Payload::None, &mut |_| {}) {
+            Ok(resp) if resp.status().is_success() => {}
+            Ok(resp) => {
+                tracing::debug!(session, status = resp.status().as_u16(), "upload session not cancelled")
+            }
+            Err(e) => tracing::debug!(session, error = %e, "upload session not cancelled"),
+        }
+    }
+
+    /// One upload attempt: blob `digest` mounted from the first repository of `from` that the
+    /// registry mounts it from, or else sent whole by `PUT` in an upload session (the one the
+    /// last refused mount opened, or a new one). Returns the repository mounted from, if any.
+    fn upload(
+        &self,
+        digest: &Digest,
+        payload: Payload<'_>,
+        from: &[String],
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<Option<String>> {
+        let mut session = None;
+        for (i, repo) in from.iter().enumerate() {
+            match self.start_upload(digest, Some(repo)) {
+                Ok(Started::Mounted) => {
+                    tracing::info!(blob = %digest, from = %repo, "mounted in {}", self.describe());
+                    return Ok(Some(repo.clone()));
+                }
+                Ok(Started::Session(url)) if i + 1 == from.len() => session = Some(url),
+                Ok(Started::Session(url)) => self.cancel_upload(&url),
+                // A registry that refuses the request itself (say, no right to read `repo`)
+                // still takes the blob by a plain upload.
+                Err(
+                    e @ (RemoteError::Http { .. } | RemoteError::NotFound { .. } | RemoteError::Invalid(_)),
+                ) if !e.is_transient() => {
+                    tracing::info!(blob = %digest, from = %repo, error = %e, "mount refused");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let session = match session {
+            Some(url) => url,
+            None => match self.start_upload(digest, None)? {
+                Started::Session(url) => url,
+                Started::Mounted => unreachable!("a plain upload is never a mount"),
+            },
+        };
+        let put = with_digest(session, digest);
         let resp =
             self.send("PUT", &put, &[("content-type", "application/octet-stream")], payload, progress)?;
         if resp.status() != StatusCode::CREATED {
             return Err(status_error("PUT", &put, &format!("upload of {digest}"), resp));
         }
-        Ok(())
+        Ok(None)
     }
+}
+
+/// What starting an upload gave.
+enum Started {
+    /// The registry mounted the blob from the other repository: nothing to send.
+    Mounted,
+    /// An upload session: the URL to send the blob to (without the digest).
+    Session(String),
 }
 
 fn invalid(method: &'static str, url: &str, e: impl std::fmt::Display) -> RemoteError {
     RemoteError::Invalid(format!("{method} {url}: {e}"))
 }
 
-/// The `PUT` URL of an upload from the `Location` the registry gave: absolute, absolute-path
-/// (`/v2/…`) or relative to the request, with or without a query already.
-fn upload_url(base: &str, request_url: &str, location: &str, digest: &Digest) -> String {
+/// The URL of an upload session from the `Location` the registry gave: absolute,
+/// absolute-path (`/v2/…`) or relative to the request, with or without a query already.
+fn session_url(base: &str, request_url: &str, location: &str) -> String {
     let loc = location.trim();
-    let mut url = if loc.starts_with("http://") || loc.starts_with("https://") {
+    if loc.starts_with("http://") || loc.starts_with("https://") {
         loc.to_string()
     } else if loc.starts_with('/') {
         // base is scheme://host[:port]
@@ -324,7 +395,11 @@ fn upload_url(base: &str, request_url: &str, location: &str, digest: &Digest) ->
     } else {
         let dir = request_url.rsplit_once('/').map_or(request_url, |(d, _)| d);
         format!("{dir}/{loc}")
-    };
+    }
+}
+
+/// The `PUT` URL that completes an upload session with blob `digest`.
+fn with_digest(mut url: String, digest: &Digest) -> String {
     url.push(if url.contains('?') { '&' } else { '?' });
     url.push_str("digest=");
     url.push_str(&query_escape(&digest.to_string()));
@@ -383,12 +458,33 @@ impl Remote for Registry {
     }
 
     fn put_blob(&self, digest: &Digest, path: &Path, progress: &mut dyn FnMut(u64)) -> Result<()> {
-        let len = std::fs::metadata(path).map_err(RemoteError::io("stat", path))?.len();
-        self.client.run("registry blob upload", || self.upload(digest, Payload::File(path, len), progress))
+        self.mount_or_put_blob(digest, path, &[], progress).map(|_| ())
     }
 
     fn put_blob_bytes(&self, digest: &Digest, bytes: &[u8]) -> Result<()> {
-        self.client.run("registry blob upload", || self.upload(digest, Payload::Bytes(bytes), &mut |_| {}))
+        self.mount_or_put_blob_bytes(digest, bytes, &[]).map(|_| ())
+    }
+
+    fn mount_or_put_blob(
+        &self,
+        digest: &Digest,
+        path: &Path,
+        from: &[String],
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<Option<String>> {
+        let len = std::fs::metadata(path).map_err(RemoteError::io("stat", path))?.len();
+        self.client
+            .run("registry blob upload", || self.upload(digest, Payload::File(path, len), from, progress))
+    }
+
+    fn mount_or_put_blob_bytes(
+        &self,
+        digest: &Digest,
+        bytes: &[u8],
+        from: &[String],
+    ) -> Result<Option<String>> {
+        self.client
+            .run("registry blob upload", || self.upload(digest, Payload::Bytes(bytes), from, &mut |_| {}))
     }
 
     fn get_blob(&self, digest: &Digest) -> Result<Vec<u8>> {
@@ -458,6 +554,7 @@ mod tests {
         let enc = query_escape(&d.to_string());
         let base = "http://127.0.0.1:5000";
         let req = "http://127.0.0.1:5000/v2/a/b/blobs/uploads/";
+        let upload_url = |base, req, loc, d| with_digest(session_url(base, req, loc), d);
         assert_eq!(
             upload_url(base, req, "http://127.0.0.1:5000/v2/a/b/blobs/uploads/u1?_state=s", &d),
             format!("http://127.0.0.1:5000/v2/a/b/blobs/uploads/u1?_state=s&digest={enc}")

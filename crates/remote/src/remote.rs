@@ -21,6 +21,30 @@ pub trait Remote: RangeRead<Digest> {
     fn put_blob(&self, digest: &Digest, path: &Path, progress: &mut dyn FnMut(u64)) -> Result<()>;
     /// Uploads a small blob from memory.
     fn put_blob_bytes(&self, digest: &Digest, bytes: &[u8]) -> Result<()>;
+    /// [`Remote::put_blob`], but first asks for the blob to be mounted from one of `from`,
+    /// other repositories of the same registry said to hold it (a cross-repository mount:
+    /// nothing is uploaded). Returns the repository it was mounted from, or `None` if it was
+    /// uploaded. Backends without repositories upload.
+    fn mount_or_put_blob(
+        &self,
+        digest: &Digest,
+        path: &Path,
+        from: &[String],
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<Option<String>> {
+        let _ = from;
+        self.put_blob(digest, path, progress).map(|()| None)
+    }
+    /// [`Remote::mount_or_put_blob`] of a small blob from memory.
+    fn mount_or_put_blob_bytes(
+        &self,
+        digest: &Digest,
+        bytes: &[u8],
+        from: &[String],
+    ) -> Result<Option<String>> {
+        let _ = from;
+        self.put_blob_bytes(digest, bytes).map(|()| None)
+    }
     /// A whole small blob (manifests' configs, traces).
     fn get_blob(&self, digest: &Digest) -> Result<Vec<u8>>;
     /// Downloads blob `digest` into `dest` (the caller verifies it). `progress` gets bytes so far.

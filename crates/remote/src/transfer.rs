@@ -23,6 +23,7 @@ use crate::image::{
     CONFIG_MEDIA_TYPE, Descriptor, DiskConfig, INDEX_DIGEST_ANNOTATION, IndexChunksRecord, LayerRecord,
     Manifest, TRACE_MEDIA_TYPE, Trace,
 };
+use crate::locations::{BlobLocations, Repository};
 use crate::open_remote;
 use crate::reference::{InsecureRegistries, Reference};
 use crate::remote::Remote;
@@ -32,8 +33,11 @@ use crate::remote::Remote;
 pub struct PushReport {
     pub manifest_digest: Digest,
     pub layers: usize,
-    /// Layers uploaded (the others were already there).
+    /// Layers uploaded (the others were already there, or mounted).
     pub uploaded: usize,
+    /// Layers mounted from another repository of the same registry (cross-repository mounts:
+    /// linked by the registry, not uploaded).
+    pub mounted: usize,
     /// Bytes of the blobs uploaded (compressed, for a compressed push).
     pub bytes_uploaded: u64,
     /// Bytes of the image's layers, as they are in a store.
@@ -76,6 +80,12 @@ pub fn push_with_trace(
 /// temporary of the disk's store (`LayerStore::compress_layer`), and uploaded unless the remote
 /// has that blob already (the encoding is deterministic, so pushing the same layer at the same
 /// level again finds it).
+///
+/// To a registry, a blob the target repository lacks is first asked for as a cross-repository
+/// mount from the other repositories of that registry known to hold it: those the store's
+/// [`BlobLocations`] name (every push and pull through a registry records the repository's
+/// blobs there), and the repository a lazily pulled disk came from (its `remote.json`). A blob
+/// mounted is not uploaded; one the registry does not mount is uploaded as usual.
 pub fn push_with(
     dir: &Path,
     reference: &Reference,
@@ -101,9 +111,11 @@ pub fn push_with(
         )));
     }
     let total: u64 = disk.stack().layers().iter().map(|l| l.file_len()).sum();
+    let mut mounts = Mounts::new(reference, &store, dir);
     let mut records = Vec::new();
     let mut descs = Vec::new();
     let (mut done, mut uploaded, mut bytes_uploaded, mut blob_bytes) = (0u64, 0usize, 0u64, 0u64);
+    let mut mounted = 0usize;
     for layer in disk.stack().layers() {
         let mut header = vec![0u8; HEADER_SIZE];
         std::fs::File::open(&layer.path)
@@ -158,10 +170,18 @@ pub fn push_with(
             // Progress in layer bytes: a compressed blob's bytes count for their share.
             let base = done;
             let scale = |n: u64| (u128::from(n) * u128::from(size) / u128::from(blob_size.max(1))) as u64;
-            remote.put_blob(&blob_digest, &blob_path, &mut |n| progress(base + scale(n), total))?;
-            uploaded += 1;
-            bytes_uploaded += blob_size;
+            let from = mounts.candidates(&blob_digest);
+            match remote.mount_or_put_blob(&blob_digest, &blob_path, &from, &mut |n| {
+                progress(base + scale(n), total)
+            })? {
+                Some(_) => mounted += 1,
+                None => {
+                    uploaded += 1;
+                    bytes_uploaded += blob_size;
+                }
+            }
         }
+        mounts.record(&blob_digest);
         records.push(record);
         blob_bytes += blob_size;
         done += size;
@@ -183,8 +203,9 @@ pub fn push_with(
             }
             let digest = Digest::of(&bytes);
             if !remote.has_blob(&digest)? {
-                remote.put_blob_bytes(&digest, &bytes)?;
+                remote.mount_or_put_blob_bytes(&digest, &bytes, &mounts.candidates(&digest))?;
             }
+            mounts.record(&digest);
             Some(Descriptor {
                 media_type: TRACE_MEDIA_TYPE.into(),
                 digest,
@@ -204,8 +225,9 @@ pub fn push_with(
     .to_bytes();
     let config_digest = Digest::of(&config);
     if !remote.has_blob(&config_digest)? {
-        remote.put_blob_bytes(&config_digest, &config)?;
+        remote.mount_or_put_blob_bytes(&config_digest, &config, &mounts.candidates(&config_digest))?;
     }
+    mounts.record(&config_digest);
     let config_desc = Descriptor {
         media_type: CONFIG_MEDIA_TYPE.into(),
         digest: config_digest,
@@ -218,11 +240,64 @@ pub fn push_with(
         manifest_digest: Digest::of(&manifest),
         layers: m.layers.len(),
         uploaded,
+        mounted,
         bytes_uploaded,
         layer_bytes: total,
         blob_bytes,
         compressed: opts.compress,
     })
+}
+
+/// Repositories tried per blob for a cross-repository mount (each refusal costs a round trip).
+const MOUNT_TRIES: usize = 3;
+
+/// A push's cross-repository mounts: where its blobs may be mounted from, and the record of
+/// where they are now (see [`push_with`]). Nothing for a remote that is not a registry.
+struct Mounts {
+    /// The repository pushed to, and the store's record of blob locations.
+    target: Option<(Repository, BlobLocations)>,
+    /// The repository a lazily pulled disk came from.
+    origin: Option<Repository>,
+}
+
+impl Mounts {
+    fn new(reference: &Reference, store: &LayerStore, dir: &Path) -> Mounts {
+        let Some(target) = Repository::of(reference) else {
+            return Mounts { target: None, origin: None };
+        };
+        let origin = std::fs::read(dir.join(ORIGIN_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_slice::<LazyOrigin>(&t).ok())
+            .and_then(|o| Reference::parse(&o.reference).ok())
+            .and_then(|r| Repository::of(&r));
+        Mounts { target: Some((target, BlobLocations::load(store))), origin }
+    }
+
+    /// The repositories to ask for a mount of `digest` from, the most likely first.
+    fn candidates(&self, digest: &Digest) -> Vec<String> {
+        let Some((target, locations)) = &self.target else {
+            return Vec::new();
+        };
+        let mut from = locations.repositories(digest, target);
+        if let Some(o) = &self.origin
+            && o.host == target.host
+            && o.name != target.name
+            && !from.contains(&o.name)
+        {
+            from.push(o.name.clone());
+        }
+        from.truncate(MOUNT_TRIES);
+        from
+    }
+
+    /// The target repository holds `digest` now: recorded at once (a later failure of the push
+    /// does not undo the upload).
+    fn record(&mut self, digest: &Digest) {
+        if let Some((target, locations)) = &mut self.target {
+            locations.add(digest, target);
+            locations.save_or_warn();
+        }
+    }
 }
 
 /// A fetched manifest and config, checked: the manifest against the reference's pinned digest
@@ -417,6 +492,15 @@ pub fn pull_image(
         let path = dir.join(TRACE_FILE);
         std::fs::write(&path, bytes).map_err(RemoteError::io("write", &path))?;
         fetched += bytes.len() as u64;
+    }
+    if let Some(repository) = Repository::of(reference) {
+        // Where the image's blobs are, for pushes of these layers to other repositories.
+        let mut locations = BlobLocations::load(&store);
+        let blobs = image.config.layers.iter().map(|r| r.digest);
+        for d in blobs.chain([image.manifest.config.digest]).chain(image.trace().map(|t| t.digest)) {
+            locations.add(&d, &repository);
+        }
+        locations.save_or_warn();
     }
     if lazy {
         let origin = LazyOrigin { reference: reference.to_string(), manifest_digest: image.manifest_digest };

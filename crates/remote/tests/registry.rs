@@ -1,6 +1,7 @@
 //! The OCI distribution client against a real registry (Debian's `docker-registry`): push and
-//! pull, lazy pull with verified on-demand blocks, tampering, outages, basic auth, and the
-//! bearer-token flow (through a small token-checking proxy in front of the registry).
+//! pull, lazy pull with verified on-demand blocks, tampering, outages, basic auth, the
+//! bearer-token flow (through a small token-checking proxy in front of the registry), and
+//! cross-repository mounts (accepted, declined, refused).
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -638,6 +639,9 @@ struct TokenProxy {
     port: u16,
     tokens_issued: Arc<AtomicUsize>,
     challenges: Arc<AtomicUsize>,
+    /// When set, mount requests (`POST …/blobs/uploads/?mount=…`) are refused with 403, as a
+    /// registry refuses a token without the right to read the other repository.
+    deny_mounts: Arc<AtomicBool>,
 }
 
 const TOKEN: &str = "tok-4f9a";
@@ -648,17 +652,18 @@ impl TokenProxy {
         let port = listener.local_addr().unwrap().port();
         let tokens_issued = Arc::new(AtomicUsize::new(0));
         let challenges = Arc::new(AtomicUsize::new(0));
-        let (ti, ch) = (tokens_issued.clone(), challenges.clone());
+        let deny_mounts = Arc::new(AtomicBool::new(false));
+        let (ti, ch, dm) = (tokens_issued.clone(), challenges.clone(), deny_mounts.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                let (ti, ch) = (ti.clone(), ch.clone());
+                let (ti, ch, dm) = (ti.clone(), ch.clone(), dm.clone());
                 std::thread::spawn(move || {
-                    let _ = proxy_one(conn, upstream, port, user, password, &ti, &ch);
+                    let _ = proxy_one(conn, upstream, port, (user, password), &ti, &ch, &dm);
                 });
             }
         });
-        TokenProxy { port, tokens_issued, challenges }
+        TokenProxy { port, tokens_issued, challenges, deny_mounts }
     }
 }
 
@@ -670,10 +675,10 @@ fn proxy_one(
     client: TcpStream,
     upstream: u16,
     port: u16,
-    user: &str,
-    password: &str,
+    (user, password): (&str, &str),
     tokens: &AtomicUsize,
     challenges: &AtomicUsize,
+    deny_mounts: &AtomicBool,
 ) -> std::io::Result<()> {
     client.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut r = BufReader::new(client.try_clone()?);
@@ -725,6 +730,9 @@ fn proxy_one(
             "WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"fake\",scope=\"repository:mcow/bearer:{scope}\"\r\n"
         );
         return respond(&client, "401 Unauthorized", &challenge, "");
+    }
+    if deny_mounts.load(Ordering::Relaxed) && line.starts_with("POST") && target.contains("mount=") {
+        return respond(&client, "403 Forbidden", "", "{\"errors\":[{\"code\":\"DENIED\"}]}");
     }
     let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
     let mut head = line;
@@ -791,6 +799,58 @@ fn bearer_token_flow_through_a_token_proxy() {
     );
     let e = bad.has_blob(&layers(&disk)[0].0).unwrap_err();
     assert!(matches!(e, RemoteError::Http { status: 401, .. }) && e.to_string().contains("bob"), "{e}");
+}
+
+/// Tried: blobs put into repository mcow/x directly, then asked for as mounts from mcow/x into
+/// mcow/bearer through the token-auth front, which first refuses mount requests (403) and then
+/// forwards them; then a mount from a repository that lacks the blob, and one from two
+/// repositories of which only the second has it. Must hold: a refused mount request still gets
+/// the blob uploaded (`None`) and the registry has it; a forwarded one is mounted from mcow/x
+/// (the registry links it: `Some`); a mount the registry declines (202) uploads the blob in the
+/// session it opened; with two candidates the first's session is given up and the second
+/// mounts; every blob reads back as put.
+#[test]
+fn mounts_through_token_auth_and_refused_mounts_upload() {
+    let t = tempfile::tempdir().unwrap();
+    let reg = RegistryServer::start(&t.path().join("reg"), None);
+    let proxy = TokenProxy::start(reg.port, "bob", "hunter2");
+    let direct = Registry::new(&reg.base_url(), "mcow/x");
+    let creds = Some(Credentials { user: "bob".into(), password: "hunter2".into() });
+    let via = Registry::with_config(
+        &format!("http://127.0.0.1:{}", proxy.port),
+        "mcow/bearer",
+        HttpConfig::default(),
+        creds,
+    );
+    let blob = |n: u8| (0..100_000u32).map(|i| (i as u8) ^ n).collect::<Vec<u8>>();
+    let from = ["mcow/x".to_string()];
+
+    proxy.deny_mounts.store(true, Ordering::Relaxed);
+    let b1 = blob(1);
+    let d1 = Digest::of(&b1);
+    direct.put_blob_bytes(&d1, &b1).unwrap();
+    assert_eq!(via.mount_or_put_blob_bytes(&d1, &b1, &from).unwrap(), None, "a refused mount uploads");
+    assert_eq!(via.get_blob(&d1).unwrap(), b1);
+
+    proxy.deny_mounts.store(false, Ordering::Relaxed);
+    let b2 = blob(2);
+    let d2 = Digest::of(&b2);
+    direct.put_blob_bytes(&d2, &b2).unwrap();
+    assert_eq!(via.mount_or_put_blob_bytes(&d2, &b2, &from).unwrap().as_deref(), Some("mcow/x"));
+    assert_eq!(via.get_blob(&d2).unwrap(), b2);
+
+    // Declined (mcow/y does not have it): uploaded in the mount's session.
+    let b3 = blob(3);
+    let d3 = Digest::of(&b3);
+    assert_eq!(via.mount_or_put_blob_bytes(&d3, &b3, &["mcow/y".to_string()]).unwrap(), None);
+    assert_eq!(via.get_blob(&d3).unwrap(), b3);
+    // Two candidates: the first declines, the second mounts.
+    let b4 = blob(4);
+    let d4 = Digest::of(&b4);
+    direct.put_blob_bytes(&d4, &b4).unwrap();
+    let two = ["mcow/y".to_string(), "mcow/x".to_string()];
+    assert_eq!(via.mount_or_put_blob_bytes(&d4, &b4, &two).unwrap().as_deref(), Some("mcow/x"));
+    assert_eq!(via.get_blob(&d4).unwrap(), b4);
 }
 
 /// Tried: push a disk with a trace to the registry, then (1) change one byte of the trace blob

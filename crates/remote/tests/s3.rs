@@ -349,15 +349,23 @@ fn s3_push_pull_lazy_pull_and_errors_against_a_real_server() {
         .unwrap();
     assert!(matches!(e, RemoteError::NotFound { .. }), "{e}");
 
-    // Missing tags: in a layout that has other tags, and where there is no layout at all.
-    for missing in ["s3://mcow/images/demo:nope", "s3://mcow/elsewhere:v1"] {
+    // Missing tags: in a layout that has other tags (named in the error), and where there is no
+    // layout at all (which the error says, rather than that the tag is missing).
+    for (missing, says) in
+        [("s3://mcow/images/demo:nope", "its tags: v1, zstd"), ("s3://mcow/elsewhere:v1", "index.json")]
+    {
         let r = Reference::parse(missing).unwrap();
         let e =
             pull(&r, &tmp.path().join("missing"), &tmp.path().join("store-missing"), false, &mut |_, _| {})
                 .err()
                 .unwrap();
-        assert!(matches!(e, RemoteError::NotFound { .. }), "{missing}: {e}");
-        assert!(e.to_string().contains("tag"), "{missing}: {e}");
+        if says == "index.json" {
+            assert!(matches!(e, RemoteError::NoLayout { .. }), "{missing}: {e}");
+        } else {
+            assert!(matches!(e, RemoteError::NotFound { .. }), "{missing}: {e}");
+            assert!(e.to_string().contains("tag nope"), "{missing}: {e}");
+        }
+        assert!(e.to_string().contains(says), "{missing}: {e}");
     }
 
     // Wrong secret through the environment: push and pull fail with a clear 403.

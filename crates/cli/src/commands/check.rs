@@ -109,7 +109,8 @@ pub fn run(a: CheckArgs, g: Global) -> Result<ExitCode> {
     };
     let mut progress = Progress::new(g, "checking");
     let report = ops::check(&a.disk, a.force_share, &mut |d, t| progress.update(d, t))
-        .with_context(|| format!("checking disk {}", a.disk.display()))?;
+        .with_context(|| format!("checking disk {}", a.disk.display()))
+        .map_err(|e| crate::paths::with_disk_hint(e, &a.disk))?;
     progress.finish();
     let (result, code) = if !report.errors.is_empty() {
         ("corrupt", 2)

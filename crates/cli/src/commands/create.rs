@@ -16,8 +16,9 @@ use crate::size::{parse_size, parse_size_u32};
 /// Create a new disk.
 #[derive(Debug, clap::Args)]
 #[command(
-    long_about = "Create a new disk: a directory DISK holding disk.json and an empty writable top.\n\n\
-    Without --from, the disk has no sealed layers and reads as zeros; -s gives its virtual size. \
+    long_about = concat!("Create a new disk: a directory DISK holding disk.json and an empty writable top.\n\n\
+    Without --from, the disk has no sealed layers and reads as zeros; SIZE (as in `qemu-img \
+    create FILE SIZE`) or -s gives its virtual size. \
     Its layer store is --store, or a directory named `layers` beside DISK (DISK/../layers), \
     created if missing.\n\n\
     With --from DISK2, the new disk sits on DISK2's sealed layers and inherits its virtual size, \
@@ -25,14 +26,23 @@ use crate::size::{parse_size, parse_size_u32};
     fetch missing blocks). DISK2's writable top is NOT included: seal DISK2 first \
     (`mcow seal DISK2`) if its latest writes should be part of the new disk. The layers are \
     shared, not copied, so this is instant whatever the size or depth.\n\n\
-    Sizes take the suffixes K, M, G, T (powers of 1024; k also accepted), e.g. 64M, 1G, 512K, \
-    1.5G, or a plain byte count."
+    A size is ", crate::size::size_syntax!(), ".")
 )]
 pub struct CreateArgs {
     /// Directory of the new disk (created; must not already hold a disk).
     pub disk: PathBuf,
-    /// Virtual size, e.g. 64M, 10G (required unless --from).
-    #[arg(short = 's', long, value_parser = parse_size, required_unless_present = "from", conflicts_with = "from")]
+    /// Virtual size, e.g. 64M, 10G, as qemu-img takes it (or give -s; one is required unless
+    /// --from).
+    #[arg(value_name = "SIZE", value_parser = parse_size, conflicts_with_all = ["from", "size"])]
+    pub size_arg: Option<u64>,
+    /// Virtual size, e.g. 64M, 10G (the same as SIZE).
+    #[arg(
+        short = 's',
+        long,
+        value_parser = parse_size,
+        required_unless_present_any = ["from", "size_arg"],
+        conflicts_with = "from"
+    )]
     pub size: Option<u64>,
     /// Block size: a power of two, e.g. 4K, 64K, 1M [default: 64K].
     #[arg(short = 'b', long, value_parser = parse_size_u32, conflicts_with = "from")]
@@ -63,7 +73,7 @@ pub fn run(a: CreateArgs, _g: Global) -> Result<ExitCode> {
             CreateOptions { virtual_size: m.virtual_size, block_size: m.block_size, store, layers: m.layers }
         }
         None => CreateOptions {
-            virtual_size: a.size.expect("clap requires --size without --from"),
+            virtual_size: a.size.or(a.size_arg).expect("clap requires SIZE or --size without --from"),
             block_size: a.block_size.unwrap_or(DEFAULT_BLOCK_SIZE),
             store: match a.store {
                 Some(s) => s,

@@ -117,8 +117,7 @@ impl Builder<'_> {
         let d = self.disk.take().expect("disk is open");
         d.flush().context("flushing")?;
         drop(d);
-        let digest =
-            ops::merge(dir, 0, &mut |_, _| {}).with_context(|| format!("sealing {}", dir.display()))?;
+        let digest = ops::seal(dir, &mut |_, _| {}).with_context(|| format!("sealing {}", dir.display()))?;
         self.disk = Some(open(dir)?);
         Ok(digest)
     }
@@ -212,7 +211,10 @@ pub fn explain(demo: &Demo, w: &mut dyn Write) -> Result<()> {
     for (i, (digest, what)) in demo.layers.iter().enumerate().rev() {
         writeln!(w, "  depth {}  {}  {what}", n - i, digest.short())?;
     }
-    writeln!(w, "  depth {}  nothing: ranges no layer holds read as zeros", n + 1)?;
+    writeln!(
+        w,
+        "  (ranges no layer holds read as zeros: `map` shows them as holes at depth {n}, the bottom's, as qemu-img does)"
+    )?;
     writeln!(w)?;
     writeln!(w, "All {} were read back through the stack and match what was written.", human_size(SIZE))?;
     writeln!(w)?;
@@ -225,7 +227,9 @@ pub fn explain(demo: &Demo, w: &mut dyn Write) -> Result<()> {
     writeln!(w, "Each range is resolved by one lookup in the top and one in the flattened map of the")?;
     writeln!(w, "sealed layers, however deep the stack. Next, try:")?;
     let d = demo.disk.display();
-    writeln!(w, "  mcow read {d} 8M 64          # the user edit and the editor layer below it")?;
+    // The edit is at 8 MiB + 4 KiB: 1 KiB from 0x800e00 is the editor's last sector before it
+    // and the edit's first sector (a test runs this line and checks both show).
+    writeln!(w, "  mcow read {d} 0x800e00 1K    # the editor's sector before the user edit, then the edit")?;
     writeln!(w, "  mcow map {d} --output json   # the same map for scripts")?;
     writeln!(w, "  mcow check {d}               # verify every block of every layer")?;
     writeln!(w, "  mcow export {d} demo.raw     # the disk as a raw image")?;

@@ -24,6 +24,17 @@ use crate::paths::read_origin;
     store, chain_digest, layer_count, layers (bottom first; each with depth, digest, file_bytes, \
     stored_blocks, extents), top (file, stored_blocks, file_bytes, allocated_bytes: st_blocks x \
     512 of the data file, journal_bytes) and map_extents. Sizes are in bytes.\n\n\
+    Beside them, the keys of `qemu-img info --output=json` that mean something here, spelt as \
+    qemu-img spells them: filename (the disk directory), format (\"mcow\"), virtual-size, \
+    cluster-size (the block size), actual-size (the space the disk's own files, its writable \
+    top's data file and journal, take on the host: sealed layers are shared and counted in \
+    the chain), backing-filename and backing-filename-format (the topmost sealed layer's file \
+    and \"mcow-layer\"; absent without sealed layers), and backing-chain: the images top \
+    first, as `qemu-img info --backing-chain` lists them, each with filename, format \
+    (\"mcow-top\" for the writable top, \"mcow-layer\" for a sealed layer), depth, \
+    virtual-size, cluster-size, actual-size (st_blocks x 512 of its file; the journal too for \
+    the top) and, but for the bottom, backing-filename and backing-filename-format of the \
+    image below.\n\n\
     A disk pulled with `mcow pull --lazy` (or served from a reference) also shows its origin \
     (the reference and manifest digest it fetches missing blocks from) and, per layer, how much \
     of its stored data is local; in JSON, origin and origin_manifest (null for other disks) and, \
@@ -52,6 +63,106 @@ pub struct Info {
     pub layers: Vec<LayerInfo>,
     pub top: TopInfo,
     pub map_extents: usize,
+    /// The keys of `qemu-img info --output=json` that have a meaning here (see the help).
+    #[serde(flatten)]
+    pub qemu: QemuInfo,
+}
+
+/// `qemu-img info` keys: the disk as a whole.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct QemuInfo {
+    pub filename: String,
+    pub format: &'static str,
+    pub virtual_size: u64,
+    pub cluster_size: u32,
+    pub actual_size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_filename: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_filename_format: Option<&'static str>,
+    /// Top first, like `qemu-img info --backing-chain`.
+    pub backing_chain: Vec<ChainImage>,
+}
+
+/// One image of `backing-chain`: the writable top or a sealed layer.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ChainImage {
+    pub filename: String,
+    pub format: &'static str,
+    pub depth: usize,
+    pub virtual_size: u64,
+    pub cluster_size: u32,
+    pub actual_size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_filename: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_filename_format: Option<&'static str>,
+}
+
+/// `format` of the disk, of its writable top and of a sealed layer.
+pub const FORMAT_DISK: &str = "mcow";
+pub const FORMAT_TOP: &str = "mcow-top";
+pub const FORMAT_LAYER: &str = "mcow-layer";
+
+/// Space `path` takes on its device (st_blocks x 512), 0 if it cannot be read.
+fn allocated(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+/// The qemu-img view of a disk: the chain top first, each image backed by the next.
+fn qemu_info(disk: &Disk, i: &ops::DiskInfo) -> QemuInfo {
+    let (data, journal) = disk.top().allocated_sizes();
+    let top_actual = data + journal;
+    // Layer files under the store's canonical path, as `store` shows it.
+    let root = disk.store().root();
+    let canonical = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+    let in_store = |p: std::path::PathBuf| match p.strip_prefix(root) {
+        Ok(rel) => canonical.join(rel),
+        Err(_) => p,
+    };
+    let store = disk.store();
+    let mut chain = vec![ChainImage {
+        filename: disk.top().path().display().to_string(),
+        format: FORMAT_TOP,
+        depth: 0,
+        virtual_size: i.virtual_size,
+        cluster_size: i.block_size,
+        actual_size: top_actual,
+        backing_filename: None,
+        backing_filename_format: None,
+    }];
+    let n = i.layers.len();
+    for (idx, l) in i.layers.iter().enumerate().rev() {
+        let path =
+            in_store(if l.partial { store.partial_path(&l.digest) } else { store.layer_path(&l.digest) });
+        chain.push(ChainImage {
+            filename: path.display().to_string(),
+            format: FORMAT_LAYER,
+            depth: n - idx,
+            virtual_size: i.virtual_size,
+            cluster_size: i.block_size,
+            actual_size: allocated(&path),
+            backing_filename: None,
+            backing_filename_format: None,
+        });
+    }
+    for k in 1..chain.len() {
+        chain[k - 1].backing_filename = Some(chain[k].filename.clone());
+        chain[k - 1].backing_filename_format = Some(FORMAT_LAYER);
+    }
+    QemuInfo {
+        filename: disk.dir().display().to_string(),
+        format: FORMAT_DISK,
+        virtual_size: i.virtual_size,
+        cluster_size: i.block_size,
+        actual_size: top_actual,
+        backing_filename: chain[0].backing_filename.clone(),
+        backing_filename_format: chain[0].backing_filename_format,
+        backing_chain: chain,
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -119,6 +230,7 @@ pub fn collect(disk: &Disk) -> Info {
             journal_bytes: i.top_journal_bytes,
         },
         map_extents: i.map_extents,
+        qemu: qemu_info(disk, &i),
     }
 }
 
@@ -180,7 +292,11 @@ pub fn run(a: InfoArgs, _g: Global) -> Result<ExitCode> {
     let info = collect(&disk);
     match a.disk.output {
         OutputFormat::Json => print_json(&info)?,
-        OutputFormat::Human => write_human(&info, &mut std::io::stdout().lock()).context("writing output")?,
+        OutputFormat::Human => {
+            let mut out = crate::output::stdout();
+            write_human(&info, &mut out).context("writing output")?;
+            out.flush().context("writing output")?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

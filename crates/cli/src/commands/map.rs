@@ -14,20 +14,27 @@ use crate::output::{OutputFormat, depth_of, human_size, layer_name, print_json};
 #[derive(Debug, clap::Args)]
 #[command(long_about = "Show, for every range of the disk, what it reads as and which layer decides it, \
     like `qemu-img map`. Neighbouring ranges from the same layer and of the same kind are merged.\n\n\
-    Human output is a table of offset, length, what (data, zero or hole) and layer (the short \
-    digest of a sealed layer, `top` for the writable top, `-` for none).\n\n\
+    Human output is a table of offset, length, what and depth (as the JSON below) and layer (the \
+    short digest of a sealed layer, `top` for the writable top, `-` for none). WHAT is `data` \
+    (stored data), `zero` (a zero or discard marker in the layer shown: reads as zeros and \
+    hides what is below) or `hole` (no layer holds the range: reads as zeros).\n\n\
     JSON output (--output json) is an array covering the whole disk in order, of objects with \
-    these keys:\n  \
+    these keys, named and meant as in `qemu-img map --output=json` of a qcow2 backing chain \
+    (the writable top is the chain's top image, the sealed layers its backing files):\n  \
     start, length  the range, in bytes;\n  \
     depth          0 = the writable top, 1 = the topmost sealed layer, ..., N = the bottom layer \
-    of a stack of N; a range no layer holds gets depth N+1 (as qemu-img reports unallocated \
-    ranges below the bottom of the chain);\n  \
+    of a stack of N; a range no layer holds gets N too, the bottom's depth (as qemu-img 10 \
+    reports unallocated ranges), and present false;\n  \
     present        true if some layer holds the range (data, or a zero or discard marker that \
-    hides what is below), false if no layer does;\n  \
-    zero           true if the range reads as zeros (zero and discard markers, and unallocated \
-    ranges);\n  \
-    data           true if the range is stored data;\n  \
-    layer          the layer's digest (\"sha256:...\"), \"top\", or null where present is false.")]
+    hides what is below: qemu-img's allocated cluster or zero cluster), false if no layer \
+    does (WHAT `hole`);\n  \
+    zero           true if the range reads as zeros without stored data (zero and discard \
+    markers, and ranges no layer holds), as qemu-img's \"zero\";\n  \
+    data           true if the range is stored data (WHAT `data`), as qemu-img's \"data\";\n  \
+    layer          the layer's digest (\"sha256:...\"), \"top\", or null where present is false \
+    (in place of qemu-img's \"offset\" and \"filename\", which have no counterpart).\n\n\
+    So for a qcow2 chain and an mcow disk of the same content and history, start, length, \
+    depth, present, zero and data agree.")]
 pub struct MapArgs {
     #[command(flatten)]
     pub disk: super::InspectArgs,
@@ -70,10 +77,11 @@ pub fn write_human(disk: &Disk, w: &mut dyn Write) -> Result<()> {
     let n = disk.stack().depth();
     writeln!(w, "{:>12}  {:>12}  {:>9}  {:<4}  {:>5}  LAYER", "OFFSET", "LENGTH", "", "WHAT", "DEPTH")?;
     for r in runs {
-        let what = match r.kind {
-            RunKind::Data => "data",
-            RunKind::Zero => "zero",
-            RunKind::Hole => "hole",
+        // The same meanings as the JSON: data, present without data, not present.
+        let what = match (r.kind, r.layer) {
+            (RunKind::Data, _) => "data",
+            (_, Some(_)) => "zero",
+            (_, None) => "hole",
         };
         writeln!(
             w,
@@ -93,7 +101,11 @@ pub fn run(a: MapArgs, _g: Global) -> Result<ExitCode> {
     let disk = a.disk.open()?;
     match a.disk.output {
         OutputFormat::Json => print_json(&collect(&disk)?)?,
-        OutputFormat::Human => write_human(&disk, &mut std::io::stdout().lock())?,
+        OutputFormat::Human => {
+            let mut out = crate::output::stdout();
+            write_human(&disk, &mut out)?;
+            out.flush().context("writing output")?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

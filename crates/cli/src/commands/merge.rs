@@ -1,5 +1,5 @@
 //! `mcow seal`, `mcow commit`, `mcow flatten`: merging the top and sealed layers into one new
-//! sealed layer (`ops::merge`).
+//! sealed layer (`ops::seal`, `ops::merge`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -16,7 +16,9 @@ use crate::progress::Progress;
 #[command(long_about = "Seal the disk's writable top: its blocks become a new sealed layer on top of the \
     stack, and the disk gets a fresh, empty top. Prints the new layer's digest.\n\n\
     The disk must not be in use by another process. Sealed layers are immutable and named by \
-    their content (sha256), so other disks can be created on them (`mcow create --from`).")]
+    their content (sha256), so other disks can be created on them (`mcow create --from`).\n\n\
+    A top that holds nothing (no data, no zero or discard marker) is not sealed: seal says so \
+    on stderr, adds no layer, prints no digest and exits 0.")]
 pub struct SealArgs {
     /// The disk directory.
     pub disk: PathBuf,
@@ -48,6 +50,19 @@ pub struct FlattenArgs {
 }
 
 fn merge(dir: &Path, n: usize, g: Global, label: &str, what: &str) -> Result<ExitCode> {
+    if n == 0 {
+        // An empty top would become an empty layer: one more level that changes nothing.
+        let opts = mcow_engine::OpenOptions { read_only: true, verify: true, force_share: false };
+        let engine = mcow_engine::Engine::default();
+        let (disk, _) = crate::paths::open_lazy(&engine, dir, opts, crate::paths::Fetch::Offline)?;
+        if disk.top().extents().is_empty() {
+            eprintln!(
+                "mcow: nothing to seal: the writable top of {} holds no writes; no layer added",
+                dir.display()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
     // A lazily pulled disk fetches the missing blocks of the layers it merges from its origin.
     let source = match crate::paths::read_origin(dir)? {
         Some(origin) if n > 0 => {
@@ -61,8 +76,13 @@ fn merge(dir: &Path, n: usize, g: Global, label: &str, what: &str) -> Result<Exi
         _ => None,
     };
     let mut progress = Progress::new(g, label);
-    let digest = ops::merge_with_source(dir, n, source, &mut |d, t| progress.update(d, t))
-        .with_context(|| format!("{what} disk {}", dir.display()))?;
+    let mut update = |d, t| progress.update(d, t);
+    let digest = if n == 0 {
+        ops::seal(dir, &mut update)
+    } else {
+        ops::merge_with_source(dir, n, source, &mut update)
+    }
+    .with_context(|| format!("{what} disk {}", dir.display()))?;
     progress.finish();
     println!("{digest}");
     Ok(ExitCode::SUCCESS)

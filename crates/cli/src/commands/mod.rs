@@ -1,10 +1,12 @@
 //! One module per verb (`merge` holds seal, commit and flatten; `readwrite` holds read and
 //! write; `transfer` holds push and pull). Each has a clap `Args` struct, whose doc comments are
-//! the verb's help, and a `run`.
+//! the verb's help, and a `run`. `docs` holds completions and man, generated from the clap
+//! definitions.
 
 pub mod check;
 pub mod create;
 pub mod demo;
+pub mod docs;
 pub mod export;
 pub mod import;
 pub mod info;

@@ -76,7 +76,7 @@ pub fn run_read(a: ReadArgs, _g: Global) -> Result<ExitCode> {
     let mut buf = vec![0u8; a.length as usize];
     disk.read(a.offset, &mut buf)
         .with_context(|| format!("reading {}+{} of disk {}", a.offset, a.length, a.disk.display()))?;
-    let mut out = std::io::stdout().lock();
+    let mut out = crate::output::stdout();
     if a.raw {
         out.write_all(&buf).context("writing output")?;
     } else {

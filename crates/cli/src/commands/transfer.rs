@@ -31,16 +31,37 @@ pub fn warn_missing_trace(reference: &Reference, trace: &mcow_engine::Digest) {
     );
 }
 
+/// How long push and pull keep trying, in their help (through `concat!`): the defaults of
+/// `mcow_remote::http_client::HttpConfig` (a test checks the numbers against them).
+macro_rules! retry_help {
+    () => {
+        "\n\nOver HTTP (oci://, http(s)://, s3://; file:// is local), each request is retried after \
+        transient failures (the remote down, 5xx and 429 answers, cut connections, short bodies, \
+        bodies too slow) with jittered exponential backoff from 0.1 s doubling up to 2 s (longer if \
+        a Retry-After asks), until 30 s after its first attempt plus the time its size takes at \
+        256 KiB/s; only then does the verb fail. A response body must average 256 KiB/s after \
+        its first 10 s, or it is abandoned and the rest asked for again; response headers that do \
+        not come, or any one read or write that stalls, fail an attempt after 30 s, a connect \
+        after 5 s. From the environment (milliseconds unless said): MCOW_RETRY_DEADLINE_MS \
+        (30000), MCOW_HTTP_MIN_RATE (bytes/s, 262144; 0: no minimum), MCOW_HTTP_DEADLINE_MS \
+        (10000), MCOW_HTTP_TIMEOUT_MS (30000), MCOW_HTTP_CONNECT_TIMEOUT_MS (5000)."
+    };
+}
+
 fn parse_reference(text: &str) -> Result<Reference> {
     crate::paths::parse_reference(text)
 }
 
 /// Push a disk's sealed layers to remote storage as an image.
 #[derive(Debug, clap::Args)]
-#[command(long_about = "Push DISK's sealed layers to REF as a disk image: each layer is uploaded unless \
+#[command(long_about = concat!("Push DISK's sealed layers to REF as a disk image: each layer is uploaded unless \
     the remote already holds it (layers are named by content, so images sharing a base share its \
     blob), then the image config and manifest, tagged. Prints the manifest digest and what was \
     uploaded.\n\n\
+    To an oci:// registry, a blob that another repository of the same registry holds is mounted \
+    from there (a cross-repository mount: nothing is uploaded). Which repositories hold which \
+    blobs is remembered in the layer store (blob-locations.json) by every push and pull through \
+    a registry; a lazily pulled disk's origin is tried too.\n\n\
     DISK's writable top is NOT pushed: seal it first (`mcow seal DISK`) if its writes should be \
     part of the image; push warns when the top holds changes. Every layer must be complete \
     locally (a disk pulled with --lazy must be read in full, or pulled again without --lazy).\n\n\
@@ -48,9 +69,9 @@ fn parse_reference(text: &str) -> Result<Reference> {
     with a frame table, so lazy pulls still fetch single blocks); pulls rebuild the identical \
     layer. mcow versions before compressed blobs cannot pull such an image.\n\n\
     JSON output (--output json): an object with reference, manifest_digest, layers, uploaded, \
-    bytes_uploaded, already_there, layer_bytes, blob_bytes (the image's layer blobs at the \
+    mounted, bytes_uploaded, already_there, layer_bytes, blob_bytes (the image's layer blobs at the \
     remote: compressed with --compress) and compress (the level, or null).\n\n\
-    Example:\n  mcow seal vm1 && mcow push vm1 file:///srv/images/vm:v1")]
+    Example:\n  mcow seal vm1 && mcow push vm1 file:///srv/images/vm:v1", retry_help!()))]
 #[command(after_help = REFERENCE_HELP)]
 pub struct PushArgs {
     /// The disk directory.
@@ -89,6 +110,7 @@ struct PushJson {
     manifest_digest: String,
     layers: usize,
     uploaded: usize,
+    mounted: usize,
     bytes_uploaded: u64,
     already_there: usize,
     layer_bytes: u64,
@@ -101,14 +123,26 @@ pub fn run_push(a: PushArgs, g: Global) -> Result<ExitCode> {
     {
         let opts = OpenOptions { read_only: true, verify: true, force_share: true };
         let (d, _) = open_lazy(&mcow_engine::Engine::default(), &a.disk, opts, Fetch::Offline)?;
-        let changes = d.top().extents().len();
-        if changes > 0 {
+        let top = d.top().extents();
+        let stored = d.top().stored_blocks();
+        let marked: u64 =
+            top.iter().filter(|e| e.loc.kind != mcow_format::ExtentKind::Data).map(|e| e.end - e.start).sum();
+        let disk = a.disk.display();
+        if stored > 0 {
+            let markers = if marked > 0 {
+                format!(" and zero or discard markers over {marked} blocks")
+            } else {
+                String::new()
+            };
             eprintln!(
-                "mcow: warning: the writable top of {} holds changes ({} stored blocks) that are not pushed; \
-                 run `mcow seal {}` first to include them",
-                a.disk.display(),
-                d.top().stored_blocks(),
-                a.disk.display()
+                "mcow: warning: the writable top of {disk} holds changes ({stored} stored blocks{markers}) \
+                 that are not pushed; run `mcow seal {disk}` first to include them"
+            );
+        } else if marked > 0 {
+            eprintln!(
+                "mcow: warning: the writable top of {disk} holds no data but zero or discard markers over \
+                 {marked} blocks (they make those blocks read as zeros over the sealed layers), which are \
+                 not pushed; run `mcow seal {disk}` first to include them"
             );
         }
     }
@@ -118,13 +152,14 @@ pub fn run_push(a: PushArgs, g: Global) -> Result<ExitCode> {
         mcow_remote::transfer::push_with(&a.disk, &reference, &opts, &mut |d, t| progress.update(d, t))
             .with_context(|| format!("pushing disk {} to {reference}", a.disk.display()))?;
     progress.finish();
-    let already = report.layers - report.uploaded;
+    let already = report.layers - report.uploaded - report.mounted;
     match a.output {
         OutputFormat::Json => print_json(&PushJson {
             reference: reference.to_string(),
             manifest_digest: report.manifest_digest.to_string(),
             layers: report.layers,
             uploaded: report.uploaded,
+            mounted: report.mounted,
             bytes_uploaded: report.bytes_uploaded,
             already_there: already,
             layer_bytes: report.layer_bytes,
@@ -135,13 +170,18 @@ pub fn run_push(a: PushArgs, g: Global) -> Result<ExitCode> {
             println!("Pushed {} to {reference}", a.disk.display());
             println!("manifest: {}", report.manifest_digest);
             println!(
-                "{} layer{}, {} uploaded ({}, {} bytes), {} already there",
+                "{} layer{}, {} uploaded ({}, {} bytes), {} already there{}",
                 report.layers,
                 if report.layers == 1 { "" } else { "s" },
                 report.uploaded,
                 human_size(report.bytes_uploaded),
                 report.bytes_uploaded,
-                already
+                already,
+                if report.mounted > 0 {
+                    format!(", {} mounted from other repositories of the registry", report.mounted)
+                } else {
+                    String::new()
+                }
             );
             if let Some(level) = report.compressed {
                 println!(
@@ -165,11 +205,36 @@ mod tests {
         assert_eq!(*mcow_format::LEVELS.start(), 1);
         assert_eq!(*mcow_format::LEVELS.end(), 19);
     }
+
+    /// The retry numbers push's and pull's help give are the HTTP backends' defaults.
+    #[test]
+    fn the_retry_help_says_the_real_numbers() {
+        let c = mcow_remote::http_client::HttpConfig::default();
+        let help = retry_help!();
+        let secs = |d: std::time::Duration| format!("{} s", d.as_secs_f64());
+        for want in [
+            format!("from {} doubling up to {}", secs(c.retry.first_delay), secs(c.retry.max_delay)),
+            format!("until {} after its first attempt", secs(c.retry.deadline)),
+            format!("takes at {} KiB/s", c.pace.min_rate >> 10),
+            format!("average {} KiB/s after its first {}", c.pace.min_rate >> 10, secs(c.pace.grace)),
+            format!("fail an attempt after {}", secs(c.request_timeout)),
+            format!("a connect after {}", secs(c.connect_timeout)),
+            format!("MCOW_RETRY_DEADLINE_MS ({})", c.retry.deadline.as_millis()),
+            format!("MCOW_HTTP_MIN_RATE (bytes/s, {};", c.pace.min_rate),
+            format!("MCOW_HTTP_DEADLINE_MS ({})", c.pace.grace.as_millis()),
+            format!("MCOW_HTTP_TIMEOUT_MS ({})", c.request_timeout.as_millis()),
+            format!("MCOW_HTTP_CONNECT_TIMEOUT_MS ({})", c.connect_timeout.as_millis()),
+        ] {
+            let flat = help.split_whitespace().collect::<Vec<_>>().join(" ");
+            let want = want.split_whitespace().collect::<Vec<_>>().join(" ");
+            assert!(flat.contains(&want), "the retry help does not say {want:?}:\n{flat}");
+        }
+    }
 }
 
 /// Pull a disk image into a new disk.
 #[derive(Debug, clap::Args)]
-#[command(long_about = "Create the disk directory DIR from the image at REF: its sealed layers go to the \
+#[command(long_about = concat!("Create the disk directory DIR from the image at REF: its sealed layers go to the \
     layer store (--store, or `layers` beside DIR, like `mcow create`), and DIR gets an empty \
     writable top on them. Layers already in the store are not fetched again. Prints the manifest \
     digest and the bytes fetched.\n\n\
@@ -186,7 +251,7 @@ mod tests {
     --lazy, the blob's frame table is fetched with the index, checked, and kept beside the \
     partial copy (<hex>.frames), and blocks are fetched as their frames.\n\n\
     JSON output (--output json): an object with reference, disk, store, manifest_digest, \
-    layers, layers_local (already in the store), bytes_fetched and lazy.")]
+    layers, layers_local (already in the store), bytes_fetched and lazy.", retry_help!()))]
 #[command(after_help = REFERENCE_HELP)]
 pub struct PullArgs {
     /// The image, e.g. file:///srv/images/vm:v1.

@@ -14,14 +14,25 @@ pub struct Registry {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// Whether the registry writes its access log (one line per request) into its log.
+    access_log: bool,
 }
 
 impl Registry {
     pub fn start(dir: &Path) -> Registry {
+        Registry::start_with(dir, false)
+    }
+
+    /// A registry that logs every request it answers (see [`Registry::access_log`]).
+    pub fn start_logged(dir: &Path) -> Registry {
+        Registry::start_with(dir, true)
+    }
+
+    fn start_with(dir: &Path, access_log: bool) -> Registry {
         tool("docker-registry");
         tool("curl");
         std::fs::create_dir_all(dir).unwrap();
-        let mut r = Registry { port: 0, dir: dir.to_path_buf(), child: None };
+        let mut r = Registry { port: 0, dir: dir.to_path_buf(), child: None, access_log };
         for _ in 0..10 {
             r.port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
             if r.spawn() {
@@ -51,15 +62,34 @@ impl Registry {
         std::fs::read_to_string(self.dir.join("registry.log")).unwrap_or_default()
     }
 
+    /// The requests answered so far (of a registry started with [`Registry::start_logged`]), as
+    /// (method, path and query, status), in order, from its access log (combined log format:
+    /// `… "METHOD URI HTTP/1.1" STATUS …`).
+    pub fn access_log(&self) -> Vec<(String, String, u16)> {
+        assert!(self.access_log, "the registry was started without its access log");
+        self.log()
+            .lines()
+            .filter_map(|l| {
+                let (_, rest) = l.split_once('"')?;
+                let (request, rest) = rest.split_once('"')?;
+                let mut words = request.split(' ');
+                let (method, uri) = (words.next()?, words.next()?);
+                let status = rest.split_whitespace().next()?.parse().ok()?;
+                Some((method.to_string(), uri.to_string(), status))
+            })
+            .collect()
+    }
+
     /// Writes the configuration for `self.port` and starts the registry; false if it exited
     /// before answering (the port was taken).
     fn spawn(&mut self) -> bool {
         std::fs::write(
             self.config(),
             format!(
-                "version: 0.1\nlog: {{level: warn, accesslog: {{disabled: true}}}}\n\
+                "version: 0.1\nlog: {{level: warn, accesslog: {{disabled: {}}}}}\n\
                  storage:\n  filesystem: {{rootdirectory: {}}}\n  delete: {{enabled: true}}\n\
                  http: {{addr: 127.0.0.1:{}, secret: test-secret}}\n",
+                !self.access_log,
                 self.dir.join("data").display(),
                 self.port
             ),
