@@ -586,7 +586,9 @@ fn main() {
             let files = if a.breakdown {
                 {
                     let stack = disk.stack();
-                    (0..b.depth).map(|l| std::fs::File::open(&stack.layers()[l].path).expect("open layer")).collect()
+                    (0..b.depth)
+                        .map(|l| std::fs::File::open(&stack.layers()[l].path).expect("open layer"))
+                        .collect()
                 }
             } else {
                 Vec::new()

@@ -372,7 +372,8 @@ impl Disk {
                     actual: expected,
                 });
             }
-            if top.header.block_size != manifest.block_size || top.header.virtual_size != manifest.virtual_size
+            if top.header.block_size != manifest.block_size
+                || top.header.virtual_size != manifest.virtual_size
             {
                 return Err(Error::Mismatch {
                     path: top.path().to_path_buf(),
@@ -770,12 +771,20 @@ impl Disk {
             Err(Error::Invalid("a frozen top changed while it was sealed".into()))
         };
         let parent = chain_digest(&layers);
-        let digest =
-            crate::ops::write_layer(&self.store, &view.manifest, &map, parent, layers.is_empty(), &read, progress)?;
+        let digest = crate::ops::write_layer(
+            &self.store,
+            &view.manifest,
+            &map,
+            parent,
+            layers.is_empty(),
+            &read,
+            progress,
+        )?;
         let mut manifest = view.manifest.clone();
         manifest.layers.push(digest);
         manifest.frozen.remove(0);
-        manifest.top_base = Some(next_chain(&frozen.header.parent, &frozen_placeholder(&frozen.header.instance)));
+        manifest.top_base =
+            Some(next_chain(&frozen.header.parent, &frozen_placeholder(&frozen.header.instance)));
         let stack = Stack::open(
             &self.store,
             &manifest.layers,
@@ -825,7 +834,6 @@ impl Disk {
         }
         Ok(runs)
     }
-
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

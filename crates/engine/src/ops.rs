@@ -58,7 +58,9 @@ pub fn merge_with_source(
     if !manifest.frozen.is_empty() {
         // Tops a snapshot froze are sealed first, in order, as a server would have.
         let disk = match &source {
-            Some((source, policy)) => Disk::open_with_source(dir, OpenOptions::default(), source.clone(), *policy)?,
+            Some((source, policy)) => {
+                Disk::open_with_source(dir, OpenOptions::default(), source.clone(), *policy)?
+            }
             None => Disk::open(dir, OpenOptions::default())?,
         };
         while disk.seal_frozen(&mut |_, _| {})?.is_some() {}
