@@ -37,7 +37,7 @@ fn main() {
     for mib in [1u64, 16, 256, 1024].into_iter().filter(|&m| m <= max_mib) {
         let dir = root.join(format!("d{mib}"));
         let _ = std::fs::remove_dir_all(&dir);
-        let size = 2 * max_mib.max(16) << 20;
+        let size = (2 * max_mib.max(16)) << 20;
         let mut opts = CreateOptions::new(size, root.join("layers"));
         opts.block_size = BS;
         Disk::create(&dir, &opts).expect("create");
