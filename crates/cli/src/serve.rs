@@ -1,205 +1,20 @@
-//! `mcow serve`: exports disks over NBD. This module is the glue between the engine's `Disk`
-//! and the NBD server's `Export` trait; the protocol lives in `mcow-nbd`, the data path in
-//! `mcow-engine`. It owns the choice of NBD semantics for our disks (block sizes, the
-//! `mcow:allocation-depth` context, errno mapping) and the signal-driven shutdown.
+//! `mcow serve` and `mcow trace`: their arguments, resolving each `[NAME=]DISK|REF` to a disk,
+//! and the signal-driven shutdown. Serving a disk over NBD (the export, prefetch, listeners) is
+//! the library `mcow-service`; the protocol is `mcow-nbd`, the data path `mcow-engine`.
 
-use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use mcow_engine::{Disk, Engine, FetchPolicy, OpenOptions, RunKind, TOP};
+use mcow_engine::{Engine, FetchPolicy, OpenOptions};
+use mcow_nbd::{Server, ServerConfig};
 use mcow_remote::{Reference, Sources};
+pub use mcow_service::DiskExport;
+use mcow_service::{ListenOn, Listening, TraceRecorder, background_fetch};
 
 use crate::paths::{Fetch, open_lazy};
-use mcow_nbd::proto::{NBD_STATE_HOLE, NBD_STATE_ZERO};
-use mcow_nbd::{BlockSizes, Export, Parts, Server, ServerConfig, StatusExtent};
-
-/// Our metadata context: which layer holds each extent, numbered like QEMU's
-/// `qemu:allocation-depth`: 0 = no layer, 1 = the writable top, 2 = the topmost sealed layer,
-/// and so on down to `depth + 1` for the bottom layer.
-pub const DEPTH_CONTEXT: &str = "mcow:allocation-depth";
-
-/// A disk seen as an NBD export. One instance is shared by every connection.
-pub struct DiskExport {
-    disk: Arc<Disk>,
-    trace: Option<Arc<TraceRecorder>>,
-}
-
-impl DiskExport {
-    pub fn new(disk: Arc<Disk>) -> DiskExport {
-        DiskExport { disk, trace: None }
-    }
-
-    /// Records the order of first reads into `trace`.
-    pub fn with_trace(mut self, trace: Arc<TraceRecorder>) -> DiskExport {
-        self.trace = Some(trace);
-        self
-    }
-
-    fn sync_if(&self, fua: bool) -> io::Result<()> {
-        if fua { self.disk.flush().map_err(io::Error::from) } else { Ok(()) }
-    }
-}
-
-impl Export for DiskExport {
-    fn size(&self) -> u64 {
-        self.disk.size()
-    }
-
-    fn read_only(&self) -> bool {
-        self.disk.is_read_only()
-    }
-
-    /// Any alignment works; a whole block avoids a copy-up, so the block is preferred.
-    fn block_sizes(&self) -> BlockSizes {
-        BlockSizes { minimum: 1, preferred: self.disk.block_size().max(4096), maximum: 32 << 20 }
-    }
-
-    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        if let Some(t) = &self.trace {
-            t.note(offset, buf.len() as u64);
-        }
-        Ok(self.disk.read(offset, buf)?)
-    }
-
-    /// Sealed layers are mapped: their bytes go to the client straight from the map.
-    fn read_borrowed(&self, offset: u64, len: usize, send: &mut Parts<'_>) -> Option<io::Result<()>> {
-        if let Some(t) = &self.trace {
-            t.note(offset, len as u64);
-        }
-        match self.disk.read_mapped(offset, len, send) {
-            Ok(false) => None,
-            Ok(true) => Some(Ok(())),
-            Err(e) => Some(Err(e.into())),
-        }
-    }
-
-    fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        self.disk.write(offset, data)?;
-        self.sync_if(fua)
-    }
-
-    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> io::Result<()> {
-        self.disk.write_zeroes(offset, len, may_trim)?;
-        self.sync_if(fua)
-    }
-
-    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
-        self.disk.discard(offset, len)?;
-        self.sync_if(fua)
-    }
-
-    fn flush(&self) -> io::Result<()> {
-        Ok(self.disk.flush()?)
-    }
-
-    fn extra_meta_contexts(&self) -> Vec<String> {
-        vec![DEPTH_CONTEXT.to_string()]
-    }
-
-    fn block_status(&self, context: &str, offset: u64, len: u64) -> io::Result<Vec<StatusExtent>> {
-        // Bound the work per request; the client asks again for the rest.
-        let len = len.min(1 << 30).min(self.disk.size().saturating_sub(offset));
-        let runs = self.disk.block_status(offset, len)?;
-        let layers = self.disk.stack().depth() as u32;
-        let depth_of = |layer: Option<u32>| match layer {
-            None => 0,
-            Some(TOP) => 1,
-            Some(i) => layers - i + 1,
-        };
-        let mut out: Vec<StatusExtent> = Vec::with_capacity(runs.len());
-        for r in runs {
-            let flags = if context == DEPTH_CONTEXT {
-                depth_of(r.layer)
-            } else {
-                match r.kind {
-                    RunKind::Data => 0,
-                    RunKind::Zero => NBD_STATE_ZERO,
-                    RunKind::Hole => NBD_STATE_HOLE | NBD_STATE_ZERO,
-                }
-            };
-            match out.last_mut() {
-                Some(last) if last.flags == flags => last.length += r.length,
-                _ => out.push(StatusExtent { length: r.length, flags }),
-            }
-        }
-        Ok(out)
-    }
-}
-
-/// Records which blocks are read first, in order: one bit per block says whether it was seen.
-pub struct TraceRecorder {
-    block_size: u32,
-    seen: mcow_engine::AtomicBitmap,
-    order: Mutex<Vec<u64>>,
-}
-
-impl TraceRecorder {
-    pub fn new(disk: &Disk) -> TraceRecorder {
-        let blocks = disk.size().div_ceil(u64::from(disk.block_size()));
-        TraceRecorder {
-            block_size: disk.block_size(),
-            seen: mcow_engine::AtomicBitmap::new(blocks),
-            order: Mutex::new(Vec::new()),
-        }
-    }
-
-    fn note(&self, offset: u64, len: u64) {
-        if len == 0 {
-            return;
-        }
-        let bs = u64::from(self.block_size);
-        for b in offset / bs..=((offset + len - 1) / bs).min(self.seen.len().saturating_sub(1)) {
-            if !self.seen.set(b) {
-                self.order.lock().unwrap_or_else(|p| p.into_inner()).push(b);
-            }
-        }
-    }
-
-    /// The trace so far.
-    pub fn trace(&self) -> mcow_remote::image::Trace {
-        let blocks = self.order.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        mcow_remote::image::Trace { block_size: self.block_size, blocks }
-    }
-}
-
-/// Fetches in the background what a lazy disk will likely need: first the blocks of its
-/// image's trace, in order; then, with `all`, every remaining block of its partial layers,
-/// after which those layers are complete and move into the store. Stops early when `stop` is
-/// set. Errors are logged (the blocks are fetched again on demand).
-fn background_fetch(disk: Arc<Disk>, trace: Option<Vec<u64>>, all: bool, stop: Arc<AtomicBool>) {
-    // The trace's blocks as runs of consecutive blocks, in the trace's order, asked for in
-    // batches: each batch costs one request per layer where the origin allows several ranges
-    // in one (registries, plain HTTP), so the first blocks come soon and requests stay few.
-    const BATCH: usize = 64;
-    let trace = trace.unwrap_or_default();
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for &vb in &trace {
-        match runs.last_mut() {
-            Some((start, n)) if *start + *n == vb => *n += 1,
-            _ => runs.push((vb, 1)),
-        }
-    }
-    let mut prefetched = 0u64;
-    for batch in runs.chunks(BATCH) {
-        if stop.load(Ordering::Relaxed) {
-            return;
-        }
-        match disk.prefetch_runs(batch) {
-            Ok(()) => prefetched += batch.iter().map(|r| r.1).sum::<u64>(),
-            Err(e) => tracing::warn!(runs = batch.len(), error = %e, "prefetch failed"),
-        }
-    }
-    tracing::info!(disk = %disk.dir().display(), blocks = prefetched, "prefetched the trace");
-    if !all {
-        return;
-    }
-    let done = disk.fetch_rest(&stop);
-    tracing::info!(disk = %disk.dir().display(), ?done, "background download ended");
-}
 
 /// How long fetches from the origin may go on once the server is told to stop (requests in
 /// flight waiting for them, read-ahead landing its blocks); then the origins are cancelled, so
@@ -623,33 +438,11 @@ pub fn serve_disks(
     check_open_file_limit(config.max_connections);
     let mut server = Server::with_config(config);
     for (name, export) in exports {
-        let desc = format!("mcow disk {}", export.disk.dir().display());
+        let desc = format!("mcow disk {}", export.disk().dir().display());
         server.add_export(name.clone(), desc, export).with_context(|| format!("export {name}"))?;
     }
     let server = Arc::new(server);
-    let mut addrs = Vec::new();
-    let mut threads = Vec::new();
-    if let Some(addr) = tcp {
-        let listener = std::net::TcpListener::bind(&addr).with_context(|| format!("listening on {addr}"))?;
-        addrs.push(format!("nbd://{}", listener.local_addr()?));
-        let s = server.clone();
-        threads.push(std::thread::spawn(move || s.serve_tcp_listener(listener)));
-    }
-    if let Some(path) = socket {
-        if path.exists() {
-            std::fs::remove_file(&path)
-                .with_context(|| format!("removing stale socket {}", path.display()))?;
-        }
-        let listener = std::os::unix::net::UnixListener::bind(&path)
-            .with_context(|| format!("listening on {}", path.display()))?;
-        addrs.push(format!("nbd+unix:///?socket={}", path.display()));
-        let s = server.clone();
-        threads.push(std::thread::spawn(move || {
-            let r = s.serve_unix_listener(listener);
-            let _ = std::fs::remove_file(&path);
-            r
-        }));
-    }
+    let listening = Listening::start(&server, &ListenOn { tcp, socket })?;
     let stop = server.shutdown_handle();
     let mut signals =
         signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
@@ -666,15 +459,8 @@ pub fn serve_disks(
             }
         }
     });
-    ready(&addrs);
-    let mut result = Ok(());
-    for t in threads {
-        match t.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => result = Err(anyhow::Error::new(e).context("NBD server")),
-            Err(_) => result = Err(anyhow::anyhow!("NBD server thread panicked")),
-        }
-    }
+    ready(listening.addrs());
+    let result = listening.join().map_err(anyhow::Error::new);
     drop(stopped_tx);
     sig_handle.close();
     result
