@@ -436,7 +436,7 @@ pub fn serve_disks(
         bail!("nothing to listen on: give --tcp or --socket");
     }
     check_open_file_limit(config.max_connections);
-    let mut server = Server::with_config(config);
+    let server = Server::with_config(config);
     for (name, export) in exports {
         let desc = format!("mcow disk {}", export.disk().dir().display());
         server.add_export(name.clone(), desc, export).with_context(|| format!("export {name}"))?;

@@ -18,9 +18,8 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let opts = OpenOptions { read_only: false, verify: true, force_share: false };
 //! let disk = Arc::new(Disk::open_in(&Engine::default(), "vm".as_ref(), opts)?);
-//! let mut server = mcow_nbd::Server::new();
+//! let server = Arc::new(mcow_nbd::Server::new());
 //! server.add_export("vm", "my disk", Arc::new(DiskExport::new(disk)))?;
-//! let server = Arc::new(server);
 //! let on = ListenOn { socket: Some("/tmp/vm.sock".into()), ..ListenOn::default() };
 //! let listening = Listening::start(&server, &on)?;
 //! // Elsewhere (a signal handler thread, say): stop it, then wait.

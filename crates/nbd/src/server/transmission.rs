@@ -23,12 +23,12 @@
 use std::io::{self, BufReader, IoSlice, Read};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, Scope};
 use std::time::{Duration, Instant};
 
 use super::transport::{Filled, Transport, discard, fill, write_all_vectored};
-use super::{ConnError, Ctx, lock};
+use super::{ConnError, Ctx, ExportCounters, ExportEntry, lock};
 use crate::export::Export;
 use crate::proto::{
     self, Command, NBD_CMD_FLAG_FAST_ZERO, NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLAG_REQ_ONE,
@@ -44,9 +44,9 @@ const KEEP_BUFFER: usize = 4 << 20;
 const READ_BUFFER: usize = 256 << 10;
 
 /// What negotiation settled for transmission.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct Negotiated {
-    pub(crate) export: usize,
+    pub(crate) export: Arc<ExportEntry>,
     pub(crate) size: u64,
     pub(crate) read_only: bool,
     pub(crate) structured: bool,
@@ -161,6 +161,8 @@ struct Conn<'a, S> {
     /// The first error that ended the request stream.
     error: Mutex<Option<ConnError>>,
     stats: &'a Stats,
+    /// The export's counters (summed over its connections).
+    counters: &'a ExportCounters,
     reader: Mutex<BufReader<S>>,
     turn: Turn,
     /// Workers running, the connection's own thread included. While there is more than one,
@@ -204,7 +206,7 @@ pub(crate) fn run<S: Transport>(
     stream.set_read_timeout_opt(None)?;
     let writer = stream.try_clone_stream()?;
     writer.set_write_timeout_opt(ctx.config.write_timeout)?;
-    let entry = &ctx.exports[neg.export];
+    let entry = Arc::clone(&neg.export);
     let params = TransmissionParams {
         size: neg.size,
         read_only: neg.read_only,
@@ -217,6 +219,7 @@ pub(crate) fn run<S: Transport>(
         peer,
         export_name: &entry.name,
         export: entry.export.as_ref(),
+        counters: &entry.counters,
         neg: &neg,
         params,
         writer: Mutex::new(writer),
@@ -361,7 +364,10 @@ impl<S: Transport> Conn<'_, S> {
             }
             // A bad magic means the stream is out of step; nothing after it can be trusted.
             let req = Request::decode(&hdr)?;
-            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            {
+                self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                self.counters.requests.fetch_add(1, Ordering::Relaxed)
+            };
             if req.command == Command::Disc {
                 tracing::debug!("client sent NBD_CMD_DISC");
                 return Ok(Next::End);
@@ -393,7 +399,10 @@ impl<S: Transport> Conn<'_, S> {
             Command::Read => return self.read(req, buf),
             Command::BlockStatus => return self.block_status(req),
             Command::Write => e.write(req.offset, &job.payload, fua).map(|()| {
-                self.stats.bytes_written.fetch_add(len, Ordering::Relaxed);
+                {
+                    self.stats.bytes_written.fetch_add(len, Ordering::Relaxed);
+                    self.counters.bytes_written.fetch_add(len, Ordering::Relaxed)
+                };
             }),
             Command::Flush => e.flush(),
             Command::Trim if len == 0 => Ok(()),
@@ -421,7 +430,10 @@ impl<S: Transport> Conn<'_, S> {
             let mut reply = |parts: &[&[u8]]| self.send_read_reply(req, parts);
             match self.export.read_borrowed(req.offset, len, &mut reply) {
                 Some(Ok(())) => {
-                    self.stats.bytes_read.fetch_add(u64::from(req.length), Ordering::Relaxed);
+                    {
+                        self.stats.bytes_read.fetch_add(u64::from(req.length), Ordering::Relaxed);
+                        self.counters.bytes_read.fetch_add(u64::from(req.length), Ordering::Relaxed)
+                    };
                     return;
                 }
                 Some(Err(err)) => return self.send_io_error(req, &err),
@@ -438,7 +450,10 @@ impl<S: Transport> Conn<'_, S> {
         if let Err(err) = self.export.read(req.offset, buf) {
             return self.send_io_error(req, &err);
         }
-        self.stats.bytes_read.fetch_add(u64::from(req.length), Ordering::Relaxed);
+        {
+            self.stats.bytes_read.fetch_add(u64::from(req.length), Ordering::Relaxed);
+            self.counters.bytes_read.fetch_add(u64::from(req.length), Ordering::Relaxed)
+        };
         self.send_read_reply(req, &[buf]);
     }
 
@@ -494,7 +509,10 @@ impl<S: Transport> Conn<'_, S> {
     /// for the whole server; the next line logged says how many were left out).
     fn send_io_error(&self, req: &Request, err: &io::Error) {
         let errno = errno_for(err);
-        self.stats.io_errors.fetch_add(1, Ordering::Relaxed);
+        {
+            self.stats.io_errors.fetch_add(1, Ordering::Relaxed);
+            self.counters.io_errors.fetch_add(1, Ordering::Relaxed)
+        };
         if let Some(suppressed) = self.ctx.shared.io_errors.admit() {
             tracing::warn!(
                 peer = %self.peer, export = %self.export_name, command = %req.command, offset = req.offset,
