@@ -5,7 +5,8 @@
 # OCI layouts), iproute2 (ip, tc: the network harness scripts/netsim), mmdebstrap (Debian root
 # filesystems for scripts/debian-image.sh), PostgreSQL (postgres, initdb, pgbench, pg_amcheck
 # and the amcheck extension: crates/cli/tests/postgres.rs, scripts/bench-pgbench.sh), QEMU's
-# http block driver (bench-net) and the S3 server s3s-fs (built with cargo).
+# http block driver (bench-net), curl (a client of `mcow serve --control`:
+# crates/cli/tests/control.rs) and the S3 server s3s-fs (built with cargo).
 # Idempotent: installs only what is missing. Needs root (CI and developers' machines are root).
 set -euo pipefail
 
@@ -20,6 +21,7 @@ command -v htpasswd >/dev/null || need+=(apache2-utils)
 command -v skopeo >/dev/null || need+=(skopeo)
 { command -v ip && command -v tc; } >/dev/null || need+=(iproute2)
 command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+command -v curl >/dev/null || need+=(curl)
 pg_missing() { ! compgen -G '/usr/lib/postgresql/*/bin/pgbench' >/dev/null; }
 if pg_missing; then
   need+=(postgresql)

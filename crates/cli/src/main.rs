@@ -9,6 +9,7 @@
 //! uses 2 (corruption found) and 3 (only leftovers of a crash found).
 
 mod commands;
+mod ctl;
 mod output;
 mod paths;
 mod progress;
@@ -82,6 +83,7 @@ enum Command {
     Demo(demo::DemoArgs),
     Serve(serve::ServeArgs),
     Trace(serve::TraceArgs),
+    Ctl(ctl::CtlArgs),
 }
 
 fn init_logging() {
@@ -173,6 +175,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => demo::run(a, g),
         Command::Serve(a) => serve::run(&a).map(|()| ExitCode::SUCCESS),
         Command::Trace(a) => serve::run_traced(&a.serve, Some(&a.out)).map(|()| ExitCode::SUCCESS),
+        Command::Ctl(a) => ctl::run(a),
     };
     match result {
         Ok(code) => code,

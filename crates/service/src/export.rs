@@ -21,12 +21,20 @@ pub const DEPTH_CONTEXT: &str = "mcow:allocation-depth";
 pub struct DiskExport {
     disk: Arc<Disk>,
     trace: Option<Arc<TraceRecorder>>,
+    read_only: bool,
 }
 
 impl DiskExport {
     /// Serves `disk` (read-only if the disk was opened read-only).
     pub fn new(disk: Arc<Disk>) -> DiskExport {
-        DiskExport { disk, trace: None }
+        DiskExport { read_only: disk.is_read_only(), disk, trace: None }
+    }
+
+    /// Serves `disk` read-only even if it was opened writable (a second export of a disk
+    /// that another export writes: it reads what that one wrote).
+    pub fn into_read_only(mut self) -> DiskExport {
+        self.read_only = true;
+        self
     }
 
     /// Records the order of first reads into `trace`.
@@ -51,7 +59,7 @@ impl Export for DiskExport {
     }
 
     fn read_only(&self) -> bool {
-        self.disk.is_read_only()
+        self.read_only
     }
 
     /// Any alignment works; a whole block avoids a copy-up, so the block is preferred.

@@ -6,6 +6,10 @@
 //! - [`trace`]: recording the order of first reads ([`TraceRecorder`]) for boot traces.
 //! - [`prefetch`]: background fetching of a lazy disk's trace and, optionally, of the rest.
 //! - [`listen`]: binding TCP and Unix listeners and serving a [`mcow_nbd::Server`] on them.
+//! - [`image`]: what a `[NAME=]DISK|REF` names, and images pulled lazily into a cache.
+//! - [`service`]: a host service ([`Service`]): one NBD server whose exports (engine disks,
+//!   shared between exports of one directory) are added and removed while it serves.
+//! - [`control`]: the service's control API, HTTP with JSON on a Unix socket ([`Control`]).
 //!
 //! The crate installs no signal handler and holds no process-global state: the embedding
 //! program stops a server with its [`ShutdownHandle`](mcow_nbd::ShutdownHandle).
@@ -29,14 +33,19 @@
 //! # }
 //! ```
 
+pub mod control;
 pub mod error;
 pub mod export;
+pub mod image;
 pub mod listen;
 pub mod prefetch;
+pub mod service;
 pub mod trace;
 
+pub use control::Control;
 pub use error::ServiceError;
 pub use export::{DEPTH_CONTEXT, DiskExport};
 pub use listen::{ListenOn, Listening};
 pub use prefetch::background_fetch;
+pub use service::{AddExport, Added, ExportInfo, Service, ServiceConfig};
 pub use trace::TraceRecorder;

@@ -1,0 +1,273 @@
+//! `mcow serve --control`: the control API driven by real clients, `curl --unix-socket` and
+//! the `mcow ctl` verbs, with real NBD clients (nbdinfo, qemu-io) on the exports it adds.
+//! The server is always stopped with SIGTERM; a missing tool fails the test (never skips).
+
+mod common;
+#[path = "common/nbd.rs"]
+mod nbd;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use nbd::*;
+use serde_json::Value;
+
+/// `curl --unix-socket SOCK` of METHOD PATH (with a JSON body): the status and the JSON body.
+fn curl(dir: &Path, sock: &str, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    let url = format!("http://mcow{path}");
+    let mut args = vec!["-sS", "--unix-socket", sock, "-X", method, "-w", "\n%{http_code}"];
+    if let Some(b) = body {
+        args.extend(["-H", "Content-Type: application/json", "--data-binary", b]);
+    }
+    args.push(&url);
+    let out = tool_run("curl", dir, &args);
+    assert_eq!(out.code, 0, "curl {args:?} failed: {}", out.stderr);
+    let (json, code) = out.stdout.trim_end().rsplit_once('\n').expect("a body and a status");
+    let v = serde_json::from_str(json).unwrap_or_else(|e| panic!("not JSON ({e}): {json}"));
+    (code.parse().unwrap(), v)
+}
+
+fn list(dir: &Path, sock: &str) -> Value {
+    let (code, v) = curl(dir, sock, "GET", "/exports", None);
+    assert_eq!(code, 200, "{v}");
+    v
+}
+
+fn names(v: &Value) -> Vec<String> {
+    v["exports"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap().to_string()).collect()
+}
+
+/// Tried: a server started with only a control socket; a disk added with `mcow ctl add`, read
+/// and written by nbdinfo and qemu-io; a qemu-io that stays connected (having written and
+/// flushed) while `mcow ctl remove` runs; the disk read back by another process after the
+/// removal; the same disk added again with curl. Must hold: the list shows the export with one
+/// client and its counters; the removal answers only once the connected qemu-io was
+/// disconnected (its next read fails; the server logs a clean close, no error) and the disk was
+/// flushed and closed (another `mcow` opens it and reads the bytes written); nothing else
+/// changed.
+#[test]
+fn add_read_list_remove_with_curl_and_ctl() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    mcow_ok(dir, &["create", "vm", "-s", "8M"]);
+    mcow_ok(dir, &["write", "vm", "0", "--pattern", "0xaa", "65536"]);
+    let serve = Serve::start_env(dir, &["--control", "ctl.sock"], &[("RUST_LOG", "info")]);
+    assert_eq!(names(&list(dir, "ctl.sock")), Vec::<String>::new());
+
+    let added = mcow_ok(dir, &["ctl", "-c", "ctl.sock", "add", "vm", "vm"]);
+    assert!(added.starts_with("added vm: "), "{added}");
+    assert_eq!(tool_ok("nbdinfo", dir, &["--size", &serve.unix_uri("vm")]).trim(), (8 * MIB).to_string());
+    let out = tool_ok("qemu-io", dir, &["-f", "raw", "-c", "read -P 0xaa 0 64k", &serve.unix_uri("vm")]);
+    assert!(out.contains("read 65536/65536"), "{out}");
+
+    // A client that stays: it writes, flushes, and waits for more commands.
+    let mut qio = std::process::Command::new(tool("qemu-io"))
+        .args(["-f", "raw", &serve.unix_uri("vm")])
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = qio.stdin.take().unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    let stdout = qio.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let wait_for = |what: &str| loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("qemu-io never said {what:?}"));
+        if line.contains(what) {
+            break;
+        }
+    };
+    writeln!(stdin, "write -P 0xbb 1M 64k").unwrap();
+    wait_for("wrote 65536/65536");
+    writeln!(stdin, "flush").unwrap();
+
+    // The list shows the client and what it did.
+    let v = mcow_in(dir, &["ctl", "-c", "ctl.sock", "list", "--output", "json"]).json();
+    let e = &v["exports"][0];
+    assert_eq!(e["name"], "vm");
+    assert_eq!(e["disk"].as_str().unwrap(), dir.join("vm").canonicalize().unwrap().to_str().unwrap());
+    assert_eq!((e["size"].as_u64(), e["read_only"].as_bool()), (Some(8 * MIB), Some(false)));
+    assert_eq!(e["clients"], 1, "{v}");
+    assert!(
+        e["bytes_written"].as_u64().unwrap() >= 65536 && e["bytes_read"].as_u64().unwrap() >= 65536,
+        "{v}"
+    );
+    assert!(e["requests"].as_u64().unwrap() >= 3 && e["errors"] == 0, "{v}");
+    let human = mcow_ok(dir, &["ctl", "-c", "ctl.sock", "list"]);
+    assert!(human.lines().any(|l| l.starts_with("vm ") && l.contains("8 MiB")), "{human}");
+
+    // Removal: returns once the client is gone and the disk flushed.
+    let removed = mcow_in(dir, &["ctl", "-c", "ctl.sock", "remove", "vm", "--output", "json"]);
+    assert_eq!(removed.code, 0, "{}", removed.stderr);
+    let r = removed.json();
+    assert_eq!((r["name"].as_str(), r["clients"].as_u64()), (Some("vm"), Some(0)), "{r}");
+    writeln!(stdin, "read -P 0xbb 1M 64k").unwrap();
+    drop(stdin);
+    let st = wait_timeout(&mut qio, Duration::from_secs(20)).expect("qemu-io exits");
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(
+        !rest.iter().any(|l| l.contains("read 65536/65536")),
+        "read after removal succeeded: {rest:?} ({st})"
+    );
+    assert_eq!(names(&list(dir, "ctl.sock")), Vec::<String>::new());
+    // Closed and flushed: another process opens the disk and reads what was written.
+    let bytes = export_bytes(dir, "vm");
+    assert!(
+        bytes[..65536].iter().all(|&b| b == 0xaa)
+            && bytes[MIB as usize..][..65536].iter().all(|&b| b == 0xbb)
+    );
+
+    // Added again, with curl: the data is there.
+    let (code, v) = curl(dir, "ctl.sock", "POST", "/exports", Some(r#"{"name": "again", "disk": "vm"}"#));
+    assert_eq!(code, 201, "{v}");
+    let out =
+        tool_ok("qemu-io", dir, &["-f", "raw", "-r", "-c", "read -P 0xbb 1M 64k", &serve.unix_uri("again")]);
+    assert!(out.contains("read 65536/65536"), "{out}");
+    let log = serve.stop_with_log();
+    assert!(log.contains("NBD export removed"), "{log}");
+    let vm_closes: Vec<&str> =
+        log.lines().filter(|l| l.contains("NBD connection closed") && l.contains("export=vm ")).collect();
+    assert!(!vm_closes.is_empty(), "{log}");
+    assert!(vm_closes.iter().all(|l| !l.contains("with error")), "{vm_closes:?}");
+}
+
+/// Tried: an unknown name, bad JSON, a missing field, an unknown route and method, a duplicate
+/// name, a second writable export of a served disk and a disk that does not exist, with curl
+/// and with `mcow ctl`. Must hold: each is refused with its status (404, 400, 409) and a
+/// message naming the problem, and the list before and after is the same.
+#[test]
+fn errors_are_clear_and_change_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    mcow_ok(dir, &["create", "vm", "-s", "4M"]);
+    mcow_ok(dir, &["create", "other", "-s", "4M"]);
+    let serve = Serve::start(dir, &["--control", "ctl.sock", "vm"]);
+    let before = list(dir, "ctl.sock");
+    assert_eq!(names(&before), ["vm"]);
+
+    let cases: [(&str, &str, Option<&str>, u16, &str); 9] = [
+        ("DELETE", "/exports/nope", None, 404, "no export named \"nope\""),
+        ("GET", "/exports/nope", None, 404, "no export named \"nope\""),
+        ("POST", "/exports", Some("{\"name\": \"x\", "), 400, "invalid JSON"),
+        ("POST", "/exports", Some("{\"name\": \"x\"}"), 400, "missing field `disk`"),
+        (
+            "POST",
+            "/exports",
+            Some("{\"name\": \"x\", \"disk\": \"other\", \"rw\": 1}"),
+            400,
+            "unknown field `rw`",
+        ),
+        (
+            "POST",
+            "/exports",
+            Some("{\"name\": \"vm\", \"disk\": \"other\"}"),
+            409,
+            "export name \"vm\" is already used",
+        ),
+        ("POST", "/exports", Some("{\"name\": \"vm2\", \"disk\": \"vm\"}"), 409, "can only be read-only"),
+        ("POST", "/exports", Some("{\"name\": \"x\", \"disk\": \"missing\"}"), 400, "opening disk missing"),
+        ("PUT", "/exports", None, 405, "not allowed"),
+    ];
+    for (method, path, body, want, text) in cases {
+        let (code, v) = curl(dir, "ctl.sock", method, path, body);
+        assert_eq!(code, want, "{method} {path} {body:?}: {v}");
+        let msg = v["error"].as_str().unwrap_or_else(|| panic!("no error message: {v}"));
+        assert!(msg.contains(text), "{method} {path}: {msg:?} lacks {text:?}");
+    }
+    let (code, _) = curl(dir, "ctl.sock", "GET", "/nowhere", None);
+    assert_eq!(code, 404);
+
+    let r = mcow_in(dir, &["ctl", "-c", "ctl.sock", "remove", "nope"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("no export named \"nope\" (HTTP 404)"), "{}", r.stderr);
+    let r = mcow_in(dir, &["ctl", "-c", "ctl.sock", "add", "vm", "other"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("already used (HTTP 409)"), "{}", r.stderr);
+    let r = mcow_in(dir, &["ctl", "-c", "nowhere.sock", "list"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("is `mcow serve --control` running?"), "{}", r.stderr);
+
+    assert_eq!(list(dir, "ctl.sock"), before, "a refused request changed the exports");
+    // The export refused a twin still serves.
+    assert_eq!(tool_ok("nbdinfo", dir, &["--size", &serve.unix_uri("vm")]).trim(), (4 * MIB).to_string());
+    serve.stop();
+}
+
+/// Tried: one image served twice in one process: as arguments (a tag and its pinned digest,
+/// writable: refused at start; with -r: both served), and at run time through the control API
+/// (a second, writable export of the cached disk: refused; read-only: added). Must hold: the
+/// refusals say which export already serves the disk and that a second one can only be
+/// read-only; the accepted twin reads what the writable export wrote; the first export is
+/// never taken down.
+#[test]
+fn the_same_image_twice_is_one_disk_with_one_writer() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    mcow_ok(dir, &["create", "vm", "-s", "4M"]);
+    mcow_ok(dir, &["write", "vm", "0", "--pattern", "0x5c", "65536"]);
+    mcow_ok(dir, &["seal", "vm"]);
+    let pushed = mcow_ok(dir, &["push", "vm", &format!("file://{}/img:v1", dir.display())]);
+    let digest =
+        pushed.lines().find_map(|l| l.strip_prefix("manifest: ")).expect("the manifest digest").trim();
+    let tag = format!("file://{}/img:v1", dir.display());
+    let pinned = format!("file://{}/img@{digest}", dir.display());
+
+    let r = mcow_in(
+        dir,
+        &["serve", "-k", "x.sock", "--cache", "cache", &format!("a={tag}"), &format!("b={pinned}")],
+    );
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("is already served as export \"a\"") && r.stderr.contains("read-only"),
+        "{}",
+        r.stderr
+    );
+    let serve = Serve::start(dir, &["-r", "--cache", "cache", &format!("a={tag}"), &format!("b={pinned}")]);
+    for name in ["a", "b"] {
+        let out =
+            tool_ok("qemu-io", dir, &["-f", "raw", "-r", "-c", "read -P 0x5c 0 64k", &serve.unix_uri(name)]);
+        assert!(out.contains("read 65536/65536"), "{name}: {out}");
+    }
+    serve.stop();
+
+    let serve = Serve::start(dir, &["--cache", "cache", "--control", "ctl.sock", &format!("a={tag}")]);
+    let before = list(dir, "ctl.sock");
+    let body = format!(r#"{{"name": "b", "disk": "{pinned}"}}"#);
+    let (code, v) = curl(dir, "ctl.sock", "POST", "/exports", Some(&body));
+    assert_eq!(code, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("already served as export \"a\""), "{v}");
+    assert_eq!(list(dir, "ctl.sock"), before);
+    let out = tool_ok("qemu-io", dir, &["-f", "raw", "-c", "write -P 0x77 64k 64k", &serve.unix_uri("a")]);
+    assert!(out.contains("wrote 65536/65536"), "{out}");
+    let body = format!(r#"{{"name": "b", "disk": "{pinned}", "read_only": true}}"#);
+    let (code, v) = curl(dir, "ctl.sock", "POST", "/exports", Some(&body));
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(
+        (v["read_only"].as_bool(), v["disk"].clone()),
+        (Some(true), before["exports"][0]["disk"].clone())
+    );
+    let out =
+        tool_ok("qemu-io", dir, &["-f", "raw", "-r", "-c", "read -P 0x77 64k 64k", &serve.unix_uri("b")]);
+    assert!(out.contains("read 65536/65536"), "the twin reads what the writer wrote: {out}");
+    let w = tool_run("qemu-io", dir, &["-f", "raw", "-c", "write -P 0x11 0 4k", &serve.unix_uri("b")]);
+    assert!(!w.stdout.contains("wrote 4096/4096"), "the read-only twin took a write: {}", w.stdout);
+    // Removing the twin leaves the writer serving.
+    let (code, _) = curl(dir, "ctl.sock", "DELETE", "/exports/b", None);
+    assert_eq!(code, 200);
+    let out =
+        tool_ok("qemu-io", dir, &["-f", "raw", "-r", "-c", "read -P 0x77 64k 64k", &serve.unix_uri("a")]);
+    assert!(out.contains("read 65536/65536"), "{out}");
+    serve.stop();
+}
