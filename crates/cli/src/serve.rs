@@ -60,7 +60,9 @@ const DEFAULT_READAHEAD: &str = "16M";
     http://x/exports`): GET /exports lists them with their clients and counters; POST /exports \
     {\"name\": NAME, \"disk\": DIR|REF, \"read_only\": BOOL} adds one (resolved like an \
     argument); DELETE /exports/NAME removes one: its in-flight requests finish, its clients are \
-    disconnected, its disk is flushed, then it answers. Errors are {\"error\": \"...\"} with \
+    disconnected, its disk is flushed, then it answers; GET /metrics gives per-export requests, \
+    bytes, errors, latency histograms and bytes fetched in Prometheus text format. Errors are \
+    {\"error\": \"...\"} with \
     400 (bad JSON), 404 (unknown name), 409 (name or disk already served). See docs/CONTROL.md. \
     With --control, no disk need be given at start.\n\n\
     One disk (a directory; two names for one image, or a tag and its pinned digest, are one \

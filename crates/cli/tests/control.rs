@@ -271,3 +271,75 @@ fn the_same_image_twice_is_one_disk_with_one_writer() {
     assert!(out.contains("read 65536/65536"), "{out}");
     serve.stop();
 }
+
+/// The value of the sample `name` (with its labels, as printed) in Prometheus text.
+fn sample(text: &str, name: &str) -> f64 {
+    let line = text
+        .lines()
+        .find(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(' ')))
+        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+/// Tried: a local disk and an image served lazily, each read (and the local one written) by
+/// qemu-io, then `GET /metrics` with curl, checked by `promtool check metrics` (which fails
+/// on syntax errors and on lint problems such as a counter without `_total`). Must hold:
+/// promtool accepts it; the per-export counters are the bytes the clients moved; the latency
+/// histogram's `+Inf` bucket equals its count, which covers the requests run; only the lazy
+/// disk fetched from its origin.
+#[test]
+fn metrics_pass_promtool_and_count_what_clients_did() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    mcow_ok(dir, &["create", "base", "-s", "4M"]);
+    mcow_ok(dir, &["write", "base", "0", "--pattern", "0x42", "131072"]);
+    mcow_ok(dir, &["seal", "base"]);
+    mcow_ok(dir, &["push", "base", &format!("file://{}/img:v1", dir.display())]);
+    mcow_ok(dir, &["create", "vm", "-s", "4M"]);
+    let image = format!("file://{}/img:v1", dir.display());
+    let serve =
+        Serve::start(dir, &["--cache", "cache", "--control", "ctl.sock", "vm", &format!("img={image}")]);
+    let out = tool_ok(
+        "qemu-io",
+        dir,
+        &["-f", "raw", "-c", "write -P 0x1 0 64k", "-c", "read -P 0x1 0 64k", &serve.unix_uri("vm")],
+    );
+    assert!(out.contains("read 65536/65536"), "{out}");
+    let out =
+        tool_ok("qemu-io", dir, &["-f", "raw", "-r", "-c", "read -P 0x42 0 128k", &serve.unix_uri("img")]);
+    assert!(out.contains("read 131072/131072"), "{out}");
+
+    let got = tool_run(
+        "curl",
+        dir,
+        &[
+            "-sS",
+            "--unix-socket",
+            "ctl.sock",
+            "-o",
+            "metrics.txt",
+            "-w",
+            "%{http_code} %{content_type}",
+            "http://x/metrics",
+        ],
+    );
+    assert_eq!(got.stdout, "200 text/plain; version=0.0.4", "{}", got.stderr);
+    let checked = sh_ok(dir, "promtool check metrics < metrics.txt && echo PROMTOOL-OK");
+    assert!(checked.contains("PROMTOOL-OK"), "{checked}");
+    let text = std::fs::read_to_string(dir.join("metrics.txt")).unwrap();
+    assert_eq!(sample(&text, "mcow_exports"), 2.0);
+    assert_eq!(sample(&text, r#"mcow_export_written_bytes_total{export="vm"}"#), 65536.0);
+    assert_eq!(sample(&text, r#"mcow_export_read_bytes_total{export="vm"}"#), 65536.0);
+    assert_eq!(sample(&text, r#"mcow_export_read_bytes_total{export="img"}"#), 131072.0);
+    assert_eq!(sample(&text, r#"mcow_export_errors_total{export="vm"}"#), 0.0);
+    assert_eq!(sample(&text, r#"mcow_export_clients{export="vm"}"#), 0.0);
+    let count = sample(&text, r#"mcow_export_request_duration_seconds_count{export="vm"}"#);
+    assert!(count >= 2.0, "a write and a read at least: {count}");
+    assert_eq!(sample(&text, r#"mcow_export_request_duration_seconds_bucket{export="vm",le="+Inf"}"#), count);
+    assert!(count <= sample(&text, r#"mcow_export_requests_total{export="vm"}"#));
+    assert!(sample(&text, r#"mcow_export_request_duration_seconds_sum{export="vm"}"#) > 0.0);
+    assert_eq!(sample(&text, r#"mcow_export_fetched_bytes_total{export="vm"}"#), 0.0);
+    assert!(sample(&text, r#"mcow_export_fetched_bytes_total{export="img"}"#) >= 131072.0);
+    assert!(sample(&text, r#"mcow_export_fetch_requests_total{export="img"}"#) >= 1.0);
+    serve.stop();
+}

@@ -37,4 +37,6 @@ pub mod server;
 pub use export::{Export, Parts};
 pub use mem::MemExport;
 pub use proto::{BlockSizes, StatusExtent};
-pub use server::{ExportStatus, RemovedExport, Server, ServerConfig, ServerError, ShutdownHandle};
+pub use server::{
+    ExportStatus, LATENCY_BUCKETS, RemovedExport, Server, ServerConfig, ServerError, ShutdownHandle,
+};

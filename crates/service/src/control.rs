@@ -9,6 +9,7 @@
 //!   201 with its `ExportInfo`.
 //! - `DELETE /exports/NAME`: removes it (in-flight requests finish, clients are disconnected,
 //!   the disk is flushed) and answers once that is done: 200 with its last `ExportInfo`.
+//! - `GET /metrics`: Prometheus text ([`crate::metrics`]).
 //!
 //! Every error is `{"error": "…"}` with a status: 400 bad JSON or a bad request, 404 unknown
 //! export or route, 405 a method a route does not take, 409 a name or disk already served,
@@ -178,6 +179,11 @@ fn route(
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, segments.as_slice()) {
         (Method::Get, ["exports"]) => json(200, &ListBody { exports: service.list() }),
+        (Method::Get, ["metrics"]) => {
+            let header =
+                Header::from_bytes("Content-Type", "text/plain; version=0.0.4").expect("a valid header");
+            Response::from_data(crate::metrics::render(service).into_bytes()).with_header(header)
+        }
         (Method::Post, ["exports"]) => {
             let mut body = Vec::new();
             if let Err(e) = req.as_reader().take(MAX_BODY + 1).read_to_end(&mut body) {

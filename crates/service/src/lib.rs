@@ -10,6 +10,7 @@
 //! - [`service`]: a host service ([`Service`]): one NBD server whose exports (engine disks,
 //!   shared between exports of one directory) are added and removed while it serves.
 //! - [`control`]: the service's control API, HTTP with JSON on a Unix socket ([`Control`]).
+//! - [`metrics`]: the service's metrics in Prometheus text format (`GET /metrics`).
 //!
 //! The crate installs no signal handler and holds no process-global state: the embedding
 //! program stops a server with its [`ShutdownHandle`](mcow_nbd::ShutdownHandle).
@@ -38,6 +39,7 @@ pub mod error;
 pub mod export;
 pub mod image;
 pub mod listen;
+pub mod metrics;
 pub mod prefetch;
 pub mod service;
 pub mod trace;

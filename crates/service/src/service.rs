@@ -418,6 +418,11 @@ impl Service {
             .collect()
     }
 
+    /// Blocks (and bytes) copied from other local layers instead of fetched, so far.
+    pub fn reuse_stats(&self) -> mcow_engine::ReuseStats {
+        self.engine.reuse_stats()
+    }
+
     /// Cancels every origin's fetches (reads waiting for them fail): for a stop that must not
     /// wait for a stalled origin.
     pub fn cancel_fetches(&self) {

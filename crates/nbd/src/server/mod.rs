@@ -176,6 +176,30 @@ pub(crate) struct ExportCounters {
     pub(crate) bytes_written: AtomicU64,
     /// Export errors returned to clients.
     pub(crate) io_errors: AtomicU64,
+    /// How long requests took, from read to reply sent.
+    pub(crate) latency: Latency,
+}
+
+/// Upper bounds (seconds) of the request latency histogram's buckets ([`ExportStatus`]);
+/// a last bucket, unbounded, follows.
+pub const LATENCY_BUCKETS: [f64; 16] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// A histogram of request latencies: one counter per bucket of [`LATENCY_BUCKETS`] and one
+/// for longer ones, and the sum.
+#[derive(Debug, Default)]
+pub(crate) struct Latency {
+    counts: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl Latency {
+    pub(crate) fn record(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let at = LATENCY_BUCKETS.iter().position(|&b| secs <= b).unwrap_or(LATENCY_BUCKETS.len());
+        self.counts[at].fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
 }
 
 /// A snapshot of one export of a [`Server`] and its counters ([`Server::exports`]).
@@ -201,6 +225,11 @@ pub struct ExportStatus {
     pub bytes_written: u64,
     /// Errors of the export returned to its clients.
     pub io_errors: u64,
+    /// Requests run (read to reply sent) whose time fell in each bucket of
+    /// [`LATENCY_BUCKETS`], then those longer than the last bound (not cumulative).
+    pub latency_counts: Vec<u64>,
+    /// The time of all of them, in nanoseconds.
+    pub latency_sum_nanos: u64,
 }
 
 impl ExportEntry {
@@ -218,6 +247,8 @@ impl ExportEntry {
             bytes_read: get(&c.bytes_read),
             bytes_written: get(&c.bytes_written),
             io_errors: get(&c.io_errors),
+            latency_counts: c.latency.counts.iter().map(get).collect(),
+            latency_sum_nanos: get(&c.latency.sum_nanos),
         }
     }
 }

@@ -292,7 +292,9 @@ impl<S: Transport> Conn<'_, S> {
                 self.hire(scope);
             }
             if !self.broken.load(Ordering::SeqCst) {
+                let started = Instant::now();
                 self.execute(&job, &mut buf);
+                self.counters.latency.record(started.elapsed());
             }
             if flush {
                 self.flushing.fetch_sub(1, Ordering::SeqCst);
