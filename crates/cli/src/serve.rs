@@ -66,8 +66,9 @@ const DEFAULT_READAHEAD: &str = "16M";
     400 (bad JSON), 404 (unknown name), 409 (name or disk already served). See docs/CONTROL.md. \
     With --control, no disk need be given at start.\n\n\
     One disk (a directory; two names for one image, or a tag and its pinned digest, are one \
-    cached disk) can be served under several names, but only the first may write: later exports \
-    of it must be read-only (-r, or \"read_only\": true), and read what the first writes.\n\n\
+    cached disk) can be served under several names, but only one of them at a time may write: \
+    while one does, further exports of it must be read-only (-r, or \"read_only\": true), and \
+    read what it writes.\n\n\
     Examples:\n  mcow serve vm1\n  qemu-io -f raw nbd://127.0.0.1:10809/vm1\n  \
     mcow serve -k /tmp/nbd.sock os=base app=vm1\n  nbdinfo --map 'nbd+unix:///os?socket=/tmp/nbd.sock'\n  \
     mcow serve --cache /var/cache/mcow vm=oci://registry:5000/images/vm:v1\n  \

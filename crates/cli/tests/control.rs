@@ -207,10 +207,10 @@ fn errors_are_clear_and_change_nothing() {
 
 /// Tried: one image served twice in one process: as arguments (a tag and its pinned digest,
 /// writable: refused at start; with -r: both served), and at run time through the control API
-/// (a second, writable export of the cached disk: refused; read-only: added). Must hold: the
-/// refusals say which export already serves the disk and that a second one can only be
-/// read-only; the accepted twin reads what the writable export wrote; the first export is
-/// never taken down.
+/// (a second, writable export of the cached disk: refused; read-only: added; the writer
+/// removed, a new writable one: added). Must hold: the refusals say which export already
+/// serves the disk and that a second one can only be read-only; the read-only twin reads what
+/// the writable export wrote; the exports not removed are never taken down.
 #[test]
 fn the_same_image_twice_is_one_disk_with_one_writer() {
     let t = tempfile::tempdir().unwrap();
@@ -263,12 +263,24 @@ fn the_same_image_twice_is_one_disk_with_one_writer() {
     assert!(out.contains("read 65536/65536"), "the twin reads what the writer wrote: {out}");
     let w = tool_run("qemu-io", dir, &["-f", "raw", "-c", "write -P 0x11 0 4k", &serve.unix_uri("b")]);
     assert!(!w.stdout.contains("wrote 4096/4096"), "the read-only twin took a write: {}", w.stdout);
+    // The writer removed, the twin goes on, and a new writer of the disk may come.
+    let (code, _) = curl(dir, "ctl.sock", "DELETE", "/exports/a", None);
+    assert_eq!(code, 200);
+    let body = format!(r#"{{"name": "c", "disk": "{tag}"}}"#);
+    let (code, v) = curl(dir, "ctl.sock", "POST", "/exports", Some(&body));
+    assert_eq!(code, 201, "{v}");
+    let out = tool_ok("qemu-io", dir, &["-f", "raw", "-c", "write -P 0x78 128k 64k", &serve.unix_uri("c")]);
+    assert!(out.contains("wrote 65536/65536"), "{out}");
+    let out =
+        tool_ok("qemu-io", dir, &["-f", "raw", "-r", "-c", "read -P 0x78 128k 64k", &serve.unix_uri("b")]);
+    assert!(out.contains("read 65536/65536"), "the twin reads the new writer's data: {out}");
     // Removing the twin leaves the writer serving.
     let (code, _) = curl(dir, "ctl.sock", "DELETE", "/exports/b", None);
     assert_eq!(code, 200);
     let out =
-        tool_ok("qemu-io", dir, &["-f", "raw", "-r", "-c", "read -P 0x77 64k 64k", &serve.unix_uri("a")]);
+        tool_ok("qemu-io", dir, &["-f", "raw", "-r", "-c", "read -P 0x77 64k 64k", &serve.unix_uri("c")]);
     assert!(out.contains("read 65536/65536"), "{out}");
+    assert_eq!(names(&list(dir, "ctl.sock")), ["c"]);
     serve.stop();
 }
 

@@ -10,9 +10,10 @@
 //!
 //! The same disk (one directory: two names for one image reference, or a tag and its pinned
 //! digest, which name the same cached disk) may be served under several names, but only one
-//! of them writable: its writable top has one writer. Further exports of a disk already served
-//! are read-only views of the one opened disk (they read what the writer wrote); a writable
-//! one is refused with [`ServiceError::DiskInUse`], and nothing else changes.
+//! of them writable at a time: its writable top has one writer. Further exports of a disk
+//! already served are views of the one opened disk: read-only ones read what the writer wrote;
+//! a writable one is refused with [`ServiceError::DiskInUse`] while another export writes the
+//! disk (or it was opened read-only), and nothing else changes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -137,8 +138,10 @@ struct OpenDisk {
     /// Stops this disk's background fetch.
     stop: Arc<AtomicBool>,
     background: Option<JoinHandle<()>>,
-    /// The exports serving it, the first being the one that opened it.
+    /// The exports serving it, in the order they were added.
     exports: Vec<String>,
+    /// The export that may write it, if one does.
+    writer: Option<String>,
 }
 
 /// What an export serves.
@@ -217,13 +220,17 @@ impl Service {
             Target::Dir(_) => None,
         };
 
-        let shared = lock(&self.state).disks.get(&key).map(|d| (d.disk.clone(), d.exports[0].clone()));
+        let shared = lock(&self.state).disks.get(&key).map(|d| {
+            (d.disk.clone(), d.writer.clone().unwrap_or_else(|| d.exports[0].clone()), d.writer.is_some())
+        });
         let (disk, opened) = match shared {
-            Some((disk, first)) => {
-                if !req.read_only {
+            Some((disk, other, has_writer)) => {
+                // One writer per disk: a writable export of a disk already served needs the
+                // disk opened writable and no other export writing it.
+                if !req.read_only && (has_writer || disk.is_read_only()) {
                     return Err(ServiceError::DiskInUse {
                         dir: key,
-                        export: first,
+                        export: other,
                         read_only: disk.is_read_only(),
                     });
                 }
@@ -254,16 +261,14 @@ impl Service {
         }
         {
             let mut st = lock(&self.state);
-            match opened {
-                Some((mut o, pulled)) => {
-                    o.pulled_bytes = pulled;
-                    o.exports.push(name.clone());
-                    st.disks.insert(key.clone(), o);
-                }
-                None => {
-                    if let Some(d) = st.disks.get_mut(&key) {
-                        d.exports.push(name.clone());
-                    }
+            if let Some((mut o, pulled)) = opened {
+                o.pulled_bytes = pulled;
+                st.disks.insert(key.clone(), o);
+            }
+            if let Some(d) = st.disks.get_mut(&key) {
+                d.exports.push(name.clone());
+                if !req.read_only {
+                    d.writer = Some(name.clone());
                 }
             }
             st.exports.insert(name.clone(), Entry { key, reference });
@@ -307,7 +312,7 @@ impl Service {
                 background = Some(std::thread::spawn(move || background_fetch(d, trace, all, st)));
             }
         }
-        Ok(OpenDisk { disk, source, pulled_bytes: 0, stop, background, exports: Vec::new() })
+        Ok(OpenDisk { disk, source, pulled_bytes: 0, stop, background, exports: Vec::new(), writer: None })
     }
 
     /// Stops a disk's background fetch (cancelling its origin if it does not end within the
@@ -371,6 +376,9 @@ impl Service {
             match entry.and_then(|e| st.disks.get_mut(&e.key).map(|d| (e.key, d))) {
                 Some((key, d)) => {
                     d.exports.retain(|n| n != name);
+                    if d.writer.as_deref() == Some(name) {
+                        d.writer = None;
+                    }
                     if d.exports.is_empty() { st.disks.remove(&key) } else { None }
                 }
                 None => None,
