@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use mcow_engine::FetchPolicy;
 use mcow_nbd::{Server, ServerConfig};
 pub use mcow_service::DiskExport;
-use mcow_service::image::Target;
+use mcow_service::image::split_name;
 use mcow_service::{AddExport, Control, ListenOn, Listening, Service, ServiceConfig};
 
 /// How long fetches from the origin may go on once the server is told to stop (requests in
@@ -236,13 +236,13 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
     let service = Arc::new(Service::new(args.server_config(), args.service_config()));
     let mut recorder = None;
     for spec in &args.disks {
-        let (name, _) = Target::parse_spec(spec, &service.config().insecure)?;
-        let what = match &name {
-            Some(n) => &spec[n.len() + 1..],
-            None => spec.as_str(),
+        let (name, what) = split_name(spec);
+        let req = AddExport {
+            name: name.map(str::to_string),
+            disk: what.to_string(),
+            read_only: args.read_only,
+            trace: trace_out.is_some(),
         };
-        let req =
-            AddExport { name, disk: what.to_string(), read_only: args.read_only, trace: trace_out.is_some() };
         let added = service.add(&req).with_context(|| format!("serving {spec}"))?;
         if let (Some(t), Ok(r)) = (&added.missing_trace, crate::paths::parse_reference(what)) {
             crate::commands::transfer::warn_missing_trace(&r, t);

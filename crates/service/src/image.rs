@@ -34,21 +34,6 @@ impl Target {
         }
     }
 
-    /// Splits `[NAME=]DISK|REF` into the name given (if any) and the target. A reference is
-    /// never split at its own `=` (an S3 prefix may hold one).
-    pub fn parse_spec(
-        spec: &str,
-        insecure: &InsecureRegistries,
-    ) -> Result<(Option<String>, Target), ServiceError> {
-        if Reference::looks_like(spec) {
-            return Ok((None, Target::parse(spec, insecure)?));
-        }
-        match spec.split_once('=') {
-            Some((n, d)) => Ok((Some(n.to_string()), Target::parse(d, insecure)?)),
-            None => Ok((None, Target::parse(spec, insecure)?)),
-        }
-    }
-
     /// The export name used when none is given: the directory's name, or the last path
     /// component of the image's repository.
     pub fn default_name(&self) -> String {
@@ -56,6 +41,18 @@ impl Target {
             Target::Dir(d) => dir_name(d),
             Target::Image(r) => image_name(r),
         }
+    }
+}
+
+/// Splits `[NAME=]DISK|REF` into the name given (if any) and the disk or reference. A
+/// reference is never split at its own `=` (an S3 prefix may hold one).
+pub fn split_name(spec: &str) -> (Option<&str>, &str) {
+    if Reference::looks_like(spec) {
+        return (None, spec);
+    }
+    match spec.split_once('=') {
+        Some((n, d)) => (Some(n), d),
+        None => (None, spec),
     }
 }
 
@@ -177,6 +174,14 @@ pub fn read_origin(dir: &Path) -> Result<Option<LazyOrigin>, ServiceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_are_split_off_disks_but_not_references() {
+        assert_eq!(split_name("vm"), (None, "vm"));
+        assert_eq!(split_name("a=vm"), (Some("a"), "vm"));
+        assert_eq!(split_name("a=s3://b/p=q:t"), (Some("a"), "s3://b/p=q:t"));
+        assert_eq!(split_name("s3://b/p=q:t"), (None, "s3://b/p=q:t"));
+    }
 
     #[test]
     fn image_names() {

@@ -13,7 +13,7 @@
 //! is taken, requests already read are finished and answered, then each export is flushed and
 //! `serve_*` returns `Ok(())`. A stopped server stays stopped.
 //!
-//! The export table is the server's own (one lock, [`Shared::exports`]) and changes while it
+//! The export table is the server's own (one lock, `Shared::exports`) and changes while it
 //! serves: [`Server::add_export`] makes a name selectable by the next negotiation;
 //! [`Server::remove_export`] makes it unselectable at once (a new client asking for it gets
 //! `NBD_REP_ERR_UNKNOWN`), shuts the read side of the connections using it (no new request is

@@ -12,7 +12,8 @@
 //! `worker_linger` (the socket's read timeout while there are several) ends. An idle
 //! connection holds one thread.
 //!
-//! Owns request scheduling, back-pressure (each worker holds at most one request, so a
+//! Owns request scheduling, the counts of each connection and its export (requests, bytes,
+//! errors, request latency), back-pressure (each worker holds at most one request, so a
 //! connection holds at most `workers` requests, flushes included), reply assembly and the mapping of export
 //! errors to NBD error values. Does not own negotiation ([`super::handshake`]) nor byte
 //! layouts ([`crate::proto`]).
@@ -182,6 +183,15 @@ struct Conn<'a, S> {
     max_flushing: usize,
 }
 
+/// What a connection counts, both in its own [`Stats`] and in its export's counters.
+#[derive(Debug, Clone, Copy)]
+enum Count {
+    Requests,
+    BytesRead,
+    BytesWritten,
+    IoErrors,
+}
+
 /// Maps an export's error to an NBD error value.
 pub(crate) fn errno_for(e: &io::Error) -> u32 {
     use io::ErrorKind as K;
@@ -254,6 +264,18 @@ pub(crate) fn report_suppressed_io_errors(ctx: &Ctx) {
 }
 
 impl<S: Transport> Conn<'_, S> {
+    /// Adds `n` to a count of this connection and of its export.
+    fn count(&self, what: Count, n: u64) {
+        let (mine, export) = match what {
+            Count::Requests => (&self.stats.requests, &self.counters.requests),
+            Count::BytesRead => (&self.stats.bytes_read, &self.counters.bytes_read),
+            Count::BytesWritten => (&self.stats.bytes_written, &self.counters.bytes_written),
+            Count::IoErrors => (&self.stats.io_errors, &self.counters.io_errors),
+        };
+        mine.fetch_add(n, Ordering::Relaxed);
+        export.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Takes turns with the other workers: reads one request in its turn, then runs it and
     /// sends its reply, until the request stream ends. The first worker (`first`) waits for
     /// requests for ever; the others end after `worker_linger` without one.
@@ -366,10 +388,7 @@ impl<S: Transport> Conn<'_, S> {
             }
             // A bad magic means the stream is out of step; nothing after it can be trusted.
             let req = Request::decode(&hdr)?;
-            {
-                self.stats.requests.fetch_add(1, Ordering::Relaxed);
-                self.counters.requests.fetch_add(1, Ordering::Relaxed)
-            };
+            self.count(Count::Requests, 1);
             if req.command == Command::Disc {
                 tracing::debug!("client sent NBD_CMD_DISC");
                 return Ok(Next::End);
@@ -401,10 +420,7 @@ impl<S: Transport> Conn<'_, S> {
             Command::Read => return self.read(req, buf),
             Command::BlockStatus => return self.block_status(req),
             Command::Write => e.write(req.offset, &job.payload, fua).map(|()| {
-                {
-                    self.stats.bytes_written.fetch_add(len, Ordering::Relaxed);
-                    self.counters.bytes_written.fetch_add(len, Ordering::Relaxed)
-                };
+                self.count(Count::BytesWritten, len);
             }),
             Command::Flush => e.flush(),
             Command::Trim if len == 0 => Ok(()),
@@ -432,10 +448,7 @@ impl<S: Transport> Conn<'_, S> {
             let mut reply = |parts: &[&[u8]]| self.send_read_reply(req, parts);
             match self.export.read_borrowed(req.offset, len, &mut reply) {
                 Some(Ok(())) => {
-                    {
-                        self.stats.bytes_read.fetch_add(u64::from(req.length), Ordering::Relaxed);
-                        self.counters.bytes_read.fetch_add(u64::from(req.length), Ordering::Relaxed)
-                    };
+                    self.count(Count::BytesRead, u64::from(req.length));
                     return;
                 }
                 Some(Err(err)) => return self.send_io_error(req, &err),
@@ -452,10 +465,7 @@ impl<S: Transport> Conn<'_, S> {
         if let Err(err) = self.export.read(req.offset, buf) {
             return self.send_io_error(req, &err);
         }
-        {
-            self.stats.bytes_read.fetch_add(u64::from(req.length), Ordering::Relaxed);
-            self.counters.bytes_read.fetch_add(u64::from(req.length), Ordering::Relaxed)
-        };
+        self.count(Count::BytesRead, u64::from(req.length));
         self.send_read_reply(req, &[buf]);
     }
 
@@ -511,10 +521,7 @@ impl<S: Transport> Conn<'_, S> {
     /// for the whole server; the next line logged says how many were left out).
     fn send_io_error(&self, req: &Request, err: &io::Error) {
         let errno = errno_for(err);
-        {
-            self.stats.io_errors.fetch_add(1, Ordering::Relaxed);
-            self.counters.io_errors.fetch_add(1, Ordering::Relaxed)
-        };
+        self.count(Count::IoErrors, 1);
         if let Some(suppressed) = self.ctx.shared.io_errors.admit() {
             tracing::warn!(
                 peer = %self.peer, export = %self.export_name, command = %req.command, offset = req.offset,
