@@ -6,7 +6,9 @@
 # `mcow man`'s pages in crates/cli/tests/conventions.rs), mmdebstrap (Debian root
 # filesystems for scripts/debian-image.sh), PostgreSQL (postgres, initdb, pgbench, pg_amcheck
 # and the amcheck extension: crates/cli/tests/postgres.rs, scripts/bench-pgbench.sh), QEMU's
-# http block driver (bench-net) and the S3 server s3s-fs (built with cargo).
+# http block driver (bench-net), curl (a client of `mcow serve --control`:
+# crates/cli/tests/control.rs), promtool (Debian's prometheus package: checks the control API's
+# metrics in the same test) and the S3 server s3s-fs (built with cargo).
 # Idempotent: installs only what is missing. Needs root (CI and developers' machines are root).
 set -euo pipefail
 
@@ -22,6 +24,8 @@ command -v skopeo >/dev/null || need+=(skopeo)
 { command -v ip && command -v tc; } >/dev/null || need+=(iproute2)
 command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
 command -v man >/dev/null || need+=(man-db)
+command -v curl >/dev/null || need+=(curl)
+command -v promtool >/dev/null || need+=(prometheus)
 pg_missing() { ! compgen -G '/usr/lib/postgresql/*/bin/pgbench' >/dev/null; }
 if pg_missing; then
   need+=(postgresql)

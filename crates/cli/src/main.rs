@@ -9,6 +9,7 @@
 //! uses 2 (corruption found) and 3 (only leftovers of a crash found).
 
 mod commands;
+mod ctl;
 mod output;
 mod paths;
 mod progress;
@@ -85,6 +86,7 @@ enum Command {
     Trace(serve::TraceArgs),
     Completions(docs::CompletionsArgs),
     Man(docs::ManArgs),
+    Ctl(ctl::CtlArgs),
 }
 
 fn init_logging() {
@@ -178,6 +180,7 @@ fn main() -> ExitCode {
         Command::Trace(a) => serve::run_traced(&a.serve, Some(&a.out)).map(|()| ExitCode::SUCCESS),
         Command::Completions(a) => docs::run_completions(a, Cli::command()),
         Command::Man(a) => docs::run_man(a, Cli::command()),
+        Command::Ctl(a) => ctl::run(a),
     };
     match result {
         Ok(code) => code,

@@ -36,7 +36,7 @@ pub fn set_insecure_registries(insecure: InsecureRegistries) {
     let _ = INSECURE.set(insecure);
 }
 
-fn insecure_registries() -> &'static InsecureRegistries {
+pub fn insecure_registries() -> &'static InsecureRegistries {
     INSECURE.get_or_init(InsecureRegistries::default)
 }
 

@@ -1,205 +1,17 @@
-//! `mcow serve`: exports disks over NBD. This module is the glue between the engine's `Disk`
-//! and the NBD server's `Export` trait; the protocol lives in `mcow-nbd`, the data path in
-//! `mcow-engine`. It owns the choice of NBD semantics for our disks (block sizes, the
-//! `mcow:allocation-depth` context, errno mapping) and the signal-driven shutdown.
+//! `mcow serve` and `mcow trace`: their arguments, resolving each `[NAME=]DISK|REF` to a disk,
+//! and the signal-driven shutdown. Serving a disk over NBD (the export, prefetch, listeners) is
+//! the library `mcow-service`; the protocol is `mcow-nbd`, the data path `mcow-engine`.
 
-use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use mcow_engine::{Disk, Engine, FetchPolicy, OpenOptions, RunKind, TOP};
-use mcow_remote::{Reference, Sources};
-
-use crate::paths::{Fetch, open_lazy};
-use mcow_nbd::proto::{NBD_STATE_HOLE, NBD_STATE_ZERO};
-use mcow_nbd::{BlockSizes, Export, Parts, Server, ServerConfig, StatusExtent};
-
-/// Our metadata context: which layer holds each extent, numbered like QEMU's
-/// `qemu:allocation-depth`: 0 = no layer, 1 = the writable top, 2 = the topmost sealed layer,
-/// and so on down to `depth + 1` for the bottom layer.
-pub const DEPTH_CONTEXT: &str = "mcow:allocation-depth";
-
-/// A disk seen as an NBD export. One instance is shared by every connection.
-pub struct DiskExport {
-    disk: Arc<Disk>,
-    trace: Option<Arc<TraceRecorder>>,
-}
-
-impl DiskExport {
-    pub fn new(disk: Arc<Disk>) -> DiskExport {
-        DiskExport { disk, trace: None }
-    }
-
-    /// Records the order of first reads into `trace`.
-    pub fn with_trace(mut self, trace: Arc<TraceRecorder>) -> DiskExport {
-        self.trace = Some(trace);
-        self
-    }
-
-    fn sync_if(&self, fua: bool) -> io::Result<()> {
-        if fua { self.disk.flush().map_err(io::Error::from) } else { Ok(()) }
-    }
-}
-
-impl Export for DiskExport {
-    fn size(&self) -> u64 {
-        self.disk.size()
-    }
-
-    fn read_only(&self) -> bool {
-        self.disk.is_read_only()
-    }
-
-    /// Any alignment works; a whole block avoids a copy-up, so the block is preferred.
-    fn block_sizes(&self) -> BlockSizes {
-        BlockSizes { minimum: 1, preferred: self.disk.block_size().max(4096), maximum: 32 << 20 }
-    }
-
-    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        if let Some(t) = &self.trace {
-            t.note(offset, buf.len() as u64);
-        }
-        Ok(self.disk.read(offset, buf)?)
-    }
-
-    /// Sealed layers are mapped: their bytes go to the client straight from the map.
-    fn read_borrowed(&self, offset: u64, len: usize, send: &mut Parts<'_>) -> Option<io::Result<()>> {
-        if let Some(t) = &self.trace {
-            t.note(offset, len as u64);
-        }
-        match self.disk.read_mapped(offset, len, send) {
-            Ok(false) => None,
-            Ok(true) => Some(Ok(())),
-            Err(e) => Some(Err(e.into())),
-        }
-    }
-
-    fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        self.disk.write(offset, data)?;
-        self.sync_if(fua)
-    }
-
-    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> io::Result<()> {
-        self.disk.write_zeroes(offset, len, may_trim)?;
-        self.sync_if(fua)
-    }
-
-    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
-        self.disk.discard(offset, len)?;
-        self.sync_if(fua)
-    }
-
-    fn flush(&self) -> io::Result<()> {
-        Ok(self.disk.flush()?)
-    }
-
-    fn extra_meta_contexts(&self) -> Vec<String> {
-        vec![DEPTH_CONTEXT.to_string()]
-    }
-
-    fn block_status(&self, context: &str, offset: u64, len: u64) -> io::Result<Vec<StatusExtent>> {
-        // Bound the work per request; the client asks again for the rest.
-        let len = len.min(1 << 30).min(self.disk.size().saturating_sub(offset));
-        let runs = self.disk.block_status(offset, len)?;
-        let layers = self.disk.stack().depth() as u32;
-        let depth_of = |layer: Option<u32>| match layer {
-            None => 0,
-            Some(TOP) => 1,
-            Some(i) => layers - i + 1,
-        };
-        let mut out: Vec<StatusExtent> = Vec::with_capacity(runs.len());
-        for r in runs {
-            let flags = if context == DEPTH_CONTEXT {
-                depth_of(r.layer)
-            } else {
-                match r.kind {
-                    RunKind::Data => 0,
-                    RunKind::Zero => NBD_STATE_ZERO,
-                    RunKind::Hole => NBD_STATE_HOLE | NBD_STATE_ZERO,
-                }
-            };
-            match out.last_mut() {
-                Some(last) if last.flags == flags => last.length += r.length,
-                _ => out.push(StatusExtent { length: r.length, flags }),
-            }
-        }
-        Ok(out)
-    }
-}
-
-/// Records which blocks are read first, in order: one bit per block says whether it was seen.
-pub struct TraceRecorder {
-    block_size: u32,
-    seen: mcow_engine::AtomicBitmap,
-    order: Mutex<Vec<u64>>,
-}
-
-impl TraceRecorder {
-    pub fn new(disk: &Disk) -> TraceRecorder {
-        let blocks = disk.size().div_ceil(u64::from(disk.block_size()));
-        TraceRecorder {
-            block_size: disk.block_size(),
-            seen: mcow_engine::AtomicBitmap::new(blocks),
-            order: Mutex::new(Vec::new()),
-        }
-    }
-
-    fn note(&self, offset: u64, len: u64) {
-        if len == 0 {
-            return;
-        }
-        let bs = u64::from(self.block_size);
-        for b in offset / bs..=((offset + len - 1) / bs).min(self.seen.len().saturating_sub(1)) {
-            if !self.seen.set(b) {
-                self.order.lock().unwrap_or_else(|p| p.into_inner()).push(b);
-            }
-        }
-    }
-
-    /// The trace so far.
-    pub fn trace(&self) -> mcow_remote::image::Trace {
-        let blocks = self.order.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        mcow_remote::image::Trace { block_size: self.block_size, blocks }
-    }
-}
-
-/// Fetches in the background what a lazy disk will likely need: first the blocks of its
-/// image's trace, in order; then, with `all`, every remaining block of its partial layers,
-/// after which those layers are complete and move into the store. Stops early when `stop` is
-/// set. Errors are logged (the blocks are fetched again on demand).
-fn background_fetch(disk: Arc<Disk>, trace: Option<Vec<u64>>, all: bool, stop: Arc<AtomicBool>) {
-    // The trace's blocks as runs of consecutive blocks, in the trace's order, asked for in
-    // batches: each batch costs one request per layer where the origin allows several ranges
-    // in one (registries, plain HTTP), so the first blocks come soon and requests stay few.
-    const BATCH: usize = 64;
-    let trace = trace.unwrap_or_default();
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for &vb in &trace {
-        match runs.last_mut() {
-            Some((start, n)) if *start + *n == vb => *n += 1,
-            _ => runs.push((vb, 1)),
-        }
-    }
-    let mut prefetched = 0u64;
-    for batch in runs.chunks(BATCH) {
-        if stop.load(Ordering::Relaxed) {
-            return;
-        }
-        match disk.prefetch_runs(batch) {
-            Ok(()) => prefetched += batch.iter().map(|r| r.1).sum::<u64>(),
-            Err(e) => tracing::warn!(runs = batch.len(), error = %e, "prefetch failed"),
-        }
-    }
-    tracing::info!(disk = %disk.dir().display(), blocks = prefetched, "prefetched the trace");
-    if !all {
-        return;
-    }
-    let done = disk.fetch_rest(&stop);
-    tracing::info!(disk = %disk.dir().display(), ?done, "background download ended");
-}
+use mcow_engine::FetchPolicy;
+use mcow_nbd::{Server, ServerConfig};
+pub use mcow_service::DiskExport;
+use mcow_service::image::split_name;
+use mcow_service::{AddExport, Control, ListenOn, Listening, Service, ServiceConfig};
 
 /// How long fetches from the origin may go on once the server is told to stop (requests in
 /// flight waiting for them, read-ahead landing its blocks); then the origins are cancelled, so
@@ -243,14 +55,34 @@ const DEFAULT_READAHEAD: &str = "16M";
     cancelled (their reads fail), so mcow exits within a few seconds whatever the origin does.\n\n\
     At exit, the bytes fetched for each disk, and the blocks copied from other local layers \
     instead, are logged (RUST_LOG=info).\n\n\
+    With --control SOCKET, exports can be listed, added and removed while serving, over HTTP \
+    with JSON bodies on that Unix socket (`mcow ctl`, or `curl --unix-socket SOCKET \
+    http://x/exports`): GET /exports lists them with their clients and counters; POST /exports \
+    {\"name\": NAME, \"disk\": DIR|REF, \"read_only\": BOOL} adds one (resolved like an \
+    argument); DELETE /exports/NAME removes one: its in-flight requests finish, its clients are \
+    disconnected, its disk is flushed, then it answers; GET /metrics gives per-export requests, \
+    bytes, errors, latency histograms and bytes fetched in Prometheus text format. Errors are \
+    {\"error\": \"...\"} with \
+    400 (bad JSON), 404 (unknown name), 409 (name or disk already served). See docs/CONTROL.md. \
+    With --control, no disk need be given at start.\n\n\
+    One disk (a directory; two names for one image, or a tag and its pinned digest, are one \
+    cached disk) can be served under several names, but only one of them at a time may write: \
+    while one does, further exports of it must be read-only (-r, or \"read_only\": true), and \
+    read what it writes.\n\n\
     Examples:\n  mcow serve vm1\n  qemu-io -f raw nbd://127.0.0.1:10809/vm1\n  \
     mcow serve -k /tmp/nbd.sock os=base app=vm1\n  nbdinfo --map 'nbd+unix:///os?socket=/tmp/nbd.sock'\n  \
-    mcow serve --cache /var/cache/mcow vm=oci://registry:5000/images/vm:v1")]
+    mcow serve --cache /var/cache/mcow vm=oci://registry:5000/images/vm:v1\n  \
+    mcow serve -k /tmp/nbd.sock --control /tmp/mcow.ctl\n  \
+    mcow ctl --control /tmp/mcow.ctl add vm2 ./vm2")]
 pub struct ServeArgs {
     /// Disks to export, as DIR (exported under the directory's name), REF (an image, pulled
     /// lazily into --cache) or NAME=DIR / NAME=REF.
-    #[arg(required = true, value_name = "[NAME=]DISK|REF")]
+    #[arg(required_unless_present = "control", value_name = "[NAME=]DISK|REF")]
     pub disks: Vec<String>,
+    /// Serve the control API on this Unix socket: HTTP with JSON bodies to list, add and
+    /// remove exports while serving (`mcow ctl`; docs/CONTROL.md).
+    #[arg(long, value_name = "SOCKET")]
+    pub control: Option<PathBuf>,
     /// TCP address to listen on (loopback by default). Used unless only --socket is given.
     #[arg(long, value_name = "ADDR")]
     pub tcp: Option<String>,
@@ -372,103 +204,25 @@ pub struct TraceArgs {
 /// The default NBD address: the protocol's port, on loopback only.
 pub const DEFAULT_TCP: &str = "127.0.0.1:10809";
 
-/// A disk to serve: its export name, directory and, for images given as references, what the
-/// lazy pull fetched.
-struct Target {
-    name: String,
-    dir: PathBuf,
-    pulled_bytes: u64,
-}
-
-/// The export name of an image: the last path component of its repository (the reference
-/// without scheme, tag and digest), cleaned for names.
-fn image_name(reference: &Reference) -> String {
-    let text = reference.to_string();
-    let text = text.split_once('@').map_or(text.as_str(), |(t, _)| t);
-    let text = text.strip_suffix(&format!(":{}", reference.tag)).unwrap_or(text);
-    let body = text.split_once("://").map_or(text, |(_, b)| b);
-    let raw = body.rsplit('/').find(|s| !s.is_empty()).unwrap_or("image");
-    let clean: String =
-        raw.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
-    if clean.starts_with('.') { format!("image{clean}") } else { clean }
-}
-
-/// Makes the image at `reference` servable from `cache`: fetches its manifest, then reuses
-/// `CACHE/disks/<name>-<short digest>` if an earlier serve made it, or pulls the image lazily
-/// there (pinned to the manifest just fetched, so the disk and its name agree even if the tag
-/// moves). Layers go to `CACHE/layers`, where blocks fetched before are kept. The remote opened
-/// here becomes the disk's source in `sources` (its connections are open already).
-fn prepare_image(reference: &Reference, cache: &Path, sources: &Sources) -> Result<(PathBuf, u64)> {
-    let remote = mcow_remote::open_remote(reference).with_context(|| format!("opening {reference}"))?;
-    let image = mcow_remote::transfer::fetch_image(remote.as_ref(), reference)
-        .with_context(|| format!("fetching the manifest of {reference}"))?;
-    let digest = image.manifest_digest;
-    let dir = cache.join("disks").join(format!("{}-{}", image_name(reference), digest.short()));
-    // The origin a lazy pull of this reference records (pinned to the manifest).
-    let pinned_text =
-        if reference.digest.is_some() { reference.to_string() } else { format!("{reference}@{digest}") };
-    if dir.join(mcow_engine::disk::MANIFEST_FILE).exists() {
-        tracing::info!(%reference, manifest = %digest, disk = %dir.display(), "reusing the cached disk");
-        if crate::paths::read_origin(&dir)?.is_some_and(|o| o.reference == pinned_text) {
-            sources.adopt(&pinned_text, remote);
-        }
-        return Ok((dir, 0));
-    }
-    if dir.exists() {
-        // Debris of an interrupted pull (no manifest yet): nothing in it is worth keeping.
-        std::fs::remove_dir_all(&dir)
-            .with_context(|| format!("removing the incomplete {}", dir.display()))?;
-    }
-    let pinned = crate::paths::parse_reference(&pinned_text).context("pinning the reference")?;
-    let report = mcow_remote::transfer::pull_image(
-        remote.as_ref(),
-        &pinned,
-        &image,
-        &dir,
-        &cache.join("layers"),
-        true,
-        &mut |_, _| {},
-    )
-    .with_context(|| format!("pulling {reference} into {}", dir.display()))?;
-    if let Some(t) = &report.missing_trace {
-        crate::commands::transfer::warn_missing_trace(reference, t);
-    }
-    tracing::info!(
-        %reference, manifest = %digest, disk = %dir.display(), layers = report.layers,
-        layers_local = report.layers_local, bytes_fetched = report.bytes_fetched,
-        "pulled lazily into the cache"
-    );
-    sources.adopt(&pinned.to_string(), remote);
-    Ok((dir, report.bytes_fetched))
-}
-
-fn dir_name(dir: &Path) -> String {
-    let full = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    full.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-}
-
-/// Turns one `[NAME=]DISK|REF` argument into a disk directory to serve.
-fn resolve_target(spec: &str, cache: &Path, sources: &Sources) -> Result<Target> {
-    let (name, what) = if Reference::looks_like(spec) {
-        (None, spec)
-    } else {
-        match spec.split_once('=') {
-            Some((n, d)) => (Some(n.to_string()), d),
-            None => (None, spec),
-        }
-    };
-    if Reference::looks_like(what) {
-        let reference = crate::paths::parse_reference(what)?;
-        let (dir, pulled_bytes) = prepare_image(&reference, cache, sources)?;
-        return Ok(Target { name: name.unwrap_or_else(|| image_name(&reference)), dir, pulled_bytes });
-    }
-    let dir = PathBuf::from(what);
-    Ok(Target { name: name.unwrap_or_else(|| dir_name(&dir)), dir, pulled_bytes: 0 })
-}
-
 /// Opens the disks and serves them until SIGINT or SIGTERM.
 pub fn run(args: &ServeArgs) -> Result<()> {
     run_traced(args, None)
+}
+
+impl ServeArgs {
+    /// The service's options as given.
+    fn service_config(&self) -> ServiceConfig {
+        ServiceConfig {
+            cache: self.cache.clone(),
+            fetch: FetchPolicy { window: self.fetch_window, readahead: self.readahead },
+            prefetch: !self.no_prefetch,
+            fetch_all: self.fetch_all,
+            force_share: self.force_share,
+            insecure: crate::paths::insecure_registries().clone(),
+            fetch_grace: FETCH_GRACE,
+            ..ServiceConfig::default()
+        }
+    }
 }
 
 /// [`run`], recording the first reads of the (single) disk into a trace written to `trace_out`
@@ -477,115 +231,59 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
     if trace_out.is_some() && args.disks.len() != 1 {
         bail!("a trace records one disk: give exactly one");
     }
-    let mut exports = Vec::new();
-    let mut stats = Vec::new();
-    let mut recorder = None;
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut background = Vec::new();
     // One engine and one source per origin for every export: disks on the same layers share
     // them (a block is fetched once), and their read-ahead threads are stopped together at exit.
-    let engine = Engine::default();
-    let sources = crate::paths::new_sources();
+    let service = Arc::new(Service::new(args.server_config(), args.service_config()));
+    let mut recorder = None;
     for spec in &args.disks {
-        let t = resolve_target(spec, &args.cache, &sources)?;
-        let opts = OpenOptions { read_only: args.read_only, verify: true, force_share: args.force_share };
-        let (disk, source) = open_lazy(
-            &engine,
-            &t.dir,
-            opts,
-            Fetch::Remote(FetchPolicy { window: args.fetch_window, readahead: args.readahead }, &sources),
-        )?;
-        let disk = Arc::new(disk);
-        let mut export = DiskExport::new(disk.clone());
-        if trace_out.is_some() {
-            let r = Arc::new(TraceRecorder::new(&disk));
-            export = export.with_trace(r.clone());
-            recorder = Some(r);
+        let (name, what) = split_name(spec);
+        let req = AddExport {
+            name: name.map(str::to_string),
+            disk: what.to_string(),
+            read_only: args.read_only,
+            trace: trace_out.is_some(),
+        };
+        let added = service.add(&req).with_context(|| format!("serving {spec}"))?;
+        if let (Some(t), Ok(r)) = (&added.missing_trace, crate::paths::parse_reference(what)) {
+            crate::commands::transfer::warn_missing_trace(&r, t);
         }
-        if source.is_some() {
-            let trace_path = t.dir.join(mcow_remote::transfer::TRACE_FILE);
-            let trace = match (args.no_prefetch, std::fs::read(&trace_path)) {
-                (false, Ok(bytes)) => match mcow_remote::image::Trace::parse(&bytes) {
-                    Ok(tr) => Some(tr.blocks),
-                    Err(e) => {
-                        tracing::warn!(file = %trace_path.display(), error = %e, "ignoring the trace");
-                        None
-                    }
-                },
-                _ => None,
-            };
-            if trace.is_some() || args.fetch_all {
-                let (d, all, st) = (disk.clone(), args.fetch_all, stop.clone());
-                background.push(std::thread::spawn(move || background_fetch(d, trace, all, st)));
-            }
-        }
-        stats.push((t.name.clone(), t.dir.clone(), t.pulled_bytes, source));
-        exports.push((t.name, Arc::new(export)));
+        recorder = recorder.or(added.trace);
     }
     let tcp = match (&args.tcp, &args.socket) {
         (None, Some(_)) => None,
         (t, _) => Some(t.clone().unwrap_or_else(|| DEFAULT_TCP.to_string())),
     };
-    let sources: Vec<_> = stats.iter().filter_map(|s| s.3.clone()).collect();
-    let cancel = {
-        let sources = sources.clone();
-        move || sources.iter().for_each(|s| s.cancel())
+    check_open_file_limit(args.max_connections as usize);
+    let listening = Listening::start(service.server(), &ListenOn { tcp, socket: args.socket.clone() })?;
+    let control = match &args.control {
+        Some(path) => Some(
+            Control::start(service.clone(), path, args.read_only)
+                .with_context(|| format!("starting the control API on {}", path.display()))?,
+        ),
+        None => None,
     };
-    let result = serve_disks(
-        exports,
-        args.server_config(),
-        tcp,
-        args.socket.clone(),
-        |addrs| {
-            for a in addrs {
-                eprintln!("mcow: serving on {a}");
-            }
-        },
-        cancel,
-    );
+    let s = service.clone();
+    let ready = |addrs: &[String]| {
+        for a in addrs {
+            eprintln!("mcow: serving on {a}");
+        }
+        if let Some(c) = &control {
+            eprintln!("mcow: control API on {} (see `mcow ctl --help`)", c.path().display());
+        }
+    };
+    let result = stop_on_signal(service.server(), listening, ready, move || s.cancel_fetches());
+    if let Some(c) = control {
+        c.stop();
+    }
     // Background fetches (trace, --fetch-all) and read-ahead still running get FETCH_GRACE to
     // land what they fetch; then their origins are cancelled, so that they end at once.
-    stop.store(true, Ordering::Relaxed);
-    let until = Instant::now() + FETCH_GRACE;
-    while background.iter().any(|b| !b.is_finished()) && Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let quiet = background.iter().all(|b| b.is_finished())
-        && engine.stop_background(until.saturating_duration_since(Instant::now()));
-    if !quiet {
-        tracing::warn!("fetches still running at exit; cancelling them");
-        sources.iter().for_each(|s| s.cancel());
-    }
-    for b in background {
-        let _ = b.join();
-    }
-    if !engine.stop_background(FETCH_GRACE) {
-        tracing::warn!("read-ahead fetches still running at exit");
-    }
+    service.finish();
     if let (Some(path), Some(r)) = (trace_out, recorder) {
         let trace = r.trace();
         std::fs::write(path, trace.to_bytes())
             .with_context(|| format!("writing the trace {}", path.display()))?;
         eprintln!("mcow: wrote a trace of {} blocks to {}", trace.blocks.len(), path.display());
     }
-    for (name, dir, pulled, source) in stats {
-        let (fetched, requests) = source.map_or((0, 0), |s| s.stats());
-        tracing::info!(
-            export = %name,
-            disk = %dir.display(),
-            bytes_fetched = pulled + fetched,
-            // (with the hash table chunks of layers pulled with index chunks)
-            blocks_bytes_fetched = fetched,
-            requests,
-            "served; fetched from the origin"
-        );
-    }
-    let reused = engine.reuse_stats();
-    tracing::info!(
-        blocks_reused = reused.blocks,
-        bytes_reused = reused.bytes,
-        "served; copied from other local layers instead of fetched"
-    );
     result
 }
 
@@ -621,35 +319,27 @@ pub fn serve_disks(
         bail!("nothing to listen on: give --tcp or --socket");
     }
     check_open_file_limit(config.max_connections);
-    let mut server = Server::with_config(config);
+    let server = Server::with_config(config);
     for (name, export) in exports {
-        let desc = format!("mcow disk {}", export.disk.dir().display());
+        let desc = format!("mcow disk {}", export.disk().dir().display());
         server.add_export(name.clone(), desc, export).with_context(|| format!("export {name}"))?;
     }
     let server = Arc::new(server);
-    let mut addrs = Vec::new();
-    let mut threads = Vec::new();
-    if let Some(addr) = tcp {
-        let listener = std::net::TcpListener::bind(&addr).with_context(|| format!("listening on {addr}"))?;
-        addrs.push(format!("nbd://{}", listener.local_addr()?));
-        let s = server.clone();
-        threads.push(std::thread::spawn(move || s.serve_tcp_listener(listener)));
-    }
-    if let Some(path) = socket {
-        if path.exists() {
-            std::fs::remove_file(&path)
-                .with_context(|| format!("removing stale socket {}", path.display()))?;
-        }
-        let listener = std::os::unix::net::UnixListener::bind(&path)
-            .with_context(|| format!("listening on {}", path.display()))?;
-        addrs.push(format!("nbd+unix:///?socket={}", path.display()));
-        let s = server.clone();
-        threads.push(std::thread::spawn(move || {
-            let r = s.serve_unix_listener(listener);
-            let _ = std::fs::remove_file(&path);
-            r
-        }));
-    }
+    let listening = Listening::start(&server, &ListenOn { tcp, socket })?;
+    stop_on_signal(&server, listening, ready, cancel_fetches)
+}
+
+/// Serves until SIGINT or SIGTERM, then stops `server` (in-flight requests finish, exports
+/// are flushed) and waits for `listening` to end. `ready` is called with the listening
+/// addresses once the signal handlers are installed (so a signal sent as soon as a client sees
+/// them is handled); `cancel_fetches` runs if requests are still running `FETCH_GRACE` after
+/// the signal (it should make the fetches they wait for fail).
+fn stop_on_signal(
+    server: &Arc<Server>,
+    listening: Listening,
+    ready: impl FnOnce(&[String]),
+    cancel_fetches: impl FnOnce() + Send + 'static,
+) -> Result<()> {
     let stop = server.shutdown_handle();
     let mut signals =
         signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
@@ -666,15 +356,8 @@ pub fn serve_disks(
             }
         }
     });
-    ready(&addrs);
-    let mut result = Ok(());
-    for t in threads {
-        match t.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => result = Err(anyhow::Error::new(e).context("NBD server")),
-            Err(_) => result = Err(anyhow::anyhow!("NBD server thread panicked")),
-        }
-    }
+    ready(listening.addrs());
+    let result = listening.join().map_err(anyhow::Error::new);
     drop(stopped_tx);
     sig_handle.close();
     result
@@ -697,17 +380,5 @@ mod tests {
         assert_eq!(parse_seconds(DEFAULT_HANDSHAKE_TIMEOUT), Ok(d.handshake_timeout));
         assert_eq!(parse_seconds("0.25"), Ok(Duration::from_millis(250)));
         assert!(parse_seconds("0").is_err() && parse_seconds("-1").is_err() && parse_seconds("x").is_err());
-    }
-
-    #[test]
-    fn image_names() {
-        let name = |r: &str| image_name(&Reference::parse(r).unwrap());
-        assert_eq!(name("file:///srv/images/vm:v1"), "vm");
-        assert_eq!(name("file:///srv/images/vm/"), "vm");
-        assert_eq!(name("oci://127.0.0.1:5000/mcow/demo:v1"), "demo");
-        assert_eq!(name("s3://bucket"), "bucket");
-        assert_eq!(name("http://127.0.0.1:8081/a b"), "a_b");
-        let d = mcow_engine::Digest::of(b"m");
-        assert_eq!(name(&format!("file://x/.hidden:t@{d}")), "image.hidden");
     }
 }

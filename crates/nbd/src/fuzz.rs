@@ -149,7 +149,7 @@ pub fn session(data: &[u8]) -> Vec<u8> {
     };
     input.extend_from_slice(rest);
     let config = ServerConfig { workers_per_connection: 2, max_payload: 1 << 16, ..ServerConfig::default() };
-    let mut server = Server::with_config(config);
+    let server = Server::with_config(config);
     let export =
         MemExport::new(1 << 20).with_extra_context("fuzz:alloc").with_failing_range(900_000..901_000);
     if server.add_export("fuzz", "fuzzing export", Arc::new(export)).is_err() {

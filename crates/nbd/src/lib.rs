@@ -14,7 +14,7 @@
 //! use std::sync::Arc;
 //! use mcow_nbd::{MemExport, Server};
 //!
-//! let mut server = Server::new();
+//! let server = Server::new();
 //! server.add_export("disk", "a 1 GiB scratch disk", Arc::new(MemExport::new(1 << 30)))?;
 //! let stop = server.shutdown_handle();
 //! // Elsewhere (a signal handler thread, say): stop.stop();
@@ -37,4 +37,6 @@ pub mod server;
 pub use export::{Export, Parts};
 pub use mem::MemExport;
 pub use proto::{BlockSizes, StatusExtent};
-pub use server::{Server, ServerConfig, ServerError, ShutdownHandle};
+pub use server::{
+    ExportStatus, LATENCY_BUCKETS, RemovedExport, Server, ServerConfig, ServerError, ShutdownHandle,
+};

@@ -12,7 +12,7 @@ fn stop_works_after_the_socket_file_is_gone() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nbd.sock");
     let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    let mut server = Server::new();
+    let server = Server::new();
     server.add_export("m", "memory", Arc::new(MemExport::new(1 << 20))).unwrap();
     let server = Arc::new(server);
     let stop = server.shutdown_handle();
@@ -26,7 +26,7 @@ fn stop_works_after_the_socket_file_is_gone() {
 #[test]
 fn stop_works_on_tcp() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let mut server = Server::new();
+    let server = Server::new();
     server.add_export("m", "memory", Arc::new(MemExport::new(1 << 20))).unwrap();
     let server = Arc::new(server);
     let stop = server.shutdown_handle();

@@ -33,6 +33,7 @@ pub fn tool(name: &str) -> PathBuf {
         "docker-registry" => "docker-registry",
         "skopeo" => "skopeo",
         "curl" => "curl",
+        "promtool" => "prometheus",
         _ => "the package providing it",
     };
     panic!("{name} is required by the `mcow serve` tests but is not installed: install {package}");

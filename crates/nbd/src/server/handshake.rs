@@ -6,6 +6,7 @@
 //! ([`super::transmission`]) nor byte layouts ([`crate::proto`]).
 
 use std::io;
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::transmission::{self, Negotiated, Stats};
@@ -50,15 +51,16 @@ pub(crate) fn effective_block_sizes(b: BlockSizes, max_payload: u32) -> BlockSiz
 }
 
 /// Runs one connection to completion; logs one line when it closes. `enter` is called when
-/// negotiation is over, before the client is told so; if it says no (the server cut the
-/// connection meanwhile), the connection ends there.
-pub(crate) fn run_connection<S: Transport>(ctx: &Ctx, mut stream: S, peer: &str, enter: &dyn Fn() -> bool) {
+/// negotiation is over, with the export chosen, before the client is told so; if it says no
+/// (the server cut the connection meanwhile, or the export was removed), the connection ends
+/// there.
+pub(crate) fn run_connection<S: Transport>(ctx: &Ctx, mut stream: S, peer: &str, enter: &Enter<'_>) {
     let started = Instant::now();
     let stats = Stats::default();
     let mut export_name = String::new();
     let outcome = match negotiate(ctx, &mut stream, enter) {
         Ok(Some(neg)) => {
-            export_name.clone_from(&ctx.exports[neg.export].name);
+            export_name.clone_from(&neg.export.name);
             transmission::run(ctx, stream, neg, &stats, peer)
         }
         Ok(None) => Ok(()),
@@ -79,9 +81,12 @@ pub(crate) fn run_connection<S: Transport>(ctx: &Ctx, mut stream: S, peer: &str,
     transmission::report_suppressed_io_errors(ctx);
 }
 
+/// Called when a connection enters transmission with an export (see [`run_connection`]).
+pub(crate) type Enter<'a> = dyn Fn(&Arc<ExportEntry>) -> bool + 'a;
+
 /// Selected metadata contexts and the export they were selected for.
 struct MetaSelection {
-    export: usize,
+    export: Arc<ExportEntry>,
     contexts: Vec<(u32, String)>,
 }
 
@@ -100,7 +105,7 @@ struct Handshake<'a, S> {
 fn negotiate<S: Transport>(
     ctx: &Ctx,
     stream: &mut S,
-    enter: &dyn Fn() -> bool,
+    enter: &Enter<'_>,
 ) -> Result<Option<Negotiated>, ConnError> {
     let deadline = Instant::now() + ctx.config.handshake_timeout;
     let mut h =
@@ -118,8 +123,8 @@ fn negotiate<S: Transport>(
         h.read_exact(&mut hdr)?;
         let hdr = OptionHeader::decode(&hdr)?;
         let step = h.option(hdr)?;
-        if let Some(Some(_)) = step
-            && !enter()
+        if let Some(Some(neg)) = &step
+            && !enter(&neg.export)
         {
             return Err(ConnError::Evicted);
         }
@@ -251,8 +256,8 @@ impl<S: Transport> Handshake<'_, S> {
                 Ok(Some(None))
             }
             ClientOption::List => {
-                let exports = &self.ctx.exports;
-                for e in exports {
+                let exports = self.ctx.exports();
+                for e in &exports {
                     OptionReply::Server { name: &e.name, description: &e.description }
                         .encode(opt, &mut self.out);
                 }
@@ -301,15 +306,14 @@ impl<S: Transport> Handshake<'_, S> {
         Ok(())
     }
 
-    fn negotiated(&self, idx: usize) -> Negotiated {
-        let e: &ExportEntry = &self.ctx.exports[idx];
+    fn negotiated(&self, e: &Arc<ExportEntry>) -> Negotiated {
         let contexts = match &self.meta {
-            Some(m) if m.export == idx && self.structured => m.contexts.clone(),
+            Some(m) if Arc::ptr_eq(&m.export, e) && self.structured => m.contexts.clone(),
             _ => Vec::new(),
         };
         let block_sizes = effective_block_sizes(e.export.block_sizes(), self.ctx.config.max_payload);
         Negotiated {
-            export: idx,
+            export: Arc::clone(e),
             size: e.export.size(),
             read_only: e.export.read_only(),
             structured: self.structured,
@@ -319,8 +323,8 @@ impl<S: Transport> Handshake<'_, S> {
     }
 
     fn export_name(&mut self, name: &str) -> Result<Option<Negotiated>, ConnError> {
-        let idx = self.ctx.find(name).ok_or_else(|| ConnError::UnknownExport(name.to_string()))?;
-        let neg = self.negotiated(idx);
+        let e = self.ctx.find(name).ok_or_else(|| ConnError::UnknownExport(name.to_string()))?;
+        let neg = self.negotiated(&e);
         let flags = transmission_flags(neg.read_only, neg.structured);
         self.out.extend_from_slice(&proto::encode_export_name_reply(neg.size, flags, self.no_zeroes));
         Ok(Some(neg))
@@ -328,13 +332,12 @@ impl<S: Transport> Handshake<'_, S> {
 
     /// `NBD_OPT_INFO` / `NBD_OPT_GO`. Returns the negotiated state for a successful GO.
     fn info(&mut self, opt: u32, req: &InfoRequest, go: bool) -> Option<Negotiated> {
-        let Some(idx) = self.ctx.find(&req.name) else {
+        let Some(e) = self.ctx.find(&req.name) else {
             let msg = format!("no export named {:?}", proto::truncate_str(&req.name, 256));
             self.error(opt, NBD_REP_ERR_UNKNOWN, &msg);
             return None;
         };
-        let neg = self.negotiated(idx);
-        let e = &self.ctx.exports[idx];
+        let neg = self.negotiated(&e);
         let flags = transmission_flags(neg.read_only, neg.structured);
         OptionReply::InfoExport { size: neg.size, flags }.encode(opt, &mut self.out);
         if req.requests.contains(&NBD_INFO_NAME) {
@@ -357,12 +360,12 @@ impl<S: Transport> Handshake<'_, S> {
             self.error(opt, NBD_REP_ERR_INVALID, "structured replies must be negotiated first");
             return;
         }
-        let Some(idx) = self.ctx.find(&q.export) else {
+        let Some(e) = self.ctx.find(&q.export) else {
             let msg = format!("no export named {:?}", proto::truncate_str(&q.export, 256));
             self.error(opt, NBD_REP_ERR_UNKNOWN, &msg);
             return;
         };
-        let all = &self.ctx.exports[idx].contexts;
+        let all = &e.contexts;
         let mut chosen: Vec<(u32, String)> = Vec::new();
         for (i, name) in all.iter().enumerate() {
             let wanted = if q.queries.is_empty() {
@@ -381,7 +384,7 @@ impl<S: Transport> Handshake<'_, S> {
         }
         self.reply(opt, OptionReply::Ack);
         if set {
-            self.meta = Some(MetaSelection { export: idx, contexts: chosen });
+            self.meta = Some(MetaSelection { export: e, contexts: chosen });
         }
     }
 }

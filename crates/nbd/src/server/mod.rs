@@ -7,12 +7,18 @@
 //! [`Export`] behind each name). It installs no signal handlers: the embedding program
 //! calls [`ShutdownHandle::stop`] from its own handler.
 //!
-//! Life of a server: [`Server::new`], [`Server::add_export`] one or more times, then one
-//! or more `serve_*` calls (each blocks, possibly on different threads sharing `&Server`)
-//! until [`ShutdownHandle::stop`]. On stop the listeners stop accepting, every live
-//! connection's read side is shut so no new request is taken, requests already read are
-//! finished and answered, then each export is flushed and `serve_*` returns `Ok(())`.
-//! A stopped server stays stopped.
+//! Life of a server: [`Server::new`], then one or more `serve_*` calls (each blocks,
+//! possibly on different threads sharing `&Server`) until [`ShutdownHandle::stop`]. On stop
+//! the listeners stop accepting, every live connection's read side is shut so no new request
+//! is taken, requests already read are finished and answered, then each export is flushed and
+//! `serve_*` returns `Ok(())`. A stopped server stays stopped.
+//!
+//! The export table is the server's own (one lock, `Shared::exports`) and changes while it
+//! serves: [`Server::add_export`] makes a name selectable by the next negotiation;
+//! [`Server::remove_export`] makes it unselectable at once (a new client asking for it gets
+//! `NBD_REP_ERR_UNKNOWN`), shuts the read side of the connections using it (no new request is
+//! read; those already read are finished and answered, then the server closes the connection),
+//! and hands back a [`RemovedExport`] that tells when they are all gone.
 //!
 //! Admission: [`ServerConfig::max_connections`] bounds the connections of the whole server
 //! (every listener), and [`ServerConfig::max_handshakes`], a smaller budget, those still
@@ -33,7 +39,7 @@ use std::net::{Shutdown, TcpListener, ToSocketAddrs};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -116,9 +122,9 @@ impl Default for ServerConfig {
 /// returned: one client cannot stop the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    /// `serve_*` was called before any export was added.
-    #[error("no export was added to the server")]
-    NoExports,
+    /// No export has that name.
+    #[error("no export named {0:?}")]
+    UnknownExport(String),
     /// Two exports with one name.
     #[error("export name {0:?} is already used")]
     DuplicateExport(String),
@@ -145,30 +151,129 @@ pub enum ServerError {
 }
 
 /// One named export and what was computed about it once.
-#[derive(Clone)]
 pub(crate) struct ExportEntry {
     pub(crate) name: String,
     pub(crate) description: String,
     pub(crate) export: Arc<dyn Export>,
     /// `base:allocation` first, then the export's extra contexts; id = index + 1.
     pub(crate) contexts: Vec<String>,
+    /// What its connections did, over its life.
+    pub(crate) counters: ExportCounters,
+    /// Set (under the connection registry's lock) when it is removed: a connection that
+    /// negotiated it before then cannot enter transmission after.
+    removed: AtomicBool,
+}
+
+/// Counters of one export, summed over its connections.
+#[derive(Debug, Default)]
+pub(crate) struct ExportCounters {
+    /// Connections in transmission with it now.
+    clients: AtomicU64,
+    /// Connections that entered transmission with it, ever.
+    pub(crate) connections: AtomicU64,
+    pub(crate) requests: AtomicU64,
+    pub(crate) bytes_read: AtomicU64,
+    pub(crate) bytes_written: AtomicU64,
+    /// Export errors returned to clients.
+    pub(crate) io_errors: AtomicU64,
+    /// How long requests took, from read to reply sent.
+    pub(crate) latency: Latency,
+}
+
+/// Upper bounds (seconds) of the request latency histogram's buckets ([`ExportStatus`]);
+/// a last bucket, unbounded, follows.
+pub const LATENCY_BUCKETS: [f64; 16] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// A histogram of request latencies: one counter per bucket of [`LATENCY_BUCKETS`] and one
+/// for longer ones, and the sum.
+#[derive(Debug, Default)]
+pub(crate) struct Latency {
+    counts: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl Latency {
+    pub(crate) fn record(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let at = LATENCY_BUCKETS.iter().position(|&b| secs <= b).unwrap_or(LATENCY_BUCKETS.len());
+        self.counts[at].fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+}
+
+/// A snapshot of one export of a [`Server`] and its counters ([`Server::exports`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportStatus {
+    /// Its name.
+    pub name: String,
+    /// Its description (`NBD_INFO_DESCRIPTION`).
+    pub description: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Whether it refuses writes.
+    pub read_only: bool,
+    /// Connections in transmission with it now.
+    pub clients: u64,
+    /// Connections that entered transmission with it since it was added.
+    pub connections: u64,
+    /// Requests received on its connections.
+    pub requests: u64,
+    /// Bytes read by its clients.
+    pub bytes_read: u64,
+    /// Bytes written by its clients.
+    pub bytes_written: u64,
+    /// Errors of the export returned to its clients.
+    pub io_errors: u64,
+    /// Requests run (read to reply sent) whose time fell in each bucket of
+    /// [`LATENCY_BUCKETS`], then those longer than the last bound (not cumulative).
+    pub latency_counts: Vec<u64>,
+    /// The time of all of them, in nanoseconds.
+    pub latency_sum_nanos: u64,
+}
+
+impl ExportEntry {
+    fn status(&self) -> ExportStatus {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ExportStatus {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            size: self.export.size(),
+            read_only: self.export.read_only(),
+            clients: get(&c.clients),
+            connections: get(&c.connections),
+            requests: get(&c.requests),
+            bytes_read: get(&c.bytes_read),
+            bytes_written: get(&c.bytes_written),
+            io_errors: get(&c.io_errors),
+            latency_counts: c.latency.counts.iter().map(get).collect(),
+            latency_sum_nanos: get(&c.latency.sum_nanos),
+        }
+    }
 }
 
 /// What every connection thread shares.
 pub(crate) struct Ctx {
-    pub(crate) exports: Vec<ExportEntry>,
     pub(crate) config: ServerConfig,
     pub(crate) shared: Arc<Shared>,
 }
 
 impl Ctx {
-    /// Export index for `name`; the empty name picks the first export unless one is
+    /// The export named `name`; the empty name picks the first export unless one is
     /// literally named "".
-    pub(crate) fn find(&self, name: &str) -> Option<usize> {
-        self.exports
+    pub(crate) fn find(&self, name: &str) -> Option<Arc<ExportEntry>> {
+        let table = read(&self.shared.exports);
+        table
             .iter()
-            .position(|e| e.name == name)
-            .or_else(|| (name.is_empty() && !self.exports.is_empty()).then_some(0))
+            .find(|e| e.name == name)
+            .or_else(|| if name.is_empty() { table.first() } else { None })
+            .cloned()
+    }
+
+    /// The exports now, in the order they were added.
+    pub(crate) fn exports(&self) -> Vec<Arc<ExportEntry>> {
+        read(&self.shared.exports).clone()
     }
 }
 
@@ -178,6 +283,8 @@ pub(crate) struct Shared {
     stopping: AtomicBool,
     wakers: Mutex<Vec<(u64, Waker)>>,
     next_waker: AtomicU64,
+    /// The export table, in the order exports were added.
+    exports: RwLock<Vec<Arc<ExportEntry>>>,
     /// Live connections of every `serve_*` call.
     conns: ConnRegistry,
     /// Log lines for I/O errors returned to clients.
@@ -202,6 +309,14 @@ impl Shared {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A cloneable handle that stops a [`Server`] from any thread (for example a signal
@@ -254,6 +369,8 @@ struct ConnEntry {
     shut: Box<dyn Shut>,
     /// When negotiation started; `None` once in transmission.
     negotiating_since: Option<Instant>,
+    /// The export it transmits with, once in transmission.
+    export: Option<Arc<ExportEntry>>,
 }
 
 /// What admission decided for a new connection.
@@ -290,7 +407,10 @@ impl ConnRegistry {
         }
         let id = c.next_id;
         c.next_id += 1;
-        c.map.insert(id, ConnEntry { peer: peer.to_string(), shut, negotiating_since: Some(Instant::now()) });
+        c.map.insert(
+            id,
+            ConnEntry { peer: peer.to_string(), shut, negotiating_since: Some(Instant::now()), export: None },
+        );
         c.negotiating += 1;
         match evicted {
             Some((peer, negotiating_for)) => Admission::Evicted { id, peer, negotiating_for },
@@ -298,26 +418,67 @@ impl ConnRegistry {
         }
     }
 
-    /// Moves a connection from negotiating to transmission; false if it was cut meanwhile.
-    fn enter_transmission(&self, id: u64) -> bool {
+    /// Moves a connection from negotiating to transmission with `export`; false if it was
+    /// cut meanwhile, or the export was removed since the connection selected it.
+    fn enter_transmission(&self, id: u64, export: &Arc<ExportEntry>) -> bool {
         let mut c = lock(&self.conns);
-        let was_negotiating = c.map.get_mut(&id).and_then(|e| e.negotiating_since.take()).is_some();
-        if was_negotiating {
-            c.negotiating -= 1;
+        if export.removed.load(Ordering::SeqCst) {
+            return false;
         }
-        was_negotiating
+        let Some(e) = c.map.get_mut(&id) else { return false };
+        if e.negotiating_since.take().is_none() {
+            return false;
+        }
+        e.export = Some(Arc::clone(export));
+        c.negotiating -= 1;
+        export.counters.clients.fetch_add(1, Ordering::SeqCst);
+        export.counters.connections.fetch_add(1, Ordering::Relaxed);
+        true
     }
 
     fn remove(&self, id: u64) {
         let mut c = lock(&self.conns);
-        if let Some(e) = c.map.remove(&id)
-            && e.negotiating_since.is_some()
-        {
-            c.negotiating -= 1;
+        if let Some(e) = c.map.remove(&id) {
+            if e.negotiating_since.is_some() {
+                c.negotiating -= 1;
+            }
+            if let Some(x) = e.export {
+                x.counters.clients.fetch_sub(1, Ordering::SeqCst);
+                // Someone may wait for the connections of this export to end.
+                self.emptied.notify_all();
+            }
         }
         if c.map.is_empty() {
             self.emptied.notify_all();
         }
+    }
+
+    /// Shuts (`how`) every connection transmitting with `export`.
+    fn shutdown_export(&self, export: &Arc<ExportEntry>, how: Shutdown) {
+        for e in lock(&self.conns).map.values() {
+            if e.export.as_ref().is_some_and(|x| Arc::ptr_eq(x, export)) {
+                e.shut.shut(how);
+            }
+        }
+    }
+
+    /// Waits until no connection transmits with `export`, or `timeout` passed; true if none.
+    fn wait_export_closed(&self, export: &Arc<ExportEntry>, timeout: Option<Duration>) -> bool {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut c = lock(&self.conns);
+        while c.map.values().any(|e| e.export.as_ref().is_some_and(|x| Arc::ptr_eq(x, export))) {
+            c = match deadline {
+                None => self.emptied.wait(c).unwrap_or_else(PoisonError::into_inner),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return false;
+                    }
+                    self.emptied.wait_timeout(c, left).unwrap_or_else(PoisonError::into_inner).0
+                }
+            };
+        }
+        true
     }
 
     fn shutdown_all(&self, how: Shutdown) {
@@ -353,9 +514,50 @@ impl Drop for Registered {
     }
 }
 
+/// An export taken out of a [`Server`] by [`Server::remove_export`]: its connections are
+/// finishing the requests they had read; this tells when they are gone.
+pub struct RemovedExport {
+    shared: Arc<Shared>,
+    entry: Arc<ExportEntry>,
+}
+
+impl std::fmt::Debug for RemovedExport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemovedExport").field("name", &self.entry.name).finish()
+    }
+}
+
+impl RemovedExport {
+    /// The name it had.
+    pub fn name(&self) -> &str {
+        &self.entry.name
+    }
+
+    /// The export itself (to flush it once its connections are gone).
+    pub fn export(&self) -> &Arc<dyn Export> {
+        &self.entry.export
+    }
+
+    /// Its counters as they stand.
+    pub fn status(&self) -> ExportStatus {
+        self.entry.status()
+    }
+
+    /// Waits until every connection that used it has ended (each after answering the
+    /// requests it had read), for ever or up to `timeout`; true if they all have.
+    pub fn wait_closed(&self, timeout: Option<Duration>) -> bool {
+        self.shared.conns.wait_export_closed(&self.entry, timeout)
+    }
+
+    /// Cuts the connections still using it (both directions): for clients that do not let
+    /// their requests finish within the caller's patience.
+    pub fn cut(&self) {
+        self.shared.conns.shutdown_export(&self.entry, Shutdown::Both);
+    }
+}
+
 /// An NBD server: a set of named exports served over TCP and/or Unix sockets.
 pub struct Server {
-    exports: Vec<ExportEntry>,
     config: ServerConfig,
     shared: Arc<Shared>,
 }
@@ -369,7 +571,7 @@ impl Default for Server {
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
-            .field("exports", &self.exports.iter().map(|e| &e.name).collect::<Vec<_>>())
+            .field("exports", &read(&self.shared.exports).iter().map(|e| e.name.clone()).collect::<Vec<_>>())
             .field("config", &self.config)
             .finish()
     }
@@ -387,7 +589,7 @@ impl Server {
         config.workers_per_connection = config.workers_per_connection.max(1);
         config.max_connections = config.max_connections.max(1);
         config.max_handshakes = config.max_handshakes.clamp(1, config.max_connections);
-        Self { exports: Vec::new(), config, shared: Arc::new(Shared::default()) }
+        Self { config, shared: Arc::new(Shared::default()) }
     }
 
     /// The limits in force.
@@ -395,11 +597,12 @@ impl Server {
         &self.config
     }
 
-    /// Adds an export. The first export added is also served under the empty name "",
-    /// which clients use when they give no name (`nbd://host`). The export's metadata
-    /// contexts are read once, here.
+    /// Adds an export, before or while serving: the next negotiation can select it. The
+    /// first export of the table (the oldest still there) is also served under the empty
+    /// name "", which clients use when they give no name (`nbd://host`). The export's
+    /// metadata contexts are read once, here.
     pub fn add_export(
-        &mut self,
+        &self,
         name: impl Into<String>,
         description: impl Into<String>,
         export: Arc<dyn Export>,
@@ -412,9 +615,7 @@ impl Server {
         if name.contains('\0') {
             return Err(invalid("contains NUL"));
         }
-        if self.exports.iter().any(|e| e.name == name) {
-            return Err(ServerError::DuplicateExport(name));
-        }
+
         let mut contexts = vec![BASE_ALLOCATION.to_string()];
         for c in export.extra_meta_contexts() {
             if c.contains(':') && !c.contains('\0') && c.len() <= MAX_STRING_LEN && !contexts.contains(&c) {
@@ -425,8 +626,51 @@ impl Server {
         }
         let mut description = description.into();
         description.retain(|c| c != '\0');
-        self.exports.push(ExportEntry { name, description, export, contexts });
+        let mut table = write(&self.shared.exports);
+        if table.iter().any(|e| e.name == name) {
+            return Err(ServerError::DuplicateExport(name));
+        }
+        let counters = ExportCounters::default();
+        table.push(Arc::new(ExportEntry {
+            name,
+            description,
+            export,
+            contexts,
+            counters,
+            removed: false.into(),
+        }));
         Ok(())
+    }
+
+    /// Removes the export `name` while serving: a new client asking for it from now on gets
+    /// `NBD_REP_ERR_UNKNOWN`; the connections using it read no new request, finish and answer
+    /// the ones they had read, then are closed by the server. The returned handle tells when
+    /// they are gone ([`RemovedExport::wait_closed`]); the export is not flushed here.
+    pub fn remove_export(&self, name: &str) -> Result<RemovedExport, ServerError> {
+        let entry = {
+            let mut table = write(&self.shared.exports);
+            let at = table.iter().position(|e| e.name == name);
+            let Some(at) = at else { return Err(ServerError::UnknownExport(name.to_string())) };
+            table.remove(at)
+        };
+        {
+            // Under the registry's lock: a connection either entered transmission before (and
+            // is shut here) or will see `removed` and not enter.
+            let c = lock(&self.shared.conns.conns);
+            entry.removed.store(true, Ordering::SeqCst);
+            for e in c.map.values() {
+                if e.export.as_ref().is_some_and(|x| Arc::ptr_eq(x, &entry)) {
+                    e.shut.shut(Shutdown::Read);
+                }
+            }
+        }
+        tracing::info!(export = %name, "NBD export removed; its connections finish their requests");
+        Ok(RemovedExport { shared: Arc::clone(&self.shared), entry })
+    }
+
+    /// The exports now, in the order they were added, with their counters.
+    pub fn exports(&self) -> Vec<ExportStatus> {
+        read(&self.shared.exports).iter().map(|e| e.status()).collect()
     }
 
     /// A handle that stops this server.
@@ -477,17 +721,14 @@ impl Server {
     /// Runs one connection over an arbitrary stream on the calling thread (fuzzing).
     pub(crate) fn run_session<S: Transport>(&self, stream: S) {
         let ctx = self.ctx();
-        handshake::run_connection(&ctx, stream, "in-memory", &|| true);
+        handshake::run_connection(&ctx, stream, "in-memory", &|_| true);
     }
 
     fn ctx(&self) -> Ctx {
-        Ctx { exports: self.exports.clone(), config: self.config.clone(), shared: Arc::clone(&self.shared) }
+        Ctx { config: self.config.clone(), shared: Arc::clone(&self.shared) }
     }
 
     fn serve_loop<L: Listener>(&self, listener: L, waker: Waker) -> Result<(), ServerError> {
-        if self.exports.is_empty() {
-            return Err(ServerError::NoExports);
-        }
         let ctx = Arc::new(self.ctx());
         let registry = &self.shared.conns;
         let waker_id = self.shared.register(waker);
@@ -557,7 +798,7 @@ impl Server {
             let ctx = Arc::clone(&ctx);
             let spawned = thread::Builder::new().name(format!("nbd-conn-{id}")).spawn(move || {
                 let shared = Arc::clone(&guard.shared);
-                handshake::run_connection(&ctx, stream, &peer, &|| shared.conns.enter_transmission(id));
+                handshake::run_connection(&ctx, stream, &peer, &|e| shared.conns.enter_transmission(id, e));
                 drop(guard);
             });
             match spawned {
@@ -578,7 +819,7 @@ impl Server {
             let _ = t.join();
         }
         transmission::report_suppressed_io_errors(&ctx);
-        for e in &ctx.exports {
+        for e in &ctx.exports() {
             if let Err(err) = e.export.flush() {
                 tracing::error!(export = %e.name, error = %err, "flush at shutdown failed");
             }

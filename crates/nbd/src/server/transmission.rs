@@ -12,7 +12,8 @@
 //! `worker_linger` (the socket's read timeout while there are several) ends. An idle
 //! connection holds one thread.
 //!
-//! Owns request scheduling, back-pressure (each worker holds at most one request, so a
+//! Owns request scheduling, the counts of each connection and its export (requests, bytes,
+//! errors, request latency), back-pressure (each worker holds at most one request, so a
 //! connection holds at most `workers` requests, flushes included), reply assembly and the mapping of export
 //! errors to NBD error values. Does not own negotiation ([`super::handshake`]) nor byte
 //! layouts ([`crate::proto`]).
@@ -23,12 +24,12 @@
 use std::io::{self, BufReader, IoSlice, Read};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, Scope};
 use std::time::{Duration, Instant};
 
 use super::transport::{Filled, Transport, discard, fill, write_all_vectored};
-use super::{ConnError, Ctx, lock};
+use super::{ConnError, Ctx, ExportCounters, ExportEntry, lock};
 use crate::export::Export;
 use crate::proto::{
     self, Command, NBD_CMD_FLAG_FAST_ZERO, NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLAG_REQ_ONE,
@@ -44,9 +45,9 @@ const KEEP_BUFFER: usize = 4 << 20;
 const READ_BUFFER: usize = 256 << 10;
 
 /// What negotiation settled for transmission.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct Negotiated {
-    pub(crate) export: usize,
+    pub(crate) export: Arc<ExportEntry>,
     pub(crate) size: u64,
     pub(crate) read_only: bool,
     pub(crate) structured: bool,
@@ -169,6 +170,8 @@ struct Conn<'a, S> {
     /// The first error that ended the request stream.
     error: Mutex<Option<ConnError>>,
     stats: &'a Stats,
+    /// The export's counters (summed over its connections).
+    counters: &'a ExportCounters,
     reader: Mutex<BufReader<S>>,
     turn: Turn,
     /// Workers running, the connection's own thread included. While there is more than one,
@@ -186,6 +189,15 @@ struct Conn<'a, S> {
     flushing: AtomicUsize,
     max_workers: usize,
     max_flushing: usize,
+}
+
+/// What a connection counts, both in its own [`Stats`] and in its export's counters.
+#[derive(Debug, Clone, Copy)]
+enum Count {
+    Requests,
+    BytesRead,
+    BytesWritten,
+    IoErrors,
 }
 
 /// Maps an export's error to an NBD error value.
@@ -212,7 +224,7 @@ pub(crate) fn run<S: Transport>(
     stream.set_read_timeout_opt(None)?;
     let writer = stream.try_clone_stream()?;
     writer.set_write_timeout_opt(ctx.config.write_timeout)?;
-    let entry = &ctx.exports[neg.export];
+    let entry = Arc::clone(&neg.export);
     let params = TransmissionParams {
         size: neg.size,
         read_only: neg.read_only,
@@ -225,6 +237,7 @@ pub(crate) fn run<S: Transport>(
         peer,
         export_name: &entry.name,
         export: entry.export.as_ref(),
+        counters: &entry.counters,
         neg: &neg,
         params,
         writer: Mutex::new(writer),
@@ -259,6 +272,18 @@ pub(crate) fn report_suppressed_io_errors(ctx: &Ctx) {
 }
 
 impl<S: Transport> Conn<'_, S> {
+    /// Adds `n` to a count of this connection and of its export.
+    fn count(&self, what: Count, n: u64) {
+        let (mine, export) = match what {
+            Count::Requests => (&self.stats.requests, &self.counters.requests),
+            Count::BytesRead => (&self.stats.bytes_read, &self.counters.bytes_read),
+            Count::BytesWritten => (&self.stats.bytes_written, &self.counters.bytes_written),
+            Count::IoErrors => (&self.stats.io_errors, &self.counters.io_errors),
+        };
+        mine.fetch_add(n, Ordering::Relaxed);
+        export.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Takes turns with the other workers: reads one request in its turn, then runs it and
     /// sends its reply, until the request stream ends. The first worker (`first`) waits for
     /// requests for ever; the others end after `worker_linger` without one.
@@ -297,7 +322,9 @@ impl<S: Transport> Conn<'_, S> {
                 self.hire(scope);
             }
             if !self.broken.load(Ordering::SeqCst) {
+                let started = Instant::now();
                 self.execute(&job, &mut buf);
+                self.counters.latency.record(started.elapsed());
             }
             if flush {
                 self.flushing.fetch_sub(1, Ordering::SeqCst);
@@ -371,7 +398,7 @@ impl<S: Transport> Conn<'_, S> {
             }
             // A bad magic means the stream is out of step; nothing after it can be trusted.
             let req = Request::decode(&hdr)?;
-            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            self.count(Count::Requests, 1);
             if req.command == Command::Disc {
                 tracing::debug!("client sent NBD_CMD_DISC");
                 return Ok(Next::End);
@@ -403,7 +430,7 @@ impl<S: Transport> Conn<'_, S> {
             Command::Read => return self.read(req, buf),
             Command::BlockStatus => return self.block_status(req),
             Command::Write => e.write(req.offset, &buf[..req.length as usize], fua).map(|()| {
-                self.stats.bytes_written.fetch_add(len, Ordering::Relaxed);
+                self.count(Count::BytesWritten, len);
             }),
             Command::Flush => e.flush(),
             Command::Trim if len == 0 => Ok(()),
@@ -431,7 +458,7 @@ impl<S: Transport> Conn<'_, S> {
             let mut reply = |parts: &[&[u8]]| self.send_read_reply(req, parts);
             match self.export.read_borrowed(req.offset, len, &mut reply) {
                 Some(Ok(())) => {
-                    self.stats.bytes_read.fetch_add(u64::from(req.length), Ordering::Relaxed);
+                    self.count(Count::BytesRead, u64::from(req.length));
                     return;
                 }
                 Some(Err(err)) => return self.send_io_error(req, &err),
@@ -444,7 +471,7 @@ impl<S: Transport> Conn<'_, S> {
         if let Err(err) = self.export.read(req.offset, buf) {
             return self.send_io_error(req, &err);
         }
-        self.stats.bytes_read.fetch_add(u64::from(req.length), Ordering::Relaxed);
+        self.count(Count::BytesRead, u64::from(req.length));
         self.send_read_reply(req, &[buf]);
     }
 
@@ -500,7 +527,7 @@ impl<S: Transport> Conn<'_, S> {
     /// for the whole server; the next line logged says how many were left out).
     fn send_io_error(&self, req: &Request, err: &io::Error) {
         let errno = errno_for(err);
-        self.stats.io_errors.fetch_add(1, Ordering::Relaxed);
+        self.count(Count::IoErrors, 1);
         if let Some(suppressed) = self.ctx.shared.io_errors.admit() {
             tracing::warn!(
                 peer = %self.peer, export = %self.export_name, command = %req.command, offset = req.offset,

@@ -59,7 +59,7 @@ impl TestServer {
     pub fn start_with(config: ServerConfig, exports: Vec<Ex>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("nbd.sock");
-        let mut server = Server::with_config(config);
+        let server = Server::with_config(config);
         for e in &exports {
             let export: Arc<dyn Export> = e.export.clone();
             server.add_export(e.name, e.description, export).expect("add export");
@@ -186,7 +186,12 @@ pub struct Raw {
 impl Raw {
     /// Connects and reads the greeting.
     pub fn connect(server: &TestServer) -> Self {
-        let s = UnixStream::connect(&server.socket).expect("connect");
+        Self::connect_path(&server.socket)
+    }
+
+    /// Connects to the Unix socket at `path` and reads the greeting.
+    pub fn connect_path(path: &Path) -> Self {
+        let s = UnixStream::connect(path).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
         s.set_write_timeout(Some(Duration::from_secs(10))).expect("timeout");
         let mut r = Self { s };
@@ -199,7 +204,12 @@ impl Raw {
 
     /// Connects and sends the usual client flags.
     pub fn connect_fixed(server: &TestServer) -> Self {
-        let mut r = Self::connect(server);
+        Self::connect_fixed_path(&server.socket)
+    }
+
+    /// [`Raw::connect_fixed`] to the Unix socket at `path`.
+    pub fn connect_fixed_path(path: &Path) -> Self {
+        let mut r = Self::connect_path(path);
         r.send(&ClientFlags { fixed_newstyle: true, no_zeroes: true }.encode());
         r
     }

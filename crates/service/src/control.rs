@@ -1,0 +1,256 @@
+//! The control API of a [`Service`]: HTTP/1.1 with JSON bodies on a Unix socket, so that
+//! `curl --unix-socket SOCKET http://x/exports` is a client. Owns the routes, the JSON shapes
+//! and the mapping of [`ServiceError`] to status codes; what each route does is the service's.
+//!
+//! Routes (docs/CONTROL.md is the reference):
+//! - `GET /exports`: `{"exports": [ExportInfo…]}`.
+//! - `GET /exports/NAME`: one `ExportInfo`, or 404.
+//! - `POST /exports` with `{"name": NAME?, "disk": DIR|REF, "read_only": BOOL?}`: adds it;
+//!   201 with its `ExportInfo`.
+//! - `DELETE /exports/NAME`: removes it (in-flight requests finish, clients are disconnected,
+//!   the disk is flushed) and answers once that is done: 200 with its last `ExportInfo`.
+//! - `GET /metrics`: Prometheus text ([`crate::metrics`]).
+//!
+//! Every error is `{"error": "…"}` with a status: 400 bad JSON or a bad request, 404 unknown
+//! export or route, 405 a method a route does not take, 409 a name or disk already served,
+//! 502 an image's origin failing, 500 anything else. A request that fails changes nothing.
+//! Each request runs on a thread of its own (adds and removes still run one at a time in the
+//! service), so a list is answered while a slow pull or removal goes on.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use serde::{Deserialize, Serialize};
+use tiny_http::{Header, Method, Request, Response, StatusCode};
+
+use crate::error::ServiceError;
+use crate::service::{AddExport, ExportInfo, Service};
+
+/// Largest request body read (a JSON object naming a disk is far smaller).
+const MAX_BODY: u64 = 64 << 10;
+
+/// The body of `POST /exports`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddBody {
+    name: Option<String>,
+    disk: String,
+    read_only: Option<bool>,
+}
+
+#[derive(Serialize)]
+struct ListBody {
+    exports: Vec<ExportInfo>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody {
+    error: String,
+}
+
+/// The control API being served on a Unix socket.
+pub struct Control {
+    http: Arc<tiny_http::Server>,
+    thread: Option<JoinHandle<()>>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control").field("path", &self.path).finish()
+    }
+}
+
+impl Control {
+    /// Listens on a Unix socket at `path` (a stale socket file there is replaced) and serves
+    /// the control API of `service` on a thread until [`Control::stop`]. `read_only` is the
+    /// default of `POST /exports` when the body says nothing.
+    pub fn start(service: Arc<Service>, path: &Path, read_only: bool) -> Result<Control, ServiceError> {
+        let bind_err = |source| ServiceError::Bind { addr: path.display().to_string(), source };
+        if path.exists() {
+            std::fs::remove_file(path).map_err(bind_err)?;
+        }
+        let http =
+            tiny_http::Server::http_unix(path).map_err(|e| bind_err(std::io::Error::other(e.to_string())))?;
+        let http = Arc::new(http);
+        let h = Arc::clone(&http);
+        let thread = std::thread::Builder::new()
+            .name("mcow-control".into())
+            .spawn(move || {
+                for req in h.incoming_requests() {
+                    let service = Arc::clone(&service);
+                    let spawned = std::thread::Builder::new()
+                        .name("mcow-control-req".into())
+                        .spawn(move || handle(&service, req, read_only));
+                    if let Err(e) = spawned {
+                        tracing::warn!(error = %e, "cannot start a thread for a control request");
+                    }
+                }
+            })
+            .map_err(|source| ServiceError::Io { what: "starting the control thread".into(), source })?;
+        tracing::info!(path = %path.display(), "control API listening");
+        Ok(Control { http, thread: Some(thread), path: path.to_path_buf() })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stops taking requests (those running finish on their own threads) and removes the
+    /// socket file.
+    pub fn stop(mut self) {
+        self.http.unblock();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The status code an error is answered with.
+fn status_of(e: &ServiceError) -> u16 {
+    use mcow_remote::RemoteError as R;
+    match e {
+        ServiceError::UnknownExport(_) => 404,
+        ServiceError::DuplicateExport(_) | ServiceError::DiskInUse { .. } => 409,
+        ServiceError::Server(mcow_nbd::ServerError::InvalidExportName { .. }) => 400,
+        ServiceError::Open { .. } => 400,
+        ServiceError::Remote { source, .. } => match **source {
+            R::Reference { .. } | R::Invalid(_) => 400,
+            R::NotFound { .. } => 404,
+            _ => 502,
+        },
+        _ => 500,
+    }
+}
+
+fn json<T: Serialize>(status: u16, body: &T) -> Response<std::io::Cursor<Vec<u8>>> {
+    let mut text = serde_json::to_vec_pretty(body).unwrap_or_else(|_| b"{}".to_vec());
+    text.push(b'\n');
+    let header = Header::from_bytes("Content-Type", "application/json").expect("a valid header");
+    Response::from_data(text).with_status_code(StatusCode(status)).with_header(header)
+}
+
+fn error(status: u16, message: impl Into<String>) -> Response<std::io::Cursor<Vec<u8>>> {
+    json(status, &ErrorBody { error: message.into() })
+}
+
+/// `%XX` escapes of a path segment decoded; `None` if that is not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    let hex = |b: &u8| (*b as char).to_digit(16);
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let (Some(h), Some(l)) = (bytes.get(i + 1).and_then(hex), bytes.get(i + 2).and_then(hex))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+fn handle(service: &Service, mut req: Request, read_only: bool) {
+    let method = req.method().clone();
+    let url = req.url().to_string();
+    let path = url.split('?').next().unwrap_or("");
+    let response = route(service, &method, path, &mut req, read_only);
+    tracing::debug!(%method, url = %url, status = response.status_code().0, "control request");
+    if let Err(e) = req.respond(response) {
+        tracing::debug!(error = %e, "cannot answer a control request");
+    }
+}
+
+fn route(
+    service: &Service,
+    method: &Method,
+    path: &str,
+    req: &mut Request,
+    read_only: bool,
+) -> Response<std::io::Cursor<Vec<u8>>> {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method, segments.as_slice()) {
+        (Method::Get, ["exports"]) => json(200, &ListBody { exports: service.list() }),
+        (Method::Get, ["metrics"]) => {
+            let header =
+                Header::from_bytes("Content-Type", "text/plain; version=0.0.4").expect("a valid header");
+            Response::from_data(crate::metrics::render(service).into_bytes()).with_header(header)
+        }
+        (Method::Post, ["exports"]) => {
+            let mut body = Vec::new();
+            if let Err(e) = req.as_reader().take(MAX_BODY + 1).read_to_end(&mut body) {
+                return error(400, format!("reading the request body: {e}"));
+            }
+            if body.len() as u64 > MAX_BODY {
+                return error(400, format!("the request body is larger than {MAX_BODY} bytes"));
+            }
+            let add: AddBody = match serde_json::from_slice(&body) {
+                Ok(a) => a,
+                Err(e) => {
+                    return error(
+                        400,
+                        format!(
+                            "invalid JSON body ({e}); expected {{\"name\": NAME, \"disk\": DIR|REF, \"read_only\": BOOL}}"
+                        ),
+                    );
+                }
+            };
+            let req = AddExport {
+                name: add.name,
+                disk: add.disk,
+                read_only: add.read_only.unwrap_or(read_only),
+                trace: false,
+            };
+            match service.add(&req) {
+                Ok(added) => {
+                    if let Some(t) = &added.missing_trace {
+                        tracing::warn!(
+                            export = %added.info.name, trace = %t,
+                            "the image's trace is missing at its origin: the disk works, but nothing is prefetched"
+                        );
+                    }
+                    json(201, &added.info)
+                }
+                Err(e) => error(status_of(&e), e.to_string()),
+            }
+        }
+        (_, ["exports"]) => error(405, format!("{method} is not allowed on /exports (GET, POST)")),
+        (method, ["exports", name]) => {
+            let Some(name) = percent_decode(name) else { return error(400, "the export name is not UTF-8") };
+            match method {
+                Method::Get => match service.info(&name) {
+                    Some(info) => json(200, &info),
+                    None => error(404, ServiceError::UnknownExport(name).to_string()),
+                },
+                Method::Delete => match service.remove(&name) {
+                    Ok(info) => json(200, &info),
+                    Err(e) => error(status_of(&e), e.to_string()),
+                },
+                _ => error(405, format!("{method} is not allowed on /exports/NAME (GET, DELETE)")),
+            }
+        }
+        _ => error(404, format!("no such endpoint: {path} (see GET /exports)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_segments_are_percent_decoded() {
+        assert_eq!(percent_decode("vm").as_deref(), Some("vm"));
+        assert_eq!(percent_decode("a%20b").as_deref(), Some("a b"));
+        assert_eq!(percent_decode("100%").as_deref(), Some("100%"));
+        assert_eq!(percent_decode("%zz").as_deref(), Some("%zz"));
+        assert_eq!(percent_decode("%ff"), None);
+    }
+}

@@ -1,0 +1,482 @@
+//! A host service: one NBD [`Server`] whose exports are engine disks, added and removed while
+//! it serves. Owns the table of what each export serves (its disk directory, what was asked
+//! for, the disk opened for it), the disks opened (shared by the exports of one directory), the
+//! background fetches of lazy disks, and the order of removal: stop taking requests, finish
+//! those in flight, close the connections, flush the disk, then close it.
+//!
+//! One engine and one source per origin serve every export: disks on the same layers share
+//! them (a block is fetched once). Adds and removes run one at a time; listing never waits for
+//! them.
+//!
+//! The same disk (one directory: two names for one image reference, or a tag and its pinned
+//! digest, which name the same cached disk) may be served under several names, but only one
+//! of them writable at a time: its writable top has one writer. Further exports of a disk
+//! already served are views of the one opened disk: read-only ones read what the writer wrote;
+//! a writable one is refused with [`ServiceError::DiskInUse`] while another export writes the
+//! disk (or it was opened read-only), and nothing else changes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mcow_engine::{Disk, Engine, FetchPolicy, OpenOptions};
+use mcow_nbd::{Server, ServerConfig, ServerError};
+use mcow_remote::InsecureRegistries;
+use mcow_remote::transfer::{FetchStats, Sources, TRACE_FILE};
+use serde::Serialize;
+
+use crate::error::ServiceError;
+use crate::export::DiskExport;
+use crate::image::{self, Target};
+use crate::prefetch::background_fetch;
+use crate::trace::TraceRecorder;
+
+/// How a [`Service`] opens and fetches its disks.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Where images given as references are pulled lazily: `CACHE/disks`, `CACHE/layers`.
+    pub cache: PathBuf,
+    /// Fetch window and read-ahead of lazy disks.
+    pub fetch: FetchPolicy,
+    /// Prefetch the blocks of an image's trace in the background.
+    pub prefetch: bool,
+    /// Download every remaining block of a lazy disk in the background (after the trace).
+    pub fetch_all: bool,
+    /// Open read-only disks even while another process writes them (`-U`).
+    pub force_share: bool,
+    /// How `oci://` references reach registries over plain HTTP.
+    pub insecure: InsecureRegistries,
+    /// How long a removed export's connections get to finish their requests before they are
+    /// cut.
+    pub removal_grace: Duration,
+    /// How long fetches may go on once the service stops (or a disk is closed) before the
+    /// origins are cancelled.
+    pub fetch_grace: Duration,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            cache: PathBuf::from("mcow-cache"),
+            fetch: FetchPolicy::default(),
+            prefetch: true,
+            fetch_all: false,
+            force_share: false,
+            insecure: InsecureRegistries::default(),
+            removal_grace: Duration::from_secs(10),
+            fetch_grace: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What to add: [`Service::add`].
+#[derive(Debug, Clone, Default)]
+pub struct AddExport {
+    /// The export name; by default the directory's name or the image's repository's.
+    pub name: Option<String>,
+    /// A disk directory or an image reference (pulled lazily into the cache).
+    pub disk: String,
+    /// Serve it read-only.
+    pub read_only: bool,
+    /// Record the order of first reads ([`Added::trace`]).
+    pub trace: bool,
+}
+
+/// What [`Service::add`] did.
+#[derive(Clone)]
+pub struct Added {
+    /// The export as listed.
+    pub info: ExportInfo,
+    /// The recorder of first reads, if asked for.
+    pub trace: Option<Arc<TraceRecorder>>,
+    /// The trace blob the image lists but its origin lacks, found when it was pulled (the
+    /// disk works; nothing is prefetched): for the caller to warn about.
+    pub missing_trace: Option<mcow_engine::Digest>,
+}
+
+/// One export as [`Service::list`] shows it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ExportInfo {
+    /// The export name.
+    pub name: String,
+    /// The disk directory served.
+    pub disk: PathBuf,
+    /// The image reference it was given as, if it was.
+    pub reference: Option<String>,
+    /// Size in bytes.
+    pub size: u64,
+    /// Whether writes are refused.
+    pub read_only: bool,
+    /// Clients connected (in transmission) now.
+    pub clients: u64,
+    /// Connections since it was added.
+    pub connections: u64,
+    /// Requests received.
+    pub requests: u64,
+    /// Bytes read by clients.
+    pub bytes_read: u64,
+    /// Bytes written by clients.
+    pub bytes_written: u64,
+    /// I/O errors returned to clients.
+    pub errors: u64,
+    /// Bytes fetched from the origin for this disk since it was opened (0 for a local disk);
+    /// the disk's exports share it.
+    pub bytes_fetched: u64,
+    /// Range requests sent to the origin for this disk since it was opened.
+    pub fetch_requests: u64,
+}
+
+/// A disk the service opened, shared by the exports of its directory.
+struct OpenDisk {
+    disk: Arc<Disk>,
+    source: Option<FetchStats>,
+    /// Bytes the lazy pull fetched before the disk was opened.
+    pulled_bytes: u64,
+    /// Stops this disk's background fetch.
+    stop: Arc<AtomicBool>,
+    background: Option<JoinHandle<()>>,
+    /// The exports serving it, in the order they were added.
+    exports: Vec<String>,
+    /// The export that may write it, if one does.
+    writer: Option<String>,
+}
+
+/// What an export serves.
+struct Entry {
+    /// Key of its disk in `State::disks`.
+    key: PathBuf,
+    reference: Option<String>,
+}
+
+#[derive(Default)]
+struct State {
+    exports: BTreeMap<String, Entry>,
+    disks: HashMap<PathBuf, OpenDisk>,
+}
+
+/// An NBD server of engine disks whose exports change while it serves. See the module doc.
+pub struct Service {
+    server: Arc<Server>,
+    engine: Engine,
+    sources: Sources,
+    config: ServiceConfig,
+    /// Adds and removes, one at a time (held across pulls and waits).
+    ops: Mutex<()>,
+    /// The tables (held briefly).
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service").field("server", &self.server).field("config", &self.config).finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Service {
+    /// A service with no export yet, its NBD server limited by `server`.
+    pub fn new(server: ServerConfig, config: ServiceConfig) -> Service {
+        Service {
+            server: Arc::new(Server::with_config(server)),
+            engine: Engine::default(),
+            sources: Sources::with_insecure(config.insecure.clone()),
+            config,
+            ops: Mutex::new(()),
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// The NBD server, to serve on listeners ([`crate::Listening`]) and to stop.
+    pub fn server(&self) -> &Arc<Server> {
+        &self.server
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &ServiceConfig {
+        &self.config
+    }
+
+    /// Adds an export of `req.disk` (a directory, or an image pulled lazily into the cache),
+    /// selectable by the next client at once. On any error nothing changed (a disk pulled into
+    /// the cache stays there, for the next try).
+    pub fn add(&self, req: &AddExport) -> Result<Added, ServiceError> {
+        let _op = lock(&self.ops);
+        let target = Target::parse(&req.disk, &self.config.insecure)?;
+        let name = req.name.clone().unwrap_or_else(|| target.default_name());
+        if lock(&self.state).exports.contains_key(&name) {
+            return Err(ServiceError::DuplicateExport(name));
+        }
+        let prepared = image::prepare(&target, &self.config.cache, &self.sources, &self.config.insecure)?;
+        let key = mcow_engine::disk::absolute_clean(&prepared.dir).unwrap_or_else(|_| prepared.dir.clone());
+        let key = key.canonicalize().unwrap_or(key);
+        let reference = match &target {
+            Target::Image(r) => Some(r.to_string()),
+            Target::Dir(_) => None,
+        };
+
+        let shared = lock(&self.state).disks.get(&key).map(|d| {
+            (d.disk.clone(), d.writer.clone().unwrap_or_else(|| d.exports[0].clone()), d.writer.is_some())
+        });
+        let (disk, opened) = match shared {
+            Some((disk, other, has_writer)) => {
+                // One writer per disk: a writable export of a disk already served needs the
+                // disk opened writable and no other export writing it.
+                if !req.read_only && (has_writer || disk.is_read_only()) {
+                    return Err(ServiceError::DiskInUse {
+                        dir: key,
+                        export: other,
+                        read_only: disk.is_read_only(),
+                    });
+                }
+                (disk, None)
+            }
+            None => {
+                let o = self.open(&prepared.dir, req.read_only)?;
+                (o.disk.clone(), Some((o, prepared.pulled_bytes)))
+            }
+        };
+        let mut export = DiskExport::new(disk.clone());
+        if req.read_only {
+            export = export.into_read_only();
+        }
+        let trace = req.trace.then(|| Arc::new(TraceRecorder::new(&disk)));
+        if let Some(t) = &trace {
+            export = export.with_trace(t.clone());
+        }
+        let desc = format!("mcow disk {}", disk.dir().display());
+        if let Err(e) = self.server.add_export(name.clone(), desc, Arc::new(export)) {
+            if let Some((o, _)) = opened {
+                self.close(o, &[]);
+            }
+            return Err(match e {
+                ServerError::DuplicateExport(n) => ServiceError::DuplicateExport(n),
+                e => ServiceError::Server(e),
+            });
+        }
+        {
+            let mut st = lock(&self.state);
+            if let Some((mut o, pulled)) = opened {
+                o.pulled_bytes = pulled;
+                st.disks.insert(key.clone(), o);
+            }
+            if let Some(d) = st.disks.get_mut(&key) {
+                d.exports.push(name.clone());
+                if !req.read_only {
+                    d.writer = Some(name.clone());
+                }
+            }
+            st.exports.insert(name.clone(), Entry { key, reference });
+        }
+        tracing::info!(export = %name, disk = %disk.dir().display(), read_only = req.read_only, "export added");
+        let info = self.info(&name).ok_or_else(|| ServiceError::UnknownExport(name.clone()))?;
+        Ok(Added { info, trace, missing_trace: prepared.missing_trace })
+    }
+
+    /// Opens the disk at `dir` and starts its background fetch (a lazy disk with a trace, or
+    /// `fetch_all`).
+    fn open(&self, dir: &Path, read_only: bool) -> Result<OpenDisk, ServiceError> {
+        let opts = OpenOptions { read_only, verify: true, force_share: self.config.force_share };
+        let (disk, source) =
+            self.sources.open_lazy_disk(&self.engine, dir, opts, self.config.fetch).map_err(|e| {
+                let locked = matches!(e, mcow_remote::RemoteError::Engine(mcow_engine::Error::Locked { .. }));
+                let hint = match (locked, read_only) {
+                    (true, true) => " (another process has it open for writing; force-share reads it anyway)",
+                    (true, false) => " (another process has it open)",
+                    _ => "",
+                };
+                ServiceError::Open { dir: dir.to_path_buf(), hint, source: Box::new(e) }
+            })?;
+        let disk = Arc::new(disk);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut background = None;
+        if source.is_some() {
+            let trace_path = dir.join(TRACE_FILE);
+            let trace = match (self.config.prefetch, std::fs::read(&trace_path)) {
+                (true, Ok(bytes)) => match mcow_remote::image::Trace::parse(&bytes) {
+                    Ok(tr) => Some(tr.blocks),
+                    Err(e) => {
+                        tracing::warn!(file = %trace_path.display(), error = %e, "ignoring the trace");
+                        None
+                    }
+                },
+                _ => None,
+            };
+            if trace.is_some() || self.config.fetch_all {
+                let (d, all, st) = (disk.clone(), self.config.fetch_all, stop.clone());
+                background = Some(std::thread::spawn(move || background_fetch(d, trace, all, st)));
+            }
+        }
+        Ok(OpenDisk { disk, source, pulled_bytes: 0, stop, background, exports: Vec::new(), writer: None })
+    }
+
+    /// Stops a disk's background fetch (cancelling its origin if it does not end within the
+    /// fetch grace) and logs what it fetched, once for each of `exports` (the names it was
+    /// served under); the disk closes when its last user drops it.
+    fn close(&self, mut o: OpenDisk, exports: &[String]) {
+        o.stop.store(true, Ordering::Relaxed);
+        if let Some(b) = o.background.take() {
+            let until = Instant::now() + self.config.fetch_grace;
+            while !b.is_finished() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if !b.is_finished() {
+                tracing::warn!(disk = %o.disk.dir().display(), "background fetch still running; cancelling it");
+                if let Some(s) = &o.source {
+                    s.cancel();
+                }
+            }
+            let _ = b.join();
+        }
+        let (fetched, requests) = o.source.as_ref().map_or((0, 0), |s| s.stats());
+        for name in exports {
+            tracing::info!(
+                export = %name,
+                disk = %o.disk.dir().display(),
+                bytes_fetched = o.pulled_bytes + fetched,
+                // (with the hash table chunks of layers pulled with index chunks)
+                blocks_bytes_fetched = fetched,
+                requests,
+                "served; fetched from the origin"
+            );
+        }
+    }
+
+    /// Removes the export `name`: new clients cannot select it; its clients' requests in
+    /// flight finish and are answered, then their connections are closed (cut if they take
+    /// longer than the removal grace); then the disk is flushed and, if no other export serves
+    /// it, closed. Returns the export as it was at the end.
+    pub fn remove(&self, name: &str) -> Result<ExportInfo, ServiceError> {
+        let _op = lock(&self.ops);
+        let mut last = self.info(name).ok_or_else(|| ServiceError::UnknownExport(name.to_string()))?;
+        let removed = self.server.remove_export(name).map_err(|e| match e {
+            ServerError::UnknownExport(n) => ServiceError::UnknownExport(n),
+            e => ServiceError::Server(e),
+        })?;
+        if !removed.wait_closed(Some(self.config.removal_grace)) {
+            tracing::warn!(export = %name, "clients did not finish within the removal grace; cutting them");
+            removed.cut();
+            removed.wait_closed(Some(Duration::from_secs(5)));
+        }
+        let flushed = removed.export().flush();
+        let status = removed.status();
+        (last.clients, last.connections, last.requests) =
+            (status.clients, status.connections, status.requests);
+        (last.bytes_read, last.bytes_written, last.errors) =
+            (status.bytes_read, status.bytes_written, status.io_errors);
+        drop(removed);
+        let closing = {
+            let mut st = lock(&self.state);
+            let entry = st.exports.remove(name);
+            match entry.and_then(|e| st.disks.get_mut(&e.key).map(|d| (e.key, d))) {
+                Some((key, d)) => {
+                    d.exports.retain(|n| n != name);
+                    if d.writer.as_deref() == Some(name) {
+                        d.writer = None;
+                    }
+                    if d.exports.is_empty() { st.disks.remove(&key) } else { None }
+                }
+                None => None,
+            }
+        };
+        if let Some(o) = closing {
+            self.close(o, &[name.to_string()]);
+        }
+        tracing::info!(export = %name, "export removed");
+        flushed.map_err(|source| ServiceError::Flush { name: name.to_string(), source })?;
+        Ok(last)
+    }
+
+    /// The export `name` as listed, if there is one.
+    pub fn info(&self, name: &str) -> Option<ExportInfo> {
+        self.list().into_iter().find(|e| e.name == name)
+    }
+
+    /// Every export, in the order they were added, with its counters.
+    pub fn list(&self) -> Vec<ExportInfo> {
+        let statuses = self.server.exports();
+        let st = lock(&self.state);
+        statuses
+            .into_iter()
+            .filter_map(|s| {
+                let entry = st.exports.get(&s.name)?;
+                let disk = st.disks.get(&entry.key)?;
+                let (fetched, fetch_requests) = disk.source.as_ref().map_or((0, 0), |f| f.stats());
+                Some(ExportInfo {
+                    disk: entry.key.clone(),
+                    reference: entry.reference.clone(),
+                    size: s.size,
+                    read_only: s.read_only,
+                    clients: s.clients,
+                    connections: s.connections,
+                    requests: s.requests,
+                    bytes_read: s.bytes_read,
+                    bytes_written: s.bytes_written,
+                    errors: s.io_errors,
+                    bytes_fetched: disk.pulled_bytes + fetched,
+                    fetch_requests,
+                    name: s.name,
+                })
+            })
+            .collect()
+    }
+
+    /// Blocks (and bytes) copied from other local layers instead of fetched, so far.
+    pub fn reuse_stats(&self) -> mcow_engine::ReuseStats {
+        self.engine.reuse_stats()
+    }
+
+    /// Cancels every origin's fetches (reads waiting for them fail): for a stop that must not
+    /// wait for a stalled origin.
+    pub fn cancel_fetches(&self) {
+        for d in lock(&self.state).disks.values() {
+            if let Some(s) = &d.source {
+                s.cancel();
+            }
+        }
+    }
+
+    /// Ends the service once its server has stopped (every listener returned, so requests are
+    /// answered and exports flushed): background fetches and read-ahead get the fetch grace to
+    /// land what they fetch, then their origins are cancelled; what each disk fetched is
+    /// logged.
+    pub fn finish(&self) {
+        let disks: Vec<OpenDisk> = {
+            let mut st = lock(&self.state);
+            st.exports.clear();
+            st.disks.drain().map(|(_, d)| d).collect()
+        };
+        for d in &disks {
+            d.stop.store(true, Ordering::Relaxed);
+        }
+        let until = Instant::now() + self.config.fetch_grace;
+        let running = || disks.iter().any(|d| d.background.as_ref().is_some_and(|b| !b.is_finished()));
+        while running() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let quiet =
+            !running() && self.engine.stop_background(until.saturating_duration_since(Instant::now()));
+        if !quiet {
+            tracing::warn!("fetches still running at exit; cancelling them");
+            disks.iter().filter_map(|d| d.source.as_ref()).for_each(|s| s.cancel());
+        }
+        for d in disks {
+            let names = d.exports.clone();
+            self.close(d, &names);
+        }
+        if !self.engine.stop_background(self.config.fetch_grace) {
+            tracing::warn!("read-ahead fetches still running at exit");
+        }
+        let reused = self.engine.reuse_stats();
+        tracing::info!(
+            blocks_reused = reused.blocks,
+            bytes_reused = reused.bytes,
+            "served; copied from other local layers instead of fetched"
+        );
+    }
+}
