@@ -13,12 +13,15 @@
 # The guest's /init reads two kernel parameters (the kernel hands unknown key=value parameters
 # to init as environment variables):
 #   vmid=N        printed in every marker line and written to /vm-wrote.txt
-#   vmmode=rw|ro  rw (default): mount read-write and write /vm-wrote.txt; ro: mount read-only
+#   vmmode=rw|ro|writer  rw (default): mount read-write and write /vm-wrote.txt; ro: mount
+#                 read-only; writer: mount read-write and, instead of running the app, write
+#                 files /w/1 .. /w/N (N = vmwrites, default 100), 16 KiB each of the line
+#                 "vm ID file K", each followed by `sync` and the marker MCOW-VM-FLUSHED id=ID n=K
 # Console marker lines (judge a boot by these, not by qemu's exit code):
 #   MCOW-VM-BOOTED id=N            init started, virtio disk present
 #   MCOW-VM-MOUNTED id=N           /dev/vda mounted
 #   APP2-... lines                 printed by /opt/app2/bin/hello (run in a chroot of the disk)
-#   MCOW-VM-WROTE id=N             /vm-wrote.txt written and synced (rw only)
+#   MCOW-VM-WROTE id=N             /vm-wrote.txt written and synced (rw), or every file (writer)
 #   MCOW-VM-DONE id=N ok           unmounted cleanly, powering off ("fail" otherwise)
 set -euo pipefail
 DIR=${1:-$(cd "$(dirname "$0")/.." && pwd)/target/vm-assets}
@@ -77,9 +80,23 @@ i=0; while [ ! -b /dev/vda ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
 id=${vmid:-0}; mode=${vmmode:-rw}
 echo "MCOW-VM-BOOTED id=$id"
 ok=fail
-if mount -t ext4 -o "$mode" /dev/vda /mnt; then
+if [ "$mode" = writer ]; then mopt=rw; else mopt=$mode; fi
+if mount -t ext4 -o "$mopt" /dev/vda /mnt; then
   echo "MCOW-VM-MOUNTED id=$id"
-  chroot /mnt /bin/sh /opt/app2/bin/hello
+  if [ "$mode" = writer ]; then
+    # Files w/1 .. w/N, each 16 KiB of a line naming it, each made durable (sync: a flush of
+    # the disk) before its marker line.
+    mkdir -p /mnt/w
+    n=1; werr=0
+    while [ $n -le "${vmwrites:-100}" ]; do
+      yes "vm $id file $n" | head -c 16384 > /mnt/w/$n && sync || { werr=1; break; }
+      echo "MCOW-VM-FLUSHED id=$id n=$n"
+      n=$((n+1))
+    done
+    [ $werr = 0 ] && echo "MCOW-VM-WROTE id=$id"
+  else
+    chroot /mnt /bin/sh /opt/app2/bin/hello
+  fi
   if [ "$mode" = rw ]; then
     echo "written by vm $id" > /mnt/vm-wrote.txt && sync && echo "MCOW-VM-WROTE id=$id"
   fi

@@ -21,18 +21,20 @@ use crate::output::{OutputFormat, human_size, print_json};
 /// The control socket `mcow ctl` talks to unless told otherwise.
 pub const DEFAULT_CONTROL: &str = "mcow-control.sock";
 
-/// Talk to a running `mcow serve --control`: list, add and remove exports.
+/// Talk to a running `mcow serve --control`: list, add, remove and snapshot exports.
 #[derive(Debug, clap::Args)]
 #[command(long_about = "Talk to a running `mcow serve --control SOCKET`: list its exports with their \
     clients and counters, add one (a disk directory, or an image reference pulled lazily into the \
     server's --cache), remove one (its in-flight requests finish, its clients are disconnected, its \
-    disk is flushed; the verb returns when that is done).\n\n\
+    disk is flushed; the verb returns when that is done), snapshot one (its top frozen and a new one \
+    started at once, the frozen top then sealed into a layer).\n\n\
     The API is HTTP with JSON bodies on the Unix socket, so curl is a client too: \
     `curl --unix-socket SOCKET http://x/exports` (docs/CONTROL.md).\n\n\
     Examples:\n  mcow serve -k /tmp/nbd.sock --control /tmp/mcow.ctl &\n  \
     mcow ctl -c /tmp/mcow.ctl add vm ./vm\n  \
     mcow ctl -c /tmp/mcow.ctl add base oci://127.0.0.1:5000/mcow/vm:v1 --read-only\n  \
-    mcow ctl -c /tmp/mcow.ctl list\n  mcow ctl -c /tmp/mcow.ctl remove vm")]
+    mcow ctl -c /tmp/mcow.ctl list\n  mcow ctl -c /tmp/mcow.ctl snapshot vm --wait\n  \
+    mcow ctl -c /tmp/mcow.ctl remove vm")]
 pub struct CtlArgs {
     /// The server's control socket (its --control).
     #[arg(short = 'c', long, value_name = "SOCKET", default_value = DEFAULT_CONTROL, global = true)]
@@ -72,6 +74,19 @@ pub enum CtlVerb {
         #[arg(long, value_enum, default_value_t)]
         output: OutputFormat,
     },
+    /// Snapshot an export's disk while it is in use: its writable top is frozen and a new
+    /// empty top started at once (writes are not paused while anything is copied), then the
+    /// frozen top is sealed into a new layer in the background (with --wait: before this
+    /// returns, printing the layer's digest). The new layer can then be pushed.
+    Snapshot {
+        /// The export name (the export that writes the disk).
+        name: String,
+        /// Wait until the new layer is sealed, and print its digest.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
 }
 
 /// Runs a `mcow ctl` verb.
@@ -98,6 +113,33 @@ pub fn run(args: CtlArgs) -> Result<ExitCode> {
             match output {
                 OutputFormat::Json => print_json(&v)?,
                 OutputFormat::Human => println!("removed {}", describe(&v)),
+            }
+        }
+        CtlVerb::Snapshot { name, wait, output } => {
+            let path = format!(
+                "/exports/{}/snapshot{}",
+                percent_encode(&name),
+                if wait { "?wait=true" } else { "" }
+            );
+            let v = request(sock, "POST", &path, None)?;
+            match output {
+                OutputFormat::Json => print_json(&v)?,
+                OutputFormat::Human => {
+                    println!(
+                        "snapshot of {}: top {} frozen in {} µs (writes held up at most {} µs), new top {}",
+                        v["export"].as_str().unwrap_or("?"),
+                        v["frozen"].as_str().unwrap_or("?"),
+                        v["took_us"].as_u64().unwrap_or(0),
+                        v["switch_us"].as_u64().unwrap_or(0),
+                        v["top"].as_str().unwrap_or("?"),
+                    );
+                    match v["layer"].as_str() {
+                        Some(layer) => println!("{layer}"),
+                        None => {
+                            println!("sealing it in the background (mcow info lists the layer when ready)")
+                        }
+                    }
+                }
             }
         }
     }

@@ -116,6 +116,7 @@ fn status_of(e: &ServiceError) -> u16 {
     match e {
         ServiceError::UnknownExport(_) => 404,
         ServiceError::DuplicateExport(_) | ServiceError::DiskInUse { .. } => 409,
+        ServiceError::Snapshot { source: mcow_engine::Error::ReadOnly, .. } => 409,
         ServiceError::Server(mcow_nbd::ServerError::InvalidExportName { .. }) => 400,
         ServiceError::Open { .. } => 400,
         ServiceError::Remote { source, .. } => match **source {
@@ -235,6 +236,18 @@ fn route(
                     Err(e) => error(status_of(&e), e.to_string()),
                 },
                 _ => error(405, format!("{method} is not allowed on /exports/NAME (GET, DELETE)")),
+            }
+        }
+        (method, ["exports", name, "snapshot"]) => {
+            let Some(name) = percent_decode(name) else { return error(400, "the export name is not UTF-8") };
+            if *method != Method::Post {
+                return error(405, format!("{method} is not allowed on /exports/NAME/snapshot (POST)"));
+            }
+            let query = req.url().split_once('?').map_or("", |(_, q)| q).to_string();
+            let wait = query.split('&').any(|kv| kv == "wait" || kv == "wait=true" || kv == "wait=1");
+            match service.snapshot(&name, wait) {
+                Ok(info) => json(201, &info),
+                Err(e) => error(status_of(&e), e.to_string()),
             }
         }
         _ => error(404, format!("no such endpoint: {path} (see GET /exports)")),

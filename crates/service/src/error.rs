@@ -80,6 +80,15 @@ pub enum ServiceError {
         #[source]
         source: io::Error,
     },
+    /// A snapshot of an export failed, or was refused (a read-only export).
+    #[error("snapshot of export {name:?}: {source}")]
+    Snapshot {
+        /// The export.
+        name: String,
+        /// The cause.
+        #[source]
+        source: mcow_engine::Error,
+    },
     /// A thread of the service panicked.
     #[error("{0} thread panicked")]
     Panicked(&'static str),

@@ -49,5 +49,5 @@ pub use error::ServiceError;
 pub use export::{DEPTH_CONTEXT, DiskExport};
 pub use listen::{ListenOn, Listening};
 pub use prefetch::background_fetch;
-pub use service::{AddExport, Added, ExportInfo, Service, ServiceConfig};
+pub use service::{AddExport, Added, ExportInfo, Service, ServiceConfig, SnapshotInfo};
 pub use trace::TraceRecorder;

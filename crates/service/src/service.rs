@@ -129,6 +129,29 @@ pub struct ExportInfo {
     pub fetch_requests: u64,
 }
 
+/// What [`Service::snapshot`] did.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// The export.
+    pub export: String,
+    /// Its disk directory.
+    pub disk: PathBuf,
+    /// The frozen top (a file in the disk directory) that becomes the new layer.
+    pub frozen: String,
+    /// The new writable top.
+    pub top: String,
+    /// How long the snapshot took, in microseconds (writes went on meanwhile).
+    pub took_us: u64,
+    /// How long the switch to the new top held the disk's view locked, in microseconds (the
+    /// most a write waited).
+    pub switch_us: u64,
+    /// The new sealed layer, if the call waited for it (`wait`); else it is sealed in the
+    /// background and listed by `mcow info` once ready.
+    pub layer: Option<String>,
+    /// How long sealing it took, in milliseconds, if waited for.
+    pub seal_ms: Option<u64>,
+}
+
 /// A disk the service opened, shared by the exports of its directory.
 struct OpenDisk {
     disk: Arc<Disk>,
@@ -142,6 +165,8 @@ struct OpenDisk {
     exports: Vec<String>,
     /// The export that may write it, if one does.
     writer: Option<String>,
+    /// Seals the disk's frozen tops in the background after a snapshot (or found at open).
+    sealer: Option<JoinHandle<()>>,
 }
 
 /// What an export serves.
@@ -173,6 +198,27 @@ impl std::fmt::Debug for Service {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Service").field("server", &self.server).field("config", &self.config).finish()
     }
+}
+
+/// Seals `disk`'s frozen tops, oldest first, on a thread of its own; a failure is logged and
+/// leaves the top frozen (reads and writes go on; the next open seals it).
+fn spawn_sealer(disk: Arc<Disk>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        loop {
+            match disk.seal_frozen(&mut |_, _| {}) {
+                Ok(Some(layer)) => tracing::info!(
+                    disk = %disk.dir().display(), %layer, ms = started.elapsed().as_millis() as u64,
+                    "snapshot sealed: the new layer is ready to push"
+                ),
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::error!(disk = %disk.dir().display(), error = %e, "sealing a snapshot failed");
+                    return;
+                }
+            }
+        }
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -312,7 +358,21 @@ impl Service {
                 background = Some(std::thread::spawn(move || background_fetch(d, trace, all, st)));
             }
         }
-        Ok(OpenDisk { disk, source, pulled_bytes: 0, stop, background, exports: Vec::new(), writer: None })
+        let mut opened = OpenDisk {
+            disk,
+            source,
+            pulled_bytes: 0,
+            stop,
+            background,
+            exports: Vec::new(),
+            writer: None,
+            sealer: None,
+        };
+        if !read_only && opened.disk.frozen_tops() > 0 {
+            // A snapshot taken before a restart was not sealed yet: seal it now.
+            opened.sealer = Some(spawn_sealer(opened.disk.clone()));
+        }
+        Ok(opened)
     }
 
     /// Stops a disk's background fetch (cancelling its origin if it does not end within the
@@ -320,6 +380,11 @@ impl Service {
     /// served under); the disk closes when its last user drops it.
     fn close(&self, mut o: OpenDisk, exports: &[String]) {
         o.stop.store(true, Ordering::Relaxed);
+        if let Some(s) = o.sealer.take() {
+            // A frozen top being sealed is finished first (or stays frozen if it fails: the
+            // next open seals it).
+            let _ = s.join();
+        }
         if let Some(b) = o.background.take() {
             let until = Instant::now() + self.config.fetch_grace;
             while !b.is_finished() && Instant::now() < until {
@@ -390,6 +455,59 @@ impl Service {
         tracing::info!(export = %name, "export removed");
         flushed.map_err(|source| ServiceError::Flush { name: name.to_string(), source })?;
         Ok(last)
+    }
+
+    /// Snapshots the disk of export `name` while it is in use: its writable top is frozen
+    /// and a new empty one started at once (the pause does not grow with the top's size), then
+    /// the frozen top is sealed into a new layer, in the background unless `wait`. The export
+    /// must be its disk's writer. See FORMAT.md, "Snapshots of a running disk".
+    pub fn snapshot(&self, name: &str, wait: bool) -> Result<SnapshotInfo, ServiceError> {
+        let disk = {
+            let st = lock(&self.state);
+            let entry = st.exports.get(name).ok_or_else(|| ServiceError::UnknownExport(name.to_string()))?;
+            let d = st.disks.get(&entry.key).ok_or_else(|| ServiceError::UnknownExport(name.to_string()))?;
+            if d.writer.as_deref() != Some(name) {
+                return Err(ServiceError::Snapshot {
+                    name: name.to_string(),
+                    source: mcow_engine::Error::ReadOnly,
+                });
+            }
+            d.disk.clone()
+        };
+        let snap =
+            disk.snapshot().map_err(|source| ServiceError::Snapshot { name: name.to_string(), source })?;
+        let mut info = SnapshotInfo {
+            export: name.to_string(),
+            disk: disk.dir().to_path_buf(),
+            frozen: snap.frozen,
+            top: snap.top,
+            took_us: snap.took.as_micros() as u64,
+            switch_us: snap.switch.as_micros() as u64,
+            layer: None,
+            seal_ms: None,
+        };
+        if wait {
+            let started = Instant::now();
+            let mut last = None;
+            while let Some(d) = disk
+                .seal_frozen(&mut |_, _| {})
+                .map_err(|source| ServiceError::Snapshot { name: name.to_string(), source })?
+            {
+                last = Some(d);
+            }
+            info.layer = last.map(|d| d.to_string());
+            info.seal_ms = Some(started.elapsed().as_millis() as u64);
+        } else {
+            let mut st = lock(&self.state);
+            if let Some(d) = st.exports.get(name).map(|e| e.key.clone()).and_then(|k| st.disks.get_mut(&k)) {
+                // One sealer per disk: a running one seals this frozen top too, after its own.
+                if d.sealer.as_ref().is_none_or(|s| s.is_finished()) {
+                    d.sealer = Some(spawn_sealer(disk.clone()));
+                }
+            }
+        }
+        tracing::info!(export = %name, frozen = %info.frozen, top = %info.top, took_us = info.took_us, "snapshot taken");
+        Ok(info)
     }
 
     /// The export `name` as listed, if there is one.
