@@ -294,8 +294,16 @@ pub struct ServeArgs {
     pub no_prefetch: bool,
     /// For lazily pulled disks: download every remaining block in the background (after the
     /// trace), so the disk no longer needs its origin; complete layers move into the store.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "cache_limit")]
     pub fetch_all: bool,
+    /// For lazily pulled disks: the most bytes of fetched blocks their partial layers may hold
+    /// in each layer store (say, 10G). Past it, the least recently read fetched blocks (an
+    /// approximate LRU: a clock with a referenced bit per block) are dropped, their space given
+    /// back (holes punched), and fetched again if read. Blocks of complete layers and writable
+    /// tops never count and are never dropped; partial layers stay partial. Blocks of a layer
+    /// another process has open too are not dropped (a warning says so).
+    #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size)]
+    pub cache_limit: Option<u64>,
     /// Most NBD connections served at once, over every listener, negotiating or not (a VM with
     /// multi-conn may open several). A connection beyond it is closed at once, with a warning.
     /// Each connection holds one thread (up to 4 while requests keep it busy, and one more for
@@ -484,7 +492,8 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
     let mut background = Vec::new();
     // One engine and one source per origin for every export: disks on the same layers share
     // them (a block is fetched once), and their read-ahead threads are stopped together at exit.
-    let engine = Engine::default();
+    let engine =
+        Engine::new(mcow_engine::EngineConfig { cache_limit: args.cache_limit, ..Default::default() });
     let sources = crate::paths::new_sources();
     for spec in &args.disks {
         let t = resolve_target(spec, &args.cache, &sources)?;
@@ -578,6 +587,15 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
             blocks_bytes_fetched = fetched,
             requests,
             "served; fetched from the origin"
+        );
+    }
+    if let Some(c) = engine.cache_stats() {
+        tracing::info!(
+            limit = c.limit,
+            bytes = c.bytes,
+            dropped_blocks = c.dropped_blocks,
+            dropped_bytes = c.dropped_bytes,
+            "served; the bounded cache"
         );
     }
     let reused = engine.reuse_stats();

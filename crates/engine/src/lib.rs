@@ -21,6 +21,8 @@
 //!   missing blocks come from and how they are fetched, checked and landed;
 //! - `compressed`: the source of a partial layer pulled from a compressed blob, which fetches
 //!   its blocks as the blob's zstd frames and decodes them;
+//! - `cache`: one store's bounded cache of fetched blocks (`--cache-limit`): which fetched
+//!   blocks of partial layers to drop, least recently used first;
 //! - `reuse`: one store's index of local blocks by hash, so that a partial layer copies a block
 //!   another layer holds instead of fetching it;
 //! - `stack`: sealed layers bottom to top, flattened into one map at open;
@@ -33,6 +35,7 @@
 mod background;
 pub mod bitmap;
 pub mod blob;
+pub mod cache;
 pub mod chunks;
 pub mod compressed;
 pub mod context;
@@ -55,6 +58,7 @@ pub mod top;
 
 pub use bitmap::AtomicBitmap;
 pub use blob::CompressedBlob;
+pub use cache::CacheStats;
 pub use context::{Engine, EngineConfig};
 pub use disk::{
     CreateOptions, DEFAULT_BLOCK_SIZE, Disk, FetchRest, Holder, OpenOptions, Run, RunKind, Segment, Segments,

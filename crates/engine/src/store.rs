@@ -213,9 +213,13 @@ impl LayerStore {
                     }
                     None => source.clone(),
                 };
-                let layer = PartialLayer::new(layer, source, *policy, background);
+                let layer =
+                    PartialLayer::new(layer, source, *policy, background).with_in_use_lock(&self.root)?;
                 // Blocks other layers of this store hold are copied rather than fetched.
                 let layer = Arc::new(layer.with_reuse(self.engine.block_index(&self.root)));
+                if let Some(cache) = self.engine.fetched_cache(&self.root) {
+                    layer.attach_cache(cache);
+                }
                 layer.load_hashes_in_background();
                 Ok((OpenLayer::Partial(layer), index))
             }
@@ -411,7 +415,14 @@ impl LayerStore {
     /// If the partial copy of `digest` now hashes to its digest (every block and index chunk
     /// fetched), moves it to the complete layers (and removes its chunk list and frame table);
     /// returns whether it did.
+    ///
+    /// With a cache limit (see [`crate::EngineConfig::cache_limit`]) partial copies stay
+    /// partial (false): their blocks may be dropped at any time, so they are never complete
+    /// layers.
     pub fn complete_partial(&self, digest: &Digest) -> Result<bool> {
+        if self.engine.config().cache_limit.is_some() {
+            return Ok(false);
+        }
         let partial = self.partial_path(digest);
         if hash_file(&partial)? != *digest {
             return Ok(false);
