@@ -113,8 +113,9 @@ impl FetchedCache {
         slot
     }
 
-    /// Blocks `blocks` of the layer in `slot` landed (fetched, checked, written): counts the
-    /// ones not counted yet, then drops what is over the limit.
+    /// Blocks `blocks` of the layer in `slot` are landing (fetched and checked, about to be
+    /// written): counts the ones not counted yet, then drops what is over the limit, so that
+    /// the room is made before they are written.
     pub(crate) fn landed(&self, slot: u32, layer: &PartialLayer, blocks: std::ops::Range<u64>) {
         {
             let mut clock = self.clock();
@@ -155,7 +156,7 @@ impl FetchedCache {
             if !layer.tracked.get(p) {
                 continue; // (dropped through another entry)
             }
-            if layer.referenced.clear(p) {
+            if layer.referenced.clear(p) || layer.pending.get(p) {
                 clock.ring.push_back((slot, p)); // read since the hand last passed: a second chance
                 continue;
             }

@@ -407,18 +407,24 @@ impl<'a, 'b> Lander<'a, 'b> {
         if good > 0 {
             use std::os::unix::fs::FileExt;
             let at = HEADER_SIZE as u64 + first * layer.block_size();
-            // (The write and the marks together, so that no block is dropped between them: see
-            // `PartialLayer::landing`.)
+            // Counted by the bounded cache first, which makes room for them (so that the file
+            // never holds more than the limit, however many fetches land at once); then the
+            // write and the marks together, so that no block is dropped between them (see
+            // `PartialLayer::landing`).
+            let landed = first..first + good;
+            layer.reserve(landed.clone());
             let landing = layer.landing();
             if let Err(e) = self.writer.write_all_at(&run[..good as usize * bs], at) {
+                drop(landing);
+                layer.reserved_done(landed);
                 self.failure = Some(Error::io("write", &layer.path)(e));
                 return false;
             }
-            let landed = first..first + good;
             for p in landed.clone() {
                 layer.mark_verified(p);
             }
             drop(landing);
+            layer.reserved_done(landed.clone());
             if let Some(index) = &self.fetch.reuse {
                 index.add_landed(layer, landed.clone());
             }
@@ -429,7 +435,6 @@ impl<'a, 'b> Lander<'a, 'b> {
                 block.copy_from_slice(&run[i..i + bs]);
             }
             self.claim.landed(landed.clone());
-            layer.note_landed(landed.clone());
             if self.claim.pipeline.is_some_and(|p| landed.contains(&p)) {
                 layer.fetch_next(self.fetch, self.end);
             }
@@ -515,6 +520,8 @@ pub struct PartialLayer {
     /// read since its clock hand last passed them.
     pub(crate) tracked: AtomicBitmap,
     pub(crate) referenced: AtomicBitmap,
+    /// Blocks counted and about to be written (see `reserve`): never dropped meanwhile.
+    pub(crate) pending: AtomicBitmap,
     /// Counters bumped twice around every dropped block (odd while one is being dropped), one
     /// per group of blocks (see [`drop_group`]): a read that saw the counter of one of its
     /// blocks change reads again, since a block it read may have been a hole by then (see
@@ -578,6 +585,7 @@ impl PartialLayer {
             cache: OnceLock::new(),
             tracked: AtomicBitmap::new(blocks),
             referenced: AtomicBitmap::new(blocks),
+            pending: AtomicBitmap::new(blocks),
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
             dropping: RwLock::new(()),
         }
@@ -664,10 +672,23 @@ impl PartialLayer {
         Ok(false)
     }
 
-    /// Blocks `blocks` landed: the bounded cache counts them (and may drop others).
-    fn note_landed(&self, blocks: std::ops::Range<u64>) {
+    /// Blocks `blocks` are about to be written: the bounded cache counts them (dropping others
+    /// to make room) and leaves them alone until [`PartialLayer::reserved_done`].
+    fn reserve(&self, blocks: std::ops::Range<u64>) {
         if let Some((cache, slot)) = self.cache.get() {
+            for p in blocks.clone() {
+                self.pending.set(p);
+            }
             cache.landed(*slot, self, blocks);
+        }
+    }
+
+    /// Blocks `blocks` were written and marked (or failed to be): they may be dropped now.
+    fn reserved_done(&self, blocks: std::ops::Range<u64>) {
+        if self.cache.get().is_some() {
+            for p in blocks {
+                self.pending.clear(p);
+            }
         }
     }
 
@@ -1454,14 +1475,16 @@ impl PartialLayer {
                 tracing::error!(layer = %self.digest, pblock = p, "fetched block fails its checksum: not cached");
                 break;
             }
-            let _landing = self.landing();
             if !self.is_verified(p) {
-                writer
-                    .write_all_at(block, HEADER_SIZE as u64 + p * bs)
-                    .map_err(Error::io("write", &self.path))?;
-                self.mark_verified(p);
-                drop(_landing);
-                self.note_landed(p..p + 1);
+                self.reserve(p..p + 1);
+                let landing = self.landing();
+                let written = writer.write_all_at(block, HEADER_SIZE as u64 + p * bs);
+                if written.is_ok() {
+                    self.mark_verified(p);
+                }
+                drop(landing);
+                self.reserved_done(p..p + 1);
+                written.map_err(Error::io("write", &self.path))?;
             }
         }
         writer.write_all_at(&chunk, chunk_at).map_err(Error::io("write", &self.path))?;
