@@ -22,7 +22,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::commands::{
-    check, create, demo, export, import, info, map, merge, readwrite::ReadArgs, readwrite::WriteArgs,
+    check, create, demo, export, gc, import, info, map, merge, readwrite::ReadArgs, readwrite::WriteArgs,
     transfer,
 };
 
@@ -82,6 +82,7 @@ enum Command {
     Demo(demo::DemoArgs),
     Serve(serve::ServeArgs),
     Trace(serve::TraceArgs),
+    Gc(gc::GcArgs),
 }
 
 fn init_logging() {
@@ -171,6 +172,7 @@ fn main() -> ExitCode {
         Command::Read(a) => commands::readwrite::run_read(a, g),
         Command::Write(a) => commands::readwrite::run_write(a, g),
         Command::Demo(a) => demo::run(a, g),
+        Command::Gc(a) => gc::run(a, g),
         Command::Serve(a) => serve::run(&a).map(|()| ExitCode::SUCCESS),
         Command::Trace(a) => serve::run_traced(&a.serve, Some(&a.out)).map(|()| ExitCode::SUCCESS),
     };

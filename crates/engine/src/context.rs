@@ -5,7 +5,8 @@
 //! layers open in this context (so that disks on the same layers share one verified bitmap and
 //! one fetch state), the background fetch threads, which [`Engine::stop_background`] stops
 //! and joins, one block index per store for block reuse (see `reuse`), and, with a cache limit,
-//! one bounded cache per store (see `cache`). Does not own:
+//! one bounded cache per store (see `cache`), and its entry in each store's registry of layers in
+//! use (see `gc`). Does not own:
 //! raising the process's open-file limit (the binary decides that, before it makes its engine),
 //! opening disks or layers (see `disk`, `store`).
 
@@ -17,6 +18,7 @@ use std::time::Duration;
 use crate::background::Background;
 use crate::cache::{CacheStats, FetchedCache};
 use crate::fetch::PartialLayer;
+use crate::gc::StoreUsers;
 use crate::layer::SealedLayer;
 use crate::pool::FilePool;
 use crate::reuse::{BlockIndex, ReuseStats};
@@ -88,6 +90,8 @@ struct Inner {
     reuse: Mutex<HashMap<PathBuf, Arc<BlockIndex>>>,
     /// With a cache limit: the bounded cache of each store (by canonical root).
     caches: Mutex<HashMap<PathBuf, Arc<FetchedCache>>>,
+    /// This process's entry in the registry of layers in use of each store (see `gc`).
+    users: Mutex<HashMap<PathBuf, Arc<StoreUsers>>>,
 }
 
 impl Engine {
@@ -101,6 +105,7 @@ impl Engine {
                 background: Arc::default(),
                 reuse: Mutex::default(),
                 caches: Mutex::default(),
+                users: Mutex::default(),
             }),
         }
     }
@@ -138,6 +143,13 @@ impl Engine {
         map.entry(root.clone())
             .or_insert_with(|| Arc::new(BlockIndex::new(root, self.inner.pool.clone())))
             .clone()
+    }
+
+    /// This engine's entry in the registry of layers in use of the store at `root` (see `gc`).
+    pub(crate) fn store_users(&self, root: &Path) -> Arc<StoreUsers> {
+        let root = canonical(root);
+        let mut map = self.inner.users.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(root.clone()).or_insert_with(|| Arc::new(StoreUsers::new(&root))).clone()
     }
 
     /// The bounded cache of the store at `root` (one per store and engine), if the engine has a

@@ -25,6 +25,8 @@
 //!   blocks of partial layers to drop, least recently used first;
 //! - `reuse`: one store's index of local blocks by hash, so that a partial layer copies a block
 //!   another layer holds instead of fetching it;
+//! - `gc`: what of a store nothing references (`mcow gc`), the store's `gc.lock` and its
+//!   registry of the layers running processes use;
 //! - `stack`: sealed layers bottom to top, flattened into one map at open;
 //! - `top`: the writable, crash-consistent top layer;
 //! - `disk`: a stack plus its top, the byte-level read/write path front ends use;
@@ -43,6 +45,7 @@ pub mod disk;
 pub mod error;
 pub mod extent_map;
 pub mod fetch;
+pub mod gc;
 pub mod layer;
 pub mod lock;
 pub mod ops;

@@ -11,7 +11,7 @@
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use mcow_format::{BlobLayout, Digest, FramesFile};
 
@@ -31,6 +31,11 @@ pub struct LayerStore {
     root: PathBuf,
     engine: Engine,
     source: Option<(Arc<dyn BlockSource>, FetchPolicy)>,
+    /// The store's `gc.lock`, held shared from the first new file in the store (see
+    /// [`LayerStore::temp_file`]) until every clone of this value is dropped, or
+    /// [`LayerStore::release_lease`]: `mcow gc` waits for it, so that a layer added and not yet
+    /// named in a manifest is never collected (see `gc`).
+    lease: Arc<Mutex<Option<File>>>,
 }
 
 impl LayerStore {
@@ -42,7 +47,7 @@ impl LayerStore {
     /// The store at `root`, opening its layers in `engine`: with its file pool, sharing the
     /// layers open there, fetching in the background on its threads.
     pub fn in_engine(engine: &Engine, root: impl Into<PathBuf>) -> LayerStore {
-        LayerStore { root: root.into(), engine: engine.clone(), source: None }
+        LayerStore { root: root.into(), engine: engine.clone(), source: None, lease: Arc::default() }
     }
 
     /// The engine the store opens its layers in.
@@ -168,6 +173,19 @@ impl LayerStore {
     }
 
     fn open_layer_with(
+        &self,
+        digest: &Digest,
+        verify: bool,
+        background: Option<Arc<Background>>,
+    ) -> Result<(OpenLayer, LayerIndex)> {
+        // Listed as in use by this process before it is opened, so that `mcow gc` never removes
+        // it from under us (see `gc`).
+        self.engine
+            .store_users(&self.root)
+            .register(digest, || self.open_layer_unlisted(digest, verify, background))
+    }
+
+    fn open_layer_unlisted(
         &self,
         digest: &Digest,
         verify: bool,
@@ -467,11 +485,35 @@ impl LayerStore {
     /// A new temporary in the store's `tmp/` directory (created if missing), locked by this
     /// process while it lives. Every write to the store starts here, so it first removes the
     /// temporaries that dead processes left behind (see [`crate::temp`]).
+    ///
+    /// The first one also takes the store's lease (see the `lease` field), kept until this
+    /// value and its clones are dropped or [`LayerStore::release_lease`] is called: a process
+    /// that adds layers names them in a manifest before it lets go of its store.
     pub fn temp_file(&self, prefix: &str) -> Result<TempFile> {
+        self.take_lease()?;
         let tmp = self.tmp_path();
         fs::create_dir_all(&tmp).map_err(Error::io("create directory", &tmp))?;
         stale_temporaries(&tmp, true)?;
         TempFile::create(&tmp, prefix)
+    }
+
+    /// Takes the store's lease if this value does not hold it yet (waiting while `mcow gc`
+    /// runs on the store).
+    fn take_lease(&self) -> Result<()> {
+        let mut lease = self.lease.lock().unwrap_or_else(|p| p.into_inner());
+        if lease.is_none() {
+            let path = self.root.join(crate::gc::GC_LOCK);
+            let f = crate::gc::open_gc_lock(&self.root).map_err(Error::io("open", &path))?;
+            f.lock_shared().map_err(Error::io("lock", &path))?;
+            *lease = Some(f);
+        }
+        Ok(())
+    }
+
+    /// Lets go of the store's lease (see [`LayerStore::temp_file`]): for a long-lived store
+    /// value, once the layers it added are named in a manifest, so that `mcow gc` may run.
+    pub fn release_lease(&self) {
+        self.lease.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
     /// The temporaries in the store's `tmp/` directory that no live process holds (left by a

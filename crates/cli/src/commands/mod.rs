@@ -6,6 +6,7 @@ pub mod check;
 pub mod create;
 pub mod demo;
 pub mod export;
+pub mod gc;
 pub mod import;
 pub mod info;
 pub mod map;
