@@ -594,7 +594,7 @@ impl PartialLayer {
     /// Takes the layer's in-use lock (a read lock on [`crate::lock::IN_USE`] of its file),
     /// waiting while another process holds it exclusively (dropping blocks, or `mcow gc`
     /// removing the file), then checks that the file is still the one at its path (gc may have
-    /// removed it meanwhile: then [`Error::LayerMissing`]-like error). Without byte-range locks
+    /// removed it meanwhile: then [`Error::LayerMissing`]). Without byte-range locks
     /// (or on a read-only file) the layer is opened without it, with a warning.
     pub(crate) fn with_in_use_lock(mut self, store: &std::path::Path) -> Result<PartialLayer> {
         use std::os::unix::fs::MetadataExt;

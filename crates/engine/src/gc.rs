@@ -7,8 +7,9 @@
 //! the store's registry of layers in use (`users/`: each process that opens layers of the store
 //! keeps one file there, locked while it lives, listing the digests it opened, written under a
 //! shared `gc.lock`, so that gc sees every layer a running process uses, whichever disk it came
-//! from); and [`collect`], which finds what is unreferenced and removes it. Does not own: the
-//! files' layouts (see `store`, `disk`), the in-use lock of open partial layers (see `lock`).
+//! from); and [`collect`], which finds what is unreferenced and removes it (a partial layer
+//! also only if its in-use lock is free, see `lock`). Does not own: the files' layouts (see
+//! `store`, `disk`).
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
@@ -308,8 +309,26 @@ pub fn collect(dir: &Path, opts: &GcOptions) -> Result<GcReport> {
             report.garbage.push((Garbage::Layer(path.clone()), allocated(&path)));
         }
     }
-    // Partial layers and their sidecars (named `<hex>`, `<hex>.chunks`, `<hex>.frames`).
-    for path in files(&store.join("partial/sha256"))? {
+    // Partial layers and their sidecars (named `<hex>`, `<hex>.chunks`, `<hex>.frames`). A
+    // partial layer some process has open holds its in-use lock (see `lock::IN_USE`): it is
+    // kept even if unlisted; the others are locked exclusively until they are removed, so that
+    // a process opening one meanwhile waits, then finds it gone.
+    let partials = files(&store.join("partial/sha256"))?;
+    let mut held = Vec::new();
+    for path in &partials {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let Ok(d) = name.parse::<Digest>() else { continue };
+        if referenced.contains(&d) {
+            continue;
+        }
+        match lock_partial(path)? {
+            Some(f) => held.push(f),
+            None => {
+                referenced.insert(d);
+            }
+        }
+    }
+    for path in partials {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let hex = name.split('.').next().unwrap_or_default();
         if hex.parse::<Digest>().is_ok_and(|d| !referenced.contains(&d)) {
@@ -338,7 +357,7 @@ pub fn collect(dir: &Path, opts: &GcOptions) -> Result<GcReport> {
             crate::store::sync_dir(&d)?;
         }
     }
-    drop(doomed);
+    drop((doomed, held));
     drop(lock);
     Ok(report)
 }
@@ -357,6 +376,19 @@ fn lock_top(d: &Path, m: &mcow_format::DiskManifest) -> Result<Option<Option<Fil
         Ok(()) => Ok(Some(Some(f))),
         Err(std::fs::TryLockError::WouldBlock) => Ok(None),
         Err(std::fs::TryLockError::Error(e)) => Err(Error::io("lock", &path)(e)),
+    }
+}
+
+/// Takes the in-use lock of the partial layer file at `path` exclusively (see `lock::IN_USE`):
+/// the file, holding it, or `None` if a process has the layer open. A filesystem without
+/// byte-range locks gives the file unlocked (the registry of layers in use still holds).
+fn lock_partial(path: &Path) -> Result<Option<File>> {
+    use crate::lock::{IN_USE, LockError, LockType, hold};
+    let f = File::options().read(true).write(true).open(path).map_err(Error::io("open", path))?;
+    match hold(&f, LockType::Write, IN_USE.0, IN_USE.1, false) {
+        Ok(()) | Err(LockError::Unsupported(_)) => Ok(Some(f)),
+        Err(LockError::Held) => Ok(None),
+        Err(e) => Err(Error::io("lock", path)(e.into())),
     }
 }
 
