@@ -24,8 +24,8 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::commands::{
-    check, create, demo, docs, export, import, info, map, merge, readwrite::ReadArgs, readwrite::WriteArgs,
-    transfer,
+    check, create, demo, docs, export, gc, import, info, map, merge, readwrite::ReadArgs,
+    readwrite::WriteArgs, transfer,
 };
 
 /// Global flags shared by every verb.
@@ -87,6 +87,7 @@ enum Command {
     Completions(docs::CompletionsArgs),
     Man(docs::ManArgs),
     Ctl(ctl::CtlArgs),
+    Gc(gc::GcArgs),
 }
 
 fn init_logging() {
@@ -176,6 +177,7 @@ fn main() -> ExitCode {
         Command::Read(a) => commands::readwrite::run_read(a, g),
         Command::Write(a) => commands::readwrite::run_write(a, g),
         Command::Demo(a) => demo::run(a, g),
+        Command::Gc(a) => gc::run(a, g),
         Command::Serve(a) => serve::run(&a).map(|()| ExitCode::SUCCESS),
         Command::Trace(a) => serve::run_traced(&a.serve, Some(&a.out)).map(|()| ExitCode::SUCCESS),
         Command::Completions(a) => docs::run_completions(a, Cli::command()),

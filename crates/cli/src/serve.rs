@@ -126,8 +126,16 @@ pub struct ServeArgs {
     pub no_prefetch: bool,
     /// For lazily pulled disks: download every remaining block in the background (after the
     /// trace), so the disk no longer needs its origin; complete layers move into the store.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "cache_limit")]
     pub fetch_all: bool,
+    /// For lazily pulled disks: the most bytes of fetched blocks their partial layers may hold
+    /// in each layer store (say, 10G). Past it, the least recently read fetched blocks (an
+    /// approximate LRU: a clock with a referenced bit per block) are dropped, their space given
+    /// back (holes punched), and fetched again if read. Blocks of complete layers and writable
+    /// tops never count and are never dropped; partial layers stay partial. Blocks of a layer
+    /// another process has open too are not dropped (a warning says so).
+    #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size)]
+    pub cache_limit: Option<u64>,
     /// Most NBD connections served at once, over every listener, negotiating or not (a VM with
     /// multi-conn may open several). A connection beyond it is closed at once, with a warning.
     /// Each connection holds one thread (up to 4 while requests keep it busy, and one more for
@@ -220,6 +228,7 @@ impl ServeArgs {
             force_share: self.force_share,
             insecure: crate::paths::insecure_registries().clone(),
             fetch_grace: FETCH_GRACE,
+            cache_limit: self.cache_limit,
             ..ServiceConfig::default()
         }
     }

@@ -64,6 +64,13 @@ impl AtomicBitmap {
         words[word].fetch_or(mask, Ordering::Release) & mask != 0
     }
 
+    /// Clears `bit` (sequentially consistent, so that it is ordered with the eviction counter
+    /// `cache` bumps around it) and returns whether it was set. Panics if `bit` is out of range.
+    pub fn clear(&self, bit: u64) -> bool {
+        let (leaf, word, mask) = self.slot(bit);
+        self.leaves[leaf].get().is_some_and(|l| l[word].fetch_and(!mask, Ordering::SeqCst) & mask != 0)
+    }
+
     /// Sets every bit of `start..end`.
     pub fn set_range(&self, start: u64, end: u64) {
         (start..end).for_each(|b| {
@@ -97,6 +104,8 @@ mod tests {
         assert!(b.get(63) && b.get(64) && b.get(129));
         assert!(!b.get(62) && !b.get(130));
         assert!(b.all_set(63, 130) && !b.all_set(62, 130) && b.all_set(5, 5));
+        assert!(b.clear(64) && !b.get(64) && !b.clear(64) && b.get(65));
+        assert!(!AtomicBitmap::new(10).clear(3), "clearing in an unallocated leaf");
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! Owns: the pool of open layer files (its size from [`EngineConfig`]), the registry of the
 //! layers open in this context (so that disks on the same layers share one verified bitmap and
 //! one fetch state), the background fetch threads, which [`Engine::stop_background`] stops
-//! and joins, and one block index per store for block reuse (see `reuse`). Does not own:
+//! and joins, one block index per store for block reuse (see `reuse`), and, with a cache limit,
+//! one bounded cache per store (see `cache`), and its entry in each store's registry of layers in
+//! use (see `gc`). Does not own:
 //! raising the process's open-file limit (the binary decides that, before it makes its engine),
 //! opening disks or layers (see `disk`, `store`).
 
@@ -14,7 +16,9 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use crate::background::Background;
+use crate::cache::{CacheStats, FetchedCache};
 use crate::fetch::PartialLayer;
+use crate::gc::StoreUsers;
 use crate::layer::SealedLayer;
 use crate::pool::FilePool;
 use crate::reuse::{BlockIndex, ReuseStats};
@@ -25,6 +29,11 @@ pub struct EngineConfig {
     /// Layer files kept open at once at most; past it, the least recently opened one is closed
     /// and reopened on its next use. At least 16.
     pub max_open_files: usize,
+    /// The most bytes of fetched blocks the partial layers of one store may hold (`mcow serve
+    /// --cache-limit`): past it, the least recently used fetched blocks are dropped and fetched
+    /// again when read (see `cache`). Each store the engine opens partial layers in has its own
+    /// count. `None`: no limit. Blocks of complete layers and writable tops never count.
+    pub cache_limit: Option<u64>,
 }
 
 impl EngineConfig {
@@ -40,7 +49,7 @@ impl Default for EngineConfig {
         use rustix::process::{Resource, getrlimit};
         let soft = getrlimit(Resource::Nofile).current.unwrap_or(1 << 20);
         let soft = usize::try_from(soft).unwrap_or(usize::MAX);
-        EngineConfig { max_open_files: soft.saturating_sub(Self::RESERVED_FILES) }
+        EngineConfig { max_open_files: soft.saturating_sub(Self::RESERVED_FILES), cache_limit: None }
     }
 }
 
@@ -79,12 +88,16 @@ struct Inner {
     background: Arc<Background>,
     /// The block index of each store (by canonical root) that partial layers were opened in.
     reuse: Mutex<HashMap<PathBuf, Arc<BlockIndex>>>,
+    /// With a cache limit: the bounded cache of each store (by canonical root).
+    caches: Mutex<HashMap<PathBuf, Arc<FetchedCache>>>,
+    /// This process's entry in the registry of layers in use of each store (see `gc`).
+    users: Mutex<HashMap<PathBuf, Arc<StoreUsers>>>,
 }
 
 impl Engine {
     /// An engine configured by `config` (at least 16 open files).
     pub fn new(config: EngineConfig) -> Engine {
-        let config = EngineConfig { max_open_files: config.max_open_files.max(16) };
+        let config = EngineConfig { max_open_files: config.max_open_files.max(16), ..config };
         Engine {
             inner: Arc::new(Inner {
                 config,
@@ -92,6 +105,8 @@ impl Engine {
                 open: Mutex::new(HashMap::new()),
                 background: Arc::default(),
                 reuse: Mutex::default(),
+                caches: Mutex::default(),
+                users: Mutex::default(),
             }),
         }
     }
@@ -130,6 +145,36 @@ impl Engine {
         map.entry(root.clone())
             .or_insert_with(|| Arc::new(BlockIndex::new(root, self.inner.pool.clone())))
             .clone()
+    }
+
+    /// This engine's entry in the registry of layers in use of the store at `root` (see `gc`).
+    pub(crate) fn store_users(&self, root: &Path) -> Arc<StoreUsers> {
+        let root = canonical(root);
+        let mut map = self.inner.users.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(root.clone()).or_insert_with(|| Arc::new(StoreUsers::new(&root))).clone()
+    }
+
+    /// The bounded cache of the store at `root` (one per store and engine), if the engine has a
+    /// cache limit.
+    pub(crate) fn fetched_cache(&self, root: &Path) -> Option<Arc<FetchedCache>> {
+        let limit = self.inner.config.cache_limit?;
+        let mut map = self.inner.caches.lock().unwrap_or_else(|p| p.into_inner());
+        Some(map.entry(canonical(root)).or_insert_with(|| Arc::new(FetchedCache::new(limit))).clone())
+    }
+
+    /// What the bounded caches hold and have dropped, over all stores (`None` without a cache
+    /// limit; the limit reported is the per-store limit).
+    pub fn cache_stats(&self) -> Option<CacheStats> {
+        let limit = self.inner.config.cache_limit?;
+        let map = self.inner.caches.lock().unwrap_or_else(|p| p.into_inner());
+        Some(map.values().map(|c| c.stats()).fold(CacheStats { limit, ..CacheStats::default() }, |a, s| {
+            CacheStats {
+                limit,
+                bytes: a.bytes + s.bytes,
+                dropped_blocks: a.dropped_blocks + s.dropped_blocks,
+                dropped_bytes: a.dropped_bytes + s.dropped_bytes,
+            }
+        }))
     }
 
     /// Layer `digest` of the store at `root` is now complete at `path`: if the store's block

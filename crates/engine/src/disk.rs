@@ -793,6 +793,8 @@ impl Disk {
             self.opts.verify,
         )?;
         write_atomic(&self.dir.join(MANIFEST_FILE), manifest.to_json().as_bytes())?;
+        // The new layer is named in the manifest: `mcow gc` may run again.
+        self.store.release_lease();
         let next = Arc::new(View {
             manifest,
             stack: Arc::new(stack),

@@ -12,13 +12,14 @@
 //! implementations live in mcow-remote).
 
 use std::fs::File;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use mcow_format::{Digest, HEADER_SIZE};
 
 use crate::background::Background;
 use crate::bitmap::AtomicBitmap;
+use crate::cache::FetchedCache;
 use crate::error::{Error, Result};
 use crate::layer::{Blocks, SealedLayer, make_ready_blocks, read_blocks, read_exact_at};
 use crate::lock::{LockError, LockType, RangeLock};
@@ -406,14 +407,24 @@ impl<'a, 'b> Lander<'a, 'b> {
         if good > 0 {
             use std::os::unix::fs::FileExt;
             let at = HEADER_SIZE as u64 + first * layer.block_size();
+            // Counted by the bounded cache first, which makes room for them (so that the file
+            // never holds more than the limit, however many fetches land at once); then the
+            // write and the marks together, so that no block is dropped between them (see
+            // `PartialLayer::landing`).
+            let landed = first..first + good;
+            layer.reserve(landed.clone());
+            let landing = layer.landing();
             if let Err(e) = self.writer.write_all_at(&run[..good as usize * bs], at) {
+                drop(landing);
+                layer.reserved_done(landed);
                 self.failure = Some(Error::io("write", &layer.path)(e));
                 return false;
             }
-            let landed = first..first + good;
             for p in landed.clone() {
                 layer.mark_verified(p);
             }
+            drop(landing);
+            layer.reserved_done(landed.clone());
             if let Some(index) = &self.fetch.reuse {
                 index.add_landed(layer, landed.clone());
             }
@@ -476,6 +487,17 @@ fn try_lock_range<'a>(
     }
 }
 
+/// Blocks dropped from a partial layer are counted in [`DROP_GROUPS`] counters, block `p` in
+/// counter [`drop_group`]`(p)`: runs of [`DROP_GROUP_BLOCKS`] blocks, round robin. (A read of
+/// a block retries when its counter moved: a few counters, cheap to keep, and few needless
+/// retries.)
+const DROP_GROUPS: usize = 64;
+const DROP_GROUP_BLOCKS: usize = 16;
+
+fn drop_group(p: u64) -> usize {
+    (p / DROP_GROUP_BLOCKS as u64) as usize % DROP_GROUPS
+}
+
 /// A partial (lazily fetched) layer: a sealed layer's structure and local file, whose missing
 /// blocks are fetched from a source, plus its fetch state and which of its blocks open disks
 /// show. Blocks already in the local file are found by their hashes, so nothing is fetched
@@ -486,6 +508,28 @@ pub struct PartialLayer {
     /// Blocks that an open disk shows (not hidden by upper layers): the only ones reads may
     /// fetch along with the block read. Set by `Stack::open`.
     visible: AtomicBitmap,
+    /// A read-write handle on the file that holds a read lock on [`crate::lock::IN_USE`] for
+    /// as long as the layer is open (so that other processes, `mcow gc` and their bounded
+    /// caches, see that it is in use), and through which the bounded cache punches the blocks
+    /// it drops. `None` where the file has no byte-range locks or is read-only.
+    in_use: Option<File>,
+    /// The bounded cache of the layer's store and this layer's slot in it, if the engine has a
+    /// cache limit (see `cache`). Only then are blocks ever dropped.
+    cache: OnceLock<(Arc<FetchedCache>, u32)>,
+    /// Blocks the bounded cache counts (fetched, or in the file when it was opened) and blocks
+    /// read since its clock hand last passed them.
+    pub(crate) tracked: AtomicBitmap,
+    pub(crate) referenced: AtomicBitmap,
+    /// Blocks counted and about to be written (see `reserve`): never dropped meanwhile.
+    pub(crate) pending: AtomicBitmap,
+    /// Counters bumped twice around every dropped block (odd while one is being dropped), one
+    /// per group of blocks (see [`drop_group`]): a read that saw the counter of one of its
+    /// blocks change reads again, since a block it read may have been a hole by then (see
+    /// [`PartialLayer::read`]).
+    drops: [AtomicU64; DROP_GROUPS],
+    /// Held shared while local bytes are written or checked and marked verified, exclusively
+    /// while a block is dropped, so that a block is never marked verified over a hole.
+    dropping: RwLock<()>,
 }
 
 /// The structure, file and verified blocks of the layer (a partial layer reads as a sealed one
@@ -532,8 +576,172 @@ impl PartialLayer {
             warned_unlocked: AtomicBool::new(false),
             reuse: None,
         };
-        let visible = AtomicBitmap::new(layer.trailer.block_count);
-        PartialLayer { layer, fetch, visible }
+        let blocks = layer.trailer.block_count;
+        PartialLayer {
+            layer,
+            fetch,
+            visible: AtomicBitmap::new(blocks),
+            in_use: None,
+            cache: OnceLock::new(),
+            tracked: AtomicBitmap::new(blocks),
+            referenced: AtomicBitmap::new(blocks),
+            pending: AtomicBitmap::new(blocks),
+            drops: std::array::from_fn(|_| AtomicU64::new(0)),
+            dropping: RwLock::new(()),
+        }
+    }
+
+    /// Takes the layer's in-use lock (a read lock on [`crate::lock::IN_USE`] of its file),
+    /// waiting while another process holds it exclusively (dropping blocks, or `mcow gc`
+    /// removing the file), then checks that the file is still the one at its path (gc may have
+    /// removed it meanwhile: then [`Error::LayerMissing`]). Without byte-range locks
+    /// (or on a read-only file) the layer is opened without it, with a warning.
+    pub(crate) fn with_in_use_lock(mut self, store: &std::path::Path) -> Result<PartialLayer> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.layer.path.clone();
+        let file = match std::fs::OpenOptions::new().read(true).write(true).open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "partial layer opened without its in-use lock");
+                return Ok(self);
+            }
+        };
+        match crate::lock::hold(&file, LockType::Read, crate::lock::IN_USE.0, crate::lock::IN_USE.1, true) {
+            Ok(()) => {}
+            Err(LockError::Unsupported(e)) => {
+                tracing::warn!(path = %path.display(), error = %e, "no byte-range locks: partial layer opened without its in-use lock");
+                return Ok(self);
+            }
+            Err(e) => return Err(Error::io("lock", &path)(e.into())),
+        }
+        let same = match (std::fs::metadata(&path), file.metadata()) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        };
+        if !same {
+            return Err(Error::LayerMissing { digest: self.layer.digest, store: store.to_path_buf() });
+        }
+        self.in_use = Some(file);
+        Ok(self)
+    }
+
+    /// Makes the layer's blocks count against `cache` (its store's bounded cache): from now
+    /// on, blocks may be dropped from it (see `cache`).
+    pub(crate) fn attach_cache(self: &Arc<Self>, cache: Arc<FetchedCache>) {
+        if self.in_use.is_none() {
+            tracing::warn!(layer = %self.digest, "partial layer without its in-use lock: the cache limit does not apply to it");
+            return;
+        }
+        let slot = cache.register(self);
+        let _ = self.cache.set((cache, slot));
+    }
+
+    /// Whether blocks may be dropped from this layer (its store has a bounded cache): then no
+    /// reader may read its blocks but through [`PartialLayer::read`] (no map, no bitmap of
+    /// checked blocks kept elsewhere).
+    pub fn drops_blocks(&self) -> bool {
+        self.cache.get().is_some()
+    }
+
+    /// Whether stored blocks `first..=last` are all verified (local and checked) right now.
+    pub(crate) fn all_verified(&self, first: u64, last: u64) -> bool {
+        self.verified.all_set(first, last + 1)
+    }
+
+    /// The stored blocks the local file holds data for (see `cache::allocated_blocks`).
+    pub(crate) fn allocated_blocks(&self) -> Vec<u64> {
+        let Some(f) = &self.in_use else { return Vec::new() };
+        crate::cache::allocated_blocks(f, HEADER_SIZE as u64, self.block_size(), self.trailer.block_count)
+    }
+
+    /// Held while local bytes of blocks are written or checked and marked verified (see
+    /// `dropping`).
+    fn landing(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.dropping.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads stored block `p` from the local file into `block` and, if it matches its hash,
+    /// marks it verified (under [`PartialLayer::landing`]); returns whether it matched.
+    fn check_local(&self, f: &File, p: u64, block: &mut [u8]) -> Result<bool> {
+        let _landing = self.landing();
+        read_exact_at(f, block, HEADER_SIZE as u64 + p * self.block_size(), &self.path)?;
+        if self.block_matches(p, block) {
+            self.mark_verified(p);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Blocks `blocks` are about to be written: the bounded cache counts them (dropping others
+    /// to make room) and leaves them alone until [`PartialLayer::reserved_done`].
+    fn reserve(&self, blocks: std::ops::Range<u64>) {
+        if let Some((cache, slot)) = self.cache.get() {
+            for p in blocks.clone() {
+                self.pending.set(p);
+            }
+            cache.landed(*slot, self, blocks);
+        }
+    }
+
+    /// Blocks `blocks` were written and marked (or failed to be): they may be dropped now.
+    fn reserved_done(&self, blocks: std::ops::Range<u64>) {
+        if self.cache.get().is_some() {
+            for p in blocks {
+                self.pending.clear(p);
+            }
+        }
+    }
+
+    /// Records that blocks `first..=last` were read (the clock's referenced bits).
+    fn touch(&self, first: u64, last: u64) {
+        for p in first..=last.min(self.trailer.block_count.saturating_sub(1)) {
+            if !self.referenced.get(p) {
+                self.referenced.set(p);
+            }
+        }
+    }
+
+    /// Converts the in-use lock to a write lock if no other process holds it; true if it did.
+    pub(crate) fn take_exclusive(&self) -> bool {
+        let (at, len) = crate::lock::IN_USE;
+        self.in_use.as_ref().is_some_and(|f| crate::lock::hold(f, LockType::Write, at, len, false).is_ok())
+    }
+
+    /// Converts the in-use lock back to a read lock.
+    pub(crate) fn give_back_exclusive(&self) {
+        let (at, len) = crate::lock::IN_USE;
+        if let Some(f) = &self.in_use
+            && let Err(e) = crate::lock::hold(f, LockType::Read, at, len, true)
+        {
+            tracing::warn!(layer = %self.digest, error = %e, "could not give back the exclusive in-use lock");
+        }
+    }
+
+    /// Drops stored block `p` from the local file: punches its hole (the file's allocation is
+    /// what says a block may be local: a later read finds the hole and fetches it) and clears
+    /// its verified bit, with no block being landed or checked meanwhile, and `drops` odd
+    /// throughout, so that reads of it in progress read again. The caller holds the exclusive
+    /// in-use lock (no other process has the layer open).
+    pub(crate) fn drop_block(&self, p: u64) -> Result<()> {
+        use rustix::fs::{FallocateFlags, fallocate};
+        let Some(f) = &self.in_use else {
+            return Err(Error::Invalid(format!("{}: no handle to drop blocks through", self.path.display())));
+        };
+        let bs = self.block_size();
+        let _dropping = self.dropping.write().unwrap_or_else(|p| p.into_inner());
+        let counter = &self.drops[drop_group(p)];
+        counter.fetch_add(1, Ordering::SeqCst);
+        let punched = fallocate(
+            f,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            HEADER_SIZE as u64 + p * bs,
+            bs,
+        );
+        if punched.is_ok() {
+            self.layer.verified.clear(p);
+        }
+        counter.fetch_add(1, Ordering::SeqCst);
+        punched.map_err(|e| Error::io("punch", &self.path)(e.into()))
     }
 
     /// Makes the layer copy the blocks that other local layers of its store hold (same hash)
@@ -548,9 +756,43 @@ impl PartialLayer {
         &self.layer
     }
 
-    /// Reads like [`SealedLayer::read`], fetching the blocks that are not local yet.
+    /// Reads like [`SealedLayer::read`], fetching the blocks that are not local yet. With a
+    /// bounded cache, a read during which a block of this layer was dropped reads again (a
+    /// block it found verified may have been a hole by the time it read it; read again, it is
+    /// no longer verified and is fetched), and the blocks read count as recently used.
     pub fn read(self: &Arc<Self>, pblock: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
-        read_blocks(self, pblock, offset, buf)
+        if !self.drops_blocks() {
+            return read_blocks(self, pblock, offset, buf);
+        }
+        // Block by block, each read again until no block of its group (see `drop_group`) was
+        // dropped while it was read; the blocks missing fetched first all at once where the
+        // read is well within the limit (else some could be dropped before they are copied).
+        let bs = self.block_size();
+        let limit = self.cache.get().map_or(0, |(c, _)| c.limit());
+        if (buf.len() as u64) <= limit / 2 {
+            make_ready_blocks(self, pblock, offset, buf.len() as u64)?;
+        }
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = pblock * bs + offset + done as u64; // within the data region
+            let n = ((bs - at % bs) as usize).min(buf.len() - done);
+            let piece = &mut buf[done..done + n];
+            let p = at / bs;
+            let counter = &self.drops[drop_group(p)];
+            loop {
+                let before = counter.load(Ordering::SeqCst);
+                if before.is_multiple_of(2) {
+                    read_blocks(self, p, at % bs, piece)?;
+                    if counter.load(Ordering::SeqCst) == before {
+                        break;
+                    }
+                }
+                std::thread::yield_now();
+            }
+            self.touch(p, p);
+            done += n;
+        }
+        Ok(())
     }
 
     /// Makes the blocks under `len` bytes from `offset` into physical block `pblock` local and
@@ -656,12 +898,8 @@ impl PartialLayer {
             drop(state);
             // A block in a hole of the sparse local file was never fetched: skip reading and
             // hashing it. Otherwise it may be local already (fetched before a restart).
-            if self.hole_end(f, pblock) == pblock {
-                read_exact_at(f, block, at(pblock), &self.path)?;
-                if self.block_matches(pblock, block) {
-                    self.mark_verified(pblock);
-                    return Ok(());
-                }
+            if self.hole_end(f, pblock) == pblock && self.check_local(f, pblock, block)? {
+                return Ok(());
             }
             let visible_only = matches!(want, Want::Read(_));
             let candidates = self.missing_run(f, pblock, window, visible_only)?;
@@ -784,12 +1022,8 @@ impl PartialLayer {
         let (lock, waited) =
             lock_range(fetch, writer, at(first), count * bs).map_err(Error::io("lock", &self.path))?;
         if waited || self.hole_end(f, first) < end {
-            if self.hole_end(f, target) == target {
-                read_exact_at(f, block, at(target), &self.path)?;
-                if self.block_matches(target, block) {
-                    self.mark_verified(target);
-                    return Ok(());
-                }
+            if self.hole_end(f, target) == target && self.check_local(f, target, block)? {
+                return Ok(());
             }
             let run = self.missing_run(f, target, end - target, visible_only)?;
             claim.narrow(target, target + run);
@@ -824,9 +1058,7 @@ impl PartialLayer {
                 // Holds data: a block fetched before (by this process or an earlier one), or one
                 // being written right now. Only a block matching its hash ends the run.
                 probe.resize(bs as usize, 0);
-                read_exact_at(f, &mut probe, HEADER_SIZE as u64 + p * bs, &self.path)?;
-                if self.block_matches(p, &probe) {
-                    self.mark_verified(p);
+                if self.check_local(f, p, &mut probe)? {
                     break;
                 }
             }
@@ -1023,13 +1255,9 @@ impl PartialLayer {
                     q += 1;
                     continue;
                 }
-                if self.hole_end(&f, q) == q {
-                    read_exact_at(&f, &mut probe, at(q), &self.path)?;
-                    if self.block_matches(q, &probe) {
-                        self.mark_verified(q);
-                        q += 1;
-                        continue;
-                    }
+                if self.hole_end(&f, q) == q && self.check_local(&f, q, &mut probe)? {
+                    q += 1;
+                    continue;
                 }
                 let len = self.missing_run(&f, q, end - q, false)?;
                 missing.push((q, len));
@@ -1248,10 +1476,15 @@ impl PartialLayer {
                 break;
             }
             if !self.is_verified(p) {
-                writer
-                    .write_all_at(block, HEADER_SIZE as u64 + p * bs)
-                    .map_err(Error::io("write", &self.path))?;
-                self.mark_verified(p);
+                self.reserve(p..p + 1);
+                let landing = self.landing();
+                let written = writer.write_all_at(block, HEADER_SIZE as u64 + p * bs);
+                if written.is_ok() {
+                    self.mark_verified(p);
+                }
+                drop(landing);
+                self.reserved_done(p..p + 1);
+                written.map_err(Error::io("write", &self.path))?;
             }
         }
         writer.write_all_at(&chunk, chunk_at).map_err(Error::io("write", &self.path))?;

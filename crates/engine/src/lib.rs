@@ -21,8 +21,12 @@
 //!   missing blocks come from and how they are fetched, checked and landed;
 //! - `compressed`: the source of a partial layer pulled from a compressed blob, which fetches
 //!   its blocks as the blob's zstd frames and decodes them;
+//! - `cache`: one store's bounded cache of fetched blocks (`--cache-limit`): which fetched
+//!   blocks of partial layers to drop, least recently used first;
 //! - `reuse`: one store's index of local blocks by hash, so that a partial layer copies a block
 //!   another layer holds instead of fetching it;
+//! - `gc`: what of a store nothing references (`mcow gc`), the store's `gc.lock` and its
+//!   registry of the layers running processes use;
 //! - `stack`: sealed layers bottom to top, flattened into one map at open;
 //! - `top`: the writable, crash-consistent top layer;
 //! - `disk`: a stack plus its top, the byte-level read/write path front ends use;
@@ -79,6 +83,7 @@
 mod background;
 pub mod bitmap;
 pub mod blob;
+pub mod cache;
 pub mod chunks;
 pub mod compressed;
 pub mod context;
@@ -86,6 +91,7 @@ pub mod disk;
 pub mod error;
 pub mod extent_map;
 pub mod fetch;
+pub mod gc;
 pub mod layer;
 pub mod lock;
 pub mod ops;
@@ -101,6 +107,7 @@ pub mod top;
 
 pub use bitmap::AtomicBitmap;
 pub use blob::CompressedBlob;
+pub use cache::CacheStats;
 pub use context::{Engine, EngineConfig};
 pub use disk::{
     CreateOptions, DEFAULT_BLOCK_SIZE, Disk, FetchRest, Holder, OpenOptions, Run, RunKind, Segment, Segments,

@@ -1,10 +1,13 @@
 //! Byte-range locks between processes: open file description (OFD) locks taken with `fcntl`.
 //!
 //! Owns: taking a read or write lock on a byte range of a file (waiting for it or not),
-//! releasing it when the guard drops, and telling a range another process holds apart from a
-//! filesystem that has no such locks. Does not own: what the ranges mean (`fetch` locks the
-//! ranges of a partial layer it is fetching, so that processes sharing a cache do not fetch the
-//! same blocks at once).
+//! releasing it when the guard drops, holding one without a guard for as long as the file is
+//! open ([`hold`]: converting a held lock to the other type is atomic), and telling a range
+//! another process holds apart from a filesystem that has no such locks. Does not own: what the
+//! ranges mean (`fetch` locks the ranges of a partial layer it is fetching, so that processes
+//! sharing a cache do not fetch the same blocks at once; every open partial layer holds a read
+//! lock on [`IN_USE`], so that the bounded cache (`cache`) and `mcow gc` can tell a layer
+//! another process uses).
 //!
 //! An OFD lock belongs to the open file description, not to the process: threads sharing one
 //! handle never block each other, and the kernel drops the lock when the last descriptor of the
@@ -61,6 +64,28 @@ impl From<LockError> for std::io::Error {
         match e {
             LockError::Held => std::io::Error::new(std::io::ErrorKind::WouldBlock, e.to_string()),
             LockError::Unsupported(e) | LockError::Io(e) => e,
+        }
+    }
+}
+
+/// The byte range of a sealed layer file that every process that has it open as a partial layer
+/// read-locks (its first byte: in the header, which no fetch locks). A write lock on it
+/// succeeds only when no other open file description holds it: the bounded cache takes one
+/// (converting its own read lock) before it punches blocks out of the file, `mcow gc` before
+/// it removes the file.
+pub const IN_USE: (u64, u64) = (0, 1);
+
+/// Takes, or converts to, a `kind` lock on `[start, start + len)` of `file` and keeps it,
+/// without a guard, until the open file description closes or another call on the same range
+/// changes it (the conversion is atomic: a read lock converted to a write lock that cannot be
+/// had stays a read lock). With `wait`, waits for conflicting locks to go.
+pub fn hold(file: &File, kind: LockType, start: u64, len: u64, wait: bool) -> Result<(), LockError> {
+    loop {
+        let cmd = if wait { libc::F_OFD_SETLKW } else { libc::F_OFD_SETLK };
+        match fcntl_lock(file, cmd, kind.raw(), start, len) {
+            Ok(()) => return Ok(()),
+            Err(e) if wait && e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(LockError::classify(e)),
         }
     }
 }
@@ -139,5 +164,24 @@ mod tests {
         let r1 = RangeLock::try_lock(&f, LockType::Read, 0, 4096).unwrap();
         let r2 = RangeLock::try_lock(&g, LockType::Read, 0, 4096).unwrap();
         drop((r1, r2));
+    }
+
+    // A held read lock converts to a write lock only while no other description holds one,
+    // and back; a failed conversion keeps the read lock.
+    #[test]
+    fn held_locks_convert_atomically() {
+        let f = tempfile::tempfile().unwrap();
+        let path = format!("/proc/self/fd/{}", f.as_raw_fd());
+        let g = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+        hold(&f, LockType::Read, 0, 1, false).unwrap();
+        hold(&g, LockType::Read, 0, 1, false).unwrap();
+        assert!(matches!(hold(&f, LockType::Write, 0, 1, false), Err(LockError::Held)));
+        assert!(matches!(RangeLock::try_lock(&g, LockType::Write, 0, 1), Err(LockError::Held)));
+        drop(g); // its description closes: its lock goes
+        hold(&f, LockType::Write, 0, 1, false).unwrap();
+        let h = std::fs::File::open(format!("/proc/self/fd/{}", f.as_raw_fd())).unwrap();
+        assert!(matches!(RangeLock::try_lock(&h, LockType::Read, 0, 1), Err(LockError::Held)));
+        hold(&f, LockType::Read, 0, 1, false).unwrap();
+        drop(RangeLock::try_lock(&h, LockType::Read, 0, 1).unwrap());
     }
 }

@@ -95,7 +95,11 @@ impl Stack {
         let blocks = virtual_size.div_ceil(u64::from(block_size));
         let table = BlockTable::new(&map, blocks);
         let verified = AtomicBitmap::new(blocks);
-        let maps = layers.iter().map(|l| l.map_data()).collect();
+        // (Not a layer whose blocks may be dropped: a block read through the map could be a hole.)
+        let maps = layers
+            .iter()
+            .map(|l| if l.partial().is_some_and(|p| p.drops_blocks()) { None } else { l.map_data() })
+            .collect();
         Ok(Stack { virtual_size, block_size, layers, map, table, verified, maps, verify, chain })
     }
 
@@ -153,7 +157,12 @@ impl Stack {
     /// Whether the virtual blocks `blocks` (of the run at `loc`) can be read as they are in the
     /// layer file. Without verification complete layers can; a partial layer's blocks must
     /// still be made local (and so checked) first.
+    /// A partial layer whose blocks may be dropped (a bounded cache) never is: its reads go
+    /// through the layer, which knows what was dropped.
     fn checked(&self, loc: Loc, blocks: std::ops::RangeInclusive<u64>) -> bool {
+        if self.layers[loc.layer as usize].partial().is_some_and(|p| p.drops_blocks()) {
+            return false;
+        }
         if !self.verify {
             return !self.layers[loc.layer as usize].is_partial();
         }
@@ -225,6 +234,11 @@ impl Stack {
     /// Whether reading the run at `loc` would fetch: its layer is partial and not all of its
     /// blocks there are checked yet (they may be local all the same; then nothing is fetched).
     pub(crate) fn may_fetch(&self, vblock: u64, loc: Loc, offset: u64, len: u64) -> bool {
+        if let Some(p) = self.layers[loc.layer as usize].partial().filter(|p| p.drops_blocks()) {
+            let bs = u64::from(self.block_size);
+            return len > 0
+                && !p.all_verified(loc.pblock + offset / bs, loc.pblock + (offset + len - 1) / bs);
+        }
         len > 0
             && self.layers[loc.layer as usize].is_partial()
             && !self.checked(loc, self.blocks_of(vblock, offset, len))

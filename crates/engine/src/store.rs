@@ -11,7 +11,7 @@
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use mcow_format::{BlobLayout, Digest, FramesFile};
 
@@ -31,6 +31,11 @@ pub struct LayerStore {
     root: PathBuf,
     engine: Engine,
     source: Option<(Arc<dyn BlockSource>, FetchPolicy)>,
+    /// The store's `gc.lock`, held shared from the first new file in the store (see
+    /// [`LayerStore::temp_file`]) until every clone of this value is dropped, or
+    /// [`LayerStore::release_lease`]: `mcow gc` waits for it, so that a layer added and not yet
+    /// named in a manifest is never collected (see `gc`).
+    lease: Arc<Mutex<Option<File>>>,
 }
 
 impl LayerStore {
@@ -42,7 +47,7 @@ impl LayerStore {
     /// The store at `root`, opening its layers in `engine`: with its file pool, sharing the
     /// layers open there, fetching in the background on its threads.
     pub fn in_engine(engine: &Engine, root: impl Into<PathBuf>) -> LayerStore {
-        LayerStore { root: root.into(), engine: engine.clone(), source: None }
+        LayerStore { root: root.into(), engine: engine.clone(), source: None, lease: Arc::default() }
     }
 
     /// The engine the store opens its layers in.
@@ -174,6 +179,19 @@ impl LayerStore {
         verify: bool,
         background: Option<Arc<Background>>,
     ) -> Result<(OpenLayer, LayerIndex)> {
+        // Listed as in use by this process before it is opened, so that `mcow gc` never removes
+        // it from under us (see `gc`).
+        self.engine
+            .store_users(&self.root)
+            .register(digest, || self.open_layer_unlisted(digest, verify, background))
+    }
+
+    fn open_layer_unlisted(
+        &self,
+        digest: &Digest,
+        verify: bool,
+        background: Option<Arc<Background>>,
+    ) -> Result<(OpenLayer, LayerIndex)> {
         let path = self.layer_path(digest);
         if path.exists() {
             let (layer, index) =
@@ -214,9 +232,13 @@ impl LayerStore {
                     }
                     None => source.clone(),
                 };
-                let layer = PartialLayer::new(layer, source, *policy, background);
+                let layer =
+                    PartialLayer::new(layer, source, *policy, background).with_in_use_lock(&self.root)?;
                 // Blocks other layers of this store hold are copied rather than fetched.
                 let layer = Arc::new(layer.with_reuse(self.engine.block_index(&self.root)));
+                if let Some(cache) = self.engine.fetched_cache(&self.root) {
+                    layer.attach_cache(cache);
+                }
                 layer.load_hashes_in_background();
                 Ok((OpenLayer::Partial(layer), index))
             }
@@ -412,7 +434,14 @@ impl LayerStore {
     /// If the partial copy of `digest` now hashes to its digest (every block and index chunk
     /// fetched), moves it to the complete layers (and removes its chunk list and frame table);
     /// returns whether it did.
+    ///
+    /// With a cache limit (see [`crate::EngineConfig::cache_limit`]) partial copies stay
+    /// partial (false): their blocks may be dropped at any time, so they are never complete
+    /// layers.
     pub fn complete_partial(&self, digest: &Digest) -> Result<bool> {
+        if self.engine.config().cache_limit.is_some() {
+            return Ok(false);
+        }
         let partial = self.partial_path(digest);
         if hash_file(&partial)? != *digest {
             return Ok(false);
@@ -457,11 +486,35 @@ impl LayerStore {
     /// A new temporary in the store's `tmp/` directory (created if missing), locked by this
     /// process while it lives. Every write to the store starts here, so it first removes the
     /// temporaries that dead processes left behind (see [`crate::temp`]).
+    ///
+    /// The first one also takes the store's lease (see the `lease` field), kept until this
+    /// value and its clones are dropped or [`LayerStore::release_lease`] is called: a process
+    /// that adds layers names them in a manifest before it lets go of its store.
     pub fn temp_file(&self, prefix: &str) -> Result<TempFile> {
+        self.take_lease()?;
         let tmp = self.tmp_path();
         fs::create_dir_all(&tmp).map_err(Error::io("create directory", &tmp))?;
         stale_temporaries(&tmp, true)?;
         TempFile::create(&tmp, prefix)
+    }
+
+    /// Takes the store's lease if this value does not hold it yet (waiting while `mcow gc`
+    /// runs on the store).
+    fn take_lease(&self) -> Result<()> {
+        let mut lease = self.lease.lock().unwrap_or_else(|p| p.into_inner());
+        if lease.is_none() {
+            let path = self.root.join(crate::gc::GC_LOCK);
+            let f = crate::gc::open_gc_lock(&self.root).map_err(Error::io("open", &path))?;
+            f.lock_shared().map_err(Error::io("lock", &path))?;
+            *lease = Some(f);
+        }
+        Ok(())
+    }
+
+    /// Lets go of the store's lease (see [`LayerStore::temp_file`]): for a long-lived store
+    /// value, once the layers it added are named in a manifest, so that `mcow gc` may run.
+    pub fn release_lease(&self) {
+        self.lease.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
     /// The temporaries in the store's `tmp/` directory that no live process holds (left by a

@@ -114,6 +114,37 @@ pub fn render(service: &Service) -> String {
         "Bytes copied from other local layers with the same hash instead of fetched.",
         &[(String::new(), reused.bytes.to_string())],
     );
+    if let Some(c) = service.cache_stats() {
+        let one = |v: u64| [(String::new(), v.to_string())];
+        family(
+            &mut out,
+            "mcow_cache_limit_bytes",
+            "gauge",
+            "The bounded cache's limit (--cache-limit).",
+            &one(c.limit),
+        );
+        family(
+            &mut out,
+            "mcow_cache_bytes",
+            "gauge",
+            "Bytes of fetched blocks the open partial layers hold now.",
+            &one(c.bytes),
+        );
+        family(
+            &mut out,
+            "mcow_cache_dropped_blocks_total",
+            "counter",
+            "Fetched blocks dropped from the bounded cache (fetched again if read).",
+            &one(c.dropped_blocks),
+        );
+        family(
+            &mut out,
+            "mcow_cache_dropped_bytes_total",
+            "counter",
+            "Bytes of fetched blocks dropped from the bounded cache.",
+            &one(c.dropped_bytes),
+        );
+    }
     out
 }
 

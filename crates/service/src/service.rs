@@ -55,6 +55,9 @@ pub struct ServiceConfig {
     /// How long fetches may go on once the service stops (or a disk is closed) before the
     /// origins are cancelled.
     pub fetch_grace: Duration,
+    /// The most bytes of fetched blocks the partial layers of each layer store may hold
+    /// (`--cache-limit`); `None`: no limit.
+    pub cache_limit: Option<u64>,
 }
 
 impl Default for ServiceConfig {
@@ -68,6 +71,7 @@ impl Default for ServiceConfig {
             insecure: InsecureRegistries::default(),
             removal_grace: Duration::from_secs(10),
             fetch_grace: Duration::from_secs(2),
+            cache_limit: None,
         }
     }
 }
@@ -230,7 +234,10 @@ impl Service {
     pub fn new(server: ServerConfig, config: ServiceConfig) -> Service {
         Service {
             server: Arc::new(Server::with_config(server)),
-            engine: Engine::default(),
+            engine: Engine::new(mcow_engine::EngineConfig {
+                cache_limit: config.cache_limit,
+                ..Default::default()
+            }),
             sources: Sources::with_insecure(config.insecure.clone()),
             config,
             ops: Mutex::new(()),
@@ -544,6 +551,11 @@ impl Service {
             .collect()
     }
 
+    /// The bounded cache's state (`cache_limit`), if there is a limit.
+    pub fn cache_stats(&self) -> Option<mcow_engine::CacheStats> {
+        self.engine.cache_stats()
+    }
+
     /// Blocks (and bytes) copied from other local layers instead of fetched, so far.
     pub fn reuse_stats(&self) -> mcow_engine::ReuseStats {
         self.engine.reuse_stats()
@@ -589,6 +601,15 @@ impl Service {
         }
         if !self.engine.stop_background(self.config.fetch_grace) {
             tracing::warn!("read-ahead fetches still running at exit");
+        }
+        if let Some(c) = self.engine.cache_stats() {
+            tracing::info!(
+                limit = c.limit,
+                bytes = c.bytes,
+                dropped_blocks = c.dropped_blocks,
+                dropped_bytes = c.dropped_bytes,
+                "served; the bounded cache"
+            );
         }
         let reused = self.engine.reuse_stats();
         tracing::info!(

@@ -8,6 +8,7 @@ pub mod create;
 pub mod demo;
 pub mod docs;
 pub mod export;
+pub mod gc;
 pub mod import;
 pub mod info;
 pub mod map;
