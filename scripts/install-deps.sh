@@ -8,7 +8,8 @@
 # and the amcheck extension: crates/cli/tests/postgres.rs, scripts/bench-pgbench.sh), QEMU's
 # http block driver (bench-net), curl (a client of `mcow serve --control`:
 # crates/cli/tests/control.rs), promtool (Debian's prometheus package: checks the control API's
-# metrics in the same test) and the S3 server s3s-fs (built with cargo).
+# metrics in the same test), systemd-socket-activate (socket activation and restarts:
+# crates/cli/tests/host.rs) and the S3 server s3s-fs (built with cargo).
 # Idempotent: installs only what is missing. Needs root (CI and developers' machines are root).
 set -euo pipefail
 
@@ -23,6 +24,7 @@ command -v htpasswd >/dev/null || need+=(apache2-utils)
 command -v skopeo >/dev/null || need+=(skopeo)
 { command -v ip && command -v tc; } >/dev/null || need+=(iproute2)
 command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+command -v systemd-socket-activate >/dev/null || need+=(systemd)
 command -v man >/dev/null || need+=(man-db)
 command -v curl >/dev/null || need+=(curl)
 command -v promtool >/dev/null || need+=(prometheus)

@@ -83,6 +83,12 @@ pub struct ServeArgs {
     /// remove exports while serving (`mcow ctl`; docs/CONTROL.md).
     #[arg(long, value_name = "SOCKET")]
     pub control: Option<PathBuf>,
+    /// With --control: list the exports the control API adds in FILE (JSON, rewritten
+    /// atomically at each add and remove), and at start add again those FILE lists, after the
+    /// disks given as arguments: a restarted server (a crash, an upgrade, systemd's
+    /// Restart=always) serves what it served before, and VMs reconnect to their exports.
+    #[arg(long, value_name = "FILE", requires = "control")]
+    pub state: Option<PathBuf>,
     /// TCP address to listen on (loopback by default). Used unless only --socket is given.
     #[arg(long, value_name = "ADDR")]
     pub tcp: Option<String>,
@@ -229,6 +235,7 @@ impl ServeArgs {
             insecure: crate::paths::insecure_registries().clone(),
             fetch_grace: FETCH_GRACE,
             cache_limit: self.cache_limit,
+            state: self.state.clone(),
             ..ServiceConfig::default()
         }
     }
@@ -251,6 +258,7 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
             disk: what.to_string(),
             read_only: args.read_only,
             trace: trace_out.is_some(),
+            persist: false,
         };
         let added = service.add(&req).with_context(|| format!("serving {spec}"))?;
         if let (Some(t), Ok(r)) = (&added.missing_trace, crate::paths::parse_reference(what)) {
@@ -258,18 +266,48 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
         }
         recorder = recorder.or(added.trace);
     }
+    if let Some(path) = &args.state {
+        // What the control API had added before a restart: each added again (a disk that
+        // cannot be served any more is logged and left out, and so drops out of the file).
+        let saved = mcow_service::load_state(path).context("reading --state")?;
+        for e in saved {
+            let req = AddExport {
+                name: Some(e.name.clone()),
+                disk: e.disk.clone(),
+                read_only: e.read_only,
+                trace: false,
+                persist: true,
+            };
+            match service.add(&req) {
+                Ok(_) => {
+                    tracing::info!(export = %e.name, disk = %e.disk, "export added again from the state file")
+                }
+                Err(err) => {
+                    tracing::error!(export = %e.name, disk = %e.disk, error = %err, "cannot add an export of the state file again")
+                }
+            }
+        }
+    }
+    let (inherited, inherited_control) = inherited_sockets(args.control.as_deref())?;
     let tcp = match (&args.tcp, &args.socket) {
         (None, Some(_)) => None,
+        // Sockets handed over by systemd replace the default address.
+        (None, None) if !inherited.is_empty() => None,
         (t, _) => Some(t.clone().unwrap_or_else(|| DEFAULT_TCP.to_string())),
     };
     check_open_file_limit(args.max_connections as usize);
-    let listening = Listening::start(service.server(), &ListenOn { tcp, socket: args.socket.clone() })?;
-    let control = match &args.control {
-        Some(path) => Some(
+    let listening =
+        Listening::start_with(service.server(), &ListenOn { tcp, socket: args.socket.clone() }, inherited)?;
+    let control = match (&args.control, inherited_control) {
+        (Some(_), Some(l)) => Some(
+            Control::start_inherited(service.clone(), l, args.read_only)
+                .context("starting the control API on the socket systemd passed")?,
+        ),
+        (Some(path), None) => Some(
             Control::start(service.clone(), path, args.read_only)
                 .with_context(|| format!("starting the control API on {}", path.display()))?,
         ),
-        None => None,
+        (None, _) => None,
     };
     let s = service.clone();
     let ready = |addrs: &[String]| {
@@ -294,6 +332,40 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
         eprintln!("mcow: wrote a trace of {} blocks to {}", trace.blocks.len(), path.display());
     }
     result
+}
+
+/// The listening sockets systemd handed over (socket activation: `LISTEN_FDS` sockets from fd
+/// 3 on, for this process if `LISTEN_PID` says so), as NBD listeners, but for the Unix socket
+/// whose path is `control` (the control API's). None without socket activation.
+fn inherited_sockets(
+    control: Option<&Path>,
+) -> Result<(Vec<mcow_service::Inherited>, Option<std::os::unix::net::UnixListener>)> {
+    let mut fds = listenfd::ListenFd::from_env();
+    let control = control.map(std::path::absolute).transpose().context("resolving --control")?;
+    let (mut nbd, mut ctl) = (Vec::new(), None);
+    for i in 0..fds.len() {
+        // A socket of the other kind is an error that leaves the fd in place.
+        if let Ok(Some(l)) = fds.take_unix_listener(i) {
+            let path = l.local_addr().ok().and_then(|a| a.as_pathname().map(Path::to_path_buf));
+            if control.is_some() && path == control {
+                ctl = Some(l);
+            } else {
+                nbd.push(mcow_service::Inherited::Unix(l));
+            }
+            continue;
+        }
+        match fds.take_tcp_listener(i) {
+            Ok(Some(l)) => nbd.push(mcow_service::Inherited::Tcp(l)),
+            Ok(None) => {}
+            Err(e) => {
+                bail!("socket activation: fd {} is neither a TCP nor a Unix listening socket: {e}", i + 3)
+            }
+        }
+    }
+    if !nbd.is_empty() || ctl.is_some() {
+        tracing::info!(nbd = nbd.len(), control = ctl.is_some(), "listening on sockets passed by systemd");
+    }
+    Ok((nbd, ctl))
 }
 
 /// Warns if the open-file limit leaves no room for `connections` connections (3 files each,

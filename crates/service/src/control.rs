@@ -55,6 +55,8 @@ pub struct Control {
     http: Arc<tiny_http::Server>,
     thread: Option<JoinHandle<()>>,
     path: PathBuf,
+    /// Whether this process made the socket (and removes its file at the end).
+    owned: bool,
 }
 
 impl std::fmt::Debug for Control {
@@ -74,6 +76,35 @@ impl Control {
         }
         let http =
             tiny_http::Server::http_unix(path).map_err(|e| bind_err(std::io::Error::other(e.to_string())))?;
+        Control::serve(service, http, path.to_path_buf(), true, read_only)
+    }
+
+    /// [`Control::start`] on a listening socket another process made and handed over
+    /// (systemd socket activation); its file is left in place at [`Control::stop`].
+    pub fn start_inherited(
+        service: Arc<Service>,
+        listener: std::os::unix::net::UnixListener,
+        read_only: bool,
+    ) -> Result<Control, ServiceError> {
+        let path = listener
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+            .unwrap_or_default();
+        let http = tiny_http::Server::from_listener(listener, None).map_err(|e| ServiceError::Bind {
+            addr: path.display().to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        Control::serve(service, http, path, false, read_only)
+    }
+
+    fn serve(
+        service: Arc<Service>,
+        http: tiny_http::Server,
+        path: PathBuf,
+        owned: bool,
+        read_only: bool,
+    ) -> Result<Control, ServiceError> {
         let http = Arc::new(http);
         let h = Arc::clone(&http);
         let thread = std::thread::Builder::new()
@@ -90,8 +121,8 @@ impl Control {
                 }
             })
             .map_err(|source| ServiceError::Io { what: "starting the control thread".into(), source })?;
-        tracing::info!(path = %path.display(), "control API listening");
-        Ok(Control { http, thread: Some(thread), path: path.to_path_buf() })
+        tracing::info!(path = %path.display(), inherited = !owned, "control API listening");
+        Ok(Control { http, thread: Some(thread), path, owned })
     }
 
     /// The socket's path.
@@ -106,7 +137,15 @@ impl Control {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        if self.owned {
+            let _ = std::fs::remove_file(&self.path);
+        } else {
+            // tiny_http's server removes its Unix socket's file when dropped, but an inherited
+            // socket's file belongs to the process that made it (systemd), and the server
+            // started after this one takes the same socket over: so this one is never dropped
+            // (the process is about to exit; its listening socket stays with systemd).
+            std::mem::forget(Arc::clone(&self.http));
+        }
     }
 }
 
@@ -209,6 +248,7 @@ fn route(
                 disk: add.disk,
                 read_only: add.read_only.unwrap_or(read_only),
                 trace: false,
+                persist: true,
             };
             match service.add(&req) {
                 Ok(added) => {

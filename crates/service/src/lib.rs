@@ -47,7 +47,9 @@ pub mod trace;
 pub use control::Control;
 pub use error::ServiceError;
 pub use export::{DEPTH_CONTEXT, DiskExport};
-pub use listen::{ListenOn, Listening};
+pub use listen::{Inherited, ListenOn, Listening};
 pub use prefetch::background_fetch;
-pub use service::{AddExport, Added, ExportInfo, Service, ServiceConfig, SnapshotInfo};
+pub use service::{
+    AddExport, Added, ExportInfo, SavedExport, Service, ServiceConfig, SnapshotInfo, load_state,
+};
 pub use trace::TraceRecorder;

@@ -24,6 +24,18 @@ pub struct ListenOn {
     pub socket: Option<PathBuf>,
 }
 
+/// A listening socket made by another process and handed to this one (systemd socket
+/// activation, `LISTEN_FDS`): served as it is; a Unix socket's file is left in place at the end
+/// (it belongs to whoever made it, and outlives this process so that a restarted server takes
+/// it over without refusing a connection).
+#[derive(Debug)]
+pub enum Inherited {
+    /// A TCP listener.
+    Tcp(TcpListener),
+    /// A Unix-socket listener.
+    Unix(UnixListener),
+}
+
 /// Listeners being served: one thread each, until the server is stopped.
 #[derive(Debug)]
 pub struct Listening {
@@ -35,7 +47,17 @@ impl Listening {
     /// Binds what `on` names and starts serving `server` on it. Nothing is served if a bind
     /// fails (the listeners bound before it are closed).
     pub fn start(server: &Arc<Server>, on: &ListenOn) -> Result<Listening, ServiceError> {
-        if on.tcp.is_none() && on.socket.is_none() {
+        Listening::start_with(server, on, Vec::new())
+    }
+
+    /// [`Listening::start`], also serving the listeners `inherited` (which may be all there
+    /// is).
+    pub fn start_with(
+        server: &Arc<Server>,
+        on: &ListenOn,
+        inherited: Vec<Inherited>,
+    ) -> Result<Listening, ServiceError> {
+        if on.tcp.is_none() && on.socket.is_none() && inherited.is_empty() {
             return Err(ServiceError::NothingToListenOn);
         }
         let tcp = match &on.tcp {
@@ -74,6 +96,22 @@ impl Listening {
                 let _ = std::fs::remove_file(&path);
                 r
             }));
+        }
+        for listener in inherited {
+            let s = Arc::clone(server);
+            match listener {
+                Inherited::Tcp(l) => {
+                    let local = l.local_addr().map_or_else(|_| "?".to_string(), |a| a.to_string());
+                    addrs.push(format!("nbd://{local}"));
+                    threads.push(std::thread::spawn(move || s.serve_tcp_listener_shared(l)));
+                }
+                Inherited::Unix(l) => {
+                    let path =
+                        l.local_addr().ok().and_then(|a| a.as_pathname().map(|p| p.display().to_string()));
+                    addrs.push(format!("nbd+unix:///?socket={}", path.unwrap_or_else(|| "?".into())));
+                    threads.push(std::thread::spawn(move || s.serve_unix_listener_shared(l)));
+                }
+            }
         }
         Ok(Listening { addrs, threads })
     }

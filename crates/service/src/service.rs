@@ -58,6 +58,10 @@ pub struct ServiceConfig {
     /// The most bytes of fetched blocks the partial layers of each layer store may hold
     /// (`--cache-limit`); `None`: no limit.
     pub cache_limit: Option<u64>,
+    /// Where the exports added with [`AddExport::persist`] are listed (rewritten atomically at
+    /// each such add and remove), so that a restarted service adds them again
+    /// ([`load_state`]); `None`: nowhere.
+    pub state: Option<PathBuf>,
 }
 
 impl Default for ServiceConfig {
@@ -72,6 +76,7 @@ impl Default for ServiceConfig {
             removal_grace: Duration::from_secs(10),
             fetch_grace: Duration::from_secs(2),
             cache_limit: None,
+            state: None,
         }
     }
 }
@@ -87,6 +92,40 @@ pub struct AddExport {
     pub read_only: bool,
     /// Record the order of first reads ([`Added::trace`]).
     pub trace: bool,
+    /// List it in the state file ([`ServiceConfig::state`]) while it is served.
+    pub persist: bool,
+}
+
+/// One export as the state file lists it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SavedExport {
+    /// The export name.
+    pub name: String,
+    /// The disk directory or image reference, as it was asked for.
+    pub disk: String,
+    /// Served read-only.
+    pub read_only: bool,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedState {
+    exports: Vec<SavedExport>,
+}
+
+/// The exports a state file lists (see [`ServiceConfig::state`]), in the order they were
+/// added; none if the file does not exist.
+pub fn load_state(path: &Path) -> Result<Vec<SavedExport>, ServiceError> {
+    let io = |what: &str, source| ServiceError::Io { what: format!("{what} {}", path.display()), source };
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io("reading", e)),
+    };
+    let state: SavedState = serde_json::from_slice(&bytes)
+        .map_err(|e| io("parsing", std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+    Ok(state.exports)
 }
 
 /// What [`Service::add`] did.
@@ -178,11 +217,17 @@ struct Entry {
     /// Key of its disk in `State::disks`.
     key: PathBuf,
     reference: Option<String>,
+    /// How it is listed in the state file, if it is.
+    saved: Option<SavedExport>,
+    /// When it was added (the state file's order).
+    added: u64,
 }
 
 #[derive(Default)]
 struct State {
     exports: BTreeMap<String, Entry>,
+    /// Adds so far (for `Entry::added`).
+    adds: u64,
     disks: HashMap<PathBuf, OpenDisk>,
 }
 
@@ -324,7 +369,17 @@ impl Service {
                     d.writer = Some(name.clone());
                 }
             }
-            st.exports.insert(name.clone(), Entry { key, reference });
+            st.adds += 1;
+            let saved = req.persist.then(|| SavedExport {
+                name: name.clone(),
+                disk: req.disk.clone(),
+                read_only: req.read_only,
+            });
+            let added = st.adds;
+            st.exports.insert(name.clone(), Entry { key, reference, saved, added });
+        }
+        if req.persist {
+            self.save_state();
         }
         tracing::info!(export = %name, disk = %disk.dir().display(), read_only = req.read_only, "export added");
         let info = self.info(&name).ok_or_else(|| ServiceError::UnknownExport(name.clone()))?;
@@ -442,9 +497,13 @@ impl Service {
         (last.bytes_read, last.bytes_written, last.errors) =
             (status.bytes_read, status.bytes_written, status.io_errors);
         drop(removed);
+        let mut save_after = false;
         let closing = {
             let mut st = lock(&self.state);
             let entry = st.exports.remove(name);
+            if entry.as_ref().is_some_and(|e| e.saved.is_some()) {
+                save_after = true;
+            }
             match entry.and_then(|e| st.disks.get_mut(&e.key).map(|d| (e.key, d))) {
                 Some((key, d)) => {
                     d.exports.retain(|n| n != name);
@@ -456,6 +515,9 @@ impl Service {
                 None => None,
             }
         };
+        if save_after {
+            self.save_state();
+        }
         if let Some(o) = closing {
             self.close(o, &[name.to_string()]);
         }
@@ -515,6 +577,35 @@ impl Service {
         }
         tracing::info!(export = %name, frozen = %info.frozen, top = %info.top, took_us = info.took_us, "snapshot taken");
         Ok(info)
+    }
+
+    /// Rewrites the state file (if there is one) with the persisted exports: beside it, synced,
+    /// renamed over it, the directory synced. A failure is logged (the exports are served all
+    /// the same; a restart would not add them again).
+    fn save_state(&self) {
+        let Some(path) = &self.config.state else { return };
+        let mut saved: Vec<(u64, SavedExport)> = lock(&self.state)
+            .exports
+            .values()
+            .filter_map(|e| e.saved.clone().map(|s| (e.added, s)))
+            .collect();
+        saved.sort_by_key(|(added, _)| *added);
+        let state = SavedState { exports: saved.into_iter().map(|(_, s)| s).collect() };
+        let mut text = serde_json::to_vec_pretty(&state).unwrap_or_default();
+        text.push(b'\n');
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let tmp = path.with_extension("tmp");
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&text)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            std::fs::File::open(dir)?.sync_all()
+        };
+        if let Err(e) = write() {
+            tracing::error!(file = %path.display(), error = %e, "cannot write the state file: a restart will not add the exports again");
+        }
     }
 
     /// The export `name` as listed, if there is one.

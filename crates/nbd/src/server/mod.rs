@@ -688,9 +688,20 @@ impl Server {
     /// Serves on an already bound TCP listener until stopped (useful to bind port 0 and
     /// learn the port first).
     pub fn serve_tcp_listener(&self, listener: TcpListener) -> Result<(), ServerError> {
+        self.serve_tcp_on(listener, false)
+    }
+
+    /// [`Server::serve_tcp_listener`] on a listening socket that other processes hold too (one
+    /// handed over by systemd socket activation): stopping leaves the socket itself as it is,
+    /// so that the next server given it accepts on it (see [`Server::serve_unix_listener_shared`]).
+    pub fn serve_tcp_listener_shared(&self, listener: TcpListener) -> Result<(), ServerError> {
+        self.serve_tcp_on(listener, true)
+    }
+
+    fn serve_tcp_on(&self, listener: TcpListener, shared: bool) -> Result<(), ServerError> {
         let addr = listener.local_addr().map_err(ServerError::Listener)?;
-        tracing::info!(%addr, "NBD server listening on TCP");
-        let waker = Waker::new(&listener, WakeAddr::Tcp(addr)).map_err(ServerError::Listener)?;
+        tracing::info!(%addr, shared, "NBD server listening on TCP");
+        let waker = Waker::new(&listener, WakeAddr::Tcp(addr), shared).map_err(ServerError::Listener)?;
         self.serve_loop(listener, waker)
     }
 
@@ -707,14 +718,27 @@ impl Server {
 
     /// Serves on an already bound Unix listener until stopped (the socket file is left).
     pub fn serve_unix_listener(&self, listener: UnixListener) -> Result<(), ServerError> {
+        self.serve_unix_on(listener, false)
+    }
+
+    /// [`Server::serve_unix_listener`] on a listening socket that other processes hold too
+    /// (one handed over by systemd socket activation, which keeps it across restarts of the
+    /// server). Stopping wakes the accepting thread by connecting to the socket rather than by
+    /// shutting it down, which would shut it for every process that holds it: the next server
+    /// given the socket could not accept on it.
+    pub fn serve_unix_listener_shared(&self, listener: UnixListener) -> Result<(), ServerError> {
+        self.serve_unix_on(listener, true)
+    }
+
+    fn serve_unix_on(&self, listener: UnixListener, shared: bool) -> Result<(), ServerError> {
         let path: PathBuf = listener
             .local_addr()
             .map_err(ServerError::Listener)?
             .as_pathname()
             .map(Path::to_path_buf)
             .ok_or_else(|| ServerError::Listener(io::Error::other("unnamed Unix socket cannot be woken")))?;
-        tracing::info!(path = %path.display(), "NBD server listening on Unix socket");
-        let waker = Waker::new(&listener, WakeAddr::Unix(path)).map_err(ServerError::Listener)?;
+        tracing::info!(path = %path.display(), shared, "NBD server listening on Unix socket");
+        let waker = Waker::new(&listener, WakeAddr::Unix(path), shared).map_err(ServerError::Listener)?;
         self.serve_loop(listener, waker)
     }
 

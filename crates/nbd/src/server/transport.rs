@@ -88,11 +88,14 @@ impl Listener for UnixListener {
 
 /// How to wake a thread blocked in `accept`: shut the listening socket down (accept then
 /// fails at once, even if a Unix socket's file was removed), or failing that, connect to it.
+/// A socket other processes share (systemd's) is only connected to: shutting it down would
+/// shut it for them too.
 #[derive(Debug, Clone)]
 pub(crate) struct Waker {
     /// A duplicate of the listening socket.
     listener: Arc<OwnedFd>,
     addr: WakeAddr,
+    shared: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -102,12 +105,12 @@ pub(crate) enum WakeAddr {
 }
 
 impl Waker {
-    pub(crate) fn new(listener: impl AsFd, addr: WakeAddr) -> io::Result<Waker> {
-        Ok(Waker { listener: Arc::new(listener.as_fd().try_clone_to_owned()?), addr })
+    pub(crate) fn new(listener: impl AsFd, addr: WakeAddr, shared: bool) -> io::Result<Waker> {
+        Ok(Waker { listener: Arc::new(listener.as_fd().try_clone_to_owned()?), addr, shared })
     }
 
     pub(crate) fn wake(&self) {
-        if rustix::net::shutdown(&*self.listener, rustix::net::Shutdown::Read).is_ok() {
+        if !self.shared && rustix::net::shutdown(&*self.listener, rustix::net::Shutdown::Read).is_ok() {
             return;
         }
         let result = match &self.addr {
