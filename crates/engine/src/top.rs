@@ -137,6 +137,20 @@ pub struct Debris {
     pub unused_blocks: u64,
 }
 
+/// What an open applied from the pending logs (see "Pending logs" in the module doc): changes
+/// acknowledged but not flushed before the writer stopped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Records read from the logs that follow the journal.
+    pub records: u64,
+    /// Blocks their changes mapped or marked.
+    pub blocks: u64,
+    /// Blocks of data records skipped because they did not read with the recorded CRC (their
+    /// data never reached the disk, or a later in-place write changed them) or lie past the
+    /// data file.
+    pub skipped_blocks: u64,
+}
+
 /// Where a journal was found damaged in the middle (see [`Error::JournalCorrupt`]): only a
 /// read-only open gets this far, and it shows the disk as of the last good batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,6 +267,7 @@ pub struct TopLayer {
     damage: Option<JournalDamage>,
     /// A writer's pending logs, if it was opened with them.
     recorder: Option<Mutex<Recorder>>,
+    recovered: Recovered,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -408,10 +423,12 @@ impl TopLayer {
         // force-share reader); a writable open makes them durable at once, before it computes
         // free blocks and debris, so that blocks only they map are neither trimmed nor reused.
         let mut last_crc = batch_crc(&jbuf[..pos], sequence);
+        let mut recovered = Recovered::default();
         if let Some(logs) = logs.as_ref().filter(|_| damage.is_none() && !follow) {
             let geometry = (bs, data_blocks, vblocks);
             let journal_map = map.clone();
-            let mut found = replay_pending(
+            let mut found;
+            (found, recovered) = replay_pending(
                 &mut map,
                 logs,
                 &header.instance,
@@ -427,6 +444,7 @@ impl TopLayer {
                 tracing::warn!(top = %path.display(), "the pending logs map a physical block twice; ignoring them");
                 map = journal_map;
                 found.clear();
+                recovered = Recovered::default();
             }
             if !read_only && !found.is_empty() {
                 tracing::info!(top = %path.display(), changes = found.len(), "recovered unflushed mapping changes from the pending logs");
@@ -542,6 +560,7 @@ impl TopLayer {
             debris,
             damage,
             recorder,
+            recovered,
         })
     }
 
@@ -584,6 +603,11 @@ impl TopLayer {
     /// What the open found beyond the last durable state.
     pub fn debris(&self) -> Debris {
         self.debris
+    }
+
+    /// What the open applied from the pending logs.
+    pub fn recovered(&self) -> Recovered {
+        self.recovered
     }
 
     /// The corruption a read-only open found in the journal, if any (a writable open refuses).
@@ -1437,7 +1461,7 @@ fn replay_pending(
     data: &dyn Storage,
     (bs, data_blocks, vblocks): (u64, u64, u64),
     path: &Path,
-) -> Result<Vec<IndexEntry>> {
+) -> Result<(Vec<IndexEntry>, Recovered)> {
     let mut bufs = Vec::with_capacity(2);
     for (i, log) in logs.iter().enumerate() {
         let lpath = pending_log_path(path, i);
@@ -1454,7 +1478,7 @@ fn replay_pending(
             || (h.alt != NO_ALT && h.alt == sequence && h.alt_crc == crc)
     };
     let Some(first) = (0..2).find(|&i| headers[i].as_ref().is_some_and(follows)) else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Recovered::default()));
     };
     let first_tag = headers[first].as_ref().expect("found").tag;
     let mut order = vec![first];
@@ -1462,6 +1486,7 @@ fn replay_pending(
         order.push(1 - first);
     }
     let mut out = Vec::new();
+    let mut seen = Recovered::default();
     let mut block = vec![0u8; bs as usize];
     for i in order {
         let tag = headers[i].as_ref().expect("found").tag;
@@ -1472,12 +1497,15 @@ fn replay_pending(
             if e.vblock.checked_add(e.count).is_none_or(|end| end > vblocks) {
                 continue;
             }
+            seen.records += 1;
             if e.kind != ExtentKind::Data {
                 map.insert(e.vblock, e.end(), Loc { layer: TOP, kind: e.kind, pblock: 0 });
                 push_entry(&mut out, e);
+                seen.blocks += e.count;
                 continue;
             }
             if e.pblock.checked_add(e.count).is_none_or(|end| end > data_blocks) {
+                seen.skipped_blocks += e.count;
                 continue;
             }
             // Block by block: a later in-place write may have changed some of them (its own
@@ -1493,11 +1521,14 @@ fn replay_pending(
                         &mut out,
                         IndexEntry { vblock: v, count: 1, kind: ExtentKind::Data, pblock: p },
                     );
+                    seen.blocks += 1;
+                } else {
+                    seen.skipped_blocks += 1;
                 }
             }
         }
     }
-    Ok(out)
+    Ok((out, seen))
 }
 
 /// Whether no physical block is mapped by two virtual blocks.

@@ -48,6 +48,11 @@ struct Stats {
     deep_checks: usize,
     torn_journal_points: usize,
     kill_points: usize,
+    /// Images whose open applied pending log records: process kills, and power losses (with
+    /// data blocks skipped because their data was not there).
+    kill_recovered: usize,
+    power_recovered: usize,
+    power_skipped: usize,
 }
 
 /// Checks a crash image; a process kill image must read exactly as one of `live` (the content
@@ -68,8 +73,10 @@ fn verify_image(
     if let Err(why) = model.check_crash(&got) {
         panic!("{label}: {why}");
     }
+    let r = ro.recovered();
     if img.kill {
         stats.kill_points += 1;
+        stats.kill_recovered += usize::from(r.blocks > 0);
         if !live.iter().any(|l| **l == got[..]) {
             let b = (0..n as usize).find(|&b| got[b] != live[0][b]).expect("differs");
             panic!("{label}: block {b} lost an acknowledged write");
@@ -86,6 +93,8 @@ fn verify_image(
         );
         return;
     }
+    stats.power_recovered += usize::from(r.blocks > 0);
+    stats.power_skipped += usize::from(r.skipped_blocks > 0);
     if ro.debris().journal_tail_bytes > 0 {
         stats.torn_journal_points += 1;
     }
@@ -180,6 +189,17 @@ fn crash_at_every_point_recovers_every_flushed_write() {
     );
     assert!(stats.crash_points >= 1000, "only {} crash points", stats.crash_points);
     assert!(stats.kill_points >= 1000, "only {} process kill points", stats.kill_points);
+    eprintln!(
+        "images that applied log records: {} kills, {} power losses ({} skipped blocks whose data was not there)",
+        stats.kill_recovered, stats.power_recovered, stats.power_skipped
+    );
+    assert!(stats.kill_recovered >= 500, "only {} kill images applied log records", stats.kill_recovered);
+    assert!(
+        stats.power_recovered >= 500,
+        "only {} power-loss images applied log records",
+        stats.power_recovered
+    );
+    assert!(stats.power_skipped >= 100, "only {} power-loss images skipped a block", stats.power_skipped);
     assert!(
         stats.torn_journal_points >= 50,
         "only {} images had a torn journal tail",

@@ -114,6 +114,7 @@ fn kill_9_loses_no_acknowledged_write() {
     let exe = std::env::current_exe().unwrap();
     let mut rng = Rng::new(0x7777 ^ u64::from(std::process::id()));
     let mut unflushed_steps = 0u64;
+    let mut recovered_rounds = 0;
     for round in 0..10 {
         let tmp = tempfile::tempdir().unwrap();
         let dir = create_disk(tmp.path(), "d", SIZE, BS);
@@ -181,6 +182,13 @@ fn kill_9_loses_no_acknowledged_write() {
                     Default::default(),
                     "round {round}: the first reopen trimmed all debris"
                 );
+                assert_eq!(
+                    d.top().recovered().records,
+                    0,
+                    "round {round}: the first reopen made them durable"
+                );
+            } else if d.top().recovered().blocks > 0 {
+                recovered_rounds += 1;
             }
             let got = read_all(&d);
             for (s, sector) in got.chunks(SECTOR).enumerate() {
@@ -197,6 +205,7 @@ fn kill_9_loses_no_acknowledged_write() {
     }
     // Most kills land with several iterations acknowledged but not flushed.
     assert!(unflushed_steps >= 20, "only {unflushed_steps} unflushed iterations were checked");
+    assert!(recovered_rounds >= 3, "only {recovered_rounds} reopens applied pending log records");
 }
 
 fn base_content() -> Vec<u8> {
