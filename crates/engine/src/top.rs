@@ -200,6 +200,10 @@ struct Recorder {
     /// A round failed after it switched logs (its changes are pending again): the next round
     /// keeps the current log and only updates its header.
     retry: bool,
+    /// The CRC field of the version of batch `header.base` that a failed round wrote to the
+    /// journal (its sync failed): a kill may leave that version, so the retry keeps the log
+    /// following it too (as its alt).
+    written_crc: Option<u32>,
 }
 
 /// What only the running round changes.
@@ -1103,7 +1107,13 @@ impl TopLayer {
         let written = {
             let journal = self.journal_read();
             match journal.write_at(&bytes, st.journal_len) {
-                Ok(()) => journal.sync().map_err(Error::io("sync", &jpath)),
+                Ok(()) => journal.sync().map_err(|e| {
+                    // The batch is in the journal file, unsynced: a kill may leave it there.
+                    if let Some(rec) = &self.recorder {
+                        lock(rec).written_crc = Some(batch_crc(&bytes, batch.sequence));
+                    }
+                    Error::io("sync", &jpath)(e)
+                }),
                 Err(e) => Err(Error::io("write", &jpath)(e)),
             }
         };
@@ -1369,6 +1379,7 @@ impl Recorder {
             logged: ExtentMap::new(),
             logged_prev: ExtentMap::new(),
             retry: false,
+            written_crc: None,
         })
     }
 
@@ -1411,6 +1422,9 @@ impl Recorder {
             debug_assert_eq!(self.header.base, base);
             let mut header = self.header.clone();
             header.base_crc = base_crc;
+            if let Some(crc) = self.written_crc {
+                (header.alt, header.alt_crc) = (base, crc);
+            }
             if let Err(e) = self.write_header(&header, path) {
                 self.retry = true;
                 return Err(e);
@@ -1427,6 +1441,7 @@ impl Recorder {
         self.cur = next;
         self.header = header;
         self.len = PENDING_HEADER_SIZE as u64;
+        self.written_crc = None;
         self.logged_prev = std::mem::replace(&mut self.logged, ExtentMap::new());
         Ok(())
     }
