@@ -1366,7 +1366,10 @@ impl Recorder {
         path: &Path,
     ) -> Result<Recorder> {
         let mut header = PendingHeader { instance, base, base_crc, alt: NO_ALT, alt_crc: 0, prev: 0, tag: 0 };
-        header.tag = header.new_tag();
+        // Mixed with a fresh random number: an open after another one at the same journal
+        // state must not take that one's leftover records for its own.
+        header.tag =
+            header.new_tag() ^ u32::from_le_bytes(new_instance_id()[..4].try_into().expect("4 bytes"));
         for (i, log) in logs.iter().enumerate().rev() {
             log.set_len(0).map_err(Error::io("truncate", &pending_log_path(path, i)))?;
         }
