@@ -139,7 +139,12 @@ fn a_seal_that_fails_on_a_full_disk_leaves_nothing_behind() {
             .map(|e| e.unwrap().file_name().to_string_lossy().into())
             .collect();
         names.sort();
-        assert_eq!(names, ["disk.json", "top-1.mcow", "top-1.mcow.journal"], "{d}: files left: {}", r.stderr);
+        assert_eq!(
+            names,
+            ["disk.json", "top-1.mcow", "top-1.mcow.journal", "top-1.mcow.pending.0", "top-1.mcow.pending.1"],
+            "{d}: files left: {}",
+            r.stderr
+        );
         let after = mcow_in(&dir, &["info", &d, "--output", "json"]).json()["layer_count"].clone();
         assert_eq!(before, after, "{d}");
         assert_eq!(mcow_ok(&dir, &["read", &d, "1M", "1", "--raw"]).as_bytes(), [0]);
@@ -163,18 +168,29 @@ fn files_of_an_interrupted_seal_are_reported_then_removed_by_the_next_writable_o
     let d = dir.join("d");
     std::fs::copy(d.join("top-1.mcow"), d.join("top-2.mcow")).unwrap();
     std::fs::copy(d.join("top-1.mcow.journal"), d.join("top-2.mcow.journal")).unwrap();
+    std::fs::copy(d.join("top-1.mcow.pending.0"), d.join("top-2.mcow.pending.0")).unwrap();
     std::fs::write(d.join("disk.tmp"), b"{").unwrap();
     std::fs::write(d.join("notes.txt"), b"mine").unwrap();
     let r = mcow_in(dir, &["check", "d"]);
     assert_eq!(r.code, 3, "{}{}", r.stdout, r.stderr);
-    for f in ["top-2.mcow", "top-2.mcow.journal", "disk.tmp"] {
+    for f in ["top-2.mcow", "top-2.mcow.journal", "top-2.mcow.pending.0", "disk.tmp"] {
         assert!(r.stdout.contains(f) && d.join(f).exists(), "{f}: {}", r.stdout);
     }
     mcow_ok(dir, &["write", "d", "8k", "--pattern", "0x34", "4k"]);
     let mut names: Vec<String> =
         std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
     names.sort();
-    assert_eq!(names, ["disk.json", "notes.txt", "top-1.mcow", "top-1.mcow.journal"]);
+    assert_eq!(
+        names,
+        [
+            "disk.json",
+            "notes.txt",
+            "top-1.mcow",
+            "top-1.mcow.journal",
+            "top-1.mcow.pending.0",
+            "top-1.mcow.pending.1"
+        ]
+    );
     assert_eq!(mcow_in(dir, &["check", "d"]).code, 0);
     assert_eq!(mcow_ok(dir, &["read", "d", "0", "1", "--raw"]).as_bytes(), [0x33]);
 }

@@ -21,7 +21,9 @@ use crate::fetch::{BlockSource, FetchPolicy};
 use crate::stack::{Stack, next_chain};
 use crate::storage::{FileStorage, Storage};
 use crate::store::{LayerStore, OpenLayer, write_atomic};
-use crate::top::{Debris, JournalFiles, TopLayer, journal_path, journal_temp_path};
+use crate::top::{
+    Debris, JournalFiles, PendingLogs, TopLayer, journal_path, journal_temp_path, pending_log_path,
+};
 
 /// Name of the manifest inside a disk directory.
 pub const MANIFEST_FILE: &str = "disk.json";
@@ -890,6 +892,9 @@ pub(crate) fn replace_stack(
 fn remove_top_files(path: &Path) {
     let _ = fs::remove_file(journal_temp_path(path));
     let _ = fs::remove_file(journal_path(path));
+    for i in 0..2 {
+        let _ = fs::remove_file(pending_log_path(path, i));
+    }
     let _ = fs::remove_file(path);
 }
 
@@ -905,7 +910,10 @@ pub fn leftovers(dir: &Path, manifest: &DiskManifest) -> Vec<PathBuf> {
         .filter(|e| {
             let name = e.file_name();
             let name = name.to_string_lossy();
-            let top = name.strip_suffix(".journal").unwrap_or(&name);
+            let top = [".journal", ".pending.0", ".pending.1"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(&name);
             name == "disk.tmp" || (top.starts_with("top-") && top.ends_with(".mcow") && !named.contains(&top))
         })
         .map(|e| e.path())
@@ -940,9 +948,10 @@ fn create_top(dir: &Path, name: &str, block_size: u32, virtual_size: u64, parent
     let data = data.map_err(Error::io("create", &path))?;
     let journal = FsOpen::new().read(true).write(true).create(true).truncate(true).open(&jpath);
     let journal = journal.map_err(Error::io("create", &jpath))?;
-    TopLayer::create(
+    TopLayer::create_logged(
         Box::new(FileStorage(data)),
         Box::new(FileStorage(journal)),
+        Some(pending_logs(&path, false)?.expect("a writer opens its logs")),
         &path,
         block_size,
         virtual_size,
@@ -970,7 +979,28 @@ pub(crate) fn open_top(path: &Path, opts: OpenOptions) -> Result<TopLayer> {
         // A writer may be running beside us: follow its journal (see `top`'s module doc).
         return TopLayer::open_shared(storage(data), storage(journal), path)?.attach_journal_files(files);
     }
-    TopLayer::open(storage(data), storage(journal), path, opts.read_only)?.attach_journal_files(files)
+    match pending_logs(path, opts.read_only)? {
+        Some(logs) => TopLayer::open_logged(storage(data), storage(journal), logs, path, opts.read_only),
+        None => TopLayer::open(storage(data), storage(journal), path, opts.read_only),
+    }?
+    .attach_journal_files(files)
+}
+
+/// Opens a top's pending logs: a writer creates them if missing (a top from before them); a
+/// read-only open uses them only if both are there.
+fn pending_logs(path: &Path, read_only: bool) -> Result<Option<PendingLogs>> {
+    let open = |i: usize| {
+        let p = pending_log_path(path, i);
+        match FsOpen::new().read(true).write(!read_only).create(!read_only).truncate(false).open(&p) {
+            Ok(f) => Ok(Some(Box::new(FileStorage(f)) as Box<dyn Storage>)),
+            Err(e) if read_only && e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("open", &p)(e)),
+        }
+    };
+    Ok(match (open(0)?, open(1)?) {
+        (Some(a), Some(b)) => Some([a, b]),
+        _ => None,
+    })
 }
 
 /// A top's journal files on the host filesystem (see [`JournalFiles`]).

@@ -29,6 +29,9 @@ struct State {
 pub enum CrashMode {
     /// Every unsynced write is lost.
     DropUnsynced,
+    /// Every write survives, synced or not: what a process kill leaves (the page cache is
+    /// the host's and outlives the process).
+    KeepAll,
     /// Unsynced writes survive in order up to the `n`th, which is torn after `cut` bytes.
     TearAt {
         /// The unsynced write torn (0 = the first).
@@ -66,6 +69,9 @@ impl SimStorage {
     pub fn crashed(&self, mode: CrashMode) -> SimStorage {
         let s = self.lock();
         let mut img = s.durable.clone();
+        if let CrashMode::KeepAll = mode {
+            img = s.current.clone();
+        }
         if let CrashMode::TearAt { n, cut } = mode {
             for (i, (off, bytes, set_len)) in s.pending.iter().enumerate().take(n + 1) {
                 if let Some(len) = set_len {

@@ -51,13 +51,32 @@
 //! after its read includes that, and the writer reuses a block only after the rename. A
 //! leftover temporary journal is debris that a writable open removes.
 //!
+//! # Pending logs
+//!
+//! A process kill (the host keeps running) keeps the page cache, so the data of every
+//! acknowledged write, but not the mapping changes waiting in memory for the next round. So a
+//! writer opened with pending logs ([`TopLayer::open_logged`]) also records each mapping change
+//! as it makes it (a write that maps new blocks, before it returns; a marker; an in-place write
+//! to a block only a log maps yet, with its new CRC) in the current one of two logs, with plain
+//! writes and never a sync. A round that takes the pending changes as batch `s` switches to the
+//! other log, started afresh to follow batch `s`; the log it leaves holds exactly that batch's
+//! changes. An open applies, after the journal, the log that follows the journal's last batch
+//! and then the one started after that log, each data record only if the blocks it maps read
+//! with its CRCs (after a power loss they may not have reached the disk); a writable open makes
+//! what it applied durable as one batch before anything else. So a kill loses no acknowledged
+//! write, and a power loss keeps the rules above: a record is applied only where its data is
+//! verifiably there, and freed blocks still wait for a durable batch. A compaction marks the
+//! current log as following the compacted journal too, before its rename. The layout and rules
+//! are in docs/FORMAT.md ("Pending logs").
+//!
 //! # Space
 //!
 //! Blocks freed by a zero or discard also get their space punched out of the data file, once
 //! the batch that frees them is durable and before they can be reused, so trimming a disk
 //! shrinks its top's allocated size.
 //!
-//! Owns: allocation, copy-up of a partly written block, the journal and recovery. Does not own:
+//! Owns: allocation, copy-up of a partly written block, the journal, the pending logs and
+//! recovery. Does not own:
 //! what lies below the top (the caller passes a function that reads it), nor file opening.
 
 use std::io;
@@ -67,7 +86,8 @@ use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWrite
 
 use mcow_format::{
     BlockHashKind, Digest, ExtentKind, HEADER_SIZE, IndexEntry, JOURNAL_HEADER_SIZE, JournalBatch,
-    JournalHeader, LayerHeader, LayerKind, decode_batch, encode_batch, find_whole_batch,
+    JournalHeader, LayerHeader, LayerKind, MAX_RECORD_BLOCKS, NO_ALT, PENDING_HEADER_SIZE, PendingHeader,
+    PendingRecord, decode_batch, decode_record, encode_batch, encode_record, find_whole_batch,
 };
 
 use crate::error::{Error, Result};
@@ -102,6 +122,10 @@ pub trait JournalFiles: Send + Sync {
     fn open_current(&self) -> io::Result<Box<dyn Storage>>;
 }
 
+/// A top's two pending logs (see "Pending logs" in the module doc): `<top>.pending.0` and
+/// `<top>.pending.1` for host files ([`pending_log_path`]).
+pub type PendingLogs = [Box<dyn Storage>; 2];
+
 /// What opening a top found beyond its last good batch: debris of writes that never reached a
 /// durable flush. Harmless; a writable open removes it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -111,6 +135,20 @@ pub struct Debris {
     /// Physical blocks at the end of the data file, past the last one any mapping uses. (Unused
     /// blocks below it are not debris: they are free and get reused.)
     pub unused_blocks: u64,
+}
+
+/// What an open applied from the pending logs (see "Pending logs" in the module doc): changes
+/// acknowledged but not flushed before the writer stopped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Records read from the logs that follow the journal.
+    pub records: u64,
+    /// Blocks their changes mapped or marked.
+    pub blocks: u64,
+    /// Blocks of data records skipped because they did not read with the recorded CRC (their
+    /// data never reached the disk, or a later in-place write changed them) or lie past the
+    /// data file.
+    pub skipped_blocks: u64,
 }
 
 /// Where a journal was found damaged in the middle (see [`Error::JournalCorrupt`]): only a
@@ -145,6 +183,27 @@ struct Rounds {
     running: bool,
     /// The journal as the rounds know it; the running round has it out.
     state: Option<RoundState>,
+}
+
+/// A writer's pending logs: where it records each mapping change as it makes it (see "Pending
+/// logs" in the module doc). Locked after the allocator and the map, never before them.
+struct Recorder {
+    logs: PendingLogs,
+    /// The log records go to, its header, and where its next record goes.
+    cur: usize,
+    header: PendingHeader,
+    len: u64,
+    /// Virtual blocks that records of the current log and of the one before it map (runs, the
+    /// location unused): an in-place write to them records its block's new CRC.
+    logged: ExtentMap,
+    logged_prev: ExtentMap,
+    /// A round failed after it switched logs (its changes are pending again): the next round
+    /// keeps the current log and only updates its header.
+    retry: bool,
+    /// The CRC field of the version of batch `header.base` that a failed round wrote to the
+    /// journal (its sync failed): a kill may leave that version, so the retry keeps the log
+    /// following it too (as its alt).
+    written_crc: Option<u32>,
 }
 
 /// What only the running round changes.
@@ -210,6 +269,9 @@ pub struct TopLayer {
     data_dirty: AtomicBool,
     debris: Debris,
     damage: Option<JournalDamage>,
+    /// A writer's pending logs, if it was opened with them.
+    recorder: Option<Mutex<Recorder>>,
+    recovered: Recovered,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -221,6 +283,20 @@ impl TopLayer {
     pub fn create(
         data: Box<dyn Storage>,
         journal: Box<dyn Storage>,
+        path: &Path,
+        block_size: u32,
+        virtual_size: u64,
+        parent: Digest,
+    ) -> Result<TopLayer> {
+        Self::create_logged(data, journal, None, path, block_size, virtual_size, parent)
+    }
+
+    /// [`TopLayer::create`] with pending logs (emptied here), so that acknowledged writes
+    /// survive a process kill.
+    pub fn create_logged(
+        data: Box<dyn Storage>,
+        journal: Box<dyn Storage>,
+        logs: Option<PendingLogs>,
         path: &Path,
         block_size: u32,
         virtual_size: u64,
@@ -244,7 +320,12 @@ impl TopLayer {
         let jh = JournalHeader { instance: header.instance, block_size };
         journal.write_at(&jh.encode(), 0).map_err(Error::io("write", &jpath))?;
         journal.sync().map_err(Error::io("sync", &jpath))?;
-        Self::open(data, journal, path, false)
+        if let Some(logs) = &logs {
+            for (i, log) in logs.iter().enumerate() {
+                log.set_len(0).map_err(Error::io("truncate", &pending_log_path(path, i)))?;
+            }
+        }
+        Self::open_inner(data, journal, logs, path, false, false)
     }
 
     /// Opens a top, replaying its journal. A writable open also trims debris left by a crash.
@@ -259,7 +340,20 @@ impl TopLayer {
         path: &Path,
         read_only: bool,
     ) -> Result<TopLayer> {
-        Self::open_inner(data, journal, path, read_only, false)
+        Self::open_inner(data, journal, None, path, read_only, false)
+    }
+
+    /// [`TopLayer::open`] with pending logs: their records that follow the journal are applied
+    /// (see "Pending logs" in the module doc), and a writable open makes them durable at once
+    /// and then records its own changes in them.
+    pub fn open_logged(
+        data: Box<dyn Storage>,
+        journal: Box<dyn Storage>,
+        logs: PendingLogs,
+        path: &Path,
+        read_only: bool,
+    ) -> Result<TopLayer> {
+        Self::open_inner(data, journal, Some(logs), path, read_only, false)
     }
 
     /// Opens a top read-only beside a writer that may be running (a force-share open): like
@@ -267,12 +361,13 @@ impl TopLayer {
     /// appends to, so that a read never returns another block's data (see "Force-share
     /// readers" in the module doc).
     pub fn open_shared(data: Box<dyn Storage>, journal: Box<dyn Storage>, path: &Path) -> Result<TopLayer> {
-        Self::open_inner(data, journal, path, true, true)
+        Self::open_inner(data, journal, None, path, true, true)
     }
 
     fn open_inner(
         data: Box<dyn Storage>,
         journal: Box<dyn Storage>,
+        logs: Option<PendingLogs>,
         path: &Path,
         read_only: bool,
         follow: bool,
@@ -310,11 +405,12 @@ impl TopLayer {
         let vblocks = header.block_count();
         let data_blocks = (data_len - HEADER_SIZE as u64) / bs;
         let mut map = ExtentMap::new();
-        let (used, sequence) = replay(&mut map, &jbuf[JOURNAL_HEADER_SIZE..], 0, vblocks, &jpath)?;
-        let pos = JOURNAL_HEADER_SIZE + used;
+        let (used, mut sequence) = replay(&mut map, &jbuf[JOURNAL_HEADER_SIZE..], 0, vblocks, &jpath)?;
+        let tail_at = JOURNAL_HEADER_SIZE + used;
+        let mut pos = tail_at;
 
         // A whole batch in what is left means a damaged batch in the middle, not a torn tail.
-        let damage = find_whole_batch(&jbuf[pos..]).map(|(at, _)| JournalDamage {
+        let damage = find_whole_batch(&jbuf[tail_at..]).map(|(at, _)| JournalDamage {
             offset: pos as u64,
             good_batches: sequence,
             next_whole: (pos + at) as u64,
@@ -325,6 +421,46 @@ impl TopLayer {
                 return Err(err);
             }
             tracing::error!("{err}");
+        }
+
+        // The changes the pending logs hold after the last batch (not behind damage, not for a
+        // force-share reader); a writable open makes them durable at once, before it computes
+        // free blocks and debris, so that blocks only they map are neither trimmed nor reused.
+        let mut last_crc = batch_crc(&jbuf[..pos], sequence);
+        let mut recovered = Recovered::default();
+        if let Some(logs) = logs.as_ref().filter(|_| damage.is_none() && !follow) {
+            let geometry = (bs, data_blocks, vblocks);
+            let journal_map = map.clone();
+            let mut found;
+            (found, recovered) = replay_pending(
+                &mut map,
+                logs,
+                &header.instance,
+                sequence,
+                last_crc,
+                data.as_ref(),
+                geometry,
+                path,
+            )?;
+            if !found.is_empty() && !maps_each_block_once(&map) {
+                // Only a log that does not belong to this journal (which its checks should
+                // have told) can do this: keep the journal's map rather than refuse the top.
+                tracing::warn!(top = %path.display(), "the pending logs map a physical block twice; ignoring them");
+                map = journal_map;
+                found.clear();
+                recovered = Recovered::default();
+            }
+            if !read_only && !found.is_empty() {
+                tracing::info!(top = %path.display(), changes = found.len(), "recovered unflushed mapping changes from the pending logs");
+                data.sync().map_err(Error::io("sync", path))?;
+                let bytes = encode_batch(&JournalBatch { sequence: sequence + 1, entries: found });
+                journal.write_at(&bytes, pos as u64).map_err(Error::io("write", &jpath))?;
+                journal.set_len((pos + bytes.len()) as u64).map_err(Error::io("truncate", &jpath))?;
+                journal.sync().map_err(Error::io("sync", &jpath))?;
+                pos += bytes.len();
+                sequence += 1;
+                last_crc = batch_crc(&bytes, sequence);
+            }
         }
 
         // Rebuild the allocator from the map.
@@ -361,12 +497,12 @@ impl TopLayer {
         let debris = match damage {
             Some(_) => Debris::default(),
             None => {
-                Debris { journal_tail_bytes: jlen - pos as u64, unused_blocks: data_blocks - next_pblock }
+                Debris { journal_tail_bytes: jlen - tail_at as u64, unused_blocks: data_blocks - next_pblock }
             }
         };
         if !read_only {
             debug_assert!(damage.is_none());
-            if debris.journal_tail_bytes > 0 {
+            if jlen > pos as u64 {
                 tracing::info!(journal = %jpath.display(), bytes = debris.journal_tail_bytes, "dropping torn journal tail");
                 journal.set_len(pos as u64).map_err(Error::io("truncate", &jpath))?;
             }
@@ -378,6 +514,13 @@ impl TopLayer {
             // their space back too. Nothing maps them.
             punch_blocks(data.as_ref(), bs, path, &free);
         }
+        // A writer starts recording afresh: log 0 after the last batch, log 1 empty.
+        let recorder = match logs {
+            Some(logs) if !read_only => {
+                Some(Mutex::new(Recorder::start(logs, header.instance, sequence, last_crc, path)?))
+            }
+            _ => None,
+        };
         let follow = follow.then(|| {
             Mutex::new(Follow {
                 header: jbuf[..JOURNAL_HEADER_SIZE].to_vec(),
@@ -420,6 +563,8 @@ impl TopLayer {
             data_dirty: AtomicBool::new(false),
             debris,
             damage,
+            recorder,
+            recovered,
         })
     }
 
@@ -462,6 +607,11 @@ impl TopLayer {
     /// What the open found beyond the last durable state.
     pub fn debris(&self) -> Debris {
         self.debris
+    }
+
+    /// What the open applied from the pending logs.
+    pub fn recovered(&self) -> Recovered {
+        self.recovered
     }
 
     /// The corruption a read-only open found in the journal, if any (a writable open refuses).
@@ -674,6 +824,21 @@ impl TopLayer {
         let pos = HEADER_SIZE as u64 + e.loc.pblock * self.bs + within as u64;
         self.data.write_at(bytes, pos).map_err(Error::io("write", &self.path))?;
         self.data_dirty.store(true, Ordering::SeqCst);
+        if let Some(rec) = &self.recorder {
+            // A block whose mapping only a pending log holds: record its new content's CRC, so
+            // that the record a replay checks matches it. Under the map lock, so no change of
+            // its mapping can come between.
+            let mut r = lock(rec);
+            if r.holds(b, end) {
+                let mut run = vec![0u8; ((end - b) * self.bs) as usize];
+                let at = HEADER_SIZE as u64 + e.loc.pblock * self.bs;
+                self.data.read_at(&mut run, at).map_err(Error::io("read", &self.path))?;
+                let crcs: Vec<u32> = run.chunks(self.bs as usize).map(crc32c::crc32c).collect();
+                let entry =
+                    IndexEntry { vblock: b, count: end - b, kind: ExtentKind::Data, pblock: e.loc.pblock };
+                r.append(&[(entry, &crcs)], &self.path)?;
+            }
+        }
         Ok(end - b)
     }
 
@@ -735,14 +900,32 @@ impl TopLayer {
         let mut a = lock(&self.alloc);
         a.filling.retain(|&r| r != (b, end));
         self.filled.notify_all();
-        if let Err(e) = result {
-            // The blocks are unreferenced: give them back. The map is unchanged.
-            a.free.extend(pblocks);
-            return Err(e);
-        }
+        let crcs = match result {
+            Ok(crcs) => crcs,
+            Err(e) => {
+                // The blocks are unreferenced: give them back. The map is unchanged.
+                a.free.extend(pblocks);
+                return Err(e);
+            }
+        };
         // Before the entries are pending: a round that takes them also syncs their data.
         self.data_dirty.store(true, Ordering::SeqCst);
         let mut map = self.map_write();
+        if let Some(rec) = &self.recorder {
+            let changes: Vec<(IndexEntry, &[u32])> = runs(b, &pblocks)
+                .into_iter()
+                .map(|(v, p, count)| {
+                    let i = (v - b) as usize;
+                    (
+                        IndexEntry { vblock: v, count, kind: ExtentKind::Data, pblock: p },
+                        &crcs[i..i + count as usize],
+                    )
+                })
+                .collect();
+            // If the record cannot be written the write fails, and its blocks stay unused (not
+            // freed: a record naming them may have reached the log) until the next open.
+            lock(rec).append(&changes, &self.path)?;
+        }
         for (v, p, count) in runs(b, &pblocks) {
             map.insert(v, v + count, Loc { layer: TOP, kind: ExtentKind::Data, pblock: p });
             push_entry(&mut a.pending, IndexEntry { vblock: v, count, kind: ExtentKind::Data, pblock: p });
@@ -760,15 +943,21 @@ impl TopLayer {
         pblocks: &[u64],
         hidden: &[(u64, u64)],
         below: &dyn Fn(u64, &mut [u8]) -> Result<()>,
-    ) -> Result<()> {
+    ) -> Result<Vec<u32>> {
         let pos = |v: u64| HEADER_SIZE as u64 + pblocks[(v - b) as usize] * self.bs;
-        let copy_up = |v: u64| -> Result<()> {
+        // The CRC32C of each block's content as written, for the pending log's record.
+        let logging = self.recorder.is_some();
+        let mut crcs = vec![0u32; if logging { pblocks.len() } else { 0 }];
+        let mut copy_up = |v: u64| -> Result<()> {
             let mut block = vec![0u8; self.bs as usize];
             if !hidden.iter().any(|&(s, e)| s <= v && v < e) {
                 below(v, &mut block)?;
             }
             let (bytes, within) = w.bytes(v, v + 1);
             block[within..within + bytes.len()].copy_from_slice(bytes);
+            if logging {
+                crcs[(v - b) as usize] = crc32c::crc32c(&block);
+            }
             self.data.write_at(&block, pos(v)).map_err(Error::io("write", &self.path))
         };
         let (mut whole_start, mut whole_end) = (b, b + pblocks.len() as u64);
@@ -785,9 +974,14 @@ impl TopLayer {
             if s < e {
                 let (bytes, _) = w.bytes(s, e);
                 self.data.write_at(bytes, pos(s)).map_err(Error::io("write", &self.path))?;
+                if logging {
+                    for (i, chunk) in bytes.chunks(self.bs as usize).enumerate() {
+                        crcs[(s - b) as usize + i] = crc32c::crc32c(chunk);
+                    }
+                }
             }
         }
-        Ok(())
+        Ok(crcs)
     }
 
     /// Marks whole blocks `[start, end)` as zero or discarded; blocks they held are freed.
@@ -802,13 +996,17 @@ impl TopLayer {
             a = self.filled.wait(a).unwrap_or_else(|p| p.into_inner());
         }
         let mut map = self.map_write();
+        let entry = IndexEntry { vblock: start, count: end - start, kind, pblock: 0 };
+        if let Some(rec) = &self.recorder {
+            lock(rec).append(&[(entry, &[])], &self.path)?;
+        }
         for e in map.overlapping(start, end) {
             if e.loc.kind == ExtentKind::Data {
                 a.freed_pending.extend(e.loc.pblock..e.loc.pblock + (e.end - e.start));
             }
         }
         map.insert(start, end, Loc { layer: TOP, kind, pblock: 0 });
-        push_entry(&mut a.pending, IndexEntry { vblock: start, count: end - start, kind, pblock: 0 });
+        push_entry(&mut a.pending, entry);
         Ok(())
     }
 
@@ -864,15 +1062,31 @@ impl TopLayer {
             files.sync_dir().map_err(Error::io("sync", dir))?;
             st.dir_unsynced = false;
         }
-        let (entries, freed) = {
+        let (batch, freed, bytes) = {
             let mut a = lock(&self.alloc);
-            (std::mem::take(&mut a.pending), std::mem::take(&mut a.freed_pending))
+            let batch = JournalBatch { sequence: st.sequence + 1, entries: std::mem::take(&mut a.pending) };
+            // Encoded here so that the pending log started now can name the batch's CRC.
+            let bytes = (!batch.entries.is_empty()).then(|| encode_batch(&batch));
+            if let (Some(rec), Some(bytes)) = (&self.recorder, &bytes) {
+                // Record from now on in the other log, which follows this batch.
+                let crc = batch_crc(bytes, batch.sequence);
+                if let Err(e) = lock(rec).switch(batch.sequence, crc, &self.path) {
+                    a.pending = batch.entries;
+                    return Err(e);
+                }
+            }
+            (batch, std::mem::take(&mut a.freed_pending), bytes)
         };
         // Every taken entry's data write set the flag before the entry became pending, so
         // either this sync covers it or an earlier one did.
         let wrote_data = self.data_dirty.swap(false, Ordering::SeqCst);
+        // If this round fails after it switched logs, the next one retries its batch.
+        let switched = bytes.is_some();
         let give_back = |entries: Vec<IndexEntry>, freed: Vec<u64>| {
             let mut a = lock(&self.alloc);
+            if let Some(rec) = self.recorder.as_ref().filter(|_| switched) {
+                lock(rec).retry = true;
+            }
             let later = std::mem::replace(&mut a.pending, entries);
             for e in later {
                 push_entry(&mut a.pending, e);
@@ -882,20 +1096,24 @@ impl TopLayer {
         };
         if wrote_data && let Err(e) = self.data.sync() {
             self.data_dirty.store(true, Ordering::SeqCst);
-            give_back(entries, freed);
+            give_back(batch.entries, freed);
             return Err(Error::io("sync", &self.path)(e));
         }
-        if entries.is_empty() {
+        let Some(bytes) = bytes else {
             debug_assert!(freed.is_empty());
             return Ok(());
-        }
+        };
         let jpath = journal_path(&self.path);
-        let batch = JournalBatch { sequence: st.sequence + 1, entries };
-        let bytes = encode_batch(&batch);
         let written = {
             let journal = self.journal_read();
             match journal.write_at(&bytes, st.journal_len) {
-                Ok(()) => journal.sync().map_err(Error::io("sync", &jpath)),
+                Ok(()) => journal.sync().map_err(|e| {
+                    // The batch is in the journal file, unsynced: a kill may leave it there.
+                    if let Some(rec) = &self.recorder {
+                        lock(rec).written_crc = Some(batch_crc(&bytes, batch.sequence));
+                    }
+                    Error::io("sync", &jpath)(e)
+                }),
                 Err(e) => Err(Error::io("write", &jpath)(e)),
             }
         };
@@ -957,10 +1175,22 @@ impl TopLayer {
             bytes.extend(encode_batch(&JournalBatch { sequence, entries: chunk.to_vec() }));
         }
         let temp = files.create_temp().map_err(Error::io("create", &tpath))?;
-        let written = temp.write_at(&bytes, 0).and_then(|()| temp.sync()).and_then(|()| files.rename_temp());
+        let written = temp.write_at(&bytes, 0).and_then(|()| temp.sync());
         if let Err(e) = written {
             let _ = files.remove_temp();
             return Err(Error::io("write", &tpath)(e));
+        }
+        // The current pending log follows the old journal's last batch; from here on it follows
+        // the new journal's too, so that it applies after whichever one a crash leaves.
+        if let Some(rec) = &self.recorder
+            && let Err(e) = lock(rec).set_alt(sequence, batch_crc(&bytes, sequence), &self.path)
+        {
+            let _ = files.remove_temp();
+            return Err(e);
+        }
+        if let Err(e) = files.rename_temp() {
+            let _ = files.remove_temp();
+            return Err(Error::io("rename", &tpath)(e));
         }
         // The name leads to the new journal now: append there from here on.
         *self.journal.write().unwrap_or_else(|p| p.into_inner()) = temp;
@@ -1114,6 +1344,227 @@ fn push_entry(list: &mut Vec<IndexEntry>, e: IndexEntry) {
         return;
     }
     list.push(e);
+}
+
+/// The CRC field (last 4 bytes) of batch `sequence`, which `bytes` ends with; 0 for sequence 0
+/// (no batch).
+fn batch_crc(bytes: &[u8], sequence: u64) -> u32 {
+    if sequence == 0 || bytes.len() < 4 {
+        return 0;
+    }
+    u32::from_le_bytes(bytes[bytes.len() - 4..].try_into().expect("4 bytes"))
+}
+
+impl Recorder {
+    /// Starts recording after batch `base` (CRC field `base_crc`): log 0 holds only a header,
+    /// log 1 is emptied.
+    fn start(
+        logs: PendingLogs,
+        instance: [u8; 16],
+        base: u64,
+        base_crc: u32,
+        path: &Path,
+    ) -> Result<Recorder> {
+        let mut header = PendingHeader { instance, base, base_crc, alt: NO_ALT, alt_crc: 0, prev: 0, tag: 0 };
+        // Mixed with a fresh random number: an open after another one at the same journal
+        // state must not take that one's leftover records for its own.
+        header.tag =
+            header.new_tag() ^ u32::from_le_bytes(new_instance_id()[..4].try_into().expect("4 bytes"));
+        for (i, log) in logs.iter().enumerate().rev() {
+            log.set_len(0).map_err(Error::io("truncate", &pending_log_path(path, i)))?;
+        }
+        logs[0].write_at(&header.encode(), 0).map_err(Error::io("write", &pending_log_path(path, 0)))?;
+        Ok(Recorder {
+            logs,
+            cur: 0,
+            header,
+            len: PENDING_HEADER_SIZE as u64,
+            logged: ExtentMap::new(),
+            logged_prev: ExtentMap::new(),
+            retry: false,
+            written_crc: None,
+        })
+    }
+
+    /// Whether records of the current or the previous log map any of blocks `[start, end)`.
+    fn holds(&self, start: u64, end: u64) -> bool {
+        !self.logged.overlapping(start, end).is_empty()
+            || !self.logged_prev.overlapping(start, end).is_empty()
+    }
+
+    /// Appends records of `changes` (each with the CRCs of the blocks it maps, none for a
+    /// marker) to the current log, with one write.
+    fn append(&mut self, changes: &[(IndexEntry, &[u32])], path: &Path) -> Result<()> {
+        let mut bytes = Vec::new();
+        for &(e, crcs) in changes {
+            if e.kind != ExtentKind::Data {
+                bytes.extend(encode_record(self.header.tag, &PendingRecord { entry: e, crcs: Vec::new() }));
+                continue;
+            }
+            let mut i = 0;
+            while i < e.count {
+                let n = (e.count - i).min(MAX_RECORD_BLOCKS);
+                let entry = IndexEntry { vblock: e.vblock + i, count: n, kind: e.kind, pblock: e.pblock + i };
+                let crcs = crcs[i as usize..(i + n) as usize].to_vec();
+                bytes.extend(encode_record(self.header.tag, &PendingRecord { entry, crcs }));
+                i += n;
+            }
+            self.logged.insert(e.vblock, e.end(), Loc { layer: TOP, kind: e.kind, pblock: e.pblock });
+        }
+        let lpath = pending_log_path(path, self.cur);
+        self.logs[self.cur].write_at(&bytes, self.len).map_err(Error::io("write", &lpath))?;
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// A round took the pending changes as batch `base` (CRC field `base_crc`): record from
+    /// now on in the other log, started afresh to follow it. After a failed round the current
+    /// log is kept instead (it follows the batch being retried), its header naming the new CRC.
+    fn switch(&mut self, base: u64, base_crc: u32, path: &Path) -> Result<()> {
+        if std::mem::take(&mut self.retry) {
+            debug_assert_eq!(self.header.base, base);
+            let mut header = self.header.clone();
+            header.base_crc = base_crc;
+            if let Some(crc) = self.written_crc {
+                (header.alt, header.alt_crc) = (base, crc);
+            }
+            if let Err(e) = self.write_header(&header, path) {
+                self.retry = true;
+                return Err(e);
+            }
+            return Ok(());
+        }
+        let next = 1 - self.cur;
+        let mut header =
+            PendingHeader { base, base_crc, alt: NO_ALT, alt_crc: 0, prev: self.header.tag, ..self.header };
+        header.tag = header.new_tag();
+        let lpath = pending_log_path(path, next);
+        self.logs[next].set_len(0).map_err(Error::io("truncate", &lpath))?;
+        self.logs[next].write_at(&header.encode(), 0).map_err(Error::io("write", &lpath))?;
+        self.cur = next;
+        self.header = header;
+        self.len = PENDING_HEADER_SIZE as u64;
+        self.written_crc = None;
+        self.logged_prev = std::mem::replace(&mut self.logged, ExtentMap::new());
+        Ok(())
+    }
+
+    /// A compaction is about to rename a journal ending at batch `alt` (CRC field `alt_crc`)
+    /// over the journal: the current log follows that one too.
+    fn set_alt(&mut self, alt: u64, alt_crc: u32, path: &Path) -> Result<()> {
+        let header = PendingHeader { alt, alt_crc, ..self.header.clone() };
+        self.write_header(&header, path)
+    }
+
+    fn write_header(&mut self, header: &PendingHeader, path: &Path) -> Result<()> {
+        let lpath = pending_log_path(path, self.cur);
+        self.logs[self.cur].write_at(&header.encode(), 0).map_err(Error::io("write", &lpath))?;
+        self.header = header.clone();
+        Ok(())
+    }
+}
+
+/// Applies to `map` the pending log records that follow the journal's last batch (`sequence`,
+/// CRC field `crc`): the log that follows it, then the one that follows that log (see "Pending
+/// logs" in docs/FORMAT.md). A data record applies block by block, each only if it is in the
+/// data file and reads with the recorded CRC. Returns the changes applied, in order. `geometry` is
+/// (block size, physical blocks in the data file, virtual blocks).
+#[allow(clippy::too_many_arguments)]
+fn replay_pending(
+    map: &mut ExtentMap,
+    logs: &PendingLogs,
+    instance: &[u8; 16],
+    sequence: u64,
+    crc: u32,
+    data: &dyn Storage,
+    (bs, data_blocks, vblocks): (u64, u64, u64),
+    path: &Path,
+) -> Result<(Vec<IndexEntry>, Recovered)> {
+    let mut bufs = Vec::with_capacity(2);
+    for (i, log) in logs.iter().enumerate() {
+        let lpath = pending_log_path(path, i);
+        let len = log.len().map_err(Error::io("stat", &lpath))?;
+        let mut buf =
+            vec![0u8; usize::try_from(len).map_err(|_| Error::Invalid("pending log too large".into()))?];
+        log.read_at(&mut buf, 0).map_err(Error::io("read", &lpath))?;
+        bufs.push(buf);
+    }
+    let headers: Vec<Option<PendingHeader>> =
+        bufs.iter().map(|b| PendingHeader::decode(b).ok().filter(|h| h.instance == *instance)).collect();
+    let follows = |h: &PendingHeader| {
+        (h.base == sequence && h.base_crc == crc)
+            || (h.alt != NO_ALT && h.alt == sequence && h.alt_crc == crc)
+    };
+    let Some(first) = (0..2).find(|&i| headers[i].as_ref().is_some_and(follows)) else {
+        return Ok((Vec::new(), Recovered::default()));
+    };
+    let first_tag = headers[first].as_ref().expect("found").tag;
+    let mut order = vec![first];
+    if headers[1 - first].as_ref().is_some_and(|h| h.base == sequence + 1 && h.prev == first_tag) {
+        order.push(1 - first);
+    }
+    let mut out = Vec::new();
+    let mut seen = Recovered::default();
+    let mut block = vec![0u8; bs as usize];
+    for i in order {
+        let tag = headers[i].as_ref().expect("found").tag;
+        let mut at = PENDING_HEADER_SIZE;
+        while let Some((r, n)) = decode_record(tag, &bufs[i][at..]) {
+            at += n;
+            let e = r.entry;
+            if e.vblock.checked_add(e.count).is_none_or(|end| end > vblocks) {
+                continue;
+            }
+            seen.records += 1;
+            if e.kind != ExtentKind::Data {
+                map.insert(e.vblock, e.end(), Loc { layer: TOP, kind: e.kind, pblock: 0 });
+                push_entry(&mut out, e);
+                seen.blocks += e.count;
+                continue;
+            }
+            if e.pblock.checked_add(e.count).is_none_or(|end| end > data_blocks) {
+                seen.skipped_blocks += e.count;
+                continue;
+            }
+            // Block by block: a later in-place write may have changed some of them (its own
+            // record, later, covers those).
+            for (k, &want) in r.crcs.iter().enumerate() {
+                let p = e.pblock + k as u64;
+                let there = data.read_at(&mut block, HEADER_SIZE as u64 + p * bs).is_ok()
+                    && crc32c::crc32c(&block) == want;
+                if there {
+                    let v = e.vblock + k as u64;
+                    map.insert(v, v + 1, Loc { layer: TOP, kind: ExtentKind::Data, pblock: p });
+                    push_entry(
+                        &mut out,
+                        IndexEntry { vblock: v, count: 1, kind: ExtentKind::Data, pblock: p },
+                    );
+                    seen.blocks += 1;
+                } else {
+                    seen.skipped_blocks += 1;
+                }
+            }
+        }
+    }
+    Ok((out, seen))
+}
+
+/// Whether no physical block is mapped by two virtual blocks.
+fn maps_each_block_once(map: &ExtentMap) -> bool {
+    let mut runs: Vec<(u64, u64)> = map
+        .iter()
+        .filter(|e| e.loc.kind == ExtentKind::Data)
+        .map(|e| (e.loc.pblock, e.loc.pblock + (e.end - e.start)))
+        .collect();
+    runs.sort_unstable();
+    runs.windows(2).all(|w| w[0].1 <= w[1].0)
+}
+
+/// Pending log `i` (0 or 1) of a top at `path`: `<top>.pending.<i>`.
+pub fn pending_log_path(path: &Path, i: usize) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(format!(".pending.{i}"));
+    PathBuf::from(s)
 }
 
 /// The journal's path for a top at `path`.

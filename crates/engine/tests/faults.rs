@@ -7,12 +7,15 @@
 //! - crash images taken at that moment open and satisfy the crash rule (`common/simtop.rs`);
 //! - after `heal()` a flush succeeds, and a crash right after it (every unsynced write lost)
 //!   reopens to exactly the model;
-//! - the rest of the workload then runs normally and survives a final flush and crash.
+//! - the rest of the workload then runs normally and survives a final flush and crash;
+//! - process kill images (every write kept) taken at the failure and before each sync of the
+//!   first flush after it (which retries a failed round's batch) read exactly as the live top:
+//!   no acknowledged write is lost across a failed flush and its retry.
 
 mod common;
 
 use common::Rng;
-use common::simtop::{Model, SimTop, Step, check_image, drop_unsynced, random_op, read_blocks};
+use common::simtop::{Image, Model, SimTop, Step, check_image, drop_unsynced, random_op, read_blocks};
 use mcow_engine::sim::SimStorage;
 
 const SIZE: u64 = 64 << 10;
@@ -33,6 +36,16 @@ enum Fault {
     SyncAtFlush { data: bool, k: usize },
 }
 
+/// Checks crash images against the crash rule, and process kill images against `live` exactly.
+fn check_images(images: Vec<Image>, model: &Model, live: &[Vec<u8>]) {
+    for img in images {
+        let got = check_image(&img, model);
+        if img.kill {
+            assert!(got == live, "{}: a process kill lost an acknowledged write", img.label);
+        }
+    }
+}
+
 /// Runs the workload with one fault; returns whether the fault fired.
 fn run(ops: &[Option<Vec<Step>>], fault: Fault, flush_right_after_heal: bool) -> bool {
     let st = SimTop::create(SIZE, 7, 1);
@@ -46,6 +59,9 @@ fn run(ops: &[Option<Vec<Step>>], fault: Fault, flush_right_after_heal: bool) ->
     let mut model = Model::new(top.header.block_count());
     let mut fired = false;
     let mut flushes = 0usize;
+    // Take images inside the next flush (the first after the failure).
+    let mut watch_next_flush = false;
+    let enable = |on: bool| st.hook.enabled.store(on, std::sync::atomic::Ordering::Relaxed);
     for (i, op) in ops.iter().enumerate() {
         let result = match op {
             Some(steps) => steps.iter().try_for_each(|s| model.apply(top, s)),
@@ -57,7 +73,13 @@ fn run(ops: &[Option<Vec<Step>>], fault: Fault, flush_right_after_heal: bool) ->
                     dev(d).fail_next_sync();
                 }
                 flushes += 1;
+                enable(watch_next_flush);
                 let r = top.flush();
+                enable(false);
+                if std::mem::take(&mut watch_next_flush) {
+                    let live = model.cur.clone();
+                    check_images(st.hook.take(), &model, &live);
+                }
                 if let Fault::SyncAtFlush { data: d, .. } = fault {
                     // The data file is synced only when it was written since the last flush,
                     // the journal only when there is a batch to write.
@@ -83,16 +105,18 @@ fn run(ops: &[Option<Vec<Step>>], fault: Fault, flush_right_after_heal: bool) ->
         // Everything before the failed step reads back; its own blocks as the model recorded.
         assert!(read_blocks(top, model.blocks()).unwrap() == model.cur, "{label}: live content");
         // A crash now is consistent.
-        st.hook.enabled.store(true, std::sync::atomic::Ordering::Relaxed);
+        enable(true);
         st.hook.capture(&label);
-        st.hook.enabled.store(false, std::sync::atomic::Ordering::Relaxed);
-        for img in st.hook.take() {
-            check_image(&img, &model);
-        }
+        enable(false);
+        let live = model.cur.clone();
+        check_images(st.hook.take(), &model, &live);
         data.heal();
         journal.heal();
         if flush_right_after_heal {
+            enable(true);
             top.flush().unwrap_or_else(|e| panic!("{label}: flush after heal failed: {e}"));
+            enable(false);
+            check_images(st.hook.take(), &model, &live);
             model.flushed();
             assert!(read_blocks(top, model.blocks()).unwrap() == model.cur, "{label}: after healed flush");
             let t = drop_unsynced(&data, &journal, &label).open(false).unwrap();
@@ -100,6 +124,8 @@ fn run(ops: &[Option<Vec<Step>>], fault: Fault, flush_right_after_heal: bool) ->
                 read_blocks(&t, model.blocks()).unwrap() == model.cur,
                 "{label}: crash after healed flush"
             );
+        } else {
+            watch_next_flush = true;
         }
     }
     // The last op is a flush, but if that one failed there was no other: flush once more.

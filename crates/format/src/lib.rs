@@ -17,6 +17,7 @@ mod header;
 mod index;
 mod journal;
 mod manifest;
+mod pending;
 mod trailer;
 
 pub use block_hash::{BLOCK_HASH_SIZE, BlockHash, BlockHashKind, decode_block_hashes};
@@ -36,6 +37,10 @@ pub use journal::{
     encode_batch, find_whole_batch,
 };
 pub use manifest::{DiskManifest, MANIFEST_FORMAT, MANIFEST_VERSION, frozen_placeholder};
+pub use pending::{
+    MAX_RECORD_BLOCKS, NO_ALT, PENDING_HEADER_SIZE, PENDING_VERSION, PendingHeader, PendingRecord,
+    decode_record, encode_record,
+};
 pub use trailer::{TRAILER_SIZE, Trailer};
 
 /// The layer format version this crate writes. It also reads version 1, whose only difference

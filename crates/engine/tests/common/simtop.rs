@@ -5,7 +5,10 @@
 //! whole-block markers) over a fixed pseudo-random "lower layer". Both storages are wrapped so
 //! that just before every `sync` of either one, crash images of *both* devices are taken: the
 //! data file and the journal are separate devices, and any prefix of each one's unsynced writes
-//! may survive, the last one torn.
+//! may survive, the last one torn. The top also has its two pending logs (never synced): a
+//! power-loss image keeps any prefix of each one's writes ever made (all dropped, all kept, or a
+//! random tear, so also an older state of a log), and every capture also takes a **process
+//! kill** image, which keeps every write of every device (what the page cache holds).
 //!
 //! The crash rule (checked per block against the model):
 //! - a block not written, zeroed or discarded since the last successful flush must read exactly
@@ -57,21 +60,40 @@ pub fn read_blocks(top: &TopLayer, n: u64) -> Result<Vec<Vec<u8>>> {
     (0..n).map(|vb| read_block(top, vb)).collect()
 }
 
-/// A pair of crash images of the two devices, and how they were made.
+/// Crash images of the devices (the pending logs if the top had them), and how they were made.
 pub struct Image {
     pub data: SimStorage,
     pub journal: SimStorage,
+    pub logs: Option<[SimStorage; 2]>,
+    /// A process kill image: every write of every device kept.
+    pub kill: bool,
     pub label: String,
 }
 
 impl Image {
     pub fn open(&self, read_only: bool) -> Result<TopLayer> {
-        TopLayer::open(
-            Box::new(self.data.clone()),
-            Box::new(self.journal.clone()),
-            Path::new(TOP_PATH),
-            read_only,
-        )
+        let (data, journal) = (Box::new(self.data.clone()), Box::new(self.journal.clone()));
+        match &self.logs {
+            Some([a, b]) => TopLayer::open_logged(
+                data,
+                journal,
+                [Box::new(a.clone()), Box::new(b.clone())],
+                Path::new(TOP_PATH),
+                read_only,
+            ),
+            None => TopLayer::open(data, journal, Path::new(TOP_PATH), read_only),
+        }
+    }
+
+    /// What a crash in `mode` of every device of this image would leave.
+    pub fn crashed(&self, mode: CrashMode) -> Image {
+        Image {
+            data: self.data.crashed(mode),
+            journal: self.journal.crashed(mode),
+            logs: self.logs.as_ref().map(|[a, b]| [a.crashed(mode), b.crashed(mode)]),
+            kill: false,
+            label: String::new(),
+        }
     }
 }
 
@@ -101,6 +123,7 @@ fn modes(pending: &[usize], rng: &mut Rng, tears: usize) -> Vec<(CrashMode, Stri
 pub struct Hook {
     pub data: SimStorage,
     pub journal: SimStorage,
+    pub logs: [SimStorage; 2],
     pub images: Mutex<Vec<Image>>,
     rng: Mutex<Rng>,
     /// Random tears tried per device and moment.
@@ -128,16 +151,32 @@ impl Hook {
         let mut rng = self.rng.lock().unwrap();
         let dm = modes(&self.data.pending_lens(), &mut rng, self.tears);
         let jm = modes(&self.journal.pending_lens(), &mut rng, self.tears.min(2));
+        let lm: Vec<Vec<(CrashMode, String)>> =
+            self.logs.iter().map(|l| modes(&l.pending_lens(), &mut rng, 2)).collect();
         let mut images = self.images.lock().unwrap();
         for (d, dl) in &dm {
             for (j, jl) in &jm {
+                // One pseudo-random mode per log for each pair.
+                let (l0, l1) = (
+                    &lm[0][rng.below(lm[0].len() as u64) as usize],
+                    &lm[1][rng.below(lm[1].len() as u64) as usize],
+                );
                 images.push(Image {
                     data: self.data.crashed(*d),
                     journal: self.journal.crashed(*j),
-                    label: format!("{moment}: data {dl}, journal {jl}"),
+                    logs: Some([self.logs[0].crashed(l0.0), self.logs[1].crashed(l1.0)]),
+                    kill: false,
+                    label: format!("{moment}: data {dl}, journal {jl}, logs {} / {}", l0.1, l1.1),
                 });
             }
         }
+        images.push(Image {
+            data: self.data.crashed(CrashMode::KeepAll),
+            journal: self.journal.crashed(CrashMode::KeepAll),
+            logs: Some([self.logs[0].crashed(CrashMode::KeepAll), self.logs[1].crashed(CrashMode::KeepAll)]),
+            kill: true,
+            label: format!("{moment}: process kill"),
+        });
     }
 
     pub fn take(&self) -> Vec<Image> {
@@ -373,18 +412,21 @@ pub struct SimTop {
 impl SimTop {
     pub fn create(virtual_size: u64, seed: u64, tears: usize) -> SimTop {
         let (data, journal) = (SimStorage::new(), SimStorage::new());
+        let logs = [SimStorage::new(), SimStorage::new()];
         let hook = Arc::new(Hook {
             data: data.clone(),
             journal: journal.clone(),
+            logs: logs.clone(),
             images: Mutex::new(Vec::new()),
             rng: Mutex::new(Rng::new(seed)),
             tears,
             enabled: false.into(),
             gate: Mutex::new(None),
         });
-        let top = TopLayer::create(
+        let top = TopLayer::create_logged(
             Box::new(Hooked { dev: data, name: "data", hook: hook.clone() }),
             Box::new(Hooked { dev: journal, name: "journal", hook: hook.clone() }),
+            Some(logs.map(|l| Box::new(l) as Box<dyn Storage>)),
             Path::new(TOP_PATH),
             BS as u32,
             virtual_size,
@@ -453,6 +495,8 @@ pub fn drop_unsynced(data: &SimStorage, journal: &SimStorage, label: &str) -> Im
     Image {
         data: data.crashed(CrashMode::DropUnsynced),
         journal: journal.crashed(CrashMode::DropUnsynced),
+        logs: None,
+        kill: false,
         label: label.to_string(),
     }
 }
