@@ -86,13 +86,16 @@ use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWrite
 
 use mcow_format::{
     BlockHashKind, Digest, ExtentKind, HEADER_SIZE, IndexEntry, JOURNAL_HEADER_SIZE, JournalBatch,
-    JournalHeader, LayerHeader, LayerKind, MAX_RECORD_BLOCKS, NO_ALT, PENDING_HEADER_SIZE, PendingHeader,
-    PendingRecord, decode_batch, decode_record, encode_batch, encode_record, find_whole_batch,
+    JournalHeader, LayerHeader, LayerKind, MAX_RECORD_BLOCKS, NO_ALT, PENDING_HEADER_SIZE, PENDING_PIECE,
+    PendingHeader, PendingRecord, decode_batch, decode_record, encode_batch, encode_record, find_whole_batch,
 };
 
 use crate::error::{Error, Result};
 use crate::extent_map::{Extent, ExtentMap, Loc, TOP};
 use crate::storage::Storage;
+
+/// Locks that in-place writes to blocks only a pending log maps take, by block number.
+const IN_PLACE_STRIPES: usize = 64;
 
 /// Entries per batch in a compacted journal (the format allows up to 2^20).
 const SNAPSHOT_BATCH_ENTRIES: usize = 1 << 16;
@@ -271,6 +274,10 @@ pub struct TopLayer {
     damage: Option<JournalDamage>,
     /// A writer's pending logs, if it was opened with them.
     recorder: Option<Mutex<Recorder>>,
+    /// Serialize in-place writes to the same block (by block number, [`IN_PLACE_STRIPES`]
+    /// locks) while the block's mapping is only in a pending log, so that the records of such
+    /// writes are in the order their data was written.
+    in_place_locks: Vec<Mutex<()>>,
     recovered: Recovered,
 }
 
@@ -564,6 +571,7 @@ impl TopLayer {
             debris,
             damage,
             recorder,
+            in_place_locks: (0..IN_PLACE_STRIPES).map(|_| Mutex::new(())).collect(),
             recovered,
         })
     }
@@ -816,29 +824,60 @@ impl TopLayer {
     /// Writes the blocks from `b` on (up to `last`) that the top stores, as long as they lie
     /// consecutively in the data file, in one write. Returns how many; 0 if it does not store
     /// `b`. The map lock is held during the write, so the blocks cannot be freed under it.
+    /// 4 KiB pieces in a block (what a pending log's CRCs cover).
+    fn pieces_per_block(&self) -> usize {
+        self.bs as usize / PENDING_PIECE
+    }
+
     fn write_in_place(&self, w: &Span, b: u64, last: u64) -> Result<u64> {
         let map = self.map_read();
         let Some(e) = map.get(b).filter(|e| e.loc.kind == ExtentKind::Data) else { return Ok(0) };
         let end = e.end.min(last + 1);
         let (bytes, within) = w.bytes(b, end);
         let pos = HEADER_SIZE as u64 + e.loc.pblock * self.bs + within as u64;
+        // A block whose mapping only a pending log holds: its write gets a partial record with
+        // the CRCs of the pieces it writes as they will read after it, written *before* the
+        // data, so that a kill between the two leaves a piece that reads as its previous
+        // record says and one after them a piece that reads as this one says (recovery takes
+        // either; FORMAT.md, "Pending logs"). Writes to one such block take its stripe lock
+        // across the record and the data write, so records come in the order of the data.
+        // (Only a flush round can make a block stop being log-only, never start: that needs a
+        // new mapping, so the map lock held here.)
+        let held = self.recorder.as_ref().is_some_and(|r| lock(r).holds(b, end));
+        let _stripes: Vec<MutexGuard<'_, ()>> = if held {
+            let mut ids: Vec<usize> = (b..end).map(|v| (v % IN_PLACE_STRIPES as u64) as usize).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            ids.into_iter().map(|i| lock(&self.in_place_locks[i])).collect()
+        } else {
+            Vec::new()
+        };
+        if let (true, Some(rec)) = (held, &self.recorder) {
+            // Pieces written whole: the CRC of the data; one written in part (at most one at
+            // each end): read, the data laid over it, its CRC.
+            let (lo, hi) = (within / PENDING_PIECE, (within + bytes.len()).div_ceil(PENDING_PIECE));
+            let run_at = HEADER_SIZE as u64 + e.loc.pblock * self.bs;
+            let mut piece = vec![0u8; PENDING_PIECE];
+            let mut crcs = Vec::with_capacity(hi - lo);
+            for i in lo..hi {
+                let (start, stop) = (i * PENDING_PIECE, (i + 1) * PENDING_PIECE);
+                let (from, to) = (start.max(within), stop.min(within + bytes.len()));
+                if from == start && to == stop {
+                    crcs.push(crc32c::crc32c(&bytes[start - within..stop - within]));
+                } else {
+                    self.data
+                        .read_at(&mut piece, run_at + start as u64)
+                        .map_err(Error::io("read", &self.path))?;
+                    piece[from - start..to - start].copy_from_slice(&bytes[from - within..to - within]);
+                    crcs.push(crc32c::crc32c(&piece));
+                }
+            }
+            let entry =
+                IndexEntry { vblock: b, count: end - b, kind: ExtentKind::Data, pblock: e.loc.pblock };
+            lock(rec).append(&[(entry, lo as u32, &crcs)], true, self.pieces_per_block(), &self.path)?;
+        }
         self.data.write_at(bytes, pos).map_err(Error::io("write", &self.path))?;
         self.data_dirty.store(true, Ordering::SeqCst);
-        if let Some(rec) = &self.recorder {
-            // A block whose mapping only a pending log holds: record its new content's CRC, so
-            // that the record a replay checks matches it. Under the map lock, so no change of
-            // its mapping can come between.
-            let mut r = lock(rec);
-            if r.holds(b, end) {
-                let mut run = vec![0u8; ((end - b) * self.bs) as usize];
-                let at = HEADER_SIZE as u64 + e.loc.pblock * self.bs;
-                self.data.read_at(&mut run, at).map_err(Error::io("read", &self.path))?;
-                let crcs: Vec<u32> = run.chunks(self.bs as usize).map(crc32c::crc32c).collect();
-                let entry =
-                    IndexEntry { vblock: b, count: end - b, kind: ExtentKind::Data, pblock: e.loc.pblock };
-                r.append(&[(entry, &crcs)], &self.path)?;
-            }
-        }
         Ok(end - b)
     }
 
@@ -910,22 +949,26 @@ impl TopLayer {
         };
         // Before the entries are pending: a round that takes them also syncs their data.
         self.data_dirty.store(true, Ordering::SeqCst);
-        let mut map = self.map_write();
+        // The record first, under the allocator lock only (in the order of `pending`, which the
+        // same lock orders): readers of the map do not wait for its write.
         if let Some(rec) = &self.recorder {
-            let changes: Vec<(IndexEntry, &[u32])> = runs(b, &pblocks)
+            let ppb = self.pieces_per_block();
+            let changes: Vec<(IndexEntry, u32, &[u32])> = runs(b, &pblocks)
                 .into_iter()
                 .map(|(v, p, count)| {
-                    let i = (v - b) as usize;
+                    let i = (v - b) as usize * ppb;
                     (
                         IndexEntry { vblock: v, count, kind: ExtentKind::Data, pblock: p },
-                        &crcs[i..i + count as usize],
+                        0,
+                        &crcs[i..i + count as usize * ppb],
                     )
                 })
                 .collect();
             // If the record cannot be written the write fails, and its blocks stay unused (not
             // freed: a record naming them may have reached the log) until the next open.
-            lock(rec).append(&changes, &self.path)?;
+            lock(rec).append(&changes, false, ppb, &self.path)?;
         }
+        let mut map = self.map_write();
         for (v, p, count) in runs(b, &pblocks) {
             map.insert(v, v + count, Loc { layer: TOP, kind: ExtentKind::Data, pblock: p });
             push_entry(&mut a.pending, IndexEntry { vblock: v, count, kind: ExtentKind::Data, pblock: p });
@@ -945,9 +988,10 @@ impl TopLayer {
         below: &dyn Fn(u64, &mut [u8]) -> Result<()>,
     ) -> Result<Vec<u32>> {
         let pos = |v: u64| HEADER_SIZE as u64 + pblocks[(v - b) as usize] * self.bs;
-        // The CRC32C of each block's content as written, for the pending log's record.
+        // The CRC32C of each 4 KiB piece of each block as written, for the pending log's record.
         let logging = self.recorder.is_some();
-        let mut crcs = vec![0u32; if logging { pblocks.len() } else { 0 }];
+        let ppb = self.pieces_per_block();
+        let mut crcs = vec![0u32; if logging { pblocks.len() * ppb } else { 0 }];
         let mut copy_up = |v: u64| -> Result<()> {
             let mut block = vec![0u8; self.bs as usize];
             if !hidden.iter().any(|&(s, e)| s <= v && v < e) {
@@ -956,7 +1000,9 @@ impl TopLayer {
             let (bytes, within) = w.bytes(v, v + 1);
             block[within..within + bytes.len()].copy_from_slice(bytes);
             if logging {
-                crcs[(v - b) as usize] = crc32c::crc32c(&block);
+                for (k, piece) in block.chunks(PENDING_PIECE).enumerate() {
+                    crcs[(v - b) as usize * ppb + k] = crc32c::crc32c(piece);
+                }
             }
             self.data.write_at(&block, pos(v)).map_err(Error::io("write", &self.path))
         };
@@ -975,8 +1021,8 @@ impl TopLayer {
                 let (bytes, _) = w.bytes(s, e);
                 self.data.write_at(bytes, pos(s)).map_err(Error::io("write", &self.path))?;
                 if logging {
-                    for (i, chunk) in bytes.chunks(self.bs as usize).enumerate() {
-                        crcs[(s - b) as usize + i] = crc32c::crc32c(chunk);
+                    for (k, piece) in bytes.chunks(PENDING_PIECE).enumerate() {
+                        crcs[(s - b) as usize * ppb + k] = crc32c::crc32c(piece);
                     }
                 }
             }
@@ -998,7 +1044,7 @@ impl TopLayer {
         let mut map = self.map_write();
         let entry = IndexEntry { vblock: start, count: end - start, kind, pblock: 0 };
         if let Some(rec) = &self.recorder {
-            lock(rec).append(&[(entry, &[])], &self.path)?;
+            lock(rec).append(&[(entry, 0, &[])], false, self.pieces_per_block(), &self.path)?;
         }
         for e in map.overlapping(start, end) {
             if e.loc.kind == ExtentKind::Data {
@@ -1392,21 +1438,42 @@ impl Recorder {
             || !self.logged_prev.overlapping(start, end).is_empty()
     }
 
-    /// Appends records of `changes` (each with the CRCs of the blocks it maps, none for a
-    /// marker) to the current log, with one write.
-    fn append(&mut self, changes: &[(IndexEntry, &[u32])], path: &Path) -> Result<()> {
+    /// Appends records of `changes` (each with its first piece and the CRCs of its pieces from
+    /// there, `ppb` pieces a block; none for a marker) to the current log, with one write.
+    /// `in_place`: the records of an in-place write, written before its data.
+    fn append(
+        &mut self,
+        changes: &[(IndexEntry, u32, &[u32])],
+        in_place: bool,
+        ppb: usize,
+        path: &Path,
+    ) -> Result<()> {
         let mut bytes = Vec::new();
-        for &(e, crcs) in changes {
+        for &(e, first, crcs) in changes {
             if e.kind != ExtentKind::Data {
-                bytes.extend(encode_record(self.header.tag, &PendingRecord { entry: e, crcs: Vec::new() }));
+                bytes.extend(encode_record(
+                    self.header.tag,
+                    &PendingRecord { entry: e, first: 0, in_place: false, crcs: Vec::new() },
+                ));
                 continue;
             }
+            // At most MAX_RECORD_BLOCKS blocks a record: each takes the CRCs of its pieces.
+            let (lo, hi) = (first as u64, first as u64 + crcs.len() as u64);
+            let ppb = ppb as u64;
             let mut i = 0;
             while i < e.count {
                 let n = (e.count - i).min(MAX_RECORD_BLOCKS);
-                let entry = IndexEntry { vblock: e.vblock + i, count: n, kind: e.kind, pblock: e.pblock + i };
-                let crcs = crcs[i as usize..(i + n) as usize].to_vec();
-                bytes.extend(encode_record(self.header.tag, &PendingRecord { entry, crcs }));
+                let (start, stop) = (lo.max(i * ppb), hi.min((i + n) * ppb));
+                if start < stop {
+                    let entry =
+                        IndexEntry { vblock: e.vblock + i, count: n, kind: e.kind, pblock: e.pblock + i };
+                    let crcs = crcs[(start - lo) as usize..(stop - lo) as usize].to_vec();
+                    let first = (start - i * ppb) as u32;
+                    bytes.extend(encode_record(
+                        self.header.tag,
+                        &PendingRecord { entry, first, in_place, crcs },
+                    ));
+                }
                 i += n;
             }
             self.logged.insert(e.vblock, e.end(), Loc { layer: TOP, kind: e.kind, pblock: e.pblock });
@@ -1505,7 +1572,12 @@ fn replay_pending(
     }
     let mut out = Vec::new();
     let mut seen = Recovered::default();
-    let mut block = vec![0u8; bs as usize];
+    let ppb = (bs as usize / PENDING_PIECE) as u64;
+    // Each virtual block's expectation: its physical block and, for each piece, the CRC of
+    // its latest record and of the one before (a partial record is written before its data, so
+    // a kill between them leaves the piece as the record before says).
+    type Piece = (u32, Option<u32>);
+    let mut expect: std::collections::BTreeMap<u64, (u64, Vec<Piece>)> = std::collections::BTreeMap::new();
     for i in order {
         let tag = headers[i].as_ref().expect("found").tag;
         let mut at = PENDING_HEADER_SIZE;
@@ -1517,33 +1589,52 @@ fn replay_pending(
             }
             seen.records += 1;
             if e.kind != ExtentKind::Data {
+                for v in e.vblock..e.end() {
+                    expect.remove(&v);
+                }
                 map.insert(e.vblock, e.end(), Loc { layer: TOP, kind: e.kind, pblock: 0 });
                 push_entry(&mut out, e);
                 seen.blocks += e.count;
                 continue;
             }
-            if e.pblock.checked_add(e.count).is_none_or(|end| end > data_blocks) {
+            let (first, last) = (u64::from(r.first), u64::from(r.first) + r.crcs.len() as u64);
+            if e.pblock.checked_add(e.count).is_none_or(|end| end > data_blocks) || last > e.count * ppb {
                 seen.skipped_blocks += e.count;
                 continue;
             }
-            // Block by block: a later in-place write may have changed some of them (its own
-            // record, later, covers those).
-            for (k, &want) in r.crcs.iter().enumerate() {
-                let p = e.pblock + k as u64;
-                let there = data.read_at(&mut block, HEADER_SIZE as u64 + p * bs).is_ok()
-                    && crc32c::crc32c(&block) == want;
-                if there {
-                    let v = e.vblock + k as u64;
-                    map.insert(v, v + 1, Loc { layer: TOP, kind: ExtentKind::Data, pblock: p });
-                    push_entry(
-                        &mut out,
-                        IndexEntry { vblock: v, count: 1, kind: ExtentKind::Data, pblock: p },
-                    );
-                    seen.blocks += 1;
-                } else {
-                    seen.skipped_blocks += 1;
+            for k in first / ppb..last.div_ceil(ppb) {
+                let (v, p) = (e.vblock + k, e.pblock + k);
+                let (lo, hi) = (first.max(k * ppb), last.min((k + 1) * ppb));
+                let crcs = &r.crcs[(lo - first) as usize..(hi - first) as usize];
+                if !r.in_place {
+                    // A full record (written after its data): the block's expectation anew.
+                    expect.insert(v, (p, crcs.iter().map(|&c| (c, None)).collect()));
+                } else if let Some((q, want)) = expect.get_mut(&v)
+                    && *q == p
+                {
+                    let at = (lo - k * ppb) as usize;
+                    for (w, &c) in want[at..at + crcs.len()].iter_mut().zip(crcs) {
+                        *w = (c, Some(w.0));
+                    }
                 }
             }
+        }
+    }
+    // Each block whose every piece reads with its latest recorded CRC is mapped; the others
+    // (after a power loss, data that never reached the disk) are not.
+    let mut block = vec![0u8; bs as usize];
+    for (v, (p, want)) in expect {
+        let there = data.read_at(&mut block, HEADER_SIZE as u64 + p * bs).is_ok()
+            && block.chunks(PENDING_PIECE).zip(&want).all(|(piece, &(cur, prev))| {
+                let c = crc32c::crc32c(piece);
+                c == cur || Some(c) == prev
+            });
+        if there {
+            map.insert(v, v + 1, Loc { layer: TOP, kind: ExtentKind::Data, pblock: p });
+            push_entry(&mut out, IndexEntry { vblock: v, count: 1, kind: ExtentKind::Data, pblock: p });
+            seen.blocks += 1;
+        } else {
+            seen.skipped_blocks += 1;
         }
     }
     Ok((out, seen))

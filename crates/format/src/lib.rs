@@ -38,8 +38,8 @@ pub use journal::{
 };
 pub use manifest::{DiskManifest, MANIFEST_FORMAT, MANIFEST_VERSION, frozen_placeholder};
 pub use pending::{
-    MAX_RECORD_BLOCKS, NO_ALT, PENDING_HEADER_SIZE, PENDING_VERSION, PendingHeader, PendingRecord,
-    decode_record, encode_record,
+    MAX_RECORD_BLOCKS, NO_ALT, PENDING_HEADER_SIZE, PENDING_PIECE, PENDING_VERSION, PendingHeader,
+    PendingRecord, decode_record, encode_record,
 };
 pub use trailer::{TRAILER_SIZE, Trailer};
 

@@ -2,8 +2,8 @@
 //!
 //! Owns: the byte layout of a pending log's header and of one record (see "Pending logs" in
 //! docs/FORMAT.md). A record is self-checking (length, the log's tag, CRC32C); a data record
-//! carries the CRC32C of each block it maps, so a reader can tell whether that data reached the
-//! disk. Does not own: which log applies after which journal, or replaying records (the
+//! carries the CRC32C of each 4 KiB piece of the blocks it maps (all of them, or the pieces an
+//! in-place write touched), so a reader can tell whether that data reached the disk. Does not own: which log applies after which journal, or replaying records (the
 //! engine's top layer does that).
 
 use crate::index::decode_index_entry;
@@ -15,7 +15,9 @@ const MAGIC: &[u8; 8] = b"MCOWPEND";
 /// The pending log's format version.
 pub const PENDING_VERSION: u32 = 1;
 const RECORD_MAGIC: &[u8; 4] = b"PREC";
-const RECORD_HEAD: usize = 12 + INDEX_ENTRY_SIZE;
+const RECORD_HEAD: usize = 12 + INDEX_ENTRY_SIZE + 4;
+/// The unit a data record's CRCs cover: 4 KiB of a block (blocks are multiples of it).
+pub const PENDING_PIECE: usize = 4096;
 /// `alt` when the log has no second sequence number.
 pub const NO_ALT: u64 = u64::MAX;
 /// Most blocks one data record may map (a bigger change is split over records).
@@ -93,12 +95,20 @@ impl PendingHeader {
 }
 
 /// One mapping change of a pending log; `crcs` holds, for a data change, the CRC32C of each
-/// mapped block's content (empty for a marker).
+/// 4 KiB piece of the run's physical blocks from piece `first` on (counted from the start of
+/// the run), as written; empty (and `first` 0) for a marker. `in_place`: the record of an
+/// in-place write to blocks already mapped, written before its data (else: of a write that
+/// mapped the blocks, written after its data).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingRecord {
     pub entry: IndexEntry,
+    pub first: u32,
+    pub in_place: bool,
     pub crcs: Vec<u32>,
 }
+
+/// Bit 31 of a record's `first` field: an in-place record.
+const IN_PLACE: u32 = 1 << 31;
 
 /// Encodes a record of a log with `tag`.
 pub fn encode_record(tag: u32, r: &PendingRecord) -> Vec<u8> {
@@ -108,6 +118,7 @@ pub fn encode_record(tag: u32, r: &PendingRecord) -> Vec<u8> {
     b.extend_from_slice(&(len as u32).to_le_bytes());
     b.extend_from_slice(&tag.to_le_bytes());
     b.extend_from_slice(&encode_index_entry(&r.entry));
+    b.extend_from_slice(&(r.first | if r.in_place { IN_PLACE } else { 0 }).to_le_bytes());
     for c in &r.crcs {
         b.extend_from_slice(&c.to_le_bytes());
     }
@@ -130,14 +141,18 @@ pub fn decode_record(tag: u32, b: &[u8]) -> Option<(PendingRecord, usize)> {
     if le_u32(b, len - 4) != crc32c::crc32c(&b[..len - 4]) {
         return None;
     }
-    let entry = decode_index_entry(&b[12..RECORD_HEAD]).ok()?;
+    let entry = decode_index_entry(&b[12..12 + INDEX_ENTRY_SIZE]).ok()?;
+    let field = le_u32(b, 12 + INDEX_ENTRY_SIZE);
+    let (first, in_place) = (field & !IN_PLACE, field & IN_PLACE != 0);
     let n = (len - RECORD_HEAD - 4) / 4;
-    let want = if entry.kind == ExtentKind::Data { entry.count } else { 0 };
-    if n as u64 != want {
+    // Data: at least one CRC (how many pieces a block has is the reader's to check);
+    // markers: none.
+    let ok = if entry.kind == ExtentKind::Data { n >= 1 } else { n == 0 && field == 0 };
+    if !ok {
         return None;
     }
     let crcs = (0..n).map(|i| le_u32(b, RECORD_HEAD + 4 * i)).collect();
-    Some((PendingRecord { entry, crcs }, len))
+    Some((PendingRecord { entry, first, in_place, crcs }, len))
 }
 
 #[cfg(test)]
@@ -161,6 +176,8 @@ mod tests {
         assert!(PendingHeader::decode(&bad).is_err(), "a flipped bit fails the header CRC");
         let r = PendingRecord {
             entry: IndexEntry { vblock: 4, count: 2, kind: ExtentKind::Data, pblock: 11 },
+            first: 3,
+            in_place: true,
             crcs: vec![1, 2],
         };
         let bytes = encode_record(h.tag, &r);
@@ -172,9 +189,13 @@ mod tests {
         assert_eq!(decode_record(h.tag, &flipped), None, "damaged");
         let m = PendingRecord {
             entry: IndexEntry { vblock: 0, count: 3, kind: ExtentKind::Zero, pblock: 0 },
+            first: 0,
+            in_place: false,
             crcs: vec![],
         };
         let mb = encode_record(h.tag, &m);
-        assert_eq!(decode_record(h.tag, &mb), Some((m, 48)));
+        assert_eq!(decode_record(h.tag, &mb), Some((m, 52)));
+        let no_crcs = PendingRecord { entry: r.entry, first: 0, in_place: false, crcs: vec![] };
+        assert_eq!(decode_record(h.tag, &encode_record(h.tag, &no_crcs)), None, "data without CRCs");
     }
 }
