@@ -1506,7 +1506,9 @@ impl Recorder {
             PendingHeader { base, base_crc, alt: NO_ALT, alt_crc: 0, prev: self.header.tag, ..self.header };
         header.tag = header.new_tag();
         let lpath = pending_log_path(path, next);
-        self.logs[next].set_len(0).map_err(Error::io("truncate", &lpath))?;
+        // Not truncated (a truncate is a metadata change of its own, on every flush round):
+        // what the file held after the header belongs to its earlier use, whose records carry
+        // another tag and so end the log.
         self.logs[next].write_at(&header.encode(), 0).map_err(Error::io("write", &lpath))?;
         self.cur = next;
         self.header = header;
