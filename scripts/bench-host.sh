@@ -5,7 +5,7 @@
 #   scripts/bench-host.sh                  # both parts
 #   PARTS=exports scripts/bench-host.sh    # only the memory per export
 #
-# Parts (PARTS, default "exports snapshot"):
+# Parts (PARTS, default "exports snapshot restart"):
 #   exports   RSS of one `mcow serve --control` holding N exports (N = EXPORTS, default 100), each
 #             its own writable disk on one shared base (SIZE_MIB, default 1024, with DATA_MIB of
 #             pseudo-random data, default 256, 64 KiB blocks), added one by one with `mcow ctl
@@ -14,13 +14,19 @@
 #   snapshot  the engine example `snapshot_pause`: the snapshot call, the switch, the writer's
 #             slowest write during the call against its p99 before, and the time until the
 #             frozen top is sealed, for tops holding 1 MiB to 1 GiB.
+#   restart   a QEMU guest (TCG; scripts/vm-assets.sh, vmmode=writer) writing 16 KiB files, each
+#             followed by sync, to an ext4 disk that `mcow serve --control --state` serves under
+#             systemd-socket-activate (restarted by a shell loop, as systemd's Restart=always);
+#             the server is killed (KILL) at 10 s and stopped (TERM) at 20 s. Prints the guest's
+#             synced files per second before, the longest pause between two synced files at
+#             each restart, and the rate after.
 #
 # Environment: MCOW (default: a release build of this checkout), BENCH_DIR (default
 # target/bench-host; removed at the end, but for base.raw).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-PARTS=${PARTS:-"exports snapshot"}
+PARTS=${PARTS:-"exports snapshot restart"}
 EXPORTS=${EXPORTS:-100}
 SIZE_MIB=${SIZE_MIB:-1024}
 DATA_MIB=${DATA_MIB:-256}
@@ -78,6 +84,53 @@ for part in $PARTS; do
         mkdir -p run
         echo
         "$ROOT/target/release/examples/snapshot_pause" "$PWD/run" 1024
+        rm -rf run
+        ;;
+    restart)
+        bash "$ROOT/scripts/vm-assets.sh" "$ROOT/target/vm-assets" >/dev/null
+        rm -rf run && mkdir run
+        head -c $((64 << 20)) /dev/zero >run/fs.raw
+        mkfs.ext4 -q -F -b 4096 run/fs.raw
+        "$MCOW" import -q run/fs.raw run/base >/dev/null
+        "$MCOW" create -q --from run/base run/vm >/dev/null
+        (cd run && exec timeout 300 systemd-socket-activate -l "$PWD/nbd.sock" -l "$PWD/ctl.sock" bash -c \
+            "while [ ! -e stop ]; do (echo \$BASHPID > serve.pid; LISTEN_PID= exec $MCOW serve --control ctl.sock --state state.json 2>>serve.log); done") &
+        SUP=$!
+        for ((i = 0; i < 500; i++)); do [[ -S run/ctl.sock ]] && break; sleep 0.02; done
+        "$MCOW" ctl -c run/ctl.sock add vm "$PWD/run/vm" >/dev/null
+        A=$ROOT/target/vm-assets
+        (timeout 300 qemu-system-x86_64 -accel tcg -m 256 -smp 1 -nographic -no-reboot -nodefaults \
+            -serial stdio -kernel "$A/vmlinux" -initrd "$A/initrd.cpio.gz" \
+            -append "console=ttyS0 panic=-1 quiet vmid=1 vmmode=writer vmwrites=100000" \
+            -blockdev "driver=nbd,node-name=d0,server.type=unix,server.path=$PWD/run/nbd.sock,export=vm,reconnect-delay=30" \
+            -device virtio-blk-pci,drive=d0 </dev/null 2>&1 | while IFS= read -r line; do
+                printf '%s %s\n' "$(date +%s.%N)" "$line"
+            done >run/console) &
+        QEMU=$!
+        for ((i = 0; i < 3000; i++)); do grep -q 'MCOW-VM-FLUSHED id=1 n=' run/console 2>/dev/null && break; sleep 0.01; done
+        t0=$(date +%s.%N)
+        sleep 10; tk=$(date +%s.%N); kill -KILL "$(cat run/serve.pid)"
+        sleep 10; tt=$(date +%s.%N); kill -TERM "$(cat run/serve.pid)"
+        sleep 10; t1=$(date +%s.%N)
+        touch run/stop; kill -TERM "$(cat run/serve.pid)" 2>/dev/null || true
+        pkill -f "vmid=1 vmmode=writer vmwrites=100000" || true
+        wait "$QEMU" 2>/dev/null || true; wait "$SUP" 2>/dev/null || true
+        echo
+        echo "| phase | synced files/s | longest pause between two synced files |"
+        echo "|---|---:|---:|"
+        grep 'MCOW-VM-FLUSHED' run/console | awk -v t0="$t0" -v tk="$tk" -v tt="$tt" -v t1="$t1" '
+            { t = $1; if (prev != "") { gap = t - prev
+                  if (t > tk && prev < tk + 5 && gap > gk) gk = gap
+                  if (t > tt && prev < tt + 5 && gap > gt) gt = gap
+                  if (t <= tk && t >= t0 && gap > gb) gb = gap }
+              prev = t
+              if (t >= t0 && t < tk) nb++
+              if (t >= tt + 5 && t < t1) na++ }
+            END { printf "| before (%.0f s) | %.1f | %.3f s |\n", tk - t0, nb / (tk - t0), gb
+                  printf "| kill -9, restart | | %.3f s |\n", gk
+                  printf "| SIGTERM, restart | | %.3f s |\n", gt
+                  printf "| after (%.0f s) | %.1f | |\n", t1 - tt - 5, na / (t1 - tt - 5) }'
+        grep -c 'I/O error' run/console | awk '{ print "guest console lines with an I/O error: " $1 }'
         rm -rf run
         ;;
     *) echo "bench-host: unknown part $part" >&2; exit 2 ;;
