@@ -298,13 +298,15 @@ fn sample(text: &str, name: &str) -> f64 {
 /// on syntax errors and on lint problems such as a counter without `_total`). Must hold:
 /// promtool accepts it; the per-export counters are the bytes the clients moved; the latency
 /// histogram's `+Inf` bucket equals its count, which covers the requests run; only the lazy
-/// disk fetched from its origin.
+/// disk fetched from its origin, and none of its fetches failed. Then the image's blobs are
+/// removed from its layout and a block not fetched yet is read: the read fails, and the fetch
+/// error is counted.
 #[test]
 fn metrics_pass_promtool_and_count_what_clients_did() {
     let t = tempfile::tempdir().unwrap();
     let dir = t.path();
     mcow_ok(dir, &["create", "base", "-s", "4M"]);
-    mcow_ok(dir, &["write", "base", "0", "--pattern", "0x42", "131072"]);
+    mcow_ok(dir, &["write", "base", "0", "--pattern", "0x42", "1048576"]);
     mcow_ok(dir, &["seal", "base"]);
     mcow_ok(dir, &["push", "base", &format!("file://{}/img:v1", dir.display())]);
     mcow_ok(dir, &["create", "vm", "-s", "4M"]);
@@ -353,6 +355,18 @@ fn metrics_pass_promtool_and_count_what_clients_did() {
     assert_eq!(sample(&text, r#"mcow_export_fetched_bytes_total{export="vm"}"#), 0.0);
     assert!(sample(&text, r#"mcow_export_fetched_bytes_total{export="img"}"#) >= 131072.0);
     assert!(sample(&text, r#"mcow_export_fetch_requests_total{export="img"}"#) >= 1.0);
+    assert_eq!(sample(&text, r#"mcow_export_fetch_errors_total{export="img"}"#), 0.0);
+
+    // The origin loses its blobs: a read of a block not fetched yet fails, and is counted.
+    std::fs::remove_dir_all(dir.join("img/blobs")).unwrap();
+    let out = tool_run("qemu-io", dir, &["-f", "raw", "-r", "-c", "read 896k 64k", &serve.unix_uri("img")]);
+    let failed = out.stdout.contains("error") || out.stderr.contains("error") || out.code != 0;
+    assert!(failed, "the read did not fail: {} {}", out.stdout, out.stderr);
+    let got =
+        tool_run("curl", dir, &["-sS", "--unix-socket", "ctl.sock", "-o", "metrics.txt", "http://x/metrics"]);
+    assert_eq!(got.code, 0, "{}", got.stderr);
+    let text = std::fs::read_to_string(dir.join("metrics.txt")).unwrap();
+    assert!(sample(&text, r#"mcow_export_fetch_errors_total{export="img"}"#) >= 1.0, "{text}");
     serve.stop();
 }
 

@@ -734,11 +734,24 @@ pub struct RemoteSource {
     remote: Arc<dyn Remote>,
     fetched: AtomicU64,
     requests: AtomicU64,
+    /// Fetches that failed (after the remote's retries).
+    errors: AtomicU64,
 }
 
 impl RemoteSource {
     pub fn new(remote: Arc<dyn Remote>) -> RemoteSource {
-        RemoteSource { remote, fetched: AtomicU64::new(0), requests: AtomicU64::new(0) }
+        RemoteSource {
+            remote,
+            fetched: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+        }
+    }
+
+    /// Fetches that failed so far, after the remote's own retries (their readers got an I/O
+    /// error).
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
     }
 
     /// Bytes and range requests fetched so far.
@@ -763,10 +776,14 @@ impl BlockSource for RemoteSource {
     ) -> std::io::Result<()> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(%layer, offset, len, "fetching");
-        self.remote.stream_range(layer, offset, len, &mut |piece: &[u8]| {
+        let r = self.remote.stream_range(layer, offset, len, &mut |piece: &[u8]| {
             self.fetched.fetch_add(piece.len() as u64, Ordering::Relaxed);
             sink(piece)
-        })?;
+        });
+        if r.is_err() {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        r?;
         Ok(())
     }
 
@@ -783,6 +800,9 @@ impl BlockSource for RemoteSource {
         });
         // Counted even when it failed partway: the requests were made.
         self.requests.fetch_add(requests.as_ref().map_or(1, |n| *n), Ordering::Relaxed);
+        if requests.is_err() {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
         requests?;
         Ok(())
     }
@@ -868,6 +888,12 @@ impl FetchStats {
     pub fn stats(&self) -> (u64, u64) {
         let (b, r) = self.source.stats();
         (b - self.start.0, r - self.start.1)
+    }
+
+    /// Fetches of the disk's origin that failed (after retries) since the process opened it
+    /// (shared with the other disks of its origin).
+    pub fn errors(&self) -> u64 {
+        self.source.errors()
     }
 
     /// Cancels the fetches of the disk's source (shared with the other disks of its origin

@@ -99,6 +99,13 @@ pub fn render(service: &Service) -> String {
         "Range requests the export's disk sent to its origin since it was opened.",
         &fetch(&|i| i.fetch_requests),
     );
+    family(
+        &mut out,
+        "mcow_export_fetch_errors_total",
+        "counter",
+        "Fetches from the export's origin that failed after their retries (their reads got an I/O error; shared by the disks of one origin).",
+        &fetch(&|i| i.fetch_errors),
+    );
     let reused = service.reuse_stats();
     family(
         &mut out,

@@ -170,6 +170,9 @@ pub struct ExportInfo {
     pub bytes_fetched: u64,
     /// Range requests sent to the origin for this disk since it was opened.
     pub fetch_requests: u64,
+    /// Fetches from the disk's origin that failed after their retries (shared by the disks of
+    /// one origin), since the process opened it.
+    pub fetch_errors: u64,
 }
 
 /// What [`Service::snapshot`] did.
@@ -636,6 +639,7 @@ impl Service {
                     errors: s.io_errors,
                     bytes_fetched: disk.pulled_bytes + fetched,
                     fetch_requests,
+                    fetch_errors: disk.source.as_ref().map_or(0, |f| f.errors()),
                     name: s.name,
                 })
             })
