@@ -356,6 +356,8 @@ fn metrics_pass_promtool_and_count_what_clients_did() {
     assert!(sample(&text, r#"mcow_export_fetched_bytes_total{export="img"}"#) >= 131072.0);
     assert!(sample(&text, r#"mcow_export_fetch_requests_total{export="img"}"#) >= 1.0);
     assert_eq!(sample(&text, r#"mcow_export_fetch_errors_total{export="img"}"#), 0.0);
+    // (file:// is local: never retried.)
+    assert_eq!(sample(&text, r#"mcow_export_fetch_retries_total{export="img"}"#), 0.0);
 
     // The origin loses its blobs: a read of a block not fetched yet fails, and is counted.
     std::fs::remove_dir_all(dir.join("img/blobs")).unwrap();

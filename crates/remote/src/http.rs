@@ -141,4 +141,8 @@ impl ObjectStore for HttpStore {
     fn cancel(&self) {
         self.client.cancel()
     }
+
+    fn retries(&self) -> u64 {
+        self.client.retries()
+    }
 }

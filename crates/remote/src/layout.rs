@@ -30,6 +30,10 @@ pub trait ObjectStore: RangeRead<str> {
     }
     /// See `Remote::cancel`.
     fn cancel(&self) {}
+    /// See `Remote::retries`.
+    fn retries(&self) -> u64 {
+        0
+    }
 }
 
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -178,5 +182,9 @@ impl<S: ObjectStore> Remote for Layout<S> {
 
     fn cancel(&self) {
         self.store.cancel()
+    }
+
+    fn retries(&self) -> u64 {
+        self.store.retries()
     }
 }

@@ -542,6 +542,10 @@ impl Remote for Registry {
     fn cancel(&self) {
         self.client.cancel()
     }
+
+    fn retries(&self) -> u64 {
+        self.client.retries()
+    }
 }
 
 #[cfg(test)]

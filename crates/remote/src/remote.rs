@@ -57,4 +57,10 @@ pub trait Remote: RangeRead<Digest> {
     /// at once (their waits and blocked reads are interrupted) and fail with
     /// `RemoteError::Cancelled`, as do later ones. Backends without network do nothing.
     fn cancel(&self) {}
+
+    /// Retries this backend made so far (attempts of requests after their first, after
+    /// transient failures). Backends without network retry nothing.
+    fn retries(&self) -> u64 {
+        0
+    }
 }

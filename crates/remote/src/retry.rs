@@ -38,11 +38,13 @@ impl RetryPolicy {
     /// Runs `op` until it succeeds, fails with a permanent error, the budget (`deadline` plus
     /// `extra`) is spent, or `cancel` is set. A server's `Retry-After` (carried by the error)
     /// stands in for the backoff when it is longer, within the budget.
+    /// Each retry (each attempt after the first) is counted in `retries`.
     pub fn run<T>(
         &self,
         what: &str,
         extra: Duration,
         cancel: &Cancel,
+        retries: &std::sync::atomic::AtomicU64,
         mut op: impl FnMut() -> Result<T>,
     ) -> Result<T> {
         let start = Instant::now();
@@ -71,6 +73,7 @@ impl RetryPolicy {
             }
             delay = (delay * 2).min(self.max_delay);
             attempt += 1;
+            retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
@@ -237,11 +240,13 @@ mod tests {
     #[test]
     fn retries_transient_errors_then_succeeds() {
         let mut n = 0;
-        let v = quick(5000).run("t", Duration::ZERO, &Cancel::default(), || {
+        let retries = std::sync::atomic::AtomicU64::new(0);
+        let v = quick(5000).run("t", Duration::ZERO, &Cancel::default(), &retries, || {
             n += 1;
             if n < 3 { Err(transient()) } else { Ok(n) }
         });
         assert_eq!(v.unwrap(), 3);
+        assert_eq!(retries.into_inner(), 2, "two retries counted");
     }
 
     #[test]
@@ -252,7 +257,7 @@ mod tests {
         let start = Instant::now();
         let mut n = 0;
         let e = quick(300)
-            .run::<()>("t", Duration::from_millis(100), &Cancel::default(), || {
+            .run::<()>("t", Duration::from_millis(100), &Cancel::default(), &Default::default(), || {
                 n += 1;
                 Err(transient())
             })
@@ -263,7 +268,7 @@ mod tests {
         assert!(n > 10, "only {n} attempts");
         let mut m = 0;
         let e = quick(300)
-            .run::<()>("t", Duration::ZERO, &Cancel::default(), || {
+            .run::<()>("t", Duration::ZERO, &Cancel::default(), &Default::default(), || {
                 m += 1;
                 Err(RemoteError::Http {
                     method: "GET",
@@ -294,7 +299,8 @@ mod tests {
             c.cancel();
         });
         let start = Instant::now();
-        let e = p.run::<()>("t", Duration::ZERO, &cancel, || Err(transient())).unwrap_err();
+        let e =
+            p.run::<()>("t", Duration::ZERO, &cancel, &Default::default(), || Err(transient())).unwrap_err();
         t.join().unwrap();
         assert!(matches!(e, RemoteError::Cancelled(_)), "{e}");
         assert!(!e.is_transient());

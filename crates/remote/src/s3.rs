@@ -389,6 +389,10 @@ impl ObjectStore for S3Store {
     fn cancel(&self) {
         self.client.cancel()
     }
+
+    fn retries(&self) -> u64 {
+        self.client.retries()
+    }
 }
 
 #[cfg(test)]

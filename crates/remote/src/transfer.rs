@@ -748,6 +748,11 @@ impl RemoteSource {
         }
     }
 
+    /// Retries the remote made so far (for every operation on it, not only fetches).
+    pub fn retries(&self) -> u64 {
+        self.remote.retries()
+    }
+
     /// Fetches that failed so far, after the remote's own retries (their readers got an I/O
     /// error).
     pub fn errors(&self) -> u64 {
@@ -888,6 +893,12 @@ impl FetchStats {
     pub fn stats(&self) -> (u64, u64) {
         let (b, r) = self.source.stats();
         (b - self.start.0, r - self.start.1)
+    }
+
+    /// Retries of requests to the disk's origin since the process opened it (shared with the
+    /// other disks of its origin).
+    pub fn retries(&self) -> u64 {
+        self.source.retries()
     }
 
     /// Fetches of the disk's origin that failed (after retries) since the process opened it

@@ -344,7 +344,7 @@ fn a_connection_cut_mid_body_is_retried_for_the_whole_budget() {
 fn a_retry_after_is_waited_for_within_the_budget() {
     // Tried: a server that answers 503 with `Retry-After: 1`, then the right bytes, under a
     // 3 s budget whose own backoff starts at 10 ms. Must hold: the second request comes only
-    // after the second the server asked for, and the read then succeeds.
+    // after the second the server asked for, the read then succeeds, and one retry is counted.
     use std::time::{Duration, Instant};
     let data = pattern(4, 100);
     let d = data.clone();
@@ -365,6 +365,8 @@ fn a_retry_after_is_waited_for_within_the_budget() {
     let took = start.elapsed();
     assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(2), "{took:?}");
     assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 2);
+    use mcow_remote::layout::ObjectStore;
+    assert_eq!(s.retries(), 1, "the retry is counted (the metric mcow_export_fetch_retries_total)");
 }
 
 // Ranged fetches reuse their connection: a lazy disk on nginx reads 12 scattered blocks one

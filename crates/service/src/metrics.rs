@@ -106,6 +106,13 @@ pub fn render(service: &Service) -> String {
         "Fetches from the export's origin that failed after their retries (their reads got an I/O error; shared by the disks of one origin).",
         &fetch(&|i| i.fetch_errors),
     );
+    family(
+        &mut out,
+        "mcow_export_fetch_retries_total",
+        "counter",
+        "Retries of requests to the export's origin after transient failures (shared by the disks of one origin).",
+        &fetch(&|i| i.fetch_retries),
+    );
     let reused = service.reuse_stats();
     family(
         &mut out,

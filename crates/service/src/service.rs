@@ -173,6 +173,9 @@ pub struct ExportInfo {
     /// Fetches from the disk's origin that failed after their retries (shared by the disks of
     /// one origin), since the process opened it.
     pub fetch_errors: u64,
+    /// Retries of requests to the disk's origin (after transient failures; shared by the disks
+    /// of one origin), since the process opened it.
+    pub fetch_retries: u64,
 }
 
 /// What [`Service::snapshot`] did.
@@ -640,6 +643,7 @@ impl Service {
                     bytes_fetched: disk.pulled_bytes + fetched,
                     fetch_requests,
                     fetch_errors: disk.source.as_ref().map_or(0, |f| f.errors()),
+                    fetch_retries: disk.source.as_ref().map_or(0, |f| f.retries()),
                     name: s.name,
                 })
             })

@@ -100,6 +100,8 @@ pub struct HttpClient {
     pub retry: RetryPolicy,
     pub pace: Pace,
     cancel: Cancel,
+    /// Retries so far (attempts after a request's first).
+    retries: std::sync::atomic::AtomicU64,
 }
 
 impl HttpClient {
@@ -115,18 +117,29 @@ impl HttpClient {
             .user_agent(concat!("mcow/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
-        HttpClient { agent, retry: config.retry, pace: config.pace, cancel: Cancel::default() }
+        HttpClient {
+            agent,
+            retry: config.retry,
+            pace: config.pace,
+            cancel: Cancel::default(),
+            retries: Default::default(),
+        }
     }
 
     /// Runs `op` under the retry policy (see [`RetryPolicy::run`]).
     pub fn run<T>(&self, what: &str, op: impl FnMut() -> Result<T>) -> Result<T> {
-        self.retry.run(what, Duration::ZERO, &self.cancel, op)
+        self.retry.run(what, Duration::ZERO, &self.cancel, &self.retries, op)
+    }
+
+    /// Retries so far: attempts of requests after their first.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Runs `op`, a transfer of `len` bytes, under the retry policy, whose budget grows by the
     /// time `len` bytes take at the minimum rate.
     pub fn run_transfer<T>(&self, what: &str, len: u64, op: impl FnMut() -> Result<T>) -> Result<T> {
-        self.retry.run(what, self.pace.allowance(len), &self.cancel, op)
+        self.retry.run(what, self.pace.allowance(len), &self.cancel, &self.retries, op)
     }
 
     /// A response body's reader, held to the pace and the cancel.
