@@ -60,11 +60,18 @@ const DEFAULT_READAHEAD: &str = "16M";
     http://x/exports`): GET /exports lists them with their clients and counters; POST /exports \
     {\"name\": NAME, \"disk\": DIR|REF, \"read_only\": BOOL} adds one (resolved like an \
     argument); DELETE /exports/NAME removes one: its in-flight requests finish, its clients are \
-    disconnected, its disk is flushed, then it answers; GET /metrics gives per-export requests, \
-    bytes, errors, latency histograms and bytes fetched in Prometheus text format. Errors are \
+    disconnected, its disk is flushed, then it answers; POST /exports/NAME/snapshot[?wait=true] \
+    snapshots the disk NAME writes while it is in use (its top frozen and a new one started at \
+    once, the frozen top then sealed into a layer); GET /metrics gives per-export requests, \
+    bytes, errors, latency histograms, bytes fetched, fetch errors and retries in Prometheus \
+    text format. Errors are \
     {\"error\": \"...\"} with \
     400 (bad JSON), 404 (unknown name), 409 (name or disk already served). See docs/CONTROL.md. \
     With --control, no disk need be given at start.\n\n\
+    Under systemd socket activation (LISTEN_FDS; contrib/systemd), the listening sockets passed \
+    are served instead of the default TCP address (the Unix socket at --control's path as the \
+    control API) and left open at exit, so a restarted server takes them over and no client is \
+    refused meanwhile; with --state, exports added through the API are added again.\n\n\
     One disk (a directory; two names for one image, or a tag and its pinned digest, are one \
     cached disk) can be served under several names, but only one of them at a time may write: \
     while one does, further exports of it must be read-only (-r, or \"read_only\": true), and \
