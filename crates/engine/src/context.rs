@@ -18,10 +18,10 @@ use std::time::Duration;
 use crate::background::Background;
 use crate::cache::{CacheStats, FetchedCache};
 use crate::fetch::PartialLayer;
-use crate::gc::StoreUsers;
 use crate::layer::SealedLayer;
 use crate::pool::FilePool;
 use crate::reuse::{BlockIndex, ReuseStats};
+use crate::users::StoreUsers;
 
 /// How an [`Engine`] is set up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -746,7 +746,7 @@ impl Disk {
     /// still running on it to end, flushes it, writes the layer, opens the longer stack, writes
     /// the manifest (step 3 in FORMAT.md, "Snapshots of a running disk"), switches the disk to
     /// it and removes the frozen top's files. Reads and writes go on meanwhile.
-    pub fn seal_frozen(&self, progress: crate::ops::Progress) -> Result<Option<Digest>> {
+    pub fn seal_frozen(&self, progress: crate::build::Progress) -> Result<Option<Digest>> {
         if self.opts.read_only {
             return Err(Error::ReadOnly);
         }
@@ -773,7 +773,7 @@ impl Disk {
             Err(Error::Invalid("a frozen top changed while it was sealed".into()))
         };
         let parent = chain_digest(&layers);
-        let digest = crate::ops::write_layer(
+        let digest = crate::build::write_layer(
             &self.store,
             &view.manifest,
             &map,

@@ -30,6 +30,9 @@
 //! - `stack`: sealed layers bottom to top, flattened into one map at open;
 //! - `top`: the writable, crash-consistent top layer;
 //! - `disk`: a stack plus its top, the byte-level read/write path front ends use;
+//! - `users`: a store's `gc.lock` and registry of layers in use; `gc`: collecting what nothing
+//!   uses;
+//! - `build`: a sealed layer written from a map of runs (seal, commit, flatten, a snapshot);
 //! - `ops`: whole-disk operations (seal, commit, flatten, import, export, check).
 //!
 //! It does not own the byte layouts (crate `mcow-format`) nor any front end (CLI, NBD).
@@ -83,6 +86,7 @@
 mod background;
 pub mod bitmap;
 pub mod blob;
+mod build;
 pub mod cache;
 pub mod chunks;
 pub mod compressed;
@@ -104,6 +108,7 @@ pub mod storage;
 pub mod store;
 pub mod temp;
 pub mod top;
+mod users;
 
 pub use bitmap::AtomicBitmap;
 pub use blob::CompressedBlob;

@@ -20,11 +20,8 @@ use crate::layer::LayerWriter;
 use crate::stack::Stack;
 use crate::store::LayerStore;
 
-/// Progress callback: (done, total) in bytes.
-pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
-
-/// Reads virtual block `vblock`, found at a location, into a whole-block buffer.
-type BlockReader<'a> = dyn Fn(u64, Loc, &mut [u8]) -> Result<()> + 'a;
+use crate::build::write_layer;
+pub use crate::build::{Progress, is_zero};
 
 /// Seals the disk at `dir`: its writable top becomes a new sealed layer on top of its stack,
 /// and the disk gets a fresh, empty top. Returns the new layer's digest. The disk must not be
@@ -126,58 +123,6 @@ pub fn merge_with_source(
     drop(merged);
     crate::disk::replace_stack(dir, &manifest, top, new_layers)?;
     Ok(digest)
-}
-
-/// Writes the runs of `map` as a new sealed layer into `store`, reading data through `read`.
-/// On an empty base, zero and discarded runs hide nothing and are left out; all-zero blocks are
-/// never stored.
-pub(crate) fn write_layer(
-    store: &LayerStore,
-    manifest: &mcow_format::DiskManifest,
-    map: &ExtentMap,
-    parent: Digest,
-    empty_base: bool,
-    read: &BlockReader,
-    progress: Progress,
-) -> Result<Digest> {
-    let mut pending = store.begin_layer()?;
-    let tmp = pending.path().to_path_buf();
-    let werr = |e: std::io::Error| Error::io("write", &tmp)(e);
-    let mut w = LayerWriter::new(pending.take_writer(), manifest.block_size, manifest.virtual_size, parent)
-        .map_err(werr)?;
-    let bs = u64::from(manifest.block_size);
-    let total: u64 = map.iter().map(|e| (e.end - e.start) * bs).sum();
-    let mut done = 0u64;
-    let mut block = vec![0u8; bs as usize];
-    for e in map.iter() {
-        match e.loc.kind {
-            ExtentKind::Data => {
-                for b in e.start..e.end {
-                    read(b, e.loc.advance(b - e.start), &mut block)?;
-                    if is_zero(&block) {
-                        if !empty_base {
-                            w.push_marker(b, 1, ExtentKind::Zero).map_err(werr)?;
-                        }
-                    } else {
-                        w.push_block(b, &block).map_err(werr)?;
-                    }
-                    done += bs;
-                    progress(done, total);
-                }
-            }
-            kind if !empty_base => w.push_marker(e.start, e.end - e.start, kind).map_err(werr)?,
-            _ => {}
-        }
-    }
-    let (out, digest, _) = w.finish().map_err(werr)?;
-    pending.commit(store, out, &digest)?;
-    Ok(digest)
-}
-
-/// True if every byte is zero.
-pub fn is_zero(buf: &[u8]) -> bool {
-    let mut chunks = buf.chunks_exact(64);
-    chunks.all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0) && chunks.remainder().iter().all(|&b| b == 0)
 }
 
 /// Where an import's new disk goes and what it sits on.

@@ -503,8 +503,8 @@ impl LayerStore {
     fn take_lease(&self) -> Result<()> {
         let mut lease = self.lease.lock().unwrap_or_else(|p| p.into_inner());
         if lease.is_none() {
-            let path = self.root.join(crate::gc::GC_LOCK);
-            let f = crate::gc::open_gc_lock(&self.root).map_err(Error::io("open", &path))?;
+            let path = self.root.join(crate::users::GC_LOCK);
+            let f = crate::users::open_gc_lock(&self.root).map_err(Error::io("open", &path))?;
             f.lock_shared().map_err(Error::io("lock", &path))?;
             *lease = Some(f);
         }
