@@ -63,7 +63,8 @@ const DEFAULT_READAHEAD: &str = "16M";
     disconnected, its disk is flushed, then it answers; POST /exports/NAME/snapshot[?wait=true] \
     snapshots the disk NAME writes while it is in use (its top frozen and a new one started at \
     once, the frozen top then sealed into a layer); GET /metrics gives per-export requests, \
-    bytes, errors, latency histograms, bytes fetched, fetch errors and retries in Prometheus \
+    bytes, errors, latency histograms, bytes fetched, fetch errors and retries, cache hits and \
+    misses in Prometheus \
     text format. Errors are \
     {\"error\": \"...\"} with \
     400 (bad JSON), 404 (unknown name), 409 (name or disk already served). See docs/CONTROL.md. \

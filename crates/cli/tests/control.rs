@@ -298,7 +298,8 @@ fn sample(text: &str, name: &str) -> f64 {
 /// on syntax errors and on lint problems such as a counter without `_total`). Must hold:
 /// promtool accepts it; the per-export counters are the bytes the clients moved; the latency
 /// histogram's `+Inf` bucket equals its count, which covers the requests run; only the lazy
-/// disk fetched from its origin, and none of its fetches failed. Then the image's blobs are
+/// disk fetched from its origin, and none of its fetches failed; its two blocks read count as
+/// two cache hits or misses, and read again as two more hits. Then the image's blobs are
 /// removed from its layout and a block not fetched yet is read: the read fails, and the fetch
 /// error is counted.
 #[test]
@@ -358,6 +359,23 @@ fn metrics_pass_promtool_and_count_what_clients_did() {
     assert_eq!(sample(&text, r#"mcow_export_fetch_errors_total{export="img"}"#), 0.0);
     // (file:// is local: never retried.)
     assert_eq!(sample(&text, r#"mcow_export_fetch_retries_total{export="img"}"#), 0.0);
+    // Cache hits and misses: the two blocks read once from the lazy disk, nothing for the
+    // local one; read again, both are hits.
+    let hits_misses = |text: &str, export: &str| {
+        let get = |m: &str| sample(text, &format!("mcow_export_cache_{m}_total{{export=\"{export}\"}}"));
+        (get("hits"), get("misses"))
+    };
+    assert_eq!(hits_misses(&text, "vm"), (0.0, 0.0));
+    let (hits, misses) = hits_misses(&text, "img");
+    assert_eq!(hits + misses, 2.0, "{text}");
+    let out =
+        tool_ok("qemu-io", dir, &["-f", "raw", "-r", "-c", "read -P 0x42 0 128k", &serve.unix_uri("img")]);
+    assert!(out.contains("read 131072/131072"), "{out}");
+    let got =
+        tool_run("curl", dir, &["-sS", "--unix-socket", "ctl.sock", "-o", "metrics.txt", "http://x/metrics"]);
+    assert_eq!(got.code, 0, "{}", got.stderr);
+    let text = std::fs::read_to_string(dir.join("metrics.txt")).unwrap();
+    assert_eq!(hits_misses(&text, "img"), (hits + 2.0, misses), "{text}");
 
     // The origin loses its blobs: a read of a block not fetched yet fails, and is counted.
     std::fs::remove_dir_all(dir.join("img/blobs")).unwrap();

@@ -4,8 +4,9 @@
 //! Owns: [`FetchedCache`], one per store and engine (the engine context keeps them, like the
 //! block index of `reuse`), which counts the fetched blocks of the partial layers opened in
 //! that store (the blocks their files held when they were opened, and every block landed
-//! since), picks the blocks to drop, and drops them; and [`CacheStats`]. Does not own: how a
-//! block is dropped from a layer (`PartialLayer::drop_block` in `fetch`: a hole punched, its
+//! since), picks the blocks to drop, and drops them; the per-block [`CacheMarks`] each such
+//! layer carries for it; and [`CacheStats`]. Does not own: how a block is dropped from a layer
+//! (what [`Evictable`] asks of it, which `fetch`'s partial layer does: a hole punched, its
 //! verified bit cleared, readers of it sent to fetch it again), nor complete layers and
 //! writable tops, whose blocks are never dropped.
 //!
@@ -25,7 +26,64 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use crate::fetch::PartialLayer;
+use crate::bitmap::AtomicBitmap;
+use crate::error::Result;
+
+/// The cache's marks on the blocks of one layer it counts, kept in the layer (one bit each).
+pub(crate) struct CacheMarks {
+    /// Blocks the cache counts (fetched, or in the file when the layer was opened).
+    tracked: AtomicBitmap,
+    /// Blocks read since the clock's hand last passed them.
+    referenced: AtomicBitmap,
+    /// Blocks counted and about to be written: never dropped meanwhile.
+    pending: AtomicBitmap,
+}
+
+impl CacheMarks {
+    /// Marks for a layer of `blocks` stored blocks, all clear.
+    pub(crate) fn new(blocks: u64) -> CacheMarks {
+        CacheMarks {
+            tracked: AtomicBitmap::new(blocks),
+            referenced: AtomicBitmap::new(blocks),
+            pending: AtomicBitmap::new(blocks),
+        }
+    }
+
+    /// Records that block `p` was read (a second chance from the hand).
+    pub(crate) fn touch(&self, p: u64) {
+        if !self.referenced.get(p) {
+            self.referenced.set(p);
+        }
+    }
+
+    /// Block `p` is about to be written (`true`) or was (`false`).
+    pub(crate) fn set_pending(&self, p: u64, pending: bool) {
+        if pending {
+            self.pending.set(p);
+        } else {
+            self.pending.clear(p);
+        }
+    }
+}
+
+/// What the cache needs of a layer whose fetched blocks it counts and may drop.
+pub(crate) trait Evictable: Send + Sync {
+    /// The layer's marks.
+    fn marks(&self) -> &CacheMarks;
+    /// The layer's block size in bytes.
+    fn block_bytes(&self) -> u64;
+    /// The stored blocks its local file holds data for now.
+    fn held_blocks(&self) -> Vec<u64>;
+    /// Takes the layer for dropping blocks (no other process may have it open); true if it
+    /// could.
+    fn take_exclusive(&self) -> bool;
+    /// Gives back what [`Evictable::take_exclusive`] took.
+    fn give_back_exclusive(&self);
+    /// Drops stored block `p` (it is fetched again if read).
+    fn drop_block(&self, p: u64) -> Result<()>;
+    /// The layer's name, for messages.
+    fn name(&self) -> String;
+}
 
 /// What a store's bounded cache holds and has dropped.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -60,7 +118,7 @@ struct Clock {
 /// A layer counted by the cache. Its blocks' bytes leave the count when it is closed (its
 /// blocks are counted again if it is opened again: see [`FetchedCache::register`]).
 struct Slot {
-    layer: Weak<PartialLayer>,
+    layer: Weak<dyn Evictable>,
     block_size: u64,
 }
 
@@ -96,16 +154,17 @@ impl FetchedCache {
     /// Starts counting `layer` (just opened): its slot, and the blocks its file holds already
     /// (fetched before, by this process or another), at the front of the ring, so that they go
     /// before anything fetched from now on. Then drops what is over the limit.
-    pub(crate) fn register(&self, layer: &Arc<PartialLayer>) -> u32 {
-        let held = layer.allocated_blocks();
+    pub(crate) fn register(&self, layer: &Arc<dyn Evictable>) -> u32 {
+        let held = layer.held_blocks();
+        let bs = layer.block_bytes();
         let slot = {
             let mut clock = self.clock();
             let slot = u32::try_from(clock.layers.len()).unwrap_or(u32::MAX);
-            clock.layers.push(Slot { layer: Arc::downgrade(layer), block_size: layer.block_size() });
+            clock.layers.push(Slot { layer: Arc::downgrade(layer), block_size: bs });
             for p in held.into_iter().rev() {
-                if !layer.tracked.set(p) {
+                if !layer.marks().tracked.set(p) {
                     clock.ring.push_front((slot, p));
-                    clock.bytes += layer.block_size();
+                    clock.bytes += bs;
                 }
             }
             slot
@@ -117,16 +176,17 @@ impl FetchedCache {
     /// Blocks `blocks` of the layer in `slot` are landing (fetched and checked, about to be
     /// written): counts the ones not counted yet, then drops what is over the limit, so that
     /// the room is made before they are written.
-    pub(crate) fn landed(&self, slot: u32, layer: &PartialLayer, blocks: std::ops::Range<u64>) {
+    pub(crate) fn landed(&self, slot: u32, layer: &dyn Evictable, blocks: std::ops::Range<u64>) {
+        let (marks, bs) = (layer.marks(), layer.block_bytes());
         {
             let mut clock = self.clock();
             for p in blocks {
                 // A block enters as if just read: read-ahead not read yet gets one pass of the
                 // hand before it can go.
-                layer.referenced.set(p);
-                if !layer.tracked.set(p) {
+                marks.referenced.set(p);
+                if !marks.tracked.set(p) {
                     clock.ring.push_back((slot, p));
-                    clock.bytes += layer.block_size();
+                    clock.bytes += bs;
                 }
             }
             if clock.bytes <= self.limit {
@@ -143,7 +203,7 @@ impl FetchedCache {
         let mut budget = clock.ring.len() * 2 + 1;
         // The layers this pass took exclusive (their in-use lock converted to a write lock);
         // given back at the end.
-        let mut exclusive: Vec<(Arc<PartialLayer>, bool)> = Vec::new();
+        let mut exclusive: Vec<(Arc<dyn Evictable>, bool)> = Vec::new();
         while clock.bytes > self.limit && budget > 0 {
             budget -= 1;
             let Some((slot, p)) = clock.ring.pop_front() else { break };
@@ -154,20 +214,24 @@ impl FetchedCache {
                 clock.bytes -= bs;
                 continue;
             };
-            if !layer.tracked.get(p) {
+            let marks = layer.marks();
+            if !marks.tracked.get(p) {
                 continue; // (dropped through another entry)
             }
-            if layer.referenced.clear(p) || layer.pending.get(p) {
+            if marks.referenced.clear(p) || marks.pending.get(p) {
                 clock.ring.push_back((slot, p)); // read since the hand last passed: a second chance
                 continue;
             }
-            let mine = match exclusive.iter().find(|(l, _)| Arc::ptr_eq(l, &layer)) {
+            let mine = match exclusive
+                .iter()
+                .find(|(l, _)| std::ptr::addr_eq(Arc::as_ptr(l), Arc::as_ptr(&layer)))
+            {
                 Some((_, mine)) => *mine,
                 None => {
                     let mine = layer.take_exclusive();
                     if !mine && !self.warned_shared.swap(true, Ordering::Relaxed) {
                         tracing::warn!(
-                            layer = %layer.digest,
+                            layer = %layer.name(),
                             "another process uses this partial layer: its blocks are not dropped to keep the cache limit"
                         );
                     }
@@ -181,13 +245,13 @@ impl FetchedCache {
             }
             match layer.drop_block(p) {
                 Ok(()) => {
-                    layer.tracked.clear(p);
+                    layer.marks().tracked.clear(p);
                     clock.bytes -= bs;
                     self.dropped_blocks.fetch_add(1, Ordering::Relaxed);
                     self.dropped_bytes.fetch_add(bs, Ordering::Relaxed);
                 }
                 Err(e) => {
-                    tracing::warn!(layer = %layer.digest, pblock = p, error = %e, "could not drop a cached block");
+                    tracing::warn!(layer = %layer.name(), pblock = p, error = %e, "could not drop a cached block");
                     clock.ring.push_back((slot, p));
                 }
             }

@@ -18,6 +18,7 @@ use crate::context::Engine;
 use crate::error::{Error, Result};
 use crate::extent_map::{Loc, TOP};
 use crate::fetch::{BlockSource, FetchPolicy};
+use crate::layer::{CacheReads, ReadTally};
 use crate::stack::{Stack, next_chain};
 use crate::storage::{FileStorage, Storage};
 use crate::store::{LayerStore, OpenLayer, write_atomic};
@@ -178,6 +179,8 @@ pub struct Disk {
     opts: OpenOptions,
     /// Held by a snapshot and by the sealing of a frozen top: one change of the view at a time.
     changing: Mutex<()>,
+    /// How reads found the blocks of partial layers (see [`Disk::cache_reads`]).
+    reads: ReadTally,
 }
 
 /// A disk's parts at one moment: its manifest, the stack of sealed layers, the tops that
@@ -405,6 +408,7 @@ impl Disk {
             store,
             opts,
             changing: Mutex::new(()),
+            reads: ReadTally::default(),
         })
     }
 
@@ -500,9 +504,10 @@ impl Disk {
     /// every later one of `[from, end)` that needs fetching at once, each on a thread of its
     /// own, so that a read spanning several layers (or several runs of one) costs one round
     /// trip to the origin rather than one per piece. Errors are left to the read, which makes
-    /// each piece ready again in order and reports what still fails.
-    fn fetch_pieces_at_once(&self, from: u64, end: u64) {
-        let Ok(segments) = self.segments(from, end - from) else { return };
+    /// each piece ready again in order and reports what still fails. Returns the offsets of the
+    /// pieces it made ready: their blocks are counted (hits and misses) already.
+    fn fetch_pieces_at_once(&self, from: u64, end: u64) -> Vec<u64> {
+        let Ok(segments) = self.segments(from, end - from) else { return Vec::new() };
         let stack = segments.view.stack.clone();
         let todo: Vec<(Segment, Loc)> = segments
             .filter_map(|s| match s.holder {
@@ -511,10 +516,10 @@ impl Disk {
             })
             .collect();
         if todo.len() < 2 {
-            return;
+            return Vec::new();
         }
         let ready = |(s, l): &(Segment, Loc)| {
-            let _ = stack.ready_run(s.vblock, *l, s.within, s.len);
+            let _ = stack.ready_run(s.vblock, *l, s.within, s.len, Some(&self.reads));
         };
         std::thread::scope(|scope| {
             for piece in &todo[1..] {
@@ -522,6 +527,13 @@ impl Disk {
             }
             ready(&todo[0]);
         });
+        todo.iter().map(|(s, _)| s.offset).collect()
+    }
+
+    /// How the reads of this disk since it was opened found the blocks of its partial layers:
+    /// local (hits) or fetched (misses). Copy-ups for writes are not counted.
+    pub fn cache_reads(&self) -> CacheReads {
+        self.reads.get()
     }
 
     /// Reads `buf.len()` bytes at `offset`.
@@ -530,6 +542,7 @@ impl Disk {
         let mut segments = self.segments(offset, buf.len() as u64)?;
         let view = segments.view.clone();
         let mut fetched_at_once = false;
+        let mut counted: Vec<u64> = Vec::new();
         while let Some(s) = segments.next() {
             let out = &mut buf[(s.offset - offset) as usize..][..s.len as usize];
             match s.holder {
@@ -541,9 +554,10 @@ impl Disk {
                 Holder::Layer(l) => {
                     if !fetched_at_once && view.stack.may_fetch(s.vblock, l, s.within, s.len) {
                         fetched_at_once = true;
-                        self.fetch_pieces_at_once(s.offset, end);
+                        counted = self.fetch_pieces_at_once(s.offset, end);
                     }
-                    view.stack.read_run(s.vblock, l, s.within, out)?
+                    let tally = (!counted.contains(&s.offset)).then_some(&self.reads);
+                    view.stack.read_run(s.vblock, l, s.within, out, tally)?
                 }
                 Holder::Zero { .. } | Holder::Hole { .. } => out.fill(0),
             }
@@ -553,23 +567,34 @@ impl Disk {
 
     /// Hands the `len` bytes at `offset` to `send` as slices of the layers' maps (and of a
     /// static block of zeros), without copying them, once they are all local and checked.
-    /// Returns false, without calling `send`, where that cannot be done (data in the writable
-    /// top, a layer that is not mapped); [`Disk::read`] then does.
+    /// Returns false, without calling `send` (or fetching or counting anything), where that
+    /// cannot be done (data in the writable top, a layer that is not mapped); [`Disk::read`]
+    /// then does.
     pub fn read_mapped(&self, offset: u64, len: usize, send: &mut dyn FnMut(&[&[u8]])) -> Result<bool> {
         static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
         let segments = self.segments(offset, len as u64)?;
         let view = segments.view.clone();
+        let segments: Vec<Segment> = segments.collect();
+        if segments.iter().any(|s| match s.holder {
+            Holder::Top => true,
+            Holder::Layer(l) => !view.stack.is_mapped(l),
+            Holder::Zero { .. } | Holder::Hole { .. } => false,
+        }) {
+            return Ok(false);
+        }
         let mut parts: Vec<&[u8]> = Vec::new();
         let mut fetched_at_once = false;
+        let mut counted: Vec<u64> = Vec::new();
         for s in segments {
             match s.holder {
                 Holder::Top => return Ok(false),
                 Holder::Layer(l) => {
                     if !fetched_at_once && view.stack.may_fetch(s.vblock, l, s.within, s.len) {
                         fetched_at_once = true;
-                        self.fetch_pieces_at_once(s.offset, offset + len as u64);
+                        counted = self.fetch_pieces_at_once(s.offset, offset + len as u64);
                     }
-                    match view.stack.mapped_run(s.vblock, l, s.within, s.len as usize)? {
+                    let tally = (!counted.contains(&s.offset)).then_some(&self.reads);
+                    match view.stack.mapped_run(s.vblock, l, s.within, s.len as usize, tally)? {
                         Some(slice) => parts.push(slice),
                         None => return Ok(false),
                     }

@@ -19,9 +19,9 @@ use mcow_format::{Digest, HEADER_SIZE};
 
 use crate::background::Background;
 use crate::bitmap::AtomicBitmap;
-use crate::cache::FetchedCache;
+use crate::cache::{CacheMarks, Evictable, FetchedCache};
 use crate::error::{Error, Result};
-use crate::layer::{Blocks, SealedLayer, make_ready_blocks, read_blocks, read_exact_at};
+use crate::layer::{Blocks, ReadTally, SealedLayer, make_ready_blocks, read_blocks, read_exact_at};
 use crate::lock::{LockError, LockType, RangeLock};
 pub use crate::readahead::FetchPolicy;
 use crate::readahead::{Streams, Windows};
@@ -516,12 +516,8 @@ pub struct PartialLayer {
     /// The bounded cache of the layer's store and this layer's slot in it, if the engine has a
     /// cache limit (see `cache`). Only then are blocks ever dropped.
     cache: OnceLock<(Arc<FetchedCache>, u32)>,
-    /// Blocks the bounded cache counts (fetched, or in the file when it was opened) and blocks
-    /// read since its clock hand last passed them.
-    pub(crate) tracked: AtomicBitmap,
-    pub(crate) referenced: AtomicBitmap,
-    /// Blocks counted and about to be written (see `reserve`): never dropped meanwhile.
-    pub(crate) pending: AtomicBitmap,
+    /// The bounded cache's marks on the layer's blocks (see `cache`).
+    marks: CacheMarks,
     /// Counters bumped twice around every dropped block (odd while one is being dropped), one
     /// per group of blocks (see [`drop_group`]): a read that saw the counter of one of its
     /// blocks change reads again, since a block it read may have been a hole by then (see
@@ -551,8 +547,38 @@ impl Blocks for Arc<PartialLayer> {
         PartialLayer::wait_for_run(self, first, last)
     }
 
-    fn ensure_block(&self, f: &File, pblock: u64, block: &mut [u8], end: u64) -> Result<()> {
+    fn ensure_block(&self, f: &File, pblock: u64, block: &mut [u8], end: u64) -> Result<bool> {
         PartialLayer::ensure_block(self, f, pblock, block, Want::Read(end))
+    }
+}
+
+impl Evictable for PartialLayer {
+    fn marks(&self) -> &CacheMarks {
+        &self.marks
+    }
+
+    fn block_bytes(&self) -> u64 {
+        self.layer.block_size()
+    }
+
+    fn held_blocks(&self) -> Vec<u64> {
+        self.allocated_blocks()
+    }
+
+    fn take_exclusive(&self) -> bool {
+        PartialLayer::take_exclusive(self)
+    }
+
+    fn give_back_exclusive(&self) {
+        PartialLayer::give_back_exclusive(self)
+    }
+
+    fn drop_block(&self, p: u64) -> Result<()> {
+        PartialLayer::drop_block(self, p)
+    }
+
+    fn name(&self) -> String {
+        self.digest.to_string()
     }
 }
 
@@ -583,9 +609,7 @@ impl PartialLayer {
             visible: AtomicBitmap::new(blocks),
             in_use: None,
             cache: OnceLock::new(),
-            tracked: AtomicBitmap::new(blocks),
-            referenced: AtomicBitmap::new(blocks),
-            pending: AtomicBitmap::new(blocks),
+            marks: CacheMarks::new(blocks),
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
             dropping: RwLock::new(()),
         }
@@ -632,7 +656,7 @@ impl PartialLayer {
             tracing::warn!(layer = %self.digest, "partial layer without its in-use lock: the cache limit does not apply to it");
             return;
         }
-        let slot = cache.register(self);
+        let slot = cache.register(&(self.clone() as Arc<dyn Evictable>));
         let _ = self.cache.set((cache, slot));
     }
 
@@ -677,7 +701,7 @@ impl PartialLayer {
     fn reserve(&self, blocks: std::ops::Range<u64>) {
         if let Some((cache, slot)) = self.cache.get() {
             for p in blocks.clone() {
-                self.pending.set(p);
+                self.marks.set_pending(p, true);
             }
             cache.landed(*slot, self, blocks);
         }
@@ -687,7 +711,7 @@ impl PartialLayer {
     fn reserved_done(&self, blocks: std::ops::Range<u64>) {
         if self.cache.get().is_some() {
             for p in blocks {
-                self.pending.clear(p);
+                self.marks.set_pending(p, false);
             }
         }
     }
@@ -695,9 +719,7 @@ impl PartialLayer {
     /// Records that blocks `first..=last` were read (the clock's referenced bits).
     fn touch(&self, first: u64, last: u64) {
         for p in first..=last.min(self.trailer.block_count.saturating_sub(1)) {
-            if !self.referenced.get(p) {
-                self.referenced.set(p);
-            }
+            self.marks.touch(p);
         }
     }
 
@@ -761,16 +783,30 @@ impl PartialLayer {
     /// block it found verified may have been a hole by the time it read it; read again, it is
     /// no longer verified and is fetched), and the blocks read count as recently used.
     pub fn read(self: &Arc<Self>, pblock: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_counted(pblock, offset, buf, None)
+    }
+
+    /// [`PartialLayer::read`], counting each block read in `tally` (hit or miss).
+    pub(crate) fn read_counted(
+        self: &Arc<Self>,
+        pblock: u64,
+        offset: u64,
+        buf: &mut [u8],
+        tally: Option<&ReadTally>,
+    ) -> Result<()> {
         if !self.drops_blocks() {
-            return read_blocks(self, pblock, offset, buf);
+            return read_blocks(self, pblock, offset, buf, tally);
         }
         // Block by block, each read again until no block of its group (see `drop_group`) was
         // dropped while it was read; the blocks missing fetched first all at once where the
         // read is well within the limit (else some could be dropped before they are copied).
         let bs = self.block_size();
         let limit = self.cache.get().map_or(0, |(c, _)| c.limit());
-        if (buf.len() as u64) <= limit / 2 {
-            make_ready_blocks(self, pblock, offset, buf.len() as u64)?;
+        // The blocks are counted where they are made ready, else where they are first read
+        // (a read again after a drop is not counted again).
+        let ready_first = (buf.len() as u64) <= limit / 2;
+        if ready_first {
+            make_ready_blocks(self, pblock, offset, buf.len() as u64, tally)?;
         }
         let mut done = 0usize;
         while done < buf.len() {
@@ -779,10 +815,11 @@ impl PartialLayer {
             let piece = &mut buf[done..done + n];
             let p = at / bs;
             let counter = &self.drops[drop_group(p)];
+            let mut count = tally.filter(|_| !ready_first);
             loop {
                 let before = counter.load(Ordering::SeqCst);
                 if before.is_multiple_of(2) {
-                    read_blocks(self, p, at % bs, piece)?;
+                    read_blocks(self, p, at % bs, piece, count.take())?;
                     if counter.load(Ordering::SeqCst) == before {
                         break;
                     }
@@ -798,8 +835,14 @@ impl PartialLayer {
     /// Makes the blocks under `len` bytes from `offset` into physical block `pblock` local and
     /// checked, without copying them out: afterwards they may be read through the map. Blocks
     /// another reader fetched are not read back.
-    pub(crate) fn make_ready(self: &Arc<Self>, pblock: u64, offset: u64, len: u64) -> Result<()> {
-        make_ready_blocks(self, pblock, offset, len)
+    pub(crate) fn make_ready(
+        self: &Arc<Self>,
+        pblock: u64,
+        offset: u64,
+        len: u64,
+        tally: Option<&ReadTally>,
+    ) -> Result<()> {
+        make_ready_blocks(self, pblock, offset, len, tally)
     }
 
     /// Bytes of the data region present in the local file: its allocated ranges, found with
@@ -849,7 +892,7 @@ impl PartialLayer {
         pblock: u64,
         block: &mut [u8],
         want: Want,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let bs = self.block_size();
         let at = |p: u64| HEADER_SIZE as u64 + p * bs;
         let fetch = &self.fetch;
@@ -871,8 +914,10 @@ impl PartialLayer {
         self.load_hashes(pblock, reach.max(pblock + 1))?;
         let mut state = fetch.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut started: Option<u64> = None; // a fetch this reader started on another thread
+        let mut waited = false; // for a fetch of pblock (then it was not local: a miss)
         loop {
             // Wait for the fetch that has pblock in flight, if any; fail with it if it failed.
+            waited |= state.is_in_flight(pblock);
             let failure;
             (state, failure) = fetch.wait_landed(state, pblock);
             if let Some(e) = failure {
@@ -881,7 +926,8 @@ impl PartialLayer {
             if self.is_verified(pblock) {
                 drop(state);
                 // Fetched, checked and written by another reader or thread.
-                return read_exact_at(f, block, at(pblock), &self.path);
+                read_exact_at(f, block, at(pblock), &self.path)?;
+                return Ok(!waited);
             }
             if let Some(id) = started.take()
                 && let Some(e) = state.take_failure(id)
@@ -899,7 +945,7 @@ impl PartialLayer {
             // A block in a hole of the sparse local file was never fetched: skip reading and
             // hashing it. Otherwise it may be local already (fetched before a restart).
             if self.hole_end(f, pblock) == pblock && self.check_local(f, pblock, block)? {
-                return Ok(());
+                return Ok(!waited);
             }
             let visible_only = matches!(want, Want::Read(_));
             let candidates = self.missing_run(f, pblock, window, visible_only)?;
@@ -979,7 +1025,8 @@ impl PartialLayer {
                 // No thread to be had: fetch right here. The claim is still ours.
             }
             let claim = Claim::new(fetch, id, pipeline);
-            return self.fetch_claimed(f, fetch, &claim, first, end - first, pblock, block, visible_only);
+            self.fetch_claimed(f, fetch, &claim, first, end - first, pblock, block, visible_only)?;
+            return Ok(false);
         }
     }
 

@@ -3,7 +3,8 @@
 //! Owns: opening a sealed layer file and checking its structure, reading its blocks with
 //! per-block hash verification (the read path is generic over `Blocks`, how unverified blocks
 //! are made good, so that a partial layer reuses it), and the streaming writer that produces a
-//! new sealed layer in canonical form. Does not own: partial layers and fetching the blocks they
+//! new sealed layer in canonical form; and [`ReadTally`], the count a disk keeps of how its
+//! reads found the blocks of partial layers (local or fetched). Does not own: partial layers and fetching the blocks they
 //! lack (see `fetch`, whose `PartialLayer` wraps a `SealedLayer`),
 //! combining layers (see `stack`), naming files (see `store`), keeping files open (see `pool`).
 
@@ -21,6 +22,45 @@ use crate::bitmap::AtomicBitmap;
 use crate::chunks::{ChunkedHashes, HashTable, IndexChunks};
 use crate::error::{Error, Result};
 use crate::pool::FileSlot;
+
+/// How a disk's reads found the blocks of its partial (lazily fetched) layers: the cache-hit
+/// counts. A read counts once each block it touches: a **hit** if the block was local (fetched
+/// before, by any reader, read-ahead or an earlier process), a **miss** if the read had to
+/// fetch it or wait for a fetch under way. Reads of complete layers and of the writable top
+/// are not counted.
+#[derive(Debug, Default)]
+pub struct ReadTally {
+    hits: std::sync::atomic::AtomicU64,
+    misses: std::sync::atomic::AtomicU64,
+}
+
+/// A snapshot of a [`ReadTally`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheReads {
+    /// Block reads of partial layers that found the block local.
+    pub hits: u64,
+    /// Block reads of partial layers that fetched the block or waited for its fetch.
+    pub misses: u64,
+}
+
+impl ReadTally {
+    /// Counts `n` block reads that found their blocks local.
+    pub(crate) fn hit(&self, n: u64) {
+        self.hits.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts one block read, local (`true`) or not.
+    pub(crate) fn count(&self, local: bool) {
+        let c = if local { &self.hits } else { &self.misses };
+        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The counts so far.
+    pub fn get(&self) -> CacheReads {
+        use std::sync::atomic::Ordering::Relaxed;
+        CacheReads { hits: self.hits.load(Relaxed), misses: self.misses.load(Relaxed) }
+    }
+}
 
 /// An open sealed layer. Its blocks are verified against their hashes the first time they are
 /// read (a bit per block remembers it), so later reads of the same block go straight to the file.
@@ -173,14 +213,14 @@ impl SealedLayer {
     /// Reads `buf.len()` bytes starting `offset` bytes into physical block `pblock`; the range
     /// may span consecutive physical blocks. Unverified blocks are read whole and checked first.
     pub fn read(&self, pblock: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
-        read_blocks(self, pblock, offset, buf)
+        read_blocks(self, pblock, offset, buf, None)
     }
 
     /// Checks the blocks under `len` bytes from `offset` into physical block `pblock`, like
     /// [`SealedLayer::read`] but without copying them out: afterwards they may be read through
     /// the map.
     pub(crate) fn make_ready(&self, pblock: u64, offset: u64, len: u64) -> Result<()> {
-        make_ready_blocks(self, pblock, offset, len)
+        make_ready_blocks(self, pblock, offset, len, None)
     }
 
     /// Reads without checking hashes: for blocks already verified (or with verification off).
@@ -235,8 +275,9 @@ pub(crate) trait Blocks {
     /// Before a read of blocks `first..=last`: waits for fetches that hold them, if any.
     fn wait_for_run(&self, first: u64, last: u64) -> Result<()>;
     /// Fills `block` with stored block `pblock`, checked and recorded as verified, for a read
-    /// that covers the blocks up to `end`.
-    fn ensure_block(&self, f: &File, pblock: u64, block: &mut [u8], end: u64) -> Result<()>;
+    /// that covers the blocks up to `end`. Returns whether it was local (not fetched, nor
+    /// waited for while another reader fetched it).
+    fn ensure_block(&self, f: &File, pblock: u64, block: &mut [u8], end: u64) -> Result<bool>;
 }
 
 impl Blocks for SealedLayer {
@@ -248,15 +289,23 @@ impl Blocks for SealedLayer {
         Ok(())
     }
 
-    fn ensure_block(&self, f: &File, pblock: u64, block: &mut [u8], _end: u64) -> Result<()> {
+    fn ensure_block(&self, f: &File, pblock: u64, block: &mut [u8], _end: u64) -> Result<bool> {
         read_exact_at(f, block, HEADER_SIZE as u64 + pblock * self.block_size(), &self.path)?;
-        self.check_block(pblock, block)
+        self.check_block(pblock, block)?;
+        Ok(true)
     }
 }
 
 /// Reads `buf.len()` bytes starting `offset` bytes into physical block `pblock`; the range
 /// may span consecutive physical blocks. Unverified blocks are read whole and checked first.
-pub(crate) fn read_blocks(b: &impl Blocks, pblock: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+/// With `tally`, each block read is counted there.
+pub(crate) fn read_blocks(
+    b: &impl Blocks,
+    pblock: u64,
+    offset: u64,
+    buf: &mut [u8],
+    tally: Option<&ReadTally>,
+) -> Result<()> {
     let layer = b.layer();
     if buf.is_empty() {
         return Ok(());
@@ -271,9 +320,13 @@ pub(crate) fn read_blocks(b: &impl Blocks, pblock: u64, offset: u64, buf: &mut [
         )));
     }
     if !layer.verify || (first..=last).all(|b| layer.is_verified(b)) {
+        if let Some(t) = tally {
+            t.hit(last - first + 1);
+        }
         return layer.read_trusted(pblock, offset, buf);
     }
     // Slow path, once per block: check whole blocks, copy out the asked-for part.
+    let was = local_at_start(layer, first, last, tally);
     if last > first {
         b.wait_for_run(first, last)?;
     }
@@ -284,11 +337,16 @@ pub(crate) fn read_blocks(b: &impl Blocks, pblock: u64, offset: u64, buf: &mut [
     while done < buf.len() {
         let (pb, within) = (at / bs, (at % bs) as usize);
         let n = (bs as usize - within).min(buf.len() - done);
-        if layer.is_verified(pb) {
+        let local = if layer.is_verified(pb) {
             read_exact_at(&f, &mut buf[done..done + n], HEADER_SIZE as u64 + at, &layer.path)?;
+            was.get((pb - first) as usize).copied().unwrap_or(true)
         } else {
-            b.ensure_block(&f, pb, &mut block, last + 1)?;
+            let local = b.ensure_block(&f, pb, &mut block, last + 1)?;
             buf[done..done + n].copy_from_slice(&block[within..within + n]);
+            local
+        };
+        if let Some(t) = tally {
+            t.count(local);
         }
         done += n;
         at += n as u64;
@@ -298,8 +356,15 @@ pub(crate) fn read_blocks(b: &impl Blocks, pblock: u64, offset: u64, buf: &mut [
 
 /// Makes the blocks under `len` bytes from `offset` into physical block `pblock` local and
 /// checked, like [`read_blocks`] but without copying them out: afterwards they may be
-/// read through the map. Blocks another reader fetched are not read back.
-pub(crate) fn make_ready_blocks(b: &impl Blocks, pblock: u64, offset: u64, len: u64) -> Result<()> {
+/// read through the map. Blocks another reader fetched are not read back. With `tally`, each
+/// block is counted there as [`read_blocks`] would.
+pub(crate) fn make_ready_blocks(
+    b: &impl Blocks,
+    pblock: u64,
+    offset: u64,
+    len: u64,
+    tally: Option<&ReadTally>,
+) -> Result<()> {
     let layer = b.layer();
     if len == 0 {
         return Ok(());
@@ -313,19 +378,35 @@ pub(crate) fn make_ready_blocks(b: &impl Blocks, pblock: u64, offset: u64, len: 
             layer.path.display()
         )));
     }
+    let was = local_at_start(layer, first, last, tally);
     if last > first {
         b.wait_for_run(first, last)?;
     }
     let mut block = Vec::new();
     for p in first..=last {
-        if layer.is_verified(p) {
-            continue;
+        let local = if layer.is_verified(p) {
+            was.get((p - first) as usize).copied().unwrap_or(true)
+        } else {
+            block.resize(bs as usize, 0);
+            let f = layer.file.get(&layer.path)?;
+            b.ensure_block(&f, p, &mut block, last + 1)?
+        };
+        if let Some(t) = tally {
+            t.count(local);
         }
-        block.resize(bs as usize, 0);
-        let f = layer.file.get(&layer.path)?;
-        b.ensure_block(&f, p, &mut block, last + 1)?;
     }
     Ok(())
+}
+
+/// For counting a read of blocks `first..=last` in `tally` (none: nothing to count): which
+/// were verified when the read began. A block verified later in the read was fetched for it
+/// (by the fetch of an earlier block of the read, which took it along) or by another reader
+/// it waited for: a miss, though the read finds it verified.
+fn local_at_start(layer: &SealedLayer, first: u64, last: u64, tally: Option<&ReadTally>) -> Vec<bool> {
+    match tally {
+        Some(_) => (first..=last).map(|p| layer.is_verified(p)).collect(),
+        None => Vec::new(),
+    }
 }
 
 pub(crate) fn read_exact_at(f: &File, buf: &mut [u8], pos: u64, path: &Path) -> Result<()> {

@@ -120,6 +120,7 @@ pub use disk::{
 pub use error::{Error, Result};
 pub use extent_map::TOP;
 pub use fetch::{BlockSource, FetchPolicy, Offline, PartialLayer};
+pub use layer::{CacheReads, ReadTally};
 pub use mcow_format::Digest;
 pub use reuse::ReuseStats;
 pub use store::OpenLayer;

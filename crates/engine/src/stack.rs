@@ -12,6 +12,7 @@ use mcow_format::{Digest, ExtentKind};
 use crate::bitmap::AtomicBitmap;
 use crate::error::{Error, Result};
 use crate::extent_map::{BlockTable, Extent, ExtentMap, FrozenMap, Loc, MAX_TABLE_LAYERS};
+use crate::layer::ReadTally;
 use crate::store::{LayerStore, OpenLayer};
 
 /// Sealed layers plus their flattened map. Immutable once built, so it is shared freely.
@@ -31,6 +32,8 @@ pub struct Stack {
     /// touches no per-layer structure.
     maps: Vec<Option<memmap2::Mmap>>,
     verify: bool,
+    /// Whether any layer is partial (else reads count nothing in a tally).
+    any_partial: bool,
     chain: Digest,
 }
 
@@ -100,7 +103,8 @@ impl Stack {
             .iter()
             .map(|l| if l.partial().is_some_and(|p| p.drops_blocks()) { None } else { l.map_data() })
             .collect();
-        Ok(Stack { virtual_size, block_size, layers, map, table, verified, maps, verify, chain })
+        let any_partial = layers.iter().any(OpenLayer::is_partial);
+        Ok(Stack { virtual_size, block_size, layers, map, table, verified, maps, verify, any_partial, chain })
     }
 
     /// An empty stack (a disk with no sealed layers).
@@ -114,6 +118,7 @@ impl Stack {
             verified: AtomicBitmap::default(),
             maps: Vec::new(),
             verify: true,
+            any_partial: false,
             chain: Digest::ZERO,
         }
     }
@@ -176,18 +181,27 @@ impl Stack {
 
     /// Reads `buf` from the data run that starts at virtual block `vblock` at `loc` (as returned
     /// by [`Stack::lookup`]), `offset` bytes in. Blocks not yet checked are checked against
-    /// their hashes first.
-    pub fn read_run(&self, vblock: u64, loc: Loc, offset: u64, buf: &mut [u8]) -> Result<()> {
+    /// their hashes first. With `tally`, the blocks read from a partial layer are counted there
+    /// (hits and misses: see [`ReadTally`]).
+    pub fn read_run(
+        &self,
+        vblock: u64,
+        loc: Loc,
+        offset: u64,
+        buf: &mut [u8],
+        tally: Option<&ReadTally>,
+    ) -> Result<()> {
         if buf.is_empty() {
             return Ok(());
         }
         let bs = u64::from(self.block_size);
         let blocks = vblock + offset / bs..=vblock + (offset + buf.len() as u64 - 1) / bs;
         if !self.checked(loc, blocks.clone()) {
-            self.layers[loc.layer as usize].read(loc.pblock, offset, buf)?;
+            self.layers[loc.layer as usize].read_counted(loc.pblock, offset, buf, tally)?;
             self.mark_checked(blocks);
             return Ok(());
         }
+        self.count_hits(loc, &blocks, tally);
         match &self.maps[loc.layer as usize] {
             Some(map) => {
                 let start = (loc.pblock * bs + offset) as usize;
@@ -201,14 +215,26 @@ impl Stack {
     /// The `len` bytes of the run at `loc` (virtual block `vblock`, `offset` bytes in) as a
     /// slice of the layer's map, after making them local and checked as [`Stack::read_run`]
     /// would; `None` when the layer is not mapped.
-    pub fn mapped_run(&self, vblock: u64, loc: Loc, offset: u64, len: usize) -> Result<Option<&[u8]>> {
+    pub fn mapped_run(
+        &self,
+        vblock: u64,
+        loc: Loc,
+        offset: u64,
+        len: usize,
+        tally: Option<&ReadTally>,
+    ) -> Result<Option<&[u8]>> {
         let Some(map) = &self.maps[loc.layer as usize] else { return Ok(None) };
         if len == 0 {
             return Ok(Some(&[]));
         }
-        self.ready_run(vblock, loc, offset, len as u64)?;
+        self.ready_run(vblock, loc, offset, len as u64, tally)?;
         let start = (loc.pblock * u64::from(self.block_size) + offset) as usize;
         Ok(Some(&map[start..start + len]))
+    }
+
+    /// Whether the layer of `loc` is mapped ([`Stack::mapped_run`] gives slices of it).
+    pub fn is_mapped(&self, loc: Loc) -> bool {
+        self.maps[loc.layer as usize].is_some()
     }
 
     /// The virtual blocks under `len` (> 0) bytes from `offset` into virtual block `vblock`.
@@ -218,17 +244,37 @@ impl Stack {
     }
 
     /// Makes the run at `loc` (`len` bytes from `offset` into virtual block `vblock`) local and
-    /// checked without reading it out, fetching what a partial layer lacks.
-    pub(crate) fn ready_run(&self, vblock: u64, loc: Loc, offset: u64, len: u64) -> Result<()> {
+    /// checked without reading it out, fetching what a partial layer lacks (and counting its
+    /// blocks in `tally`, as [`Stack::read_run`] does).
+    pub(crate) fn ready_run(
+        &self,
+        vblock: u64,
+        loc: Loc,
+        offset: u64,
+        len: u64,
+        tally: Option<&ReadTally>,
+    ) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
         let blocks = self.blocks_of(vblock, offset, len);
         if !self.checked(loc, blocks.clone()) {
-            self.layers[loc.layer as usize].make_ready(loc.pblock, offset, len)?;
+            self.layers[loc.layer as usize].make_ready(loc.pblock, offset, len, tally)?;
             self.mark_checked(blocks);
+        } else {
+            self.count_hits(loc, &blocks, tally);
         }
         Ok(())
+    }
+
+    /// Counts `blocks`, found checked, as hits if `loc` is in a partial layer.
+    fn count_hits(&self, loc: Loc, blocks: &std::ops::RangeInclusive<u64>, tally: Option<&ReadTally>) {
+        if let Some(t) = tally
+            && self.any_partial
+            && self.layers[loc.layer as usize].is_partial()
+        {
+            t.hit(blocks.end() - blocks.start() + 1);
+        }
     }
 
     /// Whether reading the run at `loc` would fetch: its layer is partial and not all of its
@@ -248,7 +294,9 @@ impl Stack {
     /// (which must not run past the block). Unmapped, zero and discarded blocks read as zeros.
     pub fn read_block(&self, vblock: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
         match self.table.lookup(vblock, vblock + 1).0 {
-            Some(loc) if loc.kind == mcow_format::ExtentKind::Data => self.read_run(vblock, loc, offset, buf),
+            Some(loc) if loc.kind == mcow_format::ExtentKind::Data => {
+                self.read_run(vblock, loc, offset, buf, None)
+            }
             _ => {
                 buf.fill(0);
                 Ok(())

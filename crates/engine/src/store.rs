@@ -21,7 +21,7 @@ use crate::compressed::FramedSource;
 use crate::context::{Engine, WeakLayer};
 use crate::error::{Error, Result};
 use crate::fetch::{BlockSource, FetchPolicy, PartialLayer};
-use crate::layer::{LayerIndex, SealedLayer};
+use crate::layer::{LayerIndex, ReadTally, SealedLayer};
 use crate::pool::FileSlot;
 use crate::temp::{StaleTemp, TempFile, stale_temporaries};
 
@@ -575,11 +575,32 @@ impl OpenLayer {
         }
     }
 
-    /// Makes the blocks of a range local and checked without copying them out.
-    pub(crate) fn make_ready(&self, pblock: u64, offset: u64, len: u64) -> Result<()> {
+    /// [`OpenLayer::read`], counting the blocks of a partial layer in `tally`.
+    pub(crate) fn read_counted(
+        &self,
+        pblock: u64,
+        offset: u64,
+        buf: &mut [u8],
+        tally: Option<&ReadTally>,
+    ) -> Result<()> {
+        match self {
+            OpenLayer::Complete(l) => l.read(pblock, offset, buf),
+            OpenLayer::Partial(p) => p.read_counted(pblock, offset, buf, tally),
+        }
+    }
+
+    /// Makes the blocks of a range local and checked without copying them out (counting the
+    /// blocks of a partial layer in `tally`).
+    pub(crate) fn make_ready(
+        &self,
+        pblock: u64,
+        offset: u64,
+        len: u64,
+        tally: Option<&ReadTally>,
+    ) -> Result<()> {
         match self {
             OpenLayer::Complete(l) => l.make_ready(pblock, offset, len),
-            OpenLayer::Partial(p) => p.make_ready(pblock, offset, len),
+            OpenLayer::Partial(p) => p.make_ready(pblock, offset, len, tally),
         }
     }
 

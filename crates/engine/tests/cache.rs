@@ -152,6 +152,7 @@ fn reading_past_the_limit_drops_the_oldest_fetched_blocks_and_fetches_them_again
         let stats = e.cache_stats().unwrap();
         assert!(stats.dropped_bytes >= HALF * BS - LIMIT - window, "{stats:?}");
         // The first 2 MiB of the partial half were dropped: read again, they are fetched again.
+        let before = d.cache_reads();
         for b in HALF..HALF + 32 {
             d.read(b * BS, &mut buf).unwrap();
             let at = (b * BS) as usize;
@@ -160,6 +161,11 @@ fn reading_past_the_limit_drops_the_oldest_fetched_blocks_and_fetches_them_again
         // (The re-read is a new run of reads: its last window may reach past the 32 blocks.)
         let again = src.fetched.load(Ordering::Relaxed) - fetched;
         assert!((32 * BS..=32 * BS + window).contains(&again), "dropped blocks fetched again: {again} bytes");
+        // Each block read once, counted once; at least one miss per fetch window.
+        let after = d.cache_reads();
+        let (hits, misses) = (after.hits - before.hits, after.misses - before.misses);
+        assert_eq!(hits + misses, 32, "{before:?} -> {after:?}");
+        assert!(misses >= 32 / 4, "{before:?} -> {after:?}");
         assert!(e.cache_stats().unwrap().bytes <= LIMIT + window);
         let mut t = vec![0u8; 15];
         d.read(5 * BS + 100, &mut t).unwrap();
@@ -224,4 +230,74 @@ fn concurrent_readers_of_dropped_blocks_read_right() {
     let stats = e.cache_stats().unwrap();
     assert!(stats.bytes <= LIMIT + 4 * BS, "{stats:?}");
     assert!(stats.dropped_blocks > 100, "blocks were dropped: {stats:?}");
+}
+
+// Tried: the cache-hit counts (`Disk::cache_reads`) of a disk whose lower half is a complete
+// layer and upper half a partial one, fetched with one-block windows and no read-ahead: reads
+// of the complete half; eight blocks of the partial half read one at a time, then again; a
+// 16 KiB read inside a block; a read across three pieces (partial layer, writable top, partial
+// layer: the pieces are fetched at once); zero-copy reads (`read_mapped`) of local blocks and
+// of a range with data in the top; then the disk reopened on the same store.
+// Must hold: the complete half and the top count nothing; a first read of a block is one
+// miss, a later read one hit; a read counts each block once (the pieces fetched at once are
+// not counted again when read); a mapped read that falls back counts nothing; after the
+// reopen, blocks fetched before count as hits and nothing is fetched.
+#[test]
+fn reads_count_cache_hits_and_misses_per_block() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (disk, _, _) = build(tmp.path());
+    let all = expected();
+    let src = Arc::new(DirSource { store: tmp.path().join("a/layers"), fetched: 0.into() });
+    let policy = FetchPolicy { window: 1, readahead: 0 };
+    let open = || Disk::open_with_source(&disk, OpenOptions::default(), src.clone(), policy).unwrap();
+    let d = open();
+    let reads = |d: &Disk| {
+        let r = d.cache_reads();
+        (r.hits, r.misses)
+    };
+    let mut buf = vec![0u8; BS as usize];
+    for b in 0..8 {
+        d.read(b * BS, &mut buf).unwrap();
+    }
+    assert_eq!(reads(&d), (0, 0), "reads of a complete layer are not counted");
+    for b in HALF..HALF + 8 {
+        d.read(b * BS, &mut buf).unwrap();
+        assert!(buf == all[(b * BS) as usize..][..BS as usize], "block {b}");
+    }
+    assert_eq!(reads(&d), (0, 8), "first reads: one miss a block");
+    for b in HALF..HALF + 8 {
+        d.read(b * BS, &mut buf).unwrap();
+    }
+    assert_eq!(reads(&d), (8, 8), "second reads: one hit a block");
+    let mut small = vec![0u8; 16384];
+    d.read((HALF + 9) * BS + 4096, &mut small).unwrap();
+    assert_eq!(reads(&d), (8, 9), "a read inside a block counts that block once");
+    // Blocks HALF+10..HALF+15, with HALF+12 in the top: three pieces, four partial blocks.
+    d.write((HALF + 12) * BS, &vec![7u8; BS as usize]).unwrap();
+    let mut span = vec![0u8; 5 * BS as usize];
+    d.read((HALF + 10) * BS, &mut span).unwrap();
+    assert!(span[..2 * BS as usize] == all[((HALF + 10) * BS) as usize..][..2 * BS as usize]);
+    assert!(span[2 * BS as usize..3 * BS as usize].iter().all(|&x| x == 7));
+    assert!(span[3 * BS as usize..] == all[((HALF + 13) * BS) as usize..][..2 * BS as usize]);
+    assert_eq!(reads(&d), (8, 13), "the pieces fetched at once count once");
+    d.read((HALF + 10) * BS, &mut span).unwrap();
+    assert_eq!(reads(&d), (12, 13));
+    let mut sent = 0;
+    assert!(
+        d.read_mapped(HALF * BS, 4 * BS as usize, &mut |parts| sent = parts.iter().map(|p| p.len()).sum())
+            .unwrap()
+    );
+    assert_eq!((sent, reads(&d)), (4 * BS as usize, (16, 13)), "a mapped read counts too");
+    assert!(!d.read_mapped((HALF + 11) * BS, 3 * BS as usize, &mut |_| panic!("sent")).unwrap());
+    assert_eq!(reads(&d), (16, 13), "a mapped read that falls back counts nothing");
+    d.flush().unwrap();
+    drop(d);
+    let fetched = src.fetched.load(Ordering::Relaxed);
+    let d = open();
+    for b in HALF..HALF + 8 {
+        d.read(b * BS, &mut buf).unwrap();
+        assert!(buf == all[(b * BS) as usize..][..BS as usize], "block {b} after the reopen");
+    }
+    assert_eq!(reads(&d), (8, 0), "blocks fetched before the reopen are hits");
+    assert_eq!(src.fetched.load(Ordering::Relaxed), fetched, "nothing fetched again");
 }

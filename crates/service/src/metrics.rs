@@ -113,6 +113,20 @@ pub fn render(service: &Service) -> String {
         "Retries of requests to the export's origin after transient failures (shared by the disks of one origin).",
         &fetch(&|i| i.fetch_retries),
     );
+    family(
+        &mut out,
+        "mcow_export_cache_hits_total",
+        "counter",
+        "Block reads of the export's lazily fetched layers that found the block local (shared by the exports of one disk).",
+        &fetch(&|i| i.cache_hits),
+    );
+    family(
+        &mut out,
+        "mcow_export_cache_misses_total",
+        "counter",
+        "Block reads of the export's lazily fetched layers that fetched the block or waited for its fetch (shared by the exports of one disk).",
+        &fetch(&|i| i.cache_misses),
+    );
     let reused = service.reuse_stats();
     family(
         &mut out,

@@ -176,6 +176,11 @@ pub struct ExportInfo {
     /// Retries of requests to the disk's origin (after transient failures; shared by the disks
     /// of one origin), since the process opened it.
     pub fetch_retries: u64,
+    /// Block reads of the disk's lazily fetched layers that found the block local (cache
+    /// hits), since the disk was opened; the disk's exports share it.
+    pub cache_hits: u64,
+    /// Block reads of those layers that fetched the block or waited for its fetch (misses).
+    pub cache_misses: u64,
 }
 
 /// What [`Service::snapshot`] did.
@@ -629,6 +634,7 @@ impl Service {
                 let entry = st.exports.get(&s.name)?;
                 let disk = st.disks.get(&entry.key)?;
                 let (fetched, fetch_requests) = disk.source.as_ref().map_or((0, 0), |f| f.stats());
+                let reads = disk.disk.cache_reads();
                 Some(ExportInfo {
                     disk: entry.key.clone(),
                     reference: entry.reference.clone(),
@@ -644,6 +650,8 @@ impl Service {
                     fetch_requests,
                     fetch_errors: disk.source.as_ref().map_or(0, |f| f.errors()),
                     fetch_retries: disk.source.as_ref().map_or(0, |f| f.retries()),
+                    cache_hits: reads.hits,
+                    cache_misses: reads.misses,
                     name: s.name,
                 })
             })
