@@ -938,7 +938,17 @@ impl PartialLayer {
                 Want::Exact(end) => (end.saturating_sub(pblock).max(1), None),
                 Want::Read(end) => {
                     let own = end.saturating_sub(pblock).max(1);
-                    state.streams.window_for(&fetch.windows, pblock, own, &state.in_flight)
+                    // Not the fetches whose blocks left to land are all verified: they have
+                    // landed but for the bookkeeping (a fetch marks its blocks verified before
+                    // it records them landed), so a lone sequential reader that has read
+                    // them is not past a fetch in flight (a deep queue).
+                    let live: Vec<(u64, u64, u64)> = state
+                        .in_flight
+                        .iter()
+                        .filter(|&&(_, next, end)| !(next..end).all(|q| self.is_verified(q)))
+                        .copied()
+                        .collect();
+                    state.streams.window_for(&fetch.windows, pblock, own, &live)
                 }
             };
             drop(state);
