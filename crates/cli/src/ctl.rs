@@ -63,6 +63,22 @@ pub enum CtlVerb {
         /// Serve it read-only (required for a disk another export already serves).
         #[arg(short = 'r', long)]
         read_only: bool,
+        /// For a lazily pulled disk: its fetch window, in blocks, instead of the server's
+        /// (see `mcow serve --help`). Fetch options apply when this export opens the disk; an
+        /// export of a disk already served must ask for none or the same.
+        #[arg(long, value_name = "BLOCKS", value_parser = clap::value_parser!(u64).range(1..=4096))]
+        fetch_window: Option<u64>,
+        /// For a lazily pulled disk: its read-ahead limit (say, 64M; 0: none) instead of the
+        /// server's.
+        #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size)]
+        readahead: Option<u64>,
+        /// For a lazily pulled disk: do not prefetch its trace's blocks.
+        #[arg(long)]
+        no_prefetch: bool,
+        /// For a lazily pulled disk: download every remaining block in the background (not
+        /// with a server --cache-limit).
+        #[arg(long)]
+        fetch_all: bool,
         #[arg(long, value_enum, default_value_t)]
         output: OutputFormat,
     },
@@ -100,8 +116,22 @@ pub fn run(args: CtlArgs) -> Result<ExitCode> {
                 OutputFormat::Human => print_list(&v),
             }
         }
-        CtlVerb::Add { name, disk, read_only, output } => {
-            let body = serde_json::json!({ "name": name, "disk": disk, "read_only": read_only });
+        CtlVerb::Add { name, disk, read_only, fetch_window, readahead, no_prefetch, fetch_all, output } => {
+            let mut fetch = serde_json::Map::new();
+            if let Some(w) = fetch_window {
+                fetch.insert("window".into(), w.into());
+            }
+            if let Some(r) = readahead {
+                fetch.insert("readahead".into(), r.into());
+            }
+            if no_prefetch {
+                fetch.insert("prefetch".into(), false.into());
+            }
+            if fetch_all {
+                fetch.insert("all".into(), true.into());
+            }
+            let body =
+                serde_json::json!({ "name": name, "disk": disk, "read_only": read_only, "fetch": fetch });
             let v = request(sock, "POST", "/exports", Some(&body))?;
             match output {
                 OutputFormat::Json => print_json(&v)?,

@@ -267,6 +267,7 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
             read_only: args.read_only,
             trace: trace_out.is_some(),
             persist: false,
+            fetch: mcow_service::FetchOptions::default(),
         };
         let added = service.add(&req).with_context(|| format!("serving {spec}"))?;
         if let (Some(t), Ok(r)) = (&added.missing_trace, crate::paths::parse_reference(what)) {
@@ -285,6 +286,7 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
                 read_only: e.read_only,
                 trace: false,
                 persist: true,
+                fetch: e.fetch,
             };
             match service.add(&req) {
                 Ok(_) => {

@@ -457,3 +457,93 @@ fn snapshots_of_a_disk_in_use() {
     check("read -P 0x33 7M 1M");
     mcow_ok(dir, &["check", "vm"]);
 }
+
+/// Tried: a lazily pulled image added with `mcow ctl add --fetch-window 1 --readahead 0
+/// --no-prefetch`, read block by block (8 sequential 64 KiB reads); a second export of the same
+/// image asking for another window, one asking for none, and requests with a window of 0 and an
+/// unknown fetch key, with curl. Must hold: the export lists the settings asked for; the reads
+/// cost one fetch each (the server's default window of 4 would make 3 requests of them); the
+/// conflicting export is refused with 409 naming the export and its settings, the one without
+/// options is added and fetches the same way; the bad requests get 400 with the problem named;
+/// the list changes only by the export that was added.
+#[test]
+fn fetch_options_per_export_apply_and_conflicts_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    mcow_ok(dir, &["create", "base", "-s", "4M"]);
+    mcow_ok(dir, &["write", "base", "0", "--pattern", "0x42", "1048576"]);
+    mcow_ok(dir, &["seal", "base"]);
+    let image = format!("file://{}/img:v1", dir.display());
+    mcow_ok(dir, &["push", "base", &image]);
+    let serve = Serve::start(dir, &["--cache", "cache", "--control", "ctl.sock"]);
+    let out = mcow_ok(
+        dir,
+        &[
+            "ctl",
+            "-c",
+            "ctl.sock",
+            "add",
+            "img",
+            &image,
+            "-r",
+            "--fetch-window",
+            "1",
+            "--readahead",
+            "0",
+            "--no-prefetch",
+            "--output",
+            "json",
+        ],
+    );
+    let added: Value = serde_json::from_str(&out).unwrap();
+    let settings = serde_json::json!({"window": 1, "readahead": 0, "prefetch": false, "all": false});
+    assert_eq!(added["fetch"], settings, "{added}");
+    let requests = |dir: &Path| {
+        let (code, v) = curl(dir, "ctl.sock", "GET", "/exports/img", None);
+        assert_eq!(code, 200, "{v}");
+        v["fetch_requests"].as_u64().unwrap()
+    };
+    let before = requests(dir);
+    let mut args: Vec<String> = vec!["-f".into(), "raw".into(), "-r".into()];
+    for b in 0..8 {
+        args.extend(["-c".into(), format!("read -P 0x42 {} 64k", b * 65536)]);
+    }
+    args.push(serve.unix_uri("img"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = tool_ok("qemu-io", dir, &args);
+    assert_eq!(out.matches("read 65536/65536").count(), 8, "{out}");
+    assert_eq!(requests(dir) - before, 8, "a fetch window of 1: one request per block read");
+
+    let listed = list(dir, "ctl.sock");
+    let cases: [(&str, u16, &str); 3] = [
+        (
+            r#"{"name": "img2", "disk": "IMAGE", "read_only": true, "fetch": {"window": 4}}"#,
+            409,
+            "already served as export \"img\", fetching with window 1 blocks, read-ahead 0 bytes, prefetch false",
+        ),
+        (
+            r#"{"name": "img3", "disk": "IMAGE", "read_only": true, "fetch": {"window": 0}}"#,
+            400,
+            "fetch window 0",
+        ),
+        (
+            r#"{"name": "img4", "disk": "IMAGE", "read_only": true, "fetch": {"windoww": 1}}"#,
+            400,
+            "unknown field `windoww`",
+        ),
+    ];
+    for (body, want, text) in cases {
+        let body = body.replace("IMAGE", &image);
+        let (code, v) = curl(dir, "ctl.sock", "POST", "/exports", Some(&body));
+        assert_eq!(code, want, "{body}: {v}");
+        let msg = v["error"].as_str().unwrap_or_else(|| panic!("no error message: {v}"));
+        assert!(msg.contains(text), "{body}: {msg:?} lacks {text:?}");
+    }
+    assert_eq!(list(dir, "ctl.sock"), listed, "a refused request changed the list");
+    let body = format!(r#"{{"name": "img5", "disk": "{image}", "read_only": true}}"#);
+    let (code, v) = curl(dir, "ctl.sock", "POST", "/exports", Some(&body));
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["fetch"], settings, "a second export of the disk fetches as the disk was opened");
+    assert_eq!(names(&list(dir, "ctl.sock")), ["img", "img5"]);
+    serve.stop();
+}

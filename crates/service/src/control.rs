@@ -5,14 +5,16 @@
 //! Routes (docs/CONTROL.md is the reference):
 //! - `GET /exports`: `{"exports": [ExportInfo…]}`.
 //! - `GET /exports/NAME`: one `ExportInfo`, or 404.
-//! - `POST /exports` with `{"name": NAME?, "disk": DIR|REF, "read_only": BOOL?}`: adds it;
+//! - `POST /exports` with `{"name": NAME?, "disk": DIR|REF, "read_only": BOOL?, "fetch":
+//!   {"window": BLOCKS?, "readahead": BYTES?, "prefetch": BOOL?, "all": BOOL?}?}`: adds it;
 //!   201 with its `ExportInfo`.
 //! - `DELETE /exports/NAME`: removes it (in-flight requests finish, clients are disconnected,
 //!   the disk is flushed) and answers once that is done: 200 with its last `ExportInfo`.
 //! - `GET /metrics`: Prometheus text ([`crate::metrics`]).
 //!
 //! Every error is `{"error": "…"}` with a status: 400 bad JSON or a bad request, 404 unknown
-//! export or route, 405 a method a route does not take, 409 a name or disk already served,
+//! export or route, 405 a method a route does not take, 409 a name or disk already served
+//! (or served with other fetch options),
 //! 502 an image's origin failing, 500 anything else. A request that fails changes nothing.
 //! Each request runs on a thread of its own (adds and removes still run one at a time in the
 //! service), so a list is answered while a slow pull or removal goes on.
@@ -26,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use tiny_http::{Header, Method, Request, Response, StatusCode};
 
 use crate::error::ServiceError;
-use crate::service::{AddExport, ExportInfo, Service};
+use crate::service::{AddExport, ExportInfo, FetchOptions, Service};
 
 /// Largest request body read (a JSON object naming a disk is far smaller).
 const MAX_BODY: u64 = 64 << 10;
@@ -38,6 +40,8 @@ struct AddBody {
     name: Option<String>,
     disk: String,
     read_only: Option<bool>,
+    #[serde(default)]
+    fetch: FetchOptions,
 }
 
 #[derive(Serialize)]
@@ -155,6 +159,8 @@ fn status_of(e: &ServiceError) -> u16 {
     match e {
         ServiceError::UnknownExport(_) => 404,
         ServiceError::DuplicateExport(_) | ServiceError::DiskInUse { .. } => 409,
+        ServiceError::FetchOptionsDiffer { .. } => 409,
+        ServiceError::InvalidOptions(_) => 400,
         ServiceError::Snapshot { source: mcow_engine::Error::ReadOnly, .. } => 409,
         ServiceError::Server(mcow_nbd::ServerError::InvalidExportName { .. }) => 400,
         ServiceError::Open { .. } => 400,
@@ -238,7 +244,7 @@ fn route(
                     return error(
                         400,
                         format!(
-                            "invalid JSON body ({e}); expected {{\"name\": NAME, \"disk\": DIR|REF, \"read_only\": BOOL}}"
+                            "invalid JSON body ({e}); expected {{\"name\": NAME, \"disk\": DIR|REF, \"read_only\": BOOL, \"fetch\": {{\"window\": BLOCKS, \"readahead\": BYTES, \"prefetch\": BOOL, \"all\": BOOL}}}} (all but disk optional)"
                         ),
                     );
                 }
@@ -249,6 +255,7 @@ fn route(
                 read_only: add.read_only.unwrap_or(read_only),
                 trace: false,
                 persist: true,
+                fetch: add.fetch,
             };
             match service.add(&req) {
                 Ok(added) => {

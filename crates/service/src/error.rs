@@ -42,6 +42,25 @@ pub enum ServiceError {
         /// Whether that export's disk was opened read-only.
         read_only: bool,
     },
+    /// An export of a disk already served asked for other fetch options than it was opened
+    /// with.
+    #[error(
+        "disk {} is already served as export {export:?}, fetching with window {} blocks, read-ahead {} \
+         bytes, prefetch {}, all {}: a second export of it fetches the same way (give no fetch \
+         options, or these)",
+        dir.display(), settings.window, settings.readahead, settings.prefetch, settings.all
+    )]
+    FetchOptionsDiffer {
+        /// The disk directory.
+        dir: std::path::PathBuf,
+        /// An export serving it.
+        export: String,
+        /// How it fetches.
+        settings: crate::service::FetchSettings,
+    },
+    /// A request's options are out of range or do not go together.
+    #[error("bad options: {0}")]
+    InvalidOptions(String),
     /// Opening a disk failed.
     #[error("opening disk {}{hint}: {source}", dir.display())]
     Open {

@@ -50,6 +50,7 @@ pub use export::{DEPTH_CONTEXT, DiskExport};
 pub use listen::{Inherited, ListenOn, Listening};
 pub use prefetch::background_fetch;
 pub use service::{
-    AddExport, Added, ExportInfo, SavedExport, Service, ServiceConfig, SnapshotInfo, load_state,
+    AddExport, Added, ExportInfo, FetchOptions, FetchSettings, SavedExport, Service, ServiceConfig,
+    SnapshotInfo, load_state,
 };
 pub use trace::TraceRecorder;

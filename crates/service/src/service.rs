@@ -94,6 +94,76 @@ pub struct AddExport {
     pub trace: bool,
     /// List it in the state file ([`ServiceConfig::state`]) while it is served.
     pub persist: bool,
+    /// How its disk fetches, where not as the service's defaults (applied when this export
+    /// opens the disk; a disk already served keeps how it was opened).
+    pub fetch: FetchOptions,
+}
+
+/// How one export's lazily pulled disk fetches, where it differs from the service's defaults
+/// ([`ServiceConfig::fetch`], [`ServiceConfig::prefetch`], [`ServiceConfig::fetch_all`]): the
+/// control API's `"fetch"` object. No effect on a disk with nothing to fetch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FetchOptions {
+    /// The fetch window of sequential reads, in blocks (1 to 4096): [`FetchPolicy::window`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<u64>,
+    /// The most one fetch of a long sequential run asks for, in bytes (0: no read-ahead):
+    /// [`FetchPolicy::readahead`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readahead: Option<u64>,
+    /// Prefetch the blocks of the image's trace in the background.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch: Option<bool>,
+    /// Download every remaining block in the background (not with a cache limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub all: Option<bool>,
+}
+
+impl FetchOptions {
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        *self == FetchOptions::default()
+    }
+
+    /// The settings these options make of `config`'s, or why they are refused.
+    fn apply(&self, config: &ServiceConfig) -> Result<FetchSettings, ServiceError> {
+        let bad = |why: String| Err(ServiceError::InvalidOptions(why));
+        let window = self.window.unwrap_or(config.fetch.window);
+        if !(1..=4096).contains(&window) {
+            return bad(format!("fetch window {window}: it must be 1 to 4096 blocks"));
+        }
+        let all = self.all.unwrap_or(config.fetch_all);
+        if all && config.cache_limit.is_some() {
+            return bad("fetching every block (\"all\") does not go with the server's cache limit".into());
+        }
+        Ok(FetchSettings {
+            window,
+            readahead: self.readahead.unwrap_or(config.fetch.readahead),
+            prefetch: self.prefetch.unwrap_or(config.prefetch),
+            all,
+        })
+    }
+}
+
+/// How a lazily pulled disk fetches: the service's defaults with the options of the export
+/// that opened it (see [`FetchOptions`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct FetchSettings {
+    /// The fetch window, in blocks.
+    pub window: u64,
+    /// The read-ahead limit, in bytes.
+    pub readahead: u64,
+    /// Whether the trace is prefetched.
+    pub prefetch: bool,
+    /// Whether every remaining block is downloaded in the background.
+    pub all: bool,
+}
+
+impl FetchSettings {
+    fn policy(&self) -> FetchPolicy {
+        FetchPolicy { window: self.window, readahead: self.readahead }
+    }
 }
 
 /// One export as the state file lists it.
@@ -106,6 +176,9 @@ pub struct SavedExport {
     pub disk: String,
     /// Served read-only.
     pub read_only: bool,
+    /// Its fetch options, if it was given any.
+    #[serde(default, skip_serializing_if = "FetchOptions::is_empty")]
+    pub fetch: FetchOptions,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize)]
@@ -176,6 +249,8 @@ pub struct ExportInfo {
     /// Retries of requests to the disk's origin (after transient failures; shared by the disks
     /// of one origin), since the process opened it.
     pub fetch_retries: u64,
+    /// How the disk fetches, if it has an origin.
+    pub fetch: Option<FetchSettings>,
     /// Block reads of the disk's lazily fetched layers that found the block local (cache
     /// hits), since the disk was opened; the disk's exports share it.
     pub cache_hits: u64,
@@ -221,6 +296,8 @@ struct OpenDisk {
     writer: Option<String>,
     /// Seals the disk's frozen tops in the background after a snapshot (or found at open).
     sealer: Option<JoinHandle<()>>,
+    /// How it fetches (as the export that opened it asked).
+    settings: FetchSettings,
 }
 
 /// What an export serves.
@@ -329,11 +406,21 @@ impl Service {
             Target::Dir(_) => None,
         };
 
+        let settings = req.fetch.apply(&self.config)?;
         let shared = lock(&self.state).disks.get(&key).map(|d| {
-            (d.disk.clone(), d.writer.clone().unwrap_or_else(|| d.exports[0].clone()), d.writer.is_some())
+            let other = d.writer.clone().unwrap_or_else(|| d.exports[0].clone());
+            (d.disk.clone(), other, d.writer.is_some(), d.settings)
         });
         let (disk, opened) = match shared {
-            Some((disk, other, has_writer)) => {
+            Some((disk, other, has_writer, opened_with)) => {
+                // The disk fetches as it was opened: options asking otherwise are refused.
+                if !req.fetch.is_empty() && settings != opened_with {
+                    return Err(ServiceError::FetchOptionsDiffer {
+                        dir: key,
+                        export: other,
+                        settings: opened_with,
+                    });
+                }
                 // One writer per disk: a writable export of a disk already served needs the
                 // disk opened writable and no other export writing it.
                 if !req.read_only && (has_writer || disk.is_read_only()) {
@@ -346,7 +433,7 @@ impl Service {
                 (disk, None)
             }
             None => {
-                let o = self.open(&prepared.dir, req.read_only)?;
+                let o = self.open(&prepared.dir, req.read_only, settings)?;
                 (o.disk.clone(), Some((o, prepared.pulled_bytes)))
             }
         };
@@ -385,6 +472,7 @@ impl Service {
                 name: name.clone(),
                 disk: req.disk.clone(),
                 read_only: req.read_only,
+                fetch: req.fetch,
             });
             let added = st.adds;
             st.exports.insert(name.clone(), Entry { key, reference, saved, added });
@@ -399,10 +487,10 @@ impl Service {
 
     /// Opens the disk at `dir` and starts its background fetch (a lazy disk with a trace, or
     /// `fetch_all`).
-    fn open(&self, dir: &Path, read_only: bool) -> Result<OpenDisk, ServiceError> {
+    fn open(&self, dir: &Path, read_only: bool, settings: FetchSettings) -> Result<OpenDisk, ServiceError> {
         let opts = OpenOptions { read_only, verify: true, force_share: self.config.force_share };
         let (disk, source) =
-            self.sources.open_lazy_disk(&self.engine, dir, opts, self.config.fetch).map_err(|e| {
+            self.sources.open_lazy_disk(&self.engine, dir, opts, settings.policy()).map_err(|e| {
                 let locked = matches!(e, mcow_remote::RemoteError::Engine(mcow_engine::Error::Locked { .. }));
                 let hint = match (locked, read_only) {
                     (true, true) => " (another process has it open for writing; force-share reads it anyway)",
@@ -416,7 +504,7 @@ impl Service {
         let mut background = None;
         if source.is_some() {
             let trace_path = dir.join(TRACE_FILE);
-            let trace = match (self.config.prefetch, std::fs::read(&trace_path)) {
+            let trace = match (settings.prefetch, std::fs::read(&trace_path)) {
                 (true, Ok(bytes)) => match mcow_remote::image::Trace::parse(&bytes) {
                     Ok(tr) => Some(tr.blocks),
                     Err(e) => {
@@ -426,8 +514,8 @@ impl Service {
                 },
                 _ => None,
             };
-            if trace.is_some() || self.config.fetch_all {
-                let (d, all, st) = (disk.clone(), self.config.fetch_all, stop.clone());
+            if trace.is_some() || settings.all {
+                let (d, all, st) = (disk.clone(), settings.all, stop.clone());
                 background = Some(std::thread::spawn(move || background_fetch(d, trace, all, st)));
             }
         }
@@ -440,6 +528,7 @@ impl Service {
             exports: Vec::new(),
             writer: None,
             sealer: None,
+            settings,
         };
         if !read_only && opened.disk.frozen_tops() > 0 {
             // A snapshot taken before a restart was not sealed yet: seal it now.
@@ -650,6 +739,7 @@ impl Service {
                     fetch_requests,
                     fetch_errors: disk.source.as_ref().map_or(0, |f| f.errors()),
                     fetch_retries: disk.source.as_ref().map_or(0, |f| f.retries()),
+                    fetch: disk.source.as_ref().map(|_| disk.settings),
                     cache_hits: reads.hits,
                     cache_misses: reads.misses,
                     name: s.name,
@@ -724,5 +814,66 @@ impl Service {
             bytes_reused = reused.bytes,
             "served; copied from other local layers instead of fetched"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Tried: no options, each option, a window out of range, fetching everything with a
+    // cache limit. Must hold: the service's defaults fill what is not given; the bad ones are
+    // refused naming the problem.
+    #[test]
+    fn fetch_options_fill_in_the_defaults_and_refuse_what_cannot_be() {
+        let config = ServiceConfig::default();
+        let d = FetchOptions::default().apply(&config).unwrap();
+        assert_eq!(
+            d,
+            FetchSettings {
+                window: FetchPolicy::DEFAULT_WINDOW,
+                readahead: FetchPolicy::DEFAULT_READAHEAD,
+                prefetch: true,
+                all: false
+            }
+        );
+        let o = FetchOptions { window: Some(16), readahead: Some(0), prefetch: Some(false), all: Some(true) };
+        assert_eq!(
+            o.apply(&config).unwrap(),
+            FetchSettings { window: 16, readahead: 0, prefetch: false, all: true }
+        );
+        for w in [0, 4097] {
+            let e = FetchOptions { window: Some(w), ..Default::default() }.apply(&config).unwrap_err();
+            assert!(e.to_string().contains(&format!("fetch window {w}")), "{e}");
+        }
+        let limited = ServiceConfig { cache_limit: Some(1 << 30), ..ServiceConfig::default() };
+        let e = FetchOptions { all: Some(true), ..Default::default() }.apply(&limited).unwrap_err();
+        assert!(e.to_string().contains("cache limit"), "{e}");
+    }
+
+    // Tried: a state file with an export given fetch options and one without, written as the
+    // service writes it and read back by `load_state`. Must hold: the options come back as
+    // given, and an export without them is written without a `fetch` key (as before them).
+    #[test]
+    fn the_state_file_keeps_fetch_options() {
+        let with = SavedExport {
+            name: "a".into(),
+            disk: "oci://r/x:1".into(),
+            read_only: true,
+            fetch: FetchOptions { window: Some(1), prefetch: Some(false), ..Default::default() },
+        };
+        let without = SavedExport {
+            name: "b".into(),
+            disk: "d".into(),
+            read_only: false,
+            fetch: FetchOptions::default(),
+        };
+        let state = SavedState { exports: vec![with.clone(), without.clone()] };
+        let text = serde_json::to_string(&state).unwrap();
+        assert_eq!(text.matches("\"fetch\"").count(), 1, "{text}");
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("state.json");
+        std::fs::write(&path, &text).unwrap();
+        assert_eq!(load_state(&path).unwrap(), vec![with, without]);
     }
 }
