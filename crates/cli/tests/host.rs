@@ -44,28 +44,13 @@ impl Guest {
     /// Boots guest `id` on the NBD export `export` of socket `sock` (QEMU's NBD client with
     /// `reconnect-delay`, so that it rides out a restart of the server), writing `writes` files.
     fn boot(a: &Assets, sock: &Path, export: &str, id: u32, writes: u32) -> Guest {
-        let qemu = require("qemu-system-x86_64");
-        let mut child = Command::new(tool("timeout"))
-            .args(["-k", "5", "300"])
-            .arg(qemu)
-            .args(["-accel", "tcg", "-m", "256", "-smp", "1", "-nographic", "-no-reboot", "-nodefaults"])
-            .args(["-serial", "stdio", "-kernel"])
-            .arg(&a.vmlinux)
-            .arg("-initrd")
-            .arg(&a.initrd)
-            .arg("-append")
-            .arg(format!("console=ttyS0 panic=-1 quiet vmid={id} vmmode=writer vmwrites={writes}"))
-            .arg("-blockdev")
-            .arg(format!(
-                "driver=nbd,node-name=d0,server.type=unix,server.path={},export={export},reconnect-delay=30",
-                sock.display()
-            ))
-            .args(["-device", "virtio-blk-pci,drive=d0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("running qemu-system-x86_64");
+        let params = format!("vmmode=writer vmwrites={writes}");
+        let mut child =
+            qemu_command(a, sock, export, id, &params, Drive::Reconnecting { delay_secs: 30 }, 300)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("running qemu-system-x86_64");
         let (tx, rx) = mpsc::channel();
         for out in [
             Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,

@@ -2,45 +2,21 @@
 //! of partial layers past the limit are dropped (holes punched), least recently used first, and
 //! fetched again when read; complete layers and writable tops are never touched.
 
-use std::os::unix::fs::{FileExt, MetadataExt};
+mod common;
+
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
+use common::source::StoreSource;
 use mcow_engine::store::LayerStore;
-use mcow_engine::{BlockSource, CreateOptions, Digest, Disk, Engine, EngineConfig, FetchPolicy, OpenOptions};
+use mcow_engine::{CreateOptions, Digest, Disk, Engine, EngineConfig, FetchPolicy, OpenOptions};
 use mcow_format::{HEADER_SIZE, TRAILER_SIZE, Trailer};
 
 const BS: u64 = 65536;
 /// Blocks per layer: the disk is two layers of 128 blocks (8 MiB each).
 const HALF: u64 = 128;
-
-/// Serves byte ranges of complete layer files from another store, counting bytes and requests.
-struct DirSource {
-    store: PathBuf,
-    fetched: AtomicU64,
-}
-
-impl BlockSource for DirSource {
-    fn read_range(
-        &self,
-        layer: &Digest,
-        offset: u64,
-        len: u64,
-        sink: &mut dyn FnMut(&[u8]) -> bool,
-    ) -> std::io::Result<()> {
-        let f = std::fs::File::open(self.store.join("blobs/sha256").join(layer.hex()))?;
-        let mut buf = vec![0u8; len as usize];
-        f.read_exact_at(&mut buf, offset)?;
-        self.fetched.fetch_add(len, Ordering::Relaxed);
-        for piece in buf.chunks(40_000) {
-            if !sink(piece) {
-                break;
-            }
-        }
-        Ok(())
-    }
-}
 
 /// What every byte of the disk holds.
 fn expected() -> Vec<u8> {
@@ -129,7 +105,7 @@ fn reading_past_the_limit_drops_the_oldest_fetched_blocks_and_fetches_them_again
     let complete_alloc = allocated(&complete);
     let base = allocated(&partial);
     let all = expected();
-    let src = Arc::new(DirSource { store: tmp.path().join("a/layers"), fetched: 0.into() });
+    let src = Arc::new(StoreSource::new(tmp.path().join("a/layers")));
     let policy = FetchPolicy { window: 4, readahead: 0 };
     let e = engine(LIMIT);
     {
@@ -200,7 +176,7 @@ fn concurrent_readers_of_dropped_blocks_read_right() {
     let tmp = tempfile::tempdir().unwrap();
     let (disk, _, _) = build(tmp.path());
     let all = expected();
-    let src = Arc::new(DirSource { store: tmp.path().join("a/layers"), fetched: 0.into() });
+    let src = Arc::new(StoreSource::new(tmp.path().join("a/layers")));
     let e = engine(LIMIT);
     let policy = FetchPolicy { window: 1, readahead: 0 };
     let d = Disk::open_with_source_in(&e, &disk, OpenOptions::default(), src.clone(), policy).unwrap();
@@ -247,7 +223,7 @@ fn reads_count_cache_hits_and_misses_per_block() {
     let tmp = tempfile::tempdir().unwrap();
     let (disk, _, _) = build(tmp.path());
     let all = expected();
-    let src = Arc::new(DirSource { store: tmp.path().join("a/layers"), fetched: 0.into() });
+    let src = Arc::new(StoreSource::new(tmp.path().join("a/layers")));
     let policy = FetchPolicy { window: 1, readahead: 0 };
     let open = || Disk::open_with_source(&disk, OpenOptions::default(), src.clone(), policy).unwrap();
     let d = open();

@@ -337,6 +337,23 @@ fn read_top(top: &TopLayer, blocks: u64) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// The crash-image loop of the tests below: `open` names each image (for messages) and opens
+/// its top, which must succeed; `check` gets the image, its name and what each of the top's
+/// `blocks` blocks reads. Returns how many images were checked.
+fn check_crash_images<I>(
+    images: Vec<I>,
+    blocks: u64,
+    open: impl Fn(&I) -> (String, mcow_engine::Result<TopLayer>),
+    mut check: impl FnMut(&I, &str, &[Vec<u8>]),
+) -> usize {
+    for image in &images {
+        let (label, img) = open(image);
+        let img = img.unwrap_or_else(|e| panic!("{label}: the image does not open: {e}"));
+        check(image, &label, &read_top(&img, blocks));
+    }
+    images.len()
+}
+
 #[test]
 fn a_crash_at_any_step_of_a_compaction_finds_the_old_journal_or_the_new_one() {
     let blocks = 32u64;
@@ -394,12 +411,12 @@ fn a_crash_at_any_step_of_a_compaction_finds_the_old_journal_or_the_new_one() {
         top.flush().unwrap();
         let compacted = top.compactions() > before;
         let images = std::mem::take(&mut *dir.images.lock().unwrap());
-        for (d, j, label) in images {
-            let switch = label.starts_with("[switch]");
-            let label = format!("round {round}, {label}");
-            let img = TopLayer::open(Box::new(d), Box::new(j), path, false)
-                .unwrap_or_else(|e| panic!("{label}: the image does not open: {e}"));
-            let got = read_top(&img, blocks);
+        let open = |(d, j, label): &(SimStorage, SimStorage, String)| {
+            let img = TopLayer::open(Box::new(d.clone()), Box::new(j.clone()), path, false);
+            (format!("round {round}, {label}"), img)
+        };
+        checked += check_crash_images(images, blocks, open, |(_, _, moment), label, got| {
+            let switch = moment.starts_with("[switch]");
             // At a switch step the round's batch is durable: the image is the new flush.
             // Before that, with whole-block writes and no tears: each block reads as a value
             // it has had since the last flush.
@@ -411,8 +428,7 @@ fn a_crash_at_any_step_of_a_compaction_finds_the_old_journal_or_the_new_one() {
                 at_switch += 1;
                 assert!(compacted, "{label}: a switch step in a round that did not compact");
             }
-            checked += 1;
-        }
+        });
         flushed = want;
         assert_eq!(read_top(&top, blocks), flushed);
     }
@@ -642,18 +658,18 @@ fn a_process_kill_around_a_compaction_loses_no_acknowledged_write() {
     };
     let (mut checked, mut at_rename) = (0, 0);
     let mut check = |want: &[Vec<u8>], round: usize| {
-        for (moment, d, j, [l0, l1]) in std::mem::take(&mut *kills.lock().unwrap()) {
-            let label = format!("round {round}, kill {moment}");
-            let img =
-                TopLayer::open_logged(Box::new(d), Box::new(j), [Box::new(l0), Box::new(l1)], path, false)
-                    .unwrap_or_else(|e| panic!("{label}: the image does not open: {e}"));
-            let got = read_top(&img, blocks);
+        let open = |(moment, d, j, [l0, l1]): &Killed| {
+            let logs: [Box<dyn Storage>; 2] = [Box::new(l0.clone()), Box::new(l1.clone())];
+            let img = TopLayer::open_logged(Box::new(d.clone()), Box::new(j.clone()), logs, path, false);
+            (format!("round {round}, kill {moment}"), img)
+        };
+        let kills = std::mem::take(&mut *kills.lock().unwrap());
+        checked += check_crash_images(kills, blocks, open, |(moment, ..), label, got| {
             if let Some(vb) = (0..blocks as usize).find(|&vb| got[vb] != want[vb]) {
                 panic!("{label}: block {vb} lost an acknowledged write");
             }
-            checked += 1;
             at_rename += usize::from(moment.contains("rename"));
-        }
+        });
     };
     for round in 0..120 {
         steps(&mut rng, 6);

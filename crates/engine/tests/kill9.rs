@@ -23,7 +23,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use common::{Rng, assert_check_clean, create_disk, open_rw, pattern, read_all};
@@ -72,50 +72,59 @@ fn apply_to_model(model: &mut [u8], step: &Step) {
     }
 }
 
+/// Applies `step` to the disk.
+fn apply(d: &Disk, step: Step) {
+    match step {
+        Step::Write { off, data } => d.write(off, &data).unwrap(),
+        Step::Zeroes { off, len, may_trim } => d.write_zeroes(off, len, may_trim).unwrap(),
+    }
+}
+
+/// The child side of every test here: runs `work` on the disk named by the environment variable
+/// `env`, opened writable. A no-op in a normal test run (`env` unset).
+fn child(env: &str, work: impl FnOnce(Disk)) {
+    let Ok(dir) = std::env::var(env) else { return };
+    work(open_rw(Path::new(&dir)));
+}
+
 /// The child: write, flush, report, forever (until killed). A no-op in a normal test run.
 #[test]
 fn kill9_child_writer() {
-    let Ok(dir) = std::env::var(ENV) else { return };
-    let d = open_rw(Path::new(&dir));
-    for i in 0.. {
-        for step in iteration(i) {
-            match step {
-                Step::Write { off, data } => d.write(off, &data).unwrap(),
-                Step::Zeroes { off, len, may_trim } => d.write_zeroes(off, len, may_trim).unwrap(),
+    child(ENV, |d| {
+        for i in 0.. {
+            for step in iteration(i) {
+                apply(&d, step);
             }
+            d.flush().unwrap();
+            println!("FLUSHED {i}");
         }
-        d.flush().unwrap();
-        println!("FLUSHED {i}");
-    }
+    });
 }
 
 /// The acknowledging child: each step, then `ACKED <i> <j>`; a flush only now and then.
 #[test]
 fn kill9_child_acked_writer() {
-    let Ok(dir) = std::env::var(ENV_ACKED) else { return };
-    let d = open_rw(Path::new(&dir));
-    for i in 0.. {
-        for (j, step) in iteration(i).into_iter().enumerate() {
-            match step {
-                Step::Write { off, data } => d.write(off, &data).unwrap(),
-                Step::Zeroes { off, len, may_trim } => d.write_zeroes(off, len, may_trim).unwrap(),
+    child(ENV_ACKED, |d| {
+        for i in 0.. {
+            for (j, step) in iteration(i).into_iter().enumerate() {
+                apply(&d, step);
+                println!("ACKED {i} {j}");
             }
-            println!("ACKED {i} {j}");
+            if i % ACKED_FLUSH_EVERY == ACKED_FLUSH_EVERY - 1 {
+                d.flush().unwrap();
+            }
         }
-        if i % ACKED_FLUSH_EVERY == ACKED_FLUSH_EVERY - 1 {
-            d.flush().unwrap();
-        }
-    }
+    });
 }
 
-#[test]
-fn kill_9_loses_no_acknowledged_write() {
+/// The parent side of every test here: one test at a time, ten rounds, each on a fresh disk (a
+/// sealed base layer of [`base_content`] under an empty top) handed to `round` with its number
+/// and the test's random source (seeded with `seed` and the process id); `round` runs a child
+/// on it ([`run_until_killed`]) and checks what the child left.
+fn kill9_rounds(seed: u64, mut round: impl FnMut(u32, &Path, &mut Rng)) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let exe = std::env::current_exe().unwrap();
-    let mut rng = Rng::new(0x7777 ^ u64::from(std::process::id()));
-    let mut unflushed_steps = 0u64;
-    let mut recovered_rounds = 0;
-    for round in 0..10 {
+    let mut rng = Rng::new(seed ^ u64::from(std::process::id()));
+    for r in 0..10 {
         let tmp = tempfile::tempdir().unwrap();
         let dir = create_disk(tmp.path(), "d", SIZE, BS);
         {
@@ -124,39 +133,76 @@ fn kill_9_loses_no_acknowledged_write() {
             d.flush().unwrap();
         }
         ops::merge(&dir, 0, &mut |_, _| {}).unwrap();
-        let mut child = Command::new(&exe)
-            .args(["--exact", "kill9_child_acked_writer", "--nocapture", "--test-threads=1"])
-            .env(ENV_ACKED, &dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        round(r, &dir, &mut rng);
+    }
+}
+
+/// Re-runs this test binary as the child test `child_test` on the disk `dir` (its path in the
+/// environment variable `env`) and hands each line of its output that `parse` reads as a report
+/// to `report` (with `killed` false) until `report` answers that it has enough; then, after
+/// `pause`, kills the child with SIGKILL, waits for it and hands on (with `killed` true) the
+/// reports it printed before it died. Returns how it ended.
+fn run_until_killed<T>(
+    child_test: &str,
+    env: &str,
+    dir: &Path,
+    parse: impl Fn(&str) -> Option<T>,
+    pause: Duration,
+    mut report: impl FnMut(T, bool) -> bool,
+) -> ExitStatus {
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Command::new(&exe)
+        .args(["--exact", child_test, "--nocapture", "--test-threads=1"])
+        .env(env, dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = lines.next().expect("the child stopped before being killed").unwrap();
+        if let Some(r) = parse(&line)
+            && report(r, false)
+        {
+            break;
+        }
+    }
+    if !pause.is_zero() {
+        std::thread::sleep(pause);
+    }
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    for line in lines {
+        // A last line cut short by the kill is ignored: it was not reported.
+        if let Some(r) = parse(&line.unwrap()) {
+            report(r, true);
+        }
+    }
+    status
+}
+
+fn assert_died_of_sigkill(round: u32, status: ExitStatus) {
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(9), "round {round}: the child died of SIGKILL: {status:?}");
+}
+
+#[test]
+fn kill_9_loses_no_acknowledged_write() {
+    let mut unflushed_steps = 0u64;
+    let mut recovered_rounds = 0;
+    kill9_rounds(0x7777, |round, dir, rng| {
         let parse = |l: &str| {
             let mut f = l.split("ACKED ").nth(1)?.split_whitespace().map(|x| x.parse::<u64>().ok());
             Some((f.next()??, f.next()?? as usize))
         };
         let target = rng.range(3, 150);
+        let pause = Duration::from_micros(rng.below(5000));
         let mut last: Option<(u64, usize)> = None;
-        while last.is_none_or(|(i, _)| i < target) {
-            let line = lines.next().expect("the child stopped before being killed").unwrap();
-            if let Some(a) = parse(&line) {
-                last = Some(a);
-            }
-        }
-        std::thread::sleep(Duration::from_micros(rng.below(5000)));
-        child.kill().unwrap(); // SIGKILL
-        let status = child.wait().unwrap();
-        {
-            use std::os::unix::process::ExitStatusExt;
-            assert_eq!(status.signal(), Some(9), "round {round}: the child died of SIGKILL: {status:?}");
-        }
-        for line in lines {
-            // A last line cut short by the kill is ignored: it was not reported.
-            if let Some(a) = parse(&line.unwrap()) {
-                last = Some(a);
-            }
-        }
+        let status = run_until_killed("kill9_child_acked_writer", ENV_ACKED, dir, parse, pause, |a, _| {
+            last = Some(a);
+            a.0 >= target
+        });
+        assert_died_of_sigkill(round, status);
         let (n, k) = last.unwrap();
         // The model after step k of iteration n, and after the step that followed it.
         let mut model = base_content();
@@ -175,7 +221,7 @@ fn kill_9_loses_no_acknowledged_write() {
         let next = next.expect("a step follows");
         unflushed_steps += n % ACKED_FLUSH_EVERY;
         for open in ["first", "second"] {
-            let d = Disk::open(&dir, Default::default()).unwrap();
+            let d = Disk::open(dir, Default::default()).unwrap();
             if open == "second" {
                 assert_eq!(
                     d.debris(),
@@ -200,9 +246,9 @@ fn kill_9_loses_no_acknowledged_write() {
                 );
             }
         }
-        assert_check_clean(&dir);
+        assert_check_clean(dir);
         eprintln!("round {round}: killed after iteration {n} step {k} was acknowledged");
-    }
+    });
     // Most kills land with several iterations acknowledged but not flushed.
     assert!(unflushed_steps >= 20, "only {unflushed_steps} unflushed iterations were checked");
     assert!(recovered_rounds >= 3, "only {recovered_rounds} reopens applied pending log records");
@@ -216,54 +262,24 @@ fn base_content() -> Vec<u8> {
 
 #[test]
 fn kill_9_during_writes_keeps_every_flushed_iteration() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let exe = std::env::current_exe().unwrap();
-    let mut rng = Rng::new(0x9999 ^ u64::from(std::process::id()));
     let mut total_checked = 0u64;
     let mut partial_rounds = 0;
-    for round in 0..10 {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = create_disk(tmp.path(), "d", SIZE, BS);
-        {
-            let d = open_rw(&dir);
-            d.write(0, &base_content()).unwrap();
-            d.flush().unwrap();
-        }
-        ops::merge(&dir, 0, &mut |_, _| {}).unwrap();
-
-        let mut child = Command::new(&exe)
-            .args(["--exact", "kill9_child_writer", "--nocapture", "--test-threads=1"])
-            .env(ENV, &dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    kill9_rounds(0x9999, |round, dir, rng| {
         // libtest may print "test kill9_child_writer ... " on the same line as the first report.
         let parse = |l: &str| l.split("FLUSHED ").nth(1).and_then(|n| n.trim().parse::<u64>().ok());
         let target = rng.range(3, 150);
+        let pause = Duration::from_micros(rng.below(5000));
         let mut last: Option<u64> = None;
-        while last.is_none_or(|n| n < target) {
-            let line = lines.next().expect("the child stopped before being killed").unwrap();
-            if let Some(n) = parse(&line) {
-                assert_eq!(n, last.map_or(0, |l| l + 1), "iterations are reported in order");
-                last = Some(n);
-            }
-        }
-        std::thread::sleep(Duration::from_micros(rng.below(5000)));
-        child.kill().unwrap(); // SIGKILL
-        let status = child.wait().unwrap();
-        {
-            use std::os::unix::process::ExitStatusExt;
-            assert_eq!(status.signal(), Some(9), "round {round}: the child died of SIGKILL: {status:?}");
-        }
-        for line in lines {
-            // A last line cut short by the kill is ignored: it was not reported.
-            if let Some(n) = parse(&line.unwrap()) {
+        let status = run_until_killed("kill9_child_writer", ENV, dir, parse, pause, |n, killed| {
+            if killed {
                 assert_eq!(Some(n), last.map(|l| l + 1));
-                last = Some(n);
+            } else {
+                assert_eq!(n, last.map_or(0, |l| l + 1), "iterations are reported in order");
             }
-        }
+            last = Some(n);
+            n >= target
+        });
+        assert_died_of_sigkill(round, status);
         let n = last.unwrap();
 
         // The model after iteration n, and every state iteration n+1 passed through.
@@ -278,7 +294,7 @@ fn kill_9_during_writes_keeps_every_flushed_iteration() {
             later.push(m);
         }
 
-        let d = open_rw(&dir);
+        let d = open_rw(dir);
         let got = read_all(&d);
         for (s, sector) in got.chunks(SECTOR).enumerate() {
             let r = s * SECTOR..(s * SECTOR + SECTOR).min(got.len());
@@ -297,13 +313,13 @@ fn kill_9_during_writes_keeps_every_flushed_iteration() {
             partial_rounds += 1; // the kill landed inside iteration n+1 and some of it shows
         }
         drop(d);
-        let d = Disk::open(&dir, Default::default()).unwrap();
+        let d = Disk::open(dir, Default::default()).unwrap();
         assert_eq!(d.debris(), Default::default(), "round {round}: the writable reopen trimmed all debris");
         assert!(read_all(&d) == got, "round {round}: second reopen reads differently");
         drop(d);
-        assert_check_clean(&dir);
+        assert_check_clean(dir);
         eprintln!("round {round}: killed after {target}+ iterations, {} flushed", n + 1);
-    }
+    });
     eprintln!(
         "{total_checked} flushed iterations checked; {partial_rounds} rounds showed part of an unflushed one"
     );
@@ -329,23 +345,24 @@ fn concurrent_write(t: u64, i: u64) -> (u64, Vec<u8>) {
 /// `ACKED <t> <i>`; no flush after the first.
 #[test]
 fn kill9_child_concurrent_writer() {
-    let Ok(dir) = std::env::var(ENV_CONCURRENT) else { return };
-    let d = std::sync::Arc::new(open_rw(Path::new(&dir)));
-    let threads: Vec<_> = (0..THREADS)
-        .map(|t| {
-            let d = d.clone();
-            std::thread::spawn(move || {
-                for i in 0.. {
-                    let (off, data) = concurrent_write(t, i);
-                    d.write(off, &data).unwrap();
-                    println!("ACKED {t} {i}");
-                }
+    child(ENV_CONCURRENT, |d| {
+        let d = std::sync::Arc::new(d);
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let d = d.clone();
+                std::thread::spawn(move || {
+                    for i in 0.. {
+                        let (off, data) = concurrent_write(t, i);
+                        d.write(off, &data).unwrap();
+                        println!("ACKED {t} {i}");
+                    }
+                })
             })
-        })
-        .collect();
-    for t in threads {
-        let _ = t.join();
-    }
+            .collect();
+        for t in threads {
+            let _ = t.join();
+        }
+    });
 }
 
 /// Tried: four threads of a child process writing overlapping ranges (down to the byte, within
@@ -357,48 +374,31 @@ fn kill9_child_concurrent_writer() {
 /// clean.
 #[test]
 fn kill_9_under_concurrent_overlapping_writes_keeps_them() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let exe = std::env::current_exe().unwrap();
-    let mut rng = Rng::new(0x5151 ^ u64::from(std::process::id()));
-    for round in 0..10 {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = create_disk(tmp.path(), "d", SIZE, BS);
-        {
-            let d = open_rw(&dir);
-            d.write(0, &base_content()).unwrap();
-            d.flush().unwrap();
-        }
-        ops::merge(&dir, 0, &mut |_, _| {}).unwrap();
-        let mut child = Command::new(&exe)
-            .args(["--exact", "kill9_child_concurrent_writer", "--nocapture", "--test-threads=1"])
-            .env(ENV_CONCURRENT, &dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    kill9_rounds(0x5151, |round, dir, rng| {
         let parse = |l: &str| {
             let mut f = l.split("ACKED ").nth(1)?.split_whitespace().map(|x| x.parse::<u64>().ok());
             Some((f.next()??, f.next()??))
         };
         let target = rng.range(100, 600);
         let mut acked: Vec<(u64, u64)> = Vec::new();
-        while (acked.len() as u64) < target {
-            let line = lines.next().expect("the child stopped before being killed").unwrap();
-            acked.extend(parse(&line));
-        }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        for line in lines {
-            acked.extend(parse(&line.unwrap()));
-        }
+        run_until_killed(
+            "kill9_child_concurrent_writer",
+            ENV_CONCURRENT,
+            dir,
+            parse,
+            Duration::ZERO,
+            |a, _| {
+                acked.push(a);
+                acked.len() as u64 >= target
+            },
+        );
         let base = base_content();
         let mut covered = vec![false; (SHARED_BLOCKS * u64::from(BS)) as usize / SECTOR];
         for &(t, i) in &acked {
             let (off, data) = concurrent_write(t, i);
             covered[off as usize / SECTOR..(off as usize + data.len()).div_ceil(SECTOR)].fill(true);
         }
-        let d = Disk::open(&dir, Default::default()).unwrap();
+        let d = Disk::open(dir, Default::default()).unwrap();
         let got = read_all(&d);
         for (s, &c) in covered.iter().enumerate() {
             let r = s * SECTOR..(s + 1) * SECTOR;
@@ -413,6 +413,6 @@ fn kill_9_under_concurrent_overlapping_writes_keeps_them() {
             }
         }
         drop(d);
-        assert_check_clean(&dir);
-    }
+        assert_check_clean(dir);
+    });
 }

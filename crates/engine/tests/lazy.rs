@@ -1,49 +1,19 @@
 //! Partial layers: blocks fetched on demand from a `BlockSource`, checked against their hashes,
 //! cached in the local file, never fetched twice, and never cached when wrong.
 
-use std::os::unix::fs::FileExt;
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use common::source::StoreSource;
 use mcow_engine::store::LayerStore;
-use mcow_engine::{BlockSource, CreateOptions, Digest, Disk, FetchPolicy, OpenOptions};
+use mcow_engine::{CreateOptions, Digest, Disk, FetchPolicy, OpenOptions};
 
 /// Fetches exactly the blocks read.
 const EXACT: FetchPolicy = FetchPolicy { window: 1, readahead: 0 };
 use mcow_format::{HEADER_SIZE, TRAILER_SIZE, Trailer};
-
-/// Serves byte ranges of complete layer files from another store, counting bytes; can corrupt.
-struct DirSource {
-    store: PathBuf,
-    fetched: AtomicU64,
-    corrupt: AtomicBool,
-}
-
-impl BlockSource for DirSource {
-    fn read_range(
-        &self,
-        layer: &Digest,
-        offset: u64,
-        len: u64,
-        sink: &mut dyn FnMut(&[u8]) -> bool,
-    ) -> std::io::Result<()> {
-        let f = std::fs::File::open(self.store.join("blobs/sha256").join(layer.hex()))?;
-        let mut buf = vec![0u8; len as usize];
-        f.read_exact_at(&mut buf, offset)?;
-        if self.corrupt.load(Ordering::Relaxed) {
-            buf[len as usize / 2] ^= 0x40;
-        }
-        self.fetched.fetch_add(len, Ordering::Relaxed);
-        // Uneven pieces, so that blocks split across pieces are exercised.
-        for piece in buf.chunks(40_000) {
-            if !sink(piece) {
-                break;
-            }
-        }
-        Ok(())
-    }
-}
 
 /// A 3-layer disk with data in every layer, built in `dir/a`; returns the disk and its bytes.
 fn build_complete(dir: &Path) -> (PathBuf, Vec<u8>) {
@@ -110,8 +80,7 @@ fn lazy_reads_fetch_each_block_once_and_survive_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let (complete, expected) = build_complete(tmp.path());
     let partial = build_partial(tmp.path(), &complete);
-    let src =
-        Arc::new(DirSource { store: tmp.path().join("a/layers"), fetched: 0.into(), corrupt: false.into() });
+    let src = Arc::new(StoreSource::new(tmp.path().join("a/layers")));
     let stored: u64 = {
         let d =
             Disk::open(&complete, OpenOptions { read_only: true, verify: true, force_share: true }).unwrap();
@@ -163,8 +132,7 @@ fn fetch_rest_downloads_every_partial_layer_and_completes_it() {
     let tmp = tempfile::tempdir().unwrap();
     let (complete, expected) = build_complete(tmp.path());
     let partial = build_partial(tmp.path(), &complete);
-    let src =
-        Arc::new(DirSource { store: tmp.path().join("a/layers"), fetched: 0.into(), corrupt: false.into() });
+    let src = Arc::new(StoreSource::new(tmp.path().join("a/layers")));
     let d = Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), FetchPolicy::default())
         .unwrap();
     let stored: u64 = d.stack().layers().iter().map(|l| l.trailer.block_count * 65536).sum();
@@ -194,8 +162,7 @@ fn mapped_reads_fetch_check_and_fall_back_like_copying_reads() {
     let tmp = tempfile::tempdir().unwrap();
     let (complete, expected) = build_complete(tmp.path());
     let partial = build_partial(tmp.path(), &complete);
-    let src =
-        Arc::new(DirSource { store: tmp.path().join("a/layers"), fetched: 0.into(), corrupt: true.into() });
+    let src = Arc::new(StoreSource::new(tmp.path().join("a/layers")).corrupting(true));
     let mapped = |d: &Disk, offset: u64, len: usize| {
         let mut got = None;
         let ok = d.read_mapped(offset, len, &mut |parts: &[&[u8]]| got = Some(parts.concat()));
@@ -260,8 +227,7 @@ fn tampered_fetches_are_errors_and_never_cached() {
     let tmp = tempfile::tempdir().unwrap();
     let (complete, expected) = build_complete(tmp.path());
     let partial = build_partial(tmp.path(), &complete);
-    let src =
-        Arc::new(DirSource { store: tmp.path().join("a/layers"), fetched: 0.into(), corrupt: true.into() });
+    let src = Arc::new(StoreSource::new(tmp.path().join("a/layers")).corrupting(true));
     {
         let d = Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), EXACT).unwrap();
         let mut b = vec![0u8; 65536];
@@ -322,8 +288,7 @@ fn disks_on_the_same_partial_layers_fetch_each_block_once() {
     // A second disk (another VM) on the same partial layers, in the same store, opened in the
     // same engine (as `serve` opens its exports).
     let second = second_disk(tmp.path(), &first);
-    let src =
-        Arc::new(DirSource { store: tmp.path().join("a/layers"), fetched: 0.into(), corrupt: false.into() });
+    let src = Arc::new(StoreSource::new(tmp.path().join("a/layers")));
     let engine = mcow_engine::Engine::default();
     let a = Disk::open_with_source_in(&engine, &first, OpenOptions::default(), src.clone(), EXACT).unwrap();
     let b = Disk::open_with_source_in(&engine, &second, OpenOptions::default(), src.clone(), EXACT).unwrap();
@@ -341,8 +306,7 @@ fn a_partial_layer_is_fetched_and_checked_even_with_verification_off() {
     let tmp = tempfile::tempdir().unwrap();
     let (complete, expected) = build_complete(tmp.path());
     let partial = build_partial(tmp.path(), &complete);
-    let src =
-        Arc::new(DirSource { store: tmp.path().join("a/layers"), fetched: 0.into(), corrupt: false.into() });
+    let src = Arc::new(StoreSource::new(tmp.path().join("a/layers")));
     let opts = OpenOptions { read_only: true, verify: false, force_share: false };
     let d = Disk::open_with_source(&partial, opts, src.clone(), FetchPolicy::default()).unwrap();
     let mut all = vec![0u8; expected.len()];
@@ -384,83 +348,6 @@ fn long_partial(blocks: u64) -> (tempfile::TempDir, PathBuf, Vec<u8>) {
     (tmp, partial, expected)
 }
 
-/// Serves ranges of complete layer files through a hook that sees each request's blocks as
-/// they are handed over and can stall, break or corrupt the transfer.
-struct HookSource {
-    store: PathBuf,
-    requests: AtomicU64,
-    fetched: AtomicU64,
-    /// Called before block `i` of a request (numbered from 0) is handed over, with its bytes;
-    /// returns false to end the transfer there with an error.
-    hook: Box<Hook>,
-}
-
-type Hook = dyn Fn(u64, &mut [u8]) -> bool + Send + Sync;
-
-impl HookSource {
-    /// Hands over `len` bytes at `offset` block by block through the hook (blocks numbered
-    /// from 0 within the range); false if the sink stopped.
-    fn send(
-        &self,
-        layer: &Digest,
-        offset: u64,
-        len: u64,
-        sink: &mut dyn FnMut(&[u8]) -> bool,
-    ) -> std::io::Result<bool> {
-        let f = std::fs::File::open(self.store.join("blobs/sha256").join(layer.hex()))?;
-        let mut buf = vec![0u8; len as usize];
-        f.read_exact_at(&mut buf, offset)?;
-        for (i, block) in buf.chunks_mut(65536).enumerate() {
-            if !(self.hook)(i as u64, block) {
-                return Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "transfer broken"));
-            }
-            self.fetched.fetch_add(block.len() as u64, Ordering::Relaxed);
-            if !sink(block) {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    }
-}
-
-impl BlockSource for HookSource {
-    fn read_range(
-        &self,
-        layer: &Digest,
-        offset: u64,
-        len: u64,
-        sink: &mut dyn FnMut(&[u8]) -> bool,
-    ) -> std::io::Result<()> {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        self.send(layer, offset, len, sink).map(|_| ())
-    }
-
-    /// All ranges in one request, as a multi-range GET would be.
-    fn read_ranges(
-        &self,
-        layer: &Digest,
-        ranges: &[(u64, u64)],
-        sink: &mut dyn FnMut(usize, &[u8]) -> bool,
-    ) -> std::io::Result<()> {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        for (r, &(offset, len)) in ranges.iter().enumerate() {
-            if !self.send(layer, offset, len, &mut |block: &[u8]| sink(r, block))? {
-                break;
-            }
-        }
-        Ok(())
-    }
-}
-
-fn hook_source(dir: &Path, hook: impl Fn(u64, &mut [u8]) -> bool + Send + Sync + 'static) -> Arc<HookSource> {
-    Arc::new(HookSource {
-        store: dir.join("a/layers"),
-        requests: 0.into(),
-        fetched: 0.into(),
-        hook: Box::new(hook),
-    })
-}
-
 #[test]
 fn long_sequential_reads_ramp_up_to_few_large_fetches_and_short_runs_do_not() {
     const BS: u64 = 65536;
@@ -469,7 +356,7 @@ fn long_sequential_reads_ramp_up_to_few_large_fetches_and_short_runs_do_not() {
         [(FetchPolicy::default(), 30), (FetchPolicy { window: 4, readahead: 0 }, 65)]
     {
         let (tmp, partial, expected) = long_partial(blocks);
-        let src = hook_source(tmp.path(), |_, _| true);
+        let src = Arc::new(StoreSource::new(tmp.path().join("a/layers")).hooked(65536, |_, _| true));
         let d = Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), policy).unwrap();
         let mut buf = vec![0u8; BS as usize];
         // A short run (1 MiB, under the 4 MiB ramp): its first read fetches its own block, the
@@ -478,7 +365,7 @@ fn long_sequential_reads_ramp_up_to_few_large_fetches_and_short_runs_do_not() {
             d.read(b * BS, &mut buf).unwrap();
             assert!(buf[..] == expected[(b * BS) as usize..][..BS as usize]);
         }
-        assert_eq!(src.fetched.load(Ordering::Relaxed), 16 * BS, "{policy:?}");
+        assert_eq!(src.handed.load(Ordering::Relaxed), 16 * BS, "{policy:?}");
         assert_eq!(src.requests.load(Ordering::Relaxed), 5, "{policy:?}");
         // The rest, read on sequentially: with read-ahead, larger and larger fetches.
         let mut rest = vec![0u8; ((blocks - 16) * BS) as usize];
@@ -487,7 +374,7 @@ fn long_sequential_reads_ramp_up_to_few_large_fetches_and_short_runs_do_not() {
         }
         assert!(rest[..] == expected[(16 * BS) as usize..]);
         let requests = src.requests.load(Ordering::Relaxed);
-        assert_eq!(src.fetched.load(Ordering::Relaxed), blocks * BS, "each block fetched once ({policy:?})");
+        assert_eq!(src.handed.load(Ordering::Relaxed), blocks * BS, "each block fetched once ({policy:?})");
         if policy.readahead == 0 {
             assert_eq!(requests, max_requests, "the first block alone, then fixed windows of 4");
         } else {
@@ -508,7 +395,7 @@ fn a_reader_waits_for_its_block_to_land_not_for_the_whole_fetch() {
     let (gate_tx, gate_rx) = channel::<()>();
     let gate_rx = Mutex::new(gate_rx);
     let calls = AtomicU64::new(0);
-    let src = hook_source(tmp.path(), move |i, _| {
+    let src = Arc::new(StoreSource::new(tmp.path().join("a/layers")).hooked(65536, move |i, _| {
         // Only the first fetch (its blocks are numbered 0.. and come in order) is held.
         let first_fetch = calls.fetch_add(1, Ordering::Relaxed) < 8;
         if first_fetch && i == 2 {
@@ -518,7 +405,7 @@ fn a_reader_waits_for_its_block_to_land_not_for_the_whole_fetch() {
             gate_rx.lock().unwrap().recv().unwrap();
         }
         true
-    });
+    }));
     let policy = FetchPolicy { window: 8, readahead: 0 };
     let d = Arc::new(Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), policy).unwrap());
     let bs = 65536usize;
@@ -575,14 +462,14 @@ fn readers_waiting_for_a_fetch_that_fails_get_its_error_instead_of_fetching_agai
     let (gate_tx, gate_rx) = channel::<bool>();
     let gate_rx = Mutex::new(gate_rx);
     let calls = AtomicU64::new(0);
-    let src = hook_source(tmp.path(), move |i, _| {
+    let src = Arc::new(StoreSource::new(tmp.path().join("a/layers")).hooked(65536, move |i, _| {
         let first_fetch = calls.fetch_add(1, Ordering::Relaxed) < 3;
         if first_fetch && i == 2 {
             started_tx.send(()).unwrap();
             return gate_rx.lock().unwrap().recv().unwrap();
         }
         true
-    });
+    }));
     let policy = FetchPolicy { window: 8, readahead: 0 };
     let d = Arc::new(Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), policy).unwrap());
     let bs = 65536u64;
@@ -616,21 +503,23 @@ fn a_fetch_that_breaks_or_turns_bad_midway_keeps_only_the_good_blocks_before() {
     // arrives corrupted; mode 3: every block does; mode 0: honest.
     let mode = Arc::new(AtomicU8::new(1));
     let m = mode.clone();
-    let src = hook_source(tmp.path(), move |i, block| match m.load(Ordering::Relaxed) {
-        1 => i < 3,
-        2 | 3 => {
-            if i == 2 || m.load(Ordering::Relaxed) == 3 {
-                block[100] ^= 1;
+    let src = Arc::new(StoreSource::new(tmp.path().join("a/layers")).hooked(65536, move |i, block| {
+        match m.load(Ordering::Relaxed) {
+            1 => i < 3,
+            2 | 3 => {
+                if i == 2 || m.load(Ordering::Relaxed) == 3 {
+                    block[100] ^= 1;
+                }
+                true
             }
-            true
+            _ => true,
         }
-        _ => true,
-    });
+    }));
     let policy = FetchPolicy { window: 8, readahead: 0 };
     let bs = 65536usize;
     let d = Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), policy).unwrap();
     let count =
-        |s: &HookSource| (s.fetched.load(Ordering::Relaxed) / bs as u64, s.requests.load(Ordering::Relaxed));
+        |s: &StoreSource| (s.handed.load(Ordering::Relaxed) / bs as u64, s.requests.load(Ordering::Relaxed));
     // One read of blocks 0..8 while every transfer breaks after 3 blocks: the read succeeds,
     // and the blocks that landed before each break are kept: [0,8) gives 0-2, [3,8) 3-5,
     // [6,8) 6-7. Each block fetched once.
@@ -665,7 +554,7 @@ fn a_deep_queue_of_sequential_reads_fetches_each_block_once_in_growing_requests(
     const BS: u64 = 65536;
     let blocks = 256u64;
     let (tmp, partial, expected) = long_partial(blocks);
-    let src = hook_source(tmp.path(), |_, _| true);
+    let src = Arc::new(StoreSource::new(tmp.path().join("a/layers")).hooked(65536, |_, _| true));
     let d = Arc::new(
         Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), FetchPolicy::default())
             .unwrap(),
@@ -692,7 +581,7 @@ fn a_deep_queue_of_sequential_reads_fetches_each_block_once_in_growing_requests(
     for r in readers {
         r.join().unwrap();
     }
-    assert_eq!(src.fetched.load(Ordering::Relaxed), blocks * BS, "each block fetched once");
+    assert_eq!(src.handed.load(Ordering::Relaxed), blocks * BS, "each block fetched once");
     let requests = src.requests.load(Ordering::Relaxed);
     // Fixed windows of 4 blocks would take 64 requests.
     assert!(requests < 64, "{requests} requests");
@@ -708,10 +597,10 @@ fn child_reads_a_lazy_disk_slowly() {
     let origin = PathBuf::from(std::env::var("MCOW_LAZY_ORIGIN").unwrap());
     let backwards = std::env::var("MCOW_LAZY_ORDER").as_deref() == Ok("backwards");
     let expected_disk = PathBuf::from(std::env::var("MCOW_LAZY_EXPECTED").unwrap());
-    let src = hook_source(&origin, |_, _| {
+    let src = Arc::new(StoreSource::new(origin.join("a/layers")).hooked(65536, |_, _| {
         std::thread::sleep(std::time::Duration::from_millis(3));
         true
-    });
+    }));
     let d =
         Disk::open_with_source(Path::new(&disk), OpenOptions::default(), src.clone(), FetchPolicy::default())
             .unwrap();
@@ -726,7 +615,7 @@ fn child_reads_a_lazy_disk_slowly() {
         e.read(b * bs, &mut want).unwrap();
         assert!(got == want, "block {b} differs");
     }
-    println!("fetched={}", src.fetched.load(Ordering::Relaxed));
+    println!("fetched={}", src.handed.load(Ordering::Relaxed));
 }
 
 #[test]
@@ -782,12 +671,12 @@ fn a_reader_does_not_wait_for_the_read_ahead_its_read_started() {
     let (gate_tx, gate_rx) = channel::<()>();
     let gate_rx = Mutex::new(gate_rx);
     let calls = AtomicU64::new(0);
-    let src = hook_source(tmp.path(), move |_, _| {
+    let src = Arc::new(StoreSource::new(tmp.path().join("a/layers")).hooked(65536, move |_, _| {
         if calls.fetch_add(1, Ordering::SeqCst) == 2 {
             gate_rx.lock().unwrap().recv().unwrap();
         }
         true
-    });
+    }));
     let policy = FetchPolicy { window: 8, readahead: 0 };
     let d = Arc::new(Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), policy).unwrap());
     let bs = 65536usize;
@@ -821,7 +710,9 @@ fn a_read_ahead_that_fails_before_the_readers_block_gives_the_reader_the_error()
     let (tmp, partial, expected) = long_partial(16);
     let broken = Arc::new(AtomicBool::new(false));
     let b2 = broken.clone();
-    let src = hook_source(tmp.path(), move |_, _| !b2.load(Ordering::SeqCst));
+    let src = Arc::new(
+        StoreSource::new(tmp.path().join("a/layers")).hooked(65536, move |_, _| !b2.load(Ordering::SeqCst)),
+    );
     let policy = FetchPolicy { window: 8, readahead: 0 };
     let d = Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), policy).unwrap();
     let bs = 65536usize;
@@ -841,13 +732,13 @@ fn a_read_ahead_that_fails_before_the_readers_block_gives_the_reader_the_error()
 #[test]
 fn prefetching_runs_fetches_just_their_missing_blocks_in_one_request() {
     let (tmp, partial, expected) = long_partial(16);
-    let src = hook_source(tmp.path(), |_, _| true);
+    let src = Arc::new(StoreSource::new(tmp.path().join("a/layers")).hooked(65536, |_, _| true));
     let d = Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), FetchPolicy::default())
         .unwrap();
     let bs = 65536usize;
     let mut b = vec![0u8; bs];
     d.read(5 * bs as u64, &mut b).unwrap(); // block 5 is local now
-    let count = || (src.fetched.load(Ordering::SeqCst) / bs as u64, src.requests.load(Ordering::SeqCst));
+    let count = || (src.handed.load(Ordering::SeqCst) / bs as u64, src.requests.load(Ordering::SeqCst));
     assert_eq!(count(), (1, 1));
     // Runs 0-1, 4-6 and 10: blocks 0, 1, 4, 6 and 10 are missing; one request for all.
     d.prefetch_runs(&[(0, 2), (4, 3), (10, 1)]).unwrap();
@@ -875,7 +766,7 @@ fn a_read_across_several_partial_layers_fetches_its_pieces_at_once() {
     let partial = build_partial(t.path(), &complete);
     let (now, max) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let (n, m) = (now.clone(), max.clone());
-    let src = hook_source(t.path(), move |i, _| {
+    let src = Arc::new(StoreSource::new(t.path().join("a/layers")).hooked(65536, move |i, _| {
         if i == 0 {
             let k = n.fetch_add(1, Ordering::SeqCst) + 1;
             m.fetch_max(k, Ordering::SeqCst);
@@ -883,7 +774,7 @@ fn a_read_across_several_partial_layers_fetches_its_pieces_at_once() {
             n.fetch_sub(1, Ordering::SeqCst);
         }
         true
-    });
+    }));
     let d = Disk::open_with_source(&partial, OpenOptions::default(), src.clone(), EXACT).unwrap();
     let layers: std::collections::HashSet<u32> = d
         .segments(0, 5 * 65536)

@@ -2,13 +2,15 @@
 //! (same block hash) instead of fetching them, checks them like fetched blocks, and fetches only
 //! the rest; a local copy that went bad is not used.
 
+mod common;
+
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
+use common::source::StoreSource;
 use mcow_engine::store::LayerStore;
-use mcow_engine::{BlockSource, CreateOptions, Digest, Disk, Engine, FetchPolicy, OpenOptions, ReuseStats};
+use mcow_engine::{CreateOptions, Digest, Disk, Engine, FetchPolicy, OpenOptions, ReuseStats};
 use mcow_format::{HEADER_SIZE, TRAILER_SIZE, Trailer};
 
 const BS: u64 = 65536;
@@ -18,45 +20,6 @@ const N: u64 = 64;
 const CHANGED: [u64; 5] = [5, 20, 21, 22, 50];
 /// One fetch for a whole-disk read (the read covers every block; no read-ahead).
 const WIDE: FetchPolicy = FetchPolicy { window: N, readahead: 0 };
-
-/// Serves byte ranges of the complete layer files of a store (the origin), counting requests and
-/// bytes of the data regions (ranges that start before `data_end`; the others are index chunks).
-struct Origin {
-    store: PathBuf,
-    data_end: u64,
-    requests: AtomicU64,
-    fetched: AtomicU64,
-}
-
-impl BlockSource for Origin {
-    fn read_range(
-        &self,
-        layer: &Digest,
-        offset: u64,
-        len: u64,
-        sink: &mut dyn FnMut(&[u8]) -> bool,
-    ) -> std::io::Result<()> {
-        let f = std::fs::File::open(self.store.join("blobs/sha256").join(layer.hex()))?;
-        let mut buf = vec![0u8; len as usize];
-        f.read_exact_at(&mut buf, offset)?;
-        if offset < self.data_end {
-            self.requests.fetch_add(1, Ordering::Relaxed);
-            self.fetched.fetch_add(len, Ordering::Relaxed);
-        }
-        for piece in buf.chunks(40_000) {
-            if !sink(piece) {
-                break;
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Origin {
-    fn counts(&self) -> (u64, u64) {
-        (self.requests.load(Ordering::Relaxed), self.fetched.load(Ordering::Relaxed))
-    }
-}
 
 /// Bytes of block `b` of version `v` (distinct for every block and version, never zero), `bs`
 /// of them.
@@ -128,7 +91,7 @@ struct Setup {
     dir: tempfile::TempDir,
     old: Digest,
     new: Digest,
-    origin: Arc<Origin>,
+    origin: Arc<StoreSource>,
 }
 
 /// The old and new layers in the origin; the local store `dir/local` holds the new one as a
@@ -149,11 +112,11 @@ fn setup(old_complete: bool) -> Setup {
     }
     add_partial(&store, &origin_dir, &new);
     let data_end = u64::MAX;
-    let origin = Arc::new(Origin { store: origin_dir, data_end, requests: 0.into(), fetched: 0.into() });
+    let origin = Arc::new(StoreSource::new(origin_dir).counting_below(data_end));
     Setup { dir, old, new, origin }
 }
 
-fn open(engine: &Engine, disk: &Path, origin: &Arc<Origin>, policy: FetchPolicy) -> Disk {
+fn open(engine: &Engine, disk: &Path, origin: &Arc<StoreSource>, policy: FetchPolicy) -> Disk {
     Disk::open_with_source_in(engine, disk, OpenOptions::default(), origin.clone(), policy).unwrap()
 }
 
@@ -340,8 +303,7 @@ fn chunked_layers_reuse_the_blocks_whose_hashes_are_there() {
     let unknown: Vec<u64> = (0..N4).filter(|&p| in_chunk(p) == 2).collect();
     assert!(!unknown.is_empty() && unknown.iter().all(|p| !changed.contains(p)));
     let data_end = data.end as u64;
-    let origin =
-        Arc::new(Origin { store: origin_dir.clone(), data_end, requests: 0.into(), fetched: 0.into() });
+    let origin = Arc::new(StoreSource::new(origin_dir.clone()).counting_below(data_end));
     let disk = disk_of(dir.path(), "new", &new, BS4, N4);
     let engine = Engine::default();
     let d = open(&engine, &disk, &origin, FetchPolicy { window: 64, readahead: 1 << 20 });

@@ -1,6 +1,6 @@
-//! Helpers for the VM tests: the guest assets (scripts/vm-assets.sh), QEMU boots under `timeout`
-//! whose console is returned, and reading `mcow info` / the serve log's fetch statistics. (The
-//! registry is in registry.rs.)
+//! Helpers for the VM tests: the guest assets (scripts/vm-assets.sh), QEMU command lines, boots
+//! under `timeout` whose console is returned, and reading `mcow info` / the serve log's fetch
+//! statistics. (The registry is in registry.rs.)
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -75,13 +75,30 @@ pub fn assets() -> Assets {
     Assets { vmlinux: dir.join("vmlinux"), initrd: dir.join("initrd.cpio.gz") }
 }
 
-/// Boots the guest from NBD export `export` on the Unix socket `sock`, as VM `id`, read-write;
-/// returns its console (carriage returns removed). Under `timeout`; qemu's exit code is not
-/// trusted (it exits 0 when killed): callers judge by marker lines.
-pub fn boot(a: &Assets, sock: &Path, export: &str, id: u32) -> String {
+/// How a guest's disk reaches QEMU's NBD client.
+pub enum Drive {
+    /// `-drive` with the export's NBD URI, on virtio.
+    Uri,
+    /// `-blockdev` with `reconnect-delay` (seconds), so that it rides out a restart of the
+    /// server, on a virtio-blk device.
+    Reconnecting { delay_secs: u32 },
+}
+
+/// The QEMU command (under `timeout`, killed after `limit_secs`) that boots the guest as VM `id`
+/// from NBD export `export` on the Unix socket `sock`, attached as `drive`, with `params` (its
+/// `vmmode=...` and the like) on the kernel command line; stdin is null.
+pub fn qemu_command(
+    a: &Assets,
+    sock: &Path,
+    export: &str,
+    id: u32,
+    params: &str,
+    drive: Drive,
+    limit_secs: u32,
+) -> Command {
     let qemu = require("qemu-system-x86_64");
-    let out = Command::new(tool("timeout"))
-        .args(["-k", "5", "240"])
+    let mut cmd = Command::new(tool("timeout"));
+    cmd.args(["-k", "5", &limit_secs.to_string()])
         .arg(qemu)
         .args(["-accel", "tcg", "-m", "256", "-smp", "1", "-nographic", "-no-reboot", "-nodefaults"])
         .args(["-serial", "stdio", "-kernel"])
@@ -89,10 +106,28 @@ pub fn boot(a: &Assets, sock: &Path, export: &str, id: u32) -> String {
         .arg("-initrd")
         .arg(&a.initrd)
         .arg("-append")
-        .arg(format!("console=ttyS0 panic=-1 quiet vmid={id} vmmode=rw"))
-        .arg("-drive")
-        .arg(format!("file=nbd+unix:///{export}?socket={},format=raw,if=virtio", sock.display()))
-        .stdin(Stdio::null())
+        .arg(format!("console=ttyS0 panic=-1 quiet vmid={id} {params}"));
+    match drive {
+        Drive::Uri => cmd
+            .arg("-drive")
+            .arg(format!("file=nbd+unix:///{export}?socket={},format=raw,if=virtio", sock.display())),
+        Drive::Reconnecting { delay_secs } => cmd
+            .arg("-blockdev")
+            .arg(format!(
+                "driver=nbd,node-name=d0,server.type=unix,server.path={},export={export},reconnect-delay={delay_secs}",
+                sock.display()
+            ))
+            .args(["-device", "virtio-blk-pci,drive=d0"]),
+    };
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+/// Boots the guest from NBD export `export` on the Unix socket `sock`, as VM `id`, read-write;
+/// returns its console (carriage returns removed). Under `timeout`; qemu's exit code is not
+/// trusted (it exits 0 when killed): callers judge by marker lines.
+pub fn boot(a: &Assets, sock: &Path, export: &str, id: u32) -> String {
+    let out = qemu_command(a, sock, export, id, "vmmode=rw", Drive::Uri, 240)
         .output()
         .expect("running qemu-system-x86_64");
     let mut console = String::from_utf8_lossy(&out.stdout).replace('\r', "");

@@ -1,5 +1,5 @@
 //! Helpers shared by the engine's integration tests: a tiny deterministic PRNG, disk creation and
-//! whole-disk reads.
+//! whole-disk reads (and, in submodules, a simulated top and a block source on a store).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use mcow_engine::{CreateOptions, Disk, OpenOptions, ops};
 
 pub mod simtop;
+pub mod source;
 
 /// SplitMix64: small, deterministic, good enough to drive workloads.
 #[derive(Clone)]
