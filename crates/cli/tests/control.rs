@@ -31,6 +31,17 @@ fn curl(dir: &Path, sock: &str, method: &str, path: &str, body: Option<&str>) ->
     (code.parse().unwrap(), v)
 }
 
+/// A 4 MiB disk `base` whose first MiB holds 0x42, sealed and pushed as the image
+/// `file://DIR/img:v1`; returns that reference.
+fn push_base_image(dir: &Path) -> String {
+    mcow_ok(dir, &["create", "base", "-s", "4M"]);
+    mcow_ok(dir, &["write", "base", "0", "--pattern", "0x42", "1048576"]);
+    mcow_ok(dir, &["seal", "base"]);
+    let image = format!("file://{}/img:v1", dir.display());
+    mcow_ok(dir, &["push", "base", &image]);
+    image
+}
+
 fn list(dir: &Path, sock: &str) -> Value {
     let (code, v) = curl(dir, sock, "GET", "/exports", None);
     assert_eq!(code, 200, "{v}");
@@ -306,12 +317,8 @@ fn sample(text: &str, name: &str) -> f64 {
 fn metrics_pass_promtool_and_count_what_clients_did() {
     let t = tempfile::tempdir().unwrap();
     let dir = t.path();
-    mcow_ok(dir, &["create", "base", "-s", "4M"]);
-    mcow_ok(dir, &["write", "base", "0", "--pattern", "0x42", "1048576"]);
-    mcow_ok(dir, &["seal", "base"]);
-    mcow_ok(dir, &["push", "base", &format!("file://{}/img:v1", dir.display())]);
+    let image = push_base_image(dir);
     mcow_ok(dir, &["create", "vm", "-s", "4M"]);
-    let image = format!("file://{}/img:v1", dir.display());
     let serve =
         Serve::start(dir, &["--cache", "cache", "--control", "ctl.sock", "vm", &format!("img={image}")]);
     let out = tool_ok(
@@ -470,11 +477,7 @@ fn snapshots_of_a_disk_in_use() {
 fn fetch_options_per_export_apply_and_conflicts_are_refused() {
     let t = tempfile::tempdir().unwrap();
     let dir = t.path();
-    mcow_ok(dir, &["create", "base", "-s", "4M"]);
-    mcow_ok(dir, &["write", "base", "0", "--pattern", "0x42", "1048576"]);
-    mcow_ok(dir, &["seal", "base"]);
-    let image = format!("file://{}/img:v1", dir.display());
-    mcow_ok(dir, &["push", "base", &image]);
+    let image = push_base_image(dir);
     let serve = Serve::start(dir, &["--cache", "cache", "--control", "ctl.sock"]);
     let out = mcow_ok(
         dir,
