@@ -97,6 +97,13 @@ pub struct ServeArgs {
     /// Restart=always) serves what it served before, and VMs reconnect to their exports.
     #[arg(long, value_name = "FILE", requires = "control")]
     pub state: Option<PathBuf>,
+    /// Also serve the metrics (GET /metrics, Prometheus text: see --control) on this TCP
+    /// address, for a Prometheus server to scrape, say 127.0.0.1:9101 (port 0: any free port;
+    /// the address is printed). Only the metrics: exports cannot be listed or changed there.
+    /// Reachable by whoever reaches the address: keep it on loopback unless the metrics may be
+    /// read from elsewhere.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     /// TCP address to listen on (loopback by default). Used unless only --socket is given.
     #[arg(long, value_name = "ADDR")]
     pub tcp: Option<String>,
@@ -319,17 +326,27 @@ pub fn run_traced(args: &ServeArgs, trace_out: Option<&Path>) -> Result<()> {
         ),
         (None, _) => None,
     };
+    let metrics = match &args.metrics {
+        Some(addr) => Some(
+            Control::start_metrics(service.clone(), addr)
+                .with_context(|| format!("serving the metrics on {addr}"))?,
+        ),
+        None => None,
+    };
     let s = service.clone();
     let ready = |addrs: &[String]| {
+        if let Some(m) = &metrics {
+            eprintln!("mcow: metrics on {}", m.address());
+        }
+        if let Some(c) = &control {
+            eprintln!("mcow: control API on {} (see `mcow ctl --help`)", c.address());
+        }
         for a in addrs {
             eprintln!("mcow: serving on {a}");
         }
-        if let Some(c) = &control {
-            eprintln!("mcow: control API on {} (see `mcow ctl --help`)", c.path().display());
-        }
     };
     let result = stop_on_signal(service.server(), listening, ready, move || s.cancel_fetches());
-    if let Some(c) = control {
+    for c in [control, metrics].into_iter().flatten() {
         c.stop();
     }
     // Background fetches (trace, --fetch-all) and read-ahead still running get FETCH_GRACE to

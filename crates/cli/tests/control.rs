@@ -310,7 +310,9 @@ fn sample(text: &str, name: &str) -> f64 {
 /// promtool accepts it; the per-export counters are the bytes the clients moved; the latency
 /// histogram's `+Inf` bucket equals its count, which covers the requests run; only the lazy
 /// disk fetched from its origin, and none of its fetches failed; its two blocks read count as
-/// two cache hits or misses, and read again as two more hits. Then the image's blobs are
+/// two cache hits or misses, and read again as two more hits; `--metrics 127.0.0.1:0` serves
+/// the same metrics over TCP (promtool accepts them) and refuses every other route (404, 405:
+/// nothing listed or added there). Then the image's blobs are
 /// removed from its layout and a block not fetched yet is read: the read fails, and the fetch
 /// error is counted.
 #[test]
@@ -319,8 +321,28 @@ fn metrics_pass_promtool_and_count_what_clients_did() {
     let dir = t.path();
     let image = push_base_image(dir);
     mcow_ok(dir, &["create", "vm", "-s", "4M"]);
-    let serve =
-        Serve::start(dir, &["--cache", "cache", "--control", "ctl.sock", "vm", &format!("img={image}")]);
+    let serve = Serve::start(
+        dir,
+        &[
+            "--cache",
+            "cache",
+            "--control",
+            "ctl.sock",
+            "--metrics",
+            "127.0.0.1:0",
+            "vm",
+            &format!("img={image}"),
+        ],
+    );
+    let tcp_metrics = serve
+        .log()
+        .lines()
+        .find_map(|l| l.strip_prefix("mcow: metrics on ").map(str::to_string))
+        .unwrap_or_else(|| panic!("no metrics address printed: {}", serve.log()));
+    assert!(
+        tcp_metrics.starts_with("http://127.0.0.1:") && tcp_metrics.ends_with("/metrics"),
+        "{tcp_metrics}"
+    );
     let out = tool_ok(
         "qemu-io",
         dir,
@@ -383,6 +405,27 @@ fn metrics_pass_promtool_and_count_what_clients_did() {
     assert_eq!(got.code, 0, "{}", got.stderr);
     let text = std::fs::read_to_string(dir.join("metrics.txt")).unwrap();
     assert_eq!(hits_misses(&text, "img"), (hits + 2.0, misses), "{text}");
+
+    // The same metrics on the TCP address, and nothing else there: no list, no add.
+    let got = tool_run("curl", dir, &["-sS", "-o", "tcp-metrics.txt", "-w", "%{http_code}", &tcp_metrics]);
+    assert_eq!(got.stdout, "200", "{}", got.stderr);
+    let checked = sh_ok(dir, "promtool check metrics < tcp-metrics.txt && echo PROMTOOL-OK");
+    assert!(checked.contains("PROMTOOL-OK"), "{checked}");
+    let tcp_text = std::fs::read_to_string(dir.join("tcp-metrics.txt")).unwrap();
+    assert_eq!(sample(&tcp_text, "mcow_exports"), 2.0);
+    assert_eq!(hits_misses(&tcp_text, "img"), (hits + 2.0, misses));
+    let base = tcp_metrics.trim_end_matches("/metrics");
+    for (method, path) in [("GET", "/exports"), ("POST", "/exports"), ("POST", "/metrics")] {
+        let url = format!("{base}{path}");
+        let got = tool_run(
+            "curl",
+            dir,
+            &["-sS", "-X", method, "-d", "{\"disk\": \"vm\"}", "-o", "/dev/null", "-w", "%{http_code}", &url],
+        );
+        let want = if path == "/metrics" { "405" } else { "404" };
+        assert_eq!(got.stdout, want, "{method} {url}: {}", got.stderr);
+    }
+    assert_eq!(names(&list(dir, "ctl.sock")), ["vm", "img"], "the TCP address changed the exports");
 
     // The origin loses its blobs: a read of a block not fetched yet fails, and is counted.
     std::fs::remove_dir_all(dir.join("img/blobs")).unwrap();

@@ -10,7 +10,8 @@
 //!   201 with its `ExportInfo`.
 //! - `DELETE /exports/NAME`: removes it (in-flight requests finish, clients are disconnected,
 //!   the disk is flushed) and answers once that is done: 200 with its last `ExportInfo`.
-//! - `GET /metrics`: Prometheus text ([`crate::metrics`]).
+//! - `GET /metrics`: Prometheus text ([`crate::metrics`]); also served alone on a TCP address
+//!   ([`Control::start_metrics`]).
 //!
 //! Every error is `{"error": "…"}` with a status: 400 bad JSON or a bad request, 404 unknown
 //! export or route, 405 a method a route does not take, 409 a name or disk already served
@@ -54,18 +55,33 @@ struct ErrorBody {
     error: String,
 }
 
-/// The control API being served on a Unix socket.
+/// The control API being served on a Unix socket (or the metrics alone on a TCP address).
 pub struct Control {
     http: Arc<tiny_http::Server>,
     thread: Option<JoinHandle<()>>,
-    path: PathBuf,
-    /// Whether this process made the socket (and removes its file at the end).
-    owned: bool,
+    place: Place,
+}
+
+/// Where a [`Control`] listens.
+enum Place {
+    /// A Unix socket; `owned`: this process made it (and removes its file at the end).
+    Socket { path: PathBuf, owned: bool },
+    /// A TCP address (the metrics alone).
+    Tcp(std::net::SocketAddr),
+}
+
+/// What a [`Control`] answers.
+#[derive(Debug, Clone, Copy)]
+enum Routes {
+    /// Every route; `read_only` is the default of `POST /exports`.
+    All { read_only: bool },
+    /// `GET /metrics` only.
+    Metrics,
 }
 
 impl std::fmt::Debug for Control {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Control").field("path", &self.path).finish()
+        f.debug_struct("Control").field("address", &self.address()).finish()
     }
 }
 
@@ -80,7 +96,8 @@ impl Control {
         }
         let http =
             tiny_http::Server::http_unix(path).map_err(|e| bind_err(std::io::Error::other(e.to_string())))?;
-        Control::serve(service, http, path.to_path_buf(), true, read_only)
+        let place = Place::Socket { path: path.to_path_buf(), owned: true };
+        Control::serve(service, http, place, Routes::All { read_only })
     }
 
     /// [`Control::start`] on a listening socket another process made and handed over
@@ -99,15 +116,26 @@ impl Control {
             addr: path.display().to_string(),
             source: std::io::Error::other(e.to_string()),
         })?;
-        Control::serve(service, http, path, false, read_only)
+        Control::serve(service, http, Place::Socket { path, owned: false }, Routes::All { read_only })
+    }
+
+    /// Serves `GET /metrics` of `service`, and nothing else (no route that lists or changes
+    /// exports), on the TCP address `addr` (port 0: one the system picks; see
+    /// [`Control::address`]), for a Prometheus server to scrape.
+    pub fn start_metrics(service: Arc<Service>, addr: &str) -> Result<Control, ServiceError> {
+        let bind_err = |source| ServiceError::Bind { addr: addr.to_string(), source };
+        let listener = std::net::TcpListener::bind(addr).map_err(bind_err)?;
+        let local = listener.local_addr().map_err(bind_err)?;
+        let http = tiny_http::Server::from_listener(listener, None)
+            .map_err(|e| bind_err(std::io::Error::other(e.to_string())))?;
+        Control::serve(service, http, Place::Tcp(local), Routes::Metrics)
     }
 
     fn serve(
         service: Arc<Service>,
         http: tiny_http::Server,
-        path: PathBuf,
-        owned: bool,
-        read_only: bool,
+        place: Place,
+        routes: Routes,
     ) -> Result<Control, ServiceError> {
         let http = Arc::new(http);
         let h = Arc::clone(&http);
@@ -118,37 +146,51 @@ impl Control {
                     let service = Arc::clone(&service);
                     let spawned = std::thread::Builder::new()
                         .name("mcow-control-req".into())
-                        .spawn(move || handle(&service, req, read_only));
+                        .spawn(move || handle(&service, req, routes));
                     if let Err(e) = spawned {
                         tracing::warn!(error = %e, "cannot start a thread for a control request");
                     }
                 }
             })
             .map_err(|source| ServiceError::Io { what: "starting the control thread".into(), source })?;
-        tracing::info!(path = %path.display(), inherited = !owned, "control API listening");
-        Ok(Control { http, thread: Some(thread), path, owned })
+        let control = Control { http, thread: Some(thread), place };
+        match &control.place {
+            Place::Socket { path, owned } => {
+                tracing::info!(path = %path.display(), inherited = !owned, "control API listening")
+            }
+            Place::Tcp(addr) => tracing::info!(%addr, "metrics listening"),
+        }
+        Ok(control)
     }
 
-    /// The socket's path.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Where it listens: the socket's path, or `http://ADDR/metrics` for the metrics alone.
+    pub fn address(&self) -> String {
+        match &self.place {
+            Place::Socket { path, .. } => path.display().to_string(),
+            Place::Tcp(addr) => format!("http://{addr}/metrics"),
+        }
     }
 
     /// Stops taking requests (those running finish on their own threads) and removes the
-    /// socket file.
+    /// socket file (one this process made).
     pub fn stop(mut self) {
         self.http.unblock();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        if self.owned {
-            let _ = std::fs::remove_file(&self.path);
-        } else {
-            // tiny_http's server removes its Unix socket's file when dropped, but an inherited
-            // socket's file belongs to the process that made it (systemd), and the server
-            // started after this one takes the same socket over: so this one is never dropped
-            // (the process is about to exit; its listening socket stays with systemd).
-            std::mem::forget(Arc::clone(&self.http));
+        match &self.place {
+            Place::Socket { path, owned: true } => {
+                let _ = std::fs::remove_file(path);
+            }
+            Place::Socket { owned: false, .. } => {
+                // tiny_http's server removes its Unix socket's file when dropped, but an
+                // inherited socket's file belongs to the process that made it (systemd), and
+                // the server started after this one takes the same socket over: so this one
+                // is never dropped (the process is about to exit; its listening socket stays
+                // with systemd).
+                std::mem::forget(Arc::clone(&self.http));
+            }
+            Place::Tcp(_) => {}
         }
     }
 }
@@ -171,6 +213,12 @@ fn status_of(e: &ServiceError) -> u16 {
         },
         _ => 500,
     }
+}
+
+/// `GET /metrics`: the Prometheus text of `service` now.
+fn metrics(service: &Service) -> Response<std::io::Cursor<Vec<u8>>> {
+    let header = Header::from_bytes("Content-Type", "text/plain; version=0.0.4").expect("a valid header");
+    Response::from_data(crate::metrics::render(service).into_bytes()).with_header(header)
 }
 
 fn json<T: Serialize>(status: u16, body: &T) -> Response<std::io::Cursor<Vec<u8>>> {
@@ -204,11 +252,18 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-fn handle(service: &Service, mut req: Request, read_only: bool) {
+fn handle(service: &Service, mut req: Request, routes: Routes) {
     let method = req.method().clone();
     let url = req.url().to_string();
     let path = url.split('?').next().unwrap_or("");
-    let response = route(service, &method, path, &mut req, read_only);
+    let response = match routes {
+        Routes::All { read_only } => route(service, &method, path, &mut req, read_only),
+        Routes::Metrics => match (&method, path.trim_matches('/')) {
+            (Method::Get, "metrics") => metrics(service),
+            (_, "metrics") => error(405, format!("{method} is not allowed on /metrics (GET)")),
+            _ => error(404, format!("no such endpoint: {path} (only GET /metrics is served here)")),
+        },
+    };
     tracing::debug!(%method, url = %url, status = response.status_code().0, "control request");
     if let Err(e) = req.respond(response) {
         tracing::debug!(error = %e, "cannot answer a control request");
@@ -225,11 +280,7 @@ fn route(
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, segments.as_slice()) {
         (Method::Get, ["exports"]) => json(200, &ListBody { exports: service.list() }),
-        (Method::Get, ["metrics"]) => {
-            let header =
-                Header::from_bytes("Content-Type", "text/plain; version=0.0.4").expect("a valid header");
-            Response::from_data(crate::metrics::render(service).into_bytes()).with_header(header)
-        }
+        (Method::Get, ["metrics"]) => metrics(service),
         (Method::Post, ["exports"]) => {
             let mut body = Vec::new();
             if let Err(e) = req.as_reader().take(MAX_BODY + 1).read_to_end(&mut body) {
