@@ -96,36 +96,12 @@ if [[ ! -f base.raw || $(stat -c %s base.raw) -ne $SIZE ]]; then
 fi
 "$MCOW" import -q base.raw "$RUN/base" >/dev/null
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 TCK=$(getconf CLK_TCK)
+# shellcheck source=lib/write-servers.sh
+source "$ROOT/scripts/lib/write-servers.sh"
 
 start_server() { # server -> sets PID, URI
-    local s=$1 i
-    case $s in
-        mcow)
-            "$MCOW" create -q --from "$RUN/base" "$RUN/target" >/dev/null
-            "$MCOW" serve -k "$RUN/sock" "disk=$RUN/target" 2>>"$LOG.$s" &
-            ;;
-        qemu-nbd)
-            qemu-img create -q -f qcow2 -b "$BENCH_DIR/base.raw" -F raw "$RUN/target.qcow2"
-            qemu-nbd -t -f qcow2 --cache=writeback --shared=16 -k "$RUN/sock" -x disk \
-                "$RUN/target.qcow2" 2>>"$LOG.qemu-nbd" &
-            ;;
-        nbdkit)
-            cp --sparse=always --reflink=auto base.raw "$RUN/target.raw"
-            nbdkit -f -U "$RUN/sock" -e disk file "$RUN/target.raw" 2>>"$LOG.nbdkit" &
-            ;;
-        *) echo "bench-pgbench: unknown server $s" >&2; exit 2 ;;
-    esac
-    PID=$!
-    URI="nbd+unix:///disk?socket=$RUN/sock"
-    for ((i = 0; i < 2000; i++)); do
-        if [[ -S $RUN/sock ]] && nbdinfo --size "$URI" >/dev/null 2>&1; then return 0; fi
-        kill -0 "$PID" 2>/dev/null || break
-        sleep 0.01
-    done
-    echo "bench-pgbench: $s failed to start: $(tail -c 300 "$LOG.$s")" >&2
-    exit 1
+    start_write_server "$1" "$RUN" base.raw "$LOG.$1"
 }
 
 mount_and_start_postgres() {

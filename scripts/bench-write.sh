@@ -73,39 +73,16 @@ fi
 
 SERVERS=(mcow qemu-nbd nbdkit)
 if [[ -n ${MCOW_BEFORE:-} ]]; then SERVERS+=(mcow-before); fi
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 TCK=$(getconf CLK_TCK)
 PID=""
+# shellcheck source=lib/write-servers.sh
+source "$ROOT/scripts/lib/write-servers.sh"
 
 start_server() { # server -> sets PID, URI
-    local s=$1 i
-    rm -rf run/target run/target.* run/sock
-    case $s in
-        mcow | mcow-before)
-            local bin=$MCOW
-            if [[ $s == mcow-before ]]; then bin=$MCOW_BEFORE; fi
-            "$MCOW" create -q --from run/base run/target >/dev/null
-            "$bin" serve -k "$PWD/run/sock" "disk=$PWD/run/target" 2>>"$LOG.$s" &
-            ;;
-        qemu-nbd)
-            qemu-img create -q -f qcow2 -b "$PWD/base.raw" -F raw run/target.qcow2
-            qemu-nbd -t -f qcow2 --cache=writeback --shared=16 -k "$PWD/run/sock" -x disk \
-                run/target.qcow2 2>>"$LOG.qemu-nbd" &
-            ;;
-        nbdkit)
-            cp --sparse=always --reflink=auto base.raw run/target.raw
-            nbdkit -f -U "$PWD/run/sock" -e disk file "$PWD/run/target.raw" 2>>"$LOG.nbdkit" &
-            ;;
+    case $1 in
+        mcow-before) start_write_server mcow "$PWD/run" base.raw "$LOG.$1" "$MCOW_BEFORE" ;;
+        *) start_write_server "$1" "$PWD/run" base.raw "$LOG.$1" ;;
     esac
-    PID=$!
-    URI="nbd+unix:///disk?socket=$PWD/run/sock"
-    for ((i = 0; i < 2000; i++)); do
-        if [[ -S run/sock ]] && nbdinfo --size "$URI" >/dev/null 2>&1; then return 0; fi
-        kill -0 "$PID" 2>/dev/null || break
-        sleep 0.01
-    done
-    echo "bench-write: $s failed to start: $(tail -c 300 "$LOG.$s")" >&2
-    exit 1
 }
 
 stop_server() {
