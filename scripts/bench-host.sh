@@ -2,8 +2,9 @@
 # Host-service measurements (issue 15), docs/BENCHMARKS.md "A host service". Not part of
 # `cargo test`; run it by hand.
 #
-#   scripts/bench-host.sh                  # both parts
+#   scripts/bench-host.sh                  # every part
 #   PARTS=exports scripts/bench-host.sh    # only the memory per export
+#   PARTS=hits scripts/bench-host.sh       # only the cache-hit counters
 #
 # Parts (PARTS, default "exports snapshot restart"):
 #   exports   RSS of one `mcow serve --control` holding N exports (N = EXPORTS, default 100), each
@@ -14,6 +15,12 @@
 #   snapshot  the engine example `snapshot_pause`: the snapshot call, the switch, the writer's
 #             slowest write during the call against its p99 before, and the time until the
 #             frozen top is sealed, for tops holding 1 MiB to 1 GiB.
+#   hits      the cache-hit counters (mcow_export_cache_hits_total, _misses_total) and the
+#             fetches of a disk pulled lazily from a file:// image of the same base (DATA_MIB of
+#             data), scraped from `serve --metrics` after each of: a cold whole-disk copy
+#             (`nbdcopy`, 4 connections, 64 requests in flight), the same copy again (warm), and,
+#             on a fresh cache, 20 s of random 4 KiB reads (fio, iodepth 8) then 20 s more.
+#             Prints block reads, hits, misses, hit ratio, fetch requests and MiB fetched per phase.
 #   restart   a QEMU guest (TCG; scripts/vm-assets.sh, vmmode=writer) writing 16 KiB files, each
 #             followed by sync, to an ext4 disk that `mcow serve --control --state` serves under
 #             systemd-socket-activate (restarted by a shell loop, as systemd's Restart=always);
@@ -26,7 +33,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-PARTS=${PARTS:-"exports snapshot restart"}
+PARTS=${PARTS:-"exports snapshot hits restart"}
 EXPORTS=${EXPORTS:-100}
 SIZE_MIB=${SIZE_MIB:-1024}
 DATA_MIB=${DATA_MIB:-256}
@@ -84,6 +91,58 @@ for part in $PARTS; do
         mkdir -p run
         echo
         "$ROOT/target/release/examples/snapshot_pause" "$PWD/run" 1024
+        rm -rf run
+        ;;
+    hits)
+        rm -rf run && mkdir run
+        if [[ ! -f base.raw || $(stat -c %s base.raw) -ne $((SIZE_MIB << 20)) ]]; then
+            head -c "$((DATA_MIB << 20))" /dev/urandom >base.raw.tmp
+            truncate -s "$((SIZE_MIB << 20))" base.raw.tmp
+            mv base.raw.tmp base.raw
+        fi
+        "$MCOW" import -q base.raw run/base >/dev/null
+        "$MCOW" push -q run/base "file://$PWD/run/images/base:v1" >/dev/null
+        echo
+        echo "| phase | block reads | hits | misses | hit ratio | fetch requests | MiB fetched |"
+        echo "|---|---:|---:|---:|---:|---:|---:|"
+        scrape() { # -> "hits misses requests bytes" of export img
+            curl -sS "$METRICS" | awk '
+                /^mcow_export_cache_hits_total\{export="img"\}/ {h = $2}
+                /^mcow_export_cache_misses_total\{export="img"\}/ {m = $2}
+                /^mcow_export_fetch_requests_total\{export="img"\}/ {r = $2}
+                /^mcow_export_fetched_bytes_total\{export="img"\}/ {b = $2}
+                END {print h + 0, m + 0, r + 0, b + 0}'
+        }
+        row() { # phase "before" "after"
+            awk -v p="$1" -v a="$2" -v b="$3" 'BEGIN { split(a, x, " "); split(b, y, " ")
+                h = y[1] - x[1]; m = y[2] - x[2]; n = h + m
+                printf "| %s | %d | %d | %d | %.3f | %d | %.1f |\n", p, n, h, m, (n ? h / n : 0), y[3] - x[3], (y[4] - x[4]) / 1048576 }'
+        }
+        start_lazy() {
+            rm -rf run/cache run/log
+            "$MCOW" serve -k "$PWD/run/nbd.sock" --cache "$PWD/run/cache" --metrics 127.0.0.1:0 \
+                "img=file://$PWD/run/images/base:v1" -r 2>run/log &
+            PID=$!
+            for ((i = 0; i < 1000; i++)); do grep -q '^mcow: serving on' run/log 2>/dev/null && break; sleep 0.02; done
+            METRICS=$(sed -n 's/^mcow: metrics on //p' run/log)
+            URI="nbd+unix:///img?socket=$PWD/run/nbd.sock"
+        }
+        start_lazy
+        s0=$(scrape)
+        nbdcopy "$URI" null:
+        s1=$(scrape); row "cold copy (nbdcopy)" "$s0" "$s1"
+        nbdcopy "$URI" null:
+        s2=$(scrape); row "warm copy" "$s1" "$s2"
+        kill "$PID"; wait "$PID" 2>/dev/null || true; PID=""
+        start_lazy
+        fio_rand() { fio --name=r --ioengine=nbd --uri="$URI" --rw=randread --bs=4k --iodepth=8 \
+            --runtime=20 --time_based --norandommap --randrepeat=0 --output=/dev/null; }
+        s0=$(scrape)
+        fio_rand
+        s1=$(scrape); row "random 4 KiB, first 20 s" "$s0" "$s1"
+        fio_rand
+        s2=$(scrape); row "random 4 KiB, next 20 s" "$s1" "$s2"
+        kill "$PID"; wait "$PID" 2>/dev/null || true; PID=""
         rm -rf run
         ;;
     restart)
