@@ -75,11 +75,15 @@ impl MappedStorage {
     }
 
     /// A mapped storage for `file` if its filesystem is one where stores to allocated blocks
-    /// need no space (ext4, XFS, tmpfs), plain writes ([`FileStorage`]) otherwise. The same
-    /// promise as [`MappedStorage::new`]: no one else writes or truncates the file meanwhile.
+    /// need no space (ext4, XFS, tmpfs) and it can preallocate the file, plain writes
+    /// ([`FileStorage`]) otherwise. The same promise as [`MappedStorage::new`]: no one else
+    /// writes or truncates the file meanwhile.
     pub fn or_file(file: File) -> io::Result<Box<dyn Storage>> {
+        use rustix::fs::{FallocateFlags, fallocate};
         let kind = rustix::fs::fstatfs(&file)?.f_type as u64;
-        if IN_PLACE_FILESYSTEMS.contains(&kind) {
+        // And only if it can preallocate this file (ext4's driver cannot for a file without
+        // extents, on an ext2 or ext3 filesystem): one block at the start, the length unchanged.
+        if IN_PLACE_FILESYSTEMS.contains(&kind) && fallocate(&file, FallocateFlags::KEEP_SIZE, 0, 1).is_ok() {
             Ok(Box::new(MappedStorage::new(file)?))
         } else {
             Ok(Box::new(FileStorage(file)))

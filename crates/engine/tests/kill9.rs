@@ -682,6 +682,11 @@ fn kill9_child_full_log() {
         "the failed write names the log and ENOSPC: {failed}"
     );
     let acked = acked.expect("writes were acknowledged before the tmpfs was full");
+    let log_len = std::fs::metadata(tmpfs.join("pending.0")).unwrap().len();
+    assert!(
+        log_len > 0 && log_len.is_multiple_of(64 << 10),
+        "the log was preallocated in chunks (written through a mapping): {log_len} bytes"
+    );
     assert!(acked > 100, "the logs took records before they filled up ({acked})");
     // Room again, as a user would make it, then the reopen applies what the logs hold.
     std::fs::remove_file(tmpfs.join("filler")).unwrap();
