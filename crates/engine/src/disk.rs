@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::extent_map::{Loc, TOP};
 use crate::fetch::{BlockSource, FetchPolicy};
 use crate::layer::{CacheReads, ReadTally};
+use crate::mapped::MappedStorage;
 use crate::stack::{Stack, next_chain};
 use crate::storage::{FileStorage, Storage};
 use crate::store::{LayerStore, OpenLayer, write_atomic};
@@ -1017,6 +1018,11 @@ fn pending_logs(path: &Path, read_only: bool) -> Result<Option<PendingLogs>> {
     let open = |i: usize| {
         let p = pending_log_path(path, i);
         match FsOpen::new().read(true).write(!read_only).create(!read_only).truncate(false).open(&p) {
+            // A writer's logs get a record per mapping change: stores into a mapping of the
+            // file, not a pwrite each (see `mapped`). No other process writes or truncates
+            // them meanwhile: only a top's writer opens them for writing, holding the top's
+            // lock (or creating a top that no manifest names yet).
+            Ok(f) if !read_only => MappedStorage::or_file(f).map(Some).map_err(Error::io("open", &p)),
             Ok(f) => Ok(Some(Box::new(FileStorage(f)) as Box<dyn Storage>)),
             Err(e) if read_only && e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io("open", &p)(e)),

@@ -127,6 +127,12 @@ impl ExtentMap {
         self.map.range(block..).next().map(|(&s, _)| s)
     }
 
+    /// Whether any run overlaps `[start, end)`: [`ExtentMap::overlapping`] not empty, in one
+    /// lookup (the last run starting before `end` is the only one that can reach `start`).
+    pub fn overlaps(&self, start: u64, end: u64) -> bool {
+        start < end && self.map.range(..end).next_back().is_some_and(|(_, &(e, _))| e > start)
+    }
+
     /// The runs overlapping `[start, end)`, clipped to it.
     pub fn overlapping(&self, start: u64, end: u64) -> Vec<Extent> {
         let mut out = Vec::new();
@@ -356,6 +362,9 @@ mod tests {
                 }
             }
             assert_eq!(model_of(&m, 64), model, "after op {i}");
+            let (s, e) = ((x >> 7) % 64, (x >> 7) % 64 + 1 + (x >> 13) % 5);
+            assert_eq!(m.overlaps(s, e), model[s as usize..e.min(64) as usize].iter().any(Option::is_some));
+            assert_eq!(m.overlaps(s, e), !m.overlapping(s, e).is_empty(), "[{s}, {e}) after op {i}");
         }
         let frozen = m.freeze();
         for b in 0..64 {

@@ -2,7 +2,8 @@
 //!
 //! Modules, bottom up:
 //! - `storage` / `sim`: the byte-storage trait every layer goes through, and a simulated device
-//!   for crash and fault tests;
+//!   for crash and fault tests; `mapped`: a file written through a shared memory mapping (the
+//!   writable top's pending logs);
 //! - `context`: the engine context ([`Engine`]) disks are opened in: file pool, open layers,
 //!   background fetch threads (`background`), instead of process-wide state;
 //! - `bitmap`: the one atomic, sparse, bounds-checked bitmap for per-block flags;
@@ -98,6 +99,7 @@ pub mod fetch;
 pub mod gc;
 pub mod layer;
 pub mod lock;
+pub mod mapped;
 pub mod ops;
 pub mod pool;
 pub mod readahead;

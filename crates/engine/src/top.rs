@@ -57,8 +57,9 @@
 //! acknowledged write, but not the mapping changes waiting in memory for the next round. So a
 //! writer opened with pending logs ([`TopLayer::open_logged`]) also records each mapping change
 //! as it makes it (a write that maps new blocks, before it returns; a marker; an in-place write
-//! to a block only a log maps yet, with its new CRC) in the current one of two logs, with plain
-//! writes and never a sync. A round that takes the pending changes as batch `s` switches to the
+//! to a block only a log maps yet, with its new CRC) in the current one of two logs, never
+//! synced (the disk writes them through a shared mapping, `mapped`, so a record is a store, not
+//! a system call). A round that takes the pending changes as batch `s` switches to the
 //! other log, started afresh to follow batch `s`; the log it leaves holds exactly that batch's
 //! changes. An open applies, after the journal, the log that follows the journal's last batch
 //! and then the one started after that log, each data record only if the blocks it maps read
@@ -87,7 +88,7 @@ use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWrite
 use mcow_format::{
     BlockHashKind, Digest, ExtentKind, HEADER_SIZE, IndexEntry, JOURNAL_HEADER_SIZE, JournalBatch,
     JournalHeader, LayerHeader, LayerKind, MAX_RECORD_BLOCKS, NO_ALT, PENDING_HEADER_SIZE, PENDING_PIECE,
-    PendingHeader, PendingRecord, decode_batch, decode_record, encode_batch, encode_record, find_whole_batch,
+    PendingHeader, decode_batch, decode_record, encode_batch, encode_record_into, find_whole_batch,
 };
 
 use crate::error::{Error, Result};
@@ -196,8 +197,8 @@ struct Recorder {
     cur: usize,
     header: PendingHeader,
     len: u64,
-    /// Virtual blocks that records of the current log and of the one before it map (runs, the
-    /// location unused): an in-place write to them records its block's new CRC.
+    /// Virtual blocks that records of the current log and of the one before it map (runs at
+    /// [`LOGGED`]): an in-place write to them records its block's new CRC.
     logged: ExtentMap,
     logged_prev: ExtentMap,
     /// A round failed after it switched logs (its changes are pending again): the next round
@@ -207,7 +208,14 @@ struct Recorder {
     /// journal (its sync failed): a kill may leave that version, so the retry keeps the log
     /// following it too (as its alt).
     written_crc: Option<u32>,
+    /// The bytes of the records being appended, kept between appends for its capacity.
+    buf: Vec<u8>,
 }
+
+/// The location of every run of [`Recorder::logged`], which only says which blocks a log maps:
+/// a location that each neighbour continues (a marker's does not advance), so that neighbouring
+/// runs merge and lookups stay cheap however scattered the writes were.
+const LOGGED: Loc = Loc { layer: TOP, kind: ExtentKind::Zero, pblock: 0 };
 
 /// What only the running round changes.
 struct RoundState {
@@ -844,37 +852,53 @@ impl TopLayer {
         // (Only a flush round can make a block stop being log-only, never start: that needs a
         // new mapping, so the map lock held here.)
         let held = self.recorder.as_ref().is_some_and(|r| lock(r).holds(b, end));
-        let _stripes: Vec<MutexGuard<'_, ()>> = if held {
-            let mut ids: Vec<usize> = (b..end).map(|v| (v % IN_PLACE_STRIPES as u64) as usize).collect();
-            ids.sort_unstable();
-            ids.dedup();
-            ids.into_iter().map(|i| lock(&self.in_place_locks[i])).collect()
-        } else {
-            Vec::new()
-        };
+        // The stripes of blocks b..end, in ascending order (so that two writes never take them
+        // in opposite orders): all of them, or a range that may wrap around. One block (the
+        // common case) takes one, without a Vec.
+        let (mut _stripe, mut _stripes): (Option<MutexGuard<'_, ()>>, Vec<MutexGuard<'_, ()>>) =
+            (None, Vec::new());
+        if held {
+            let n = IN_PLACE_STRIPES as u64;
+            let (first, count) = ((b % n) as usize, (end - b).min(n) as usize);
+            if count == 1 {
+                _stripe = Some(lock(&self.in_place_locks[first]));
+            } else {
+                let wrapped = (first + count).saturating_sub(IN_PLACE_STRIPES);
+                let ids = (0..wrapped).chain(first..(first + count).min(IN_PLACE_STRIPES));
+                _stripes = ids.map(|i| lock(&self.in_place_locks[i])).collect();
+            }
+        }
         if let (true, Some(rec)) = (held, &self.recorder) {
             // Pieces written whole: the CRC of the data; one written in part (at most one at
-            // each end): read, the data laid over it, its CRC.
+            // each end): read, the data laid over it, its CRC. Up to a block's worth of CRCs
+            // (16 for 64 KiB blocks) on the stack.
             let (lo, hi) = (within / PENDING_PIECE, (within + bytes.len()).div_ceil(PENDING_PIECE));
             let run_at = HEADER_SIZE as u64 + e.loc.pblock * self.bs;
-            let mut piece = vec![0u8; PENDING_PIECE];
-            let mut crcs = Vec::with_capacity(hi - lo);
-            for i in lo..hi {
+            let mut piece = Vec::new();
+            let (mut small, mut large) = ([0u32; 16], Vec::new());
+            let crcs: &mut [u32] = if hi - lo <= small.len() {
+                &mut small[..hi - lo]
+            } else {
+                large.resize(hi - lo, 0);
+                &mut large
+            };
+            for (crc, i) in crcs.iter_mut().zip(lo..hi) {
                 let (start, stop) = (i * PENDING_PIECE, (i + 1) * PENDING_PIECE);
                 let (from, to) = (start.max(within), stop.min(within + bytes.len()));
                 if from == start && to == stop {
-                    crcs.push(crc32c::crc32c(&bytes[start - within..stop - within]));
+                    *crc = crc32c::crc32c(&bytes[start - within..stop - within]);
                 } else {
+                    piece.resize(PENDING_PIECE, 0);
                     self.data
                         .read_at(&mut piece, run_at + start as u64)
                         .map_err(Error::io("read", &self.path))?;
                     piece[from - start..to - start].copy_from_slice(&bytes[from - within..to - within]);
-                    crcs.push(crc32c::crc32c(&piece));
+                    *crc = crc32c::crc32c(&piece);
                 }
             }
             let entry =
                 IndexEntry { vblock: b, count: end - b, kind: ExtentKind::Data, pblock: e.loc.pblock };
-            lock(rec).append(&[(entry, lo as u32, &crcs)], true, self.pieces_per_block(), &self.path)?;
+            lock(rec).append(&[(entry, lo as u32, crcs)], true, self.pieces_per_block(), &self.path)?;
         }
         self.data.write_at(bytes, pos).map_err(Error::io("write", &self.path))?;
         self.data_dirty.store(true, Ordering::SeqCst);
@@ -1429,13 +1453,13 @@ impl Recorder {
             logged_prev: ExtentMap::new(),
             retry: false,
             written_crc: None,
+            buf: Vec::new(),
         })
     }
 
     /// Whether records of the current or the previous log map any of blocks `[start, end)`.
     fn holds(&self, start: u64, end: u64) -> bool {
-        !self.logged.overlapping(start, end).is_empty()
-            || !self.logged_prev.overlapping(start, end).is_empty()
+        self.logged.overlaps(start, end) || self.logged_prev.overlaps(start, end)
     }
 
     /// Appends records of `changes` (each with its first piece and the CRCs of its pieces from
@@ -1448,13 +1472,12 @@ impl Recorder {
         ppb: usize,
         path: &Path,
     ) -> Result<()> {
-        let mut bytes = Vec::new();
+        let mut bytes = std::mem::take(&mut self.buf);
+        bytes.clear();
+        let tag = self.header.tag;
         for &(e, first, crcs) in changes {
             if e.kind != ExtentKind::Data {
-                bytes.extend(encode_record(
-                    self.header.tag,
-                    &PendingRecord { entry: e, first: 0, in_place: false, crcs: Vec::new() },
-                ));
+                encode_record_into(tag, &e, 0, false, &[], &mut bytes);
                 continue;
             }
             // At most MAX_RECORD_BLOCKS blocks a record: each takes the CRCs of its pieces.
@@ -1467,20 +1490,25 @@ impl Recorder {
                 if start < stop {
                     let entry =
                         IndexEntry { vblock: e.vblock + i, count: n, kind: e.kind, pblock: e.pblock + i };
-                    let crcs = crcs[(start - lo) as usize..(stop - lo) as usize].to_vec();
+                    let crcs = &crcs[(start - lo) as usize..(stop - lo) as usize];
                     let first = (start - i * ppb) as u32;
-                    bytes.extend(encode_record(
-                        self.header.tag,
-                        &PendingRecord { entry, first, in_place, crcs },
-                    ));
+                    encode_record_into(tag, &entry, first, in_place, crcs, &mut bytes);
                 }
                 i += n;
             }
-            self.logged.insert(e.vblock, e.end(), Loc { layer: TOP, kind: e.kind, pblock: e.pblock });
+            // An in-place write to blocks the current log already maps changes nothing here.
+            if !(in_place && self.logged.get(e.vblock).is_some_and(|x| x.end >= e.end())) {
+                self.logged.insert(e.vblock, e.end(), LOGGED);
+            }
         }
-        let lpath = pending_log_path(path, self.cur);
-        self.logs[self.cur].write_at(&bytes, self.len).map_err(Error::io("write", &lpath))?;
-        self.len += bytes.len() as u64;
+        let written = self.logs[self.cur].write_at(&bytes, self.len);
+        let n = bytes.len() as u64;
+        // Kept for the next append, unless a large change made it large.
+        if bytes.capacity() <= 1 << 16 {
+            self.buf = bytes;
+        }
+        written.map_err(|e| Error::io("write", pending_log_path(path, self.cur))(e))?;
+        self.len += n;
         Ok(())
     }
 

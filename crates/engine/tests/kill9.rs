@@ -18,6 +18,14 @@
 //! unflushed mapping changes across a process kill): every sector reads as after the last
 //! acknowledged step or, where the next step (perhaps under way) touched it, as after that
 //! step; and again after a second open, with no debris and a clean `check`.
+//!
+//! Three more cover the storage the pending logs are written through (`mcow_engine::mapped`:
+//! stores into a shared mapping, preallocated in chunks): a child storing records through it
+//! is killed, and every stored record is in the file; and, on a small tmpfs mounted for a
+//! child alone (`unshare -m`: needs root, as these machines and CI have), a full filesystem
+//! fails the write that needs more space with ENOSPC, never a SIGBUS, and keeps everything
+//! before it: for the storage alone, and for a disk whose logs fill up (after a kill, the
+//! reopen has every acknowledged write).
 
 mod common;
 
@@ -27,6 +35,8 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use common::{Rng, assert_check_clean, create_disk, open_rw, pattern, read_all};
+use mcow_engine::mapped::MappedStorage;
+use mcow_engine::storage::Storage;
 use mcow_engine::{Disk, ops};
 
 const ENV: &str = "MCOW_KILL9_CHILD_DISK";
@@ -415,4 +425,304 @@ fn kill_9_under_concurrent_overlapping_writes_keeps_them() {
         drop(d);
         assert_check_clean(dir);
     });
+}
+
+// The pending logs' storage (`mcow_engine::mapped`): stores into a shared mapping, never synced.
+
+const ENV_MAPPED: &str = "MCOW_KILL9_MAPPED_CHILD_FILE";
+
+/// Record `i` of the mapped-storage child: sizes vary, so records straddle pages and the
+/// storage's allocation chunks.
+fn mapped_record(i: u64) -> Vec<u8> {
+    pattern(0x6d61 + i, 200 + (i % 7) as usize * 300)
+}
+
+/// The mapped-storage child: stores record after record, back to back, through a
+/// `MappedStorage`, printing `STORED <i>` after each store returns; never syncs.
+#[test]
+fn kill9_child_mapped_writer() {
+    let Ok(path) = std::env::var(ENV_MAPPED) else { return };
+    let f =
+        std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    let s = MappedStorage::new(f).unwrap();
+    let mut off = 0;
+    for i in 0.. {
+        let r = mapped_record(i);
+        s.write_at(&r, off).unwrap();
+        off += r.len() as u64;
+        println!("STORED {i}");
+    }
+}
+
+/// Tried: a child stores records through a `MappedStorage` (no sync, no pwrite) and is killed
+/// with SIGKILL at a random moment, after 50 to 3000 records (up to about 3 MB, so past several
+/// of the storage's allocation chunks and remappings). Must hold: reading the file afterwards
+/// (another process, plain reads) finds every record whose store returned, byte for byte, and
+/// after them only the next record (perhaps cut short by the kill) and zeros (the preallocated
+/// rest of the file): what a pending log's replay relies on.
+#[test]
+fn kill_9_keeps_what_a_mapped_storage_stored() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let exe = std::env::current_exe().unwrap();
+    let mut rng = Rng::new(0x6d6d ^ u64::from(std::process::id()));
+    for round in 0..4 {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("log");
+        let mut child = Command::new(&exe)
+            .args(["--exact", "kill9_child_mapped_writer", "--nocapture", "--test-threads=1"])
+            .env(ENV_MAPPED, &path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let parse = |l: &str| l.split("STORED ").nth(1)?.trim().parse::<u64>().ok();
+        let target = rng.range(50, 3000);
+        let mut last = None;
+        while last.is_none_or(|i| i < target) {
+            let line = lines.next().expect("the child stopped before being killed").unwrap();
+            last = parse(&line).or(last);
+        }
+        std::thread::sleep(Duration::from_micros(rng.below(2000)));
+        child.kill().unwrap(); // SIGKILL
+        let status = child.wait().unwrap();
+        {
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(status.signal(), Some(9), "round {round}: the child died of SIGKILL: {status:?}");
+        }
+        for line in lines {
+            last = parse(&line.unwrap()).or(last);
+        }
+        let last = last.unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let mut off = 0;
+        for i in 0..=last {
+            let r = mapped_record(i);
+            assert!(off + r.len() <= bytes.len(), "round {round}: the file ends inside record {i} of {last}");
+            assert!(
+                bytes[off..off + r.len()] == r[..],
+                "round {round}: record {i} of {last} reads otherwise"
+            );
+            off += r.len();
+        }
+        let next = mapped_record(last + 1);
+        for (k, &b) in bytes[off..].iter().enumerate() {
+            assert!(
+                b == 0 || next.get(k) == Some(&b),
+                "round {round}: byte {k} after record {last} is neither the next record's nor zero"
+            );
+        }
+    }
+}
+
+const ENV_FULL: &str = "MCOW_KILL9_FULL_TMPFS";
+const ENV_FULL_WRITER: &str = "MCOW_KILL9_FULL_WRITER_DISK";
+/// Size of the tmpfs the full-filesystem tests run on (mounted in a mount namespace of their own).
+const FULL_TMPFS_SIZE: &str = "512k";
+
+/// Runs this test binary's `test` under `unshare -m` with a fresh tmpfs of
+/// [`FULL_TMPFS_SIZE`] mounted on a new temporary directory (visible to that process alone), its
+/// path in `ENV_FULL`; `env` is passed on. Fails (with the child's output) if the child did.
+fn run_on_small_tmpfs(test: &str, env: &[(&str, &Path)]) {
+    let exe = std::env::current_exe().unwrap();
+    let mnt = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new("unshare");
+    cmd.args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg(format!("mount -t tmpfs -o size={FULL_TMPFS_SIZE} mcow-test \"$0\" && exec \"$@\""))
+        .arg(mnt.path())
+        .arg(&exe)
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(ENV_FULL, mnt.path());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out =
+        cmd.output().expect("unshare (util-linux) runs: these tests need it, and root, to mount a tmpfs");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{test} under unshare failed ({}): {text}", out.status);
+    assert!(text.contains(&format!("{test} ... ok")), "{test} ran under unshare: {text}");
+}
+
+/// The child on a full tmpfs: see `a_mapped_storage_on_a_full_filesystem_fails_a_write_and_keeps_the_rest`.
+#[test]
+fn kill9_child_mapped_full() {
+    let Ok(dir) = std::env::var(ENV_FULL) else { return };
+    let dir = Path::new(&dir);
+    let open = |name: &str| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join(name))
+            .unwrap()
+    };
+    // tmpfs is one of the filesystems that get a mapped storage: its length after one small
+    // write is a whole allocation chunk, not the bytes written.
+    let s = MappedStorage::or_file(open("log")).unwrap();
+    s.write_at(b"first", 0).unwrap();
+    assert_eq!(s.len().unwrap(), 64 << 10, "tmpfs gets a mapped storage, preallocated");
+    // Records from offset 64 on, after a "header" that is rewritten below.
+    let mut off = 64u64;
+    let mut stored = 0u64;
+    let err = loop {
+        let r = mapped_record(stored);
+        match s.write_at(&r, off) {
+            Ok(()) => {
+                off += r.len() as u64;
+                stored += 1;
+            }
+            Err(e) => break e,
+        }
+        assert!(off < 4 << 20, "a {FULL_TMPFS_SIZE} tmpfs filled up before 4 MiB were stored");
+    };
+    assert_eq!(err.raw_os_error(), Some(28), "the failed write says ENOSPC: {err}");
+    assert!(stored > 10, "records were stored before the filesystem was full ({stored})");
+    let len = s.len().unwrap();
+    // What was stored before is intact, through the storage and through another handle; and a
+    // write inside what is already allocated (a pending log's header rewrite) still works.
+    s.write_at(b"again", 0).unwrap();
+    let file = std::fs::read(dir.join("log")).unwrap();
+    assert_eq!(file.len() as u64, len, "the failed write left the length as it was");
+    assert_eq!(&file[..5], b"again");
+    let mut at = 64usize;
+    for i in 0..stored {
+        let r = mapped_record(i);
+        let mut back = vec![0u8; r.len()];
+        s.read_at(&mut back, at as u64).unwrap();
+        assert!(back == r && file[at..at + r.len()] == r[..], "record {i} of {stored} reads otherwise");
+        at += r.len();
+    }
+    assert!(file[at..].iter().all(|&b| b == 0), "nothing of the failed write was stored");
+}
+
+/// Tried: a `MappedStorage` on a 512 KiB tmpfs (mounted for the child alone, under `unshare`;
+/// needs root) stores records until the filesystem is full. Must hold: the write that needs
+/// more space fails with ENOSPC (from the preallocation: the process is not killed by a SIGBUS
+/// on a store), every record stored before reads back byte for byte, nothing of the failed one
+/// is there, the file's length is unchanged, and a later write inside the allocated part works.
+#[test]
+fn a_mapped_storage_on_a_full_filesystem_fails_a_write_and_keeps_the_rest() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    run_on_small_tmpfs("kill9_child_mapped_full", &[]);
+}
+
+/// Write `i` of the full-log writer: within one block (so that a failed write wrote nothing),
+/// anywhere on the disk.
+fn full_write(i: u64) -> (u64, Vec<u8>) {
+    let mut rng = Rng::new(0x46554c4c + i);
+    let block = rng.below(SIZE / u64::from(BS));
+    let within = rng.below(u64::from(BS));
+    let len = rng.range(1, u64::from(BS) - within);
+    (block * u64::from(BS) + within, pattern(0x4655 + i, len as usize))
+}
+
+/// The grandchild on a full tmpfs: opens the disk whose pending logs lead to the tmpfs, writes
+/// `full_write(0)`, `(1)`... printing `ACKED <i>` after each and `FAILED <error>` at the first
+/// that fails, then waits to be killed.
+#[test]
+fn kill9_child_full_log_writer() {
+    let Ok(dir) = std::env::var(ENV_FULL_WRITER) else { return };
+    let d = open_rw(Path::new(&dir));
+    for i in 0.. {
+        let (off, data) = full_write(i);
+        match d.write(off, &data) {
+            Ok(()) => println!("ACKED {i}"),
+            Err(e) => {
+                println!("FAILED {i} {e}");
+                break;
+            }
+        }
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// The child on a full tmpfs: moves the disk's pending logs there, behind symlinks, fills the
+/// tmpfs but for a little, runs the writer, kills it after its failed write and checks.
+#[test]
+fn kill9_child_full_log() {
+    let (Ok(tmpfs), Ok(dir)) = (std::env::var(ENV_FULL), std::env::var(ENV_FULL_WRITER)) else { return };
+    let (tmpfs, dir) = (Path::new(&tmpfs), Path::new(&dir));
+    let manifest = mcow_engine::disk::read_manifest(dir).unwrap();
+    let top = manifest.top.expect("the disk has a top");
+    for i in 0..2 {
+        let log = dir.join(format!("{top}.pending.{i}"));
+        std::fs::remove_file(&log).unwrap();
+        std::os::unix::fs::symlink(tmpfs.join(format!("pending.{i}")), &log).unwrap();
+    }
+    // Room for the first two chunks of log 0 (64 KiB, then 128 KiB), not the third (256 KiB).
+    std::fs::write(tmpfs.join("filler"), vec![1u8; 300 << 10]).unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Command::new(&exe)
+        .args(["--exact", "kill9_child_full_log_writer", "--nocapture", "--test-threads=1"])
+        .env(ENV_FULL_WRITER, dir)
+        .env_remove(ENV_FULL)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut acked = None;
+    let mut failed = None;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if let Some(i) = line.split("ACKED ").nth(1) {
+            acked = Some(i.trim().parse::<u64>().unwrap());
+        } else if let Some(f) = line.split("FAILED ").nth(1) {
+            failed = Some(f.to_string());
+            break;
+        }
+    }
+    child.kill().unwrap(); // SIGKILL: the logs were never synced nor closed
+    child.wait().unwrap();
+    let failed = failed.expect("a write failed once the tmpfs was full");
+    assert!(
+        failed.contains("pending.0") && failed.contains("No space left on device"),
+        "the failed write names the log and ENOSPC: {failed}"
+    );
+    let acked = acked.expect("writes were acknowledged before the tmpfs was full");
+    let log_len = std::fs::metadata(tmpfs.join("pending.0")).unwrap().len();
+    assert!(
+        log_len > 0 && log_len.is_multiple_of(64 << 10),
+        "the log was preallocated in chunks (written through a mapping): {log_len} bytes"
+    );
+    assert!(acked > 100, "the logs took records before they filled up ({acked})");
+    // Room again, as a user would make it, then the reopen applies what the logs hold.
+    std::fs::remove_file(tmpfs.join("filler")).unwrap();
+    let mut model = base_content();
+    for i in 0..=acked {
+        let (off, data) = full_write(i);
+        model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+    }
+    let d = Disk::open(dir, Default::default()).unwrap();
+    assert!(d.top().recovered().records > 0, "the reopen applied the logs' records");
+    let got = read_all(&d);
+    assert!(
+        got == model,
+        "an acknowledged write is lost, or the failed one is there (first difference at byte {:?})",
+        common::first_diff(&got, &model)
+    );
+    drop(d);
+    assert_check_clean(dir);
+}
+
+/// Tried: a disk (on the test's ordinary filesystem) whose pending logs lead, by symlinks, to a
+/// 512 KiB tmpfs that is nearly full (mounted for the child alone, under `unshare`; needs
+/// root); a writer makes small writes, none flushed, until one fails, and is then killed with
+/// SIGKILL. Must hold: the failed write's error names the pending log and ENOSPC (the writer
+/// was not killed by a SIGBUS); after room is made, a reopen reads every acknowledged write and
+/// nothing of the failed one (it wrote no data), and `check` is clean.
+#[test]
+fn a_full_pending_log_fails_the_write_and_loses_no_acknowledged_one() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = create_disk(tmp.path(), "d", SIZE, BS);
+    {
+        let d = open_rw(&dir);
+        d.write(0, &base_content()).unwrap();
+        d.flush().unwrap();
+    }
+    ops::merge(&dir, 0, &mut |_, _| {}).unwrap();
+    run_on_small_tmpfs("kill9_child_full_log", &[(ENV_FULL_WRITER, &dir)]);
 }

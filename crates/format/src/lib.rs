@@ -39,7 +39,7 @@ pub use journal::{
 pub use manifest::{DiskManifest, MANIFEST_FORMAT, MANIFEST_VERSION, frozen_placeholder};
 pub use pending::{
     MAX_RECORD_BLOCKS, NO_ALT, PENDING_HEADER_SIZE, PENDING_PIECE, PENDING_VERSION, PendingHeader,
-    PendingRecord, decode_record, encode_record,
+    PendingRecord, decode_record, encode_record, encode_record_into,
 };
 pub use trailer::{TRAILER_SIZE, Trailer};
 

@@ -112,19 +112,35 @@ const IN_PLACE: u32 = 1 << 31;
 
 /// Encodes a record of a log with `tag`.
 pub fn encode_record(tag: u32, r: &PendingRecord) -> Vec<u8> {
-    let len = RECORD_HEAD + 4 * r.crcs.len() + 4;
-    let mut b = Vec::with_capacity(len);
-    b.extend_from_slice(RECORD_MAGIC);
-    b.extend_from_slice(&(len as u32).to_le_bytes());
-    b.extend_from_slice(&tag.to_le_bytes());
-    b.extend_from_slice(&encode_index_entry(&r.entry));
-    b.extend_from_slice(&(r.first | if r.in_place { IN_PLACE } else { 0 }).to_le_bytes());
-    for c in &r.crcs {
-        b.extend_from_slice(&c.to_le_bytes());
-    }
-    let crc = crc32c::crc32c(&b);
-    b.extend_from_slice(&crc.to_le_bytes());
+    let mut b = Vec::with_capacity(RECORD_HEAD + 4 * r.crcs.len() + 4);
+    encode_record_into(tag, &r.entry, r.first, r.in_place, &r.crcs, &mut b);
     b
+}
+
+/// Appends to `out` the encoding of a record of a log with `tag` (the fields of a
+/// [`PendingRecord`], the CRCs borrowed): what [`encode_record`] returns, without allocating
+/// where `out` has room.
+pub fn encode_record_into(
+    tag: u32,
+    entry: &IndexEntry,
+    first: u32,
+    in_place: bool,
+    crcs: &[u32],
+    out: &mut Vec<u8>,
+) {
+    let len = RECORD_HEAD + 4 * crcs.len() + 4;
+    let at = out.len();
+    out.reserve(len);
+    out.extend_from_slice(RECORD_MAGIC);
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    out.extend_from_slice(&tag.to_le_bytes());
+    out.extend_from_slice(&encode_index_entry(entry));
+    out.extend_from_slice(&(first | if in_place { IN_PLACE } else { 0 }).to_le_bytes());
+    for c in crcs {
+        out.extend_from_slice(&c.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&out[at..]);
+    out.extend_from_slice(&crc.to_le_bytes());
 }
 
 /// Decodes the record at the start of `b` of a log with `tag`; returns it and its length, or
@@ -197,5 +213,9 @@ mod tests {
         assert_eq!(decode_record(h.tag, &mb), Some((m, 52)));
         let no_crcs = PendingRecord { entry: r.entry, first: 0, in_place: false, crcs: vec![] };
         assert_eq!(decode_record(h.tag, &encode_record(h.tag, &no_crcs)), None, "data without CRCs");
+        // Appended after other bytes, a record encodes the same (its CRC covers it alone).
+        let mut out = b"earlier".to_vec();
+        encode_record_into(h.tag, &r.entry, r.first, r.in_place, &r.crcs, &mut out);
+        assert_eq!(&out[7..], &bytes[..]);
     }
 }
