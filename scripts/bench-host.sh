@@ -50,6 +50,14 @@ cleanup() {
     rm -rf run
 }
 trap cleanup EXIT
+# base.raw: SIZE_MIB with DATA_MIB of pseudo-random data first (made once, kept).
+make_base_raw() {
+    if [[ ! -f base.raw || $(stat -c %s base.raw) -ne $((SIZE_MIB << 20)) ]]; then
+        head -c "$((DATA_MIB << 20))" /dev/urandom >base.raw.tmp
+        truncate -s "$((SIZE_MIB << 20))" base.raw.tmp
+        mv base.raw.tmp base.raw
+    fi
+}
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
 echo "# $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); mcow $MCOW"
@@ -58,11 +66,7 @@ for part in $PARTS; do
     case $part in
     exports)
         rm -rf run && mkdir run
-        if [[ ! -f base.raw || $(stat -c %s base.raw) -ne $((SIZE_MIB << 20)) ]]; then
-            head -c "$((DATA_MIB << 20))" /dev/urandom >base.raw.tmp
-            truncate -s "$((SIZE_MIB << 20))" base.raw.tmp
-            mv base.raw.tmp base.raw
-        fi
+        make_base_raw
         "$MCOW" import -q base.raw run/base >/dev/null
         for ((i = 0; i < EXPORTS; i++)); do "$MCOW" create -q --from run/base "run/vm$i" >/dev/null; done
         "$MCOW" serve -k "$PWD/run/nbd.sock" --control "$PWD/run/ctl.sock" 2>run/log &
@@ -95,11 +99,7 @@ for part in $PARTS; do
         ;;
     hits)
         rm -rf run && mkdir run
-        if [[ ! -f base.raw || $(stat -c %s base.raw) -ne $((SIZE_MIB << 20)) ]]; then
-            head -c "$((DATA_MIB << 20))" /dev/urandom >base.raw.tmp
-            truncate -s "$((SIZE_MIB << 20))" base.raw.tmp
-            mv base.raw.tmp base.raw
-        fi
+        make_base_raw
         "$MCOW" import -q base.raw run/base >/dev/null
         "$MCOW" push -q run/base "file://$PWD/run/images/base:v1" >/dev/null
         echo

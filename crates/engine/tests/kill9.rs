@@ -30,7 +30,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -136,15 +136,21 @@ fn kill9_rounds(seed: u64, mut round: impl FnMut(u32, &Path, &mut Rng)) {
     let mut rng = Rng::new(seed ^ u64::from(std::process::id()));
     for r in 0..10 {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = create_disk(tmp.path(), "d", SIZE, BS);
-        {
-            let d = open_rw(&dir);
-            d.write(0, &base_content()).unwrap();
-            d.flush().unwrap();
-        }
-        ops::merge(&dir, 0, &mut |_, _| {}).unwrap();
+        let dir = disk_on_base(tmp.path());
         round(r, &dir, &mut rng);
     }
+}
+
+/// A fresh disk `d` in `parent`: a sealed base layer of [`base_content`] under an empty top.
+fn disk_on_base(parent: &Path) -> PathBuf {
+    let dir = create_disk(parent, "d", SIZE, BS);
+    {
+        let d = open_rw(&dir);
+        d.write(0, &base_content()).unwrap();
+        d.flush().unwrap();
+    }
+    ops::merge(&dir, 0, &mut |_, _| {}).unwrap();
+    dir
 }
 
 /// Re-runs this test binary as the child test `child_test` on the disk `dir` (its path in the
@@ -717,12 +723,6 @@ fn kill9_child_full_log() {
 fn a_full_pending_log_fails_the_write_and_loses_no_acknowledged_one() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = tempfile::tempdir().unwrap();
-    let dir = create_disk(tmp.path(), "d", SIZE, BS);
-    {
-        let d = open_rw(&dir);
-        d.write(0, &base_content()).unwrap();
-        d.flush().unwrap();
-    }
-    ops::merge(&dir, 0, &mut |_, _| {}).unwrap();
+    let dir = disk_on_base(tmp.path());
     run_on_small_tmpfs("kill9_child_full_log", &[(ENV_FULL_WRITER, &dir)]);
 }
