@@ -354,11 +354,10 @@ fn check_crash_images<I>(
     images.len()
 }
 
-#[test]
-fn a_crash_at_any_step_of_a_compaction_finds_the_old_journal_or_the_new_one() {
-    let blocks = 32u64;
-    let data = SimStorage::new();
-    let journal = SimStorage::new();
+/// A new top of `blocks` blocks on simulated storage, its data and journal handed over through
+/// [`Dev`]s of `SimDir` (which takes images at their syncs), journal files through [`Files`].
+fn sim_top(blocks: u64) -> (Arc<SimDir>, TopLayer) {
+    let (data, journal) = (SimStorage::new(), SimStorage::new());
     let dir = Arc::new(SimDir {
         data: data.clone(),
         names: Mutex::new(Names { journal: journal.clone(), temp: None, durable_journal: journal.clone() }),
@@ -369,11 +368,10 @@ fn a_crash_at_any_step_of_a_compaction_finds_the_old_journal_or_the_new_one() {
     let dev = |dev: &SimStorage, name| -> Box<dyn Storage> {
         Box::new(Dev { dev: dev.clone(), dir: dir.clone(), name })
     };
-    let path = Path::new(SIM_PATH);
     let top = TopLayer::create(
         dev(&data, "data"),
         dev(&journal, "journal"),
-        path,
+        Path::new(SIM_PATH),
         BS,
         blocks * u64::from(BS),
         Digest::ZERO,
@@ -381,6 +379,14 @@ fn a_crash_at_any_step_of_a_compaction_finds_the_old_journal_or_the_new_one() {
     .unwrap()
     .attach_journal_files(Box::new(Files(dir.clone())))
     .unwrap();
+    (dir, top)
+}
+
+#[test]
+fn a_crash_at_any_step_of_a_compaction_finds_the_old_journal_or_the_new_one() {
+    let blocks = 32u64;
+    let (dir, top) = sim_top(blocks);
+    let (data, path) = (dir.data.clone(), Path::new(SIM_PATH));
     top.set_compaction(0, 2);
     dir.images.lock().unwrap().clear();
     let mut rng = Rng::new(7);
@@ -481,29 +487,8 @@ fn a_writable_open_punches_free_blocks_a_crash_left_allocated() {
 #[test]
 fn a_failed_directory_sync_is_retried_before_the_next_batch() {
     let blocks = 8u64;
-    let (data, journal) = (SimStorage::new(), SimStorage::new());
-    let dir = Arc::new(SimDir {
-        data: data.clone(),
-        names: Mutex::new(Names { journal: journal.clone(), temp: None, durable_journal: journal.clone() }),
-        images: Mutex::new(Vec::new()),
-        switching: Mutex::new(false),
-        fail_dir_sync: Mutex::new(false),
-    });
-    let dev = |dev: &SimStorage, name| -> Box<dyn Storage> {
-        Box::new(Dev { dev: dev.clone(), dir: dir.clone(), name })
-    };
-    let path = Path::new(SIM_PATH);
-    let top = TopLayer::create(
-        dev(&data, "data"),
-        dev(&journal, "journal"),
-        path,
-        BS,
-        blocks * u64::from(BS),
-        Digest::ZERO,
-    )
-    .unwrap()
-    .attach_journal_files(Box::new(Files(dir.clone())))
-    .unwrap();
+    let (dir, top) = sim_top(blocks);
+    let (data, path) = (dir.data.clone(), Path::new(SIM_PATH));
     top.set_compaction(0, 1);
     let mut tag = 0;
     while top.compactions() == 0 {
