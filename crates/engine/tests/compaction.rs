@@ -242,6 +242,21 @@ impl Storage for Dev {
 }
 
 impl SimDir {
+    /// A directory holding `data` and `journal` (durable as they are), no images taken yet.
+    fn new(data: &SimStorage, journal: &SimStorage) -> Arc<SimDir> {
+        Arc::new(SimDir {
+            data: data.clone(),
+            names: Mutex::new(Names {
+                journal: journal.clone(),
+                temp: None,
+                durable_journal: journal.clone(),
+            }),
+            images: Mutex::new(Vec::new()),
+            switching: Mutex::new(false),
+            fail_dir_sync: Mutex::new(false),
+        })
+    }
+
     /// Images of what a crash now could leave: each device's unsynced writes all lost or all
     /// kept, under the durable journal name and (if a rename is not yet durable) the current one.
     fn capture(&self, moment: &str) {
@@ -358,13 +373,7 @@ fn check_crash_images<I>(
 /// [`Dev`]s of `SimDir` (which takes images at their syncs), journal files through [`Files`].
 fn sim_top(blocks: u64) -> (Arc<SimDir>, TopLayer) {
     let (data, journal) = (SimStorage::new(), SimStorage::new());
-    let dir = Arc::new(SimDir {
-        data: data.clone(),
-        names: Mutex::new(Names { journal: journal.clone(), temp: None, durable_journal: journal.clone() }),
-        images: Mutex::new(Vec::new()),
-        switching: Mutex::new(false),
-        fail_dir_sync: Mutex::new(false),
-    });
+    let dir = SimDir::new(&data, &journal);
     let dev = |dev: &SimStorage, name| -> Box<dyn Storage> {
         Box::new(Dev { dev: dev.clone(), dir: dir.clone(), name })
     };
@@ -593,13 +602,7 @@ fn a_process_kill_around_a_compaction_loses_no_acknowledged_write() {
     let blocks = 32u64;
     let (data, journal) = (SimStorage::new(), SimStorage::new());
     let logs = [SimStorage::new(), SimStorage::new()];
-    let dir = Arc::new(SimDir {
-        data: data.clone(),
-        names: Mutex::new(Names { journal: journal.clone(), temp: None, durable_journal: journal.clone() }),
-        images: Mutex::new(Vec::new()),
-        switching: Mutex::new(false),
-        fail_dir_sync: Mutex::new(false),
-    });
+    let dir = SimDir::new(&data, &journal);
     let (events_tx, events) = std::sync::mpsc::channel();
     let (go, go_rx) = std::sync::mpsc::channel();
     let kills = Arc::new(Mutex::new(Vec::new()));

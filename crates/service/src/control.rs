@@ -29,7 +29,8 @@ use serde::{Deserialize, Serialize};
 use tiny_http::{Header, Method, Request, Response, StatusCode};
 
 use crate::error::ServiceError;
-use crate::service::{AddExport, ExportInfo, FetchOptions, Service};
+use crate::fetch_options::FetchOptions;
+use crate::service::{AddExport, ExportInfo, Service};
 
 /// Largest request body read (a JSON object naming a disk is far smaller).
 const MAX_BODY: u64 = 64 << 10;

@@ -56,7 +56,7 @@ pub enum ServiceError {
         /// An export serving it.
         export: String,
         /// How it fetches.
-        settings: crate::service::FetchSettings,
+        settings: crate::fetch_options::FetchSettings,
     },
     /// A request's options are out of range or do not go together.
     #[error("bad options: {0}")]

@@ -37,6 +37,7 @@
 pub mod control;
 pub mod error;
 pub mod export;
+pub mod fetch_options;
 pub mod image;
 pub mod listen;
 pub mod metrics;
@@ -47,10 +48,10 @@ pub mod trace;
 pub use control::Control;
 pub use error::ServiceError;
 pub use export::{DEPTH_CONTEXT, DiskExport};
+pub use fetch_options::{FetchOptions, FetchSettings};
 pub use listen::{Inherited, ListenOn, Listening};
 pub use prefetch::background_fetch;
 pub use service::{
-    AddExport, Added, ExportInfo, FetchOptions, FetchSettings, SavedExport, Service, ServiceConfig,
-    SnapshotInfo, load_state,
+    AddExport, Added, ExportInfo, SavedExport, Service, ServiceConfig, SnapshotInfo, load_state,
 };
 pub use trace::TraceRecorder;

@@ -30,6 +30,7 @@ use serde::Serialize;
 
 use crate::error::ServiceError;
 use crate::export::DiskExport;
+use crate::fetch_options::{FetchOptions, FetchSettings};
 use crate::image::{self, Target};
 use crate::prefetch::background_fetch;
 use crate::trace::TraceRecorder;
@@ -62,6 +63,18 @@ pub struct ServiceConfig {
     /// each such add and remove), so that a restarted service adds them again
     /// ([`load_state`]); `None`: nowhere.
     pub state: Option<PathBuf>,
+}
+
+impl ServiceConfig {
+    /// How disks fetch when an export asks nothing else.
+    fn fetch_defaults(&self) -> FetchSettings {
+        FetchSettings {
+            window: self.fetch.window,
+            readahead: self.fetch.readahead,
+            prefetch: self.prefetch,
+            all: self.fetch_all,
+        }
+    }
 }
 
 impl Default for ServiceConfig {
@@ -97,73 +110,6 @@ pub struct AddExport {
     /// How its disk fetches, where not as the service's defaults (applied when this export
     /// opens the disk; a disk already served keeps how it was opened).
     pub fetch: FetchOptions,
-}
-
-/// How one export's lazily pulled disk fetches, where it differs from the service's defaults
-/// ([`ServiceConfig::fetch`], [`ServiceConfig::prefetch`], [`ServiceConfig::fetch_all`]): the
-/// control API's `"fetch"` object. No effect on a disk with nothing to fetch.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FetchOptions {
-    /// The fetch window of sequential reads, in blocks (1 to 4096): [`FetchPolicy::window`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub window: Option<u64>,
-    /// The most one fetch of a long sequential run asks for, in bytes (0: no read-ahead):
-    /// [`FetchPolicy::readahead`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub readahead: Option<u64>,
-    /// Prefetch the blocks of the image's trace in the background.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prefetch: Option<bool>,
-    /// Download every remaining block in the background (not with a cache limit).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub all: Option<bool>,
-}
-
-impl FetchOptions {
-    /// Whether it changes nothing.
-    pub fn is_empty(&self) -> bool {
-        *self == FetchOptions::default()
-    }
-
-    /// The settings these options make of `config`'s, or why they are refused.
-    fn apply(&self, config: &ServiceConfig) -> Result<FetchSettings, ServiceError> {
-        let bad = |why: String| Err(ServiceError::InvalidOptions(why));
-        let window = self.window.unwrap_or(config.fetch.window);
-        if !(1..=4096).contains(&window) {
-            return bad(format!("fetch window {window}: it must be 1 to 4096 blocks"));
-        }
-        let all = self.all.unwrap_or(config.fetch_all);
-        if all && config.cache_limit.is_some() {
-            return bad("fetching every block (\"all\") does not go with the server's cache limit".into());
-        }
-        Ok(FetchSettings {
-            window,
-            readahead: self.readahead.unwrap_or(config.fetch.readahead),
-            prefetch: self.prefetch.unwrap_or(config.prefetch),
-            all,
-        })
-    }
-}
-
-/// How a lazily pulled disk fetches: the service's defaults with the options of the export
-/// that opened it (see [`FetchOptions`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct FetchSettings {
-    /// The fetch window, in blocks.
-    pub window: u64,
-    /// The read-ahead limit, in bytes.
-    pub readahead: u64,
-    /// Whether the trace is prefetched.
-    pub prefetch: bool,
-    /// Whether every remaining block is downloaded in the background.
-    pub all: bool,
-}
-
-impl FetchSettings {
-    fn policy(&self) -> FetchPolicy {
-        FetchPolicy { window: self.window, readahead: self.readahead }
-    }
 }
 
 /// One export as the state file lists it.
@@ -406,7 +352,10 @@ impl Service {
             Target::Dir(_) => None,
         };
 
-        let settings = req.fetch.apply(&self.config)?;
+        let settings = req
+            .fetch
+            .apply(self.config.fetch_defaults(), self.config.cache_limit.is_some())
+            .map_err(ServiceError::InvalidOptions)?;
         let shared = lock(&self.state).disks.get(&key).map(|d| {
             let other = d.writer.clone().unwrap_or_else(|| d.exports[0].clone());
             (d.disk.clone(), other, d.writer.is_some(), d.settings)
@@ -827,7 +776,7 @@ mod tests {
     #[test]
     fn fetch_options_fill_in_the_defaults_and_refuse_what_cannot_be() {
         let config = ServiceConfig::default();
-        let d = FetchOptions::default().apply(&config).unwrap();
+        let d = FetchOptions::default().apply(config.fetch_defaults(), false).unwrap();
         assert_eq!(
             d,
             FetchSettings {
@@ -839,16 +788,20 @@ mod tests {
         );
         let o = FetchOptions { window: Some(16), readahead: Some(0), prefetch: Some(false), all: Some(true) };
         assert_eq!(
-            o.apply(&config).unwrap(),
+            o.apply(config.fetch_defaults(), false).unwrap(),
             FetchSettings { window: 16, readahead: 0, prefetch: false, all: true }
         );
         for w in [0, 4097] {
-            let e = FetchOptions { window: Some(w), ..Default::default() }.apply(&config).unwrap_err();
-            assert!(e.to_string().contains(&format!("fetch window {w}")), "{e}");
+            let e = FetchOptions { window: Some(w), ..Default::default() }
+                .apply(config.fetch_defaults(), false)
+                .unwrap_err();
+            assert!(e.contains(&format!("fetch window {w}")), "{e}");
         }
         let limited = ServiceConfig { cache_limit: Some(1 << 30), ..ServiceConfig::default() };
-        let e = FetchOptions { all: Some(true), ..Default::default() }.apply(&limited).unwrap_err();
-        assert!(e.to_string().contains("cache limit"), "{e}");
+        let e = FetchOptions { all: Some(true), ..Default::default() }
+            .apply(limited.fetch_defaults(), limited.cache_limit.is_some())
+            .unwrap_err();
+        assert!(e.contains("cache limit"), "{e}");
     }
 
     // Tried: a state file with an export given fetch options and one without, written as the
